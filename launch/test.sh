@@ -1,0 +1,5 @@
+#!/usr/bin/env bash
+# The test suite on the CPU (unit, real gloo process groups, end to end). Extra arguments go to pytest.
+set -euo pipefail
+source "$(dirname "$0")/venv.sh"
+exec python -m pytest -q "$@"
