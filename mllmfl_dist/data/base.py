@@ -1,0 +1,116 @@
+"""The per-client data interface every source returns, and its in-memory array implementation."""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+
+class DataError(RuntimeError):
+    """A user-caused data problem (missing files, too few samples); the message is one line naming the
+    path and the config key or flag to change. The CLI prints it and exits non-zero."""
+
+
+class ClientData(abc.ABC):
+    """Per-client training data plus the shared balanced test set.
+
+    Images are uint8 ``[n, C, H, W]`` so a whole client fits in memory cheaply; augmentation and
+    normalisation happen later on whole batches (see :mod:`mllmfl_dist.data.augment`).
+    """
+
+    num_classes: int
+    in_channels: int
+    image_size: int  # square images, H == W
+    class_names: list[str]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    num_clients: int
+
+    @abc.abstractmethod
+    def client_size(self, client_id: int) -> int:
+        """Number of training samples of ``client_id`` (>= 1)."""
+
+    @abc.abstractmethod
+    def client(self, client_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images uint8 ``[n, C, H, W]`` and labels int64 ``[n]`` of ``client_id``."""
+
+    @abc.abstractmethod
+    def train_class_counts(self) -> list[int]:
+        """Samples per class in the whole long-tailed training set (defines Many/Medium/Few)."""
+
+    @abc.abstractmethod
+    def test_set(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The balanced test set: images uint8 ``[n, C, H, W]`` and labels int64 ``[n]``."""
+
+    def _check_client_id(self, client_id: int) -> int:
+        client_id = int(client_id)
+        if not 0 <= client_id < self.num_clients:
+            raise IndexError(f"client_id {client_id} out of range [0, {self.num_clients})")
+        return client_id
+
+
+class ArrayClientData(ClientData):
+    """Clients as index arrays into one in-memory training array.
+
+    The per-client indices are kept as one flat array plus offsets rather than a list of arrays, so
+    100,000 clients cost two numpy arrays instead of 100,000 Python objects.
+    """
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        client_indices: Sequence[np.ndarray],
+        test_images: torch.Tensor,
+        test_labels: torch.Tensor,
+        num_classes: int,
+        class_names: Sequence[str],
+        mean: Sequence[float],
+        std: Sequence[float],
+    ) -> None:
+        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[2] != images.shape[3]:
+            raise ValueError(f"images must be uint8 [N, C, H, H], got {images.dtype} {tuple(images.shape)}")
+        if labels.shape != (images.shape[0],):
+            raise ValueError(f"labels must have shape ({images.shape[0]},), got {tuple(labels.shape)}")
+        if len(client_indices) == 0:
+            raise ValueError("client_indices is empty")
+        self.num_classes = int(num_classes)
+        self.in_channels = int(images.shape[1])
+        self.image_size = int(images.shape[2])
+        self.class_names = list(class_names)
+        self.mean = tuple(float(m) for m in mean)
+        self.std = tuple(float(s) for s in std)
+        self.num_clients = len(client_indices)
+        self._images = images
+        self._labels = labels.to(torch.int64)
+        sizes = np.fromiter((len(idx) for idx in client_indices), dtype=np.int64, count=self.num_clients)
+        if sizes.min() < 1:
+            raise ValueError(f"client {int(np.argmin(sizes))} has no samples")
+        self._offsets = np.concatenate([[0], np.cumsum(sizes)])
+        self._flat = np.concatenate(client_indices).astype(np.int64, copy=False)
+        # Every training sample belongs to exactly one client, so the clients' labels are the train set's.
+        used = self._labels[torch.from_numpy(self._flat)]
+        self._class_counts = torch.bincount(used, minlength=self.num_classes).tolist()
+        self._test = (test_images, test_labels.to(torch.int64))
+
+    def client_indices(self, client_id: int) -> np.ndarray:
+        """Indices of ``client_id``'s samples in the training array (sorted ascending)."""
+        client_id = self._check_client_id(client_id)
+        return self._flat[self._offsets[client_id] : self._offsets[client_id + 1]]
+
+    def client_size(self, client_id: int) -> int:
+        client_id = self._check_client_id(client_id)
+        return int(self._offsets[client_id + 1] - self._offsets[client_id])
+
+    def client(self, client_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.from_numpy(self.client_indices(client_id))
+        return self._images[idx], self._labels[idx]
+
+    def train_class_counts(self) -> list[int]:
+        return list(self._class_counts)
+
+    def test_set(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._test

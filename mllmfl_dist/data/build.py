@@ -1,0 +1,58 @@
+"""``build_client_data``: from the data/partition config to per-client data."""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import DataConfig, PartitionConfig
+from .base import ArrayClientData, ClientData, DataError
+from .longtail import longtail_indices
+from .partition import partition_indices
+from .sources import LabeledArrays, load_cifar, load_fashion_mnist
+from .synthetic import SyntheticOnDemand, synthetic_arrays
+
+SOURCES = ("synthetic", "fashion_mnist", "cifar10", "cifar100")
+
+
+def build_client_data(data: DataConfig, partition: PartitionConfig, num_clients: int, seed: int) -> ClientData:
+    """Load ``data.source``, apply the long tail, and split it among ``num_clients`` clients.
+
+    Deterministic in its arguments, so every process builds the same clients without communicating.
+    """
+    if seed < 0:
+        raise DataError(f"run.seed = {seed} is not allowed; it must be >= 0")
+    if data.source == "synthetic" and data.synthetic_mode == "on_demand":
+        return SyntheticOnDemand(data, partition, num_clients, seed)
+    arrays = _load_arrays(data, seed)
+    num_classes = len(arrays.class_names)
+    kept = longtail_indices(arrays.train_labels, num_classes, data.imb_factor)
+    parts = partition_indices(
+        arrays.train_labels[kept], num_classes, num_clients, partition.method, partition.alpha, seed
+    )
+    return ArrayClientData(
+        images=arrays.train_images,
+        labels=torch.from_numpy(arrays.train_labels),
+        # Partition indices point into the long-tailed subset; map them back to the full array so the
+        # images are never copied.
+        client_indices=[kept[part] for part in parts],
+        test_images=arrays.test_images,
+        test_labels=arrays.test_labels,
+        num_classes=num_classes,
+        class_names=arrays.class_names,
+        mean=arrays.mean,
+        std=arrays.std,
+    )
+
+
+def _load_arrays(data: DataConfig, seed: int) -> LabeledArrays:
+    if data.source == "synthetic":
+        if data.synthetic_mode != "array":
+            raise DataError(f"data.synthetic_mode = {data.synthetic_mode!r} is not known; choose array or on_demand")
+        return synthetic_arrays(data, seed)
+    if data.source == "fashion_mnist":
+        return load_fashion_mnist(data.root)
+    if data.source in ("cifar10", "cifar100"):
+        return load_cifar(data.source, data.root, data.download)
+    raise DataError(f"data.source = {data.source!r} is not known; choose one of: {', '.join(SOURCES)}")
+
+
