@@ -1,0 +1,100 @@
+"""ResNet-8 (CIFAR-style, width-scaled as in CReFF/FedDF) and ResNet-50 (torchvision, random init)."""
+
+from __future__ import annotations
+
+import torch
+import torchvision
+from torch import nn
+
+
+class FLModel(nn.Module):
+    """Backbone + linear classifier, with the three views the stages need.
+
+    ``feature_map(x)`` is the last convolutional map [B, C, h, w]; ``pool(map)`` the pooled feature
+    [B, feature_dim]; ``classifier`` the linear head. ``forward`` composes the three.
+    """
+
+    feature_dim: int
+    classifier: nn.Linear
+
+    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def pool(self, feature_map: torch.Tensor) -> torch.Tensor:
+        return torch.flatten(nn.functional.adaptive_avg_pool2d(feature_map, 1), 1)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.feature_map(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+    def reset_classifier(self, num_classes: int) -> None:
+        self.classifier = nn.Linear(self.feature_dim, num_classes)
+
+
+class _BasicBlock(nn.Module):
+    def __init__(self, in_planes: int, planes: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.shortcut = nn.Identity()
+        if stride != 1 or in_planes != planes:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_planes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return torch.relu(out + self.shortcut(x))
+
+
+class ResNet8(FLModel):
+    """CIFAR ResNet with one basic block per stage (depth 6n+2, n=1) and widths 16/32/64 x width_scale."""
+
+    def __init__(self, in_channels: int, num_classes: int, width_scale: int = 1):
+        super().__init__()
+        widths = [16 * width_scale, 32 * width_scale, 64 * width_scale]
+        self.conv1 = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(widths[0])
+        self.layer1 = _BasicBlock(widths[0], widths[0], 1)
+        self.layer2 = _BasicBlock(widths[0], widths[1], 2)
+        self.layer3 = _BasicBlock(widths[1], widths[2], 2)
+        self.feature_dim = widths[2]
+        self.classifier = nn.Linear(self.feature_dim, num_classes)
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+
+    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn1(self.conv1(x)))
+        return self.layer3(self.layer2(self.layer1(x)))
+
+
+class ResNet50(FLModel):
+    """torchvision's ResNet-50, random init, with the stem adapted to any channel count."""
+
+    def __init__(self, in_channels: int, num_classes: int):
+        super().__init__()
+        net = torchvision.models.resnet50(weights=None)
+        if in_channels != 3:
+            net.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
+        self.body = nn.Sequential(
+            net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3, net.layer4
+        )
+        self.feature_dim = net.fc.in_features
+        self.classifier = nn.Linear(self.feature_dim, num_classes)
+
+    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+def build_model(arch: str, in_channels: int, num_classes: int, width_scale: int = 1) -> FLModel:
+    if arch == "resnet8":
+        return ResNet8(in_channels, num_classes, width_scale)
+    if arch == "resnet50":
+        return ResNet50(in_channels, num_classes)
+    raise ValueError(f"unknown model arch {arch!r}; choose resnet8 or resnet50")
