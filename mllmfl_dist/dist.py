@@ -1,0 +1,161 @@
+"""Process-group runtime: the only module that imports torch.distributed.
+
+Rank 0 is the server; ranks 1..W-1 host clients; with W == 1 the single rank plays both. The round
+loop needs exactly two collectives, both on flat buffers: one all_reduce(SUM) carrying the weighted sum
+of the clients' models (plus the total weight), and one broadcast of the new global model. Everything
+else (stage barriers, small control values) goes over a gloo control group whose timeout is long, so
+ranks waiting while rank 0 runs hours of server-side work do not trip the collective timeout.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as torch_dist
+
+from mllmfl_dist.config import DistConfig
+
+SERVER_RANK = 0
+
+
+@dataclass(frozen=True)
+class LaunchEnv:
+    """Where this process sits in the job, as torchrun or srun described it."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    launcher: str = "none"  # torchrun | slurm | none
+
+
+def read_launch_env(env: dict[str, str] | None = None) -> LaunchEnv:
+    """Read torchrun's variables, else SLURM's (srun without torchrun), else a single process."""
+    env = dict(os.environ if env is None else env)
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return LaunchEnv(
+            int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)), "torchrun"
+        )
+    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+        return LaunchEnv(
+            int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)), "slurm"
+        )
+    return LaunchEnv()
+
+
+def first_slurm_host(nodelist: str) -> str:
+    """First host of a SLURM nodelist such as ``gpu[003-005,010],cpu1`` -> ``gpu003``."""
+    match = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
+    if not match:
+        raise ValueError(f"cannot parse SLURM nodelist {nodelist!r}")
+    prefix, ranges = match.groups()
+    if not ranges:
+        return prefix
+    return prefix + ranges.split(",")[0].split("-")[0]
+
+
+@dataclass(frozen=True)
+class Runtime:
+    rank: int
+    world_size: int
+    local_rank: int
+    backend: str  # gloo | nccl | none (single process without a process group)
+    device: torch.device
+    server_hosts_clients: bool
+    control_group: Any = None
+
+    @property
+    def is_server(self) -> bool:
+        return self.rank == SERVER_RANK
+
+    @property
+    def client_hosts(self) -> tuple[int, ...]:
+        if self.world_size == 1 or self.server_hosts_clients:
+            return tuple(range(self.world_size))
+        return tuple(range(1, self.world_size))
+
+    @property
+    def distributed(self) -> bool:
+        return self.backend != "none"
+
+
+def init_runtime(cfg: DistConfig, env: dict[str, str] | None = None) -> Runtime:
+    """Join the job's process group (or run alone) and pin this rank to its device."""
+    launch = read_launch_env(env)
+    torch.set_num_threads(cfg.threads)
+    backend = cfg.backend
+    if backend == "auto":
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl" and not torch.cuda.is_available():
+        raise RuntimeError("dist.backend = 'nccl' needs CUDA, which is not available; use 'gloo' or 'auto'")
+    device = torch.device("cpu")
+    if backend == "nccl":
+        device = torch.device("cuda", launch.local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    if launch.launcher == "none":
+        return Runtime(0, 1, 0, "none", device, cfg.server_hosts_clients)
+
+    if launch.launcher == "slurm":
+        os.environ.setdefault("MASTER_ADDR", first_slurm_host(os.environ.get("SLURM_JOB_NODELIST", "localhost")))
+        os.environ.setdefault("MASTER_PORT", "29500")
+        os.environ.setdefault("RANK", str(launch.rank))
+        os.environ.setdefault("WORLD_SIZE", str(launch.world_size))
+    if not torch_dist.is_initialized():
+        torch_dist.init_process_group(
+            backend,
+            rank=launch.rank,
+            world_size=launch.world_size,
+            timeout=timedelta(minutes=cfg.timeout_minutes),
+            device_id=device if backend == "nccl" else None,
+        )
+    control = torch_dist.new_group(backend="gloo", timeout=timedelta(minutes=cfg.control_timeout_minutes))
+    return Runtime(
+        launch.rank, launch.world_size, launch.local_rank, backend, device, cfg.server_hosts_clients, control
+    )
+
+
+def shutdown(runtime: Runtime) -> None:
+    if runtime.distributed and torch_dist.is_initialized():
+        torch_dist.destroy_process_group()
+
+
+def all_reduce_sum_(runtime: Runtime, flat: torch.Tensor) -> torch.Tensor:
+    """Sum a flat buffer over all ranks, in place (the round's one aggregation collective)."""
+    if runtime.distributed:
+        torch_dist.all_reduce(flat, op=torch_dist.ReduceOp.SUM)
+    return flat
+
+
+def broadcast_from_server_(runtime: Runtime, flat: torch.Tensor) -> torch.Tensor:
+    """Overwrite ``flat`` on every rank with rank 0's copy, in place."""
+    if runtime.distributed:
+        torch_dist.broadcast(flat, src=SERVER_RANK)
+    return flat
+
+
+def stage_barrier(runtime: Runtime) -> None:
+    """Wait for every rank on the long-timeout control group (between stages)."""
+    if runtime.distributed:
+        torch_dist.barrier(group=runtime.control_group)
+
+
+def broadcast_object(runtime: Runtime, obj: Any) -> Any:
+    """Rank 0's picklable ``obj`` on every rank (small control values only), over the control group."""
+    if not runtime.distributed:
+        return obj
+    box = [obj]
+    torch_dist.broadcast_object_list(box, src=SERVER_RANK, group=runtime.control_group)
+    return box[0]
+
+
+def max_over_ranks(runtime: Runtime, value: float) -> float:
+    """The largest ``value`` any rank holds (for resource reports), over the control group."""
+    if not runtime.distributed:
+        return value
+    box = torch.tensor([value], dtype=torch.float64)
+    torch_dist.all_reduce(box, op=torch_dist.ReduceOp.MAX, group=runtime.control_group)
+    return float(box.item())
