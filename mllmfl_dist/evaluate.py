@@ -1,0 +1,61 @@
+"""Accuracy on the balanced test set: overall, per class, and Many / Medium / Few."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from mllmfl_dist.data import normalize
+
+# Classes with more than 100 training samples are "many", 20-100 "medium", fewer than 20 "few".
+MANY_ABOVE = 100
+FEW_BELOW = 20
+
+
+def class_groups(train_class_counts: Sequence[int]) -> dict[str, list[int]]:
+    groups: dict[str, list[int]] = {"many": [], "medium": [], "few": []}
+    for cls, count in enumerate(train_class_counts):
+        if count > MANY_ABOVE:
+            groups["many"].append(cls)
+        elif count < FEW_BELOW:
+            groups["few"].append(cls)
+        else:
+            groups["medium"].append(cls)
+    return groups
+
+
+def accuracy_report(predictions: torch.Tensor, labels: torch.Tensor, num_classes: int,
+                    train_class_counts: Sequence[int]) -> dict[str, Any]:
+    """Overall and per-class accuracy; a group's accuracy is the mean of its classes' (None if empty)."""
+    correct = (predictions == labels).to(torch.float64)
+    hits = torch.zeros(num_classes, dtype=torch.float64).index_add_(0, labels, correct)
+    totals = torch.bincount(labels, minlength=num_classes).to(torch.float64)
+    per_class = [float(h / t) if t > 0 else None for h, t in zip(hits, totals)]
+    report: dict[str, Any] = {"acc": float(correct.mean()), "per_class": per_class}
+    for name, classes in class_groups(train_class_counts).items():
+        values = [per_class[c] for c in classes if per_class[c] is not None]
+        report[f"acc_{name}"] = sum(values) / len(values) if values else None
+    return report
+
+
+@torch.no_grad()
+def predict(model: nn.Module, images: torch.Tensor, mean: Sequence[float], std: Sequence[float],
+            batch_size: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    was_training = model.training
+    model.eval()
+    out = []
+    for start in range(0, images.shape[0], batch_size):
+        x = normalize(images[start : start + batch_size].to(device), mean, std)
+        out.append(model(x).argmax(dim=1).cpu())
+    model.train(was_training)
+    return torch.cat(out)
+
+
+def evaluate_model(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, num_classes: int,
+                   train_class_counts: Sequence[int], mean: Sequence[float], std: Sequence[float],
+                   batch_size: int = 500, device: torch.device | str = "cpu") -> dict[str, Any]:
+    predictions = predict(model, images, mean, std, batch_size, device)
+    return accuracy_report(predictions, labels, num_classes, train_class_counts)

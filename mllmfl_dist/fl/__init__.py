@@ -1,0 +1,1 @@
+"""Federated learning: aggregation maths, client sampling, strategies, client training, round loop."""

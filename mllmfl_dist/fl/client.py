@@ -1,0 +1,64 @@
+"""One client's local training: SGD over its data, batches augmented as whole tensors."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from mllmfl_dist.config import Config
+from mllmfl_dist.data import augment_batch, normalize
+from mllmfl_dist.fl.strategies import Strategy
+
+
+@dataclass(frozen=True)
+class LocalTraining:
+    """What every client of a run does locally; built once from the config and the data's statistics."""
+
+    epochs: int
+    batch_size: int
+    lr: float
+    momentum: float
+    weight_decay: float
+    random_crop: bool
+    crop_padding: int
+    hflip: bool
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @classmethod
+    def from_config(cls, cfg: Config, mean: Sequence[float], std: Sequence[float]) -> LocalTraining:
+        fed, data = cfg.federated, cfg.data
+        return cls(fed.local_epochs, fed.batch_size, fed.lr, fed.momentum, fed.weight_decay,
+                   data.random_crop, data.crop_padding, data.hflip, tuple(mean), tuple(std))
+
+
+def train_client(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, spec: LocalTraining,
+                 generator: torch.Generator, strategy: Strategy,
+                 global_params: Sequence[torch.Tensor] = (), device: torch.device | str = "cpu") -> None:
+    """Train ``model`` in place on one client's uint8 images.
+
+    Data order and augmentation draw only from ``generator`` (seeded by seed, round and client id), so
+    the result does not depend on which rank runs the client. A trailing batch of a single sample is
+    skipped: BatchNorm cannot normalise one value per channel.
+    """
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=spec.lr, momentum=spec.momentum,
+                                weight_decay=spec.weight_decay)
+    images = images.to(device)
+    labels = labels.to(device)
+    n = labels.shape[0]
+    for _ in range(spec.epochs):
+        order = torch.randperm(n, generator=generator)
+        for start in range(0, n, spec.batch_size):
+            batch = order[start : start + spec.batch_size]
+            if batch.numel() < 2 and n > 1:
+                continue
+            x = augment_batch(images[batch], generator, spec.crop_padding, spec.hflip, spec.random_crop)
+            x = normalize(x, spec.mean, spec.std)
+            loss = strategy.client_loss(model, model(x), labels[batch], global_params)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()

@@ -1,0 +1,42 @@
+"""Which clients train in a round, and which rank hosts each: functions of (seed, round) only."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+# Distinct stream tags keep the random streams of different uses independent for the same seed.
+TAG_SAMPLING = 1
+TAG_CLIENT_TRAINING = 2
+
+
+def derive_seed(*keys: int) -> int:
+    """A 63-bit seed from integer keys such as (seed, tag, round, client id)."""
+    words = np.random.SeedSequence([int(k) for k in keys]).generate_state(2, np.uint32)
+    return int((int(words[0]) << 31) ^ int(words[1]))
+
+
+def sample_clients(seed: int, round_index: int, num_clients: int, clients_per_round: int) -> list[int]:
+    """K distinct client ids out of N, seeded by (seed, round); sorted for readability of logs."""
+    rng = np.random.default_rng([seed, TAG_SAMPLING, round_index])
+    chosen = rng.choice(num_clients, size=clients_per_round, replace=False)
+    return sorted(int(c) for c in chosen)
+
+
+def assign_clients(client_ids: Sequence[int], sizes: Sequence[int], hosts: Sequence[int]) -> dict[int, list[int]]:
+    """Balanced, deterministic assignment of clients to host ranks.
+
+    Longest-processing-time first: clients in order of decreasing sample count (ties by id) go to the
+    host with the least work so far (ties by rank). Long-tailed non-IID clients differ in size by orders
+    of magnitude, so balancing by count alone would leave one host waiting for the other.
+    """
+    load = {host: 0 for host in hosts}
+    plan: dict[int, list[int]] = {host: [] for host in hosts}
+    for cid, size in sorted(zip(client_ids, sizes), key=lambda item: (-item[1], item[0])):
+        host = min(hosts, key=lambda h: (load[h], h))
+        plan[host].append(cid)
+        load[host] += size
+    for host in plan:
+        plan[host].sort()
+    return plan

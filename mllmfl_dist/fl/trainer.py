@@ -1,0 +1,110 @@
+"""The round loop, written once for every strategy.
+
+Each round: sample K of N clients from (seed, round); assign them to client hosts (LPT by size); every
+host trains its clients one after another from the same global model and accumulates ``n_k * state_k``
+into one float64 buffer with the total weight appended; one all_reduce; the server steps the strategy;
+one broadcast of the new global model as a flat buffer.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from mllmfl_dist import dist
+from mllmfl_dist.config import Config
+from mllmfl_dist.data import ClientData
+from mllmfl_dist.fl.aggregation import FlatLayout, accumulate_, mean_from_sum, new_accumulator
+from mllmfl_dist.fl.client import LocalTraining, train_client
+from mllmfl_dist.fl.sampling import TAG_CLIENT_TRAINING, assign_clients, derive_seed, sample_clients
+from mllmfl_dist.fl.strategies import Strategy
+from mllmfl_dist.models import FLModel
+
+
+@dataclass(frozen=True)
+class RoundStats:
+    round: int
+    seconds: float
+    clients: tuple[int, ...]  # the round's sampled clients
+    local_clients: tuple[int, ...]  # those this rank trained
+    bytes_all_reduced: int
+    bytes_broadcast: int
+
+
+class FederatedTrainer:
+    def __init__(self, cfg: Config, runtime: dist.Runtime, data: ClientData, model: FLModel,
+                 strategy: Strategy):
+        self.cfg = cfg
+        self.runtime = runtime
+        self.data = data
+        self.model = model.to(runtime.device)
+        self.strategy = strategy
+        self.layout = FlatLayout.of_module(self.model)
+        self.trainable_mask = self.layout.trainable_mask.to(runtime.device)
+        self.local = LocalTraining.from_config(cfg, data.mean, data.std)
+        self.rounds_done = 0
+        # Rounds are timed from the end of the previous one, so that rank 0's evaluation and checkpoint
+        # writing, which overlap the next round's client training, count when they hold a round up.
+        self._last_round_end: float | None = None
+
+    # -- global model ----------------------------------------------------------------------------
+    def global_flat(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        return self.layout.flatten(self.model.state_dict(), dtype=dtype)
+
+    def set_global_flat(self, flat: torch.Tensor) -> None:
+        self.layout.unflatten_into(flat, self.model.state_dict())
+
+    def broadcast_global(self) -> int:
+        """Make every rank hold rank 0's global model; returns the bytes broadcast."""
+        flat = self.global_flat(torch.float32)
+        dist.broadcast_from_server_(self.runtime, flat)
+        self.set_global_flat(flat)
+        return flat.numel() * flat.element_size()
+
+    # -- one round -------------------------------------------------------------------------------
+    def run_round(self, round_index: int) -> RoundStats:
+        started = self._last_round_end or time.perf_counter()
+        fed = self.cfg.federated
+        seed = self.cfg.run.seed
+        clients = sample_clients(seed, round_index, fed.num_clients, fed.clients_per_round)
+        plan = assign_clients(clients, [self.data.client_size(c) for c in clients], self.runtime.client_hosts)
+        mine = plan.get(self.runtime.rank, [])
+
+        start = self.global_flat(torch.float64)
+        acc = new_accumulator(self.layout.numel, self.runtime.device)
+        global_params: list[torch.Tensor] = []
+        if mine and self.strategy.needs_global_params:
+            global_params = [p.detach().clone() for p in self.model.parameters() if p.requires_grad]
+        for cid in mine:
+            self.set_global_flat(start)
+            images, labels = self.data.client(cid)
+            generator = torch.Generator().manual_seed(derive_seed(seed, TAG_CLIENT_TRAINING, round_index, cid))
+            train_client(self.model, images, labels, self.local, generator, self.strategy,
+                         global_params, self.runtime.device)
+            accumulate_(acc, self.global_flat(torch.float64), labels.shape[0])
+
+        dist.all_reduce_sum_(self.runtime, acc)
+        if self.runtime.is_server:
+            new = self.strategy.server_step(start, mean_from_sum(acc), self.trainable_mask)
+            self.set_global_flat(new)
+        bytes_broadcast = self.broadcast_global()
+        self.rounds_done = round_index
+        self._last_round_end = time.perf_counter()
+        return RoundStats(round_index, self._last_round_end - started, tuple(clients), tuple(mine),
+                          acc.numel() * acc.element_size(), bytes_broadcast)
+
+    # -- checkpoints -----------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "round": self.rounds_done,
+            "model": {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()},
+            "server_optimizer": self.strategy.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.strategy.load_state_dict(state["server_optimizer"])
+        self.rounds_done = int(state["round"])

@@ -1,0 +1,144 @@
+"""Stage 2: federated finetuning, with evaluation, metrics, checkpoints and resume."""
+
+from __future__ import annotations
+
+import json
+import logging
+import resource
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from mllmfl_dist import checkpoint, dist
+from mllmfl_dist.config import Config, ConfigError, resume_differences
+from mllmfl_dist.data import ClientData, build_client_data
+from mllmfl_dist.evaluate import evaluate_model
+from mllmfl_dist.fl.sampling import derive_seed
+from mllmfl_dist.fl.strategies import build_strategy
+from mllmfl_dist.fl.trainer import FederatedTrainer
+from mllmfl_dist.metrics import MetricsLog
+from mllmfl_dist.models import FLModel, build_model
+
+log = logging.getLogger(__name__)
+
+TAG_MODEL_INIT = 3
+CHECKPOINT_NAME = "checkpoint.pt"
+FINAL_MODEL_NAME = "model_final.pt"
+
+
+def stage_dir(cfg: Config) -> Path:
+    return cfg.run_dir / "federated"
+
+
+def build_data(cfg: Config) -> ClientData:
+    return build_client_data(cfg.data, cfg.partition, cfg.federated.num_clients, cfg.run.seed)
+
+
+def build_fl_model(cfg: Config, data: ClientData) -> FLModel:
+    in_channels = cfg.model.in_channels or data.in_channels
+    if in_channels != data.in_channels:
+        raise ConfigError(
+            f"model.in_channels = {cfg.model.in_channels} does not match the data's {data.in_channels} "
+            f"channels ({cfg.data.source}); set it to {data.in_channels} or 0"
+        )
+    torch.manual_seed(derive_seed(cfg.run.seed, TAG_MODEL_INIT))
+    return build_model(cfg.model.arch, in_channels, data.num_classes, cfg.model.width_scale)
+
+
+def evaluate_global(cfg: Config, data: ClientData, model: FLModel, device: torch.device) -> dict[str, Any]:
+    images, labels = data.test_set()
+    return evaluate_model(model, images, labels, num_classes=data.num_classes,
+                          train_class_counts=data.train_class_counts(), mean=data.mean, std=data.std,
+                          batch_size=cfg.eval.batch_size, device=device)
+
+
+def run_federated(cfg: Config, runtime: dist.Runtime) -> dict[str, Any]:
+    """Run (or resume, or skip if complete) federated finetuning; returns the last evaluation on rank 0."""
+    out = stage_dir(cfg)
+    data = build_data(cfg)
+    trainer = FederatedTrainer(cfg, runtime, data, build_fl_model(cfg, data), build_strategy(cfg.federated))
+
+    resume_state = _load_resume_state(cfg, out) if runtime.is_server else None
+    if runtime.is_server and resume_state is not None:
+        trainer.load_state_dict(resume_state)
+        checkpoint.set_rng_state(resume_state["rng"])
+    start_round = dist.broadcast_object(runtime, trainer.rounds_done)
+    trainer.rounds_done = start_round
+    trainer.broadcast_global()
+
+    metrics = MetricsLog(out, tensorboard=cfg.log.tensorboard) if runtime.is_server else None
+    if metrics is not None:
+        metrics.truncate_after(start_round)
+        (out / "config.toml").write_text(cfg.to_toml())
+        if start_round:
+            log.info("resuming %s from round %d", out, start_round)
+    last_eval = _last_record(metrics)
+    # One line per round (timing and traffic), beside the per-evaluation metrics.
+    rounds_log = MetricsLog(out, "rounds.jsonl", tensorboard=False) if runtime.is_server else None
+    if rounds_log is not None:
+        rounds_log.truncate_after(start_round)
+
+    fed = cfg.federated
+    bar = tqdm(total=fed.rounds, initial=start_round, desc="federated", unit="round",
+               disable=not (runtime.is_server and cfg.log.progress), dynamic_ncols=True)
+    for round_index in range(start_round + 1, fed.rounds + 1):
+        stats = trainer.run_round(round_index)
+        if not runtime.is_server:
+            continue
+        last_round = round_index == fed.rounds
+        rounds_log.append({"round": round_index, "seconds": stats.seconds, "end_time": time.time(),
+                           "bytes_all_reduced": stats.bytes_all_reduced, "bytes_broadcast": stats.bytes_broadcast})
+        if round_index % cfg.eval.every == 0 or last_round:
+            report = evaluate_global(cfg, data, trainer.model, runtime.device)
+            last_eval = {"round": round_index, **report, "round_seconds": stats.seconds,
+                         "bytes_all_reduced": stats.bytes_all_reduced}
+            metrics.append(last_eval)
+            bar.set_postfix(acc=f"{report['acc']:.4f}")
+        if round_index % cfg.checkpoint.every == 0 or last_round:
+            checkpoint.save_atomic({**trainer.state_dict(), "rng": checkpoint.rng_state(),
+                                    "config": cfg.to_dict()}, out / CHECKPOINT_NAME)
+        bar.update(1)
+    bar.close()
+
+    peak_rss_mb = dist.max_over_ranks(runtime, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    if runtime.is_server:
+        checkpoint.save_atomic(trainer.state_dict()["model"], out / FINAL_MODEL_NAME)
+        summary = {"rounds": fed.rounds, "final": last_eval, "world_size": runtime.world_size,
+                   "backend": runtime.backend, "peak_rss_mb_max_rank": peak_rss_mb}
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        metrics.close()
+    dist.stage_barrier(runtime)
+    return last_eval or {}
+
+
+def _load_resume_state(cfg: Config, out: Path) -> dict[str, Any] | None:
+    path = out / CHECKPOINT_NAME
+    if not path.exists():
+        return None
+    try:
+        state = checkpoint.load(path)
+    except Exception as err:  # a torn file cannot happen (atomic rename); anything else is user-visible
+        raise ConfigError(f"cannot read checkpoint {path}: {err}; move it away to start over") from None
+    differences = resume_differences(state["config"], cfg.to_dict())
+    if differences:
+        raise ConfigError(
+            f"{path} was written with a different config ({'; '.join(differences)}); resume with the same "
+            f"settings, or choose another run.name / delete {out} to start over"
+        )
+    if state["round"] > cfg.federated.rounds:
+        raise ConfigError(
+            f"{path} is at round {state['round']}, past federated.rounds = {cfg.federated.rounds}; "
+            f"raise federated.rounds or choose another run.name"
+        )
+    return state
+
+
+def _last_record(metrics: MetricsLog | None) -> dict[str, Any] | None:
+    if metrics is None:
+        return None
+    records = metrics.records()
+    return records[-1] if records else None
+
