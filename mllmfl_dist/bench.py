@@ -1,0 +1,164 @@
+"""Benchmark: the trainer against a framework-free loop, and 100 against 100,000 clients, in one run.
+
+``python -m mllmfl_dist.bench`` (``launch/bench.sh``) prints ratios measured side by side, because
+absolute seconds on shared machines are noise. It is not a test; CI does not run it.
+
+1. ``configs/fmnist_lt.toml`` for 10 rounds under ``torchrun --nproc_per_node 3`` (two client hosts),
+   and in the same invocation :func:`reference_rounds` — plain PyTorch in one process with 2 threads,
+   training the same sampled clients one after another and averaging them — on the same data.
+2. The trainer on the synthetic on-demand source with 100 and with 100,000 clients (10 per round,
+   64 samples each): same work per round, only N changes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from mllmfl_dist.config import Config, load_config
+from mllmfl_dist.data import augment_batch, normalize
+from mllmfl_dist.fl.sampling import TAG_CLIENT_TRAINING, derive_seed, sample_clients
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# -- the framework-free reference ------------------------------------------------------------------
+def reference_rounds(cfg: Config, rounds: int, threads: int) -> tuple[dict[str, torch.Tensor], list[float]]:
+    """FedAvg written plainly in one process: no process group, no flat buffers, no strategy hooks.
+
+    Returns the final global state dict and the seconds of each round. It draws clients, data order
+    and augmentation from the same seeds as the trainer, so with the same thread count the two must
+    agree; the tests use it as the single-process reference for a distributed round.
+    """
+    from mllmfl_dist.stages.federated import build_data, build_fl_model
+
+    torch.set_num_threads(threads)
+    data = build_data(cfg)
+    model = build_fl_model(cfg, data)
+    fed, aug = cfg.federated, cfg.data
+    global_state = {k: v.clone() for k, v in model.state_dict().items()}
+    seconds = []
+    for round_index in range(1, rounds + 1):
+        started = time.perf_counter()
+        states, weights = [], []
+        for cid in sample_clients(cfg.run.seed, round_index, fed.num_clients, fed.clients_per_round):
+            model.load_state_dict(global_state)
+            model.train()
+            images, labels = data.client(cid)
+            generator = torch.Generator().manual_seed(derive_seed(cfg.run.seed, TAG_CLIENT_TRAINING, round_index, cid))
+            optimizer = torch.optim.SGD(model.parameters(), lr=fed.lr, momentum=fed.momentum,
+                                        weight_decay=fed.weight_decay)
+            n = len(labels)
+            for _ in range(fed.local_epochs):
+                order = torch.randperm(n, generator=generator)
+                for start in range(0, n, fed.batch_size):
+                    batch = order[start : start + fed.batch_size]
+                    if len(batch) < 2 and n > 1:
+                        continue
+                    x = augment_batch(images[batch], generator, aug.crop_padding, aug.hflip, aug.random_crop)
+                    loss = torch.nn.functional.cross_entropy(model(normalize(x, data.mean, data.std)),
+                                                             labels[batch])
+                    optimizer.zero_grad()
+                    loss.backward()
+                    optimizer.step()
+            states.append({k: v.detach().to(torch.float64) for k, v in model.state_dict().items()})
+            weights.append(float(n))
+        total = sum(weights)
+        for key, value in global_state.items():
+            mean = sum(w * s[key] for w, s in zip(weights, states)) / total
+            global_state[key] = mean.round().to(value.dtype) if not value.is_floating_point() else mean.to(value.dtype)
+        seconds.append(time.perf_counter() - started)
+    return global_state, seconds
+
+
+# -- running the trainer ---------------------------------------------------------------------------
+def torchrun(nproc: int, args: Sequence[str], env: dict[str, str] | None = None) -> float:
+    """Run ``torchrun --standalone --nproc_per_node nproc ARGS``; returns the launch time (epoch s)."""
+    launched = time.time()
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
+    result = subprocess.run(command, cwd=REPO, env={**os.environ, **(env or {})}, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{result.stdout}\n{result.stderr}")
+    return launched
+
+
+def trainer_run(config: Path, root: Path, name: str, overrides: Sequence[str], nproc: int = 3) -> dict:
+    sets = [f"run.root={root}", f"run.name={name}", "log.progress=false", "log.tensorboard=false",
+            "eval.every=1000", "checkpoint.every=1000", *overrides]
+    launched = torchrun(nproc, ["-m", "mllmfl_dist", "federate", str(config),
+                                *[a for s in sets for a in ("--set", s)]])
+    out = root / name / "federated"
+    rounds = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
+    summary = json.loads((out / "summary.json").read_text())
+    return {
+        "median_round_s": statistics.median(r["seconds"] for r in rounds[1:]),
+        "launch_to_round1_s": rounds[0]["end_time"] - launched,
+        "bytes_all_reduced": rounds[0]["bytes_all_reduced"],
+        "peak_rss_mb": summary["peak_rss_mb_max_rank"],
+        "acc": summary["final"]["acc"],
+    }
+
+
+def import_baseline_s(nproc: int) -> float:
+    """Wall time of torchrun starting ``nproc`` interpreters that only import torch."""
+    started = time.time()
+    torchrun(nproc, ["--no-python", sys.executable, "-c", "import torch"])
+    return time.time() - started
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mllmfl_dist.bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=str(REPO / "configs" / "fmnist_lt.toml"))
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--synthetic-config", default=str(REPO / "configs" / "smoke.toml"))
+    args = parser.parse_args(argv)
+
+    with tempfile.TemporaryDirectory(prefix="mllmfl_bench_") as tmp:
+        root = Path(tmp)
+        print(f"# fmnist_lt workload, {args.rounds} rounds ({args.config})", flush=True)
+        baseline = import_baseline_s(3)
+        trainer = trainer_run(Path(args.config), root, "trainer", [f"federated.rounds={args.rounds}"])
+        cfg = load_config(args.config, [f"federated.rounds={args.rounds}"])
+        _, loop_seconds = reference_rounds(cfg, args.rounds, threads=2)
+        loop_median = statistics.median(loop_seconds[1:])
+        ratio = trainer["median_round_s"] / loop_median
+        startup = trainer["launch_to_round1_s"] - baseline
+        print(f"trainer (torchrun, 3 processes, {cfg.dist.threads} thread each): "
+              f"median round {trainer['median_round_s']:.3f} s (rounds 2-{args.rounds})")
+        print(f"framework-free loop (1 process, 2 threads):   median round {loop_median:.3f} s")
+        print(f"ratio trainer / loop: {ratio:.3f}  (target <= 0.85: {'met' if ratio <= 0.85 else 'NOT met'})")
+        print(f"launch to end of round 1: {trainer['launch_to_round1_s']:.2f} s; torchrun + 3x import torch: "
+              f"{baseline:.2f} s; beyond that: {startup:.2f} s  (target <= 5 s: {'met' if startup <= 5 else 'NOT met'})")
+        print(f"bytes all-reduced per round: {trainer['bytes_all_reduced']:,}")
+        print(f"peak memory (max over ranks): {trainer['peak_rss_mb']:.0f} MB")
+
+        print("# synthetic on-demand source, 10 clients per round, 64 samples each", flush=True)
+        scale = {}
+        for n in (100, 100_000):
+            scale[n] = trainer_run(Path(args.synthetic_config), root, f"clients_{n}", [
+                "data.synthetic_mode=on_demand", "data.samples_per_client=64", "partition.method=iid",
+                f"federated.num_clients={n}", "federated.clients_per_round=10", f"federated.rounds={args.rounds}"])
+            print(f"N = {n:>7,}: median round {scale[n]['median_round_s']:.3f} s, "
+                  f"peak memory {scale[n]['peak_rss_mb']:.0f} MB", flush=True)
+        time_ratio = scale[100_000]["median_round_s"] / scale[100]["median_round_s"]
+        memory_delta = scale[100_000]["peak_rss_mb"] - scale[100]["peak_rss_mb"]
+        print(f"round time ratio N=100,000 / N=100: {time_ratio:.3f}  (target <= 1.1: "
+              f"{'met' if time_ratio <= 1.1 else 'NOT met'})")
+        print(f"extra memory per process at N=100,000: {memory_delta:+.1f} MB  (target <= 50 MB: "
+              f"{'met' if memory_delta <= 50 else 'NOT met'})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

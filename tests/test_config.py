@@ -1,0 +1,101 @@
+"""Config loading, typed overrides and the errors a user can cause (exit code 2, key named)."""
+
+from pathlib import Path
+
+import pytest
+
+from mllmfl_dist.__main__ import main
+from mllmfl_dist.config import Config, ConfigError, load_config, resume_differences
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.toml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_loads_and_starts_with_its_command(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, Config)
+    assert cfg.run.name == path.stem
+    first_line = path.read_text().splitlines()[0]
+    assert first_line.startswith("# ") and "mllmfl_dist" in first_line and path.name in first_line
+
+
+def test_shipped_configs_exist():
+    names = {p.name for p in CONFIGS}
+    assert {"smoke.toml", "fmnist_lt.toml", "cifar10_lt.toml", "cifar100_lt.toml"} <= names
+
+
+def test_fmnist_lt_is_the_documented_workload():
+    cfg = load_config(Path(CONFIGS[0]).parent / "fmnist_lt.toml")
+    assert (cfg.data.source, cfg.data.imb_factor) == ("fashion_mnist", 0.01)
+    assert (cfg.partition.method, cfg.partition.alpha) == ("dirichlet", 0.5)
+    fed = cfg.federated
+    assert (fed.num_clients, fed.clients_per_round, fed.local_epochs, fed.batch_size, fed.lr) == (100, 10, 1, 32, 0.05)
+    assert (cfg.model.arch, cfg.model.width_scale, cfg.model.in_channels) == ("resnet8", 1, 1)
+
+
+def test_overrides_are_typed(tmp_path):
+    path = tmp_path / "exp.toml"
+    path.write_text("[federated]\nlr = 0.1\n")
+    cfg = load_config(path, ["federated.lr=0.5", "federated.rounds=7", "data.download=true", "run.name=abc"])
+    assert cfg.federated.lr == 0.5 and cfg.federated.rounds == 7
+    assert cfg.data.download is True
+    assert cfg.run_dir == Path("runs") / "abc"
+
+
+def test_run_name_defaults_to_file_stem_and_resolved_config_round_trips(tmp_path):
+    path = tmp_path / "my_exp.toml"
+    path.write_text("[federated]\nrounds = 3\n")
+    cfg = load_config(path)
+    assert cfg.run.name == "my_exp"
+    again = tmp_path / "resolved.toml"
+    again.write_text(cfg.to_toml())
+    assert load_config(again) == cfg
+
+
+@pytest.mark.parametrize("text, overrides, named", [
+    ("[nosuch]\nx = 1\n", [], "[nosuch]"),
+    ("[federated]\nlearning_rate = 0.1\n", [], "federated.learning_rate"),
+    ("[federated]\nrounds = 'ten'\n", [], "federated.rounds"),
+    ("[federated]\nrounds = 2.5\n", [], "federated.rounds"),
+    ("[data]\ndownload = 1\n", [], "data.download"),
+    ("[federated]\nlr = -0.1\n", [], "federated.lr"),
+    ("[data]\nimb_factor = 0.0\n", [], "data.imb_factor"),
+    ("[data]\nimb_factor = 1.5\n", [], "data.imb_factor"),
+    ("[federated]\nnum_clients = 5\nclients_per_round = 6\n", [], "clients_per_round"),
+    ("[federated]\nstrategy = 'fedsgd'\n", [], "federated.strategy"),
+    ("", ["federated.rounds=abc"], "federated.rounds"),
+    ("", ["federated.nosuch=1"], "federated.nosuch"),
+    ("", ["data.download=maybe"], "data.download"),
+    ("", ["justakey"], "section.key=value"),
+])
+def test_bad_config_is_one_message_naming_the_key(tmp_path, text, overrides, named):
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=named.replace("[", r"\[").replace("]", r"\]")):
+        load_config(path, overrides)
+
+
+def test_cli_exits_2_without_traceback(tmp_path, capsys):
+    path = tmp_path / "bad.toml"
+    path.write_text("[federated]\nlr = -1.0\n")
+    assert main(["federate", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "federated.lr" in err and "> 0" in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_cli_missing_config_file(tmp_path, capsys):
+    assert main(["federate", str(tmp_path / "nope.toml")]) == 2
+    assert "config file not found" in capsys.readouterr().err
+
+
+def test_resume_differences_ignore_what_does_not_change_results():
+    base = Config().to_dict()
+    more_rounds = Config().to_dict()
+    more_rounds["federated"]["rounds"] = 99
+    more_rounds["eval"]["every"] = 3
+    assert resume_differences(base, more_rounds) == []
+    other_lr = Config().to_dict()
+    other_lr["federated"]["lr"] = 0.5
+    assert resume_differences(base, other_lr) == ["federated.lr: 0.05 -> 0.5"]

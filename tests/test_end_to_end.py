@@ -1,0 +1,84 @@
+"""The CLI in-process (``main(argv)``), as a user runs it: one process playing server and client host."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from mllmfl_dist.__main__ import main
+
+REPO = Path(__file__).resolve().parents[1]
+SMOKE = REPO / "configs" / "smoke.toml"
+FMNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
+
+
+def run_cli(*argv: str) -> int:
+    return main(list(argv))
+
+
+def test_federate_writes_metrics_model_and_events_then_a_rerun_does_nothing(tmp_path, capsys):
+    sets = ["--set", f"run.root={tmp_path}", "--set", "federated.rounds=3", "--set", "eval.every=2"]
+    assert run_cli("federate", str(SMOKE), *sets) == 0
+    out = tmp_path / "smoke" / "federated"
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in records] == [2, 3]  # every 2 rounds, and the last one
+    for record in records:
+        assert {"round", "acc", "acc_many", "acc_medium", "acc_few", "per_class", "round_seconds"} <= record.keys()
+        assert len(record["per_class"]) == 10 and 0.0 <= record["acc"] <= 1.0
+    assert list(out.glob("events.out.tfevents.*")), "TensorBoard events beside metrics.jsonl"
+    model = torch.load(out / "model_final.pt", weights_only=True)
+    assert "classifier.weight" in model and model["classifier.weight"].shape[0] == 10
+    resolved = (tmp_path / "smoke" / "federated" / "config.toml").read_text()
+    assert "rounds = 3" in resolved and 'name = "smoke"' in resolved
+    assert "round 3: acc" in capsys.readouterr().out
+
+    before = (out / "rounds.jsonl").read_text()
+    mtime = (out / "model_final.pt").stat().st_mtime_ns
+    assert run_cli("federate", str(SMOKE), *sets) == 0
+    assert (out / "rounds.jsonl").read_text() == before  # no round trained again
+    assert (out / "model_final.pt").stat().st_mtime_ns >= mtime
+
+    capsys.readouterr()
+    assert run_cli("evaluate", str(SMOKE), "--checkpoint", str(out / "model_final.pt"), *sets) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["acc"] == pytest.approx(records[-1]["acc"])
+    assert report["per_class"] == pytest.approx(records[-1]["per_class"])
+
+
+def test_resume_with_changed_hyperparameters_is_refused_and_keeps_the_checkpoint(tmp_path, capsys):
+    sets = ["--set", f"run.root={tmp_path}", "--set", "federated.rounds=1"]
+    assert run_cli("federate", str(SMOKE), *sets) == 0
+    ckpt = tmp_path / "smoke" / "federated" / "checkpoint.pt"
+    saved = ckpt.read_bytes()
+    capsys.readouterr()
+    assert run_cli("federate", str(SMOKE), *sets, "--set", "federated.lr=0.5", "--set", "federated.rounds=2") == 2
+    err = capsys.readouterr().err
+    assert "federated.lr: 0.05 -> 0.5" in err and "Traceback" not in err
+    assert ckpt.read_bytes() == saved
+
+
+def test_evaluate_rejects_a_model_of_another_shape(tmp_path, capsys):
+    path = tmp_path / "other.pt"
+    torch.save({"classifier.weight": torch.zeros(3, 3)}, path)
+    assert run_cli("evaluate", str(SMOKE), "--checkpoint", str(path)) == 2
+    assert "does not fit" in capsys.readouterr().err
+
+
+def test_missing_cifar_files_name_the_path_and_the_flag(tmp_path, capsys):
+    code = run_cli("federate", str(REPO / "configs" / "cifar10_lt.toml"),
+                   "--set", f"data.root={tmp_path / 'nocifar'}", "--set", f"run.root={tmp_path}")
+    err = capsys.readouterr().err
+    assert code == 2
+    assert str(tmp_path / "nocifar") in err and "data.download" in err and "Traceback" not in err
+
+
+@pytest.mark.skipif(not FMNIST.exists(), reason="Debian's dataset-fashion-mnist is not installed")
+def test_fashion_mnist_lt_round_on_real_data(tmp_path):
+    sets = ["--set", f"run.root={tmp_path}", "--set", "federated.rounds=2", "--set", "log.progress=false"]
+    assert run_cli("federate", str(REPO / "configs" / "fmnist_lt.toml"), *sets) == 0
+    final = json.loads((tmp_path / "fmnist_lt" / "federated" / "summary.json").read_text())["final"]
+    assert final["round"] == 2
+    # Fashion-MNIST-LT at IF 0.01: 6000 .. 60 samples per class, so both Many and Medium classes exist.
+    assert final["acc_many"] is not None and final["acc_medium"] is not None
+    assert final["acc"] > 0.1  # above chance after two rounds on real data
