@@ -36,3 +36,14 @@ def test_reset_classifier_keeps_backbone():
 def test_unknown_arch():
     with pytest.raises(ValueError, match="resnet8"):
         build_model("vgg", 3, 10)
+
+
+def test_channels_last_computes_the_same_function():
+    torch.manual_seed(0)
+    plain = build_model("resnet8", 3, 5, width_scale=2)
+    fast = build_model("resnet8", 3, 5, width_scale=2, channels_last=True)
+    fast.load_state_dict(plain.state_dict())
+    assert fast.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    x = torch.randn(4, 3, 16, 16)
+    assert fast.feature_map(x).is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(fast(x), plain(x), rtol=1e-4, atol=1e-5)

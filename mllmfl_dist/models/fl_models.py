@@ -16,6 +16,16 @@ class FLModel(nn.Module):
 
     feature_dim: int
     classifier: nn.Linear
+    input_memory_format: torch.memory_format = torch.contiguous_format
+
+    def use_channels_last(self) -> FLModel:
+        """NHWC weights and activations: oneDNN (CPU) and cuDNN convolutions run markedly faster."""
+        self.to(memory_format=torch.channels_last)
+        self.input_memory_format = torch.channels_last
+        return self
+
+    def _as_input(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=self.input_memory_format)
 
     def feature_map(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -70,7 +80,7 @@ class ResNet8(FLModel):
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
 
     def feature_map(self, x: torch.Tensor) -> torch.Tensor:
-        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(self.bn1(self.conv1(self._as_input(x))))
         return self.layer3(self.layer2(self.layer1(x)))
 
 
@@ -89,12 +99,15 @@ class ResNet50(FLModel):
         self.classifier = nn.Linear(self.feature_dim, num_classes)
 
     def feature_map(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(x)
+        return self.body(self._as_input(x))
 
 
-def build_model(arch: str, in_channels: int, num_classes: int, width_scale: int = 1) -> FLModel:
+def build_model(arch: str, in_channels: int, num_classes: int, width_scale: int = 1,
+                channels_last: bool = False) -> FLModel:
     if arch == "resnet8":
-        return ResNet8(in_channels, num_classes, width_scale)
-    if arch == "resnet50":
-        return ResNet50(in_channels, num_classes)
-    raise ValueError(f"unknown model arch {arch!r}; choose resnet8 or resnet50")
+        model: FLModel = ResNet8(in_channels, num_classes, width_scale)
+    elif arch == "resnet50":
+        model = ResNet50(in_channels, num_classes)
+    else:
+        raise ValueError(f"unknown model arch {arch!r}; choose resnet8 or resnet50")
+    return model.use_channels_last() if channels_last else model

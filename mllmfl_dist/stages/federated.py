@@ -45,7 +45,8 @@ def build_fl_model(cfg: Config, data: ClientData) -> FLModel:
             f"channels ({cfg.data.source}); set it to {data.in_channels} or 0"
         )
     torch.manual_seed(derive_seed(cfg.run.seed, TAG_MODEL_INIT))
-    return build_model(cfg.model.arch, in_channels, data.num_classes, cfg.model.width_scale)
+    return build_model(cfg.model.arch, in_channels, data.num_classes, cfg.model.width_scale,
+                       channels_last=cfg.model.channels_last)
 
 
 def evaluate_global(cfg: Config, data: ClientData, model: FLModel, device: torch.device) -> dict[str, Any]:
