@@ -144,38 +144,48 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "federated.strategy": ("fedavg", "fedavgm", "fedprox"),
 }
 
+Rule = tuple[typing.Callable[[Any], bool], str]
+
+
+def _int_at_least(low: int) -> Rule:
+    return (lambda v: v >= low, f"an integer >= {low}")
+
+
+_POSITIVE: Rule = (lambda v: v > 0, "a number > 0")
+_FRACTION: Rule = (lambda v: 0 <= v < 1, "a number in [0, 1)")
+
 # Bounds checked for every config: key -> (predicate, what is allowed).
-_RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
+_RULES: dict[str, Rule] = {
     "run.name": (lambda v: "/" not in v and v not in (".", ".."), "a name without '/'"),
-    "run.seed": (lambda v: v >= 0, "an integer >= 0"),
-    "dist.threads": (lambda v: v >= 1, "an integer >= 1"),
-    "dist.timeout_minutes": (lambda v: v > 0, "a number > 0"),
-    "dist.control_timeout_minutes": (lambda v: v > 0, "a number > 0"),
+    "run.seed": _int_at_least(0),
+    "dist.threads": _int_at_least(1),
+    "dist.timeout_minutes": _POSITIVE,
+    "dist.control_timeout_minutes": _POSITIVE,
     "data.imb_factor": (lambda v: 0 < v <= 1, "a number in (0, 1]"),
-    "data.crop_padding": (lambda v: v >= 0, "an integer >= 0"),
-    "data.num_classes": (lambda v: v >= 2, "an integer >= 2"),
-    "data.image_size": (lambda v: v >= 8, "an integer >= 8"),
-    "data.channels": (lambda v: v >= 1, "an integer >= 1"),
-    "data.samples_per_class": (lambda v: v >= 1, "an integer >= 1"),
-    "data.samples_per_client": (lambda v: v >= 1, "an integer >= 1"),
-    "data.test_per_class": (lambda v: v >= 1, "an integer >= 1"),
-    "partition.alpha": (lambda v: v > 0, "a number > 0"),
-    "model.width_scale": (lambda v: v >= 1, "an integer >= 1"),
+    "data.crop_padding": _int_at_least(0),
+    "data.num_classes": _int_at_least(2),
+    "data.image_size": _int_at_least(8),
+    "data.channels": _int_at_least(1),
+    "data.samples_per_class": _int_at_least(1),
+    "data.samples_per_client": _int_at_least(1),
+    "data.test_per_class": _int_at_least(1),
+    "partition.alpha": _POSITIVE,
+    "model.width_scale": _int_at_least(1),
     "model.in_channels": (lambda v: v >= 0, "an integer >= 0 (0: the data's channel count)"),
-    "federated.rounds": (lambda v: v >= 1, "an integer >= 1"),
-    "federated.num_clients": (lambda v: v >= 1, "an integer >= 1"),
-    "federated.clients_per_round": (lambda v: v >= 1, "an integer >= 1"),
-    "federated.local_epochs": (lambda v: v >= 1, "an integer >= 1"),
-    "federated.batch_size": (lambda v: v >= 1, "an integer >= 1"),
-    "federated.lr": (lambda v: v > 0, "a number > 0"),
-    "federated.momentum": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "federated.rounds": _int_at_least(1),
+    "federated.num_clients": _int_at_least(1),
+    "federated.clients_per_round": _int_at_least(1),
+    "federated.local_epochs": _int_at_least(1),
+    "federated.batch_size": _int_at_least(1),
+    "federated.lr": _POSITIVE,
+    "federated.momentum": _FRACTION,
     "federated.weight_decay": (lambda v: v >= 0, "a number >= 0"),
-    "federated.server_lr": (lambda v: v > 0, "a number > 0"),
-    "federated.server_momentum": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "federated.server_lr": _POSITIVE,
+    "federated.server_momentum": _FRACTION,
     "federated.prox_mu": (lambda v: v >= 0, "a number >= 0"),
-    "eval.every": (lambda v: v >= 1, "an integer >= 1"),
-    "eval.batch_size": (lambda v: v >= 1, "an integer >= 1"),
-    "checkpoint.every": (lambda v: v >= 1, "an integer >= 1"),
+    "eval.every": _int_at_least(1),
+    "eval.batch_size": _int_at_least(1),
+    "checkpoint.every": _int_at_least(1),
 }
 
 

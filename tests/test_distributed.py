@@ -20,12 +20,16 @@ COMMON = ["dist.threads=1", "data.hflip=true", "federated.momentum=0.5", "federa
           "federated.clients_per_round=5", "log.progress=false", "log.tensorboard=false"]
 
 
-def federate(nproc: int, root: Path, name: str, *overrides: str) -> Path:
+def launch(nproc: int, root: Path, name: str, *overrides: str) -> subprocess.CompletedProcess:
     sets = [f"run.root={root}", f"run.name={name}", *COMMON, *overrides]
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                "-m", "mllmfl_dist", "federate", str(SMOKE), *[a for s in sets for a in ("--set", s)]]
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def federate(nproc: int, root: Path, name: str, *overrides: str) -> Path:
+    result = launch(nproc, root, name, *overrides)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return root / name / "federated"
 
@@ -68,3 +72,11 @@ def test_resume_after_round_two_equals_a_straight_run(tmp_path):
     assert len(rounds) == 4  # rounds 1-2 from the first run, 3-4 from the resumed one; none twice
     metrics = (resumed / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["round"] for line in metrics] == [1, 2, 3, 4]
+
+    # Resuming with another learning rate is refused on every rank (rank 0 alone reads the checkpoint),
+    # so the job ends promptly with the reason instead of ranks 1-2 waiting on the control group.
+    saved = (resumed / "checkpoint.pt").read_bytes()
+    refused = launch(3, tmp_path, "resumed", "federated.rounds=5", "federated.strategy=fedavgm", "federated.lr=0.5")
+    assert refused.returncode != 0
+    assert refused.stderr.count("federated.lr: 0.05 -> 0.5") == 3, refused.stderr[-3000:]
+    assert (resumed / "checkpoint.pt").read_bytes() == saved

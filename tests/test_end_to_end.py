@@ -29,7 +29,7 @@ def test_federate_writes_metrics_model_and_events_then_a_rerun_does_nothing(tmp_
     assert list(out.glob("events.out.tfevents.*")), "TensorBoard events beside metrics.jsonl"
     model = torch.load(out / "model_final.pt", weights_only=True)
     assert "classifier.weight" in model and model["classifier.weight"].shape[0] == 10
-    resolved = (tmp_path / "smoke" / "federated" / "config.toml").read_text()
+    resolved = (tmp_path / "smoke" / "config.toml").read_text()
     assert "rounds = 3" in resolved and 'name = "smoke"' in resolved
     assert "round 3: acc" in capsys.readouterr().out
 

@@ -62,18 +62,28 @@ def run_federated(cfg: Config, runtime: dist.Runtime) -> dict[str, Any]:
     data = build_data(cfg)
     trainer = FederatedTrainer(cfg, runtime, data, build_fl_model(cfg, data), build_strategy(cfg.federated))
 
-    resume_state = _load_resume_state(cfg, out) if runtime.is_server else None
-    if runtime.is_server and resume_state is not None:
-        trainer.load_state_dict(resume_state)
-        checkpoint.set_rng_state(resume_state["rng"])
-    start_round = dist.broadcast_object(runtime, trainer.rounds_done)
+    # Only rank 0 reads the checkpoint; its verdict (start round, or why it cannot resume) goes to every
+    # rank, so a refused resume ends all ranks with the same message instead of leaving them waiting.
+    refusal = None
+    if runtime.is_server:
+        try:
+            resume_state = _load_resume_state(cfg, out)
+        except ConfigError as err:
+            refusal = str(err)
+        else:
+            if resume_state is not None:
+                trainer.load_state_dict(resume_state)
+                checkpoint.set_rng_state(resume_state["rng"])
+    start_round, refusal = dist.broadcast_object(runtime, (trainer.rounds_done, refusal))
+    if refusal:
+        raise ConfigError(refusal)
     trainer.rounds_done = start_round
     trainer.broadcast_global()
 
     metrics = MetricsLog(out, tensorboard=cfg.log.tensorboard) if runtime.is_server else None
     if metrics is not None:
         metrics.truncate_after(start_round)
-        (out / "config.toml").write_text(cfg.to_toml())
+        (cfg.run_dir / "config.toml").write_text(cfg.to_toml())
         if start_round:
             log.info("resuming %s from round %d", out, start_round)
     last_eval = _last_record(metrics)
