@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import math
 import struct
 import time
 from pathlib import Path
@@ -23,6 +24,7 @@ from mllmfl_dist.data import (
     partition_indices,
 )
 from mllmfl_dist.data import build as build_module
+from mllmfl_dist.data import partition as partition_module
 from mllmfl_dist.data.partition import _donations
 from mllmfl_dist.data.sources import FASHION_MNIST_DIRS, FASHION_MNIST_FILES, LabeledArrays, load_fashion_mnist
 
@@ -172,6 +174,124 @@ def test_dirichlet_with_100k_clients_is_fast() -> None:
     assert len(parts) == 100_000
     assert sizes_of(parts).min() >= 1
     assert sizes_of(parts).sum() == len(labels)
+    assert elapsed < 5.0, f"took {elapsed:.1f} s"
+
+
+def creff_reference(
+    labels: np.ndarray, num_classes: int, num_clients: int, seed: int, cuts: list[np.ndarray]
+) -> list[list[int]]:
+    """CReFF's partition written out literally with Python lists, given the same shuffle and the per-group
+    class cuts (``cuts[k][c, j]``: how many samples of class c worker j of group k got) that were drawn."""
+    total = len(labels)
+    shuffled = np.random.default_rng([seed, partition_module._TAG_CREFF_SHUFFLE]).permutation(total)
+    pairs = [(int(i), int(labels[i])) for i in shuffled]
+    num_splits = math.ceil(num_clients / 10)
+    group_sizes = [10] * (num_splits - 1) + [num_clients - 10 * (num_splits - 1)]
+    assert len(cuts) == num_splits
+    workers: list[list[int]] = []
+    start = 0
+    for k, workers_in_group in enumerate(group_sizes):
+        stop = total if k == num_splits - 1 else start + int(workers_in_group * total // num_clients)
+        chunk, start = pairs[start:stop], stop
+        lists: list[list[int]] = [[] for _ in range(workers_in_group)]
+        for c in range(num_classes):
+            idx_class = np.array([i for i, y in chunk if y == c], dtype=np.int64)
+            assert cuts[k][c].sum() == len(idx_class)
+            for j, piece in enumerate(np.split(idx_class, np.cumsum(cuts[k][c])[:-1])):
+                lists[j] += piece.tolist()
+        workers += lists
+    concatenated = [i for worker in workers for i in worker]
+    # partition_balance: equal consecutive pieces, the first total % num_clients one larger.
+    per_part, extra = divmod(total, num_clients)
+    pieces, i = [], 0
+    for client in range(num_clients):
+        size = per_part + (client < extra)
+        pieces.append(sorted(concatenated[i : i + size]))
+        i += size
+    return pieces
+
+
+@pytest.mark.parametrize("num_clients", [1, 7, 10, 20, 23])
+def test_creff_matches_a_literal_reference(num_clients: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    labels = longtailed_labels(10, 300, 0.1)
+    drawn: list[np.ndarray] = []
+    real = partition_module._dirichlet_groups
+
+    def recording(counts, workers, alpha, rng):  # type: ignore[no-untyped-def]
+        cut = real(counts, workers, alpha, rng)
+        drawn.extend(cut)
+        return cut
+
+    monkeypatch.setattr(partition_module, "_dirichlet_groups", recording)
+    parts = partition_indices(labels, 10, num_clients, "creff", 0.5, seed=3)
+    expected = creff_reference(labels, 10, num_clients, 3, drawn)
+    assert [p.tolist() for p in parts] == expected
+
+
+@pytest.mark.parametrize(("workers", "alpha"), [(10, 0.5), (10, 0.1), (3, 1.0), (1, 0.5)])
+def test_creff_group_split_follows_feddf(workers: int, alpha: float) -> None:
+    rng = np.random.default_rng(0)
+    counts = rng.integers(0, 60, size=(40, 10))
+    if alpha >= 0.5:
+        counts[:5, 3:] = 0  # some groups with only a few classes (too few for a small alpha to pass)
+    cut = partition_module._dirichlet_groups(counts, workers, alpha, np.random.default_rng(1))
+    assert cut.shape == (40, 10, workers)
+    assert cut.min() >= 0
+    np.testing.assert_array_equal(cut.sum(axis=2), counts)  # every sample of a class goes to a worker
+    chunk = counts.sum(axis=1)
+    # FedDF's minimum: the smallest worker holds at least half its share.
+    assert np.all(cut.sum(axis=1).min(axis=1) >= chunk // (2 * workers))
+    # A worker already holding >= chunk / workers samples gets nothing of the later classes.
+    sizes = np.zeros((40, workers), dtype=np.int64)
+    for c in range(10):
+        full = sizes * workers >= chunk[:, None]
+        assert np.all(cut[:, c][full] == 0)
+        sizes += cut[:, c]
+
+
+def test_creff_small_alpha_concentrates_classes_and_large_alpha_spreads_them() -> None:
+    labels = balanced_labels(10, 500)
+
+    def mean_top_class_share(alpha: float) -> float:
+        shares = [
+            np.bincount(labels[p], minlength=10).max() / len(p)
+            for seed in range(5)
+            for p in partition_indices(labels, 10, 20, "creff", alpha, seed=seed)
+        ]
+        return float(np.mean(shares))
+
+    assert mean_top_class_share(0.1) > 0.5
+    assert mean_top_class_share(100.0) < 0.25
+
+
+def test_creff_with_20_clients_is_equal_within_one_and_uses_every_index_once() -> None:
+    labels = longtailed_labels(10, 5000, 0.01)  # 12406 samples, CIFAR-10-LT at IF 100
+    parts = partition_indices(labels, 10, 20, "creff", 0.5, seed=0)
+    sizes = sizes_of(parts)
+    assert len(parts) == 20
+    assert sizes.max() - sizes.min() <= 1
+    assert sorted(sizes.tolist()) == [620] * 14 + [621] * 6
+    assert sizes[:6].tolist() == [621] * 6  # the first total % N pieces take one more
+    np.testing.assert_array_equal(np.sort(np.concatenate(parts)), np.arange(len(labels)))
+    assert all(p.dtype == np.int64 and np.all(np.diff(p) > 0) for p in parts)
+
+
+def test_creff_unreachable_minimum_size_is_a_data_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(partition_module, "_CREFF_ATTEMPTS", 50)  # the real limit only takes longer
+    # Two classes and a tiny alpha: each class lands on about one worker of ten, so the rest stay empty.
+    with pytest.raises(DataError, match=r"partition\.alpha.*federated\.num_clients"):
+        partition_indices(np.arange(200) % 2, 2, 20, "creff", 0.001, seed=0)
+
+
+def test_creff_with_100k_clients_is_fast() -> None:
+    labels = balanced_labels(10, 12_000)
+    start = time.perf_counter()
+    parts = partition_indices(labels, 10, 100_000, "creff", 0.5, seed=0)
+    elapsed = time.perf_counter() - start
+    sizes = sizes_of(parts)
+    assert len(parts) == 100_000
+    assert sizes.min() == 1 and sizes.max() == 2
+    assert sizes.sum() == len(labels)
     assert elapsed < 5.0, f"took {elapsed:.1f} s"
 
 

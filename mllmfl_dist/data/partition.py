@@ -1,8 +1,19 @@
 """Split a labeled training set among clients: Dirichlet label skew (plain and CReFF variant) and IID.
 
+- ``dirichlet``: each class is cut among all clients by proportions ~ Dir(alpha); an empty client
+  takes one sample from the largest.
+- ``creff``: follows CReFF's released partition (Shang et al., IJCAI 2022; also used by CLIP2FL):
+  FedDF's ``build_non_iid_by_dirichlet`` (shuffle, split the clients into groups of 10 "auxiliary
+  workers" with proportional chunks of the samples, per class Dir(alpha) over a group's workers with
+  full workers left out, redrawn until the smallest worker has half its share), then
+  ``partition_balance`` (the workers' lists, concatenated, cut into equal consecutive pieces), so the
+  clients are equal in size within one. See :func:`_creff_clients`.
+- ``iid``: a random permutation cut into equal pieces.
+
 Every partitioner first computes ``client_of[i]``, the client of sample ``i``, with vectorised numpy,
-and :func:`_group` turns that into one index array per client. That keeps 100,000 clients cheap: the
-only per-client Python loop is the CReFF variant's, whose per-client work is a few small numpy calls.
+and :func:`_group` turns that into one index array per client. That keeps 100,000 clients cheap: there
+is no per-client Python loop; the CReFF variant loops over classes (and redraws), each step one numpy
+call over a whole block of groups.
 """
 
 from __future__ import annotations
@@ -15,14 +26,17 @@ METHODS = ("dirichlet", "creff", "iid")
 
 # Distinct RNG stream tags, so no two uses of the same seed share random numbers.
 _TAG_DIRICHLET = 101
-_TAG_CREFF_MIX = 102
-_TAG_CREFF_DRAW = 103
-_TAG_CREFF_POOL = 104
+_TAG_CREFF_SHUFFLE = 102
+_TAG_CREFF_SPLIT = 103
 _TAG_IID = 105
 
-# CReFF mixes are drawn in blocks of this many clients: fewer numpy calls than one per client, bounded
-# memory for 100,000 clients x 1,000 classes. Part of the random stream, so changing it changes results.
-_MIX_BLOCK = 1024
+# CReFF (FedDF) splits the workers into groups of this many ("auxiliary workers").
+_CREFF_GROUP = 10
+# Redraws of a group before giving up on FedDF's minimum-size condition.
+_CREFF_ATTEMPTS = 10_000
+# CReFF groups are drawn together in blocks of about this many (group, class, worker) counts: few numpy
+# calls for 100,000 clients, bounded memory for many classes. Part of the random stream.
+_CREFF_BLOCK = 1 << 22
 
 
 def partition_indices(
@@ -138,65 +152,133 @@ def _donations(sizes: np.ndarray, wanted: int) -> np.ndarray:
 
 
 def _creff_clients(labels: np.ndarray, num_classes: int, num_clients: int, alpha: float, seed: int) -> np.ndarray:
-    """Equal-size clients whose class mixes are drawn from Dir(alpha) over the classes.
+    """CReFF's released partition: FedDF's Dirichlet over groups of 10 workers, then equal cuts.
 
-    Each client's counts are a multinomial draw on its mix restricted to the classes with samples
-    left (renormalised), repeated until the client is full; samples come from shuffled class pools
-    without replacement, so the whole set is used exactly once.
+    1. Shuffle the samples.
+    2. Split the ``N = num_clients`` workers into groups of ``_CREFF_GROUP`` (the last one takes the
+       remainder; one group of N if N is smaller) and the shuffled samples into consecutive chunks in
+       proportion, ``chunk = int(group_size / N * total)`` (computed exactly in integers; the released
+       code's float product can land one lower), the last chunk taking the rest.
+    3. Within a group of g workers, class by class: proportions ~ Dir(alpha * ones(g)), zeroed for every
+       worker already holding ``>= chunk / g`` samples and renormalised; the class's samples in the
+       chunk are cut by the cumulative proportions (``floor(cumsum * n)``, the last worker with a share
+       taking the rest) and appended to the workers. All classes are redrawn until the smallest worker
+       holds ``>= int(0.5 * chunk / g)`` samples (FedDF's condition). The condition is checked after at
+       least one draw (the released loop never runs when that minimum is 0, i.e. chunks under 2g
+       samples, and reuses the previous group's lists); after ``_CREFF_ATTEMPTS`` draws it is a
+       DataError (the released code loops on).
+    4. The workers' lists (each in class order), concatenated in worker order, are cut into N
+       consecutive pieces of equal size (the first ``total % N`` one larger): CReFF's
+       ``partition_balance``. Client i gets piece i.
+
+    Groups are independent, so all groups of a block are drawn at once, one class at a time.
     """
-    mix_rng = np.random.default_rng([seed, _TAG_CREFF_MIX])
-    draw_rng = np.random.default_rng([seed, _TAG_CREFF_DRAW])
-    pool_rng = np.random.default_rng([seed, _TAG_CREFF_POOL])
-    sizes = _equal_sizes(len(labels), num_clients)
-    remaining = np.bincount(labels, minlength=num_classes).astype(np.int64)
+    shuffle_rng = np.random.default_rng([seed, _TAG_CREFF_SHUFFLE])
+    split_rng = np.random.default_rng([seed, _TAG_CREFF_SPLIT])
+    total = len(labels)
 
-    # One (client, class, count) entry per nonzero count; entries are in client order.
-    entry_client: list[np.ndarray] = []
-    entry_class: list[np.ndarray] = []
-    entry_count: list[np.ndarray] = []
-    for block_start in range(0, num_clients, _MIX_BLOCK):
-        block = min(_MIX_BLOCK, num_clients - block_start)
-        mixes = mix_rng.dirichlet(np.full(num_classes, alpha), size=block)
-        for offset in range(block):
-            client = block_start + offset
-            counts = _draw_client_counts(mixes[offset], int(sizes[client]), remaining, draw_rng)
-            classes = np.flatnonzero(counts)
-            entry_client.append(np.full(len(classes), client, dtype=np.int64))
-            entry_class.append(classes)
-            entry_count.append(counts[classes])
-    clients = np.concatenate(entry_client)
-    classes = np.concatenate(entry_class)
-    counts = np.concatenate(entry_count)
+    num_groups = -(-num_clients // _CREFF_GROUP)
+    group_workers = np.full(num_groups, _CREFF_GROUP, dtype=np.int64)
+    group_workers[-1] = num_clients - _CREFF_GROUP * (num_groups - 1)
+    chunk_sizes = group_workers * total // num_clients
+    chunk_sizes[-1] = total - chunk_sizes[:-1].sum()
+    first_worker = np.cumsum(group_workers) - group_workers
+    first_sample = np.cumsum(chunk_sizes) - chunk_sizes
 
-    # Shuffled class pools laid end to end in class order; entries take consecutive runs of their pool.
-    pool = np.concatenate([pool_rng.permutation(np.flatnonzero(labels == c)) for c in range(num_classes)])
-    # Sorted by (class, client), the running count is exactly the entry's start in the pool, because
-    # each class's entries together use up its whole pool.
-    by_class = np.argsort(classes, kind="stable")
-    pool_start = np.empty_like(counts)
-    pool_start[by_class] = np.cumsum(counts[by_class]) - counts[by_class]
+    position_sample = shuffle_rng.permutation(total)  # shuffled position -> sample index
+    position_label = labels[position_sample]
+    group_class = np.repeat(np.arange(num_groups), chunk_sizes) * num_classes + position_label
+    # Positions sorted by (group, class, position); each (group, class) run is cut among the group's workers.
+    by_group_class = np.argsort(group_class, kind="stable")
+    counts = np.bincount(group_class, minlength=num_groups * num_classes).reshape(num_groups, num_classes)
 
-    sample_entry = np.repeat(np.arange(len(counts)), counts)
-    entry_first = np.cumsum(counts) - counts
-    position = pool_start[sample_entry] + (np.arange(len(sample_entry)) - entry_first[sample_entry])
-    client_of = np.empty(len(labels), dtype=np.int64)
-    client_of[pool[position]] = clients[sample_entry]
+    worker_sorted = np.empty(total, dtype=np.int64)  # worker of each position, in by_group_class order
+    block = max(1, _CREFF_BLOCK // (num_classes * _CREFF_GROUP))
+    for start, stop in _blocks_of_equal_groups(group_workers, block):
+        workers = int(group_workers[start])
+        cut = _dirichlet_groups(counts[start:stop], workers, alpha, split_rng)  # [groups, classes, workers]
+        worker_ids = first_worker[start:stop, None, None] + np.arange(workers)
+        begin, end = first_sample[start], first_sample[stop - 1] + chunk_sizes[stop - 1]
+        worker_sorted[begin:end] = np.repeat(np.broadcast_to(worker_ids, cut.shape).ravel(), cut.ravel())
+
+    # Each worker's list in class order (positions ascending within a class), workers in order.
+    classes_sorted = position_label[by_group_class]
+    by_worker_class = np.argsort(worker_sorted * num_classes + classes_sorted, kind="stable")
+    concatenated = position_sample[by_group_class[by_worker_class]]
+    client_of = np.empty(total, dtype=np.int64)
+    client_of[concatenated] = np.repeat(np.arange(num_clients), _equal_sizes(total, num_clients))
     return client_of
 
 
-def _draw_client_counts(
-    mix: np.ndarray, size: int, remaining: np.ndarray, rng: np.random.Generator
+def _blocks_of_equal_groups(group_workers: np.ndarray, block: int) -> list[tuple[int, int]]:
+    """Consecutive ranges of at most ``block`` groups with the same worker count."""
+    ranges = []
+    change = np.flatnonzero(np.diff(group_workers)) + 1
+    edges = np.concatenate([[0], change, [len(group_workers)]])
+    for low, high in zip(edges[:-1], edges[1:]):
+        ranges += [(int(s), int(min(s + block, high))) for s in range(low, high, block)]
+    return ranges
+
+
+def _dirichlet_groups(counts: np.ndarray, workers: int, alpha: float, rng: np.random.Generator) -> np.ndarray:
+    """FedDF's per-group Dirichlet split, for many groups of ``workers`` workers at once.
+
+    ``counts[k, c]`` is how many samples of class c group k holds; returns ``[k, c, j]``, how many of
+    them worker j gets. A group is redrawn whole until its smallest worker has ``chunk // (2 * workers)``
+    samples, ``chunk`` being the group's sample count.
+    """
+    chunk = counts.sum(axis=1)
+    min_size = chunk // (2 * workers)  # == int(0.5 * chunk / workers)
+    result = np.empty((*counts.shape, workers), dtype=np.int64)
+    todo = np.arange(len(counts))
+    for _ in range(_CREFF_ATTEMPTS):
+        cut = _dirichlet_groups_once(counts[todo], chunk[todo], workers, alpha, rng)
+        done = cut.sum(axis=1).min(axis=1) >= min_size[todo]
+        result[todo[done]] = cut[done]
+        todo = todo[~done]
+        if len(todo) == 0:
+            return result
+    raise DataError(
+        f"creff partition: after {_CREFF_ATTEMPTS} Dirichlet draws a group of {workers} clients "
+        f"({int(chunk[todo[0]])} samples) still has a client below {int(min_size[todo[0]])} samples "
+        f"(half its share); raise partition.alpha (now {alpha}) or lower federated.num_clients"
+    )
+
+
+def _dirichlet_groups_once(
+    counts: np.ndarray, chunk: np.ndarray, workers: int, alpha: float, rng: np.random.Generator
 ) -> np.ndarray:
-    """Per-class counts of one client (``size`` in total); takes them out of ``remaining`` in place."""
-    counts = np.zeros_like(remaining)
-    need = size
-    while need > 0:
-        weights = np.where(remaining > 0, mix, 0.0)
-        total = weights.sum()
-        # A tiny alpha can put all of the mix on exhausted classes; then follow what is left.
-        probs = weights / total if total > 0 else remaining / remaining.sum()
-        take = np.minimum(rng.multinomial(need, probs), remaining)
-        remaining -= take
-        counts += take
-        need -= int(take.sum())
-    return counts
+    """One draw of every class for each group (rows of ``counts``); see :func:`_dirichlet_groups`.
+
+    Only the groups holding samples of a class draw for it: a class with no samples there changes
+    nothing, so skipping it keeps the distribution and makes tiny chunks (many clients) cheap.
+    """
+    groups, num_classes = counts.shape
+    sizes = np.zeros((groups, workers), dtype=np.int64)
+    cut = np.zeros((groups, num_classes, workers), dtype=np.int64)
+    later_workers = np.arange(workers)
+    for c in range(num_classes):
+        rows = np.flatnonzero(counts[:, c])
+        if len(rows) == 0:
+            continue
+        # Dirichlet as normalised Gamma(alpha) draws, taken in logs (Gamma(a) = Gamma(a + 1) * U ** (1 / a))
+        # so that a tiny alpha cannot underflow every weight of a row to zero.
+        log_weights = np.log(rng.standard_gamma(alpha + 1.0, size=(len(rows), workers)))
+        log_weights += np.log1p(-rng.random((len(rows), workers))) / alpha
+        # Full workers (>= chunk / workers samples) get nothing. A group with samples of this class left
+        # has a worker that is not full (all full would mean all its samples are placed), so every row
+        # keeps a finite maximum.
+        log_weights[sizes[rows] * workers >= chunk[rows, None]] = -np.inf
+        weights = np.exp(log_weights - log_weights.max(axis=1, keepdims=True))
+        proportions = weights / weights.sum(axis=1, keepdims=True)
+        cumulative = np.cumsum(proportions, axis=1)
+        # From the last worker with a share on, the cut is the class's end: a float sum just below 1 must
+        # not hand a sample to a full worker after it.
+        last_open = workers - 1 - np.argmax(proportions[:, ::-1] > 0, axis=1)
+        cumulative[later_workers >= last_open[:, None]] = 1.0
+        n = counts[rows, c : c + 1]
+        bounds = np.minimum(np.floor(cumulative * n).astype(np.int64), n)
+        taken = np.diff(bounds, axis=1, prepend=0)
+        cut[rows, c] = taken
+        sizes[rows] += taken
+    return cut
