@@ -84,7 +84,10 @@ def run_federated(cfg: Config, runtime: dist.Runtime) -> dict[str, Any]:
     if metrics is not None:
         metrics.truncate_after(start_round)
         (cfg.run_dir / "config.toml").write_text(cfg.to_toml())
-        if start_round:
+        if start_round == cfg.federated.rounds:
+            log.info("%s is complete (round %d); nothing to train. Delete it or raise federated.rounds to "
+                     "train more.", out, start_round)
+        elif start_round:
             log.info("resuming %s from round %d", out, start_round)
     last_eval = _last_record(metrics)
     # One line per round (timing and traffic), beside the per-evaluation metrics.
@@ -95,6 +98,8 @@ def run_federated(cfg: Config, runtime: dist.Runtime) -> dict[str, Any]:
     fed = cfg.federated
     bar = tqdm(total=fed.rounds, initial=start_round, desc="federated", unit="round",
                disable=not (runtime.is_server and cfg.log.progress), dynamic_ncols=True)
+    if last_eval:
+        bar.set_postfix(acc=f"{last_eval['acc']:.4f}")
     for round_index in range(start_round + 1, fed.rounds + 1):
         stats = trainer.run_round(round_index)
         if not runtime.is_server:
