@@ -58,6 +58,9 @@ class DataConfig:
     samples_per_class: int = 200  # n_max of the array mode (head class before the long tail)
     samples_per_client: int = 64  # on_demand mode
     test_per_class: int = 50
+    # shards source only: labeled WebDataset shards (glob or brace patterns); see shards/README.md
+    train_shards: str = ""
+    test_shards: str = ""
 
 
 @dataclass(frozen=True)
@@ -72,6 +75,9 @@ class ModelConfig:
     width_scale: int = 1  # resnet8 only; 4 gives the 256-d feature of CReFF
     in_channels: int = 0  # 0: the data's channel count
     channels_last: bool = True  # NHWC memory format: about 1.4x faster ResNet-8 steps on the CPU (oneDNN)
+    # Backbone to start federated finetuning from: "" (random init), "pretrain" (this run's
+    # <run dir>/pretrain/backbone.pt) or a path to a backbone state dict. The classifier is always new.
+    pretrained_backbone: str = ""
 
 
 @dataclass(frozen=True)
@@ -108,6 +114,58 @@ class LogConfig:
 
 
 @dataclass(frozen=True)
+class AnnotateConfig:
+    """Stage 1a: an MLLM captions unlabeled images stored as WebDataset shards."""
+
+    model: str = ""  # hub id (llava-hf/llava-1.5-7b-hf) or a local directory
+    shards: str = ""  # glob or brace pattern of the input shards
+    ranks: str = "rank0"  # rank0 | all: which ranks share the shards (whole shards per rank)
+    batch_size: int = 16
+    prompt: str = "USER: <image>\nDescribe the image in one short sentence. ASSISTANT:"
+    max_new_tokens: int = 32
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    num_beams: int = 1
+    dtype: str = "float32"  # float32 | bfloat16 | float16 | auto
+    device_map: str = ""  # "": this rank's device; "auto": accelerate spreads/offloads a large model
+
+
+@dataclass(frozen=True)
+class DeepSpeedConfig:
+    """The DeepSpeed engine of stage 1b, turned into a DeepSpeed config dict."""
+
+    zero_stage: int = 0
+    precision: str = "fp32"  # fp32 | bf16 | fp16
+    gradient_accumulation_steps: int = 1
+    optimizer: str = "AdamW"  # Adam | AdamW | SGD
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    scheduler: str = "WarmupCosineLR"  # none | WarmupLR | WarmupCosineLR
+    warmup_steps: int = 0
+    gradient_clipping: float = 1.0
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """Stage 1b: Dynamic Weighted Pretraining of the FL backbone against the frozen MLLM."""
+
+    model: str = ""  # the MLLM; "" means annotate.model
+    shards: str = ""  # annotated shards; "" means this run's <run dir>/annotate/ output
+    ranks: str = "all"  # rank0 | all: data-parallel ranks
+    steps: int = 200
+    micro_batch_size: int = 8
+    alpha_start: float = 0.0
+    alpha_schedule: str = "linear"  # linear | cosine, from alpha_start to 1 over ramp_fraction of the steps
+    ramp_fraction: float = 0.5
+    prompt: str = "USER: <image>\nDescribe the image in one short sentence. ASSISTANT:"
+    max_caption_tokens: int = 32
+    heldout: int = 32  # captioned images kept out of training for the held-out losses
+    checkpoint_every: int = 50  # DeepSpeed checkpoints (resume) every this many steps
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+
+
+@dataclass(frozen=True)
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     dist: DistConfig = field(default_factory=DistConfig)
@@ -118,6 +176,8 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    annotate: AnnotateConfig = field(default_factory=AnnotateConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -127,21 +187,36 @@ class Config:
         return dataclasses.asdict(self)
 
     def to_toml(self) -> str:
-        lines = []
-        for section, values in self.to_dict().items():
-            lines.append(f"[{section}]")
-            lines.extend(f"{key} = {_toml_value(value)}" for key, value in values.items())
+        lines: list[str] = []
+
+        def table(name: str, values: dict[str, Any]) -> None:
+            lines.append(f"[{name}]")
+            lines.extend(f"{k} = {_toml_value(v)}" for k, v in values.items() if not isinstance(v, dict))
             lines.append("")
+            for k, v in values.items():
+                if isinstance(v, dict):
+                    table(f"{name}.{k}", v)
+
+        for section, values in self.to_dict().items():
+            table(section, values)
         return "\n".join(lines)
 
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "dist.backend": ("auto", "gloo", "nccl"),
-    "data.source": ("synthetic", "fashion_mnist", "cifar10", "cifar100"),
+    "data.source": ("synthetic", "fashion_mnist", "cifar10", "cifar100", "shards"),
     "data.synthetic_mode": ("array", "on_demand"),
     "partition.method": ("dirichlet", "creff", "iid"),
     "model.arch": ("resnet8", "resnet50"),
     "federated.strategy": ("fedavg", "fedavgm", "fedprox"),
+    "annotate.ranks": ("rank0", "all"),
+    "annotate.dtype": ("float32", "bfloat16", "float16", "auto"),
+    "annotate.device_map": ("", "auto"),
+    "pretrain.ranks": ("rank0", "all"),
+    "pretrain.alpha_schedule": ("linear", "cosine"),
+    "pretrain.deepspeed.precision": ("fp32", "bf16", "fp16"),
+    "pretrain.deepspeed.optimizer": ("Adam", "AdamW", "SGD"),
+    "pretrain.deepspeed.scheduler": ("none", "WarmupLR", "WarmupCosineLR"),
 }
 
 Rule = tuple[typing.Callable[[Any], bool], str]
@@ -183,6 +258,24 @@ _RULES: dict[str, Rule] = {
     "federated.server_lr": _POSITIVE,
     "federated.server_momentum": _FRACTION,
     "federated.prox_mu": (lambda v: v >= 0, "a number >= 0"),
+    "annotate.batch_size": _int_at_least(1),
+    "annotate.max_new_tokens": _int_at_least(1),
+    "annotate.temperature": _POSITIVE,
+    "annotate.top_p": (lambda v: 0 < v <= 1, "a number in (0, 1]"),
+    "annotate.num_beams": _int_at_least(1),
+    "pretrain.steps": _int_at_least(1),
+    "pretrain.micro_batch_size": _int_at_least(1),
+    "pretrain.alpha_start": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+    "pretrain.ramp_fraction": (lambda v: 0 < v <= 1, "a number in (0, 1]"),
+    "pretrain.max_caption_tokens": _int_at_least(1),
+    "pretrain.heldout": _int_at_least(1),
+    "pretrain.checkpoint_every": _int_at_least(1),
+    "pretrain.deepspeed.zero_stage": (lambda v: v in (0, 1, 2, 3), "0, 1, 2 or 3"),
+    "pretrain.deepspeed.gradient_accumulation_steps": _int_at_least(1),
+    "pretrain.deepspeed.lr": _POSITIVE,
+    "pretrain.deepspeed.weight_decay": (lambda v: v >= 0, "a number >= 0"),
+    "pretrain.deepspeed.warmup_steps": _int_at_least(0),
+    "pretrain.deepspeed.gradient_clipping": (lambda v: v >= 0, "a number >= 0 (0: off)"),
     "eval.every": _int_at_least(1),
     "eval.batch_size": _int_at_least(1),
     "checkpoint.every": _int_at_least(1),
@@ -199,11 +292,13 @@ def load_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> Confi
     except tomli.TOMLDecodeError as err:
         raise ConfigError(f"{path}: not valid TOML: {err}") from None
     for item in overrides:
-        section, key, value = _parse_override(item)
-        raw.setdefault(section, {})
-        if not isinstance(raw[section], dict):
-            raise ConfigError(f"[{section}] must be a table")
-        raw[section][key] = value
+        keys, value = _parse_override(item)
+        table = raw
+        for depth, key in enumerate(keys[:-1]):
+            table = table.setdefault(key, {})
+            if not isinstance(table, dict):
+                raise ConfigError(f"[{'.'.join(keys[: depth + 1])}] must be a table")
+        table[keys[-1]] = value
     raw.setdefault("run", {})
     if isinstance(raw["run"], dict) and not raw["run"].get("name"):
         raw["run"]["name"] = path.stem
@@ -211,27 +306,27 @@ def load_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> Confi
 
 
 def config_from_dict(raw: dict[str, Any]) -> Config:
-    sections = {f.name: f.type for f in dataclasses.fields(Config)}
-    hints = typing.get_type_hints(Config)
-    built = {}
-    for section, values in raw.items():
-        if section not in sections:
-            raise ConfigError(f"unknown section [{section}]; allowed: {', '.join(sections)}")
-        if not isinstance(values, dict):
-            raise ConfigError(f"[{section}] must be a table of keys")
-        built[section] = _build_section(section, hints[section], values)
-    config = Config(**built)
+    config = _build(Config, raw, "")
     validate(config)
     return config
 
 
-def _build_section(section: str, cls: type, values: dict[str, Any]):
+def _build(cls: type, values: dict[str, Any], prefix: str):
+    """Instantiate dataclass ``cls`` from a TOML table, recursing into nested tables."""
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for key, value in values.items():
+        name = f"{prefix}{key}"
         if key not in hints:
-            raise ConfigError(f"unknown key {section}.{key}; allowed: {', '.join(hints)}")
-        kwargs[key] = _check_type(f"{section}.{key}", hints[key], value)
+            if not prefix:
+                raise ConfigError(f"unknown section [{key}]; allowed: {', '.join(hints)}")
+            raise ConfigError(f"unknown key {name}; allowed: {', '.join(hints)}")
+        if dataclasses.is_dataclass(hints[key]):
+            if not isinstance(value, dict):
+                raise ConfigError(f"[{name}] must be a table of keys")
+            kwargs[key] = _build(hints[key], value, f"{name}.")
+        else:
+            kwargs[key] = _check_type(name, hints[key], value)
     return cls(**kwargs)
 
 
@@ -248,19 +343,22 @@ def _type_name(tp: type) -> str:
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
 
 
-def _parse_override(item: str) -> tuple[str, str, Any]:
-    """``section.key=value`` -> (section, key, typed value)."""
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    """``section.key=value`` (or ``section.table.key=value``) -> (keys, typed value)."""
     name, sep, text = item.partition("=")
-    section, dot, key = name.strip().partition(".")
-    if not sep or not dot or not section or not key:
+    keys = name.strip().split(".")
+    if not sep or len(keys) < 2 or not all(keys):
         raise ConfigError(f"--set expects section.key=value, got {item!r}")
-    hints = typing.get_type_hints(Config)
-    if section not in hints:
-        raise ConfigError(f"unknown section [{section}] in --set {item!r}; allowed: {', '.join(hints)}")
-    fields = typing.get_type_hints(hints[section])
-    if key not in fields:
-        raise ConfigError(f"unknown key {section}.{key}; allowed: {', '.join(fields)}")
-    return section, key, _parse_value(f"{section}.{key}", fields[key], text.strip())
+    cls: type = Config
+    for depth, key in enumerate(keys):
+        hints = typing.get_type_hints(cls)
+        if key not in hints:
+            where = f"section [{key}]" if depth == 0 else f"key {'.'.join(keys[: depth + 1])}"
+            raise ConfigError(f"unknown {where} in --set {item!r}; allowed: {', '.join(hints)}")
+        cls = hints[key]
+    if dataclasses.is_dataclass(cls):
+        raise ConfigError(f"--set {item!r} names a table; set one of its keys")
+    return keys, _parse_value(name.strip(), cls, text.strip())
 
 
 def _parse_value(name: str, tp: type, text: str) -> Any:
@@ -281,8 +379,19 @@ def _parse_value(name: str, tp: type, text: str) -> Any:
     return text
 
 
+def flat_items(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1, "c": {"d": 2}}}`` -> ``{"a.b": 1, "a.c.d": 2}``."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(flat_items(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def validate(config: Config) -> None:
-    values = {f"{s}.{k}": v for s, section in config.to_dict().items() for k, v in section.items()}
+    values = flat_items(config.to_dict())
     for key, allowed in CHOICES.items():
         if values[key] not in allowed:
             raise ConfigError(f"{key} = {values[key]!r} is not allowed; choose one of: {', '.join(allowed)}")
@@ -301,19 +410,20 @@ def validate(config: Config) -> None:
 
 # Keys that may change when a run is resumed: they do not change what a completed round computed.
 RESUMABLE_CHANGES = ("run.root", "federated.rounds", "data.root", "data.download", "dist.backend",
-                     "dist.timeout_minutes", "dist.control_timeout_minutes", "eval.", "checkpoint.", "log.")
+                     "dist.timeout_minutes", "dist.control_timeout_minutes", "eval.", "checkpoint.", "log.",
+                     # the federated checkpoint already holds what stage 1 produced
+                     "annotate.", "pretrain.")
 
 
 def resume_differences(saved: dict[str, dict[str, Any]], current: dict[str, dict[str, Any]]) -> list[str]:
     """``key: old -> new`` for every setting that differs and would change the results of a resumed run."""
     differences = []
-    for section, values in current.items():
-        for key, value in values.items():
-            name = f"{section}.{key}"
-            old = saved.get(section, {}).get(key, value)
-            if old != value and not any(name == k or (k.endswith(".") and name.startswith(k))
-                                        for k in RESUMABLE_CHANGES):
-                differences.append(f"{name}: {old!r} -> {value!r}")
+    saved_items = flat_items(saved)
+    for name, value in flat_items(current).items():
+        old = saved_items.get(name, value)
+        if old != value and not any(name == k or (k.endswith(".") and name.startswith(k))
+                                    for k in RESUMABLE_CHANGES):
+            differences.append(f"{name}: {old!r} -> {value!r}")
     return differences
 
 

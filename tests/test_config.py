@@ -42,6 +42,25 @@ def test_overrides_are_typed(tmp_path):
     assert cfg.run_dir == Path("runs") / "abc"
 
 
+def test_nested_tables_and_their_overrides(tmp_path):
+    path = tmp_path / "exp.toml"
+    path.write_text("[pretrain]\nsteps = 10\n\n[pretrain.deepspeed]\nzero_stage = 1\nlr = 0.01\n")
+    cfg = load_config(path, ["pretrain.deepspeed.gradient_accumulation_steps=4"])
+    assert cfg.pretrain.steps == 10
+    assert cfg.pretrain.deepspeed.zero_stage == 1 and cfg.pretrain.deepspeed.lr == 0.01
+    assert cfg.pretrain.deepspeed.gradient_accumulation_steps == 4
+    assert "[pretrain.deepspeed]" in cfg.to_toml()
+    with pytest.raises(ConfigError, match="pretrain.deepspeed.stage"):
+        load_config(path, ["pretrain.deepspeed.stage=1"])
+    with pytest.raises(ConfigError, match="names a table"):
+        load_config(path, ["pretrain.deepspeed=1"])
+    with pytest.raises(ConfigError, match="pretrain.deepspeed.zero_stage"):
+        load_config(path, ["pretrain.deepspeed.zero_stage=5"])
+    path.write_text("[pretrain]\ndeepspeed = 3\n")
+    with pytest.raises(ConfigError, match=r"\[pretrain.deepspeed\] must be a table"):
+        load_config(path)
+
+
 def test_run_name_defaults_to_file_stem_and_resolved_config_round_trips(tmp_path):
     path = tmp_path / "my_exp.toml"
     path.write_text("[federated]\nrounds = 3\n")

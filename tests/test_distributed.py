@@ -80,3 +80,27 @@ def test_resume_after_round_two_equals_a_straight_run(tmp_path):
     assert refused.returncode != 0
     assert refused.stderr.count("federated.lr: 0.05 -> 0.5") == 3, refused.stderr[-3000:]
     assert (resumed / "checkpoint.pt").read_bytes() == saved
+
+
+def test_finetuning_starts_from_the_pretrained_backbone_on_every_rank(tmp_path):
+    from mllmfl_dist.stages.federated import build_data, build_fl_model
+
+    cfg = load_config(SMOKE, COMMON)
+    donor = build_fl_model(cfg, build_data(cfg))
+    with torch.no_grad():
+        for p in donor.parameters():
+            p.normal_()
+    backbone = tmp_path / "backbone.pt"
+    torch.save(donor.state_dict(), backbone)  # its classifier entries must be ignored: the head is new
+    # One round with a tiny learning rate: the model after it is the backbone plus small steps.
+    out = federate(3, tmp_path, "from_backbone", "federated.rounds=1", "federated.lr=1e-6",
+                   "federated.momentum=0.0", f"model.pretrained_backbone={backbone}")
+    got = final_model(out)
+    for key, value in donor.backbone_state_dict().items():
+        if value.is_floating_point() and "running" not in key:
+            assert (got[key] - value).abs().max().item() < 1e-3, key
+    fresh = build_fl_model(cfg, build_data(cfg)).state_dict()
+    assert max_abs_difference({"w": got["classifier.weight"]}, {"w": fresh["classifier.weight"]}) < 1e-3
+
+    missing = launch(3, tmp_path, "no_backbone", "federated.rounds=1", f"model.pretrained_backbone={tmp_path / 'nope.pt'}")
+    assert missing.returncode != 0 and missing.stderr.count("model.pretrained_backbone") == 3

@@ -42,6 +42,18 @@ class FLModel(nn.Module):
     def reset_classifier(self, num_classes: int) -> None:
         self.classifier = nn.Linear(self.feature_dim, num_classes)
 
+    def backbone_state_dict(self) -> dict[str, torch.Tensor]:
+        """Everything but the classifier: what pretraining hands to federated finetuning."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("classifier.")}
+
+    def load_backbone_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Load a backbone (classifier entries in ``state`` are ignored: the task's head stays new)."""
+        backbone = {k: v for k, v in state.items() if not k.startswith("classifier.")}
+        missing, unexpected = self.load_state_dict(backbone, strict=False)
+        missing = [k for k in missing if not k.startswith("classifier.")]
+        if missing or unexpected:
+            raise ValueError(f"backbone does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+
 
 class _BasicBlock(nn.Module):
     def __init__(self, in_planes: int, planes: int, stride: int):

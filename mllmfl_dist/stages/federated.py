@@ -68,12 +68,13 @@ def run_federated(cfg: Config, runtime: dist.Runtime) -> dict[str, Any]:
     if runtime.is_server:
         try:
             resume_state = _load_resume_state(cfg, out)
-        except ConfigError as err:
-            refusal = str(err)
-        else:
             if resume_state is not None:
                 trainer.load_state_dict(resume_state)
                 checkpoint.set_rng_state(resume_state["rng"])
+            elif cfg.model.pretrained_backbone:
+                _load_pretrained_backbone(cfg, trainer.model)
+        except ConfigError as err:
+            refusal = str(err)
     start_round, refusal = dist.broadcast_object(runtime, (trainer.rounds_done, refusal))
     if refusal:
         raise ConfigError(refusal)
@@ -150,6 +151,25 @@ def _load_resume_state(cfg: Config, out: Path) -> dict[str, Any] | None:
             f"raise federated.rounds or choose another run.name"
         )
     return state
+
+
+def pretrained_backbone_path(cfg: Config) -> Path:
+    if cfg.model.pretrained_backbone == "pretrain":
+        return cfg.run_dir / "pretrain" / "backbone.pt"
+    return Path(cfg.model.pretrained_backbone)
+
+
+def _load_pretrained_backbone(cfg: Config, model: FLModel) -> None:
+    """Rank 0 loads the backbone (the classifier stays new); the first broadcast hands it to all."""
+    path = pretrained_backbone_path(cfg)
+    if not path.is_file():
+        raise ConfigError(f"model.pretrained_backbone: {path} does not exist; run the pretrain stage first "
+                          f"or point the key at a backbone state dict")
+    try:
+        model.load_backbone_state_dict(checkpoint.load(path))
+    except (ValueError, RuntimeError) as err:
+        raise ConfigError(f"model.pretrained_backbone: {path} does not fit {cfg.model.arch}: {err}") from None
+    log.info("federated finetuning starts from the pretrained backbone %s", path)
 
 
 def _last_record(metrics: MetricsLog | None) -> dict[str, Any] | None:
