@@ -1,10 +1,19 @@
-"""Client data: sources, the long tail, partitioners, and batched augmentation (DESIGN.md "Data")."""
+"""Client data: sources, long tail, partitioners, WebDataset shards, batched augmentation (DESIGN.md "Data")."""
 
 from .augment import augment_batch, normalize
 from .base import ClientData, DataError
 from .build import build_client_data
 from .longtail import longtail_counts, longtail_indices
 from .partition import partition_indices
+from .shards import (
+    CorruptImageError,
+    ShardError,
+    decode_image,
+    expand_shards,
+    iter_samples,
+    read_labeled_shards,
+    write_shards,
+)
 
 __all__ = [
     "build_client_data",
@@ -15,4 +24,11 @@ __all__ = [
     "longtail_counts",
     "longtail_indices",
     "partition_indices",
+    "write_shards",
+    "expand_shards",
+    "iter_samples",
+    "decode_image",
+    "read_labeled_shards",
+    "ShardError",
+    "CorruptImageError",
 ]

@@ -8,10 +8,11 @@ from ..config import DataConfig, PartitionConfig
 from .base import ArrayClientData, ClientData, DataError
 from .longtail import longtail_indices
 from .partition import partition_indices
+from .shards import load_labeled_shards
 from .sources import LabeledArrays, load_cifar, load_fashion_mnist
 from .synthetic import SyntheticOnDemand, synthetic_arrays
 
-SOURCES = ("synthetic", "fashion_mnist", "cifar10", "cifar100")
+SOURCES = ("synthetic", "fashion_mnist", "cifar10", "cifar100", "shards")
 
 
 def build_client_data(data: DataConfig, partition: PartitionConfig, num_clients: int, seed: int) -> ClientData:
@@ -53,6 +54,9 @@ def _load_arrays(data: DataConfig, seed: int) -> LabeledArrays:
         return load_fashion_mnist(data.root)
     if data.source in ("cifar10", "cifar100"):
         return load_cifar(data.source, data.root, data.download)
+    if data.source == "shards":
+        # Labeled WebDataset shards (shards/README.md); already long-tailed sets use imb_factor = 1.0.
+        return load_labeled_shards(data.train_shards, data.test_shards)
     raise DataError(f"data.source = {data.source!r} is not known; choose one of: {', '.join(SOURCES)}")
 
 
