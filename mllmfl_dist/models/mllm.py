@@ -1,0 +1,212 @@
+"""The one loading path for the LLaVA MLLM, and the helpers the server stages read it through.
+
+Every stage (annotation, Dynamic Weighted Pretraining, alignment) loads LLaVA with `load_llava`, from a hub id
+such as `llava-hf/llava-1.5-7b-hf` or from a local directory; the tiny random model the tests and the offline
+default use (`mllmfl_dist.models.tiny.build_tiny_models`) is saved to disk and loaded back through this same
+`from_pretrained` path.
+
+- `load_llava(model, dtype=, device=, device_map=)` -> `(LlavaForConditionalGeneration, LlavaProcessor)`,
+  the model in eval mode, the tokenizer padding on the left (batched generation).
+- `vision_grid(model)` -> `(tokens_per_image, grid_h, grid_w, width)`: the visual-token layout LLaVA's
+  projector reads, from the config (`vision_feature_layer`, `vision_feature_select_strategy`).
+- `clip_visual_features(model, pixel_values)` -> `[B, tokens_per_image, width]`: the vision tower's features
+  exactly as LLaVA feeds them to its projector (`g(x_clip)` in DWP).
+- `project_visual_tokens(model, features)`: LLaVA's projector `W` applied to such features.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+__all__ = [
+    "ModelLoadError",
+    "load_llava",
+    "vision_grid",
+    "clip_visual_features",
+    "project_visual_tokens",
+    "llava_inner",
+    "looks_like_local_path",
+]
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
+
+_HINT = (
+    "hub downloads need network access or the files already in the Hugging Face cache (HF_HOME); "
+    "or point the model at a local directory (e.g. one made by `python -m mllmfl_dist tiny-models DIR`)"
+)
+
+
+class ModelLoadError(RuntimeError):
+    """A model (LLaVA or CLIP) could not be loaded. The message is one line: the model string, why, and what
+    to do (network / cache, or a local directory)."""
+
+
+def _first_line(exc: BaseException, limit: int = 240) -> str:
+    """`Type: first line of the message`, shortened to `limit` characters, for one-line error messages."""
+    text = str(exc).strip()
+    line = text.splitlines()[0].strip() if text else ""
+    if len(line) > limit:
+        line = line[: limit - 3].rstrip() + "..."
+    return f"{type(exc).__name__}: {line}" if line else type(exc).__name__
+
+
+def looks_like_local_path(model: str) -> bool:
+    """True when `model` names a local directory rather than a hub id (`org/name`): it exists, or is absolute,
+    starts with `.` or `~`, or has more than one path separator."""
+    if os.path.exists(os.path.expanduser(model)):
+        return True
+    return (
+        os.path.isabs(model)
+        or model.startswith((".", "~"))
+        or model.count("/") > 1
+        or (os.sep != "/" and os.sep in model)
+    )
+
+
+def load_llava(
+    model: str,
+    *,
+    dtype: str = "float32",
+    device: torch.device | str = "cpu",
+    device_map: str = "",
+    trust_remote_code: bool = False,
+):
+    """Load a LLaVA (`LlavaForConditionalGeneration`) and its processor with `from_pretrained`.
+
+    model: a hub id (`llava-hf/llava-1.5-7b-hf`; needs network or the Hugging Face cache) or a local directory
+        written by `save_pretrained` (for example `<dir>/llava` from `build_tiny_models`).
+    dtype: `float32`, `bfloat16`, `float16`, or `auto` (the checkpoint's dtype).
+    device: where the whole model goes when `device_map` is empty; weights are loaded straight onto it.
+    device_map: passed through to `from_pretrained` (accelerate): `"auto"` spreads a model that does not fit
+        one device over the GPUs, then CPU memory, then disk offload; `device` is then ignored.
+    trust_remote_code: passed through; LLaVA needs no remote code, and the project keeps it off.
+
+    Returns `(model, processor)`: the model in eval mode, the processor's tokenizer padding on the left so
+    `model.generate(**processor(images=..., text=[...], padding=True, return_tensors="pt"))` works on batches.
+    Raises `ModelLoadError` (one line naming `model`) when the directory is missing or the hub is unreachable.
+    """
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    model = str(model)
+    local = looks_like_local_path(model)
+    if local:
+        path = Path(model).expanduser()
+        if not path.is_dir():
+            raise ModelLoadError(f"LLaVA model {model!r}: local directory not found; {_HINT}")
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(
+                f"LLaVA model {model!r}: the directory has no config.json (not a save_pretrained directory); {_HINT}"
+            )
+        source = str(path)
+    else:
+        source = model
+    placement = device_map if device_map else {"": str(torch.device(device))}
+    kwargs = {"trust_remote_code": trust_remote_code}
+    try:
+        # The model first: a missing hub id then fails on its config, before the processor's several files.
+        llava = LlavaForConditionalGeneration.from_pretrained(
+            source, dtype=DTYPES[dtype], device_map=placement, **kwargs
+        )
+        processor = AutoProcessor.from_pretrained(source, **kwargs)
+    except (OSError, ValueError) as exc:
+        where = "local directory" if local else "hub id"
+        raise ModelLoadError(f"LLaVA model {model!r} ({where}) could not be loaded ({_first_line(exc)}); {_HINT}") from exc
+    llava.eval()
+    _complete_processor(processor, llava)
+    return llava, processor
+
+
+def _complete_processor(processor, model) -> None:
+    """Left padding for batched generation; fill image-token settings an old processor config may lack from
+    the model config, so the processor expands `<image>` to exactly the model's visual-token count."""
+    tokenizer = processor.tokenizer
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.unk_token if tokenizer.unk_token is not None else tokenizer.eos_token
+    config = model.config
+    if getattr(processor, "patch_size", None) is None:
+        processor.patch_size = config.vision_config.patch_size
+    if getattr(processor, "vision_feature_select_strategy", None) is None:
+        processor.vision_feature_select_strategy = config.vision_feature_select_strategy
+    if getattr(processor, "num_additional_image_tokens", None) in (None, 0) and _has_cls(config):
+        processor.num_additional_image_tokens = 1
+    if model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+
+
+def _has_cls(config) -> bool:
+    # CLIP vision towers (llava-1.5) prepend a CLS token to the patch tokens; SigLIP towers do not.
+    return getattr(config.vision_config, "model_type", "") in {"clip_vision_model", "clip"}
+
+
+def llava_inner(model):
+    """The module holding `vision_tower` and `multi_modal_projector` (`model.model` in transformers >= 4.52,
+    the model itself before)."""
+    inner = getattr(model, "model", None)
+    if inner is not None and hasattr(inner, "vision_tower"):
+        return inner
+    return model
+
+
+def _feature_layers(config) -> list[int]:
+    layer = config.vision_feature_layer
+    return [layer] if isinstance(layer, int) else list(layer)
+
+
+def vision_grid(model) -> tuple[int, int, int, int]:
+    """`(tokens_per_image, grid_h, grid_w, width)` of the visual tokens LLaVA's projector reads.
+
+    grid_h x grid_w is the vision tower's patch grid (image_size // patch_size each way); tokens_per_image is
+    the number of tokens after `vision_feature_select_strategy` (`default` drops the first token, the CLS of a
+    CLIP tower: grid_h * grid_w; `full` keeps it: grid_h * grid_w + 1), which is also how many `<image>`
+    tokens the processor puts in a prompt; width is the vision hidden size (times the number of layers when
+    `vision_feature_layer` is a list, as the model concatenates them). The first `grid_h * grid_w` tokens
+    after selection are the patches in row-major order when the strategy is `default`; with `full` the CLS
+    comes first.
+    """
+    config = model.config if hasattr(model, "config") else model
+    vc = config.vision_config
+    size = vc.image_size
+    patch = vc.patch_size
+    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    ph, pw = (patch, patch) if isinstance(patch, int) else tuple(patch)
+    grid_h, grid_w = h // ph, w // pw
+    tokens = grid_h * grid_w + (1 if _has_cls(config) else 0)
+    if config.vision_feature_select_strategy == "default":
+        tokens -= 1
+    width = vc.hidden_size * len(_feature_layers(config))
+    return tokens, grid_h, grid_w, width
+
+
+def clip_visual_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
+    """The vision tower's features as LLaVA feeds them to its projector: `[B, tokens_per_image, width]`.
+
+    Hidden states of the tower at `config.vision_feature_layer` (concatenated over the layers when it is a
+    list), with `config.vision_feature_select_strategy` applied (`default` drops the CLS). This reproduces the
+    selection in `LlavaModel.get_image_features`, which in transformers 5 returns only projected features;
+    the tests check it equals the projector's input inside the model's own forward. `pixel_values` (from the
+    processor) is moved to the tower's device and dtype. Gradients flow if enabled; wrap in `torch.no_grad()`
+    for a frozen tower.
+    """
+    config = model.config
+    tower = llava_inner(model).vision_tower
+    param = next(tower.parameters())
+    pixel_values = pixel_values.to(device=param.device, dtype=param.dtype)
+    outputs = tower(pixel_values, output_hidden_states=True, return_dict=True)
+    hidden = [outputs.hidden_states[i] for i in _feature_layers(config)]
+    if config.vision_feature_select_strategy == "default":
+        hidden = [h[:, 1:] for h in hidden]
+    return hidden[0] if len(hidden) == 1 else torch.cat(hidden, dim=-1)
+
+
+def project_visual_tokens(model, features: torch.Tensor) -> torch.Tensor:
+    """LLaVA's multimodal projector applied to `[B, tokens, width]` vision features -> `[B, tokens, text_hidden]`
+    (the embeddings that replace the `<image>` tokens)."""
+    projector = llava_inner(model).multi_modal_projector
+    param = next(projector.parameters())
+    return projector(features.to(device=param.device, dtype=param.dtype))
