@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 from mllmfl_dist.config import ConfigError, load_config
 from mllmfl_dist.data import DataError
+from mllmfl_dist.models.mllm import ModelLoadError
 
 USAGE_ERROR = 2
 
@@ -22,12 +23,24 @@ DESCRIPTION = """\
 Distributed trainer for MLLM-assisted federated learning on long-tailed, heterogeneous image data.
 
 commands:
+  annotate CONFIG     stage 1a: an MLLM ([annotate] model, e.g. llava-hf/llava-1.5-7b-hf or a local
+                      directory) captions the images of WebDataset shards ([annotate] shards) into
+                      <run dir>/annotate/ with manifest.json. Whole shards per rank; reruns skip
+                      complete shards.
+  pretrain CONFIG     stage 1b: Dynamic Weighted Pretraining of the FL backbone against the frozen MLLM
+                      on the captions, under DeepSpeed; writes <run dir>/pretrain/backbone.pt.
   federate CONFIG     stage 2: federated finetuning (FedAvg / FedAvgM / FedProx) with evaluation,
-                      metrics and checkpoints under <run.root>/<run.name>/federated/. Rerunning the same
-                      command resumes from the last checkpoint; a finished run is left as it is.
+                      metrics and checkpoints under <run dir>/federated/ (model.pretrained_backbone =
+                      "pretrain" starts from stage 1b). Rerunning resumes from the last checkpoint; a
+                      finished run is left as it is.
   evaluate CONFIG --checkpoint PATH
                       accuracy (overall, per class, Many/Medium/Few) of a saved model on the config's
                       balanced test set, printed as JSON.
+  shards ...          pack an image folder or a data source into WebDataset shards (see shards --help).
+  tiny-models DIR     build a tiny random LLaVA and a tiny open_clip model in DIR, loadable like real
+                      checkpoints (offline tests and the offline default).
+
+<run dir> is <run.root>/<run.name>/ (default runs/<config file stem>/).
 
 Every command takes --set section.key=value (repeatable), typed against the config's dataclasses.
 Launch on one process with `python -m mllmfl_dist ...` or on W ranks with
@@ -47,10 +60,19 @@ def build_parser() -> argparse.ArgumentParser:
                          help="override one config value; repeatable")
         return sub
 
+    add("annotate", "caption WebDataset shards with an MLLM (stage 1a)")
+    add("pretrain", "Dynamic Weighted Pretraining of the FL backbone under DeepSpeed (stage 1b)")
     add("federate", "federated finetuning with evaluation, checkpoints and resume")
     evaluate = add("evaluate", "evaluate a saved model on the config's test set")
     evaluate.add_argument("--checkpoint", required=True,
                           help="model_final.pt (a state dict) or checkpoint.pt from a run directory")
+    from mllmfl_dist import shards_cli
+
+    shards_cli.add_arguments(commands.add_parser("shards", help="pack images into WebDataset shards",
+                                                 description=shards_cli.DESCRIPTION,
+                                                 formatter_class=argparse.RawDescriptionHelpFormatter))
+    tiny = commands.add_parser("tiny-models", help="build tiny random LLaVA and open_clip models in DIR")
+    tiny.add_argument("directory", help="output directory (gets llava/ and clip/)")
     return parser
 
 
@@ -64,28 +86,55 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging()
     try:
+        if args.command == "shards":
+            from mllmfl_dist import shards_cli
+
+            return shards_cli.run(args)
+        if args.command == "tiny-models":
+            from mllmfl_dist.models.tiny import build_tiny_models
+
+            for name, path in build_tiny_models(args.directory).items():
+                print(f"{name}: {path}")
+            return 0
         cfg = load_config(args.config, args.overrides)
-        if args.command == "federate":
-            return _federate(cfg)
         if args.command == "evaluate":
             return _evaluate(cfg, args.checkpoint)
-    except (ConfigError, DataError) as err:
+        return _run_stage(cfg, args.command)
+    except (ConfigError, DataError, ModelLoadError) as err:
         print(f"mllmfl_dist: error: {err}", file=sys.stderr)
         return USAGE_ERROR
-    raise AssertionError(f"unhandled command {args.command}")
 
 
-def _federate(cfg) -> int:
+def _run_stage(cfg, command: str) -> int:
     from mllmfl_dist import dist
-    from mllmfl_dist.stages.federated import run_federated
 
     runtime = dist.init_runtime(cfg.dist)
     try:
-        final = run_federated(cfg, runtime)
-        if runtime.is_server and final:
-            groups = ", ".join(f"{g} {final[f'acc_{g}']:.4f}" for g in ("many", "medium", "few")
-                               if final.get(f"acc_{g}") is not None)
-            print(f"round {final['round']}: acc {final['acc']:.4f} ({groups})")
+        if command == "federate":
+            from mllmfl_dist.stages.federated import run_federated
+
+            final = run_federated(cfg, runtime)
+            if runtime.is_server and final:
+                groups = ", ".join(f"{g} {final[f'acc_{g}']:.4f}" for g in ("many", "medium", "few")
+                                   if final.get(f"acc_{g}") is not None)
+                print(f"round {final['round']}: acc {final['acc']:.4f} ({groups})")
+        elif command == "annotate":
+            from mllmfl_dist.stages.annotate import run_annotate
+
+            manifest = run_annotate(cfg, runtime)
+            if runtime.is_server:
+                print(f"annotate: {manifest['captions_out']} captions from {manifest['images_in']} images, "
+                      f"{len(manifest['skipped'])} skipped, {len(manifest['damaged_shards'])} damaged shards; "
+                      f"{manifest['images_per_second']:.1f} images/s")
+        elif command == "pretrain":
+            from mllmfl_dist.stages.pretrain import run_pretrain
+
+            metrics = run_pretrain(cfg, runtime)
+            if runtime.is_server and metrics:
+                print(f"pretrain: held-out LM loss with FL features {metrics['heldout_loss_alpha1_step0']:.3f} "
+                      f"-> {metrics['heldout_loss_alpha1']:.3f} (CLIP features: {metrics['heldout_loss_alpha0']:.3f})")
+        else:
+            raise AssertionError(f"unhandled command {command}")
     finally:
         dist.shutdown(runtime)
     return 0

@@ -8,6 +8,9 @@ absolute seconds on shared machines are noise. It is not a test; CI does not run
    training the same sampled clients one after another and averaging them — on the same data.
 2. The trainer on the synthetic on-demand source with 100 and with 100,000 clients (10 per round,
    64 samples each): same work per round, only N changes.
+
+``--annotate CONFIG`` instead times stage 1a's captioning at batch size 1 against the configured batch
+size on the same images (batching must batch the vision tower and the decoder to pay off).
 """
 
 from __future__ import annotations
@@ -116,13 +119,51 @@ def import_baseline_s(nproc: int) -> float:
     return time.time() - started
 
 
+def bench_annotation(config: str, images: int, overrides: Sequence[str] = ()) -> None:
+    """Captioning throughput at batch size 1 against the configured batch size, on the same images."""
+    from mllmfl_dist.data.shards import decode_image, expand_shards, iter_samples
+    from mllmfl_dist.models.mllm import load_llava
+    from mllmfl_dist.stages.annotate import Generation, caption_batch
+
+    cfg = load_config(config, overrides)
+    torch.set_num_threads(cfg.dist.threads)
+    pool = []
+    for shard in expand_shards(cfg.annotate.shards):
+        pool += [decode_image(s["image_bytes"]).convert("RGB") for s in iter_samples(shard)]
+        if len(pool) >= images:
+            break
+    pool = pool[:images]
+    model, processor = load_llava(cfg.annotate.model, dtype=cfg.annotate.dtype)
+    generation = Generation.from_config(cfg.annotate)
+    caption_batch(model, processor, pool[:2], generation)  # warm-up
+    rates = {}
+    for batch_size in (1, cfg.annotate.batch_size):
+        started = time.perf_counter()
+        for start in range(0, len(pool), batch_size):
+            caption_batch(model, processor, pool[start : start + batch_size], generation)
+        rates[batch_size] = len(pool) / (time.perf_counter() - started)
+        print(f"batch {batch_size:>3}: {rates[batch_size]:.1f} images/s ({len(pool)} images, "
+              f"{cfg.dist.threads} thread(s), max_new_tokens {generation.max_new_tokens})", flush=True)
+    ratio = rates[cfg.annotate.batch_size] / rates[1]
+    print(f"ratio batch {cfg.annotate.batch_size} / batch 1: {ratio:.2f}x  (target >= 3x: "
+          f"{'met' if ratio >= 3 else 'NOT met'})")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mllmfl_dist.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(REPO / "configs" / "fmnist_lt.toml"))
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--synthetic-config", default=str(REPO / "configs" / "smoke.toml"))
+    parser.add_argument("--annotate", metavar="CONFIG",
+                        help="instead: captioning images/s at batch 1 against [annotate] batch_size")
+    parser.add_argument("--images", type=int, default=64, help="images for --annotate")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="config override for --annotate; repeatable")
     args = parser.parse_args(argv)
+    if args.annotate:
+        bench_annotation(args.annotate, args.images, args.overrides)
+        return 0
 
     with tempfile.TemporaryDirectory(prefix="mllmfl_bench_") as tmp:
         root = Path(tmp)

@@ -152,6 +152,15 @@ def broadcast_object(runtime: Runtime, obj: Any) -> Any:
     return box[0]
 
 
+def gather_objects(runtime: Runtime, obj: Any) -> list[Any]:
+    """Every rank's picklable ``obj`` (small records), in rank order, over the control group."""
+    if not runtime.distributed:
+        return [obj]
+    gathered: list[Any] = [None] * runtime.world_size
+    torch_dist.all_gather_object(gathered, obj, group=runtime.control_group)
+    return gathered
+
+
 def max_over_ranks(runtime: Runtime, value: float) -> float:
     """The largest ``value`` any rank holds (for resource reports), over the control group."""
     if not runtime.distributed:

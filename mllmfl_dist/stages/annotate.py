@@ -1,0 +1,205 @@
+"""Stage 1a: an MLLM (LLaVA) captions unlabeled images stored as WebDataset shards.
+
+Work is split by whole shards over the configured ranks (``annotate.ranks``: ``rank0`` or ``all``);
+ranks with nothing to do wait on the long-timeout control group. Every input shard gives one annotated
+output shard of the same name under ``<run dir>/annotate/`` (caption in ``.txt``; ``.json`` with the
+model id, prompt and generation settings) and a ``<name>.done.json`` record, written last, so a rerun
+skips shards that are complete. A corrupt image is skipped and listed; a damaged (truncated) shard is
+reported by name, its readable samples are captioned, and the other shards still finish.
+``manifest.json`` sums the records of all shards.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from mllmfl_dist import dist
+from mllmfl_dist.config import AnnotateConfig, Config, ConfigError
+from mllmfl_dist.data.shards import (CorruptImageError, ShardError, decode_image, expand_shards, iter_samples,
+                                     write_shard)
+
+log = logging.getLogger(__name__)
+
+DONE_SUFFIX = ".done.json"
+
+
+@dataclass(frozen=True)
+class Generation:
+    """Decoding settings, recorded with every caption."""
+
+    prompt: str
+    max_new_tokens: int
+    do_sample: bool
+    temperature: float
+    top_p: float
+    num_beams: int
+
+    @classmethod
+    def from_config(cls, cfg: AnnotateConfig) -> Generation:
+        return cls(cfg.prompt, cfg.max_new_tokens, cfg.do_sample, cfg.temperature, cfg.top_p, cfg.num_beams)
+
+    def generate_kwargs(self) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {"max_new_tokens": self.max_new_tokens, "do_sample": self.do_sample,
+                                  "num_beams": self.num_beams}
+        if self.do_sample:
+            kwargs.update(temperature=self.temperature, top_p=self.top_p)
+        return kwargs
+
+
+@torch.no_grad()
+def caption_batch(model, processor, images: Sequence[Any], generation: Generation) -> list[str]:
+    """Captions of ``images`` (PIL) in one batched ``generate`` call: one vision-tower pass over the batch
+    and one left-padded decoder batch."""
+    inputs = processor(images=list(images), text=[generation.prompt] * len(images), return_tensors="pt",
+                       padding=True)
+    inputs = inputs.to(model.device)
+    if "pixel_values" in inputs:
+        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+    output = model.generate(**inputs, **generation.generate_kwargs(),
+                            pad_token_id=processor.tokenizer.pad_token_id)
+    new_tokens = output[:, inputs["input_ids"].shape[1]:]
+    return [text.strip() for text in processor.batch_decode(new_tokens, skip_special_tokens=True)]
+
+
+def assign_shards(shards: Sequence[Path], ranks: Sequence[int]) -> dict[int, list[Path]]:
+    """Whole shards, round-robin over the working ranks, in sorted shard order."""
+    plan: dict[int, list[Path]] = {rank: [] for rank in ranks}
+    for i, shard in enumerate(shards):
+        plan[ranks[i % len(ranks)]].append(shard)
+    return plan
+
+
+def output_name(shard: Path) -> str:
+    return shard.name
+
+
+def run_annotate(cfg: Config, runtime: dist.Runtime, *, progress: bool = True) -> dict[str, Any]:
+    """Annotate the configured shards (skipping complete ones); returns the manifest on rank 0."""
+    acfg = cfg.annotate
+    if not acfg.model:
+        raise ConfigError("annotate.model is empty; set it to a hub id (e.g. llava-hf/llava-1.5-7b-hf) or a "
+                          "directory (e.g. one made by `python -m mllmfl_dist tiny-models DIR`)")
+    if not acfg.shards:
+        raise ConfigError("annotate.shards is empty; set it to a glob or brace pattern of WebDataset shards")
+    out = cfg.run_dir / "annotate"
+    shards = expand_shards(acfg.shards)
+    names = [output_name(s) for s in shards]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"annotate.shards matches shards with the same file name in different folders; "
+                          f"outputs would collide: {acfg.shards}")
+    working = [0] if acfg.ranks == "rank0" else list(range(runtime.world_size))
+    mine = assign_shards(shards, working).get(runtime.rank, [])
+    todo = [s for s in mine if not (out / (output_name(s) + DONE_SUFFIX)).exists()]
+
+    if todo:
+        out.mkdir(parents=True, exist_ok=True)
+        from mllmfl_dist.models.mllm import load_llava
+
+        model, processor = load_llava(acfg.model, dtype=acfg.dtype, device=runtime.device,
+                                      device_map=acfg.device_map)
+        model.eval()
+        generation = Generation.from_config(acfg)
+        bar = tqdm(desc=f"annotate (rank {runtime.rank})", unit="img", dynamic_ncols=True,
+                   disable=not (progress and runtime.is_server and cfg.log.progress))
+        for shard in todo:
+            record = _annotate_shard(shard, out, model, processor, generation, acfg, bar, runtime.rank)
+            _write_json_atomic(out / (output_name(shard) + DONE_SUFFIX), record)
+        bar.close()
+    elif mine:
+        log.info("annotate: all %d shards of rank %d are complete; nothing to do", len(mine), runtime.rank)
+
+    # Each rank reads its own records, so the manifest does not assume a shared file system.
+    records = [json.loads((out / (output_name(s) + DONE_SUFFIX)).read_text()) for s in mine]
+    everything = dist.gather_objects(runtime, records)
+    manifest: dict[str, Any] = {}
+    if runtime.is_server:
+        manifest = build_manifest([r for rank_records in everything for r in rank_records], acfg, working)
+        _write_json_atomic(out / "manifest.json", manifest)
+    dist.stage_barrier(runtime)
+    return manifest
+
+
+def _annotate_shard(shard: Path, out: Path, model, processor, generation: Generation, acfg: AnnotateConfig,
+                    bar, rank: int) -> dict[str, Any]:
+    started = time.perf_counter()
+    skipped: list[dict[str, Any]] = []
+    images_in = 0
+    truncated = None
+    written: list[dict[str, Any]] = []
+    pending: list[tuple[dict[str, Any], Any]] = []
+    meta = {"model": acfg.model, **asdict(generation)}
+
+    def flush() -> None:
+        captions = caption_batch(model, processor, [image for _, image in pending], generation)
+        for (sample, _), caption in zip(pending, captions):
+            written.append({"key": sample["key"], "image_bytes": sample["image_bytes"],
+                            "image_ext": sample["image_ext"], "cls": sample["cls"], "txt": caption,
+                            "json": {**(sample["json"] or {}), "annotation": meta}})
+        bar.update(len(pending))
+        pending.clear()
+
+    try:
+        for sample in iter_samples(shard):
+            images_in += 1
+            if sample.get("error") or sample.get("image_bytes") is None:
+                skipped.append({"shard": shard.name, "key": sample["key"],
+                                "reason": sample.get("error") or "no image member"})
+                continue
+            try:
+                image = decode_image(sample["image_bytes"]).convert("RGB")
+            except CorruptImageError as err:
+                skipped.append({"shard": shard.name, "key": sample["key"], "reason": str(err)})
+                continue
+            pending.append((sample, image))
+            if len(pending) == acfg.batch_size:
+                flush()
+    except ShardError as err:
+        truncated = str(err)
+        log.warning("annotate: %s; its readable samples are kept", err)
+    if pending:
+        flush()
+    if written:
+        write_shard(written, out / output_name(shard))
+    seconds = time.perf_counter() - started
+    return {"shard": shard.name, "source": str(shard), "rank": rank, "images_in": images_in,
+            "captions_out": len(written), "skipped": skipped, "damaged": truncated, "seconds": seconds}
+
+
+def build_manifest(records: list[dict[str, Any]], acfg: AnnotateConfig, working: Sequence[int]) -> dict[str, Any]:
+    """Totals over shard records: ``images_in == captions_out + len(skipped)``. ``seconds`` is the busiest
+    rank's generation time (ranks work in parallel), so ``images_per_second`` is the stage's throughput
+    however many reruns it took."""
+    records = sorted(records, key=lambda r: r["shard"])
+    captions = sum(r["captions_out"] for r in records)
+    seconds_by_rank: dict[int, float] = {}
+    for record in records:
+        seconds_by_rank[record["rank"]] = seconds_by_rank.get(record["rank"], 0.0) + record["seconds"]
+    seconds = max(seconds_by_rank.values(), default=0.0)
+    return {
+        "model": acfg.model,
+        "prompt": acfg.prompt,
+        "batch_size": acfg.batch_size,
+        "ranks": list(working),
+        "shards": [{k: r[k] for k in ("shard", "images_in", "captions_out", "seconds", "damaged")} for r in records],
+        "images_in": sum(r["images_in"] for r in records),
+        "captions_out": captions,
+        "skipped": [s for r in records for s in r["skipped"]],
+        "damaged_shards": [{"shard": r["shard"], "reason": r["damaged"]} for r in records if r["damaged"]],
+        "seconds": seconds,
+        "images_per_second": captions / seconds if seconds > 0 else 0.0,
+    }
+
+
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    tmp.replace(path)
