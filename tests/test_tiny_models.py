@@ -3,6 +3,7 @@
 
 import copy
 import hashlib
+import threading
 
 import numpy as np
 import pytest
@@ -72,6 +73,9 @@ def test_llava_loads_through_from_pretrained(tiny, llava):
     for (name, p), (_, q) in zip(model.state_dict().items(), again.state_dict().items()):
         assert torch.equal(p, q), name
     assert isinstance(AutoProcessor.from_pretrained(tiny["llava"]), LlavaProcessor)
+    content = [{"type": "image"}, {"type": "text", "text": "Describe the image."}]
+    conversation = [{"role": "user", "content": content}]
+    assert processor.apply_chat_template(conversation, add_generation_prompt=True) == PROMPT  # llava-1.5 format
 
 
 def test_tokenizer_round_trips_a_caption(llava):
@@ -231,3 +235,21 @@ def test_missing_models_raise_model_load_error(tmp_path):
         load_clip("No-Such-CLIP")
     with pytest.raises(ValueError, match="dtype"):
         load_llava(str(missing), dtype="float8")
+
+
+def test_concurrent_builds_of_one_directory(tiny, tmp_path):
+    results, errors = [], []
+
+    def build():
+        try:
+            results.append(build_tiny_models(tmp_path / "shared"))
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=build) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(results) == 2 and results[0] == results[1]
+    assert digests(results[0]) == digests(tiny)

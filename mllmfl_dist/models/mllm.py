@@ -99,9 +99,8 @@ def load_llava(
         if not path.is_dir():
             raise ModelLoadError(f"LLaVA model {model!r}: local directory not found; {_HINT}")
         if not (path / "config.json").is_file():
-            raise ModelLoadError(
-                f"LLaVA model {model!r}: the directory has no config.json (not a save_pretrained directory); {_HINT}"
-            )
+            raise ModelLoadError(f"LLaVA model {model!r}: the directory has no config.json (not a "
+                                 f"save_pretrained directory); {_HINT}")
         source = str(path)
     else:
         source = model
@@ -115,7 +114,8 @@ def load_llava(
         processor = AutoProcessor.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as exc:
         where = "local directory" if local else "hub id"
-        raise ModelLoadError(f"LLaVA model {model!r} ({where}) could not be loaded ({_first_line(exc)}); {_HINT}") from exc
+        reason = _first_line(exc)
+        raise ModelLoadError(f"LLaVA model {model!r} ({where}) could not be loaded ({reason}); {_HINT}") from exc
     llava.eval()
     _complete_processor(processor, llava)
     return llava, processor
