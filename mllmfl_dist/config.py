@@ -136,7 +136,7 @@ class DeepSpeedConfig:
     """The DeepSpeed engine of stage 1b, turned into a DeepSpeed config dict."""
 
     zero_stage: int = 0
-    precision: str = "fp32"  # fp32 | bf16 | fp16
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16 is refused where DeepSpeed lacks it, e.g. the CPU)
     gradient_accumulation_steps: int = 1
     optimizer: str = "AdamW"  # Adam | AdamW | SGD
     lr: float = 1e-3
@@ -151,8 +151,10 @@ class PretrainConfig:
     """Stage 1b: Dynamic Weighted Pretraining of the FL backbone against the frozen MLLM."""
 
     model: str = ""  # the MLLM; "" means annotate.model
-    shards: str = ""  # annotated shards; "" means this run's <run dir>/annotate/ output
-    ranks: str = "all"  # rank0 | all: data-parallel ranks
+    shards: str = ""  # annotated shards; "" means this run's <run dir>/annotate/ directory
+    # all: every rank is a DeepSpeed data-parallel rank; rank0 only with one process (DeepSpeed's
+    # checkpointing barriers on the whole group, so idle ranks cannot wait elsewhere)
+    ranks: str = "all"
     steps: int = 200
     micro_batch_size: int = 8
     alpha_start: float = 0.0

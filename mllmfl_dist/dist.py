@@ -9,6 +9,7 @@ ranks waiting while rank 0 runs hours of server-side work do not trip the collec
 
 from __future__ import annotations
 
+import atexit
 import os
 import re
 from dataclasses import dataclass
@@ -116,6 +117,23 @@ def init_runtime(cfg: DistConfig, env: dict[str, str] | None = None) -> Runtime:
     return Runtime(
         launch.rank, launch.world_size, launch.local_rank, backend, device, cfg.server_hosts_clients, control
     )
+
+
+def ensure_process_group(runtime: Runtime) -> None:
+    """A process group even for a single process, for libraries that insist on one (DeepSpeed).
+
+    A single process (``runtime.backend == "none"``) gets a one-rank group on an in-memory store (no port).
+    It lives until the process exits: DeepSpeed caches its groups in module globals, so a destroyed and
+    re-created group would leave it holding dead handles on the next run in the same process.
+    """
+    os.environ.setdefault("LOCAL_RANK", str(runtime.local_rank))
+    if torch_dist.is_initialized():
+        return
+    if runtime.distributed:
+        raise RuntimeError("the runtime is distributed but torch.distributed is not initialised")
+    backend = "nccl" if runtime.device.type == "cuda" else "gloo"
+    torch_dist.init_process_group(backend, store=torch_dist.HashStore(), rank=0, world_size=1)
+    atexit.register(lambda: torch_dist.is_initialized() and torch_dist.destroy_process_group())
 
 
 def shutdown(runtime: Runtime) -> None:

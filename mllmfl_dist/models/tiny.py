@@ -30,7 +30,7 @@ import torch
 
 MANIFEST = "tiny_models.json"
 # Bump when the tiny architectures or the tokenizer change, so stale builds are rebuilt.
-TINY_VERSION = 1
+TINY_VERSION = 2  # bump when the built models change, so old directories are rebuilt
 
 # --- tiny LLaVA geometry (llava-1.5 layout at toy size) -------------------------------------------------
 LLAVA_IMAGE_SIZE = 32
@@ -76,6 +76,7 @@ CLIP_PREPROCESS = {
     "resize_mode": "shortest",
 }
 
+LM_HEAD_SCALE = 30.0
 SEED = 20250101
 
 # Words the tokenizer's BPE merges are learned from: the prompt format, caption vocabulary and the class
@@ -198,6 +199,11 @@ def _build_llava(out: Path) -> None:
     config.pad_token_id = tokenizer.pad_token_id
     torch.manual_seed(SEED)
     model = LlavaForConditionalGeneration(config).eval()
+    # At the usual init a random LM head gives a nearly flat next-token distribution: captions would
+    # hardly depend on the image and pretraining against the LM would have nothing to learn. A sharper
+    # head makes the tiny model's outputs a clear function of its visual tokens.
+    with torch.no_grad():
+        model.lm_head.weight.mul_(LM_HEAD_SCALE)
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
