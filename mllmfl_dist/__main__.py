@@ -149,7 +149,9 @@ def _evaluate(cfg, checkpoint_path: str) -> int:
     path = Path(checkpoint_path)
     if not path.is_file():
         raise ConfigError(f"--checkpoint {path}: no such file")
-    state = checkpoint.load(path)
+    state = checkpoint.load_or_explain(path, "--checkpoint")
+    if not isinstance(state, dict):
+        raise ConfigError(f"--checkpoint {path} holds no state dict")
     if "model" in state and isinstance(state["model"], dict):
         state = state["model"]
     data = build_data(cfg)

@@ -66,7 +66,7 @@ def reference_rounds(cfg: Config, rounds: int, threads: int) -> tuple[dict[str, 
                 order = torch.randperm(n, generator=generator)
                 for start in range(0, n, fed.batch_size):
                     batch = order[start : start + fed.batch_size]
-                    if len(batch) < 2 and n > 1:
+                    if len(batch) < 2:
                         continue
                     x = augment_batch(images[batch], generator, aug.crop_padding, aug.hflip, aug.random_crop)
                     loss = torch.nn.functional.cross_entropy(model(normalize(x, data.mean, data.std)),

@@ -28,8 +28,31 @@ def save_atomic(obj: Any, path: str | Path) -> None:
         raise
 
 
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Replace ``path`` with ``text`` atomically (temp file, fsync, rename); non-empty text ends with a
+    newline."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as handle:
+        handle.write(text if not text or text.endswith("\n") else text + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
 def load(path: str | Path) -> Any:
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_or_explain(path: str | Path, what: str) -> Any:
+    """:func:`load`, turning an unreadable file (not a torch file, truncated, unsafe pickle) into a
+    ConfigError that names ``what`` and the path, instead of a traceback."""
+    from mllmfl_dist.config import ConfigError
+
+    try:
+        return load(path)
+    except Exception as err:  # noqa: BLE001 - pickle, zip and weights_only errors have no common base
+        raise ConfigError(f"{what}: cannot read {path} ({type(err).__name__}: {str(err).splitlines()[0]})") from None
 
 
 def rng_state() -> dict[str, Any]:

@@ -43,7 +43,7 @@ class DistConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    source: str = "synthetic"  # fashion_mnist | cifar10 | cifar100 | synthetic
+    source: str = "synthetic"  # fashion_mnist | cifar10 | cifar100 | synthetic | shards
     root: str = ""  # empty: the source's default search path
     download: bool = False
     imb_factor: float = 0.01  # n_min / n_max of the long tail; 1.0 keeps the data balanced

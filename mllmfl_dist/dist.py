@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import torch.distributed as torch_dist
 
-from mllmfl_dist.config import DistConfig
+from mllmfl_dist.config import ConfigError, DistConfig
 
 SERVER_RANK = 0
 
@@ -92,7 +92,7 @@ def init_runtime(cfg: DistConfig, env: dict[str, str] | None = None) -> Runtime:
     if backend == "auto":
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl" and not torch.cuda.is_available():
-        raise RuntimeError("dist.backend = 'nccl' needs CUDA, which is not available; use 'gloo' or 'auto'")
+        raise ConfigError("dist.backend = 'nccl' needs CUDA, which is not available; use 'gloo' or 'auto'")
     device = torch.device("cpu")
     if backend == "nccl":
         device = torch.device("cuda", launch.local_rank % torch.cuda.device_count())

@@ -6,12 +6,14 @@ import json
 from pathlib import Path
 from typing import Any
 
+from mllmfl_dist.checkpoint import write_text_atomic
+
 
 class MetricsLog:
     """Appends JSON records to ``<dir>/<name>`` and mirrors scalar fields to TensorBoard.
 
     ``truncate_after(round)`` drops records of rounds that a resumed run is about to redo, so the file
-    never holds two records for one round.
+    never holds two records for one round; TensorBoard events of those rounds are purged likewise.
     """
 
     def __init__(self, directory: str | Path, name: str = "metrics.jsonl", tensorboard: bool = True):
@@ -20,15 +22,26 @@ class MetricsLog:
         self.path = self.directory / name
         self.tensorboard = tensorboard
         self._writer = None
+        self._purge_step: int | None = None
 
     def records(self) -> list[dict[str, Any]]:
+        """The records; a last line torn by a job killed mid-write is dropped (its round is redone)."""
         if not self.path.exists():
             return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        records = []
+        for line in self.path.read_text().splitlines():
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                break
+        return records
 
     def truncate_after(self, round_index: int) -> None:
         kept = [r for r in self.records() if r.get("round", 0) <= round_index]
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+        self._purge_step = round_index + 1
 
     def append(self, record: dict[str, Any]) -> None:
         with self.path.open("a") as handle:
@@ -41,7 +54,7 @@ class MetricsLog:
             # Imported on first use: TensorBoard's import costs about a second at start-up.
             from torch.utils.tensorboard import SummaryWriter
 
-            self._writer = SummaryWriter(log_dir=str(self.directory))
+            self._writer = SummaryWriter(log_dir=str(self.directory), purge_step=self._purge_step)
         step = record.get("round", 0)
         for key, value in record.items():
             if key != "round" and isinstance(value, (int, float)) and not isinstance(value, bool):

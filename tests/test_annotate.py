@@ -111,3 +111,12 @@ def test_three_gloo_ranks_give_the_same_captions_as_one(tmp_path, tiny_models):
     assert manifest["ranks"] == [0, 1, 2] and manifest["captions_out"] == 12
     ranks = {json.loads(p.read_text())["rank"] for p in three_out.glob("*.done.json")}
     assert ranks == {0, 1, 2}  # whole shards really were spread over the ranks
+
+
+def test_a_rerun_with_other_settings_is_refused_not_mixed(tmp_path, tiny_models):
+    shards = make_shards(tmp_path, shards=1, per_shard=2, seed=3)
+    config = write_config(tmp_path, tiny_models["llava"], shards)
+    annotate.run_annotate(load_config(config), single_process())
+    other = load_config(config, ["annotate.prompt=USER: <image>\nWhat is it? ASSISTANT:"])
+    with pytest.raises(Exception, match="other annotation settings"):
+        annotate.run_annotate(other, single_process())

@@ -100,3 +100,24 @@ def test_fashion_mnist_lt_rounds_on_real_data_lower_the_test_loss(tmp_path):
     with torch.no_grad():
         losses = [torch.nn.functional.cross_entropy(m.eval()(x), labels).item() for m in (trained, untouched)]
     assert losses[0] < losses[1] - 0.1, losses
+
+
+def test_unreadable_backbone_file_is_one_message(tmp_path, capsys):
+    garbage = tmp_path / "backbone.pt"
+    garbage.write_bytes(b"definitely not a torch file")
+    code = run_cli("federate", str(SMOKE), "--set", f"run.root={tmp_path}", "--set", "federated.rounds=1",
+                   "--set", f"model.pretrained_backbone={garbage}")
+    err = capsys.readouterr().err
+    assert code == 2 and "model.pretrained_backbone" in err and str(garbage) in err and "Traceback" not in err
+
+
+def test_a_torn_last_metrics_line_is_dropped(tmp_path):
+    from mllmfl_dist.metrics import MetricsLog
+
+    log = MetricsLog(tmp_path, tensorboard=False)
+    log.append({"round": 1, "acc": 0.5})
+    with log.path.open("a") as handle:
+        handle.write('{"round": 2, "ac')  # a job killed mid-write
+    assert log.records() == [{"round": 1, "acc": 0.5}]
+    log.truncate_after(1)
+    assert log.path.read_text() == '{"round": 1, "acc": 0.5}\n'

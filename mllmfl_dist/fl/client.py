@@ -41,8 +41,9 @@ def train_client(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, s
     """Train ``model`` in place on one client's uint8 images.
 
     Data order and augmentation draw only from ``generator`` (seeded by seed, round and client id), so
-    the result does not depend on which rank runs the client. A trailing batch of a single sample is
-    skipped: BatchNorm cannot normalise one value per channel.
+    the result does not depend on which rank runs the client. A batch of a single sample is skipped
+    (BatchNorm cannot normalise one value per channel once the feature map is 1x1, as in ResNet-50 on
+    small images), so a one-sample client returns the global model, with its weight of 1.
     """
     model.train()
     optimizer = torch.optim.SGD(model.parameters(), lr=spec.lr, momentum=spec.momentum,
@@ -54,7 +55,7 @@ def train_client(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, s
         order = torch.randperm(n, generator=generator)
         for start in range(0, n, spec.batch_size):
             batch = order[start : start + spec.batch_size]
-            if batch.numel() < 2 and n > 1:
+            if batch.numel() < 2:
                 continue
             x = augment_batch(images[batch], generator, spec.crop_padding, spec.hflip, spec.random_crop)
             x = normalize(x, spec.mean, spec.std)

@@ -23,13 +23,16 @@ import torch
 from tqdm import tqdm
 
 from mllmfl_dist import dist
+from mllmfl_dist.checkpoint import write_text_atomic
 from mllmfl_dist.config import AnnotateConfig, Config, ConfigError
 from mllmfl_dist.data.shards import (CorruptImageError, ShardError, decode_image, expand_shards, iter_samples,
                                      write_shard)
+from mllmfl_dist.fl.sampling import derive_seed
 
 log = logging.getLogger(__name__)
 
 DONE_SUFFIX = ".done.json"
+TAG_ANNOTATE = 13  # derive_seed stream of sampled decoding
 
 
 @dataclass(frozen=True)
@@ -78,8 +81,17 @@ def assign_shards(shards: Sequence[Path], ranks: Sequence[int]) -> dict[int, lis
     return plan
 
 
-def output_name(shard: Path) -> str:
-    return shard.name
+def _complete(record_path: Path, shard: Path, settings: dict[str, Any]) -> bool:
+    """Whether ``shard`` was annotated from the same file with the same model and settings; a record made
+    otherwise is refused rather than silently kept next to a manifest that names the new settings."""
+    if not record_path.exists():
+        return False
+    record = json.loads(record_path.read_text())
+    if record.get("source") != str(shard) or record.get("settings") != settings:
+        raise ConfigError(f"{record_path.parent} holds captions of {record.get('source')} made with other "
+                          f"annotation settings ({record.get('settings')}); use another run.name or delete "
+                          f"{record_path.parent} to annotate again")
+    return True
 
 
 def run_annotate(cfg: Config, runtime: dist.Runtime, *, progress: bool = True) -> dict[str, Any]:
@@ -92,13 +104,14 @@ def run_annotate(cfg: Config, runtime: dist.Runtime, *, progress: bool = True) -
         raise ConfigError("annotate.shards is empty; set it to a glob or brace pattern of WebDataset shards")
     out = cfg.run_dir / "annotate"
     shards = expand_shards(acfg.shards)
-    names = [output_name(s) for s in shards]
+    names = [s.name for s in shards]
     if len(set(names)) != len(names):
         raise ConfigError(f"annotate.shards matches shards with the same file name in different folders; "
                           f"outputs would collide: {acfg.shards}")
     working = [0] if acfg.ranks == "rank0" else list(range(runtime.world_size))
     mine = assign_shards(shards, working).get(runtime.rank, [])
-    todo = [s for s in mine if not (out / (output_name(s) + DONE_SUFFIX)).exists()]
+    settings = {"model": acfg.model, **asdict(Generation.from_config(acfg))}
+    todo = [s for s in mine if not _complete(out / (s.name + DONE_SUFFIX), s, settings)]
 
     if todo:
         out.mkdir(parents=True, exist_ok=True)
@@ -111,19 +124,22 @@ def run_annotate(cfg: Config, runtime: dist.Runtime, *, progress: bool = True) -
         bar = tqdm(desc=f"annotate (rank {runtime.rank})", unit="img", dynamic_ncols=True,
                    disable=not (progress and runtime.is_server and cfg.log.progress))
         for shard in todo:
+            # Sampled decoding draws from torch's generator: seed it per shard so captions do not depend
+            # on which rank annotates the shard or on what it annotated before.
+            torch.manual_seed(derive_seed(cfg.run.seed, TAG_ANNOTATE, shards.index(shard)))
             record = _annotate_shard(shard, out, model, processor, generation, acfg, bar, runtime.rank)
-            _write_json_atomic(out / (output_name(shard) + DONE_SUFFIX), record)
+            write_text_atomic(out / (shard.name + DONE_SUFFIX), json.dumps({**record, "settings": settings}, indent=2))
         bar.close()
     elif mine:
         log.info("annotate: all %d shards of rank %d are complete; nothing to do", len(mine), runtime.rank)
 
     # Each rank reads its own records, so the manifest does not assume a shared file system.
-    records = [json.loads((out / (output_name(s) + DONE_SUFFIX)).read_text()) for s in mine]
+    records = [json.loads((out / (s.name + DONE_SUFFIX)).read_text()) for s in mine]
     everything = dist.gather_objects(runtime, records)
     manifest: dict[str, Any] = {}
     if runtime.is_server:
         manifest = build_manifest([r for rank_records in everything for r in rank_records], acfg, working)
-        _write_json_atomic(out / "manifest.json", manifest)
+        write_text_atomic(out / "manifest.json", json.dumps(manifest, indent=2))
     dist.stage_barrier(runtime)
     return manifest
 
@@ -168,7 +184,7 @@ def _annotate_shard(shard: Path, out: Path, model, processor, generation: Genera
     if pending:
         flush()
     if written:
-        write_shard(written, out / output_name(shard))
+        write_shard(written, out / shard.name)
     seconds = time.perf_counter() - started
     return {"shard": shard.name, "source": str(shard), "rank": rank, "images_in": images_in,
             "captions_out": len(written), "skipped": skipped, "damaged": truncated, "seconds": seconds}
@@ -197,9 +213,3 @@ def build_manifest(records: list[dict[str, Any]], acfg: AnnotateConfig, working:
         "seconds": seconds,
         "images_per_second": captions / seconds if seconds > 0 else 0.0,
     }
-
-
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    tmp.replace(path)

@@ -33,8 +33,20 @@ def stage_dir(cfg: Config) -> Path:
     return cfg.run_dir / "federated"
 
 
-def build_data(cfg: Config) -> ClientData:
-    return build_client_data(cfg.data, cfg.partition, cfg.federated.num_clients, cfg.run.seed)
+def build_data(cfg: Config, runtime: dist.Runtime | None = None) -> ClientData:
+    """The run's client data. With ``data.download`` on, rank 0 loads (downloads) first and the other ranks
+    follow, so that several ranks never write the same download at once."""
+    def build() -> ClientData:
+        return build_client_data(cfg.data, cfg.partition, cfg.federated.num_clients, cfg.run.seed)
+
+    if runtime is None or not (runtime.distributed and cfg.data.download):
+        return build()
+    if runtime.is_server:
+        data = build()
+        dist.stage_barrier(runtime)
+        return data
+    dist.stage_barrier(runtime)
+    return build()
 
 
 def build_fl_model(cfg: Config, data: ClientData) -> FLModel:
@@ -59,7 +71,7 @@ def evaluate_global(cfg: Config, data: ClientData, model: FLModel, device: torch
 def run_federated(cfg: Config, runtime: dist.Runtime) -> dict[str, Any]:
     """Run (or resume, or skip if complete) federated finetuning; returns the last evaluation on rank 0."""
     out = stage_dir(cfg)
-    data = build_data(cfg)
+    data = build_data(cfg, runtime)
     trainer = FederatedTrainer(cfg, runtime, data, build_fl_model(cfg, data), build_strategy(cfg.federated))
 
     # Only rank 0 reads the checkpoint; its verdict (start round, or why it cannot resume) goes to every
@@ -135,10 +147,9 @@ def _load_resume_state(cfg: Config, out: Path) -> dict[str, Any] | None:
     path = out / CHECKPOINT_NAME
     if not path.exists():
         return None
-    try:
-        state = checkpoint.load(path)
-    except Exception as err:  # a torn file cannot happen (atomic rename); anything else is user-visible
-        raise ConfigError(f"cannot read checkpoint {path}: {err}; move it away to start over") from None
+    state = checkpoint.load_or_explain(path, "checkpoint")
+    if not {"config", "round", "model", "server_optimizer", "rng"} <= set(state):
+        raise ConfigError(f"{path} is not a federated checkpoint of this trainer; move it away to start over")
     differences = resume_differences(state["config"], cfg.to_dict())
     if differences:
         raise ConfigError(
@@ -166,7 +177,7 @@ def _load_pretrained_backbone(cfg: Config, model: FLModel) -> None:
         raise ConfigError(f"model.pretrained_backbone: {path} does not exist; run the pretrain stage first "
                           f"or point the key at a backbone state dict")
     try:
-        model.load_backbone_state_dict(checkpoint.load(path))
+        model.load_backbone_state_dict(checkpoint.load_or_explain(path, "model.pretrained_backbone"))
     except (ValueError, RuntimeError) as err:
         raise ConfigError(f"model.pretrained_backbone: {path} does not fit {cfg.model.arch}: {err}") from None
     log.info("federated finetuning starts from the pretrained backbone %s", path)

@@ -24,7 +24,8 @@ shard/key order; samples without a caption or with an unreadable image are skipp
 ``pretrain.heldout`` are held out; the rest form a stream shuffled per epoch by ``(seed, epoch)``, and step
 ``t`` reads the stream's positions ``[t * G, (t + 1) * G)`` (``G`` = micro batch x accumulation x
 data-parallel ranks), each rank its own contiguous slices, so ranks see disjoint micro-batches and the data
-order is a function of (seed, step) alone: nothing but the DeepSpeed checkpoint is needed to resume.
+order is a function of (seed, step, number of data-parallel ranks): the DeepSpeed checkpoint, which records
+that number, is all a resume needs, and a resume on another number of ranks is refused.
 
 Ranks: ``pretrain.ranks = "all"`` makes every rank a DeepSpeed data-parallel rank on the default process
 group (each loads LLaVA). ``"rank0"`` is accepted with one process only: DeepSpeed's checkpointing
@@ -84,8 +85,8 @@ TAG_ADAPTER_INIT = 12
 KEEP_CHECKPOINTS = 2  # DeepSpeed checkpoint tags kept on disk (the newest ones)
 PRECISION_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 # Settings a resumed run may change: they do not change what the finished steps computed.
-RESUMABLE_CHANGES = ("pretrain.steps", "pretrain.checkpoint_every", "pretrain.model", "pretrain.shards",
-                     "pretrain.ranks")
+# (Not pretrain.steps: the alpha ramp and the cosine LR schedule are laid out over it.)
+RESUMABLE_CHANGES = ("pretrain.checkpoint_every", "pretrain.model", "pretrain.shards", "pretrain.ranks")
 # Settings outside [pretrain] that shape the FL backbone, its input or the data order.
 RESUME_RELEVANT = ("run.seed", "model.arch", "model.width_scale", "model.in_channels", "data.source",
                    "data.channels", "data.image_size")
@@ -227,7 +228,7 @@ def micro_batch_indices(n: int, seed: int, step: int, micro_step: int, *, micro_
     The training set is read as one stream, shuffled per epoch by ``(seed, epoch)``; step ``t`` covers the
     stream's positions ``[t * G, (t + 1) * G)`` with ``G = micro_batch_size * grad_accum * dp_world``, micro
     step ``j`` of rank ``r`` the slice starting at ``t * G + (j * dp_world + r) * micro_batch_size``. So ranks
-    never share a micro-batch within a step, and the order depends on (seed, step) only.
+    never share a micro-batch within a step, and the order depends on (seed, step, dp_world) only.
     """
     start = (step * grad_accum * dp_world + micro_step * dp_world + dp_rank) * micro_batch_size
     out = []
@@ -292,6 +293,16 @@ class BatchBuilder:
             raise ConfigError("the LLaVA tokenizer has no EOS token; DWP appends EOS after each caption")
         self._prompt_ids: list[int] | None = None
 
+    def check_captions(self, captions: Sequence[str]) -> None:
+        """Raise the ConfigError of :meth:`from_images` now for any caption that would trigger it."""
+        text_prompt = self.prompt  # the image placeholder tokenises alike with or without its expansion
+        prompt = self.tokenizer(text_prompt)["input_ids"]
+        for caption in captions:
+            ids = self.tokenizer(f"{text_prompt} {caption}")["input_ids"]
+            if _common_prefix(ids, prompt) < len(prompt) - 1:
+                raise ConfigError(f"pretrain.prompt: tokenising prompt + caption changes the prompt's tokens "
+                                  f"(caption {caption[:40]!r}); end the prompt with a separator such as ':'")
+
     def __call__(self, samples: Sequence[CaptionedSample]) -> DWPBatch:
         images = [decode_image(s.image_bytes) for s in samples]
         return self.from_images(images, [s.caption for s in samples])
@@ -339,13 +350,13 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 # ------------------------------------------------------------------------------------------ the model
 
 
-def build_student(cfg: Config, llava) -> tuple[DWPStudent, FLInput]:
+def build_student(cfg: Config, llava, runtime: dist.Runtime | None = None) -> tuple[DWPStudent, FLInput]:
     """``g_fl`` (exactly stage 2's ``build_fl_model``) plus a fresh adapter onto LLaVA's visual-token grid,
     and the FL input transform (size, channels and normalisation of the FL data)."""
     from mllmfl_dist.models.mllm import vision_grid
     from mllmfl_dist.stages.federated import build_data, build_fl_model
 
-    data = build_data(cfg)
+    data = build_data(cfg, runtime)
     backbone = build_fl_model(cfg, data)
     # DeepSpeed broadcasts parameters as byte views, which channels_last conv weights cannot give; the
     # memory format changes no value, so the saved backbone is the same either way.
@@ -474,8 +485,11 @@ def run_pretrain(cfg: Config, runtime: dist.Runtime, *, progress: bool = True,
     llava, processor = load_llava(model_name(cfg), dtype=PRECISION_DTYPES[pcfg.deepspeed.precision],
                                   device=device, device_map="")
     llava.eval().requires_grad_(False)
-    student, fl_input = build_student(cfg, llava)
+    student, fl_input = build_student(cfg, llava, runtime)
     builder = BatchBuilder(processor, pcfg.prompt, pcfg.max_caption_tokens, fl_input)
+    # Every rank checks every caption before training, so a bad prompt ends all ranks together instead of
+    # one rank mid-run while the others wait in a gradient all-reduce.
+    builder.check_captions([sample.caption for sample in samples])
 
     dist.ensure_process_group(runtime)
     dp_world, dp_rank = runtime.world_size, runtime.rank
@@ -495,7 +509,7 @@ def run_pretrain(cfg: Config, runtime: dist.Runtime, *, progress: bool = True,
         path, client_state = engine.load_checkpoint(str(ds_dir))
         if path is None:
             raise ConfigError(f"cannot load the DeepSpeed checkpoint in {ds_dir}; move it away to start over")
-        _check_resume(cfg, client_state or {}, ds_dir)
+        _check_resume(cfg, client_state or {}, ds_dir, dp_world)
         state.update({k: client_state[k] for k in state if k in client_state})
         state["loss"] = [r for r in state["loss"] if r["step"] <= engine.global_steps]
     start = engine.global_steps
@@ -574,15 +588,14 @@ def run_pretrain(cfg: Config, runtime: dist.Runtime, *, progress: bool = True,
         metrics = json.loads(json.dumps(metrics))  # what metrics.json holds (lists, not tuples)
         checkpoint.save_atomic(backbone_state, out / BACKBONE_NAME)
         checkpoint.save_atomic(adapter_state, out / ADAPTER_NAME)
-        tmp = out / (METRICS_NAME + ".tmp")
-        tmp.write_text(json.dumps(metrics, indent=2) + "\n")
-        tmp.replace(out / METRICS_NAME)  # last: its presence marks the stage as finished
+        # last: its presence marks the stage as finished
+        checkpoint.write_text_atomic(out / METRICS_NAME, json.dumps(metrics, indent=2))
     dist.stage_barrier(runtime)
     return metrics
 
 
 def _save_checkpoint(engine, ds_dir: Path, cfg: Config, state: dict[str, Any], runtime: dist.Runtime) -> None:
-    client_state = {**state, "config": cfg.to_dict()}
+    client_state = {**state, "config": cfg.to_dict(), "data_parallel_ranks": runtime.world_size}
     engine.save_checkpoint(str(ds_dir), client_state=client_state)  # every rank; tag global_step<N>
     if runtime.is_server:
         tags = sorted((p for p in ds_dir.glob("global_step*") if p.is_dir()),
@@ -591,10 +604,15 @@ def _save_checkpoint(engine, ds_dir: Path, cfg: Config, state: dict[str, Any], r
             shutil.rmtree(old, ignore_errors=True)
 
 
-def _check_resume(cfg: Config, client_state: dict[str, Any], ds_dir: Path) -> None:
+def _check_resume(cfg: Config, client_state: dict[str, Any], ds_dir: Path, dp_world: int) -> None:
     saved = client_state.get("config")
     if not saved:
         return
+    saved_world = client_state.get("data_parallel_ranks", dp_world)
+    if saved_world != dp_world:
+        # The global batch and each rank's slice of the data stream depend on the number of ranks.
+        raise ConfigError(f"{ds_dir} was written by {saved_world} data-parallel ranks; resume it with "
+                          f"{saved_world} processes, or delete {ds_dir.parent} to start over")
     current = flat_items(cfg.to_dict())
     differences = []
     for name, old in flat_items(saved).items():
