@@ -168,6 +168,29 @@ class PretrainConfig:
 
 
 @dataclass(frozen=True)
+class AlignConfig:
+    """Stage 3: global alignment of the aggregated model on a small class-balanced set, on rank 0."""
+
+    every: int = 0  # rounds between alignments; 0 turns alignment off
+    source: str = "pool"  # pool: a labeled server-held pool | web: unlabeled shards pseudo-labeled by the teacher
+    pool_shards: str = ""  # labeled shards of the pool (e.g. shards/fmnist_align/*.tar.gz)
+    web_shards: str = ""  # unlabeled shards for source = "web"
+    per_class: int = 20  # k images per class
+    teacher: str = "none"  # none | llava | clip
+    teacher_model: str = ""  # llava: hub id or directory; clip: open_clip name or local-dir:DIR
+    clip_pretrained: str = ""  # open_clip pretrained tag for a named architecture (e.g. openai)
+    prompt: str = "USER: <image>\nWhat is the object in the image? ASSISTANT:"  # llava teacher's question
+    templates: str = "a photo of a {}."  # clip teacher's prompt templates, separated by '|'
+    teacher_temperature: float = 1.0  # softmax temperature of the teacher's class scores
+    steps: int = 20
+    lr: float = 0.01
+    batch_size: int = 64
+    beta: float = 1.0
+    temperature: float = 2.0  # T of the distillation term beta * T^2 * KL(q || p)
+    train: str = "classifier"  # classifier | all
+
+
+@dataclass(frozen=True)
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     dist: DistConfig = field(default_factory=DistConfig)
@@ -180,6 +203,7 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     annotate: AnnotateConfig = field(default_factory=AnnotateConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    align: AlignConfig = field(default_factory=AlignConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -219,6 +243,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "pretrain.deepspeed.precision": ("fp32", "bf16", "fp16"),
     "pretrain.deepspeed.optimizer": ("Adam", "AdamW", "SGD"),
     "pretrain.deepspeed.scheduler": ("none", "WarmupLR", "WarmupCosineLR"),
+    "align.source": ("pool", "web"),
+    "align.teacher": ("none", "llava", "clip"),
+    "align.train": ("classifier", "all"),
 }
 
 Rule = tuple[typing.Callable[[Any], bool], str]
@@ -278,6 +305,14 @@ _RULES: dict[str, Rule] = {
     "pretrain.deepspeed.weight_decay": (lambda v: v >= 0, "a number >= 0"),
     "pretrain.deepspeed.warmup_steps": _int_at_least(0),
     "pretrain.deepspeed.gradient_clipping": (lambda v: v >= 0, "a number >= 0 (0: off)"),
+    "align.every": _int_at_least(0),
+    "align.per_class": _int_at_least(1),
+    "align.teacher_temperature": _POSITIVE,
+    "align.steps": _int_at_least(1),
+    "align.lr": _POSITIVE,
+    "align.batch_size": _int_at_least(1),
+    "align.beta": (lambda v: v >= 0, "a number >= 0"),
+    "align.temperature": _POSITIVE,
     "eval.every": _int_at_least(1),
     "eval.batch_size": _int_at_least(1),
     "checkpoint.every": _int_at_least(1),

@@ -3,12 +3,13 @@
 Each round: sample K of N clients from (seed, round); assign them to client hosts (LPT by size); every
 host trains its clients one after another from the same global model and accumulates ``n_k * state_k``
 into one float64 buffer with the total weight appended; one all_reduce; the server steps the strategy;
-one broadcast of the new global model as a flat buffer.
+one broadcast of the new global model as a flat buffer (after rank 0's ``server_hook``, e.g. alignment).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,7 +37,7 @@ class RoundStats:
 
 class FederatedTrainer:
     def __init__(self, cfg: Config, runtime: dist.Runtime, data: ClientData, model: FLModel,
-                 strategy: Strategy):
+                 strategy: Strategy, server_hook: Callable[[FLModel, int], None] | None = None):
         self.cfg = cfg
         self.runtime = runtime
         self.data = data
@@ -45,6 +46,8 @@ class FederatedTrainer:
         self.layout = FlatLayout.of_module(self.model)
         self.trainable_mask = self.layout.trainable_mask.to(runtime.device)
         self.local = LocalTraining.from_config(cfg, data.mean, data.std)
+        # Rank 0 only, after the server step and before the broadcast (global alignment plugs in here).
+        self.server_hook = server_hook
         self.rounds_done = 0
         # Rounds are timed from the end of the previous one, so that rank 0's evaluation and checkpoint
         # writing, which overlap the next round's client training, count when they hold a round up.
@@ -90,6 +93,8 @@ class FederatedTrainer:
         if self.runtime.is_server:
             new = self.strategy.server_step(start, mean_from_sum(acc), self.trainable_mask)
             self.set_global_flat(new)
+            if self.server_hook is not None:
+                self.server_hook(self.model, round_index)
         bytes_broadcast = self.broadcast_global()
         self.rounds_done = round_index
         self._last_round_end = time.perf_counter()

@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from mllmfl_dist import checkpoint, dist
 from mllmfl_dist.config import Config, ConfigError, resume_differences
-from mllmfl_dist.data import ClientData, build_client_data
+from mllmfl_dist.data import ClientData, DataError, build_client_data
 from mllmfl_dist.evaluate import evaluate_model
 from mllmfl_dist.fl.sampling import derive_seed
 from mllmfl_dist.fl.strategies import build_strategy
@@ -73,6 +73,7 @@ def run_federated(cfg: Config, runtime: dist.Runtime) -> dict[str, Any]:
     out = stage_dir(cfg)
     data = build_data(cfg, runtime)
     trainer = FederatedTrainer(cfg, runtime, data, build_fl_model(cfg, data), build_strategy(cfg.federated))
+    alignment: _Alignment | None = None
 
     # Only rank 0 reads the checkpoint; its verdict (start round, or why it cannot resume) goes to every
     # rank, so a refused resume ends all ranks with the same message instead of leaving them waiting.
@@ -85,7 +86,10 @@ def run_federated(cfg: Config, runtime: dist.Runtime) -> dict[str, Any]:
                 checkpoint.set_rng_state(resume_state["rng"])
             elif cfg.model.pretrained_backbone:
                 _load_pretrained_backbone(cfg, trainer.model)
-        except ConfigError as err:
+            if cfg.align.every:
+                alignment = _Alignment(cfg, data, runtime.device)
+                trainer.server_hook = alignment
+        except (ConfigError, DataError) as err:
             refusal = str(err)
     start_round, refusal = dist.broadcast_object(runtime, (trainer.rounds_done, refusal))
     if refusal:
@@ -124,6 +128,8 @@ def run_federated(cfg: Config, runtime: dist.Runtime) -> dict[str, Any]:
             report = evaluate_global(cfg, data, trainer.model, runtime.device)
             last_eval = {"round": round_index, **report, "round_seconds": stats.seconds,
                          "bytes_all_reduced": stats.bytes_all_reduced}
+            if alignment is not None:
+                last_eval.update(alignment.pop_round(round_index))
             metrics.append(last_eval)
             bar.set_postfix(acc=f"{report['acc']:.4f}")
         if round_index % cfg.checkpoint.every == 0 or last_round:
@@ -162,6 +168,35 @@ def _load_resume_state(cfg: Config, out: Path) -> dict[str, Any] | None:
             f"raise federated.rounds or choose another run.name"
         )
     return state
+
+
+class _Alignment:
+    """Rank 0's server hook: align every ``align.every`` rounds; in evaluated rounds, evaluate first too,
+    so the metrics hold accuracy before and after alignment."""
+
+    def __init__(self, cfg: Config, data: ClientData, device: torch.device):
+        from mllmfl_dist.stages.align import build_alignment_set
+
+        self.cfg, self.data, self.device = cfg, data, device
+        self.set = build_alignment_set(cfg, data, cache_dir=cfg.run_dir / "align")
+        self._records: dict[int, dict[str, Any]] = {}
+        log.info("alignment set: %d images (%s teacher)", len(self.set.labels), cfg.align.teacher)
+
+    def __call__(self, model: FLModel, round_index: int) -> None:
+        from mllmfl_dist.stages.align import align_model
+
+        if round_index % self.cfg.align.every:
+            return
+        record: dict[str, Any] = {}
+        if round_index % self.cfg.eval.every == 0 or round_index == self.cfg.federated.rounds:
+            before = evaluate_global(self.cfg, self.data, model, self.device)
+            record["before_align"] = {k: before[k] for k in ("acc", "acc_many", "acc_medium", "acc_few", "per_class")}
+        record.update(align_model(model, self.set, self.cfg.align, self.data.mean, self.data.std,
+                                  seed=self.cfg.run.seed, round_index=round_index, device=self.device))
+        self._records[round_index] = record
+
+    def pop_round(self, round_index: int) -> dict[str, Any]:
+        return self._records.pop(round_index, {})
 
 
 def pretrained_backbone_path(cfg: Config) -> Path:

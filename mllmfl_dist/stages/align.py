@@ -1,0 +1,154 @@
+"""Stage 3: global alignment of the aggregated model on rank 0, under the MLLM teacher's supervision.
+
+After the server step, every ``align.every`` rounds, rank 0 refines the global model on a small
+class-balanced set (k images per class) with ``L = CE(y, p) + beta * T^2 * KL(q || p_T)``, where ``p_T`` is
+the model's softmax at temperature T and ``q`` the teacher's class distribution (``teacher = "none"``:
+plain cross-entropy on the balanced set). The round loop then broadcasts the aligned model as its one
+flat buffer, so every rank starts the next round from it. BatchNorm statistics stay frozen during
+alignment (the set is tiny); ``train = "classifier"`` updates the linear head only, ``"all"`` the whole
+model. Clients never see the alignment set or the teacher.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from mllmfl_dist.config import AlignConfig, Config, ConfigError
+from mllmfl_dist.data import ClientData, normalize
+from mllmfl_dist.fl.sampling import derive_seed
+
+log = logging.getLogger(__name__)
+
+TAG_ALIGN = 14
+
+
+@dataclass
+class AlignmentSet:
+    images: torch.Tensor  # uint8 [N, C, H, W] at the FL model's size and channels
+    labels: torch.Tensor  # int64 [N]
+    teacher: torch.Tensor | None  # float32 [N, num_classes] rows summing to 1, or None (teacher "none")
+    short_classes: list[int]  # classes with fewer than k images
+
+
+def alignment_loss(logits: torch.Tensor, labels: torch.Tensor, teacher: torch.Tensor | None, beta: float,
+                   temperature: float) -> torch.Tensor:
+    """``CE(y, p) + beta * T^2 * KL(q || softmax(logits / T))`` (just CE without a teacher)."""
+    loss = nn.functional.cross_entropy(logits, labels)
+    if teacher is not None and beta > 0:
+        log_p = nn.functional.log_softmax(logits / temperature, dim=1)
+        loss = loss + beta * temperature**2 * nn.functional.kl_div(log_p, teacher, reduction="batchmean")
+    return loss
+
+
+def take_per_class(labels: np.ndarray, num_classes: int, k: int, score: np.ndarray | None = None) -> tuple[np.ndarray, list[int]]:
+    """Indices of k samples per class (the first k, or the k highest ``score``), and the short classes."""
+    chosen, short = [], []
+    for c in range(num_classes):
+        members = np.flatnonzero(labels == c)
+        if score is not None:
+            members = members[np.argsort(-score[members], kind="stable")]
+        if len(members) < k:
+            short.append(c)
+        chosen.append(members[:k])
+    return np.sort(np.concatenate(chosen)), short
+
+
+def align_model(model: nn.Module, data: AlignmentSet, acfg: AlignConfig, mean, std, *, seed: int, round_index: int,
+                device: torch.device | str = "cpu") -> dict[str, float]:
+    """``acfg.steps`` SGD steps of the alignment loss on ``model`` (in place); returns the mean loss."""
+    params = list(model.classifier.parameters()) if acfg.train == "classifier" else list(model.parameters())
+    trainable = {id(p) for p in params}
+    frozen = [p for p in model.parameters() if id(p) not in trainable and p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    was_training = model.training
+    model.eval()  # BatchNorm statistics stay those of the federation
+    optimizer = torch.optim.SGD(params, lr=acfg.lr, momentum=0.9)
+    generator = torch.Generator().manual_seed(derive_seed(seed, TAG_ALIGN, round_index))
+    n = data.labels.shape[0]
+    images = normalize(data.images.to(device), mean, std)
+    labels = data.labels.to(device)
+    teacher = data.teacher.to(device) if data.teacher is not None else None
+    order, position, losses = torch.randperm(n, generator=generator), 0, []
+    try:
+        for _ in range(acfg.steps):
+            if position >= n:
+                order, position = torch.randperm(n, generator=generator), 0
+            batch = order[position : position + acfg.batch_size]
+            position += acfg.batch_size
+            loss = alignment_loss(model(images[batch]), labels[batch],
+                                  teacher[batch] if teacher is not None else None, acfg.beta, acfg.temperature)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss.detach()))
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+        model.train(was_training)
+    return {"align_loss": sum(losses) / len(losses)}
+
+
+def build_alignment_set(cfg: Config, data: ClientData, cache_dir) -> AlignmentSet:
+    """k images per class from the labeled pool, or from web shards pseudo-labeled by the teacher."""
+    from PIL import Image
+
+    from mllmfl_dist.data.shards import decode_image, expand_shards, iter_samples, read_labeled_shards
+
+    acfg = cfg.align
+    size, channels = data.image_size, data.in_channels
+
+    def to_fl(image: Image.Image) -> torch.Tensor:
+        image = image.convert("L" if channels == 1 else "RGB").resize((size, size))
+        array = np.asarray(image, dtype=np.uint8)
+        return torch.from_numpy(array[None] if array.ndim == 2 else array.transpose(2, 0, 1).copy())
+
+    if acfg.source == "pool":
+        if not acfg.pool_shards:
+            raise ConfigError("align.pool_shards is empty; name the labeled server-held pool (e.g. "
+                              "shards/fmnist_align/*.tar.gz) or set align.source = 'web'")
+        images, labels, _ = read_labeled_shards(expand_shards(acfg.pool_shards))
+        if labels.max() >= data.num_classes:
+            raise ConfigError(f"align.pool_shards has labels up to {int(labels.max())}; the task has "
+                              f"{data.num_classes} classes")
+        pil = [Image.fromarray(im[0].numpy() if im.shape[0] == 1 else im.permute(1, 2, 0).numpy()) for im in images]
+        keep, short = take_per_class(labels.numpy(), data.num_classes, acfg.per_class)
+        pil = [pil[i] for i in keep]
+        labels = labels[keep]
+        teacher = _teacher(cfg, pil, data, cache_dir)
+    else:
+        if acfg.teacher == "none":
+            raise ConfigError("align.source = 'web' needs a teacher to pseudo-label the images; set align.teacher")
+        if not acfg.web_shards:
+            raise ConfigError("align.web_shards is empty; name the unlabeled shards to pseudo-label")
+        pil = [decode_image(s["image_bytes"]) for shard in expand_shards(acfg.web_shards)
+               for s in iter_samples(shard) if s.get("image_bytes") is not None]
+        q_all = _teacher(cfg, pil, data, cache_dir)
+        pseudo = q_all.argmax(dim=1).numpy()
+        keep, short = take_per_class(pseudo, data.num_classes, acfg.per_class, score=q_all.max(dim=1).values.numpy())
+        pil = [pil[i] for i in keep]
+        labels = torch.from_numpy(pseudo[keep]).long()
+        teacher = q_all[keep]
+    if short:
+        log.warning("alignment set: classes %s have fewer than %d images", short, acfg.per_class)
+    images = torch.stack([to_fl(im) for im in pil])
+    return AlignmentSet(images, labels.long(), teacher, short)
+
+
+def _teacher(cfg: Config, pil: list[Any], data: ClientData, cache_dir) -> torch.Tensor | None:
+    acfg = cfg.align
+    if acfg.teacher == "none":
+        return None
+    from mllmfl_dist.models.teachers import teacher_distributions
+
+    return teacher_distributions(
+        acfg.teacher, [im.convert("RGB") for im in pil], data.class_names, model=acfg.teacher_model,
+        clip_pretrained=acfg.clip_pretrained, prompt=acfg.prompt,
+        templates=tuple(t.strip() for t in acfg.templates.split("|") if t.strip()),
+        temperature=acfg.teacher_temperature, cache_dir=cache_dir)
