@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
+import logging
+
+import numpy as np
 import torch
 
 from ..config import DataConfig, PartitionConfig
 from .base import ArrayClientData, ClientData, DataError
+from .imagenet_lt import load_imagenet_lt
 from .longtail import longtail_indices
 from .partition import partition_indices
 from .shards import load_labeled_shards
 from .sources import LabeledArrays, load_cifar, load_fashion_mnist
 from .synthetic import SyntheticOnDemand, synthetic_arrays
 
-SOURCES = ("synthetic", "fashion_mnist", "cifar10", "cifar100", "shards")
+log = logging.getLogger(__name__)
+
+SOURCES = ("synthetic", "fashion_mnist", "cifar10", "cifar100", "imagenet_lt", "shards")
+# Sources whose train split is long-tailed as published: data.imb_factor is not applied to them again.
+LONGTAILED_SOURCES = ("imagenet_lt",)
 
 
 def build_client_data(data: DataConfig, partition: PartitionConfig, num_clients: int, seed: int) -> ClientData:
@@ -26,7 +34,13 @@ def build_client_data(data: DataConfig, partition: PartitionConfig, num_clients:
         return SyntheticOnDemand(data, partition, num_clients, seed)
     arrays = _load_arrays(data, seed)
     num_classes = len(arrays.class_names)
-    kept = longtail_indices(arrays.train_labels, num_classes, data.imb_factor)
+    if data.source in LONGTAILED_SOURCES:
+        if data.imb_factor < 1:
+            log.info("data.imb_factor = %g is ignored: the %s train list is long-tailed already",
+                     data.imb_factor, data.source)
+        kept = np.arange(len(arrays.train_labels), dtype=np.int64)
+    else:
+        kept = longtail_indices(arrays.train_labels, num_classes, data.imb_factor)
     parts = partition_indices(
         arrays.train_labels[kept], num_classes, num_clients, partition.method, partition.alpha, seed
     )
@@ -54,6 +68,9 @@ def _load_arrays(data: DataConfig, seed: int) -> LabeledArrays:
         return load_fashion_mnist(data.root)
     if data.source in ("cifar10", "cifar100"):
         return load_cifar(data.source, data.root, data.download)
+    if data.source == "imagenet_lt":
+        # The OLTR list files; the long tail is in the train list (LONGTAILED_SOURCES skips imb_factor).
+        return load_imagenet_lt(data.root, data.lists_dir, data.image_size)
     if data.source == "shards":
         # Labeled WebDataset shards (shards/README.md); already long-tailed sets use imb_factor = 1.0.
         return load_labeled_shards(data.train_shards, data.test_shards)
