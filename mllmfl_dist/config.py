@@ -43,7 +43,7 @@ class DistConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    source: str = "synthetic"  # fashion_mnist | cifar10 | cifar100 | synthetic | shards
+    source: str = "synthetic"  # fashion_mnist | cifar10 | cifar100 | imagenet_lt | synthetic | shards
     root: str = ""  # empty: the source's default search path
     download: bool = False
     imb_factor: float = 0.01  # n_min / n_max of the long tail; 1.0 keeps the data balanced
@@ -53,11 +53,17 @@ class DataConfig:
     # synthetic source only
     synthetic_mode: str = "array"  # array: one fixed labeled array | on_demand: generated per client
     num_classes: int = 10
-    image_size: int = 16
+    image_size: int = 16  # synthetic: generated side; imagenet_lt: side images are resized to
     channels: int = 3
     samples_per_class: int = 200  # n_max of the array mode (head class before the long tail)
     samples_per_client: int = 64  # on_demand mode
     test_per_class: int = 50
+    # Labeled images per class the server keeps back from the training split before the long tail is cut
+    # (the last ones of each class): a pool disjoint from every client, for align.source = "holdout".
+    server_holdout_per_class: int = 0
+    # imagenet_lt only: folder with ImageNet_LT_train.txt / ImageNet_LT_test.txt ("" = data.root); images
+    # are decoded once, resized to data.image_size and cached as uint8 under <root>/.mllmfl_cache
+    lists_dir: str = ""
     # shards source only: labeled WebDataset shards (glob or brace patterns); see shards/README.md
     train_shards: str = ""
     test_shards: str = ""
@@ -172,7 +178,9 @@ class AlignConfig:
     """Stage 3: global alignment of the aggregated model on a small class-balanced set, on rank 0."""
 
     every: int = 0  # rounds between alignments; 0 turns alignment off
-    source: str = "pool"  # pool: a labeled server-held pool | web: unlabeled shards pseudo-labeled by the teacher
+    # pool: labeled shards held by the server | holdout: data.server_holdout_per_class images per class kept
+    # back from the training split | web: unlabeled shards pseudo-labeled by the teacher
+    source: str = "pool"
     pool_shards: str = ""  # labeled shards of the pool (e.g. shards/fmnist_align/*.tar.gz)
     web_shards: str = ""  # unlabeled shards for source = "web"
     per_class: int = 20  # k images per class
@@ -230,7 +238,7 @@ class Config:
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "dist.backend": ("auto", "gloo", "nccl"),
-    "data.source": ("synthetic", "fashion_mnist", "cifar10", "cifar100", "shards"),
+    "data.source": ("synthetic", "fashion_mnist", "cifar10", "cifar100", "imagenet_lt", "shards"),
     "data.synthetic_mode": ("array", "on_demand"),
     "partition.method": ("dirichlet", "creff", "iid"),
     "model.arch": ("resnet8", "resnet50"),
@@ -243,7 +251,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "pretrain.deepspeed.precision": ("fp32", "bf16", "fp16"),
     "pretrain.deepspeed.optimizer": ("Adam", "AdamW", "SGD"),
     "pretrain.deepspeed.scheduler": ("none", "WarmupLR", "WarmupCosineLR"),
-    "align.source": ("pool", "web"),
+    "align.source": ("pool", "holdout", "web"),
     "align.teacher": ("none", "llava", "clip"),
     "align.train": ("classifier", "all"),
 }
@@ -273,6 +281,7 @@ _RULES: dict[str, Rule] = {
     "data.samples_per_class": _int_at_least(1),
     "data.samples_per_client": _int_at_least(1),
     "data.test_per_class": _int_at_least(1),
+    "data.server_holdout_per_class": _int_at_least(0),
     "partition.alpha": _POSITIVE,
     "model.width_scale": _int_at_least(1),
     "model.in_channels": (lambda v: v >= 0, "an integer >= 0 (0: the data's channel count)"),

@@ -113,3 +113,18 @@ def test_after_alignment_every_rank_holds_the_same_model(tmp_path):
     records = [json.loads(line) for line in (tmp_path / "smoke" / "federated" / "metrics.jsonl").read_text().splitlines()]
     assert all("before_align" in r and "align_loss" in r for r in records)
     assert any(r["before_align"]["acc"] != r["acc"] for r in records)  # alignment changed the model
+
+
+def test_server_holdout_is_disjoint_from_every_client_and_feeds_alignment(tmp_path):
+    from mllmfl_dist.stages.align import build_alignment_set
+
+    cfg = load_config(SMOKE, ["data.server_holdout_per_class=5", "align.every=1", "align.source=holdout",
+                              "align.per_class=5"])
+    data = build_data(cfg)
+    client_indices = np.concatenate([data.client_indices(c) for c in range(data.num_clients)])
+    pool_images, pool_labels = data.server_pool()
+    assert np.bincount(pool_labels.numpy()).tolist() == [5] * data.num_classes
+    assert not np.intersect1d(data._server_pool, client_indices).size
+    aligned = build_alignment_set(cfg, data, cache_dir=tmp_path)
+    assert aligned.labels.tolist() == pool_labels.tolist()
+    assert torch.equal(aligned.images, pool_images)

@@ -70,6 +70,7 @@ class ArrayClientData(ClientData):
         class_names: Sequence[str],
         mean: Sequence[float],
         std: Sequence[float],
+        server_pool: np.ndarray | None = None,
     ) -> None:
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[2] != images.shape[3]:
             raise ValueError(f"images must be uint8 [N, C, H, H], got {images.dtype} {tuple(images.shape)}")
@@ -95,6 +96,14 @@ class ArrayClientData(ClientData):
         used = self._labels[torch.from_numpy(self._flat)]
         self._class_counts = torch.bincount(used, minlength=self.num_classes).tolist()
         self._test = (test_images, test_labels.to(torch.int64))
+        self._server_pool = np.zeros(0, dtype=np.int64) if server_pool is None else np.asarray(server_pool)
+        if np.intersect1d(self._server_pool, self._flat).size:
+            raise ValueError("the server pool overlaps the clients' data")
+
+    def server_pool(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Labeled training images held back from every client (``data.server_holdout_per_class``)."""
+        index = torch.from_numpy(self._server_pool)
+        return self._images[index], self._labels[index]
 
     def client_indices(self, client_id: int) -> np.ndarray:
         """Indices of ``client_id``'s samples in the training array (sorted ascending)."""

@@ -34,6 +34,7 @@ def build_client_data(data: DataConfig, partition: PartitionConfig, num_clients:
         return SyntheticOnDemand(data, partition, num_clients, seed)
     arrays = _load_arrays(data, seed)
     num_classes = len(arrays.class_names)
+    holdout = _holdout_indices(arrays.train_labels, num_classes, data.server_holdout_per_class)
     if data.source in LONGTAILED_SOURCES:
         if data.imb_factor < 1:
             log.info("data.imb_factor = %g is ignored: the %s train list is long-tailed already",
@@ -41,6 +42,13 @@ def build_client_data(data: DataConfig, partition: PartitionConfig, num_clients:
         kept = np.arange(len(arrays.train_labels), dtype=np.int64)
     else:
         kept = longtail_indices(arrays.train_labels, num_classes, data.imb_factor)
+    if len(holdout):
+        # The long tail is cut from what remains, so the pool is disjoint from every client.
+        remaining = np.setdiff1d(np.arange(len(arrays.train_labels)), holdout)
+        if data.source in LONGTAILED_SOURCES:
+            kept = remaining
+        else:
+            kept = remaining[longtail_indices(arrays.train_labels[remaining], num_classes, data.imb_factor)]
     parts = partition_indices(
         arrays.train_labels[kept], num_classes, num_clients, partition.method, partition.alpha, seed
     )
@@ -56,7 +64,22 @@ def build_client_data(data: DataConfig, partition: PartitionConfig, num_clients:
         class_names=arrays.class_names,
         mean=arrays.mean,
         std=arrays.std,
+        server_pool=holdout,
     )
+
+
+def _holdout_indices(labels: np.ndarray, num_classes: int, per_class: int) -> np.ndarray:
+    """The last ``per_class`` training images of each class (sorted), kept back for the server."""
+    if per_class == 0:
+        return np.zeros(0, dtype=np.int64)
+    chosen = []
+    for c in range(num_classes):
+        members = np.flatnonzero(labels == c)
+        if len(members) <= per_class:
+            raise DataError(f"data.server_holdout_per_class = {per_class} leaves class {c} no training "
+                            f"images (it has {len(members)})")
+        chosen.append(members[-per_class:])
+    return np.sort(np.concatenate(chosen)).astype(np.int64)
 
 
 def _load_arrays(data: DataConfig, seed: int) -> LabeledArrays:

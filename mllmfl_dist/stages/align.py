@@ -109,7 +109,17 @@ def build_alignment_set(cfg: Config, data: ClientData, cache_dir) -> AlignmentSe
         array = np.asarray(image, dtype=np.uint8)
         return torch.from_numpy(array[None] if array.ndim == 2 else array.transpose(2, 0, 1).copy())
 
-    if acfg.source == "pool":
+    if acfg.source == "holdout":
+        if not hasattr(data, "server_pool") or not len(data.server_pool()[1]):
+            raise ConfigError("align.source = 'holdout' needs data.server_holdout_per_class > 0 (and an array "
+                              "data source)")
+        images, labels = data.server_pool()
+        keep, short = take_per_class(labels.numpy(), data.num_classes, acfg.per_class)
+        pil = [Image.fromarray(im[0].numpy() if im.shape[0] == 1 else im.permute(1, 2, 0).numpy())
+               for im in images[keep]]
+        labels = labels[keep]
+        teacher = _teacher(cfg, pil, data, cache_dir)
+    elif acfg.source == "pool":
         if not acfg.pool_shards:
             raise ConfigError("align.pool_shards is empty; name the labeled server-held pool (e.g. "
                               "shards/fmnist_align/*.tar.gz) or set align.source = 'web'")
