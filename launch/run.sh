@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# The main job on the embedded offline default: configs/smoke.toml under torchrun with 3 processes
-# (rank 0 the server, ranks 1-2 hosting clients). Extra arguments are passed on, e.g.
-#   launch/run.sh --set federated.rounds=5
+# The main job on the embedded offline default: the whole method (annotate -> pretrain -> federate with
+# alignment -> report) on the shipped shards with tiny random MLLMs, under torchrun with 3 processes
+# (rank 0 the server, ranks 1-2 hosting clients). Outputs land in runs/default/; the report with its
+# plots in runs/default/report/. Extra arguments are passed on, e.g.
+#   launch/run.sh --set federated.rounds=20
 set -euo pipefail
 source "$(dirname "$0")/venv.sh"
-exec torchrun --standalone --nproc_per_node 3 -m mllmfl_dist federate configs/smoke.toml "$@"
+python -m mllmfl_dist tiny-models runs/tiny_models
+exec torchrun --standalone --nproc_per_node 3 -m mllmfl_dist run configs/default.toml "$@"

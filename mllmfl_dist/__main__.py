@@ -23,6 +23,10 @@ DESCRIPTION = """\
 Distributed trainer for MLLM-assisted federated learning on long-tailed, heterogeneous image data.
 
 commands:
+  run CONFIG          the method end to end in one job: annotate -> pretrain -> federate (with
+                      alignment when [align] every > 0) -> report (<run dir>/report/: summary.json and
+                      plots). Stages follow from the config; each skips complete work, so a rerun
+                      picks up where an interrupted run stopped.
   annotate CONFIG     stage 1a: an MLLM ([annotate] model, e.g. llava-hf/llava-1.5-7b-hf or a local
                       directory) captions the images of WebDataset shards ([annotate] shards) into
                       <run dir>/annotate/ with manifest.json. Whole shards per rank; reruns skip
@@ -60,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="override one config value; repeatable")
         return sub
 
+    add("run", "all stages of the method, then the report, in one job")
     add("annotate", "caption WebDataset shards with an MLLM (stage 1a)")
     add("pretrain", "Dynamic Weighted Pretraining of the FL backbone under DeepSpeed (stage 1b)")
     add("federate", "federated finetuning with evaluation, checkpoints and resume")
@@ -118,6 +123,15 @@ def _run_stage(cfg, command: str) -> int:
                 groups = ", ".join(f"{g} {final[f'acc_{g}']:.4f}" for g in ("many", "medium", "few")
                                    if final.get(f"acc_{g}") is not None)
                 print(f"round {final['round']}: acc {final['acc']:.4f} ({groups})")
+        elif command == "run":
+            from mllmfl_dist.pipeline import run_pipeline
+
+            summary = run_pipeline(cfg, runtime)
+            if runtime.is_server:
+                print(f"run: report in {cfg.run_dir / 'report'}")
+                final = summary.get("federated", {})
+                if final:
+                    print(f"final accuracy {final.get('acc', float('nan')):.4f} after round {final.get('round')}")
         elif command == "annotate":
             from mllmfl_dist.stages.annotate import run_annotate
 

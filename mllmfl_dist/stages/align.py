@@ -106,8 +106,8 @@ def build_alignment_set(cfg: Config, data: ClientData, cache_dir) -> AlignmentSe
 
     def to_fl(image: Image.Image) -> torch.Tensor:
         image = image.convert("L" if channels == 1 else "RGB").resize((size, size))
-        array = np.asarray(image, dtype=np.uint8)
-        return torch.from_numpy(array[None] if array.ndim == 2 else array.transpose(2, 0, 1).copy())
+        array = np.array(image, dtype=np.uint8)  # a writable copy
+        return torch.from_numpy(array[None] if array.ndim == 2 else np.ascontiguousarray(array.transpose(2, 0, 1)))
 
     if acfg.source == "holdout":
         if not hasattr(data, "server_pool") or not len(data.server_pool()[1]):

@@ -1,0 +1,42 @@
+"""``run``: every stage in one job on the tiny models; a rerun redoes nothing that is finished."""
+
+import json
+from pathlib import Path
+
+from mllmfl_dist.__main__ import main
+from mllmfl_dist.pipeline import planned_stages
+from mllmfl_dist.config import load_config
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT = REPO / "configs" / "default.toml"
+
+
+def test_planned_stages_follow_from_the_config():
+    assert planned_stages(load_config(DEFAULT)) == ["annotate", "pretrain", "federate", "report"]
+    assert planned_stages(load_config(DEFAULT, ["pretrain.shards=x/*.tar"])) == ["pretrain", "federate", "report"]
+    assert planned_stages(load_config(DEFAULT, ["model.pretrained_backbone="])) == ["federate", "report"]
+
+
+def test_run_finishes_on_the_tiny_models_and_a_rerun_redoes_nothing(tmp_path, tiny_models, capsys):
+    sets = [f"run.root={tmp_path}", f"annotate.model={tiny_models['llava']}",
+            "annotate.shards=shards/pool/pool-000000.tar.gz", "annotate.max_new_tokens=8",
+            "pretrain.steps=6", "pretrain.heldout=8", "pretrain.checkpoint_every=3", "federated.rounds=2",
+            "eval.every=1", f"align.teacher_model={tiny_models['llava']}", "align.steps=3", "log.progress=false"]
+    argv = ["run", str(DEFAULT), *[a for s in sets for a in ("--set", s)]]
+    assert main(argv) == 0
+    run_dir = tmp_path / "default"
+    summary = json.loads((run_dir / "report" / "summary.json").read_text())
+    assert summary["annotate"]["captions_out"] == 128
+    assert summary["pretrain"]["heldout_loss_alpha1"] > 0
+    assert summary["federated"]["round"] == 2 and "before_align" in summary["federated"]
+    for plot in ("accuracy.png", "per_class.png", "groups.png"):
+        assert (run_dir / "report" / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert list((run_dir / "align").glob("teacher-llava-*.pt")), "teacher distributions cached"
+
+    watched = [run_dir / "annotate" / "pool-000000.tar.gz", run_dir / "pretrain" / "backbone.pt",
+               run_dir / "federated" / "checkpoint.pt"]
+    stamps = [p.stat().st_mtime_ns for p in watched]
+    rounds = (run_dir / "federated" / "rounds.jsonl").read_text()
+    assert main(argv) == 0
+    assert [p.stat().st_mtime_ns for p in watched] == stamps
+    assert (run_dir / "federated" / "rounds.jsonl").read_text() == rounds
