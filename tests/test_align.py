@@ -128,3 +128,20 @@ def test_server_holdout_is_disjoint_from_every_client_and_feeds_alignment(tmp_pa
     aligned = build_alignment_set(cfg, data, cache_dir=tmp_path)
     assert aligned.labels.tolist() == pool_labels.tolist()
     assert torch.equal(aligned.images, pool_images)
+
+
+def test_web_images_pseudo_labeled_by_the_teacher(tmp_path, tiny_models):
+    from mllmfl_dist.stages.align import build_alignment_set
+
+    cfg = load_config(SMOKE, ["align.every=1", "align.source=web", "align.teacher=clip", "align.per_class=3",
+                              f"align.teacher_model=local-dir:{tiny_models['clip']}", "align.teacher_temperature=0.05",
+                              "align.web_shards=shards/pool/pool-000000.tar.gz"])
+    data = build_data(cfg)
+    aligned = build_alignment_set(cfg, data, cache_dir=tmp_path)
+    assert aligned.teacher is not None and aligned.teacher.shape == (len(aligned.labels), data.num_classes)
+    torch.testing.assert_close(aligned.teacher.sum(dim=1), torch.ones(len(aligned.labels)))
+    assert torch.equal(aligned.teacher.argmax(dim=1), aligned.labels)  # pseudo-labels are the teacher's
+    counts = torch.bincount(aligned.labels, minlength=data.num_classes)
+    assert counts.max() <= 3
+    assert aligned.short_classes == [c for c in range(data.num_classes) if counts[c] < 3]
+    assert aligned.images.shape[1:] == (data.in_channels, data.image_size, data.image_size)
