@@ -25,6 +25,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from mllmfl_dist.checkpoint import write_text_atomic
+
 log = logging.getLogger(__name__)
 
 ACC_KEYS = ("acc", "acc_many", "acc_medium", "acc_few")
@@ -82,23 +84,6 @@ def _public(tmp: str) -> None:
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o666 & ~umask)
-
-
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        _public(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _savefig_atomic(fig, path: Path) -> None:
@@ -275,5 +260,5 @@ def write_report(run_dir: Path) -> dict:
         log.warning("report: no federated metrics under %s; summary without plots", run_dir)
         summary["plots"] = []
 
-    _write_json_atomic(out_dir / "summary.json", summary)
+    write_text_atomic(out_dir / "summary.json", json.dumps(summary, indent=2))
     return summary
