@@ -95,7 +95,7 @@ def align_model(model: nn.Module, data: AlignmentSet, acfg: AlignConfig, mean, s
     return {"align_loss": sum(losses) / len(losses)}
 
 
-def build_alignment_set(cfg: Config, data: ClientData, cache_dir) -> AlignmentSet:
+def build_alignment_set(cfg: Config, data: ClientData, cache_dir, device: torch.device | str = "cpu") -> AlignmentSet:
     """k images per class from the labeled pool, or from web shards pseudo-labeled by the teacher."""
     from PIL import Image
 
@@ -118,7 +118,7 @@ def build_alignment_set(cfg: Config, data: ClientData, cache_dir) -> AlignmentSe
         pil = [Image.fromarray(im[0].numpy() if im.shape[0] == 1 else im.permute(1, 2, 0).numpy())
                for im in images[keep]]
         labels = labels[keep]
-        teacher = _teacher(cfg, pil, data, cache_dir)
+        teacher = _teacher(cfg, pil, data, cache_dir, device)
     elif acfg.source == "pool":
         if not acfg.pool_shards:
             raise ConfigError("align.pool_shards is empty; name the labeled server-held pool (e.g. "
@@ -131,7 +131,7 @@ def build_alignment_set(cfg: Config, data: ClientData, cache_dir) -> AlignmentSe
         keep, short = take_per_class(labels.numpy(), data.num_classes, acfg.per_class)
         pil = [pil[i] for i in keep]
         labels = labels[keep]
-        teacher = _teacher(cfg, pil, data, cache_dir)
+        teacher = _teacher(cfg, pil, data, cache_dir, device)
     else:
         if acfg.teacher == "none":
             raise ConfigError("align.source = 'web' needs a teacher to pseudo-label the images; set align.teacher")
@@ -139,7 +139,7 @@ def build_alignment_set(cfg: Config, data: ClientData, cache_dir) -> AlignmentSe
             raise ConfigError("align.web_shards is empty; name the unlabeled shards to pseudo-label")
         pil = [decode_image(s["image_bytes"]) for shard in expand_shards(acfg.web_shards)
                for s in iter_samples(shard) if s.get("image_bytes") is not None]
-        q_all = _teacher(cfg, pil, data, cache_dir)
+        q_all = _teacher(cfg, pil, data, cache_dir, device)
         pseudo = q_all.argmax(dim=1).numpy()
         keep, short = take_per_class(pseudo, data.num_classes, acfg.per_class, score=q_all.max(dim=1).values.numpy())
         pil = [pil[i] for i in keep]
@@ -151,7 +151,7 @@ def build_alignment_set(cfg: Config, data: ClientData, cache_dir) -> AlignmentSe
     return AlignmentSet(images, labels.long(), teacher, short)
 
 
-def _teacher(cfg: Config, pil: list[Any], data: ClientData, cache_dir) -> torch.Tensor | None:
+def _teacher(cfg: Config, pil: list[Any], data: ClientData, cache_dir, device) -> torch.Tensor | None:
     acfg = cfg.align
     if acfg.teacher == "none":
         return None
@@ -160,5 +160,4 @@ def _teacher(cfg: Config, pil: list[Any], data: ClientData, cache_dir) -> torch.
     return teacher_distributions(
         acfg.teacher, [im.convert("RGB") for im in pil], data.class_names, model=acfg.teacher_model,
         clip_pretrained=acfg.clip_pretrained, prompt=acfg.prompt,
-        templates=tuple(t.strip() for t in acfg.templates.split("|") if t.strip()),
-        temperature=acfg.teacher_temperature, cache_dir=cache_dir)
+        templates=acfg.templates, temperature=acfg.teacher_temperature, cache_dir=cache_dir, device=device)

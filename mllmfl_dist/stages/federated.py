@@ -21,6 +21,7 @@ from mllmfl_dist.fl.strategies import build_strategy
 from mllmfl_dist.fl.trainer import FederatedTrainer
 from mllmfl_dist.metrics import MetricsLog
 from mllmfl_dist.models import FLModel, build_model
+from mllmfl_dist.models.mllm import ModelLoadError
 
 log = logging.getLogger(__name__)
 
@@ -41,12 +42,17 @@ def build_data(cfg: Config, runtime: dist.Runtime | None = None) -> ClientData:
 
     if runtime is None or not (runtime.distributed and cfg.data.download):
         return build()
+    data, failure = None, None
     if runtime.is_server:
-        data = build()
-        dist.stage_barrier(runtime)
-        return data
-    dist.stage_barrier(runtime)
-    return build()
+        try:
+            data = build()
+        except (ConfigError, DataError) as err:
+            failure = str(err)
+    # Rank 0's outcome reaches every rank, so a failed download ends them all with its message.
+    failure = dist.broadcast_object(runtime, failure)
+    if failure:
+        raise DataError(failure)
+    return data if data is not None else build()
 
 
 def build_fl_model(cfg: Config, data: ClientData) -> FLModel:
@@ -81,16 +87,18 @@ def run_federated(cfg: Config, runtime: dist.Runtime) -> dict[str, Any]:
     if runtime.is_server:
         try:
             resume_state = _load_resume_state(cfg, out)
+            done = resume_state["round"] if resume_state is not None else 0
+            # Before the RNG state is restored: loading a teacher may draw from the global generator.
+            if cfg.align.every and done < cfg.federated.rounds:
+                alignment = _Alignment(cfg, data, runtime.device)
+                trainer.server_hook = alignment
             if resume_state is not None:
                 trainer.load_state_dict(resume_state)
                 checkpoint.set_rng_state(resume_state["rng"])
             elif cfg.model.pretrained_backbone:
                 _load_pretrained_backbone(cfg, trainer.model)
-            if cfg.align.every:
-                alignment = _Alignment(cfg, data, runtime.device)
-                trainer.server_hook = alignment
-        except (ConfigError, DataError) as err:
-            refusal = str(err)
+        except (ConfigError, DataError, ModelLoadError, ValueError, OSError) as err:
+            refusal = f"{err}" if isinstance(err, (ConfigError, DataError)) else f"{type(err).__name__}: {err}"
     start_round, refusal = dist.broadcast_object(runtime, (trainer.rounds_done, refusal))
     if refusal:
         raise ConfigError(refusal)
@@ -122,14 +130,14 @@ def run_federated(cfg: Config, runtime: dist.Runtime) -> dict[str, Any]:
         if not runtime.is_server:
             continue
         last_round = round_index == fed.rounds
+        aligned = alignment.pop_round(round_index) if alignment is not None else {}
         rounds_log.append({"round": round_index, "seconds": stats.seconds, "end_time": time.time(),
-                           "bytes_all_reduced": stats.bytes_all_reduced, "bytes_broadcast": stats.bytes_broadcast})
+                           "bytes_all_reduced": stats.bytes_all_reduced, "bytes_broadcast": stats.bytes_broadcast,
+                           **({"align_loss": aligned["align_loss"]} if "align_loss" in aligned else {})})
         if round_index % cfg.eval.every == 0 or last_round:
             report = evaluate_global(cfg, data, trainer.model, runtime.device)
             last_eval = {"round": round_index, **report, "round_seconds": stats.seconds,
-                         "bytes_all_reduced": stats.bytes_all_reduced}
-            if alignment is not None:
-                last_eval.update(alignment.pop_round(round_index))
+                         "bytes_all_reduced": stats.bytes_all_reduced, **aligned}
             metrics.append(last_eval)
             bar.set_postfix(acc=f"{report['acc']:.4f}")
         if round_index % cfg.checkpoint.every == 0 or last_round:
@@ -178,7 +186,7 @@ class _Alignment:
         from mllmfl_dist.stages.align import build_alignment_set
 
         self.cfg, self.data, self.device = cfg, data, device
-        self.set = build_alignment_set(cfg, data, cache_dir=cfg.run_dir / "align")
+        self.set = build_alignment_set(cfg, data, cache_dir=cfg.run_dir / "align", device=device)
         self._records: dict[int, dict[str, Any]] = {}
         log.info("alignment set: %d images (%s teacher)", len(self.set.labels), cfg.align.teacher)
 
