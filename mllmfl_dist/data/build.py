@@ -35,20 +35,15 @@ def build_client_data(data: DataConfig, partition: PartitionConfig, num_clients:
     arrays = _load_arrays(data, seed)
     num_classes = len(arrays.class_names)
     holdout = _holdout_indices(arrays.train_labels, num_classes, data.server_holdout_per_class)
+    # The long tail is cut from what the server did not hold back, so its pool is disjoint from every client.
+    remaining = np.setdiff1d(np.arange(len(arrays.train_labels), dtype=np.int64), holdout)
     if data.source in LONGTAILED_SOURCES:
         if data.imb_factor < 1:
             log.info("data.imb_factor = %g is ignored: the %s train list is long-tailed already",
                      data.imb_factor, data.source)
-        kept = np.arange(len(arrays.train_labels), dtype=np.int64)
+        kept = remaining
     else:
-        kept = longtail_indices(arrays.train_labels, num_classes, data.imb_factor)
-    if len(holdout):
-        # The long tail is cut from what remains, so the pool is disjoint from every client.
-        remaining = np.setdiff1d(np.arange(len(arrays.train_labels)), holdout)
-        if data.source in LONGTAILED_SOURCES:
-            kept = remaining
-        else:
-            kept = remaining[longtail_indices(arrays.train_labels[remaining], num_classes, data.imb_factor)]
+        kept = remaining[longtail_indices(arrays.train_labels[remaining], num_classes, data.imb_factor)]
     parts = partition_indices(
         arrays.train_labels[kept], num_classes, num_clients, partition.method, partition.alpha, seed
     )
