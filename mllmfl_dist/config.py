@@ -88,7 +88,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class FederatedConfig:
-    strategy: str = "fedavg"  # fedavg | fedavgm | fedprox
+    strategy: str = "fedavg"  # fedavg | fedavgm | fedprox | creff | clip2fl
     rounds: int = 10
     num_clients: int = 20
     clients_per_round: int = 5
@@ -100,6 +100,35 @@ class FederatedConfig:
     server_lr: float = 1.0
     server_momentum: float = 0.9  # fedavgm
     prox_mu: float = 0.01  # fedprox
+
+
+@dataclass(frozen=True)
+class CreffConfig:
+    """Classifier re-training with federated features (strategies creff and clip2fl)."""
+
+    batch_size: int = 32  # real samples per class-gradient batch on a client (CReFF's batch_real)
+    batches_per_class: int = 1  # batches per class a client averages its class gradient over
+    features_per_class: int = 100
+    match_epochs: int = 100  # server steps of gradient matching per round
+    lr_feature: float = 0.1
+    crt_epochs: int = 300  # epochs of the fresh classifier over the federated features
+    lr_crt: float = 0.01
+    crt_batch_size: int = 32
+
+
+@dataclass(frozen=True)
+class Clip2flConfig:
+    """CLIP2FL: distillation from a frozen open_clip model on the clients, CLIP text embeddings on the server."""
+
+    model: str = ""  # open_clip architecture (with pretrained), hf-hub:org/repo or local-dir:DIR
+    pretrained: str = ""  # open_clip pretrained tag for a named architecture (e.g. openai)
+    templates: str = "a photo of a {}."  # '|'-separated prompt templates
+    logit_scale: float = 100.0
+    temperature: float = 3.0  # T of the clients' distillation
+    alpha: float = 1.0  # weight of alpha * T^2 * KL(teacher || student)
+    contrast_alpha: float = 1.0  # weight of the server's contrast to the text embeddings
+    contrast_temperature: float = 0.1
+    teacher_batch_size: int = 64  # images per teacher forward when the logits are first computed
 
 
 @dataclass(frozen=True)
@@ -206,6 +235,8 @@ class Config:
     partition: PartitionConfig = field(default_factory=PartitionConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     federated: FederatedConfig = field(default_factory=FederatedConfig)
+    creff: CreffConfig = field(default_factory=CreffConfig)
+    clip2fl: Clip2flConfig = field(default_factory=Clip2flConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
@@ -242,7 +273,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.synthetic_mode": ("array", "on_demand"),
     "partition.method": ("dirichlet", "creff", "iid"),
     "model.arch": ("resnet8", "resnet50"),
-    "federated.strategy": ("fedavg", "fedavgm", "fedprox"),
+    "federated.strategy": ("fedavg", "fedavgm", "fedprox", "creff", "clip2fl"),
     "annotate.ranks": ("rank0", "all"),
     "annotate.dtype": ("float32", "bfloat16", "float16", "auto"),
     "annotate.device_map": ("", "auto"),
@@ -296,6 +327,20 @@ _RULES: dict[str, Rule] = {
     "federated.server_lr": _POSITIVE,
     "federated.server_momentum": _FRACTION,
     "federated.prox_mu": (lambda v: v >= 0, "a number >= 0"),
+    "creff.batch_size": _int_at_least(1),
+    "creff.batches_per_class": _int_at_least(1),
+    "creff.features_per_class": _int_at_least(1),
+    "creff.match_epochs": _int_at_least(0),
+    "creff.lr_feature": _POSITIVE,
+    "creff.crt_epochs": _int_at_least(1),
+    "creff.lr_crt": _POSITIVE,
+    "creff.crt_batch_size": _int_at_least(1),
+    "clip2fl.logit_scale": _POSITIVE,
+    "clip2fl.temperature": _POSITIVE,
+    "clip2fl.alpha": (lambda v: v >= 0, "a number >= 0"),
+    "clip2fl.contrast_alpha": (lambda v: v >= 0, "a number >= 0"),
+    "clip2fl.contrast_temperature": _POSITIVE,
+    "clip2fl.teacher_batch_size": _int_at_least(1),
     "annotate.batch_size": _int_at_least(1),
     "annotate.max_new_tokens": _int_at_least(1),
     "annotate.temperature": _POSITIVE,
@@ -450,6 +495,13 @@ def validate(config: Config) -> None:
             f"federated.clients_per_round = {fed.clients_per_round} is not allowed; it must be <= "
             f"federated.num_clients ({fed.num_clients})"
         )
+    if fed.strategy == "clip2fl":
+        if not config.clip2fl.model.strip():
+            raise ConfigError("federated.strategy = 'clip2fl' needs clip2fl.model (an open_clip architecture with "
+                              "clip2fl.pretrained, hf-hub:org/repo, or local-dir:DIR)")
+        if config.data.synthetic_mode != "array":
+            raise ConfigError("federated.strategy = 'clip2fl' caches teacher logits per training sample; it needs "
+                              "data.synthetic_mode = 'array'")
     if config.data.source != "synthetic" and config.data.synthetic_mode != "array":
         raise ConfigError("data.synthetic_mode = 'on_demand' is only allowed with data.source = 'synthetic'")
 
@@ -457,6 +509,7 @@ def validate(config: Config) -> None:
 # Keys that may change when a run is resumed: they do not change what a completed round computed.
 RESUMABLE_CHANGES = ("run.root", "federated.rounds", "data.root", "data.download", "dist.backend",
                      "dist.timeout_minutes", "dist.control_timeout_minutes", "eval.", "checkpoint.", "log.",
+                     "clip2fl.teacher_batch_size",
                      # the federated checkpoint already holds what stage 1 produced
                      "annotate.", "pretrain.")
 

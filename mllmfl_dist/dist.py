@@ -179,6 +179,21 @@ def gather_objects(runtime: Runtime, obj: Any) -> list[Any]:
     return gathered
 
 
+def broadcast_control_(runtime: Runtime, tensor: torch.Tensor) -> torch.Tensor:
+    """Rank 0's CPU ``tensor`` on every rank, in place, over the long-timeout control group (one-off data
+    such as cached teacher outputs, outside the round loop)."""
+    if runtime.distributed:
+        torch_dist.broadcast(tensor, src=SERVER_RANK, group=runtime.control_group)
+    return tensor
+
+
+def all_reduce_control_(runtime: Runtime, tensor: torch.Tensor) -> torch.Tensor:
+    """Sum a CPU ``tensor`` over ranks, in place, over the control group (one-off work split over ranks)."""
+    if runtime.distributed:
+        torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.SUM, group=runtime.control_group)
+    return tensor
+
+
 def max_over_ranks(runtime: Runtime, value: float) -> float:
     """The largest ``value`` any rank holds (for resource reports), over the control group."""
     if not runtime.distributed:

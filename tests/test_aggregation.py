@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from mllmfl_dist.config import FederatedConfig
+from mllmfl_dist.config import Config, FederatedConfig
 from mllmfl_dist.fl.aggregation import FlatLayout, accumulate_, mean_from_sum, new_accumulator, weighted_mean
 from mllmfl_dist.fl.sampling import assign_clients, derive_seed, sample_clients
 from mllmfl_dist.fl.strategies import FedAvg, FedAvgM, FedProx, build_strategy
@@ -90,7 +90,7 @@ def test_fedavg_server_step_is_the_mean():
 
 def test_fedavgm_matches_numpy_momentum():
     cfg = FederatedConfig(strategy="fedavgm", server_lr=0.5, server_momentum=0.9)
-    strategy = build_strategy(cfg)
+    strategy = build_strategy(Config(federated=cfg))
     assert isinstance(strategy, FedAvgM)
     w, mask = _server_inputs()
     w_np = w.numpy().copy()
@@ -110,13 +110,13 @@ def test_server_optimizer_state_survives_a_round_trip():
     cfg = FederatedConfig(strategy="fedavgm", server_momentum=0.9)
     w, mask = _server_inputs()
     means = [torch.full((4,), float(v), dtype=torch.float64) for v in (0.3, -1.0, 2.0)]
-    straight = build_strategy(cfg)
+    straight = build_strategy(Config(federated=cfg))
     w_straight = straight.server_step(w, means[0], mask)
-    resumed = build_strategy(cfg)
+    resumed = build_strategy(Config(federated=cfg))
     resumed.load_state_dict(straight.state_dict())
     for mean in means[1:]:
         w_straight = straight.server_step(w_straight, mean, mask)
-    w_resumed = build_strategy(cfg).server_step(w, means[0], mask)
+    w_resumed = build_strategy(Config(federated=cfg)).server_step(w, means[0], mask)
     for mean in means[1:]:
         w_resumed = resumed.server_step(w_resumed, mean, mask)
     torch.testing.assert_close(w_resumed, w_straight, rtol=0, atol=1e-15)

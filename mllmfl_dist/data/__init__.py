@@ -1,7 +1,7 @@
 """Client data: sources, long tail, partitioners, WebDataset shards, batched augmentation (DESIGN.md "Data")."""
 
 from .augment import augment_batch, normalize
-from .base import ClientData, DataError
+from .base import ArrayClientData, ClientData, DataError
 from .build import build_client_data
 from .longtail import longtail_counts, longtail_indices
 from .partition import partition_indices
@@ -18,6 +18,7 @@ from .shards import (
 __all__ = [
     "build_client_data",
     "ClientData",
+    "ArrayClientData",
     "DataError",
     "augment_batch",
     "normalize",

@@ -110,13 +110,17 @@ class ArrayClientData(ClientData):
         client_id = self._check_client_id(client_id)
         return self._flat[self._offsets[client_id] : self._offsets[client_id + 1]]
 
+    def samples(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images and labels at training-array ``indices`` (as returned by ``client_indices``)."""
+        idx = torch.from_numpy(np.asarray(indices, dtype=np.int64))
+        return self._images[idx], self._labels[idx]
+
     def client_size(self, client_id: int) -> int:
         client_id = self._check_client_id(client_id)
         return int(self._offsets[client_id + 1] - self._offsets[client_id])
 
     def client(self, client_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = torch.from_numpy(self.client_indices(client_id))
-        return self._images[idx], self._labels[idx]
+        return self.samples(self.client_indices(client_id))
 
     def train_class_counts(self) -> list[int]:
         return list(self._class_counts)

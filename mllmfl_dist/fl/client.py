@@ -37,8 +37,10 @@ class LocalTraining:
 
 def train_client(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, spec: LocalTraining,
                  generator: torch.Generator, strategy: Strategy,
-                 global_params: Sequence[torch.Tensor] = (), device: torch.device | str = "cpu") -> None:
-    """Train ``model`` in place on one client's uint8 images.
+                 global_params: Sequence[torch.Tensor] = (), device: torch.device | str = "cpu",
+                 side: torch.Tensor | None = None) -> None:
+    """Train ``model`` in place on one client's uint8 images (``side``: optional per-sample rows, such as
+    teacher logits, that the strategy's loss reads batch by batch).
 
     Data order and augmentation draw only from ``generator`` (seeded by seed, round and client id), so
     the result does not depend on which rank runs the client. A batch of a single sample is skipped
@@ -50,6 +52,7 @@ def train_client(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, s
                                 weight_decay=spec.weight_decay)
     images = images.to(device)
     labels = labels.to(device)
+    side = side.to(device) if side is not None else None
     n = labels.shape[0]
     for _ in range(spec.epochs):
         order = torch.randperm(n, generator=generator)
@@ -59,7 +62,8 @@ def train_client(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, s
                 continue
             x = augment_batch(images[batch], generator, spec.crop_padding, spec.hflip, spec.random_crop)
             x = normalize(x, spec.mean, spec.std)
-            loss = strategy.client_loss(model, model(x), labels[batch], global_params)
+            loss = strategy.client_loss(model, model(x), labels[batch], global_params,
+                                        side[batch] if side is not None else None)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -2,8 +2,10 @@
 
 Each round: sample K of N clients from (seed, round); assign them to client hosts (LPT by size); every
 host trains its clients one after another from the same global model and accumulates ``n_k * state_k``
-into one float64 buffer with the total weight appended; one all_reduce; the server steps the strategy;
-one broadcast of the new global model as a flat buffer (after rank 0's ``server_hook``, e.g. alignment).
+into one float64 buffer with the total weight appended, followed by the strategy's payload (CReFF's
+per-class classifier gradients); one all_reduce; the server steps the strategy and hands it the summed
+payload; one broadcast of the new global model as a flat buffer (after rank 0's ``server_hook``, e.g.
+alignment).
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from mllmfl_dist.data import ClientData
 from mllmfl_dist.fl.aggregation import FlatLayout, accumulate_, mean_from_sum, new_accumulator
 from mllmfl_dist.fl.client import LocalTraining, train_client
 from mllmfl_dist.fl.sampling import TAG_CLIENT_TRAINING, assign_clients, derive_seed, sample_clients
+
+TAG_CLIENT_PAYLOAD = 23  # derive_seed stream of a client's payload (CReFF's class batches), per round
 from mllmfl_dist.fl.strategies import Strategy
 from mllmfl_dist.models import FLModel
 
@@ -33,6 +37,7 @@ class RoundStats:
     local_clients: tuple[int, ...]  # those this rank trained
     bytes_all_reduced: int
     bytes_broadcast: int
+    server: dict[str, float]  # the strategy's numbers of the round (rank 0), e.g. CReFF's match_loss
 
 
 class FederatedTrainer:
@@ -46,6 +51,7 @@ class FederatedTrainer:
         self.layout = FlatLayout.of_module(self.model)
         self.trainable_mask = self.layout.trainable_mask.to(runtime.device)
         self.local = LocalTraining.from_config(cfg, data.mean, data.std)
+        self.payload_numel = strategy.payload_numel(self.model)
         # Rank 0 only, after the server step and before the broadcast (global alignment plugs in here).
         self.server_hook = server_hook
         self.rounds_done = 0
@@ -77,29 +83,40 @@ class FederatedTrainer:
         mine = plan.get(self.runtime.rank, [])
 
         start = self.global_flat(torch.float64)
-        acc = new_accumulator(self.layout.numel, self.runtime.device)
+        # One buffer for the one all_reduce: the model's weighted sum and total weight, then the payload.
+        acc = new_accumulator(self.layout.numel + self.payload_numel, self.runtime.device)
+        model_acc, payload = acc[: self.layout.numel + 1], acc[self.layout.numel + 1 :]
         global_params: list[torch.Tensor] = []
         if mine and self.strategy.needs_global_params:
             global_params = [p.detach().clone() for p in self.model.parameters() if p.requires_grad]
         for cid in mine:
             self.set_global_flat(start)
             images, labels = self.data.client(cid)
+            if self.payload_numel:
+                payload_generator = torch.Generator().manual_seed(
+                    derive_seed(seed, TAG_CLIENT_PAYLOAD, round_index, cid))
+                payload += self.strategy.client_payload(self.model, images, labels, self.data.mean, self.data.std,
+                                                        payload_generator, self.runtime.device).to(payload.device)
             generator = torch.Generator().manual_seed(derive_seed(seed, TAG_CLIENT_TRAINING, round_index, cid))
             train_client(self.model, images, labels, self.local, generator, self.strategy,
-                         global_params, self.runtime.device)
-            accumulate_(acc, self.global_flat(torch.float64), labels.shape[0])
+                         global_params, self.runtime.device, self.strategy.client_side_info(self.data, cid))
+            accumulate_(model_acc, self.global_flat(torch.float64), labels.shape[0])
 
         dist.all_reduce_sum_(self.runtime, acc)
+        server_record: dict[str, float] = {}
         if self.runtime.is_server:
-            new = self.strategy.server_step(start, mean_from_sum(acc), self.trainable_mask)
+            new = self.strategy.server_step(start, mean_from_sum(model_acc), self.trainable_mask)
             self.set_global_flat(new)
+            if self.payload_numel:
+                server_record = self.strategy.server_update(self.model, self.layout.unflatten(start), payload,
+                                                            round_index)
             if self.server_hook is not None:
                 self.server_hook(self.model, round_index)
         bytes_broadcast = self.broadcast_global()
         self.rounds_done = round_index
         self._last_round_end = time.perf_counter()
         return RoundStats(round_index, self._last_round_end - started, tuple(clients), tuple(mine),
-                          acc.numel() * acc.element_size(), bytes_broadcast)
+                          acc.numel() * acc.element_size(), bytes_broadcast, server_record)
 
     # -- checkpoints -----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from mllmfl_dist.models.mllm import ModelLoadError, _first_line
 
-__all__ = ["ModelLoadError", "load_clip", "zero_shot_classifier", "zero_shot_logits", "DEFAULT_TEMPLATES"]
+__all__ = ["ModelLoadError", "load_clip", "clip_embed_dim", "zero_shot_classifier", "zero_shot_logits", "DEFAULT_TEMPLATES"]
 
 DEFAULT_TEMPLATES: tuple[str, ...] = ("a photo of a {}.",)
 LOCAL_DIR = "local-dir:"
@@ -58,6 +58,32 @@ def load_clip(model: str, pretrained: str = "", *, device: torch.device | str = 
         raise ModelLoadError(f"{label} could not be loaded ({_first_line(exc)}); {_HINT}") from exc
     clip.eval()
     return clip, preprocess, tokenizer
+
+
+def clip_embed_dim(model: str, pretrained: str = "") -> int:
+    """The width of an open_clip model's joint embedding, read from its config where that needs no weights
+    (`local-dir:DIR`, a built-in architecture); an `hf-hub:` model is loaded (from the cache) to find out."""
+    import json
+
+    import open_clip
+
+    model = str(model)
+    if model.startswith(LOCAL_DIR):
+        path = Path(model[len(LOCAL_DIR) :]).expanduser() / "open_clip_config.json"
+        if not path.is_file():
+            raise ModelLoadError(f"CLIP model {model!r}: {path} not found; {_HINT}")
+        try:
+            return int(json.loads(path.read_text())["model_cfg"]["embed_dim"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ModelLoadError(f"CLIP model {model!r}: {path} has no model_cfg.embed_dim ({exc})") from None
+    if ":" not in model:
+        config = open_clip.get_model_config(model.replace("/", "-"))
+        if config is None:
+            raise ModelLoadError(f"CLIP model {model!r}: not an open_clip architecture (see "
+                                 f"open_clip.list_models()); {_HINT}")
+        return int(config["embed_dim"])
+    clip, _, _ = load_clip(model, pretrained)
+    return int(clip.text_projection.shape[1])
 
 
 @torch.no_grad()

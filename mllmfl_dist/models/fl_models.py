@@ -7,16 +7,24 @@ import torchvision
 from torch import nn
 
 
+_HEAD_PREFIXES = ("classifier.", "projection.")
+
+
 class FLModel(nn.Module):
     """Backbone + linear classifier, with the three views the stages need.
 
     ``feature_map(x)`` is the last convolutional map [B, C, h, w]; ``pool(map)`` the pooled feature
-    [B, feature_dim]; ``classifier`` the linear head. ``forward`` composes the three.
+    [B, feature_dim] (through ``projection`` when the model has one, as CLIP2FL's does); ``classifier``
+    the linear head. ``forward`` composes the three.
     """
 
     feature_dim: int
     classifier: nn.Linear
     input_memory_format: torch.memory_format = torch.contiguous_format
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.projection: nn.Module | None = None
 
     def use_channels_last(self) -> FLModel:
         """NHWC weights and activations: oneDNN (CPU) and cuDNN convolutions run markedly faster."""
@@ -31,7 +39,16 @@ class FLModel(nn.Module):
         raise NotImplementedError
 
     def pool(self, feature_map: torch.Tensor) -> torch.Tensor:
-        return torch.flatten(nn.functional.adaptive_avg_pool2d(feature_map, 1), 1)
+        pooled = torch.flatten(nn.functional.adaptive_avg_pool2d(feature_map, 1), 1)
+        return pooled if self.projection is None else self.projection(pooled)
+
+    def add_projection(self, dim: int) -> FLModel:
+        """A linear map from the pooled feature to ``dim`` (e.g. the CLIP embedding width) before a new
+        classifier: the model's feature is then ``dim`` wide."""
+        self.projection = nn.Linear(self.feature_dim, dim)
+        self.feature_dim = dim
+        self.classifier = nn.Linear(dim, self.classifier.out_features)
+        return self
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.pool(self.feature_map(x))
@@ -43,14 +60,14 @@ class FLModel(nn.Module):
         self.classifier = nn.Linear(self.feature_dim, num_classes)
 
     def backbone_state_dict(self) -> dict[str, torch.Tensor]:
-        """Everything but the classifier: what pretraining hands to federated finetuning."""
-        return {k: v for k, v in self.state_dict().items() if not k.startswith("classifier.")}
+        """Everything but the head (classifier and projection): what pretraining hands to federated finetuning."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith(_HEAD_PREFIXES)}
 
     def load_backbone_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Load a backbone (classifier entries in ``state`` are ignored: the task's head stays new)."""
-        backbone = {k: v for k, v in state.items() if not k.startswith("classifier.")}
+        """Load a backbone (head entries in ``state`` are ignored: the task's head stays new)."""
+        backbone = {k: v for k, v in state.items() if not k.startswith(_HEAD_PREFIXES)}
         missing, unexpected = self.load_state_dict(backbone, strict=False)
-        missing = [k for k in missing if not k.startswith("classifier.")]
+        missing = [k for k in missing if not k.startswith(_HEAD_PREFIXES)]
         if missing or unexpected:
             raise ValueError(f"backbone does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
 

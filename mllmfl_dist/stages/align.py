@@ -21,6 +21,7 @@ from torch import nn
 
 from mllmfl_dist.config import AlignConfig, Config, ConfigError
 from mllmfl_dist.data import ClientData, normalize
+from mllmfl_dist.fl.losses import distillation_loss
 from mllmfl_dist.fl.sampling import derive_seed
 
 log = logging.getLogger(__name__)
@@ -39,11 +40,7 @@ class AlignmentSet:
 def alignment_loss(logits: torch.Tensor, labels: torch.Tensor, teacher: torch.Tensor | None, beta: float,
                    temperature: float) -> torch.Tensor:
     """``CE(y, p) + beta * T^2 * KL(q || softmax(logits / T))`` (just CE without a teacher)."""
-    loss = nn.functional.cross_entropy(logits, labels)
-    if teacher is not None and beta > 0:
-        log_p = nn.functional.log_softmax(logits / temperature, dim=1)
-        loss = loss + beta * temperature**2 * nn.functional.kl_div(log_p, teacher, reduction="batchmean")
-    return loss
+    return distillation_loss(logits, labels, teacher, beta, temperature)
 
 
 def take_per_class(labels: np.ndarray, num_classes: int, k: int, score: np.ndarray | None = None) -> tuple[np.ndarray, list[int]]:

@@ -17,7 +17,7 @@ from mllmfl_dist.config import Config, ConfigError, resume_differences
 from mllmfl_dist.data import ClientData, DataError, build_client_data
 from mllmfl_dist.evaluate import evaluate_model
 from mllmfl_dist.fl.sampling import derive_seed
-from mllmfl_dist.fl.strategies import build_strategy
+from mllmfl_dist.fl.strategies import STRATEGIES, RunContext, build_strategy
 from mllmfl_dist.fl.trainer import FederatedTrainer
 from mllmfl_dist.metrics import MetricsLog
 from mllmfl_dist.models import FLModel, build_model
@@ -62,9 +62,11 @@ def build_fl_model(cfg: Config, data: ClientData) -> FLModel:
             f"model.in_channels = {cfg.model.in_channels} does not match the data's {data.in_channels} "
             f"channels ({cfg.data.source}); set it to {data.in_channels} or 0"
         )
+    projection = STRATEGIES[cfg.federated.strategy].projection_dim(cfg)
     torch.manual_seed(derive_seed(cfg.run.seed, TAG_MODEL_INIT))
-    return build_model(cfg.model.arch, in_channels, data.num_classes, cfg.model.width_scale,
-                       channels_last=cfg.model.channels_last)
+    model = build_model(cfg.model.arch, in_channels, data.num_classes, cfg.model.width_scale,
+                        channels_last=cfg.model.channels_last)
+    return model.add_projection(projection) if projection else model
 
 
 def evaluate_global(cfg: Config, data: ClientData, model: FLModel, device: torch.device) -> dict[str, Any]:
@@ -78,7 +80,8 @@ def run_federated(cfg: Config, runtime: dist.Runtime) -> dict[str, Any]:
     """Run (or resume, or skip if complete) federated finetuning; returns the last evaluation on rank 0."""
     out = stage_dir(cfg)
     data = build_data(cfg, runtime)
-    trainer = FederatedTrainer(cfg, runtime, data, build_fl_model(cfg, data), build_strategy(cfg.federated))
+    strategy = build_strategy(cfg)
+    trainer = FederatedTrainer(cfg, runtime, data, build_fl_model(cfg, data), strategy)
     alignment: _Alignment | None = None
 
     # Only rank 0 reads the checkpoint; its verdict (start round, or why it cannot resume) goes to every
@@ -104,6 +107,8 @@ def run_federated(cfg: Config, runtime: dist.Runtime) -> dict[str, Any]:
         raise ConfigError(refusal)
     trainer.rounds_done = start_round
     trainer.broadcast_global()
+    if start_round < cfg.federated.rounds:
+        strategy.prepare(RunContext(cfg, runtime, data, cache_dir=cfg.run_dir / "cache"))
 
     metrics = MetricsLog(out, tensorboard=cfg.log.tensorboard) if runtime.is_server else None
     if metrics is not None:
@@ -133,9 +138,10 @@ def run_federated(cfg: Config, runtime: dist.Runtime) -> dict[str, Any]:
         aligned = alignment.pop_round(round_index) if alignment is not None else {}
         rounds_log.append({"round": round_index, "seconds": stats.seconds, "end_time": time.time(),
                            "bytes_all_reduced": stats.bytes_all_reduced, "bytes_broadcast": stats.bytes_broadcast,
+                           **stats.server,
                            **({"align_loss": aligned["align_loss"]} if "align_loss" in aligned else {})})
         if round_index % cfg.eval.every == 0 or last_round:
-            report = evaluate_global(cfg, data, trainer.model, runtime.device)
+            report = evaluate_global(cfg, data, strategy.evaluation_model(trainer.model), runtime.device)
             last_eval = {"round": round_index, **report, "round_seconds": stats.seconds,
                          "bytes_all_reduced": stats.bytes_all_reduced, **aligned}
             metrics.append(last_eval)
@@ -148,7 +154,10 @@ def run_federated(cfg: Config, runtime: dist.Runtime) -> dict[str, Any]:
 
     peak_rss_mb = dist.max_over_ranks(runtime, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     if runtime.is_server:
-        checkpoint.save_atomic(trainer.state_dict()["model"], out / FINAL_MODEL_NAME)
+        # The evaluated model (CReFF / CLIP2FL: with the re-trained classifier), so `evaluate` reproduces it.
+        final = strategy.evaluation_model(trainer.model)
+        checkpoint.save_atomic({k: v.detach().cpu().clone() for k, v in final.state_dict().items()},
+                               out / FINAL_MODEL_NAME)
         summary = {"rounds": fed.rounds, "final": last_eval, "world_size": runtime.world_size,
                    "backend": runtime.backend, "peak_rss_mb_max_rank": peak_rss_mb}
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

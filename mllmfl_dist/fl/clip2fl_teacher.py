@@ -1,0 +1,152 @@
+"""CLIP2FL's frozen teacher: zero-shot logits of every client sample, computed once and cached on disk.
+
+The teacher is frozen and sees the un-augmented image, so its logits for a sample never change: they are
+computed once per run (the samples split evenly over all ranks, then summed into one tensor on every
+rank over the control group) and stored by rank 0 as ``<cache_dir>/clip2fl-teacher-<key16>.pt``. The key
+is a sha256 over the teacher's settings (model, pretrained tag, templates, logit scale, class names) and
+the data (every client sample's index, label and pixel bytes), so a changed model or data set never
+reuses a stale file. A later run (a resume, another method of ``compare`` on the same data) finds the
+file, loads no CLIP model and broadcasts the logits from rank 0. The class text embeddings the server's
+contrast needs are stored beside the logits.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from mllmfl_dist import checkpoint, dist
+from mllmfl_dist.config import Clip2flConfig, ConfigError
+from mllmfl_dist.data import ArrayClientData, ClientData
+from mllmfl_dist.models.mllm import ModelLoadError
+
+log = logging.getLogger(__name__)
+
+_CACHE_VERSION = 1
+
+
+@dataclass
+class TeacherLogits:
+    """Zero-shot logits of the client samples, addressable by training-array index."""
+
+    indices: np.ndarray  # sorted training-array indices of every client sample
+    logits: torch.Tensor  # float32 [len(indices), C]
+    text_embeddings: torch.Tensor | None  # float32 [C, E], L2-normalised (rank 0 only)
+
+    def __post_init__(self) -> None:
+        self._lookup = np.full(int(self.indices.max()) + 1 if len(self.indices) else 0, -1, dtype=np.int64)
+        self._lookup[self.indices] = np.arange(len(self.indices))
+
+    def rows(self, sample_indices: np.ndarray) -> torch.Tensor:
+        return self.logits[torch.from_numpy(self._lookup[sample_indices])]
+
+
+def client_samples(data: ClientData) -> np.ndarray:
+    """Sorted training-array indices of every client's samples."""
+    if not isinstance(data, ArrayClientData):
+        raise ConfigError("federated.strategy = 'clip2fl' needs an array data source (teacher logits are cached "
+                          "per training sample)")
+    return np.unique(np.concatenate([data.client_indices(c) for c in range(data.num_clients)]))
+
+
+def cache_key(ccfg: Clip2flConfig, data: ArrayClientData, indices: np.ndarray) -> str:
+    meta = {"version": _CACHE_VERSION, "model": ccfg.model, "pretrained": ccfg.pretrained,
+            "templates": ccfg.templates, "logit_scale": ccfg.logit_scale, "class_names": list(data.class_names)}
+    digest = hashlib.sha256(json.dumps(meta, sort_keys=True).encode())
+    digest.update(indices.astype(np.int64).tobytes())
+    step = 4096  # in chunks: the images of a large source are never gathered into one copy
+    for start in range(0, len(indices), step):
+        images, labels = data.samples(indices[start : start + step])
+        digest.update(labels.numpy().astype(np.int64).tobytes())
+        digest.update(images.contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def cache_path(cache_dir: Path, key: str) -> Path:
+    return Path(cache_dir) / f"clip2fl-teacher-{key[:16]}.pt"
+
+
+def teacher_logits(ccfg: Clip2flConfig, data: ClientData, runtime: dist.Runtime, cache_dir: Path,
+                   progress: bool = True) -> TeacherLogits:
+    """Every client sample's teacher logits on every rank (and the text embeddings on rank 0)."""
+    indices = client_samples(data)
+    stored = None
+    if runtime.is_server:
+        key = cache_key(ccfg, data, indices)
+        path = cache_path(cache_dir, key)
+        stored = _read_cache(path, key, len(indices), data.num_classes)
+    found = dist.broadcast_object(runtime, stored is not None)
+    if found:
+        logits = stored["logits"] if stored is not None else torch.zeros(len(indices), data.num_classes)
+        dist.broadcast_control_(runtime, logits)
+        text = stored["text_embeddings"] if stored is not None else None
+        return TeacherLogits(indices, logits, text)
+
+    logits, text = compute_teacher_logits(ccfg, data, indices, runtime, progress)
+    if runtime.is_server:
+        checkpoint.save_atomic({"key": key, "logits": logits, "text_embeddings": text}, path)
+        log.info("clip2fl: teacher logits of %d samples cached in %s", len(indices), path)
+    return TeacherLogits(indices, logits, text)
+
+
+def _read_cache(path: Path, key: str, n: int, num_classes: int) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        stored = checkpoint.load(path)
+        if (isinstance(stored, dict) and stored.get("key") == key
+                and tuple(stored["logits"].shape) == (n, num_classes)):
+            return stored
+        log.warning("clip2fl teacher cache %s does not match this data; recomputing", path)
+    except Exception as err:  # noqa: BLE001 - a torn or foreign file: recompute and overwrite
+        log.warning("clip2fl teacher cache %s unreadable (%s); recomputing", path, type(err).__name__)
+    return None
+
+
+def compute_teacher_logits(ccfg: Clip2flConfig, data: ArrayClientData, indices: np.ndarray,
+                           runtime: dist.Runtime, progress: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Run the CLIP teacher: each rank its contiguous share of ``indices``, summed over ranks. Returns the
+    logits ``[len(indices), C]`` on every rank and the text embeddings (rank 0; None elsewhere)."""
+    from PIL import Image
+
+    from mllmfl_dist.models.clip_teacher import load_clip, zero_shot_classifier, zero_shot_logits
+    from mllmfl_dist.models.teachers import _templates
+
+    templates = _templates(ccfg.templates)
+    bounds = np.linspace(0, len(indices), runtime.world_size + 1).astype(int)
+    mine = indices[bounds[runtime.rank] : bounds[runtime.rank + 1]]
+    logits = torch.zeros(len(indices), data.num_classes)
+    text = None
+    failure = None
+    try:
+        clip, preprocess, tokenizer = load_clip(ccfg.model, ccfg.pretrained, device=runtime.device)
+        text = zero_shot_classifier(clip, tokenizer, data.class_names, templates).float().cpu()
+        step = ccfg.teacher_batch_size
+        bar = tqdm(total=len(mine), desc="clip2fl teacher", unit="img", dynamic_ncols=True,
+                   disable=not (runtime.is_server and progress))
+        with torch.no_grad():
+            for start in range(0, len(mine), step):
+                images, _ = data.samples(mine[start : start + step])
+                pil = [Image.fromarray(im[0].numpy() if im.shape[0] == 1 else im.permute(1, 2, 0).numpy()).convert("RGB")
+                       for im in images]
+                x = torch.stack([preprocess(im) for im in pil])
+                row = bounds[runtime.rank] + start
+                logits[row : row + len(pil)] = zero_shot_logits(
+                    clip, tokenizer, x, data.class_names, templates, ccfg.logit_scale, classifier=text).float().cpu()
+                bar.update(len(pil))
+        bar.close()
+        del clip
+    except Exception as err:  # noqa: BLE001 - reaches every rank below, so none waits forever
+        failure = str(err) if isinstance(err, ModelLoadError) else f"{type(err).__name__}: {err}"
+    failures = [f for f in dist.gather_objects(runtime, failure) if f]
+    if failures:
+        raise ModelLoadError(f"clip2fl teacher ({ccfg.model}): {failures[0]}")
+    dist.all_reduce_control_(runtime, logits)
+    return logits, (text if runtime.is_server else None)
