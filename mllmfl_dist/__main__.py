@@ -33,10 +33,16 @@ commands:
                       complete shards.
   pretrain CONFIG     stage 1b: Dynamic Weighted Pretraining of the FL backbone against the frozen MLLM
                       on the captions, under DeepSpeed; writes <run dir>/pretrain/backbone.pt.
-  federate CONFIG     stage 2: federated finetuning (FedAvg / FedAvgM / FedProx) with evaluation,
+  federate CONFIG     stage 2: federated finetuning (federated.strategy: fedavg, fedavgm, fedprox,
+                      creff, clip2fl) with evaluation,
                       metrics and checkpoints under <run dir>/federated/ (model.pretrained_backbone =
                       "pretrain" starts from stage 1b). Rerunning resumes from the last checkpoint; a
                       finished run is left as it is.
+  compare CONFIG --strategies fedavg,fedavgm,fedprox,creff,clip2fl,mllm
+                      each method on identical data, partition, seeds and ranks under
+                      <run dir>/compare/<method>/ (resumable per method), then
+                      <run dir>/compare/results.md, results.csv and accuracy.png. The baselines run
+                      with alignment off and a random-init backbone; mllm runs the config as written.
   evaluate CONFIG --checkpoint PATH
                       accuracy (overall, per class, Many/Medium/Few) of a saved model on the config's
                       balanced test set, printed as JSON.
@@ -68,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("annotate", "caption WebDataset shards with an MLLM (stage 1a)")
     add("pretrain", "Dynamic Weighted Pretraining of the FL backbone under DeepSpeed (stage 1b)")
     add("federate", "federated finetuning with evaluation, checkpoints and resume")
+    compare = add("compare", "several methods on identical data and seeds, and a table of the results")
+    compare.add_argument("--strategies", default="fedavg,fedavgm,fedprox,creff,clip2fl,mllm",
+                         help="comma-separated methods (default: %(default)s)")
     evaluate = add("evaluate", "evaluate a saved model on the config's test set")
     evaluate.add_argument("--checkpoint", required=True,
                           help="model_final.pt (a state dict) or checkpoint.pt from a run directory")
@@ -104,13 +113,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
         if args.command == "evaluate":
             return _evaluate(cfg, args.checkpoint)
+        if args.command == "compare":
+            from mllmfl_dist.stages.compare import method_config, parse_methods
+
+            methods = parse_methods(args.strategies)
+            for method in methods:  # refuse a bad method before any process group starts
+                method_config(cfg, method)
+            return _run_stage(cfg, args.command, methods)
         return _run_stage(cfg, args.command)
     except (ConfigError, DataError, ModelLoadError) as err:
         print(f"mllmfl_dist: error: {err}", file=sys.stderr)
         return USAGE_ERROR
 
 
-def _run_stage(cfg, command: str) -> int:
+def _run_stage(cfg, command: str, methods: Sequence[str] = ()) -> int:
     from mllmfl_dist import dist
 
     runtime = dist.init_runtime(cfg.dist)
@@ -132,6 +148,13 @@ def _run_stage(cfg, command: str) -> int:
                 final = summary.get("federated", {})
                 if final:
                     print(f"final accuracy {final.get('acc', float('nan')):.4f} after round {final.get('round')}")
+        elif command == "compare":
+            from mllmfl_dist.stages.compare import compare_dir, results_markdown, run_compare
+
+            rows = run_compare(cfg, runtime, list(methods))
+            if runtime.is_server:
+                print(results_markdown(rows), end="")
+                print(f"compare: results.md, results.csv and accuracy.png in {compare_dir(cfg)}")
         elif command == "annotate":
             from mllmfl_dist.stages.annotate import run_annotate
 
