@@ -181,6 +181,7 @@ def _evaluate(cfg, checkpoint_path: str) -> int:
     from pathlib import Path
 
     from mllmfl_dist import checkpoint
+    from mllmfl_dist.fl.strategies import build_strategy
     from mllmfl_dist.stages.federated import build_data, build_fl_model, evaluate_global
 
     path = Path(checkpoint_path)
@@ -189,15 +190,21 @@ def _evaluate(cfg, checkpoint_path: str) -> int:
     state = checkpoint.load_or_explain(path, "--checkpoint")
     if not isinstance(state, dict):
         raise ConfigError(f"--checkpoint {path} holds no state dict")
-    if "model" in state and isinstance(state["model"], dict):
+    server_state = state.get("server_optimizer") if isinstance(state.get("model"), dict) else None
+    if server_state is not None:
         state = state["model"]
     data = build_data(cfg)
     model = build_fl_model(cfg, data)
     try:
         model.load_state_dict(state)
-    except RuntimeError as err:
-        raise ConfigError(f"--checkpoint {path} does not fit the config's model "
-                          f"({cfg.model.arch}): {str(err).splitlines()[0]}") from None
+        if server_state is not None:
+            # A training checkpoint: evaluate what the run evaluated (CReFF: the re-trained classifier).
+            strategy = build_strategy(cfg)
+            strategy.load_state_dict(server_state)
+            model = strategy.evaluation_model(model)
+    except (RuntimeError, KeyError, TypeError) as err:
+        raise ConfigError(f"--checkpoint {path} does not fit the config's model ({cfg.model.arch}) and "
+                          f"federated.strategy ({cfg.federated.strategy}): {str(err).splitlines()[0]}") from None
     report = evaluate_global(cfg, data, model, "cpu")
     print(json.dumps(report, indent=2))
     return 0

@@ -22,7 +22,7 @@ def cli(*argv: str, sets=()) -> int:
     return main([*argv, *[a for s in sets for a in ("--set", s)]])
 
 
-def test_creff_resumed_after_round_one_equals_a_straight_run(tmp_path):
+def test_creff_resumed_after_round_one_equals_a_straight_run(tmp_path, capsys):
     common = [f"run.root={tmp_path}", "federated.strategy=creff", *FAST]
     assert cli("federate", str(SMOKE), sets=[*common, "run.name=straight", "federated.rounds=2"]) == 0
     assert cli("federate", str(SMOKE), sets=[*common, "run.name=resumed", "federated.rounds=1"]) == 0
@@ -44,6 +44,14 @@ def test_creff_resumed_after_round_one_equals_a_straight_run(tmp_path):
     assert not torch.allclose(final["classifier.weight"], straight["model"]["classifier.weight"])
     rounds = [json.loads(line) for line in (tmp_path / "straight" / "federated" / "rounds.jsonl").open()]
     assert all(r["match_loss"] > 0 for r in rounds)
+
+    # `evaluate` on either file reports what the run evaluated (the training checkpoint through the strategy).
+    last = [json.loads(line) for line in (tmp_path / "straight" / "federated" / "metrics.jsonl").open()][-1]
+    for name in ("model_final.pt", "checkpoint.pt"):
+        capsys.readouterr()
+        assert cli("evaluate", str(SMOKE), "--checkpoint", str(tmp_path / "straight" / "federated" / name),
+                   sets=[*common, "run.name=straight"]) == 0
+        assert json.loads(capsys.readouterr().out)["acc"] == pytest.approx(last["acc"]), name
 
 
 def test_clip2fl_runs_the_teacher_once_per_sample_and_never_again(tmp_path, tiny_models, monkeypatch, capsys):
