@@ -514,14 +514,22 @@ RESUMABLE_CHANGES = ("run.root", "federated.rounds", "data.root", "data.download
                      "annotate.", "pretrain.")
 
 
+# Sections only some strategies read.
+STRATEGY_SECTIONS = {"creff.": ("creff", "clip2fl"), "clip2fl.": ("clip2fl",)}
+
+
 def resume_differences(saved: dict[str, dict[str, Any]], current: dict[str, dict[str, Any]]) -> list[str]:
     """``key: old -> new`` for every setting that differs and would change the results of a resumed run."""
     differences = []
     saved_items = flat_items(saved)
+    # Sections a strategy does not read cannot change its results (so `compare` may add clip2fl.model
+    # after the other methods finished).
+    strategy = current.get("federated", {}).get("strategy")
+    unread = tuple(section for section, readers in STRATEGY_SECTIONS.items() if strategy not in readers)
     for name, value in flat_items(current).items():
         old = saved_items.get(name, value)
         if old != value and not any(name == k or (k.endswith(".") and name.startswith(k))
-                                    for k in RESUMABLE_CHANGES):
+                                    for k in (*RESUMABLE_CHANGES, *unread)):
             differences.append(f"{name}: {old!r} -> {value!r}")
     return differences
 

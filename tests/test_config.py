@@ -118,3 +118,16 @@ def test_resume_differences_ignore_what_does_not_change_results():
     other_lr = Config().to_dict()
     other_lr["federated"]["lr"] = 0.5
     assert resume_differences(base, other_lr) == ["federated.lr: 0.05 -> 0.5"]
+
+
+def test_resume_differences_ignore_sections_the_strategy_does_not_read():
+    base = Config().to_dict()  # fedavg
+    clip_model = Config().to_dict()
+    clip_model["clip2fl"]["model"] = "local-dir:clip"
+    clip_model["creff"]["crt_epochs"] = 5
+    assert resume_differences(base, clip_model) == []
+    for strategy, expected in (("creff", ["creff.crt_epochs: 300 -> 5"]),
+                               ("clip2fl", ["creff.crt_epochs: 300 -> 5", "clip2fl.model: '' -> 'local-dir:clip'"])):
+        saved, current = Config().to_dict(), dict(clip_model, federated=dict(clip_model["federated"], strategy=strategy))
+        saved["federated"]["strategy"] = strategy
+        assert resume_differences(saved, current) == expected

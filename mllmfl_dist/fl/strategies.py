@@ -119,8 +119,10 @@ class Strategy:
 
     def server_update(self, model: nn.Module, start_state: dict[str, torch.Tensor], payload: torch.Tensor,
                       round_index: int) -> dict[str, float]:
-        """Rank 0, after ``server_step`` (``model`` holds the new global model): use the all-reduced payload
-        and the round's starting global ``start_state``. Returns numbers for the round's log."""
+        """Rank 0, after the round's broadcast, so that it overlaps the next round's client training: use the
+        all-reduced payload and the round's starting global ``start_state``. ``model`` is the new global
+        model, which this hook must not change (every rank holds it already). Returns numbers for the
+        round's log."""
         return {}
 
     def evaluation_model(self, model: nn.Module) -> nn.Module:
@@ -188,6 +190,11 @@ class CReFF(Strategy):
     ``crt_epochs``. As in the paper's released code, the re-trained classifier is what is evaluated (and
     saved as the final model), while the FedAvg model, with its aggregated classifier, continues into the
     next round: the clients' gradients are always taken at the federation's own classifier.
+
+    Since nothing the clients receive depends on them, the matching runs after the round's broadcast (it
+    overlaps the next round's client training), and the re-training only when a model is evaluated or
+    saved, from that round's features and a generator seeded by (seed, round): the same classifier as
+    re-training every round, without the cost in rounds that are not evaluated.
     """
 
     name = "creff"
@@ -197,9 +204,11 @@ class CReFF(Strategy):
         self.creff = cfg.creff
         self.seed = cfg.run.seed
         self.features: torch.Tensor | None = None  # [C, features_per_class, D], rank 0
+        self.features_round = 0  # the round whose matching produced them
         self._feature_optimizer: torch.optim.SGD | None = None
         self._pending_feature_optimizer: dict[str, Any] | None = None
-        self.retrained: dict[str, torch.Tensor] | None = None  # the re-trained classifier's weight and bias
+        # The classifier re-trained on the features of ``features_round`` (weight, bias); None until needed.
+        self.retrained: dict[str, torch.Tensor] | None = None
 
     @classmethod
     def from_config(cls, cfg: Config) -> Strategy:
@@ -245,29 +254,37 @@ class CReFF(Strategy):
         match_loss = ff.match_federated_features(
             self.features, self._feature_optimizer, real, present, start_state["classifier.weight"].cpu(),
             start_state["classifier.bias"].cpu(), self.creff.match_epochs, extra_loss=self.feature_extra_loss())
-        generator = torch.Generator().manual_seed(derive_seed(self.seed, TAG_CREFF_RETRAIN, round_index))
-        head = ff.retrain_classifier(self.features, epochs=self.creff.crt_epochs, lr=self.creff.lr_crt,
-                                     batch_size=self.creff.crt_batch_size, generator=generator)
-        self.retrained = {"weight": head.weight.detach().clone(), "bias": head.bias.detach().clone()}
+        self.features_round, self.retrained = round_index, None
         return {"match_loss": match_loss}
+
+    def retrained_classifier(self) -> dict[str, torch.Tensor] | None:
+        """The classifier re-trained on the current federated features (computed once per round, on demand)."""
+        if self.retrained is None and self.features is not None:
+            generator = torch.Generator().manual_seed(derive_seed(self.seed, TAG_CREFF_RETRAIN, self.features_round))
+            head = ff.retrain_classifier(self.features, epochs=self.creff.crt_epochs, lr=self.creff.lr_crt,
+                                         batch_size=self.creff.crt_batch_size, generator=generator)
+            self.retrained = {"weight": head.weight.detach().clone(), "bias": head.bias.detach().clone()}
+        return self.retrained
 
     def feature_extra_loss(self):
         """A term added to the gradient-matching loss of the federated features (CLIP2FL's contrast)."""
         return None
 
     def evaluation_model(self, model):
-        if self.retrained is None:
+        retrained = self.retrained_classifier()
+        if retrained is None:  # before the first round
             return model
         evaluated = copy.deepcopy(model)
         with torch.no_grad():
-            evaluated.classifier.weight.copy_(self.retrained["weight"])
-            evaluated.classifier.bias.copy_(self.retrained["bias"])
+            evaluated.classifier.weight.copy_(retrained["weight"])
+            evaluated.classifier.bias.copy_(retrained["bias"])
         return evaluated
 
     def state_dict(self):
         return {
             "server_optimizer": super().state_dict(),
             "features": None if self.features is None else self.features.detach().clone(),
+            "features_round": self.features_round,
             "feature_optimizer": (copy.deepcopy(self._feature_optimizer.state_dict())
                                   if self._feature_optimizer is not None else self._pending_feature_optimizer),
             "retrained": copy.deepcopy(self.retrained),
@@ -282,6 +299,7 @@ class CReFF(Strategy):
             self._feature_optimizer = torch.optim.SGD([self.features], lr=self.creff.lr_feature)
             if state["feature_optimizer"]:
                 self._feature_optimizer.load_state_dict(state["feature_optimizer"])
+        self.features_round = int(state["features_round"])
         self.retrained = copy.deepcopy(state["retrained"])
 
 

@@ -3,9 +3,9 @@
 Each round: sample K of N clients from (seed, round); assign them to client hosts (LPT by size); every
 host trains its clients one after another from the same global model and accumulates ``n_k * state_k``
 into one float64 buffer with the total weight appended, followed by the strategy's payload (CReFF's
-per-class classifier gradients); one all_reduce; the server steps the strategy and hands it the summed
-payload; one broadcast of the new global model as a flat buffer (after rank 0's ``server_hook``, e.g.
-alignment).
+per-class classifier gradients); one all_reduce; the server steps the strategy; one broadcast of the new
+global model as a flat buffer (after rank 0's ``server_hook``, e.g. alignment); then rank 0 hands the
+summed payload to the strategy while the hosts start the next round.
 """
 
 from __future__ import annotations
@@ -107,12 +107,13 @@ class FederatedTrainer:
         if self.runtime.is_server:
             new = self.strategy.server_step(start, mean_from_sum(model_acc), self.trainable_mask)
             self.set_global_flat(new)
-            if self.payload_numel:
-                server_record = self.strategy.server_update(self.model, self.layout.unflatten(start), payload,
-                                                            round_index)
             if self.server_hook is not None:
                 self.server_hook(self.model, round_index)
         bytes_broadcast = self.broadcast_global()
+        if self.runtime.is_server and self.payload_numel:
+            # After the broadcast: the hosts already train the next round while the server works on this one.
+            server_record = self.strategy.server_update(self.model, self.layout.unflatten(start), payload,
+                                                        round_index)
         self.rounds_done = round_index
         self._last_round_end = time.perf_counter()
         return RoundStats(round_index, self._last_round_end - started, tuple(clients), tuple(mine),
