@@ -107,7 +107,11 @@ class CreffConfig:
     """Classifier re-training with federated features (strategies creff and clip2fl)."""
 
     batch_size: int = 32  # real samples per class-gradient batch on a client (CReFF's batch_real)
-    batches_per_class: int = 1  # batches per class a client averages its class gradient over
+    batches_per_class: int = 10  # batches per class a client averages its class gradient over
+    augment: bool = True  # the data's random crop / flip on those batches (the released code augments them)
+    # The server's mean of a class's gradients over the clients holding it: "clients" (each counts once, as
+    # in the released code) or "samples" (weighted by the client's count of the class)
+    gradient_mean: str = "clients"
     features_per_class: int = 100
     match_epochs: int = 100  # server steps of gradient matching per round
     lr_feature: float = 0.1
@@ -283,6 +287,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "pretrain.deepspeed.optimizer": ("Adam", "AdamW", "SGD"),
     "pretrain.deepspeed.scheduler": ("none", "WarmupLR", "WarmupCosineLR"),
     "align.source": ("pool", "holdout", "web"),
+    "creff.gradient_mean": ("clients", "samples"),
     "align.teacher": ("none", "llava", "clip"),
     "align.train": ("classifier", "all"),
 }

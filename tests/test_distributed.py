@@ -111,13 +111,14 @@ def test_creff_class_gradients_from_three_processes_equal_those_of_one_process(t
     matching step, the federated features of 3 gloo processes equal those of 1 process, and both equal one
     SGD step from the gradients computed here, client by client, in this process."""
     from mllmfl_dist.fl import federated_features as ff
+    from mllmfl_dist.fl.client import LocalTraining
     from mllmfl_dist.fl.sampling import derive_seed, sample_clients
     from mllmfl_dist.fl.strategies import TAG_CREFF_FEATURES, CReFF
     from mllmfl_dist.fl.trainer import TAG_CLIENT_PAYLOAD
     from mllmfl_dist.stages.federated import build_data, build_fl_model
 
     sets = ["federated.strategy=creff", "federated.rounds=1", "creff.match_epochs=1", "creff.crt_epochs=2",
-            "creff.batches_per_class=2", "creff.batch_size=8"]
+            "creff.batches_per_class=2", "creff.batch_size=8", "creff.gradient_mean=samples"]
     three = torch.load(federate(3, tmp_path, "three", *sets) / "checkpoint.pt", weights_only=True)
     one = torch.load(federate(1, tmp_path, "one", *sets) / "checkpoint.pt", weights_only=True)
     features_three = three["server_optimizer"]["features"]
@@ -128,23 +129,25 @@ def test_creff_class_gradients_from_three_processes_equal_those_of_one_process(t
     data = build_data(cfg)
     model = build_fl_model(cfg, data)
     strategy = CReFF(cfg)
+    spec = LocalTraining.from_config(cfg, data.mean, data.std)
     payload = torch.zeros(strategy.payload_numel(model), dtype=torch.float64)
     clients = sample_clients(cfg.run.seed, 1, cfg.federated.num_clients, cfg.federated.clients_per_round)
     for cid in clients:
         generator = torch.Generator().manual_seed(derive_seed(cfg.run.seed, TAG_CLIENT_PAYLOAD, 1, cid))
-        payload += strategy.client_payload(model, *data.client(cid), data.mean, data.std, generator, "cpu")
+        payload += strategy.client_payload(model, *data.client(cid), spec, generator, "cpu")
     num_classes, dim = data.num_classes, model.feature_dim
     split = num_classes * num_classes * (dim + 1)
     real, present = ff.mean_class_gradients(payload[:split].view(num_classes, num_classes, dim + 1), payload[split:])
-    held = torch.zeros(num_classes, dtype=torch.bool)
-    for cid in clients:
-        held[data.client(cid)[1].unique()] = True
-    assert present.tolist() == held.tolist()
+    counts = sum(torch.bincount(data.client(cid)[1], minlength=num_classes) for cid in clients)
+    assert payload[split:].tolist() == counts.double().tolist()  # gradient_mean = samples: the class counts
+    assert present.tolist() == (counts > 0).tolist()
 
     start = torch.randn(num_classes, cfg.creff.features_per_class, dim,
                         generator=torch.Generator().manual_seed(derive_seed(cfg.run.seed, TAG_CREFF_FEATURES)))
     expected = start.clone().requires_grad_(True)
+    # Round 1's gradients are taken at the seeded initial classifier, which every rank builds alike.
+    head = strategy.head
     ff.match_federated_features(expected, torch.optim.SGD([expected], lr=cfg.creff.lr_feature), real, present,
-                                model.classifier.weight, model.classifier.bias, 1)
+                                head[:, :-1], head[:, -1], 1)
     assert (features_one - expected.detach()).abs().max().item() <= 1e-5
     assert (features_one - start).abs().max().item() > 1e-4  # the step really moved the features

@@ -26,15 +26,21 @@ def test_linear_ce_gradients_equal_autograd_per_class():
 
 def test_gradient_distance_is_zero_for_identical_gradients_and_positive_otherwise():
     torch.manual_seed(1)
-    g = torch.randn(3, 10, 9)
+    g = torch.randn(3, 10, 9)  # 3 classes' gradients of a 10-class classifier [W | b] on 8-d features
     assert ff.gradient_distance(g, g).item() < 1e-5
     assert ff.gradient_distance(g, 2.5 * g).item() < 1e-5  # a cosine: the scale does not matter
     other = torch.randn(3, 10, 9)
-    expected = sum(1 - np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b))
-                   for a, b in zip(g.reshape(-1, 9).numpy(), other.reshape(-1, 9).numpy()))
+
+    def one_minus_cos(a, b):
+        return 1 - np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b))
+
+    # Each weight row, plus the bias gradient as one more row.
+    expected = sum(one_minus_cos(a, b) for a, b in zip(g[..., :8].reshape(-1, 8).numpy(),
+                                                      other[..., :8].reshape(-1, 8).numpy()))
+    expected += sum(one_minus_cos(g[c, :, 8].numpy(), other[c, :, 8].numpy()) for c in range(3))
     assert ff.gradient_distance(g, other).item() > 0
     np.testing.assert_allclose(ff.gradient_distance(g, other).item(), expected, rtol=1e-4)
-    assert abs(ff.gradient_distance(g, -g).item() - 2 * 30) < 1e-3  # opposite rows: 2 per row
+    assert abs(ff.gradient_distance(g, -g).item() - 2 * (30 + 3)) < 1e-3  # opposite rows: 2 per row
 
 
 def test_class_gradient_sums_over_clients_give_the_sample_weighted_mean():
@@ -148,9 +154,27 @@ def test_federated_features_beat_the_head_biased_classifier_on_tail_classes():
     assert after[tail].mean() > before[tail].mean() + 0.1, (before, after)
 
 
-def test_text_contrast_loss_pulls_features_to_their_class_embedding():
-    text = torch.eye(3, 8)
-    aligned = text[:, None, :].repeat(1, 4, 1)  # every feature on its own class's embedding
-    shuffled = text[[1, 2, 0], None, :].repeat(1, 4, 1)
-    assert ff.text_contrast_loss(aligned, text, 0.1) < 1e-3
-    assert ff.text_contrast_loss(shuffled, text, 0.1) > 5
+def test_text_contrast_loss_equals_the_supervised_contrast_over_all_pairs():
+    """The closed form against the loss written over the N x N pairs: anchor i, candidates j != i scored
+    against the text embedding of j's class, positives the j of i's class."""
+    generator = torch.Generator().manual_seed(4)
+    num_classes, m, dim, temperature = 4, 3, 6, 0.1
+    features = torch.randn(num_classes, m, dim, generator=generator)
+    text = nn.functional.normalize(torch.randn(num_classes, dim, generator=generator), dim=1)
+    f = features.reshape(-1, dim).double()
+    y = torch.arange(num_classes).repeat_interleave(m)
+    scores = f @ text.double()[y].T / temperature  # [N, N]: feature i against the text of j's class
+    n = len(y)
+    losses = []
+    for i in range(n):
+        others = [j for j in range(n) if j != i]
+        log_norm = torch.logsumexp(scores[i, others], dim=0)
+        positives = [j for j in others if y[j] == y[i]]
+        losses.append(-torch.stack([scores[i, j] - log_norm for j in positives]).mean())
+    expected = torch.stack(losses).mean()
+    torch.testing.assert_close(ff.text_contrast_loss(features, text, temperature).double(), expected,
+                               rtol=1e-5, atol=1e-5)
+    # Features on their class's embedding score lower than features on another class's.
+    aligned = text[:, None, :].repeat(1, m, 1) * 5
+    assert ff.text_contrast_loss(aligned, text, temperature) < ff.text_contrast_loss(aligned[[1, 2, 3, 0]], text,
+                                                                                      temperature)

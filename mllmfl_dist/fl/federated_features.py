@@ -7,10 +7,11 @@ Pure functions on tensors, no process groups:
   ``(softmax(F W^T + b) - onehot)^T [F | 1] / m``, which autograd can differentiate once more with respect
   to the features (the server's gradient matching needs exactly that);
 - ``pick_class_batches`` / ``class_gradient_sums``: what one client adds to the round's flat all_reduce:
-  per class it holds, ``n_c * g_c`` (``g_c`` averaged over a few batches of that class, the backbone
-  frozen), beside ``n_c``;
-- ``gradient_distance``: CReFF's matching distance, the sum over output rows of ``1 - cos`` between two
-  classifier gradients (each row ``[dW_i | db_i]``);
+  per class it holds, ``w_c * g_c`` and ``w_c`` (``g_c`` averaged over a few batches of that class, the
+  backbone frozen; ``w_c`` 1, so that the server takes the plain mean over the clients holding the class
+  as the released code does, or the client's count ``n_c`` of the class);
+- ``gradient_distance``: CReFF's matching distance, the sum over the output rows of the weight gradient
+  of ``1 - cos``, plus ``1 - cos`` between the bias gradients (one more row, as in the released code);
 - ``match_federated_features``: steps of the server's feature optimizer on the matching loss (plus an
   optional extra term: CLIP2FL's contrast to the CLIP text embeddings, ``text_contrast_loss``);
 - ``retrain_classifier``: a fresh linear classifier trained on the federated features.
@@ -46,12 +47,16 @@ def linear_ce_gradients(features: torch.Tensor, weight: torch.Tensor, bias: torc
     return torch.cat([grad_w, grad_b[..., None]], dim=-1)
 
 
+def _one_minus_cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return 1 - (a * b).sum(dim=-1) / (a.norm(dim=-1) * b.norm(dim=-1) + COSINE_EPS)
+
+
 def gradient_distance(real: torch.Tensor, synthetic: torch.Tensor) -> torch.Tensor:
-    """Sum over output rows (the last-but-one dimension) of ``1 - cos(real_row, synthetic_row)``; any leading
-    dimensions (classes) are summed too."""
-    dot = (real * synthetic).sum(dim=-1)
-    norms = real.norm(dim=-1) * synthetic.norm(dim=-1) + COSINE_EPS
-    return (1 - dot / norms).sum()
+    """Distance between classifier gradients ``[..., C, D + 1]`` (``[dW | db]``): the sum over the C output
+    rows of ``1 - cos(dW_real_i, dW_syn_i)`` plus ``1 - cos(db_real, db_syn)``; leading dimensions (classes)
+    are summed too."""
+    rows = _one_minus_cos(real[..., :-1], synthetic[..., :-1]).sum()
+    return rows + _one_minus_cos(real[..., -1], synthetic[..., -1]).sum()
 
 
 def pick_class_batches(labels: torch.Tensor, num_classes: int, *, batch_size: int, batches: int,
@@ -70,12 +75,12 @@ def pick_class_batches(labels: torch.Tensor, num_classes: int, *, batch_size: in
 
 
 @torch.no_grad()
-def class_gradient_sums(batches: list[tuple[int, torch.Tensor]], counts: torch.Tensor, weight: torch.Tensor,
+def class_gradient_sums(batches: list[tuple[int, torch.Tensor]], weights: torch.Tensor, weight: torch.Tensor,
                         bias: torch.Tensor) -> torch.Tensor:
-    """One client's contribution to the round's sum: ``[C, C, D + 1]`` float64 holding ``n_c * g_c`` for
+    """One client's contribution to the round's sum: ``[C, C, D + 1]`` float64 holding ``w_c * g_c`` for
     each class c it holds, ``g_c`` the classifier gradient averaged over that class's batches of features
     (``(class, features [m, D])``, taken under the frozen global backbone). Summed over clients and divided
-    by the summed ``counts`` (``n_c``), it is the sample-weighted mean over clients of each class's gradient."""
+    by the summed ``weights``, it is the ``w``-weighted mean over clients of each class's gradient."""
     num_classes = weight.shape[0]
     sums = torch.zeros(num_classes, num_classes, weight.shape[1] + 1, dtype=torch.float64)
     per_class = torch.zeros(num_classes, dtype=torch.float64)
@@ -84,15 +89,15 @@ def class_gradient_sums(batches: list[tuple[int, torch.Tensor]], counts: torch.T
         sums[c] += grad.double().cpu()
         per_class[c] += 1
     held = per_class > 0
-    sums[held] *= (counts.double().cpu()[held] / per_class[held])[:, None, None]
+    sums[held] *= (weights.double().cpu()[held] / per_class[held])[:, None, None]
     return sums
 
 
-def mean_class_gradients(sums: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def mean_class_gradients(sums: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Aggregated per-class gradients ``[C, C, D + 1]`` (float32) and the mask of classes any client held."""
-    present = counts > 0
+    present = weights > 0
     means = torch.zeros_like(sums)
-    means[present] = sums[present] / counts[present, None, None]
+    means[present] = sums[present] / weights[present, None, None]
     return means.float(), present
 
 
@@ -117,14 +122,24 @@ def match_federated_features(features: torch.Tensor, optimizer: torch.optim.Opti
 
 
 def text_contrast_loss(features: torch.Tensor, text_embeddings: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Supervised contrast of each class's features ``[C, m, D]`` to the class text embeddings ``[C, E]``:
-    cross-entropy of ``cos(z, t_k) / temperature`` over the classes k, the target being the feature's own
-    class (so every feature is pulled to its class's embedding and pushed from the others)."""
+    """CLIP2FL's supervised contrast of the federated features ``[C, m, D]`` to the class text embeddings
+    ``[C, D]`` (L2-normalised; the features are not), in closed form.
+
+    The released loss scores every feature i against the text embedding of every other feature j's class,
+    ``s_ij = f_i . t_{y_j} / temperature``, with positives the j != i of i's class, and averages
+    ``-log(exp(s_ij) / sum_{k != i} exp(s_ik))`` over them. With m features per class the positives all
+    share ``t_{y_i}`` and the denominator counts m copies of each other class and m - 1 of i's own, so the
+    loss is ``-s_{i, y_i} + log sum_c w_c exp(s_{i,c})`` with ``w_c = m`` (``m - 1`` for c = y_i), averaged
+    over the features: O(N C) instead of the N x N matrix.
+    """
     num_classes, m, _ = features.shape
-    z = features.reshape(num_classes * m, -1)
-    logits = nn.functional.normalize(z, dim=-1) @ nn.functional.normalize(text_embeddings, dim=-1).T
-    labels = torch.arange(num_classes, device=features.device).repeat_interleave(m)
-    return nn.functional.cross_entropy(logits / temperature, labels)
+    if m < 2:
+        raise ValueError("the contrast needs at least 2 features per class (a positive besides the anchor)")
+    scores = features @ text_embeddings.T / temperature  # [C, m, C]
+    counts = torch.full((num_classes, num_classes), float(m), device=features.device)
+    counts.fill_diagonal_(m - 1)
+    positive = scores.diagonal(dim1=0, dim2=2).T  # [C, m]: s_{i, y_i}
+    return (torch.logsumexp(scores + counts.log()[:, None, :], dim=-1) - positive).mean()
 
 
 @torch.no_grad()

@@ -4,7 +4,9 @@
   reading per-sample ``side`` information from ``client_side_info``);
 - ``payload_numel`` / ``client_payload``: extra numbers each client adds to the round's one flat
   all_reduce, computed on the round's global model before local training (CReFF's per-class classifier
-  gradients and counts); ``server_update`` receives their sum on rank 0 after the server step;
+  gradients); ``server_update`` receives their sum on rank 0 after the server step;
+- ``shared_numel`` / ``shared_state`` / ``load_shared_state``: server state every rank needs (CReFF's
+  re-trained classifier), carried by the round's one broadcast after the model;
 - ``server_step``: turns the clients' weighted mean into the next global model. As in FedOpt /
   pfl-research, the averaged delta ``global - mean`` is treated as a gradient for a server optimizer
   (plain SGD with lr 1 is FedAvg; with momentum, FedAvgM). Buffers such as BatchNorm statistics are not
@@ -29,7 +31,7 @@ from torch import nn
 
 from mllmfl_dist import dist
 from mllmfl_dist.config import Config, FederatedConfig
-from mllmfl_dist.data import ClientData, normalize
+from mllmfl_dist.data import ClientData, augment_batch, normalize
 from mllmfl_dist.fl import federated_features as ff
 from mllmfl_dist.fl.losses import distillation_loss
 from mllmfl_dist.fl.sampling import derive_seed
@@ -38,6 +40,8 @@ log = logging.getLogger(__name__)
 
 TAG_CREFF_FEATURES = 21  # derive_seed stream of the federated features' initial values
 TAG_CREFF_RETRAIN = 22  # ... of the re-trained classifier's init and batch order, per round
+TAG_CREFF_HEAD_INIT = 24  # ... of the classifier the first round's class gradients are taken at
+FEATURE_CHUNK = 256  # images per forward when a client computes features for its class gradients
 
 
 @dataclass(frozen=True)
@@ -90,11 +94,23 @@ class Strategy:
         """Entries each client adds to the round's flat all_reduce beside its model (0: none)."""
         return 0
 
-    def client_payload(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
-                       mean: Sequence[float], std: Sequence[float], generator: torch.Generator,
-                       device: torch.device | str) -> torch.Tensor:
-        """This client's float64 ``[payload_numel]`` summand, from the round's global ``model``."""
+    def client_payload(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor, spec: Any,
+                       generator: torch.Generator, device: torch.device | str) -> torch.Tensor:
+        """This client's float64 ``[payload_numel]`` summand, from the round's global ``model`` (``spec``: the
+        run's ``LocalTraining``, for normalisation and augmentation)."""
         raise NotImplementedError(f"{self.name} sends no payload")
+
+    def shared_numel(self, model: nn.Module) -> int:
+        """Entries of server state every rank needs, carried by the round's broadcast after the model."""
+        return 0
+
+    def shared_state(self) -> torch.Tensor:
+        """Rank 0: the ``[shared_numel]`` entries to broadcast."""
+        raise NotImplementedError(f"{self.name} shares no state")
+
+    def load_shared_state(self, flat: torch.Tensor) -> None:
+        """Every rank: take the broadcast entries."""
+        raise NotImplementedError(f"{self.name} shares no state")
 
     # -- server side -------------------------------------------------------------------------------
     def server_step(self, global_flat: torch.Tensor, mean_flat: torch.Tensor,
@@ -117,12 +133,9 @@ class Strategy:
         new[trainable_mask] = self._weights
         return new
 
-    def server_update(self, model: nn.Module, start_state: dict[str, torch.Tensor], payload: torch.Tensor,
-                      round_index: int) -> dict[str, float]:
-        """Rank 0, after the round's broadcast, so that it overlaps the next round's client training: use the
-        all-reduced payload and the round's starting global ``start_state``. ``model`` is the new global
-        model, which this hook must not change (every rank holds it already). Returns numbers for the
-        round's log."""
+    def server_update(self, model: nn.Module, payload: torch.Tensor, round_index: int) -> dict[str, float]:
+        """Rank 0, after ``server_step`` (``model`` holds the new global model) and before the broadcast: use
+        the all-reduced payload. Returns numbers for the round's log."""
         return {}
 
     def evaluation_model(self, model: nn.Module) -> nn.Module:
@@ -181,20 +194,21 @@ class FedProx(Strategy):
 class CReFF(Strategy):
     """Classifier Re-training with Federated Features (Shang et al., IJCAI 2022), on top of FedAvg.
 
-    Each sampled client also sends, for every class it holds, the gradient of the cross-entropy with respect
-    to the global classifier ``[W | b]`` on its features under the frozen global backbone, weighted by its
-    class count (payload of the round's all_reduce). On the server, the federated features (``creff.
-    features_per_class`` per class, at the model's feature width, kept across rounds) take ``match_epochs``
-    SGD steps so that the gradients they produce under the round's starting classifier match the aggregated
-    real ones (sum over rows of 1 - cos); a fresh linear classifier is then trained on them for
-    ``crt_epochs``. As in the paper's released code, the re-trained classifier is what is evaluated (and
-    saved as the final model), while the FedAvg model, with its aggregated classifier, continues into the
-    next round: the clients' gradients are always taken at the federation's own classifier.
+    Two classifiers continue from round to round, as in the paper's released code: the FedAvg model (with
+    its aggregated classifier) is what clients train locally, and the *re-trained* classifier ``[W~ | b~]``
+    (a seeded random linear layer before round 1) is where the class gradients are taken. Each round:
 
-    Since nothing the clients receive depends on them, the matching runs after the round's broadcast (it
-    overlaps the next round's client training), and the re-training only when a model is evaluated or
-    saved, from that round's features and a generator seeded by (seed, round): the same classifier as
-    re-training every round, without the cost in rounds that are not evaluated.
+    - every sampled client, besides local training, computes for each class it holds the gradient of the
+      cross-entropy with respect to ``[W~ | b~]`` on features of the round's global backbone (frozen, eval
+      mode), averaged over ``creff.batches_per_class`` random, augmented batches of ``creff.batch_size``
+      samples of the class; these go into the round's one flat all_reduce (the payload after the model),
+      with the weights of the server's mean (``creff.gradient_mean``);
+    - rank 0 moves the federated features (``features_per_class`` per class at the model's feature width,
+      kept across rounds) for ``match_epochs`` SGD steps so that the gradients they produce at ``[W~ | b~]``
+      match the aggregated ones, then trains a fresh linear classifier on them for ``crt_epochs``: the new
+      ``[W~ | b~]``, which the round's broadcast carries to every rank beside the FedAvg model.
+
+    Evaluation (and ``model_final.pt``) is the FedAvg backbone with the re-trained classifier.
     """
 
     name = "creff"
@@ -204,15 +218,33 @@ class CReFF(Strategy):
         self.creff = cfg.creff
         self.seed = cfg.run.seed
         self.features: torch.Tensor | None = None  # [C, features_per_class, D], rank 0
-        self.features_round = 0  # the round whose matching produced them
         self._feature_optimizer: torch.optim.SGD | None = None
-        self._pending_feature_optimizer: dict[str, Any] | None = None
-        # The classifier re-trained on the features of ``features_round`` (weight, bias); None until needed.
-        self.retrained: dict[str, torch.Tensor] | None = None
+        # The re-trained classifier [C, D + 1] ([W~ | b~]), the same on every rank after each broadcast.
+        self.head: torch.Tensor | None = None
+        self.rounds_retrained = 0
 
     @classmethod
     def from_config(cls, cfg: Config) -> Strategy:
         return cls(cfg)
+
+    def _ensure_head(self, model: nn.Module) -> torch.Tensor:
+        if self.head is None:
+            # nn.Linear's default init, drawn from (seed, tag): the same on every rank before round 1.
+            num_classes, dim = model.classifier.out_features, model.classifier.in_features
+            generator = torch.Generator().manual_seed(derive_seed(self.seed, TAG_CREFF_HEAD_INIT))
+            bound = 1.0 / dim**0.5
+            self.head = torch.empty(num_classes, dim + 1).uniform_(-bound, bound, generator=generator)
+        return self.head
+
+    # -- state every rank holds ----------------------------------------------------------------------
+    def shared_numel(self, model):
+        return self._ensure_head(model).numel()
+
+    def shared_state(self):
+        return self.head.flatten()
+
+    def load_shared_state(self, flat):
+        self.head = flat.detach().cpu().float().view_as(self.head).clone()
 
     # -- client side -------------------------------------------------------------------------------
     def payload_numel(self, model):
@@ -220,74 +252,71 @@ class CReFF(Strategy):
         return num_classes * num_classes * (dim + 1) + num_classes
 
     @torch.no_grad()
-    def client_payload(self, model, images, labels, mean, std, generator, device):
-        num_classes = model.classifier.out_features
+    def client_payload(self, model, images, labels, spec, generator, device):
+        head = self._ensure_head(model)
+        num_classes = head.shape[0]
         batches = ff.pick_class_batches(labels, num_classes, batch_size=self.creff.batch_size,
                                         batches=self.creff.batches_per_class, generator=generator)
-        # One forward over the picked samples, un-augmented, BatchNorm in eval mode: the frozen backbone.
-        picked = torch.unique(torch.cat([positions for _, positions in batches]))
-        row = torch.full((labels.shape[0],), -1, dtype=torch.long)
-        row[picked] = torch.arange(len(picked))
+        positions = torch.cat([p for _, p in batches])
+        x = images[positions.to(images.device)]
+        if self.creff.augment:
+            x = augment_batch(x, generator, spec.crop_padding, spec.hflip, spec.random_crop)
         was_training = model.training
-        model.eval()
-        features = model.features(normalize(images[picked].to(device), mean, std)).float()
+        model.eval()  # the frozen backbone: BatchNorm with the federation's statistics
+        features = torch.cat([model.features(normalize(chunk.to(device), spec.mean, spec.std)).float()
+                              for chunk in x.split(FEATURE_CHUNK)])
         model.train(was_training)
-        counts = torch.bincount(labels.cpu(), minlength=num_classes)
-        sums = ff.class_gradient_sums([(c, features[row[p].to(features.device)]) for c, p in batches], counts,
-                                      model.classifier.weight, model.classifier.bias)
-        return torch.cat([sums.flatten(), counts.double()])
+        held = torch.bincount(labels.cpu(), minlength=num_classes)
+        weights = held if self.creff.gradient_mean == "samples" else (held > 0).long()
+        bounds = torch.tensor([0] + [len(p) for _, p in batches]).cumsum(0).tolist()
+        pieces = [(c, features[bounds[i] : bounds[i + 1]]) for i, (c, _) in enumerate(batches)]
+        head = head.to(features.device)
+        sums = ff.class_gradient_sums(pieces, weights, head[:, :-1], head[:, -1])
+        return torch.cat([sums.flatten(), weights.double()])
 
     # -- server side -------------------------------------------------------------------------------
-    def server_update(self, model, start_state, payload, round_index):
-        num_classes, dim = model.classifier.out_features, model.classifier.in_features
-        split = num_classes * num_classes * (dim + 1)
-        real, present = ff.mean_class_gradients(payload[:split].view(num_classes, num_classes, dim + 1).cpu(),
+    def server_update(self, model, payload, round_index):
+        head = self._ensure_head(model)
+        num_classes, width = head.shape
+        split = num_classes * num_classes * width
+        real, present = ff.mean_class_gradients(payload[:split].view(num_classes, num_classes, width).cpu(),
                                                 payload[split:].cpu())
         if self.features is None:
             generator = torch.Generator().manual_seed(derive_seed(self.seed, TAG_CREFF_FEATURES))
-            self.features = torch.randn(num_classes, self.creff.features_per_class, dim,
+            self.features = torch.randn(num_classes, self.creff.features_per_class, width - 1,
                                         generator=generator).requires_grad_(True)
             self._feature_optimizer = torch.optim.SGD([self.features], lr=self.creff.lr_feature)
-            if self._pending_feature_optimizer is not None:
-                self._feature_optimizer.load_state_dict(self._pending_feature_optimizer)
-                self._pending_feature_optimizer = None
-        match_loss = ff.match_federated_features(
-            self.features, self._feature_optimizer, real, present, start_state["classifier.weight"].cpu(),
-            start_state["classifier.bias"].cpu(), self.creff.match_epochs, extra_loss=self.feature_extra_loss())
-        self.features_round, self.retrained = round_index, None
+        match_loss = ff.match_federated_features(self.features, self._feature_optimizer, real, present,
+                                                 head[:, :-1], head[:, -1], self.creff.match_epochs,
+                                                 extra_loss=self.feature_extra_loss())
+        generator = torch.Generator().manual_seed(derive_seed(self.seed, TAG_CREFF_RETRAIN, round_index))
+        retrained = ff.retrain_classifier(self.features, epochs=self.creff.crt_epochs, lr=self.creff.lr_crt,
+                                          batch_size=self.creff.crt_batch_size, generator=generator)
+        self.head = torch.cat([retrained.weight, retrained.bias[:, None]], dim=1).detach().cpu()
+        self.rounds_retrained = round_index
         return {"match_loss": match_loss}
-
-    def retrained_classifier(self) -> dict[str, torch.Tensor] | None:
-        """The classifier re-trained on the current federated features (computed once per round, on demand)."""
-        if self.retrained is None and self.features is not None:
-            generator = torch.Generator().manual_seed(derive_seed(self.seed, TAG_CREFF_RETRAIN, self.features_round))
-            head = ff.retrain_classifier(self.features, epochs=self.creff.crt_epochs, lr=self.creff.lr_crt,
-                                         batch_size=self.creff.crt_batch_size, generator=generator)
-            self.retrained = {"weight": head.weight.detach().clone(), "bias": head.bias.detach().clone()}
-        return self.retrained
 
     def feature_extra_loss(self):
         """A term added to the gradient-matching loss of the federated features (CLIP2FL's contrast)."""
         return None
 
     def evaluation_model(self, model):
-        retrained = self.retrained_classifier()
-        if retrained is None:  # before the first round
+        if not self.rounds_retrained:  # before the first round: nothing re-trained yet
             return model
         evaluated = copy.deepcopy(model)
         with torch.no_grad():
-            evaluated.classifier.weight.copy_(retrained["weight"])
-            evaluated.classifier.bias.copy_(retrained["bias"])
+            evaluated.classifier.weight.copy_(self.head[:, :-1])
+            evaluated.classifier.bias.copy_(self.head[:, -1])
         return evaluated
 
     def state_dict(self):
         return {
             "server_optimizer": super().state_dict(),
             "features": None if self.features is None else self.features.detach().clone(),
-            "features_round": self.features_round,
             "feature_optimizer": (copy.deepcopy(self._feature_optimizer.state_dict())
-                                  if self._feature_optimizer is not None else self._pending_feature_optimizer),
-            "retrained": copy.deepcopy(self.retrained),
+                                  if self._feature_optimizer is not None else None),
+            "head": None if self.head is None else self.head.clone(),
+            "rounds_retrained": self.rounds_retrained,
         }
 
     def load_state_dict(self, state):
@@ -299,8 +328,8 @@ class CReFF(Strategy):
             self._feature_optimizer = torch.optim.SGD([self.features], lr=self.creff.lr_feature)
             if state["feature_optimizer"]:
                 self._feature_optimizer.load_state_dict(state["feature_optimizer"])
-        self.features_round = int(state["features_round"])
-        self.retrained = copy.deepcopy(state["retrained"])
+        self.head = None if state["head"] is None else state["head"].clone()
+        self.rounds_retrained = int(state["rounds_retrained"])
 
 
 class CLIP2FL(CReFF):

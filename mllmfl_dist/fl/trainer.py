@@ -3,9 +3,9 @@
 Each round: sample K of N clients from (seed, round); assign them to client hosts (LPT by size); every
 host trains its clients one after another from the same global model and accumulates ``n_k * state_k``
 into one float64 buffer with the total weight appended, followed by the strategy's payload (CReFF's
-per-class classifier gradients); one all_reduce; the server steps the strategy; one broadcast of the new
-global model as a flat buffer (after rank 0's ``server_hook``, e.g. alignment); then rank 0 hands the
-summed payload to the strategy while the hosts start the next round.
+per-class classifier gradients); one all_reduce; the server steps the strategy and hands it the summed
+payload; one broadcast of the new global model as a flat buffer, followed by the strategy's shared state
+(CReFF's re-trained classifier), after rank 0's ``server_hook`` (e.g. alignment).
 """
 
 from __future__ import annotations
@@ -52,6 +52,7 @@ class FederatedTrainer:
         self.trainable_mask = self.layout.trainable_mask.to(runtime.device)
         self.local = LocalTraining.from_config(cfg, data.mean, data.std)
         self.payload_numel = strategy.payload_numel(self.model)
+        self.shared_numel = strategy.shared_numel(self.model)
         # Rank 0 only, after the server step and before the broadcast (global alignment plugs in here).
         self.server_hook = server_hook
         self.rounds_done = 0
@@ -67,10 +68,16 @@ class FederatedTrainer:
         self.layout.unflatten_into(flat, self.model.state_dict())
 
     def broadcast_global(self) -> int:
-        """Make every rank hold rank 0's global model; returns the bytes broadcast."""
-        flat = self.global_flat(torch.float32)
+        """Make every rank hold rank 0's global model (and the strategy's shared state, after it in the same
+        buffer); returns the bytes broadcast."""
+        flat = torch.empty(self.layout.numel + self.shared_numel, dtype=torch.float32, device=self.runtime.device)
+        self.layout.flatten(self.model.state_dict(), out=flat[: self.layout.numel])
+        if self.shared_numel:
+            flat[self.layout.numel :] = self.strategy.shared_state()
         dist.broadcast_from_server_(self.runtime, flat)
-        self.set_global_flat(flat)
+        self.set_global_flat(flat[: self.layout.numel])
+        if self.shared_numel:
+            self.strategy.load_shared_state(flat[self.layout.numel :])
         return flat.numel() * flat.element_size()
 
     # -- one round -------------------------------------------------------------------------------
@@ -95,8 +102,8 @@ class FederatedTrainer:
             if self.payload_numel:
                 payload_generator = torch.Generator().manual_seed(
                     derive_seed(seed, TAG_CLIENT_PAYLOAD, round_index, cid))
-                payload += self.strategy.client_payload(self.model, images, labels, self.data.mean, self.data.std,
-                                                        payload_generator, self.runtime.device).to(payload.device)
+                payload += self.strategy.client_payload(self.model, images, labels, self.local, payload_generator,
+                                                        self.runtime.device).to(payload.device)
             generator = torch.Generator().manual_seed(derive_seed(seed, TAG_CLIENT_TRAINING, round_index, cid))
             train_client(self.model, images, labels, self.local, generator, self.strategy,
                          global_params, self.runtime.device, self.strategy.client_side_info(self.data, cid))
@@ -107,13 +114,11 @@ class FederatedTrainer:
         if self.runtime.is_server:
             new = self.strategy.server_step(start, mean_from_sum(model_acc), self.trainable_mask)
             self.set_global_flat(new)
+            if self.payload_numel:
+                server_record = self.strategy.server_update(self.model, payload, round_index)
             if self.server_hook is not None:
                 self.server_hook(self.model, round_index)
         bytes_broadcast = self.broadcast_global()
-        if self.runtime.is_server and self.payload_numel:
-            # After the broadcast: the hosts already train the next round while the server works on this one.
-            server_record = self.strategy.server_update(self.model, self.layout.unflatten(start), payload,
-                                                        round_index)
         self.rounds_done = round_index
         self._last_round_end = time.perf_counter()
         return RoundStats(round_index, self._last_round_end - started, tuple(clients), tuple(mine),

@@ -13,12 +13,13 @@ _HEAD_PREFIXES = ("classifier.", "projection.")
 class FLModel(nn.Module):
     """Backbone + linear classifier, with the three views the stages need.
 
-    ``feature_map(x)`` is the last convolutional map [B, C, h, w]; ``pool(map)`` the pooled feature
+    ``feature_map(x)`` is the last convolutional map [B, map_channels, h, w]; ``pool(map)`` the pooled feature
     [B, feature_dim] (through ``projection`` when the model has one, as CLIP2FL's does); ``classifier``
     the linear head. ``forward`` composes the three.
     """
 
-    feature_dim: int
+    feature_dim: int  # width of ``features`` (after the projection, when there is one)
+    map_channels: int  # channels of ``feature_map``
     classifier: nn.Linear
     input_memory_format: torch.memory_format = torch.contiguous_format
 
@@ -102,7 +103,7 @@ class ResNet8(FLModel):
         self.layer1 = _BasicBlock(widths[0], widths[0], 1)
         self.layer2 = _BasicBlock(widths[0], widths[1], 2)
         self.layer3 = _BasicBlock(widths[1], widths[2], 2)
-        self.feature_dim = widths[2]
+        self.feature_dim = self.map_channels = widths[2]
         self.classifier = nn.Linear(self.feature_dim, num_classes)
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
@@ -124,7 +125,7 @@ class ResNet50(FLModel):
         self.body = nn.Sequential(
             net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3, net.layer4
         )
-        self.feature_dim = net.fc.in_features
+        self.feature_dim = self.map_channels = net.fc.in_features
         self.classifier = nn.Linear(self.feature_dim, num_classes)
 
     def feature_map(self, x: torch.Tensor) -> torch.Tensor:

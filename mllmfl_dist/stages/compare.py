@@ -108,8 +108,10 @@ def _jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 def method_row(method: str, method_cfg: Config) -> dict[str, Any]:
+    from mllmfl_dist.stages.report import read_evaluations
+
     out = method_cfg.run_dir / "federated"
-    evaluations = _jsonl(out / "metrics.jsonl")
+    evaluations = read_evaluations(out / "metrics.jsonl")
     rounds = _jsonl(out / "rounds.jsonl")
     final = evaluations[-1] if evaluations else {}
     return {
@@ -157,7 +159,7 @@ def results_csv(rows: list[dict[str, Any]]) -> str:
 
 
 def write_results(out_dir: Path, rows: list[dict[str, Any]], run_dirs: dict[str, Path]) -> None:
-    from mllmfl_dist.stages.report import _savefig_atomic
+    from mllmfl_dist.stages.report import read_evaluations, save_accuracy_plot
 
     out_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out_dir / "results.md", results_markdown(rows))
@@ -170,15 +172,8 @@ def write_results(out_dir: Path, rows: list[dict[str, Any]], run_dirs: dict[str,
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for method, run_dir in run_dirs.items():
-        records = [r for r in _jsonl(run_dir / "federated" / "metrics.jsonl") if "acc" in r]
+        records = read_evaluations(run_dir / "federated" / "metrics.jsonl")
         if records:
             ax.plot([r["round"] for r in records], [r["acc"] for r in records], marker="o", markersize=3,
                     label=method)
-    ax.set_xlabel("round")
-    ax.set_ylabel("balanced test accuracy")
-    ax.set_ylim(0, 1)
-    ax.grid(True, alpha=0.3)
-    ax.legend()
-    ax.set_title("Accuracy over rounds")
-    _savefig_atomic(fig, out_dir / "accuracy.png")
-    plt.close(fig)
+    save_accuracy_plot(fig, ax, out_dir / "accuracy.png")

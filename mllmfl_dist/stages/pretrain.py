@@ -368,7 +368,7 @@ def build_student(cfg: Config, llava, runtime: dist.Runtime | None = None) -> tu
     fl_input = FLInput(data.in_channels, data.image_size, tuple(data.mean), tuple(data.std))
     tokens, grid_h, grid_w, width = vision_grid(llava)
     torch.manual_seed(derive_seed(cfg.run.seed, TAG_ADAPTER_INIT))
-    adapter = TokenAdapter(backbone.feature_dim, tokens, grid_h, grid_w, width)
+    adapter = TokenAdapter(backbone.map_channels, tokens, grid_h, grid_w, width)
     return DWPStudent(backbone, adapter), fl_input
 
 

@@ -46,7 +46,7 @@ def _read_json(path: Path) -> dict | None:
     return obj if isinstance(obj, dict) else None
 
 
-def _read_jsonl(path: Path) -> list[dict]:
+def read_evaluations(path: Path) -> list[dict]:
     """Evaluation records, in round order, a torn or malformed line dropped, a redone round's last
     record kept."""
     if not path.is_file():
@@ -97,6 +97,20 @@ def _savefig_atomic(fig, path: Path) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def save_accuracy_plot(fig, ax, path: Path) -> None:
+    """Label an accuracy-over-rounds axes, write the figure atomically and close it."""
+    import matplotlib.pyplot as plt
+
+    ax.set_xlabel("round")
+    ax.set_ylabel("test accuracy")
+    ax.set_ylim(0, 1)
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    ax.set_title("Accuracy over rounds")
+    _savefig_atomic(fig, path)
+    plt.close(fig)
 
 
 def _annotate_summary(m: dict) -> dict:
@@ -163,14 +177,7 @@ def _plot(out_dir: Path, records: list[dict]) -> list[str]:
     if any(isinstance(r.get("before_align"), dict) for r in records):
         ys = [_num((r.get("before_align") or {}).get("acc")) for r in records]
         ax.plot(xs, ys, marker="s", linestyle="--", label="before alignment")
-    ax.set_xlabel("round")
-    ax.set_ylabel("test accuracy")
-    ax.set_ylim(0, 1)
-    ax.grid(True, alpha=0.3)
-    ax.legend()
-    ax.set_title("Accuracy over rounds")
-    _savefig_atomic(fig, out_dir / "accuracy.png")
-    plt.close(fig)
+    save_accuracy_plot(fig, ax, out_dir / "accuracy.png")
     written.append("accuracy.png")
 
     # final per-class accuracy
@@ -245,7 +252,7 @@ def write_report(run_dir: Path) -> dict:
     if pre is not None:
         summary["pretrain"] = _pretrain_summary(pre)
 
-    records = _read_jsonl(run_dir / "federated" / "metrics.jsonl")
+    records = read_evaluations(run_dir / "federated" / "metrics.jsonl")
     if records:
         fed_summary = _read_json(run_dir / "federated" / "summary.json")
         summary["federated"] = _federated_summary(records, fed_summary)
