@@ -116,9 +116,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "compare":
             from mllmfl_dist.stages.compare import method_config, parse_methods
 
+            from mllmfl_dist.fl.strategies import STRATEGIES
+
             methods = parse_methods(args.strategies)
-            for method in methods:  # refuse a bad method before any process group starts
-                method_config(cfg, method)
+            for method in methods:  # refuse a bad method (or a CLIP that is not there) before anything runs
+                method_cfg = method_config(cfg, method)
+                STRATEGIES[method_cfg.federated.strategy].projection_dim(method_cfg)
             return _run_stage(cfg, args.command, methods)
         return _run_stage(cfg, args.command)
     except (ConfigError, DataError, ModelLoadError) as err:
@@ -190,8 +193,13 @@ def _evaluate(cfg, checkpoint_path: str) -> int:
     state = checkpoint.load_or_explain(path, "--checkpoint")
     if not isinstance(state, dict):
         raise ConfigError(f"--checkpoint {path} holds no state dict")
-    server_state = state.get("server_optimizer") if isinstance(state.get("model"), dict) else None
-    if server_state is not None:
+    server_state = None
+    if "model" in state and isinstance(state["model"], dict):
+        saved_strategy = (state.get("config") or {}).get("federated", {}).get("strategy")
+        if saved_strategy not in (None, cfg.federated.strategy):
+            raise ConfigError(f"--checkpoint {path} was trained with federated.strategy = {saved_strategy!r}; "
+                              f"evaluate it with that strategy (--set federated.strategy={saved_strategy})")
+        server_state = state.get("server_optimizer")
         state = state["model"]
     data = build_data(cfg)
     model = build_fl_model(cfg, data)

@@ -527,10 +527,12 @@ def resume_differences(saved: dict[str, dict[str, Any]], current: dict[str, dict
     """``key: old -> new`` for every setting that differs and would change the results of a resumed run."""
     differences = []
     saved_items = flat_items(saved)
-    # Sections a strategy does not read cannot change its results (so `compare` may add clip2fl.model
-    # after the other methods finished).
+    # Sections a run does not read cannot change its results (so `compare` may add clip2fl.model or change
+    # the mllm method's [align] after the baselines finished).
     strategy = current.get("federated", {}).get("strategy")
     unread = tuple(section for section, readers in STRATEGY_SECTIONS.items() if strategy not in readers)
+    if current.get("align", {}).get("every") == 0 and saved.get("align", {}).get("every", 0) == 0:
+        unread += ("align.",)  # alignment off before and after
     for name, value in flat_items(current).items():
         old = saved_items.get(name, value)
         if old != value and not any(name == k or (k.endswith(".") and name.startswith(k))

@@ -131,3 +131,10 @@ def test_resume_differences_ignore_sections_the_strategy_does_not_read():
         saved, current = Config().to_dict(), dict(clip_model, federated=dict(clip_model["federated"], strategy=strategy))
         saved["federated"]["strategy"] = strategy
         assert resume_differences(saved, current) == expected
+
+    # [align] is not read while alignment is off, before and after.
+    align_changed = Config().to_dict()
+    align_changed["align"]["steps"] = 7
+    assert resume_differences(base, align_changed) == []
+    align_changed["align"]["every"] = 1
+    assert resume_differences(base, align_changed) == ["align.every: 0 -> 1", "align.steps: 20 -> 7"]

@@ -51,6 +51,11 @@ def test_creff_resumed_after_round_one_equals_a_straight_run(tmp_path, capsys):
         assert cli("evaluate", str(SMOKE), "--checkpoint", str(tmp_path / "straight" / "federated" / name),
                    sets=[*common, "run.name=straight"]) == 0
         assert json.loads(capsys.readouterr().out)["acc"] == pytest.approx(last["acc"]), name
+    # ... and refuses a training checkpoint under another strategy (it would evaluate another classifier).
+    fedavg_sets = [f"run.root={tmp_path}", "run.name=straight", *FAST]
+    assert cli("evaluate", str(SMOKE), "--checkpoint", str(tmp_path / "straight" / "federated" / "checkpoint.pt"),
+               sets=fedavg_sets) == 2
+    assert "federated.strategy = 'creff'" in capsys.readouterr().err
 
 
 def test_clip2fl_runs_the_teacher_once_per_sample_and_never_again(tmp_path, tiny_models, monkeypatch, capsys):
@@ -150,4 +155,16 @@ def test_compare_refuses_bad_methods_before_running_anything(tmp_path, capsys):
     assert "align.every" in capsys.readouterr().err
     assert cli("compare", str(SMOKE), "--strategies", "clip2fl", sets=sets) == 2
     assert "clip2fl.model" in capsys.readouterr().err
+    missing = tmp_path / "no_clip"
+    assert cli("compare", str(SMOKE), "--strategies", "fedavg,clip2fl", sets=[*sets, f"clip2fl.model=local-dir:{missing}"]) == 2
+    assert str(missing) in capsys.readouterr().err
     assert not (tmp_path / "smoke").exists()
+
+
+def test_a_payload_too_large_for_the_all_reduce_is_refused():
+    from mllmfl_dist.stages.federated import MAX_PAYLOAD_BYTES, check_payload_size
+
+    cfg = load_config(SMOKE, ["federated.strategy=creff"])
+    check_payload_size(cfg, MAX_PAYLOAD_BYTES // 8)
+    with pytest.raises(ConfigError, match="classes\\^2"):
+        check_payload_size(cfg, 1000 * 1000 * 2049 + 1000)  # ImageNet-LT classes, ResNet-50 features

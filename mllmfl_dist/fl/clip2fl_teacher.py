@@ -3,11 +3,12 @@
 The teacher is frozen and sees the un-augmented image, so its logits for a sample never change: they are
 computed once per run (the samples split evenly over all ranks, then summed into one tensor on every
 rank over the control group) and stored by rank 0 as ``<cache_dir>/clip2fl-teacher-<key16>.pt``. The key
-is a sha256 over the teacher's settings (model, pretrained tag, templates, logit scale, class names) and
-the data (every client sample's index, label and pixel bytes), so a changed model or data set never
-reuses a stale file. A later run (a resume, another method of ``compare`` on the same data) finds the
-file, loads no CLIP model and broadcasts the logits from rank 0. The class text embeddings the server's
-contrast needs are stored beside the logits.
+is a sha256 over the teacher's settings (model, pretrained tag, templates, logit scale, class names, the
+open_clip version, and the size and modification time of a local weights file), and the data (every
+client sample's index, label and pixel bytes), so a changed model or data set does not reuse a stale
+file. A later run of the same config (a resume, a rerun) finds the file, loads no CLIP model and
+broadcasts the logits from rank 0. The class text embeddings the server's contrast needs are stored
+beside the logits.
 """
 
 from __future__ import annotations
@@ -56,9 +57,25 @@ def client_samples(data: ClientData) -> np.ndarray:
     return np.unique(np.concatenate([data.client_indices(c) for c in range(data.num_clients)]))
 
 
+def _weights_identity(ccfg: Clip2flConfig) -> list:
+    """Size and mtime of the weights files a name points at on disk (a replaced file changes the key)."""
+    from mllmfl_dist.models.clip_teacher import LOCAL_DIR
+
+    files = []
+    if ccfg.model.startswith(LOCAL_DIR):
+        folder = Path(ccfg.model[len(LOCAL_DIR) :]).expanduser()
+        files = sorted(p for p in folder.glob("*") if p.suffix in (".safetensors", ".bin", ".pt", ".pth"))
+    if ccfg.pretrained and Path(ccfg.pretrained).is_file():
+        files.append(Path(ccfg.pretrained))
+    return [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+
+
 def cache_key(ccfg: Clip2flConfig, data: ArrayClientData, indices: np.ndarray) -> str:
+    import open_clip
+
     meta = {"version": _CACHE_VERSION, "model": ccfg.model, "pretrained": ccfg.pretrained,
-            "templates": ccfg.templates, "logit_scale": ccfg.logit_scale, "class_names": list(data.class_names)}
+            "templates": ccfg.templates, "logit_scale": ccfg.logit_scale, "class_names": list(data.class_names),
+            "open_clip": open_clip.__version__, "weights": _weights_identity(ccfg)}
     digest = hashlib.sha256(json.dumps(meta, sort_keys=True).encode())
     digest.update(indices.astype(np.int64).tobytes())
     step = 4096  # in chunks: the images of a large source are never gathered into one copy
@@ -77,12 +94,17 @@ def teacher_logits(ccfg: Clip2flConfig, data: ClientData, runtime: dist.Runtime,
                    progress: bool = True) -> TeacherLogits:
     """Every client sample's teacher logits on every rank (and the text embeddings on rank 0)."""
     indices = client_samples(data)
-    stored = None
+    stored, failure = None, None
     if runtime.is_server:
-        key = cache_key(ccfg, data, indices)
-        path = cache_path(cache_dir, key)
-        stored = _read_cache(path, key, len(indices), data.num_classes)
-    found = dist.broadcast_object(runtime, stored is not None)
+        try:
+            key = cache_key(ccfg, data, indices)
+            path = cache_path(cache_dir, key)
+            stored = _read_cache(path, key, len(indices), data.num_classes)
+        except Exception as err:  # noqa: BLE001 - every rank must hear of it, not wait for rank 0
+            failure = f"{type(err).__name__}: {err}"
+    found, failure = dist.broadcast_object(runtime, (stored is not None, failure))
+    if failure:
+        raise ModelLoadError(f"clip2fl teacher cache ({cache_dir}): {failure}")
     if found:
         logits = stored["logits"] if stored is not None else torch.zeros(len(indices), data.num_classes)
         dist.broadcast_control_(runtime, logits)
@@ -91,8 +113,11 @@ def teacher_logits(ccfg: Clip2flConfig, data: ClientData, runtime: dist.Runtime,
 
     logits, text = compute_teacher_logits(ccfg, data, indices, runtime, progress)
     if runtime.is_server:
-        checkpoint.save_atomic({"key": key, "logits": logits, "text_embeddings": text}, path)
-        log.info("clip2fl: teacher logits of %d samples cached in %s", len(indices), path)
+        try:
+            checkpoint.save_atomic({"key": key, "logits": logits, "text_embeddings": text}, path)
+            log.info("clip2fl: teacher logits of %d samples cached in %s", len(indices), path)
+        except OSError as err:  # the run goes on; only a later run pays for the teacher again
+            log.warning("clip2fl: could not cache the teacher logits in %s (%s)", path, err)
     return TeacherLogits(indices, logits, text)
 
 

@@ -82,8 +82,12 @@ def clip_embed_dim(model: str, pretrained: str = "") -> int:
             raise ModelLoadError(f"CLIP model {model!r}: not an open_clip architecture (see "
                                  f"open_clip.list_models()); {_HINT}")
         return int(config["embed_dim"])
-    clip, _, _ = load_clip(model, pretrained)
-    return int(clip.text_projection.shape[1])
+    clip, _, tokenizer = load_clip(model, pretrained)
+    try:
+        with torch.no_grad():
+            return int(clip.encode_text(tokenizer(["a photo"])).shape[-1])
+    except Exception as exc:  # noqa: BLE001 - any model that cannot embed a text is unusable here
+        raise ModelLoadError(f"CLIP model {model!r}: cannot embed a text to find its width ({_first_line(exc)})") from None
 
 
 @torch.no_grad()

@@ -26,6 +26,9 @@ from mllmfl_dist.models.mllm import ModelLoadError
 log = logging.getLogger(__name__)
 
 TAG_MODEL_INIT = 3
+# A strategy payload above this (per round, per rank, float64) is refused: CReFF's class gradients grow as
+# classes^2 x feature width (ImageNet-LT with ResNet-50: 1000 x 1000 x 2049 entries, 16 GB).
+MAX_PAYLOAD_BYTES = 2 * 2**30
 CHECKPOINT_NAME = "checkpoint.pt"
 FINAL_MODEL_NAME = "model_final.pt"
 
@@ -69,6 +72,17 @@ def build_fl_model(cfg: Config, data: ClientData) -> FLModel:
     return model.add_projection(projection) if projection else model
 
 
+def check_payload_size(cfg: Config, payload_numel: int) -> None:
+    """Refuse a strategy whose per-round payload would not fit a round's all_reduce buffer."""
+    size = payload_numel * 8
+    if size > MAX_PAYLOAD_BYTES:
+        raise ConfigError(
+            f"federated.strategy = {cfg.federated.strategy!r} would add {size / 2**30:.1f} GiB per round to the "
+            f"all_reduce (per-class classifier gradients: classes^2 x (feature width + 1) float64 entries); the "
+            f"limit is {MAX_PAYLOAD_BYTES / 2**30:.0f} GiB. Use a task with fewer classes or a narrower feature "
+            f"(model.width_scale, model.arch)")
+
+
 def evaluate_global(cfg: Config, data: ClientData, model: FLModel, device: torch.device) -> dict[str, Any]:
     images, labels = data.test_set()
     return evaluate_model(model, images, labels, num_classes=data.num_classes,
@@ -82,6 +96,7 @@ def run_federated(cfg: Config, runtime: dist.Runtime) -> dict[str, Any]:
     data = build_data(cfg, runtime)
     strategy = build_strategy(cfg)
     trainer = FederatedTrainer(cfg, runtime, data, build_fl_model(cfg, data), strategy)
+    check_payload_size(cfg, trainer.payload_numel)
     alignment: _Alignment | None = None
 
     # Only rank 0 reads the checkpoint; its verdict (start round, or why it cannot resume) goes to every
