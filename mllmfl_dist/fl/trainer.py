@@ -23,10 +23,10 @@ from mllmfl_dist.data import ClientData
 from mllmfl_dist.fl.aggregation import FlatLayout, accumulate_, mean_from_sum, new_accumulator
 from mllmfl_dist.fl.client import LocalTraining, train_client
 from mllmfl_dist.fl.sampling import TAG_CLIENT_TRAINING, assign_clients, derive_seed, sample_clients
-
-TAG_CLIENT_PAYLOAD = 23  # derive_seed stream of a client's payload (CReFF's class batches), per round
 from mllmfl_dist.fl.strategies import Strategy
 from mllmfl_dist.models import FLModel
+
+TAG_CLIENT_PAYLOAD = 23  # derive_seed stream of a client's payload (CReFF's class batches), per round
 
 
 @dataclass(frozen=True)
