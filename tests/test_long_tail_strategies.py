@@ -60,19 +60,20 @@ def test_creff_resumed_after_round_one_equals_a_straight_run(tmp_path, capsys):
 
 def test_clip2fl_runs_the_teacher_once_per_sample_and_never_again(tmp_path, tiny_models, monkeypatch, capsys):
     import mllmfl_dist.models.clip_teacher as clip_teacher
+    import mllmfl_dist.models.teachers as teachers
 
     seen = {"rows": 0, "loads": 0}
-    real_logits, real_load = clip_teacher.zero_shot_logits, clip_teacher.load_clip
+    real_logits, real_load = teachers.clip_teacher_logits, clip_teacher.load_clip
 
-    def counting_logits(model, tokenizer, images, *args, **kwargs):
-        seen["rows"] += images.shape[0]
-        return real_logits(model, tokenizer, images, *args, **kwargs)
+    def counting_logits(clip, preprocess, tokenizer, images, *args, **kwargs):
+        seen["rows"] += len(images)
+        return real_logits(clip, preprocess, tokenizer, images, *args, **kwargs)
 
     def counting_load(*args, **kwargs):
         seen["loads"] += 1
         return real_load(*args, **kwargs)
 
-    monkeypatch.setattr(clip_teacher, "zero_shot_logits", counting_logits)
+    monkeypatch.setattr(teachers, "clip_teacher_logits", counting_logits)
     monkeypatch.setattr(clip_teacher, "load_clip", counting_load)
     sets = [f"run.root={tmp_path}", "federated.strategy=clip2fl", f"clip2fl.model=local-dir:{tiny_models['clip']}",
             *FAST]

@@ -92,23 +92,29 @@ def existing_shards(pattern: str) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and regex.match(p.name))
 
 
+def to_pil(image: Any):
+    """A PIL image from a uint8 array/tensor ``[H, W]``, ``[1, H, W]`` (mode ``L``) or ``[3, H, W]``
+    (``RGB``); a PIL image is returned as it is."""
+    from PIL import Image
+
+    if isinstance(image, Image.Image):
+        return image
+    array = image.numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
+    if array.dtype != np.uint8:
+        raise ValueError(f"image arrays must be uint8, got {array.dtype}")
+    if array.ndim == 3 and array.shape[0] == 1:
+        array = array[0]
+    if array.ndim == 3 and array.shape[0] == 3:
+        return Image.fromarray(np.ascontiguousarray(array.transpose(1, 2, 0)), mode="RGB")
+    if array.ndim == 2:
+        return Image.fromarray(np.ascontiguousarray(array), mode="L")
+    raise ValueError(f"image arrays must be [H, W], [1, H, W] or [3, H, W], got {array.shape}")
+
+
 def encode_png(image: Any) -> bytes:
     """PNG bytes of a PIL image, or of a uint8 array/tensor ``[H, W]``, ``[1, H, W]`` or ``[3, H, W]``
     (grayscale is written as mode ``L``, three channels as ``RGB``)."""
-    from PIL import Image
-
-    if not isinstance(image, Image.Image):
-        array = image.numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
-        if array.dtype != np.uint8:
-            raise ValueError(f"image arrays must be uint8, got {array.dtype}")
-        if array.ndim == 3 and array.shape[0] == 1:
-            array = array[0]
-        if array.ndim == 3 and array.shape[0] == 3:
-            image = Image.fromarray(np.ascontiguousarray(array.transpose(1, 2, 0)), mode="RGB")
-        elif array.ndim == 2:
-            image = Image.fromarray(np.ascontiguousarray(array), mode="L")
-        else:
-            raise ValueError(f"image arrays must be [H, W], [1, H, W] or [3, H, W], got {array.shape}")
+    image = to_pil(image)
     buf = io.BytesIO()
     image.save(buf, format="PNG", compress_level=9)
     return buf.getvalue()

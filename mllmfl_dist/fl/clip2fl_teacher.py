@@ -139,10 +139,9 @@ def compute_teacher_logits(ccfg: Clip2flConfig, data: ArrayClientData, indices: 
                            runtime: dist.Runtime, progress: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Run the CLIP teacher: each rank its contiguous share of ``indices``, summed over ranks. Returns the
     logits ``[len(indices), C]`` on every rank and the text embeddings (rank 0; None elsewhere)."""
-    from PIL import Image
-
-    from mllmfl_dist.models.clip_teacher import load_clip, zero_shot_classifier, zero_shot_logits
-    from mllmfl_dist.models.teachers import _templates
+    from mllmfl_dist.data.shards import to_pil
+    from mllmfl_dist.models.clip_teacher import load_clip, zero_shot_classifier
+    from mllmfl_dist.models.teachers import _templates, clip_teacher_logits
 
     templates = _templates(ccfg.templates)
     bounds = np.linspace(0, len(indices), runtime.world_size + 1).astype(int)
@@ -159,13 +158,11 @@ def compute_teacher_logits(ccfg: Clip2flConfig, data: ArrayClientData, indices: 
         with torch.no_grad():
             for start in range(0, len(mine), step):
                 images, _ = data.samples(mine[start : start + step])
-                pil = [Image.fromarray(im[0].numpy() if im.shape[0] == 1 else im.permute(1, 2, 0).numpy()).convert("RGB")
-                       for im in images]
-                x = torch.stack([preprocess(im) for im in pil])
                 row = bounds[runtime.rank] + start
-                logits[row : row + len(pil)] = zero_shot_logits(
-                    clip, tokenizer, x, data.class_names, templates, ccfg.logit_scale, classifier=text).float().cpu()
-                bar.update(len(pil))
+                logits[row : row + len(images)] = clip_teacher_logits(
+                    clip, preprocess, tokenizer, [to_pil(im) for im in images], data.class_names, templates,
+                    batch_size=step, logit_scale=ccfg.logit_scale, classifier=text)
+                bar.update(len(images))
         bar.close()
         del clip
     except Exception as err:  # noqa: BLE001 - reaches every rank below, so none waits forever

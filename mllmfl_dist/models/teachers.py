@@ -198,12 +198,13 @@ def llava_answer_loglik(
 @torch.no_grad()
 def clip_teacher_logits(clip, preprocess, tokenizer, images: Sequence, class_names: Sequence[str],
                         templates: str | Sequence[str] = ("a photo of a {}.",), *, batch_size: int = 16,
-                        logit_scale: float = 100.0) -> torch.Tensor:
-    """`[N, C]` float32 open_clip zero-shot logits (text classifier computed once)."""
+                        logit_scale: float = 100.0, classifier: torch.Tensor | None = None) -> torch.Tensor:
+    """`[N, C]` float32 open_clip zero-shot logits (the text classifier computed once, or `classifier`)."""
     if not images or not class_names:
         raise ValueError("images and class_names must be non-empty")
     templates = _templates(templates)
-    classifier = zero_shot_classifier(clip, tokenizer, class_names, templates)
+    if classifier is None:
+        classifier = zero_shot_classifier(clip, tokenizer, class_names, templates)
     parts = []
     step = max(1, int(batch_size))
     for i0 in range(0, len(images), step):

@@ -96,7 +96,7 @@ def build_alignment_set(cfg: Config, data: ClientData, cache_dir, device: torch.
     """k images per class from the labeled pool, or from web shards pseudo-labeled by the teacher."""
     from PIL import Image
 
-    from mllmfl_dist.data.shards import decode_image, expand_shards, iter_samples, read_labeled_shards
+    from mllmfl_dist.data.shards import decode_image, expand_shards, iter_samples, read_labeled_shards, to_pil
 
     acfg = cfg.align
     size, channels = data.image_size, data.in_channels
@@ -112,8 +112,7 @@ def build_alignment_set(cfg: Config, data: ClientData, cache_dir, device: torch.
                               "data source)")
         images, labels = data.server_pool()
         keep, short = take_per_class(labels.numpy(), data.num_classes, acfg.per_class)
-        pil = [Image.fromarray(im[0].numpy() if im.shape[0] == 1 else im.permute(1, 2, 0).numpy())
-               for im in images[keep]]
+        pil = [to_pil(im) for im in images[keep]]
         labels = labels[keep]
         teacher = _teacher(cfg, pil, data, cache_dir, device)
     elif acfg.source == "pool":
@@ -124,7 +123,7 @@ def build_alignment_set(cfg: Config, data: ClientData, cache_dir, device: torch.
         if labels.max() >= data.num_classes:
             raise ConfigError(f"align.pool_shards has labels up to {int(labels.max())}; the task has "
                               f"{data.num_classes} classes")
-        pil = [Image.fromarray(im[0].numpy() if im.shape[0] == 1 else im.permute(1, 2, 0).numpy()) for im in images]
+        pil = [to_pil(im) for im in images]
         keep, short = take_per_class(labels.numpy(), data.num_classes, acfg.per_class)
         pil = [pil[i] for i in keep]
         labels = labels[keep]
