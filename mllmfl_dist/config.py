@@ -61,6 +61,10 @@ class DataConfig:
     # Labeled images per class the server keeps back from the training split before the long tail is cut
     # (the last ones of each class): a pool disjoint from every client, for align.source = "holdout".
     server_holdout_per_class: int = 0
+    # Python-style "start:stop" slice of the source's training split that the run may use at all (""  = all
+    # of it), before the server holdout and the long tail: keeps server-side sets such as the shipped web
+    # corpus and alignment pool (Fashion-MNIST train indices 50000-59999) out of every client's data.
+    train_indices: str = ""
     # imagenet_lt only: folder with ImageNet_LT_train.txt / ImageNet_LT_test.txt ("" = data.root); images
     # are decoded once, resized to data.image_size and cached as uint8 under <root>/.mllmfl_cache
     lists_dir: str = ""
@@ -88,18 +92,21 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class FederatedConfig:
+    """Defaults: the CIFAR-10-LT setting of CReFF and CLIP2FL (their released options.py), so a config that
+    omits a key runs the experiment the papers describe."""
+
     strategy: str = "fedavg"  # fedavg | fedavgm | fedprox | creff | clip2fl
-    rounds: int = 10
+    rounds: int = 200  # num_rounds
     num_clients: int = 20
-    clients_per_round: int = 5
-    local_epochs: int = 1
-    batch_size: int = 32
-    lr: float = 0.05
+    clients_per_round: int = 8  # num_online_clients
+    local_epochs: int = 10  # num_epochs_local_training
+    batch_size: int = 32  # batch_size_local_training
+    lr: float = 0.1  # lr_local_training
     momentum: float = 0.0
     weight_decay: float = 0.0
     server_lr: float = 1.0
-    server_momentum: float = 0.9  # fedavgm
-    prox_mu: float = 0.01  # fedprox
+    server_momentum: float = 0.97  # fedavgm; the released code's init_belta
+    prox_mu: float = 0.01  # fedprox; the released code's mu
 
 
 @dataclass(frozen=True)
@@ -108,7 +115,9 @@ class CreffConfig:
 
     batch_size: int = 32  # real samples per class-gradient batch on a client (CReFF's batch_real)
     batches_per_class: int = 10  # batches per class a client averages its class gradient over
-    augment: bool = True  # the data's random crop / flip on those batches (the released code augments them)
+    # Differentiable Siamese Augmentation of each of those batches, as released: one of these '_'-separated
+    # operations per batch, the same parameters for every image of the batch ("none": no augmentation).
+    dsa_strategy: str = "color_crop_cutout_flip_scale_rotate"
     # The server's mean of a class's gradients over the clients holding it: "clients" (each counts once, as
     # in the released code) or "samples" (weighted by the client's count of the class)
     gradient_mean: str = "clients"
@@ -130,7 +139,9 @@ class Clip2flConfig:
     logit_scale: float = 100.0
     temperature: float = 3.0  # T of the clients' distillation
     alpha: float = 1.0  # weight of alpha * T^2 * KL(teacher || student)
-    contrast_alpha: float = 1.0  # weight of the server's contrast to the text embeddings
+    # Weight of the server's prototype contrast to the text embeddings: 0.001 as in the released code's
+    # options.py and README (shijiangming1/CLIP2FL).
+    contrast_alpha: float = 0.001
     contrast_temperature: float = 0.1
     teacher_batch_size: int = 64  # images per teacher forward when the logits are first computed
 
@@ -227,7 +238,9 @@ class AlignConfig:
     lr: float = 0.01
     batch_size: int = 64
     beta: float = 1.0
-    temperature: float = 2.0  # T of the distillation term beta * T^2 * KL(q || p)
+    # T of the distillation term: 1 gives the paper's CE(y, p) + beta * KL(q || p); otherwise both sides are
+    # tempered as in standard distillation, beta * T^2 * KL(q_T || p_T), q_T proportional to q^(1/T).
+    temperature: float = 1.0
     train: str = "classifier"  # classifier | all
 
 
@@ -294,6 +307,41 @@ CHOICES: dict[str, tuple[str, ...]] = {
 
 Rule = tuple[typing.Callable[[Any], bool], str]
 
+# The operations of Differentiable Siamese Augmentation (creff.dsa_strategy); mllmfl_dist.data.dsa
+# implements exactly these.
+DSA_OPERATIONS = ("color", "crop", "cutout", "flip", "scale", "rotate")
+
+
+def dsa_operations(strategy: str) -> tuple[str, ...]:
+    """``"color_crop"`` -> ``("color", "crop")``; ``"none"`` or ``""`` -> ``()``."""
+    if strategy.strip().lower() in ("", "none"):
+        return ()
+    return tuple(strategy.strip().split("_"))
+
+
+def parse_index_range(text: str) -> slice:
+    """``"start:stop"`` (either side may be empty) -> ``slice(start, stop)``; ``""`` -> ``slice(None)``.
+    Raises ValueError for anything else."""
+    if not text.strip():
+        return slice(None)
+    start, sep, stop = text.strip().partition(":")
+    if not sep or ":" in stop:
+        raise ValueError(text)
+    bounds = [int(part) if part.strip() else None for part in (start, stop)]
+    if any(b is not None and b < 0 for b in bounds):
+        raise ValueError(text)
+    if None not in bounds and bounds[0] >= bounds[1]:
+        raise ValueError(text)
+    return slice(*bounds)
+
+
+def _valid_index_range(text: str) -> bool:
+    try:
+        parse_index_range(text)
+    except ValueError:
+        return False
+    return True
+
 
 def _int_at_least(low: int) -> Rule:
     return (lambda v: v >= low, f"an integer >= {low}")
@@ -318,6 +366,8 @@ _RULES: dict[str, Rule] = {
     "data.samples_per_client": _int_at_least(1),
     "data.test_per_class": _int_at_least(1),
     "data.server_holdout_per_class": _int_at_least(0),
+    "data.train_indices": (_valid_index_range, 'a "start:stop" range of non-negative integers, start < stop '
+                                               '(either may be omitted), or "" for the whole split'),
     "partition.alpha": _POSITIVE,
     "model.width_scale": _int_at_least(1),
     "model.in_channels": (lambda v: v >= 0, "an integer >= 0 (0: the data's channel count)"),
@@ -334,6 +384,8 @@ _RULES: dict[str, Rule] = {
     "federated.prox_mu": (lambda v: v >= 0, "a number >= 0"),
     "creff.batch_size": _int_at_least(1),
     "creff.batches_per_class": _int_at_least(1),
+    "creff.dsa_strategy": (lambda v: all(op in DSA_OPERATIONS for op in dsa_operations(v)),
+                           f"'none' or operations from {', '.join(DSA_OPERATIONS)} joined by '_'"),
     "creff.features_per_class": _int_at_least(1),
     "creff.match_epochs": _int_at_least(0),
     "creff.lr_feature": _POSITIVE,

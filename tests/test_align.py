@@ -1,6 +1,7 @@
 """Stage 3: alignment on rank 0 after aggregation."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -20,16 +21,33 @@ REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "configs" / "smoke.toml"
 
 
-def test_alignment_loss_is_ce_plus_scaled_kl():
+def test_alignment_loss_at_t1_is_the_papers_ce_plus_beta_kl():
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.5, 0.5, 0.0]])
+    labels = torch.tensor([0, 2])
+    q = torch.tensor([[0.2, 0.5, 0.3], [0.1, 0.1, 0.8]])
+    beta = 0.7
+    p = [[math.exp(z) / sum(math.exp(v) for v in row) for z in row] for row in logits.tolist()]
+    ce = -(math.log(p[0][0]) + math.log(p[1][2])) / 2
+    kl = sum(qi * math.log(qi / pi) for q_row, p_row in zip(q.tolist(), p) for qi, pi in zip(q_row, p_row)) / 2
+    assert float(alignment_loss(logits, labels, q, beta, 1.0)) == pytest.approx(ce + beta * kl, rel=1e-6)
+    assert float(alignment_loss(logits, labels, None, beta, 1.0)) == pytest.approx(ce, rel=1e-6)
+
+
+def test_alignment_loss_at_t2_tempers_both_sides_and_scales_by_t_squared():
     logits = torch.tensor([[2.0, 0.0, -1.0], [0.5, 0.5, 0.0]])
     labels = torch.tensor([0, 2])
     q = torch.tensor([[0.2, 0.5, 0.3], [0.1, 0.1, 0.8]])
     T, beta = 2.0, 0.7
-    ce = torch.nn.functional.cross_entropy(logits, labels)
-    p_t = torch.softmax(logits / T, dim=1)
-    kl = (q * (q.log() - p_t.log())).sum(dim=1).mean()
-    torch.testing.assert_close(alignment_loss(logits, labels, q, beta, T), ce + beta * T**2 * kl)
-    torch.testing.assert_close(alignment_loss(logits, labels, None, beta, T), ce)
+    rows = logits.tolist()
+    p = [[math.exp(z) / sum(math.exp(v) for v in row) for z in row] for row in rows]
+    ce = -(math.log(p[0][0]) + math.log(p[1][2])) / 2  # the label term stays at T = 1
+    p_t = [[math.exp(z / T) / sum(math.exp(v / T) for v in row) for z in row] for row in rows]
+    q_t = [[qi ** (1 / T) / sum(v ** (1 / T) for v in row) for qi in row] for row in q.tolist()]
+    kl = sum(a * math.log(a / b) for qa, pb in zip(q_t, p_t) for a, b in zip(qa, pb)) / 2
+    assert float(alignment_loss(logits, labels, q, beta, T)) == pytest.approx(ce + beta * T**2 * kl, rel=1e-6)
+    # The teacher is softened too: not the old beta * T^2 * KL(q || p_T).
+    kl_untempered = sum(a * math.log(a / b) for qa, pb in zip(q.tolist(), p_t) for a, b in zip(qa, pb)) / 2
+    assert float(alignment_loss(logits, labels, q, beta, T)) != pytest.approx(ce + beta * T**2 * kl_untempered)
 
 
 def test_take_per_class_reports_short_classes():

@@ -7,7 +7,8 @@ import pytest
 from mllmfl_dist.__main__ import main
 from mllmfl_dist.config import Config, ConfigError, load_config, resume_differences
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.toml"))
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((REPO / "configs").glob("*.toml"))
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
@@ -117,7 +118,7 @@ def test_resume_differences_ignore_what_does_not_change_results():
     assert resume_differences(base, more_rounds) == []
     other_lr = Config().to_dict()
     other_lr["federated"]["lr"] = 0.5
-    assert resume_differences(base, other_lr) == ["federated.lr: 0.05 -> 0.5"]
+    assert resume_differences(base, other_lr) == ["federated.lr: 0.1 -> 0.5"]
 
 
 def test_resume_differences_ignore_sections_the_strategy_does_not_read():
@@ -138,3 +139,34 @@ def test_resume_differences_ignore_sections_the_strategy_does_not_read():
     assert resume_differences(base, align_changed) == []
     align_changed["align"]["every"] = 1
     assert resume_differences(base, align_changed) == ["align.every: 0 -> 1", "align.steps: 20 -> 7"]
+
+
+def test_defaults_are_the_released_cifar10_lt_setting_of_creff_and_clip2fl():
+    """A config that omits a key runs the experiment the papers (and their released options.py) describe."""
+    from mllmfl_dist.config import AlignConfig, Clip2flConfig, CreffConfig, FederatedConfig
+
+    fed = FederatedConfig()
+    assert (fed.num_clients, fed.clients_per_round, fed.rounds, fed.local_epochs, fed.batch_size, fed.lr) == \
+        (20, 8, 200, 10, 32, 0.1)
+    assert fed.server_momentum == 0.97 and fed.prox_mu == 0.01
+    assert Clip2flConfig().contrast_alpha == 0.001
+    assert CreffConfig().dsa_strategy == "color_crop_cutout_flip_scale_rotate"
+    assert AlignConfig().temperature == 1.0  # the paper's CE + beta * KL(q || p)
+
+
+def test_the_readme_config_table_names_every_federated_setting_a_config_changes():
+    """The README's config table says which [federated] settings each shipped config changes."""
+    from mllmfl_dist.config import Config, flat_items
+
+    defaults = flat_items(Config().to_dict())
+    rows = [line for line in (REPO / "README.md").read_text().splitlines() if line.startswith("| `configs/")]
+    for path in sorted((REPO / "configs").glob("*.toml")):
+        row = next((r for r in rows if f"`configs/{path.name}`" in r or f"`{path.name}`" in r), None)
+        assert row is not None, f"README's config table has no row for {path.name}"
+        changed = {k: v for k, v in flat_items(load_config(path).to_dict()).items()
+                   if k.startswith("federated.") and v != defaults[k]}
+        cell = row.split("|")[3]
+        for key, value in changed.items():
+            assert f"{key.split('.')[1]} {value}" in cell, f"{path.name}: {key} = {value} missing from the README"
+        if not changed:
+            assert "none" in cell, path.name

@@ -1,9 +1,10 @@
 """Stage 3: global alignment of the aggregated model on rank 0, under the MLLM teacher's supervision.
 
 After the server step, every ``align.every`` rounds, rank 0 refines the global model on a small
-class-balanced set (k images per class) with ``L = CE(y, p) + beta * T^2 * KL(q || p_T)``, where ``p_T`` is
-the model's softmax at temperature T and ``q`` the teacher's class distribution (``teacher = "none"``:
-plain cross-entropy on the balanced set). The round loop then broadcasts the aligned model as its one
+class-balanced set (k images per class) with the paper's ``L = CE(y, p) + beta * KL(q || p)``, where ``p``
+is the model's softmax and ``q`` the teacher's class distribution (``teacher = "none"``: plain
+cross-entropy on the balanced set); with ``align.temperature`` T != 1 both are tempered
+(``beta * T^2 * KL(q_T || p_T)``, see :func:`alignment_loss`). The round loop then broadcasts the aligned model as its one
 flat buffer, so every rank starts the next round from it. BatchNorm statistics stay frozen during
 alignment (the set is tiny); ``train = "classifier"`` updates the linear head only, ``"all"`` the whole
 model. Clients never see the alignment set or the teacher.
@@ -21,7 +22,7 @@ from torch import nn
 
 from mllmfl_dist.config import AlignConfig, Config, ConfigError
 from mllmfl_dist.data import ClientData, normalize
-from mllmfl_dist.fl.losses import distillation_loss
+from mllmfl_dist.fl.losses import distillation_loss, temper
 from mllmfl_dist.fl.sampling import derive_seed
 
 log = logging.getLogger(__name__)
@@ -35,12 +36,29 @@ class AlignmentSet:
     labels: torch.Tensor  # int64 [N]
     teacher: torch.Tensor | None  # float32 [N, num_classes] rows summing to 1, or None (teacher "none")
     short_classes: list[int]  # classes with fewer than k images
+    labeled: bool = True  # labels are the server's own (pool, holdout); False: the teacher's pseudo-labels (web)
+
+    def describe(self, acfg: AlignConfig) -> dict[str, Any]:
+        """What the alignment set is, for summaries and the compare table: its size, how many of its images
+        carry server-held labels, the teacher, and the teacher's accuracy against those labels (the fraction
+        of images whose argmax of q is the label; None without a teacher or without labels)."""
+        teacher_acc = None
+        if self.teacher is not None and self.labeled:
+            teacher_acc = float((self.teacher.argmax(dim=1) == self.labels).double().mean())
+        return {"source": acfg.source, "teacher": acfg.teacher, "teacher_model": acfg.teacher_model,
+                "images": int(self.labels.shape[0]),
+                "server_labeled_images": int(self.labels.shape[0]) if self.labeled else 0,
+                "short_classes": list(self.short_classes), "teacher_accuracy": teacher_acc}
 
 
 def alignment_loss(logits: torch.Tensor, labels: torch.Tensor, teacher: torch.Tensor | None, beta: float,
                    temperature: float) -> torch.Tensor:
-    """``CE(y, p) + beta * T^2 * KL(q || softmax(logits / T))`` (just CE without a teacher)."""
-    return distillation_loss(logits, labels, teacher, beta, temperature)
+    """The paper's alignment loss ``CE(y, p) + beta * KL(q || p)`` at T = 1 (MLLM-LLaVA-FL, Eq. of stage 3);
+    for T != 1 both sides are tempered as in standard distillation: ``CE(y, p) + beta * T^2 *
+    KL(q_T || p_T)``, ``p_T = softmax(logits / T)``, ``q_T`` proportional to ``q^(1/T)``. Just the
+    cross-entropy without a teacher. logits ``[B, C]``, teacher ``q`` ``[B, C]`` (rows summing to 1)."""
+    tempered = temper(teacher, temperature) if teacher is not None else None
+    return distillation_loss(logits, labels, tempered, beta, temperature)
 
 
 def take_per_class(labels: np.ndarray, num_classes: int, k: int, score: np.ndarray | None = None) -> tuple[np.ndarray, list[int]]:
@@ -144,7 +162,7 @@ def build_alignment_set(cfg: Config, data: ClientData, cache_dir, device: torch.
     if short:
         log.warning("alignment set: classes %s have fewer than %d images", short, acfg.per_class)
     images = torch.stack([to_fl(im) for im in pil])
-    return AlignmentSet(images, labels.long(), teacher, short)
+    return AlignmentSet(images, labels.long(), teacher, short, labeled=acfg.source != "web")
 
 
 def _teacher(cfg: Config, pil: list[Any], data: ClientData, cache_dir, device) -> torch.Tensor | None:
