@@ -31,7 +31,8 @@ from torch import nn
 
 from mllmfl_dist import dist
 from mllmfl_dist.config import Config, FederatedConfig
-from mllmfl_dist.data import ClientData, augment_batch, normalize
+from mllmfl_dist.data import ClientData, normalize
+from mllmfl_dist.data.dsa import dsa_siamese
 from mllmfl_dist.fl import federated_features as ff
 from mllmfl_dist.fl.losses import distillation_loss
 from mllmfl_dist.fl.sampling import derive_seed
@@ -200,8 +201,8 @@ class CReFF(Strategy):
 
     - every sampled client, besides local training, computes for each class it holds the gradient of the
       cross-entropy with respect to ``[W~ | b~]`` on features of the round's global backbone (frozen, eval
-      mode), averaged over ``creff.batches_per_class`` random, augmented batches of ``creff.batch_size``
-      samples of the class; these go into the round's one flat all_reduce (the payload after the model),
+      mode), averaged over ``creff.batches_per_class`` random batches of ``creff.batch_size`` samples of the
+      class, each augmented by DSA as released (``creff.dsa_strategy``, :mod:`mllmfl_dist.data.dsa`); these go into the round's one flat all_reduce (the payload after the model),
       with the weights of the server's mean (``creff.gradient_mean``);
     - rank 0 moves the federated features (``features_per_class`` per class at the model's feature width,
       kept across rounds) for ``match_epochs`` SGD steps so that the gradients they produce at ``[W~ | b~]``
@@ -258,13 +259,13 @@ class CReFF(Strategy):
         batches = ff.pick_class_batches(labels, num_classes, batch_size=self.creff.batch_size,
                                         batches=self.creff.batches_per_class, generator=generator)
         positions = torch.cat([p for _, p in batches])
-        x = images[positions.to(images.device)]
-        if self.creff.augment:
-            x = augment_batch(x, generator, spec.crop_padding, spec.hflip, spec.random_crop)
+        x = normalize(images[positions.to(images.device)].to(device), spec.mean, spec.std)
+        # As released: DSA on each normalised real batch, one operation per batch (its own draw).
+        x = torch.cat([dsa_siamese(part, self.creff.dsa_strategy, generator)
+                       for part in x.split([len(p) for _, p in batches])])
         was_training = model.training
         model.eval()  # the frozen backbone: BatchNorm with the federation's statistics
-        features = torch.cat([model.features(normalize(chunk.to(device), spec.mean, spec.std)).float()
-                              for chunk in x.split(FEATURE_CHUNK)])
+        features = torch.cat([model.features(chunk).float() for chunk in x.split(FEATURE_CHUNK)])
         model.train(was_training)
         held = torch.bincount(labels.cpu(), minlength=num_classes)
         weights = held if self.creff.gradient_mean == "samples" else (held > 0).long()
