@@ -32,6 +32,7 @@ def write_text_atomic(path: str | Path, text: str) -> None:
     """Replace ``path`` with ``text`` atomically (temp file, fsync, rename); non-empty text ends with a
     newline."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w") as handle:
         handle.write(text if not text or text.endswith("\n") else text + "\n")

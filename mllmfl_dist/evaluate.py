@@ -1,4 +1,4 @@
-"""Accuracy on the balanced test set: overall, per class, and Many / Medium / Few."""
+"""Accuracy on the test set: balanced (the headline ``acc``), plain top-1, per class, and Many / Medium / Few."""
 
 from __future__ import annotations
 
@@ -29,16 +29,42 @@ def class_groups(train_class_counts: Sequence[int]) -> dict[str, list[int]]:
 
 def accuracy_report(predictions: torch.Tensor, labels: torch.Tensor, num_classes: int,
                     train_class_counts: Sequence[int]) -> dict[str, Any]:
-    """Overall and per-class accuracy; a group's accuracy is the mean of its classes' (None if empty)."""
+    """Accuracy of ``predictions`` against ``labels`` (int64 ``[N]`` each):
+
+    - ``acc``: balanced accuracy, the mean of the per-class accuracies over the classes present in the test
+      set (what DESIGN.md and the long-tail literature report; on a balanced test set it equals top-1);
+    - ``acc_top1``: plain top-1 accuracy, the fraction of all test images predicted right;
+    - ``per_class``: accuracy of each class (None for a class absent from the test set);
+    - ``acc_many`` / ``acc_medium`` / ``acc_few``: the mean over the group's present classes (None if none).
+    """
     correct = (predictions == labels).to(torch.float64)
     hits = torch.zeros(num_classes, dtype=torch.float64).index_add_(0, labels, correct)
     totals = torch.bincount(labels, minlength=num_classes).to(torch.float64)
     per_class = [float(h / t) if t > 0 else None for h, t in zip(hits, totals)]
-    report: dict[str, Any] = {"acc": float(correct.mean()), "per_class": per_class}
+    present = [a for a in per_class if a is not None]
+    report: dict[str, Any] = {"acc": sum(present) / len(present), "acc_top1": float(correct.mean()),
+                              "per_class": per_class}
     for name, classes in class_groups(train_class_counts).items():
         values = [per_class[c] for c in classes if per_class[c] is not None]
         report[f"acc_{name}"] = sum(values) / len(values) if values else None
     return report
+
+
+# A test set whose class counts differ by more than this fraction of the largest is reported as imbalanced.
+IMBALANCE_TOLERANCE = 0.05
+
+
+def imbalance_warning(labels: torch.Tensor, class_names: Sequence[str]) -> str | None:
+    """A one-line warning naming the smallest and largest classes when the test set's class counts differ
+    by more than :data:`IMBALANCE_TOLERANCE` of the largest (classes absent from it included), else None."""
+    counts = torch.bincount(labels, minlength=len(class_names)).tolist()
+    low, high = min(range(len(counts)), key=counts.__getitem__), max(range(len(counts)), key=counts.__getitem__)
+    if counts[high] - counts[low] <= IMBALANCE_TOLERANCE * counts[high]:
+        return None
+    return (f"the test set is imbalanced: {counts[low]} images of class {low} ({class_names[low]}) against "
+            f"{counts[high]} of class {high} ({class_names[high]}); acc is the balanced accuracy (the mean of "
+            f"the per-class accuracies over the {sum(c > 0 for c in counts)} classes present), acc_top1 the "
+            f"plain top-1 accuracy")
 
 
 @torch.no_grad()

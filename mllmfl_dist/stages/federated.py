@@ -15,7 +15,7 @@ from tqdm import tqdm
 from mllmfl_dist import checkpoint, dist
 from mllmfl_dist.config import Config, ConfigError, resume_differences
 from mllmfl_dist.data import ClientData, DataError, build_client_data
-from mllmfl_dist.evaluate import evaluate_model
+from mllmfl_dist.evaluate import evaluate_model, imbalance_warning
 from mllmfl_dist.fl.sampling import derive_seed
 from mllmfl_dist.fl.strategies import STRATEGIES, RunContext, build_strategy
 from mllmfl_dist.fl.trainer import FederatedTrainer
@@ -30,11 +30,16 @@ TAG_MODEL_INIT = 3
 # classes^2 x feature width (ImageNet-LT with ResNet-50: 1000 x 1000 x 2049 entries, 16 GB).
 MAX_PAYLOAD_BYTES = 2 * 2**30
 CHECKPOINT_NAME = "checkpoint.pt"
+ACCURACY_KEYS = ("acc", "acc_top1", "acc_many", "acc_medium", "acc_few")
 FINAL_MODEL_NAME = "model_final.pt"
 
 
 def stage_dir(cfg: Config) -> Path:
     return cfg.run_dir / "federated"
+
+
+def alignment_summary_path(cfg: Config) -> Path:
+    return cfg.run_dir / "align" / "alignment_set.json"
 
 
 def build_data(cfg: Config, runtime: dist.Runtime | None = None) -> ClientData:
@@ -127,8 +132,11 @@ def run_federated(cfg: Config, runtime: dist.Runtime) -> dict[str, Any]:
 
     metrics = MetricsLog(out, tensorboard=cfg.log.tensorboard) if runtime.is_server else None
     if metrics is not None:
+        imbalance = imbalance_warning(data.test_set()[1], data.class_names)
+        if imbalance:
+            log.warning("%s", imbalance)
         metrics.truncate_after(start_round)
-        (cfg.run_dir / "config.toml").write_text(cfg.to_toml())
+        checkpoint.write_text_atomic(cfg.run_dir / "config.toml", cfg.to_toml())
         if start_round == cfg.federated.rounds:
             log.info("%s is complete (round %d); nothing to train. Delete it or raise federated.rounds to "
                      "train more.", out, start_round)
@@ -144,7 +152,7 @@ def run_federated(cfg: Config, runtime: dist.Runtime) -> dict[str, Any]:
     bar = tqdm(total=fed.rounds, initial=start_round, desc="federated", unit="round",
                disable=not (runtime.is_server and cfg.log.progress), dynamic_ncols=True)
     if last_eval:
-        bar.set_postfix(acc=f"{last_eval['acc']:.4f}")
+        bar.set_postfix(balanced_acc=f"{last_eval['acc']:.4f}")
     for round_index in range(start_round + 1, fed.rounds + 1):
         stats = trainer.run_round(round_index)
         if not runtime.is_server:
@@ -160,7 +168,7 @@ def run_federated(cfg: Config, runtime: dist.Runtime) -> dict[str, Any]:
             last_eval = {"round": round_index, **report, "round_seconds": stats.seconds,
                          "bytes_all_reduced": stats.bytes_all_reduced, **aligned}
             metrics.append(last_eval)
-            bar.set_postfix(acc=f"{report['acc']:.4f}")
+            bar.set_postfix(balanced_acc=f"{report['acc']:.4f}")
         if round_index % cfg.checkpoint.every == 0 or last_round:
             checkpoint.save_atomic({**trainer.state_dict(), "rng": checkpoint.rng_state(),
                                     "config": cfg.to_dict()}, out / CHECKPOINT_NAME)
@@ -175,7 +183,9 @@ def run_federated(cfg: Config, runtime: dist.Runtime) -> dict[str, Any]:
                                out / FINAL_MODEL_NAME)
         summary = {"rounds": fed.rounds, "final": last_eval, "world_size": runtime.world_size,
                    "backend": runtime.backend, "peak_rss_mb_max_rank": peak_rss_mb}
-        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        if cfg.align.every and alignment_summary_path(cfg).is_file():
+            summary["alignment"] = json.loads(alignment_summary_path(cfg).read_text())
+        checkpoint.write_text_atomic(out / "summary.json", json.dumps(summary, indent=2))
         metrics.close()
     dist.stage_barrier(runtime)
     return last_eval or {}
@@ -212,7 +222,13 @@ class _Alignment:
         self.cfg, self.data, self.device = cfg, data, device
         self.set = build_alignment_set(cfg, data, cache_dir=cfg.run_dir / "align", device=device)
         self._records: dict[int, dict[str, Any]] = {}
-        log.info("alignment set: %d images (%s teacher)", len(self.set.labels), cfg.align.teacher)
+        described = self.set.describe(cfg.align)
+        # Kept beside the teacher cache, so a finished run's summary (and `compare`) can say what it used.
+        checkpoint.write_text_atomic(alignment_summary_path(cfg), json.dumps(described, indent=2))
+        accuracy = described["teacher_accuracy"]
+        log.info("alignment set: %d images, %d with server-held labels (%s teacher%s)", described["images"],
+                 described["server_labeled_images"], cfg.align.teacher,
+                 "" if accuracy is None else f", accuracy {accuracy:.3f} on the set's labels")
 
     def __call__(self, model: FLModel, round_index: int) -> None:
         from mllmfl_dist.stages.align import align_model
@@ -222,7 +238,7 @@ class _Alignment:
         record: dict[str, Any] = {}
         if round_index % self.cfg.eval.every == 0 or round_index == self.cfg.federated.rounds:
             before = evaluate_global(self.cfg, self.data, model, self.device)
-            record["before_align"] = {k: before[k] for k in ("acc", "acc_many", "acc_medium", "acc_few", "per_class")}
+            record["before_align"] = {k: before[k] for k in (*ACCURACY_KEYS, "per_class")}
         record.update(align_model(model, self.set, self.cfg.align, self.data.mean, self.data.std,
                                   seed=self.cfg.run.seed, round_index=round_index, device=self.device))
         self._records[round_index] = record

@@ -29,7 +29,7 @@ from mllmfl_dist.checkpoint import write_text_atomic
 
 log = logging.getLogger(__name__)
 
-ACC_KEYS = ("acc", "acc_many", "acc_medium", "acc_few")
+ACC_KEYS = ("acc", "acc_top1", "acc_many", "acc_medium", "acc_few")
 GROUPS = (("Many", "acc_many"), ("Medium", "acc_medium"), ("Few", "acc_few"))
 PLOTS = ("accuracy.png", "per_class.png", "groups.png")
 
@@ -99,16 +99,18 @@ def _savefig_atomic(fig, path: Path) -> None:
         raise
 
 
-def save_accuracy_plot(fig, ax, path: Path) -> None:
+def save_accuracy_plot(fig, ax, path: Path, title: str = "Balanced accuracy over rounds") -> None:
     """Label an accuracy-over-rounds axes, write the figure atomically and close it."""
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds are whole numbers
     ax.set_xlabel("round")
-    ax.set_ylabel("test accuracy")
+    ax.set_ylabel("balanced test accuracy")
     ax.set_ylim(0, 1)
     ax.grid(True, alpha=0.3)
     ax.legend()
-    ax.set_title("Accuracy over rounds")
+    ax.set_title(title)
     _savefig_atomic(fig, path)
     plt.close(fig)
 
