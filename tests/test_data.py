@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+from dataclasses import replace as dataclasses_replace
 import math
 import struct
 import time
@@ -25,7 +26,9 @@ from mllmfl_dist.data import (
 )
 from mllmfl_dist.data import build as build_module
 from mllmfl_dist.data import partition as partition_module
+from mllmfl_dist.data.build import TAG_LONGTAIL
 from mllmfl_dist.data.partition import _donations
+from mllmfl_dist.fl.sampling import derive_seed
 from mllmfl_dist.data.sources import FASHION_MNIST_DIRS, FASHION_MNIST_FILES, LabeledArrays, load_fashion_mnist
 
 METHODS = ("dirichlet", "creff", "iid")
@@ -65,13 +68,33 @@ def test_longtail_indices_sizes_from_label_arrays(num_classes, per_class, imb_fa
     )
 
 
-def test_longtail_indices_keep_first_indices_of_each_class() -> None:
+def test_longtail_indices_without_a_seed_keep_the_first_indices_of_each_class() -> None:
     labels = balanced_labels(10, 100, seed=3)
     counts = longtail_counts(100, 10, 0.05)
     expected = np.sort(np.concatenate([np.flatnonzero(labels == c)[: counts[c]] for c in range(10)]))
     kept = longtail_indices(labels, 10, 0.05)
     assert kept.dtype == np.int64
     np.testing.assert_array_equal(kept, expected)
+
+
+@pytest.mark.parametrize(("num_classes", "per_class", "imb_factor", "total"),
+                         [(10, 5000, 0.01, 12406), (100, 500, 0.01, 10847), (10, 300, 0.01, 740)])
+def test_seeded_longtail_shuffles_each_class_and_keeps_the_exact_counts(num_classes, per_class, imb_factor,
+                                                                         total) -> None:
+    labels = balanced_labels(num_classes, per_class)
+    counts = longtail_counts(per_class, num_classes, imb_factor)
+    kept = longtail_indices(labels, num_classes, imb_factor, seed=7)
+    assert len(kept) == total and np.bincount(labels[kept], minlength=num_classes).tolist() == counts
+    np.testing.assert_array_equal(kept, np.unique(kept))  # sorted, no repeats
+    np.testing.assert_array_equal(kept, longtail_indices(labels, num_classes, imb_factor, seed=7))
+    assert not np.array_equal(kept, longtail_indices(labels, num_classes, imb_factor, seed=8))
+    # A random subset of each tail class, not its first indices (CReFF shuffles before it cuts).
+    first = longtail_indices(labels, num_classes, imb_factor)
+    assert not np.array_equal(kept, first)
+    tail = num_classes - 1
+    members = np.flatnonzero(labels == tail)
+    chosen = np.intersect1d(kept, members)
+    assert chosen.max() > members[counts[tail] - 1]  # reaches past the first count[tail] of the class
 
 
 # -------------------------------------------------------------------------------------- partitioners
@@ -525,7 +548,8 @@ def test_synthetic_array_partitions_cover_the_long_tailed_set() -> None:
     assert data.train_class_counts() == expected
     all_indices = np.concatenate([data.client_indices(c) for c in range(20)])
     labels = np.tile(np.arange(10), 200)  # the synthetic array interleaves classes
-    np.testing.assert_array_equal(np.sort(all_indices), longtail_indices(labels, 10, 0.01))
+    chosen = longtail_indices(labels, 10, 0.01, seed=derive_seed(0, TAG_LONGTAIL))  # the run's seed
+    np.testing.assert_array_equal(np.sort(all_indices), chosen)
     all_labels = torch.cat([data.client(c)[1] for c in range(20)])
     assert torch.bincount(all_labels, minlength=10).tolist() == expected
 
@@ -542,3 +566,20 @@ def test_synthetic_array_is_learnable_by_class_means() -> None:
     test_images, test_labels = data.test_set()
     predicted = torch.cdist(test_images.float().flatten(1), means).argmin(1)
     assert (predicted == test_labels).float().mean().item() > 0.9
+
+
+def test_train_indices_restrict_the_clients_and_the_holdout_to_a_slice_of_the_split() -> None:
+    config = DataConfig(source="synthetic", samples_per_class=200, imb_factor=0.1, server_holdout_per_class=3,
+                        train_indices="0:1500")
+    data = build_client_data(config, PartitionConfig(), 10, seed=0)
+    used = np.concatenate([data.client_indices(c) for c in range(10)])
+    assert used.max() < 1500 and data._server_pool.max() < 1500
+    assert np.intersect1d(used, data._server_pool).size == 0
+    with pytest.raises(DataError, match="data.train_indices"):
+        build_client_data(dataclasses_replace(config, train_indices="0:5000"), PartitionConfig(), 10, seed=0)
+
+
+def test_an_imbalance_factor_that_empties_a_class_is_refused() -> None:
+    config = DataConfig(source="synthetic", samples_per_class=50, imb_factor=0.01)  # int(50 * 0.01^(8/9)) = 0
+    with pytest.raises(DataError, match=r"data.imb_factor = 0.01 leaves class\(es\) \[8, 9\]"):
+        build_client_data(config, PartitionConfig(), 5, seed=0)

@@ -7,7 +7,8 @@ import logging
 import numpy as np
 import torch
 
-from ..config import DataConfig, PartitionConfig
+from ..config import DataConfig, PartitionConfig, parse_index_range
+from ..fl.sampling import derive_seed
 from .base import ArrayClientData, ClientData, DataError
 from .imagenet_lt import load_imagenet_lt
 from .longtail import longtail_indices
@@ -19,6 +20,7 @@ from .synthetic import SyntheticOnDemand, synthetic_arrays
 log = logging.getLogger(__name__)
 
 SOURCES = ("synthetic", "fashion_mnist", "cifar10", "cifar100", "imagenet_lt", "shards")
+TAG_LONGTAIL = 4  # derive_seed stream of the long tail's choice of samples
 # Sources whose train split is long-tailed as published: data.imb_factor is not applied to them again.
 LONGTAILED_SOURCES = ("imagenet_lt",)
 
@@ -34,16 +36,22 @@ def build_client_data(data: DataConfig, partition: PartitionConfig, num_clients:
         return SyntheticOnDemand(data, partition, num_clients, seed)
     arrays = _load_arrays(data, seed)
     num_classes = len(arrays.class_names)
-    holdout = _holdout_indices(arrays.train_labels, num_classes, data.server_holdout_per_class)
+    usable = _usable_indices(data.train_indices, len(arrays.train_labels))
+    holdout = usable[_holdout_indices(arrays.train_labels[usable], num_classes, data.server_holdout_per_class)]
     # The long tail is cut from what the server did not hold back, so its pool is disjoint from every client.
-    remaining = np.setdiff1d(np.arange(len(arrays.train_labels), dtype=np.int64), holdout)
+    remaining = np.setdiff1d(usable, holdout)
     if data.source in LONGTAILED_SOURCES:
         if data.imb_factor < 1:
             log.info("data.imb_factor = %g is ignored: the %s train list is long-tailed already",
                      data.imb_factor, data.source)
         kept = remaining
     else:
-        kept = remaining[longtail_indices(arrays.train_labels[remaining], num_classes, data.imb_factor)]
+        kept = remaining[longtail_indices(arrays.train_labels[remaining], num_classes, data.imb_factor,
+                                          seed=derive_seed(seed, TAG_LONGTAIL))]
+        empty = [c for c, n in enumerate(np.bincount(arrays.train_labels[kept], minlength=num_classes)) if n == 0]
+        if empty:
+            raise DataError(f"data.imb_factor = {data.imb_factor:g} leaves class(es) {empty} with no training "
+                            f"samples; raise data.imb_factor (or add data)")
     parts = partition_indices(
         arrays.train_labels[kept], num_classes, num_clients, partition.method, partition.alpha, seed
     )
@@ -61,6 +69,14 @@ def build_client_data(data: DataConfig, partition: PartitionConfig, num_clients:
         std=arrays.std,
         server_pool=holdout,
     )
+
+
+def _usable_indices(text: str, total: int) -> np.ndarray:
+    """The training-split indices ``data.train_indices`` allows (all of them for "")."""
+    window = parse_index_range(text)
+    if window.stop is not None and window.stop > total:
+        raise DataError(f"data.train_indices = {text!r} reaches past the training split ({total} samples)")
+    return np.arange(total, dtype=np.int64)[window]
 
 
 def _holdout_indices(labels: np.ndarray, num_classes: int, per_class: int) -> np.ndarray:
