@@ -38,14 +38,17 @@ commands:
                       metrics and checkpoints under <run dir>/federated/ (model.pretrained_backbone =
                       "pretrain" starts from stage 1b). Rerunning resumes from the last checkpoint; a
                       finished run is left as it is.
-  compare CONFIG --strategies fedavg,fedavgm,fedprox,creff,clip2fl,mllm
-                      each method on identical data, partition, seeds and ranks under
-                      <run dir>/compare/<method>/ (resumable per method), then
-                      <run dir>/compare/results.md, results.csv and accuracy.png. The baselines run
-                      with alignment off and a random-init backbone; mllm runs the config as written.
+  compare CONFIG --methods fedavg,creff,fedavg+align[none],mllm-llava-fl --seeds 0,1,2
+                      each method for each seed on identical data, partition and ranks under
+                      <run dir>/compare/<method>/seed<k>/ (resumable one by one), then
+                      <run dir>/compare/results.md and results.csv (mean +- std over seeds and per
+                      seed) and accuracy.png. A method is <strategy>[+dwp[llava]][+align[<teacher>]]:
+                      the strategy from a random-init backbone with alignment off, plus DWP
+                      pretraining and/or alignment with that teacher; mllm-llava-fl is
+                      fedavg+dwp[llava]+align[llava]; config is the config as written.
   evaluate CONFIG --checkpoint PATH
-                      accuracy (overall, per class, Many/Medium/Few) of a saved model on the config's
-                      balanced test set, printed as JSON.
+                      accuracy (balanced = mean per-class "acc", plain top-1 "acc_top1", per class,
+                      Many/Medium/Few) of a saved model on the config's test set, printed as JSON.
   shards ...          pack an image folder or a data source into WebDataset shards (see shards --help).
   tiny-models DIR     build a tiny random LLaVA and a tiny open_clip model in DIR, loadable like real
                       checkpoints (offline tests and the offline default).
@@ -75,8 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
     add("pretrain", "Dynamic Weighted Pretraining of the FL backbone under DeepSpeed (stage 1b)")
     add("federate", "federated finetuning with evaluation, checkpoints and resume")
     compare = add("compare", "several methods on identical data and seeds, and a table of the results")
-    compare.add_argument("--strategies", default="fedavg,fedavgm,fedprox,creff,clip2fl,mllm",
-                         help="comma-separated methods (default: %(default)s)")
+    compare.add_argument("--methods", "--strategies", dest="methods", default=None,
+                         help="comma-separated methods, each <strategy>[+dwp[llava]][+align[<teacher>]], "
+                              "mllm-llava-fl or config (default: the five baselines, plus config when the "
+                              "config runs a stage of the method)")
+    compare.add_argument("--seeds", default=None,
+                         help="comma-separated seeds, every method runs for each (default: run.seed)")
     evaluate = add("evaluate", "evaluate a saved model on the config's test set")
     evaluate.add_argument("--checkpoint", required=True,
                           help="model_final.pt (a state dict) or checkpoint.pt from a run directory")
@@ -114,22 +121,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "evaluate":
             return _evaluate(cfg, args.checkpoint)
         if args.command == "compare":
-            from mllmfl_dist.stages.compare import method_config, parse_methods
-
             from mllmfl_dist.fl.strategies import STRATEGIES
+            from mllmfl_dist.stages.compare import default_methods, method_config, parse_methods, parse_seeds
 
-            methods = parse_methods(args.strategies)
+            methods = parse_methods(args.methods or default_methods(cfg), cfg)
+            seeds = parse_seeds(args.seeds, cfg)
             for method in methods:  # refuse a bad method (or a CLIP that is not there) before anything runs
                 method_cfg = method_config(cfg, method)
                 STRATEGIES[method_cfg.federated.strategy].projection_dim(method_cfg)
-            return _run_stage(cfg, args.command, methods)
+            return _run_stage(cfg, args.command, methods, seeds)
         return _run_stage(cfg, args.command)
     except (ConfigError, DataError, ModelLoadError) as err:
         print(f"mllmfl_dist: error: {err}", file=sys.stderr)
         return USAGE_ERROR
 
 
-def _run_stage(cfg, command: str, methods: Sequence[str] = ()) -> int:
+def _run_stage(cfg, command: str, methods: Sequence = (), seeds: Sequence[int] = ()) -> int:
     from mllmfl_dist import dist
 
     runtime = dist.init_runtime(cfg.dist)
@@ -141,7 +148,8 @@ def _run_stage(cfg, command: str, methods: Sequence[str] = ()) -> int:
             if runtime.is_server and final:
                 groups = ", ".join(f"{g} {final[f'acc_{g}']:.4f}" for g in ("many", "medium", "few")
                                    if final.get(f"acc_{g}") is not None)
-                print(f"round {final['round']}: acc {final['acc']:.4f} ({groups})")
+                print(f"round {final['round']}: balanced acc {final['acc']:.4f} (top-1 {final['acc_top1']:.4f}; "
+                      f"{groups})")
         elif command == "run":
             from mllmfl_dist.pipeline import run_pipeline
 
@@ -150,14 +158,17 @@ def _run_stage(cfg, command: str, methods: Sequence[str] = ()) -> int:
                 print(f"run: report in {cfg.run_dir / 'report'}")
                 final = summary.get("federated", {})
                 if final:
-                    print(f"final accuracy {final.get('acc', float('nan')):.4f} after round {final.get('round')}")
+                    print(f"final balanced accuracy {final.get('acc', float('nan')):.4f} after round "
+                          f"{final.get('round')}")
         elif command == "compare":
-            from mllmfl_dist.stages.compare import compare_dir, results_markdown, run_compare
+            from mllmfl_dist.stages.compare import compare_dir, run_compare
+            from mllmfl_dist.stages.compare_table import results_markdown
 
-            rows = run_compare(cfg, runtime, list(methods))
+            rows = run_compare(cfg, runtime, list(methods), list(seeds))
             if runtime.is_server:
                 print(results_markdown(rows), end="")
-                print(f"compare: results.md, results.csv and accuracy.png in {compare_dir(cfg)}")
+                print(f"compare: results.md, results.csv, results_per_seed.csv and accuracy.png in "
+                      f"{compare_dir(cfg)}")
         elif command == "annotate":
             from mllmfl_dist.stages.annotate import run_annotate
 
@@ -184,6 +195,7 @@ def _evaluate(cfg, checkpoint_path: str) -> int:
     from pathlib import Path
 
     from mllmfl_dist import checkpoint
+    from mllmfl_dist.evaluate import imbalance_warning
     from mllmfl_dist.fl.strategies import build_strategy
     from mllmfl_dist.stages.federated import build_data, build_fl_model, evaluate_global
 
@@ -213,6 +225,9 @@ def _evaluate(cfg, checkpoint_path: str) -> int:
     except (RuntimeError, KeyError, TypeError) as err:
         raise ConfigError(f"--checkpoint {path} does not fit the config's model ({cfg.model.arch}) and "
                           f"federated.strategy ({cfg.federated.strategy}): {str(err).splitlines()[0]}") from None
+    imbalance = imbalance_warning(data.test_set()[1], data.class_names)
+    if imbalance:
+        logging.getLogger("mllmfl_dist").warning("%s", imbalance)
     report = evaluate_global(cfg, data, model, "cpu")
     print(json.dumps(report, indent=2))
     return 0

@@ -9,6 +9,25 @@ from typing import Any
 from mllmfl_dist.checkpoint import write_text_atomic
 
 
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """The JSON objects of a JSONL file, up to the first line that does not parse (a line torn by a job
+    killed mid-write; what follows it is not trusted); [] for a missing file."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            break
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
 class MetricsLog:
     """Appends JSON records to ``<dir>/<name>`` and mirrors scalar fields to TensorBoard.
 
@@ -26,17 +45,7 @@ class MetricsLog:
 
     def records(self) -> list[dict[str, Any]]:
         """The records; a last line torn by a job killed mid-write is dropped (its round is redone)."""
-        if not self.path.exists():
-            return []
-        records = []
-        for line in self.path.read_text().splitlines():
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                break
-        return records
+        return read_jsonl(self.path)
 
     def truncate_after(self, round_index: int) -> None:
         kept = [r for r in self.records() if r.get("round", 0) <= round_index]

@@ -1,6 +1,5 @@
-"""CReFF and CLIP2FL through the CLI in-process, and ``compare``, on the synthetic smoke config."""
+"""CReFF and CLIP2FL through the CLI in-process, on the synthetic smoke config."""
 
-import csv
 import json
 from pathlib import Path
 
@@ -115,51 +114,6 @@ def test_clip2fl_client_loss_adds_the_distillation_term():
 def test_clip2fl_needs_a_clip_model():
     with pytest.raises(ConfigError, match="clip2fl.model"):
         load_config(SMOKE, ["federated.strategy=clip2fl"])
-
-
-def test_compare_writes_the_tables_and_the_plot_and_resumes_per_method(tmp_path, tiny_models, capsys):
-    sets = [f"run.root={tmp_path}", "federated.rounds=2", *FAST, f"clip2fl.model=local-dir:{tiny_models['clip']}",
-            "align.every=1", "align.source=holdout", "data.server_holdout_per_class=5", "align.per_class=5",
-            "align.steps=5"]
-    methods = "fedavg,fedprox,creff,clip2fl,mllm"
-    assert cli("compare", str(SMOKE), "--strategies", methods, sets=sets) == 0
-    out = tmp_path / "smoke" / "compare"
-    assert "| creff | creff | 2 |" in capsys.readouterr().out
-    rows = list(csv.DictReader((out / "results.csv").open()))
-    assert [r["method"] for r in rows] == methods.split(",")
-    assert [r["strategy"] for r in rows] == ["fedavg", "fedprox", "creff", "clip2fl", "fedavg"]
-    for row in rows:
-        assert row["rounds"] == "2" and 0 <= float(row["acc"]) <= 1 and float(row["wall_seconds"]) > 0
-        metrics = [json.loads(line) for line in (out / row["method"] / "federated" / "metrics.jsonl").open()]
-        assert float(row["acc"]) == pytest.approx(metrics[-1]["acc"])
-    sent = {r["method"]: int(r["bytes_all_reduced_per_round"]) for r in rows}
-    assert sent["creff"] > sent["fedavg"] == sent["fedprox"] == sent["mllm"]  # the class gradients travel too
-    markdown = (out / "results.md").read_text()
-    assert markdown.count("\n| ") == len(rows) and "| mllm | fedavg | 2 |" in markdown
-    assert (out / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    # Only mllm aligned: the baselines run with alignment off.
-    assert "before_align" in (out / "mllm" / "federated" / "metrics.jsonl").read_text()
-    assert "before_align" not in (out / "fedavg" / "federated" / "metrics.jsonl").read_text()
-
-    # A rerun with one more method trains only that one; the finished ones are left as they are.
-    before = {m: (out / m / "federated" / "rounds.jsonl").read_text() for m in methods.split(",")}
-    assert cli("compare", str(SMOKE), "--strategies", methods + ",fedavgm", sets=sets) == 0
-    assert all((out / m / "federated" / "rounds.jsonl").read_text() == text for m, text in before.items())
-    assert [r["method"] for r in csv.DictReader((out / "results.csv").open())][-1] == "fedavgm"
-
-
-def test_compare_refuses_bad_methods_before_running_anything(tmp_path, capsys):
-    sets = [f"run.root={tmp_path}"]
-    assert cli("compare", str(SMOKE), "--strategies", "fedavg,fedsgd", sets=sets) == 2
-    assert "fedsgd" in capsys.readouterr().err
-    assert cli("compare", str(SMOKE), "--strategies", "fedavg,mllm", sets=sets) == 2  # smoke aligns nothing
-    assert "align.every" in capsys.readouterr().err
-    assert cli("compare", str(SMOKE), "--strategies", "clip2fl", sets=sets) == 2
-    assert "clip2fl.model" in capsys.readouterr().err
-    missing = tmp_path / "no_clip"
-    assert cli("compare", str(SMOKE), "--strategies", "fedavg,clip2fl", sets=[*sets, f"clip2fl.model=local-dir:{missing}"]) == 2
-    assert str(missing) in capsys.readouterr().err
-    assert not (tmp_path / "smoke").exists()
 
 
 def test_a_payload_too_large_for_the_all_reduce_is_refused():

@@ -1,179 +1,184 @@
 """``compare``: several methods on identical data, partition, seeds and ranks, and one table of the results.
 
-Each method is the given config with as little changed as possible, run in ``<run dir>/compare/<method>/``
-through the same ``run`` pipeline (so each is resumable on its own, and a finished one is not trained
-again):
+A method is a base strategy plus, optionally, stages of the MLLM-assisted method, written
+``<strategy>[+dwp[llava]][+align[<teacher>]]``:
 
-- ``fedavg``, ``fedavgm``, ``fedprox``, ``creff``, ``clip2fl``: ``federated.strategy`` set to the method,
-  alignment off (``align.every = 0``) and a randomly initialised backbone (``model.pretrained_backbone =
-  ""``): the baselines, without any stage of the MLLM method;
-- ``mllm``: the config as written (its strategy, DWP pretraining and global alignment), which must use at
-  least one stage of the method (``align.every > 0`` or ``model.pretrained_backbone = "pretrain"``).
+- ``fedavg``, ``fedavgm``, ``fedprox``, ``creff``, ``clip2fl``: the strategy from a randomly initialised
+  backbone, alignment off;
+- ``+dwp[llava]``: the backbone comes from Dynamic Weighted Pretraining against the LLaVA
+  (``model.pretrained_backbone = "pretrain"``; the run's stage 1 uses ``[annotate]`` / ``[pretrain]``);
+- ``+align[none|clip|llava]``: global alignment as ``[align]`` describes it (``every = 1`` where the config
+  has 0), with that teacher (``none``: cross-entropy on the server's labeled images alone; ``llava`` /
+  ``clip``: ``align.teacher_model`` when the config's teacher is of that kind, else ``annotate.model`` /
+  ``clip2fl.model``);
+- ``mllm-llava-fl``: the full method, ``fedavg+dwp[llava]+align[llava]`` (the only row called that);
+- ``config``: the config as written, named by what it runs.
 
-Rank 0 then writes ``<run dir>/compare/results.md`` and ``results.csv`` (overall and Many/Medium/Few
-accuracy of the last evaluation, rounds, wall time of the rounds, bytes all-reduced per round) and
-``accuracy.png`` (accuracy over rounds of every method).
+Every method runs for every seed in ``<run dir>/compare/<method>/seed<k>/`` through the same ``run``
+pipeline, so each (method, seed) is resumable on its own and a finished one is not trained again. Rank 0
+then writes the tables and the plot (:mod:`mllmfl_dist.stages.compare_table`).
 """
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
-import json
 import logging
-import math
+import re
 from pathlib import Path
 from typing import Any
 
 from mllmfl_dist import dist
-from mllmfl_dist.checkpoint import write_text_atomic
-from mllmfl_dist.config import Config, ConfigError, validate
+from mllmfl_dist.config import CHOICES, Config, ConfigError, validate
 
 log = logging.getLogger(__name__)
 
+STRATEGY_NAMES = CHOICES["federated.strategy"]
+TEACHERS = CHOICES["align.teacher"]
+FULL_METHOD = "mllm-llava-fl"
 BASELINES = ("fedavg", "fedavgm", "fedprox", "creff", "clip2fl")
-METHODS = (*BASELINES, "mllm")
-COLUMNS = ("method", "strategy", "rounds", "acc", "acc_many", "acc_medium", "acc_few", "wall_seconds",
-           "bytes_all_reduced_per_round")
+_SPEC = re.compile(r"^(?P<strategy>[a-z0-9]+)(?P<dwp>\+dwp\[llava\])?(?:\+align\[(?P<teacher>[a-z]+)\])?$")
 
 
-def parse_methods(text: str) -> list[str]:
-    methods = [m.strip() for m in text.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in METHODS]
-    if not methods or unknown:
-        raise ConfigError(f"--strategies {text!r}: {'unknown ' + ', '.join(unknown) if unknown else 'empty'}; "
-                          f"choose from {', '.join(METHODS)} (comma-separated)")
-    if len(set(methods)) != len(methods):
-        raise ConfigError(f"--strategies {text!r} names a method twice")
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """One row of the comparison: a base strategy, DWP or not, and the alignment teacher (None: no
+    alignment). ``as_written`` marks the ``config`` method (the config's own settings, not rewritten)."""
+
+    strategy: str
+    dwp: bool = False
+    teacher: str | None = None
+    as_written: bool = False
+
+    @property
+    def name(self) -> str:
+        if self.strategy == "fedavg" and self.dwp and self.teacher == "llava":
+            return FULL_METHOD
+        return self.strategy + ("+dwp[llava]" if self.dwp else "") + (f"+align[{self.teacher}]" if self.teacher else "")
+
+    @property
+    def dirname(self) -> str:
+        """The name without brackets, for a directory a shell need not quote."""
+        return self.name.replace("[", "-").replace("]", "")
+
+
+def method_of_config(cfg: Config) -> Method:
+    """The method a config runs as written."""
+    if cfg.model.pretrained_backbone not in ("", "pretrain"):
+        raise ConfigError(f"compare: the config starts from the backbone file {cfg.model.pretrained_backbone!r}; "
+                          f"a compare row names what ran, so use model.pretrained_backbone = 'pretrain' or ''")
+    return Method(cfg.federated.strategy, cfg.model.pretrained_backbone == "pretrain",
+                  cfg.align.teacher if cfg.align.every else None, as_written=True)
+
+
+def parse_method(text: str, cfg: Config) -> Method:
+    spec = text.strip()
+    if spec == "config":
+        return method_of_config(cfg)
+    if spec == FULL_METHOD:
+        return Method("fedavg", dwp=True, teacher="llava")
+    match = _SPEC.match(spec)
+    if not match or match["strategy"] not in STRATEGY_NAMES or (match["teacher"] or "none") not in TEACHERS:
+        raise ConfigError(f"compare: unknown method {spec!r}; a method is <strategy>[+dwp[llava]][+align[<teacher>]] "
+                          f"with strategy one of {', '.join(STRATEGY_NAMES)} and teacher one of "
+                          f"{', '.join(TEACHERS)} (e.g. fedavg, creff, fedavg+align[none], fedavg+dwp[llava]), or "
+                          f"{FULL_METHOD}, or config (the config as written)")
+    return Method(match["strategy"], bool(match["dwp"]), match["teacher"])
+
+
+def parse_methods(text: str, cfg: Config) -> list[Method]:
+    methods = [parse_method(m, cfg) for m in text.split(",") if m.strip()]
+    if not methods:
+        raise ConfigError(f"--methods {text!r} names no method")
+    names = [m.name for m in methods]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ConfigError(f"--methods {text!r} names {', '.join(twice)} twice")
     return methods
+
+
+def default_methods(cfg: Config) -> str:
+    """The baselines, plus the config as written when it runs a stage of the method."""
+    uses_method = cfg.align.every > 0 or cfg.model.pretrained_backbone == "pretrain"
+    return ",".join((*BASELINES, "config") if uses_method else BASELINES)
+
+
+def parse_seeds(text: str | None, cfg: Config) -> list[int]:
+    if not text:
+        return [cfg.run.seed]
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        seeds = []
+    if not seeds or any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"--seeds {text!r}: expected distinct non-negative integers separated by commas, e.g. 0,1,2")
+    return seeds
 
 
 def compare_dir(cfg: Config) -> Path:
     return cfg.run_dir / "compare"
 
 
-def method_config(cfg: Config, method: str) -> Config:
-    """The config of one method of the comparison (see the module docstring)."""
-    run = dataclasses.replace(cfg.run, root=str(compare_dir(cfg)), name=method)
-    if method == "mllm":
-        if cfg.align.every == 0 and cfg.model.pretrained_backbone != "pretrain":
-            raise ConfigError("compare: the mllm method runs the config as written, which uses no stage of the "
-                              "method; set align.every > 0 (with an [align] source) and/or "
-                              "model.pretrained_backbone = 'pretrain'")
-        method_cfg = dataclasses.replace(cfg, run=run)
-    elif method in BASELINES:
-        method_cfg = dataclasses.replace(
-            cfg, run=run, federated=dataclasses.replace(cfg.federated, strategy=method),
-            align=dataclasses.replace(cfg.align, every=0),
-            model=dataclasses.replace(cfg.model, pretrained_backbone=""))
+def _teacher_model(cfg: Config, teacher: str) -> tuple[str, str]:
+    """(align.teacher_model, align.clip_pretrained) for an alignment row with ``teacher``."""
+    if teacher == "none":
+        return "", ""
+    if cfg.align.teacher == teacher and cfg.align.teacher_model:
+        return cfg.align.teacher_model, cfg.align.clip_pretrained
+    if teacher == "llava":
+        model, pretrained, keys = cfg.annotate.model or cfg.pretrain.model, "", "annotate.model"
     else:
-        raise ConfigError(f"compare: unknown method {method!r}; choose from {', '.join(METHODS)}")
+        model, pretrained, keys = cfg.clip2fl.model, cfg.clip2fl.pretrained, "clip2fl.model"
+    if not model:
+        raise ConfigError(f"compare: align[{teacher}] needs a {teacher} model; set align.teacher_model (with "
+                          f"align.teacher = '{teacher}') or {keys}")
+    return model, pretrained
+
+
+def method_config(cfg: Config, method: Method, seed: int | None = None) -> Config:
+    """The config of one (method, seed) of the comparison (see the module docstring)."""
+    seed = cfg.run.seed if seed is None else seed
+    run = dataclasses.replace(cfg.run, root=str(compare_dir(cfg) / method.dirname), name=f"seed{seed}", seed=seed)
+    if method.as_written:
+        method_cfg = dataclasses.replace(cfg, run=run)
+    else:
+        if method.teacher is None:
+            align = dataclasses.replace(cfg.align, every=0)
+        else:
+            teacher_model, clip_pretrained = _teacher_model(cfg, method.teacher)
+            align = dataclasses.replace(cfg.align, every=cfg.align.every or 1, teacher=method.teacher,
+                                        teacher_model=teacher_model, clip_pretrained=clip_pretrained)
+        method_cfg = dataclasses.replace(
+            cfg, run=run, align=align, federated=dataclasses.replace(cfg.federated, strategy=method.strategy),
+            model=dataclasses.replace(cfg.model, pretrained_backbone="pretrain" if method.dwp else ""))
+    if method.dwp and not (method_cfg.annotate.model or method_cfg.pretrain.model):
+        raise ConfigError(f"compare: method {method.name} pretrains with DWP, which needs the LLaVA in "
+                          f"annotate.model (or pretrain.model)")
     try:
         validate(method_cfg)
     except ConfigError as err:
-        raise ConfigError(f"compare: method {method}: {err}") from None
+        raise ConfigError(f"compare: method {method.name}: {err}") from None
     return method_cfg
 
 
-def run_compare(cfg: Config, runtime: dist.Runtime, methods: list[str]) -> list[dict[str, Any]]:
-    """Run (or resume, or skip when complete) every method, then write the tables and the plot on rank 0.
-    Returns the table's rows on rank 0."""
+def run_compare(cfg: Config, runtime: dist.Runtime, methods: list[Method], seeds: list[int]) -> list[dict[str, Any]]:
+    """Run (or resume, or skip when complete) every method for every seed, then write the tables and the plot
+    on rank 0. Returns the per-(method, seed) rows on rank 0."""
     from mllmfl_dist.pipeline import run_pipeline
+    from mllmfl_dist.stages.compare_table import run_row, write_results
 
-    configs = [method_config(cfg, m) for m in methods]  # every config is checked before anything runs
-    for i, (method, method_cfg) in enumerate(zip(methods, configs), 1):
-        log.info("compare: method %d/%d: %s -> %s", i, len(methods), method, method_cfg.run_dir)
-        run_pipeline(method_cfg, runtime)
+    # Every config is checked before anything runs.
+    configs = {(m.name, s): method_config(cfg, m, s) for s in seeds for m in methods}
+    total, done = len(configs), 0
+    for seed in seeds:  # seed by seed, so a complete table of the first seed exists early
+        for method in methods:
+            done += 1
+            method_cfg = configs[(method.name, seed)]
+            log.info("compare: %d/%d: %s, seed %d -> %s", done, total, method.name, seed, method_cfg.run_dir)
+            run_pipeline(method_cfg, runtime)
     rows: list[dict[str, Any]] = []
     if runtime.is_server:
-        rows = [method_row(method, method_cfg) for method, method_cfg in zip(methods, configs)]
-        write_results(compare_dir(cfg), rows, {m: c.run_dir for m, c in zip(methods, configs)})
+        rows = [run_row(m.name, s, configs[(m.name, s)]) for m in methods for s in seeds]
+        write_results(compare_dir(cfg), rows, {m.name: [configs[(m.name, s)].run_dir for s in seeds] for m in methods},
+                      cfg, runtime)
     dist.stage_barrier(runtime)
     return rows
-
-
-def _jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue  # a torn last line of an interrupted run
-        if isinstance(record, dict):
-            records.append(record)
-    return records
-
-
-def method_row(method: str, method_cfg: Config) -> dict[str, Any]:
-    from mllmfl_dist.stages.report import read_evaluations
-
-    out = method_cfg.run_dir / "federated"
-    evaluations = read_evaluations(out / "metrics.jsonl")
-    rounds = _jsonl(out / "rounds.jsonl")
-    final = evaluations[-1] if evaluations else {}
-    return {
-        "method": method,
-        "strategy": method_cfg.federated.strategy,
-        "rounds": final.get("round"),
-        **{k: final.get(k) for k in ("acc", "acc_many", "acc_medium", "acc_few")},
-        "wall_seconds": sum(r.get("seconds", 0.0) for r in rounds) if rounds else None,
-        "bytes_all_reduced_per_round": rounds[-1].get("bytes_all_reduced") if rounds else None,
-    }
-
-
-def _fmt(value: Any, digits: int = 4) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "—"
-    if isinstance(value, float):
-        return f"{value:.{digits}f}"
-    if isinstance(value, int) and value >= 10_000:
-        return f"{value:,}"
-    return str(value)
-
-
-def results_markdown(rows: list[dict[str, Any]]) -> str:
-    header = ("| method | strategy | rounds | acc | Many | Medium | Few | wall time of the rounds (s) "
-              "| bytes all-reduced / round |")
-    lines = [header, "|" + "---|" * 9]
-    for r in rows:
-        lines.append("| " + " | ".join([r["method"], r["strategy"], _fmt(r["rounds"]), _fmt(r["acc"]),
-                                        _fmt(r["acc_many"]), _fmt(r["acc_medium"]), _fmt(r["acc_few"]),
-                                        _fmt(r["wall_seconds"], 1), _fmt(r["bytes_all_reduced_per_round"])]) + " |")
-    lines += ["", "Accuracy on the balanced test set at the last evaluation; Many / Medium / Few are the mean "
-              "accuracies of classes with > 100, 20-100 and < 20 training samples (— : no such class). "
-              "CReFF and CLIP2FL are evaluated with their re-trained classifier. Wall time sums the rounds "
-              "(setup, such as CLIP2FL's one-off teacher pass, is not counted)."]
-    return "\n".join(lines) + "\n"
-
-
-def results_csv(rows: list[dict[str, Any]]) -> str:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    for r in rows:
-        writer.writerow({k: "" if r[k] is None else r[k] for k in COLUMNS})
-    return buffer.getvalue()
-
-
-def write_results(out_dir: Path, rows: list[dict[str, Any]], run_dirs: dict[str, Path]) -> None:
-    from mllmfl_dist.stages.report import read_evaluations, save_accuracy_plot
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out_dir / "results.md", results_markdown(rows))
-    write_text_atomic(out_dir / "results.csv", results_csv(rows))
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for method, run_dir in run_dirs.items():
-        records = read_evaluations(run_dir / "federated" / "metrics.jsonl")
-        if records:
-            ax.plot([r["round"] for r in records], [r["acc"] for r in records], marker="o", markersize=3,
-                    label=method)
-    save_accuracy_plot(fig, ax, out_dir / "accuracy.png")

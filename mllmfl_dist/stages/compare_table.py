@@ -1,0 +1,210 @@
+"""The tables and the plot of ``compare``: one row per (method, seed) read from its run directory, then the
+mean +- standard deviation over seeds per method.
+
+Rank 0 writes into ``<run dir>/compare/``:
+
+- ``results.md``: per method, mean +- sample standard deviation (n - 1) over the seeds of balanced accuracy,
+  top-1 and Many/Medium/Few, with what ran (pretraining, alignment teacher, server-held labeled images),
+  then every seed's values, and on what data and machine they were measured;
+- ``results.csv``: the same per method (``<metric>_mean`` / ``<metric>_std`` columns, std empty for one seed);
+- ``results_per_seed.csv``: one row per (method, seed);
+- ``accuracy.png``: balanced accuracy over rounds, the mean over seeds with a +-1 std band.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import platform
+import statistics
+from pathlib import Path
+from typing import Any
+
+from mllmfl_dist.checkpoint import write_text_atomic
+from mllmfl_dist.config import Config
+from mllmfl_dist.metrics import read_jsonl
+
+METRICS = ("acc", "acc_top1", "acc_many", "acc_medium", "acc_few", "wall_seconds")
+DESCRIPTION = ("method", "strategy", "pretraining", "align_teacher", "server_labeled_images")
+PER_SEED_COLUMNS = (*DESCRIPTION, "seed", "rounds", *METRICS, "bytes_all_reduced_per_round")
+SUMMARY_COLUMNS = (*DESCRIPTION, "seeds", "rounds", *(f"{m}_{s}" for m in METRICS for s in ("mean", "std")),
+                   "bytes_all_reduced_per_round")
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def run_row(method: str, seed: int, cfg: Config) -> dict[str, Any]:
+    """What one (method, seed) ran and measured, from its run directory."""
+    from mllmfl_dist.stages.report import read_evaluations
+
+    out = cfg.run_dir / "federated"
+    evaluations = read_evaluations(out / "metrics.jsonl")
+    rounds = read_jsonl(out / "rounds.jsonl")
+    final = evaluations[-1] if evaluations else {}
+    alignment = _read_json(out / "summary.json").get("alignment") or {}
+    if cfg.model.pretrained_backbone == "pretrain":
+        pretraining = f"dwp[llava] ({cfg.pretrain.model or cfg.annotate.model})"
+    else:
+        pretraining = "none (random init)"
+    if not cfg.align.every:
+        teacher = "no alignment"
+    elif cfg.align.teacher == "none":
+        teacher = "none (labels only)"
+    else:
+        teacher = f"{cfg.align.teacher} ({cfg.align.teacher_model})"
+    return {
+        "method": method, "seed": seed, "strategy": cfg.federated.strategy, "pretraining": pretraining,
+        "align_teacher": teacher,
+        "server_labeled_images": alignment.get("server_labeled_images", 0) if cfg.align.every else 0,
+        "rounds": final.get("round"),
+        **{k: final.get(k) for k in METRICS if k != "wall_seconds"},
+        "wall_seconds": sum(r.get("seconds", 0.0) for r in rounds) if rounds else None,
+        "bytes_all_reduced_per_round": rounds[-1].get("bytes_all_reduced") if rounds else None,
+    }
+
+
+def _mean_std(values: list[Any]) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation; None where a value is missing (std also for one value)."""
+    if not values or any(v is None for v in values):
+        return None, None
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per method (in first-seen order) with ``<metric>_mean`` / ``_std`` over its seeds."""
+    methods: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        methods.setdefault(row["method"], []).append(row)
+    summary = []
+    for runs in methods.values():
+        out = {k: runs[0][k] for k in DESCRIPTION}
+        out["seeds"] = [r["seed"] for r in runs]
+        out["rounds"] = runs[0]["rounds"]
+        out["bytes_all_reduced_per_round"] = runs[0]["bytes_all_reduced_per_round"]
+        for metric in METRICS:
+            out[f"{metric}_mean"], out[f"{metric}_std"] = _mean_std([r[metric] for r in runs])
+        summary.append(out)
+    return summary
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "—"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    if isinstance(value, int) and value >= 10_000:
+        return f"{value:,}"
+    return str(value)
+
+
+def _pm(row: dict[str, Any], metric: str, digits: int = 3) -> str:
+    mean, std = row[f"{metric}_mean"], row[f"{metric}_std"]
+    return _fmt(mean, digits) if std is None or mean is None else f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def measured_on(cfg: Config, world_size: int, backend: str) -> str:
+    """One line: the data, the federated setting and the machine the figures come from."""
+    data, fed = cfg.data, cfg.federated
+    where = data.source if data.source != "shards" else f"shards {data.train_shards}"
+    subset = f", train indices {data.train_indices}" if data.train_indices else ""
+    return (f"Data: {where} (imb_factor {data.imb_factor:g}{subset}, server holdout "
+            f"{data.server_holdout_per_class}/class), partition {cfg.partition.method}({cfg.partition.alpha:g}), "
+            f"{fed.num_clients} clients, {fed.clients_per_round} per round, {fed.local_epochs} local epoch(s). "
+            f"Measured with {world_size} rank(s) ({backend}) on {platform.machine()} with {os.cpu_count()} CPU "
+            f"core(s) ({platform.system()}).")
+
+
+def results_markdown(rows: list[dict[str, Any]], footer: str = "") -> str:
+    summary = summarize(rows)
+    seeds = summary[0]["seeds"] if summary else []
+    lines = ["| method | pretraining | alignment teacher | server-held labeled images | balanced acc | top-1 acc "
+             "| Many | Medium | Few | wall time of the rounds (s) |", "|" + "---|" * 10]
+    for r in summary:
+        lines.append("| " + " | ".join([
+            r["method"], r["pretraining"], r["align_teacher"], _fmt(r["server_labeled_images"]), _pm(r, "acc"),
+            _pm(r, "acc_top1"), _pm(r, "acc_many"), _pm(r, "acc_medium"), _pm(r, "acc_few"),
+            _pm(r, "wall_seconds", 1)]) + " |")
+    spread = ("mean ± sample standard deviation (n - 1) over seeds " + ", ".join(map(str, seeds))
+              if len(seeds) > 1 else f"seed {seeds[0]}" if seeds else "no runs")
+    lines += ["", f"Test accuracy at the last evaluation (round {_fmt(summary[0]['rounds']) if summary else '—'}), "
+              f"{spread}. Balanced acc is the mean of the per-class accuracies; top-1 the fraction of all test "
+              "images; Many / Medium / Few the mean accuracy of the classes with > 100, 20-100 and < 20 training "
+              "samples (—: no such class). CReFF and CLIP2FL are evaluated with their re-trained classifier. "
+              "Server-held labeled images: labeled images the server trained on (alignment); DWP uses "
+              "unlabeled captioned images. Wall time sums the rounds (one-off setup such as CLIP2FL's teacher "
+              "pass is not counted)."]
+    if footer:
+        lines += ["", footer]
+    if len(seeds) > 1:
+        lines += ["", "Per seed (balanced acc / Many / Medium / Few):", "",
+                  "| method | " + " | ".join(f"seed {s}" for s in seeds) + " |", "|" + "---|" * (len(seeds) + 1)]
+        for method in summary:
+            cells = [" / ".join(_fmt(r[k]) for k in ("acc", "acc_many", "acc_medium", "acc_few"))
+                     for r in rows if r["method"] == method["method"]]
+            lines.append(f"| {method['method']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _csv(rows: list[dict[str, Any]], columns: tuple[str, ...]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    for r in rows:
+        writer.writerow({k: "" if r[k] is None else (" ".join(map(str, r[k])) if isinstance(r[k], list) else r[k])
+                         for k in columns})
+    return buffer.getvalue()
+
+
+def results_csv(rows: list[dict[str, Any]]) -> str:
+    return _csv(summarize(rows), SUMMARY_COLUMNS)
+
+
+def per_seed_csv(rows: list[dict[str, Any]]) -> str:
+    return _csv(rows, PER_SEED_COLUMNS)
+
+
+def write_results(out_dir: Path, rows: list[dict[str, Any]], run_dirs: dict[str, list[Path]], cfg: Config,
+                  runtime: Any) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out_dir / "results.md",
+                      results_markdown(rows, measured_on(cfg, runtime.world_size, runtime.backend)))
+    write_text_atomic(out_dir / "results.csv", results_csv(rows))
+    write_text_atomic(out_dir / "results_per_seed.csv", per_seed_csv(rows))
+    save_mean_accuracy_plot(run_dirs, out_dir / "accuracy.png")
+
+
+def save_mean_accuracy_plot(run_dirs: dict[str, list[Path]], path: Path) -> None:
+    """Balanced accuracy over rounds per method: the mean over its seeds' runs, with a +-1 std band."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from mllmfl_dist.stages.report import read_evaluations, save_accuracy_plot
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for method, dirs in run_dirs.items():
+        by_round: dict[int, list[float]] = {}
+        for run_dir in dirs:
+            for record in read_evaluations(run_dir / "federated" / "metrics.jsonl"):
+                by_round.setdefault(record["round"], []).append(record["acc"])
+        rounds = sorted(r for r, values in by_round.items() if len(values) == len(dirs))
+        if not rounds:
+            continue
+        means = [statistics.fmean(by_round[r]) for r in rounds]
+        (line,) = ax.plot(rounds, means, marker="o", markersize=3, label=method)
+        if len(dirs) > 1:
+            stds = [statistics.stdev(by_round[r]) for r in rounds]
+            ax.fill_between(rounds, [m - s for m, s in zip(means, stds)], [m + s for m, s in zip(means, stds)],
+                            color=line.get_color(), alpha=0.2, linewidth=0)
+    spread = " (mean ± std over seeds)" if any(len(d) > 1 for d in run_dirs.values()) else ""
+    save_accuracy_plot(fig, ax, path, title=f"Balanced accuracy over rounds{spread}")
