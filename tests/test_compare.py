@@ -87,6 +87,8 @@ def test_compare_over_two_seeds_gives_mean_and_std_and_resumes_per_row(tmp_path,
     assert summary["fedavg+align[none]"]["align_teacher"] == "none (labels only)"
     assert {summary[m]["server_labeled_images"] for m in methods[:4]} == {"0"}
     assert {summary[m]["pretraining"] for m in methods} == {"none (random init)"}
+    assert summary["clip2fl"]["models"] == f"CLIP2FL CLIP local-dir:{tiny_models['clip']}"
+    assert {summary[m]["models"] for m in ("fedavg", "creff", "fedavg+align[none]")} == {"none"}
     assert summary["creff"]["strategy"] == "creff" and summary["fedavg+align[none]"]["strategy"] == "fedavg"
     markdown = (out / "results.md").read_text()
     assert printed.startswith(markdown.splitlines()[0])
@@ -105,11 +107,11 @@ def test_compare_over_two_seeds_gives_mean_and_std_and_resumes_per_row(tmp_path,
 
 def test_a_single_seed_table_prints_three_decimals():
     row = {"method": "fedavg", "seed": 0, "strategy": "fedavg", "pretraining": "none (random init)",
-           "align_teacher": "no alignment", "server_labeled_images": 0, "rounds": 30, "acc": 0.123456,
+           "align_teacher": "no alignment", "server_labeled_images": 0, "models": "none", "rounds": 30, "acc": 0.123456,
            "acc_top1": 0.2, "acc_many": 0.3456789, "acc_medium": None, "acc_few": None, "wall_seconds": 12.34,
            "bytes_all_reduced_per_round": 1000}
     line = results_markdown([row]).splitlines()[2]
-    assert "| 0.123 | 0.200 | 0.346 | — | — | 12.3 |" in line and "±" not in line
+    assert "| 0.123 | 0.200 | 0.346 | — | — | 12.3 | none |" in line and "±" not in line
 
 
 def test_compare_refuses_bad_input_before_running_anything(tmp_path, capsys):

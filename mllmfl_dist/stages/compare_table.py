@@ -28,7 +28,7 @@ from mllmfl_dist.config import Config
 from mllmfl_dist.metrics import read_jsonl
 
 METRICS = ("acc", "acc_top1", "acc_many", "acc_medium", "acc_few", "wall_seconds")
-DESCRIPTION = ("method", "strategy", "pretraining", "align_teacher", "server_labeled_images")
+DESCRIPTION = ("method", "strategy", "pretraining", "align_teacher", "server_labeled_images", "models")
 PER_SEED_COLUMNS = (*DESCRIPTION, "seed", "rounds", *METRICS, "bytes_all_reduced_per_round")
 SUMMARY_COLUMNS = (*DESCRIPTION, "seeds", "rounds", *(f"{m}_{s}" for m in METRICS for s in ("mean", "std")),
                    "bytes_all_reduced_per_round")
@@ -42,6 +42,18 @@ def _read_json(path: Path) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
+def models_used(cfg: Config) -> list[str]:
+    """The MLLM / CLIP models a run used: CLIP2FL's CLIP, DWP's LLaVA, the alignment teacher."""
+    used = []
+    if cfg.federated.strategy == "clip2fl":
+        used.append(f"CLIP2FL CLIP {cfg.clip2fl.model}")
+    if cfg.model.pretrained_backbone == "pretrain":
+        used.append(f"DWP LLaVA {cfg.pretrain.model or cfg.annotate.model}")
+    if cfg.align.every and cfg.align.teacher != "none":
+        used.append(f"teacher {cfg.align.teacher_model}")
+    return used
+
+
 def run_row(method: str, seed: int, cfg: Config) -> dict[str, Any]:
     """What one (method, seed) ran and measured, from its run directory."""
     from mllmfl_dist.stages.report import read_evaluations
@@ -51,19 +63,13 @@ def run_row(method: str, seed: int, cfg: Config) -> dict[str, Any]:
     rounds = read_jsonl(out / "rounds.jsonl")
     final = evaluations[-1] if evaluations else {}
     alignment = _read_json(out / "summary.json").get("alignment") or {}
-    if cfg.model.pretrained_backbone == "pretrain":
-        pretraining = f"dwp[llava] ({cfg.pretrain.model or cfg.annotate.model})"
-    else:
-        pretraining = "none (random init)"
-    if not cfg.align.every:
-        teacher = "no alignment"
-    elif cfg.align.teacher == "none":
-        teacher = "none (labels only)"
-    else:
-        teacher = f"{cfg.align.teacher} ({cfg.align.teacher_model})"
+    dwp = cfg.model.pretrained_backbone == "pretrain"
+    teacher = cfg.align.teacher if cfg.align.every else None
     return {
-        "method": method, "seed": seed, "strategy": cfg.federated.strategy, "pretraining": pretraining,
-        "align_teacher": teacher,
+        "method": method, "seed": seed, "strategy": cfg.federated.strategy,
+        "pretraining": "dwp[llava]" if dwp else "none (random init)",
+        "align_teacher": "no alignment" if teacher is None else "none (labels only)" if teacher == "none" else teacher,
+        "models": "; ".join(models_used(cfg)) or "none",
         "server_labeled_images": alignment.get("server_labeled_images", 0) if cfg.align.every else 0,
         "rounds": final.get("round"),
         **{k: final.get(k) for k in METRICS if k != "wall_seconds"},
@@ -127,12 +133,12 @@ def results_markdown(rows: list[dict[str, Any]], footer: str = "") -> str:
     summary = summarize(rows)
     seeds = summary[0]["seeds"] if summary else []
     lines = ["| method | pretraining | alignment teacher | server-held labeled images | balanced acc | top-1 acc "
-             "| Many | Medium | Few | wall time of the rounds (s) |", "|" + "---|" * 10]
+             "| Many | Medium | Few | wall time of the rounds (s) | models used |", "|" + "---|" * 11]
     for r in summary:
         lines.append("| " + " | ".join([
             r["method"], r["pretraining"], r["align_teacher"], _fmt(r["server_labeled_images"]), _pm(r, "acc"),
             _pm(r, "acc_top1"), _pm(r, "acc_many"), _pm(r, "acc_medium"), _pm(r, "acc_few"),
-            _pm(r, "wall_seconds", 1)]) + " |")
+            _pm(r, "wall_seconds", 1), r["models"]]) + " |")
     spread = ("mean ± sample standard deviation (n - 1) over seeds " + ", ".join(map(str, seeds))
               if len(seeds) > 1 else f"seed {seeds[0]}" if seeds else "no runs")
     lines += ["", f"Test accuracy at the last evaluation (round {_fmt(summary[0]['rounds']) if summary else '—'}), "
