@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,8 +37,10 @@ class RunConfig:
 class DistConfig:
     backend: str = "auto"  # auto: nccl when CUDA is available, else gloo
     threads: int = 1  # intra-op threads per process; CPU results depend on it, so it is fixed here
-    timeout_minutes: float = 30.0  # collectives of the round loop
+    timeout_minutes: float = 30.0  # collectives of the round loop, and rank 0's wait for idle client hosts
     control_timeout_minutes: float = 1440.0  # stage barriers while rank 0 runs long server-side work
+    init_timeout_minutes: float = 10.0  # how long the ranks wait for each other to join at start-up
+    wait_report_seconds: float = 60.0  # a wait on other ranks longer than this is reported (then at 2x, 4x, ...)
     server_hosts_clients: bool = False  # let rank 0 train clients too when W > 1
 
 
@@ -357,6 +360,8 @@ _RULES: dict[str, Rule] = {
     "dist.threads": _int_at_least(1),
     "dist.timeout_minutes": _POSITIVE,
     "dist.control_timeout_minutes": _POSITIVE,
+    "dist.init_timeout_minutes": _POSITIVE,
+    "dist.wait_report_seconds": _POSITIVE,
     "data.imb_factor": (lambda v: 0 < v <= 1, "a number in (0, 1]"),
     "data.crop_padding": _int_at_least(0),
     "data.num_classes": _int_at_least(2),
@@ -481,6 +486,8 @@ def _build(cls: type, values: dict[str, Any], prefix: str):
 def _check_type(name: str, expected: type, value: Any) -> Any:
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if expected is float and isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{name} must be a finite number, got {value!r}")
     wrong_bool = expected is not bool and isinstance(value, bool)
     if wrong_bool or not isinstance(value, expected):
         raise ConfigError(f"{name} must be {_type_name(expected)}, got {value!r}")
@@ -563,9 +570,11 @@ def validate(config: Config) -> None:
         raise ConfigError("data.synthetic_mode = 'on_demand' is only allowed with data.source = 'synthetic'")
 
 
-# Keys that may change when a run is resumed: they do not change what a completed round computed.
-RESUMABLE_CHANGES = ("run.root", "federated.rounds", "data.root", "data.download", "dist.backend",
-                     "dist.timeout_minutes", "dist.control_timeout_minutes", "eval.", "checkpoint.", "log.",
+# Keys that may change when a run is resumed: they do not change what a completed round computed (where a
+# run lives is not part of what it computes, so a moved or renamed run directory resumes).
+RESUMABLE_CHANGES = ("run.root", "run.name", "federated.rounds", "data.root", "data.download", "dist.backend",
+                     "dist.timeout_minutes", "dist.control_timeout_minutes", "dist.init_timeout_minutes",
+                     "dist.wait_report_seconds", "eval.", "checkpoint.", "log.",
                      "clip2fl.teacher_batch_size",
                      # the federated checkpoint already holds what stage 1 produced
                      "annotate.", "pretrain.")

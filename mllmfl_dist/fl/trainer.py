@@ -11,7 +11,7 @@ payload; one broadcast of the new global model as a flat buffer, followed by the
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +27,44 @@ from mllmfl_dist.fl.strategies import Strategy
 from mllmfl_dist.models import FLModel
 
 TAG_CLIENT_PAYLOAD = 23  # derive_seed stream of a client's payload (CReFF's class batches), per round
+
+# Where a round went non-finite; the broadcast carries the index, so every rank stops with one message.
+DIVERGED_NOWHERE = "nowhere"
+DIVERGED_IN_SERVER_STEP = "server_step"
+DIVERGED_IN_SERVER_UPDATE = "server_update"
+DIVERGED_IN_SERVER_HOOK = "server_hook"
+DIVERGENCE_CODES = (DIVERGED_NOWHERE, DIVERGED_IN_SERVER_STEP, DIVERGED_IN_SERVER_UPDATE, DIVERGED_IN_SERVER_HOOK)
+
+
+class TrainingDivergedError(RuntimeError):
+    """A round made the model non-finite; raised on every rank with the same one-line message, before
+    anything of that round is saved."""
+
+
+def divergence_message(cfg: Config, round_index: int, where: str, clients: Sequence[int] = ()) -> str:
+    """One line: the round, where it went non-finite (which clients), and the settings to look at."""
+    fed = cfg.federated
+    if where == "clients":
+        what = f"the local training of client(s) {', '.join(map(str, clients))} went non-finite (NaN or inf weights)"
+        keys = [f"federated.lr = {fed.lr:g}", f"federated.momentum = {fed.momentum:g}",
+                f"federated.weight_decay = {fed.weight_decay:g}", f"federated.batch_size = {fed.batch_size}"]
+        keys += {"fedprox": [f"federated.prox_mu = {fed.prox_mu:g}"],
+                 "clip2fl": [f"clip2fl.alpha = {cfg.clip2fl.alpha:g}"]}.get(fed.strategy, [])
+    elif where == DIVERGED_IN_SERVER_STEP:
+        what = "the server step made the global model non-finite"
+        keys = [f"federated.server_lr = {fed.server_lr:g}", f"federated.server_momentum = {fed.server_momentum:g}"]
+    elif where == DIVERGED_IN_SERVER_UPDATE:
+        what = f"{fed.strategy}'s server update (federated features, re-trained classifier) went non-finite"
+        keys = [f"creff.lr_feature = {cfg.creff.lr_feature:g}", f"creff.lr_crt = {cfg.creff.lr_crt:g}"]
+    else:
+        what = "global alignment made the model non-finite"
+        keys = [f"align.lr = {cfg.align.lr:g}", f"align.beta = {cfg.align.beta:g}", f"align.steps = {cfg.align.steps}"]
+    return (f"round {round_index}: {what}; nothing of this round was saved and the last checkpoint is kept. "
+            f"Look at {', '.join(keys)}")
+
+
+def _finite(model: torch.nn.Module) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in model.state_dict().values() if t.is_floating_point())
 
 
 @dataclass(frozen=True)
@@ -70,15 +108,31 @@ class FederatedTrainer:
     def broadcast_global(self) -> int:
         """Make every rank hold rank 0's global model (and the strategy's shared state, after it in the same
         buffer); returns the bytes broadcast."""
-        flat = torch.empty(self.layout.numel + self.shared_numel, dtype=torch.float32, device=self.runtime.device)
+        sent, status = self._broadcast(DIVERGED_NOWHERE, "rank 0's broadcast of the model to start from")
+        if status != DIVERGED_NOWHERE:
+            raise TrainingDivergedError(
+                f"the global model to start round {self.rounds_done + 1} from is non-finite (a checkpoint or "
+                f"backbone written by a run that diverged?); start over with another run.name")
+        return sent
+
+    def _broadcast(self, status: str, what: str) -> tuple[int, str]:
+        """The broadcast, carrying rank 0's divergence ``status`` in its last entry; returns the bytes
+        broadcast and the status every rank received (a non-finite buffer counts as diverged too)."""
+        end = self.layout.numel + self.shared_numel
+        flat = torch.empty(end + 1, dtype=torch.float32, device=self.runtime.device)
         self.layout.flatten(self.model.state_dict(), out=flat[: self.layout.numel])
         if self.shared_numel:
-            flat[self.layout.numel :] = self.strategy.shared_state()
-        dist.broadcast_from_server_(self.runtime, flat)
-        self.set_global_flat(flat[: self.layout.numel])
-        if self.shared_numel:
-            self.strategy.load_shared_state(flat[self.layout.numel :])
-        return flat.numel() * flat.element_size()
+            flat[self.layout.numel : end] = self.strategy.shared_state()
+        flat[end] = DIVERGENCE_CODES.index(status)
+        dist.broadcast_from_server_(self.runtime, flat, what)
+        status = DIVERGENCE_CODES[int(flat[end])]
+        if status == DIVERGED_NOWHERE and not bool(torch.isfinite(flat).all()):
+            status = DIVERGED_IN_SERVER_STEP
+        if status == DIVERGED_NOWHERE:
+            self.set_global_flat(flat[: self.layout.numel])
+            if self.shared_numel:
+                self.strategy.load_shared_state(flat[self.layout.numel : end])
+        return flat.numel() * flat.element_size(), status
 
     # -- one round -------------------------------------------------------------------------------
     def run_round(self, round_index: int) -> RoundStats:
@@ -90,9 +144,12 @@ class FederatedTrainer:
         mine = plan.get(self.runtime.rank, [])
 
         start = self.global_flat(torch.float64)
-        # One buffer for the one all_reduce: the model's weighted sum and total weight, then the payload.
-        acc = new_accumulator(self.layout.numel + self.payload_numel, self.runtime.device)
-        model_acc, payload = acc[: self.layout.numel + 1], acc[self.layout.numel + 1 :]
+        # One buffer for the one all_reduce: the model's weighted sum and total weight, then the payload,
+        # then one flag per sampled client that went non-finite (so every rank learns which, and stops).
+        acc = new_accumulator(self.layout.numel + self.payload_numel + len(clients), self.runtime.device)
+        model_acc = acc[: self.layout.numel + 1]
+        payload = acc[self.layout.numel + 1 : self.layout.numel + 1 + self.payload_numel]
+        diverged = acc[self.layout.numel + 1 + self.payload_numel :]
         global_params: list[torch.Tensor] = []
         if mine and self.strategy.needs_global_params:
             global_params = [p.detach().clone() for p in self.model.parameters() if p.requires_grad]
@@ -107,18 +164,32 @@ class FederatedTrainer:
             generator = torch.Generator().manual_seed(derive_seed(seed, TAG_CLIENT_TRAINING, round_index, cid))
             train_client(self.model, images, labels, self.local, generator, self.strategy,
                          global_params, self.runtime.device, self.strategy.client_side_info(self.data, cid))
-            accumulate_(model_acc, self.global_flat(torch.float64), labels.shape[0])
+            state = self.global_flat(torch.float64)
+            if bool(torch.isfinite(state).all()):
+                accumulate_(model_acc, state, labels.shape[0])
+            else:  # kept out of the sum; every rank stops after the all_reduce
+                diverged[clients.index(cid)] = 1
 
-        dist.all_reduce_sum_(self.runtime, acc)
+        dist.all_reduce_sum_(self.runtime, acc, f"round {round_index}'s all_reduce")
+        failed = [c for c, flag in zip(clients, diverged.tolist()) if flag]
+        if failed:
+            raise TrainingDivergedError(divergence_message(self.cfg, round_index, "clients", failed))
         server_record: dict[str, float] = {}
+        status = DIVERGED_NOWHERE
         if self.runtime.is_server:
             new = self.strategy.server_step(start, mean_from_sum(model_acc), self.trainable_mask)
             self.set_global_flat(new)
-            if self.payload_numel:
+            status = DIVERGED_NOWHERE if _finite(self.model) else DIVERGED_IN_SERVER_STEP
+            if self.payload_numel and status == DIVERGED_NOWHERE:
                 server_record = self.strategy.server_update(self.model, payload, round_index)
-            if self.server_hook is not None:
+                if self.shared_numel and not bool(torch.isfinite(self.strategy.shared_state()).all()):
+                    status = DIVERGED_IN_SERVER_UPDATE
+            if self.server_hook is not None and status == DIVERGED_NOWHERE:
                 self.server_hook(self.model, round_index)
-        bytes_broadcast = self.broadcast_global()
+                status = DIVERGED_NOWHERE if _finite(self.model) else DIVERGED_IN_SERVER_HOOK
+        bytes_broadcast, status = self._broadcast(status, f"rank 0's broadcast of round {round_index}'s model")
+        if status != DIVERGED_NOWHERE:
+            raise TrainingDivergedError(divergence_message(self.cfg, round_index, status))
         self.rounds_done = round_index
         self._last_round_end = time.perf_counter()
         return RoundStats(round_index, self._last_round_end - started, tuple(clients), tuple(mine),
