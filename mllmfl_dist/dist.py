@@ -10,9 +10,12 @@ ranks waiting while rank 0 runs hours of server-side work do not trip the collec
 from __future__ import annotations
 
 import atexit
+import logging
 import os
 import re
-from dataclasses import dataclass
+import threading
+import time
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
@@ -22,6 +25,8 @@ import torch.distributed as torch_dist
 from mllmfl_dist.config import ConfigError, DistConfig
 
 SERVER_RANK = 0
+STALE_WAITS = 64
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -59,6 +64,22 @@ def first_slurm_host(nodelist: str) -> str:
     return prefix + ranges.split(",")[0].split("-")[0]
 
 
+@dataclass
+class WaitSettings:
+    """How long each kind of wait on another rank may last, when to start saying so, and the count of waits
+    so far (every rank runs the same sequence, so the n-th wait is the same one on every rank)."""
+
+    round_minutes: float = 30.0  # dist.timeout_minutes
+    control_minutes: float = 1440.0  # dist.control_timeout_minutes
+    report_seconds: float = 60.0  # dist.wait_report_seconds
+    count: int = 0
+
+
+class RankLostError(RuntimeError):
+    """A wait on other ranks ran out or broke; the message names the wait, the missing ranks and the key
+    that sets its timeout."""
+
+
 @dataclass(frozen=True)
 class Runtime:
     rank: int
@@ -68,6 +89,9 @@ class Runtime:
     device: torch.device
     server_hosts_clients: bool
     control_group: Any = None
+    # The rendezvous store (prefixed per restart attempt) and the settings of the waits on other ranks.
+    store: Any = None
+    waits: WaitSettings = field(default_factory=lambda: WaitSettings())
 
     @property
     def is_server(self) -> bool:
@@ -105,18 +129,135 @@ def init_runtime(cfg: DistConfig, env: dict[str, str] | None = None) -> Runtime:
         os.environ.setdefault("MASTER_PORT", "29500")
         os.environ.setdefault("RANK", str(launch.rank))
         os.environ.setdefault("WORLD_SIZE", str(launch.world_size))
+    waits = WaitSettings(cfg.timeout_minutes, cfg.control_timeout_minutes, cfg.wait_report_seconds)
+    store = None
     if not torch_dist.is_initialized():
+        store = _rendezvous(launch, cfg)
         torch_dist.init_process_group(
             backend,
+            store=store,
             rank=launch.rank,
             world_size=launch.world_size,
             timeout=timedelta(minutes=cfg.timeout_minutes),
             device_id=device if backend == "nccl" else None,
         )
     control = torch_dist.new_group(backend="gloo", timeout=timedelta(minutes=cfg.control_timeout_minutes))
-    return Runtime(
-        launch.rank, launch.world_size, launch.local_rank, backend, device, cfg.server_hosts_clients, control
-    )
+    return Runtime(launch.rank, launch.world_size, launch.local_rank, backend, device, cfg.server_hosts_clients,
+                   control, store, waits)
+
+
+def _rendezvous(launch: LaunchEnv, cfg: DistConfig):
+    """The store the process group meets on, once every rank has joined it.
+
+    Under torchrun the agent hosts the store (``TORCHELASTIC_USE_AGENT_STORE``) and keeps it across the
+    restarts of ``--max-restarts``; torch's own env:// rendezvous reuses its keys, so a restarted group
+    reads the dead workers' addresses and never connects. Each restart attempt gets its own key prefix
+    (``TORCHELASTIC_RESTART_COUNT``). Outside torchrun (srun tasks) rank 0 hosts the store. Every rank
+    announces itself and waits at most ``dist.init_timeout_minutes`` for the others; on expiry the error
+    names the ranks that never came."""
+    host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    timeout = timedelta(minutes=cfg.init_timeout_minutes)
+    try:
+        base = torch_dist.TCPStore(host, port, launch.world_size, is_master=not agent and launch.rank == 0,
+                                   timeout=timeout, wait_for_workers=False, multi_tenant=True)
+    except (RuntimeError, torch_dist.DistError) as err:
+        raise RankLostError(f"rank {launch.rank}: cannot reach the rendezvous store at {host}:{port} within "
+                            f"dist.init_timeout_minutes = {cfg.init_timeout_minutes:g} ({_first_line(err)}); is "
+                            f"rank 0 running, and are MASTER_ADDR / MASTER_PORT right?") from None
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    store = torch_dist.PrefixStore(f"mllmfl/attempt{attempt}", base)
+    keys = [f"joined/{r}" for r in range(launch.world_size)]
+    store.set(keys[launch.rank], "1")
+    try:
+        store.wait(keys, timeout)
+    except (RuntimeError, torch_dist.DistError):
+        missing = [r for r, key in enumerate(keys) if not store.check([key])]
+        raise RankLostError(
+            f"rank {launch.rank}: {launch.world_size} ranks were expected ({launch.launcher}), but rank(s) "
+            f"{_ranks(missing)} did not join within dist.init_timeout_minutes = {cfg.init_timeout_minutes:g}; "
+            f"were they started (one srun step with all tasks, or torchrun on every node)?") from None
+    return store
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+
+
+def _ranks(ranks: list[int] | None) -> str:
+    return "?" if not ranks else ", ".join(map(str, ranks))
+
+
+class _Waiting:
+    """Around one wait on other ranks: says what it waits for once the wait is long (after
+    ``wait_report_seconds``, then at doubling intervals, naming the ranks that have not arrived), and turns
+    an expired or broken wait into one :class:`RankLostError` naming them and the key of the timeout.
+
+    Arrivals are marked in the rendezvous store (``wait/<n>/<rank>``), so a rank can tell who is missing
+    without the collective's help."""
+
+    def __init__(self, runtime: Runtime, what: str, key: str, minutes: float):
+        self.runtime, self.what, self.key, self.minutes = runtime, what, key, minutes
+        self.store = runtime.store if runtime.distributed else None
+        self._done = threading.Event()
+
+    def _key(self, rank: int) -> str:
+        return f"wait/{self.seq}/{rank}"
+
+    def missing(self) -> list[int] | None:
+        try:
+            return [r for r in range(self.runtime.world_size) if not self.store.check([self._key(r)])]
+        except (RuntimeError, torch_dist.DistError):
+            return None  # the store itself is gone (its host died)
+
+    def __enter__(self) -> _Waiting:
+        if self.store is None:
+            return self
+        self.runtime.waits.count += 1
+        self.seq = self.runtime.waits.count
+        self.started = time.monotonic()
+        try:
+            self.store.set(self._key(self.runtime.rank), "1")
+            # Keep the store small. No rank runs more than a few waits ahead of another (every round has an
+            # all_reduce), so a mark this old is read by nobody any more.
+            if self.seq > STALE_WAITS:
+                self.store.delete_key(f"wait/{self.seq - STALE_WAITS}/{self.runtime.rank}")
+        except (RuntimeError, torch_dist.DistError):
+            pass
+        threading.Thread(target=self._report, daemon=True, name="mllmfl-wait").start()
+        return self
+
+    def _report(self) -> None:
+        interval = self.runtime.waits.report_seconds
+        while not self._done.wait(interval):
+            missing = self.missing()
+            who = f"rank(s) {_ranks(missing)} not there yet" if missing else "every rank has arrived"
+            log.warning("rank %d: waiting %.0f s for %s; %s (gives up after %s = %g min)", self.runtime.rank,
+                        time.monotonic() - self.started, self.what, who, self.key, self.minutes)
+            interval *= 2
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        self._done.set()
+        if self.store is None or exc is None or isinstance(exc, RankLostError):
+            return False
+        if not isinstance(exc, (torch_dist.DistError, RuntimeError)):
+            return False
+        missing = self.missing()
+        waited = (time.monotonic() - self.started) / 60
+        me = f"rank {self.runtime.rank}"
+        if waited < 0.9 * self.minutes:  # not a timeout: a connection broke
+            raise RankLostError(f"{me}: {self.what} broke after {waited * 60:.0f} s: rank(s) {_ranks(missing)} "
+                                f"dropped out (killed or crashed?): {_first_line(exc)}") from None
+        raise RankLostError(f"{me}: gave up on {self.what} after {waited:.1f} min ({self.key} = {self.minutes:g}); "
+                            f"rank(s) {_ranks(missing)} never arrived (stopped or hung?)") from None
+
+
+def _round_wait(runtime: Runtime, what: str) -> _Waiting:
+    return _Waiting(runtime, what, "dist.timeout_minutes", runtime.waits.round_minutes)
+
+
+def _control_wait(runtime: Runtime, what: str) -> _Waiting:
+    return _Waiting(runtime, what, "dist.control_timeout_minutes", runtime.waits.control_minutes)
 
 
 def ensure_process_group(runtime: Runtime) -> None:
@@ -141,63 +282,81 @@ def shutdown(runtime: Runtime) -> None:
         torch_dist.destroy_process_group()
 
 
-def all_reduce_sum_(runtime: Runtime, flat: torch.Tensor) -> torch.Tensor:
+def all_reduce_sum_(runtime: Runtime, flat: torch.Tensor, what: str = "the round's all_reduce") -> torch.Tensor:
     """Sum a flat buffer over all ranks, in place (the round's one aggregation collective)."""
     if runtime.distributed:
-        torch_dist.all_reduce(flat, op=torch_dist.ReduceOp.SUM)
+        with _round_wait(runtime, what):
+            torch_dist.all_reduce(flat, op=torch_dist.ReduceOp.SUM)
     return flat
 
 
-def broadcast_from_server_(runtime: Runtime, flat: torch.Tensor) -> torch.Tensor:
+def broadcast_from_server_(runtime: Runtime, flat: torch.Tensor,
+                           what: str = "rank 0's broadcast of the global model") -> torch.Tensor:
     """Overwrite ``flat`` on every rank with rank 0's copy, in place."""
     if runtime.distributed:
-        torch_dist.broadcast(flat, src=SERVER_RANK)
+        with _round_wait(runtime, what):
+            torch_dist.broadcast(flat, src=SERVER_RANK)
     return flat
 
 
-def stage_barrier(runtime: Runtime) -> None:
-    """Wait for every rank on the long-timeout control group (between stages)."""
-    if runtime.distributed:
-        torch_dist.barrier(group=runtime.control_group)
+def stage_barrier(runtime: Runtime, what: str = "the end of the stage", *,
+                  clients_idle: bool = False) -> None:
+    """Wait for every rank (between stages), on the rendezvous store, each rank with the timeout of what it
+    waits for: a rank waiting for work that may take hours (another rank's annotation or DWP, rank 0's
+    server-side stages) waits up to ``dist.control_timeout_minutes``; with ``clients_idle`` (the client
+    hosts have nothing left to do) rank 0 waits for them only ``dist.timeout_minutes``."""
+    if not runtime.distributed:
+        return
+    short = clients_idle and runtime.is_server
+    waiting = _round_wait(runtime, what) if short else _control_wait(runtime, what)
+    with waiting:
+        runtime.store.wait([waiting._key(r) for r in range(runtime.world_size)],
+                           timedelta(minutes=waiting.minutes))
 
 
-def broadcast_object(runtime: Runtime, obj: Any) -> Any:
+def broadcast_object(runtime: Runtime, obj: Any, what: str = "a value from rank 0") -> Any:
     """Rank 0's picklable ``obj`` on every rank (small control values only), over the control group."""
     if not runtime.distributed:
         return obj
     box = [obj]
-    torch_dist.broadcast_object_list(box, src=SERVER_RANK, group=runtime.control_group)
+    with _control_wait(runtime, what):
+        torch_dist.broadcast_object_list(box, src=SERVER_RANK, group=runtime.control_group)
     return box[0]
 
 
-def gather_objects(runtime: Runtime, obj: Any) -> list[Any]:
+def gather_objects(runtime: Runtime, obj: Any, what: str = "every rank's records") -> list[Any]:
     """Every rank's picklable ``obj`` (small records), in rank order, over the control group."""
     if not runtime.distributed:
         return [obj]
     gathered: list[Any] = [None] * runtime.world_size
-    torch_dist.all_gather_object(gathered, obj, group=runtime.control_group)
+    with _control_wait(runtime, what):
+        torch_dist.all_gather_object(gathered, obj, group=runtime.control_group)
     return gathered
 
 
-def broadcast_control_(runtime: Runtime, tensor: torch.Tensor) -> torch.Tensor:
+def broadcast_control_(runtime: Runtime, tensor: torch.Tensor, what: str = "data from rank 0") -> torch.Tensor:
     """Rank 0's CPU ``tensor`` on every rank, in place, over the long-timeout control group (one-off data
     such as cached teacher outputs, outside the round loop)."""
     if runtime.distributed:
-        torch_dist.broadcast(tensor, src=SERVER_RANK, group=runtime.control_group)
+        with _control_wait(runtime, what):
+            torch_dist.broadcast(tensor, src=SERVER_RANK, group=runtime.control_group)
     return tensor
 
 
-def all_reduce_control_(runtime: Runtime, tensor: torch.Tensor) -> torch.Tensor:
+def all_reduce_control_(runtime: Runtime, tensor: torch.Tensor, what: str = "work split over the ranks") -> torch.Tensor:
     """Sum a CPU ``tensor`` over ranks, in place, over the control group (one-off work split over ranks)."""
     if runtime.distributed:
-        torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.SUM, group=runtime.control_group)
+        with _control_wait(runtime, what):
+            torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.SUM, group=runtime.control_group)
     return tensor
 
 
-def max_over_ranks(runtime: Runtime, value: float) -> float:
-    """The largest ``value`` any rank holds (for resource reports), over the control group."""
+def max_over_ranks(runtime: Runtime, value: float, what: str = "every rank's resource report") -> float:
+    """The largest ``value`` any rank holds (for resource reports), on the main group: every rank is done
+    with its work here, so the wait is bounded by ``dist.timeout_minutes``."""
     if not runtime.distributed:
         return value
-    box = torch.tensor([value], dtype=torch.float64)
-    torch_dist.all_reduce(box, op=torch_dist.ReduceOp.MAX, group=runtime.control_group)
+    box = torch.tensor([value], dtype=torch.float64, device=runtime.device)
+    with _round_wait(runtime, what):
+        torch_dist.all_reduce(box, op=torch_dist.ReduceOp.MAX)
     return float(box.item())

@@ -50,5 +50,5 @@ def run_pipeline(cfg: Config, runtime: dist.Runtime) -> dict[str, Any]:
             from mllmfl_dist.stages.report import write_report
 
             summary = write_report(cfg.run_dir)
-    dist.stage_barrier(runtime)
+    dist.stage_barrier(runtime, "the end of the run (the report)", clients_idle=True)
     return summary

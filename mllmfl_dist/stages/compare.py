@@ -180,5 +180,5 @@ def run_compare(cfg: Config, runtime: dist.Runtime, methods: list[Method], seeds
         rows = [run_row(m.name, s, configs[(m.name, s)]) for m in methods for s in seeds]
         write_results(compare_dir(cfg), rows, {m.name: [configs[(m.name, s)].run_dir for s in seeds] for m in methods},
                       cfg, runtime)
-    dist.stage_barrier(runtime)
+    dist.stage_barrier(runtime, "the end of the comparison (its tables)", clients_idle=True)
     return rows

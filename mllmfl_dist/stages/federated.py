@@ -57,7 +57,7 @@ def build_data(cfg: Config, runtime: dist.Runtime | None = None) -> ClientData:
         except (ConfigError, DataError) as err:
             failure = str(err)
     # Rank 0's outcome reaches every rank, so a failed download ends them all with its message.
-    failure = dist.broadcast_object(runtime, failure)
+    failure = dist.broadcast_object(runtime, failure, "rank 0 to load the data first")
     if failure:
         raise DataError(failure)
     return data if data is not None else build()
@@ -122,7 +122,8 @@ def run_federated(cfg: Config, runtime: dist.Runtime) -> dict[str, Any]:
                 _load_pretrained_backbone(cfg, trainer.model)
         except (ConfigError, DataError, ModelLoadError, ValueError, OSError) as err:
             refusal = f"{err}" if isinstance(err, (ConfigError, DataError)) else f"{type(err).__name__}: {err}"
-    start_round, refusal = dist.broadcast_object(runtime, (trainer.rounds_done, refusal))
+    start_round, refusal = dist.broadcast_object(runtime, (trainer.rounds_done, refusal),
+                                                 "rank 0's resume verdict (checkpoint, alignment set, teacher)")
     if refusal:
         raise ConfigError(refusal)
     trainer.rounds_done = start_round
@@ -175,19 +176,21 @@ def run_federated(cfg: Config, runtime: dist.Runtime) -> dict[str, Any]:
         bar.update(1)
     bar.close()
 
-    peak_rss_mb = dist.max_over_ranks(runtime, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     if runtime.is_server:
         # The evaluated model (CReFF / CLIP2FL: with the re-trained classifier), so `evaluate` reproduces it.
+        # Written before any wait on the client hosts, so a rank lost now cannot cost the result.
         final = strategy.evaluation_model(trainer.model)
         checkpoint.save_atomic({k: v.detach().cpu().clone() for k, v in final.state_dict().items()},
                                out / FINAL_MODEL_NAME)
+    peak_rss_mb = dist.max_over_ranks(runtime, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    if runtime.is_server:
         summary = {"rounds": fed.rounds, "final": last_eval, "world_size": runtime.world_size,
                    "backend": runtime.backend, "peak_rss_mb_max_rank": peak_rss_mb}
         if cfg.align.every and alignment_summary_path(cfg).is_file():
             summary["alignment"] = json.loads(alignment_summary_path(cfg).read_text())
         checkpoint.write_text_atomic(out / "summary.json", json.dumps(summary, indent=2))
         metrics.close()
-    dist.stage_barrier(runtime)
+    dist.stage_barrier(runtime, "the end of the federated stage", clients_idle=True)
     return last_eval or {}
 
 
