@@ -11,13 +11,18 @@ import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Sequence
 
 from mllmfl_dist.config import ConfigError, load_config
 from mllmfl_dist.data import DataError
+from mllmfl_dist.dist import RankLostError
+from mllmfl_dist.fl.trainer import TrainingDivergedError
 from mllmfl_dist.models.mllm import ModelLoadError
 
-USAGE_ERROR = 2
+USAGE_ERROR = 2  # a config, data or model the user can fix
+DIVERGED = 3  # training went non-finite; the last checkpoint is kept
+RANK_LOST = 4  # a wait on another rank ran out or broke (stopped, hung or killed rank)
 
 DESCRIPTION = """\
 Distributed trainer for MLLM-assisted federated learning on long-tailed, heterogeneous image data.
@@ -132,8 +137,30 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run_stage(cfg, args.command, methods, seeds)
         return _run_stage(cfg, args.command)
     except (ConfigError, DataError, ModelLoadError) as err:
-        print(f"mllmfl_dist: error: {err}", file=sys.stderr)
-        return USAGE_ERROR
+        return _fail(err, USAGE_ERROR, everywhere=False)
+    except TrainingDivergedError as err:
+        return _fail(err, DIVERGED, everywhere=False, prefix="training diverged: ")
+    except RankLostError as err:
+        return _fail(err, RANK_LOST, everywhere=True)
+
+
+def _fail(err: Exception, code: int, *, everywhere: bool, prefix: str = "") -> int:
+    """One line on stderr, and the same message in torchelastic's error file so torchrun's failure block
+    carries it. An error every rank meets alike (config, data, a diverged round) is printed by one process
+    per node (local rank 0), so a node prints it once; a lost rank is reported by every rank that saw it."""
+    message = f"mllmfl_dist: error: {prefix}{err}"
+    if everywhere or os.environ.get("LOCAL_RANK", "0") == "0":
+        print(message, file=sys.stderr, flush=True)
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if error_file:
+        # torchelastic's reply-file format with a plain message: torchrun shows it as the failure's text,
+        # where ErrorHandler.record_exception would put a traceback.
+        try:
+            with open(error_file, "w") as handle:
+                json.dump({"message": message, "timestamp": int(time.time())}, handle)
+        except OSError:
+            pass
+    return code
 
 
 def _run_stage(cfg, command: str, methods: Sequence = (), seeds: Sequence[int] = ()) -> int:

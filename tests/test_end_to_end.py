@@ -121,3 +121,22 @@ def test_a_torn_last_metrics_line_is_dropped(tmp_path):
     assert log.records() == [{"round": 1, "acc": 0.5}]
     log.truncate_after(1)
     assert log.path.read_text() == '{"round": 1, "acc": 0.5}\n'
+
+
+def test_a_moved_and_renamed_run_directory_resumes(tmp_path):
+    """Where a run lives is not part of what it computes: run.root and run.name may change on resume."""
+    common = ["--set", "log.progress=false", "--set", "log.tensorboard=false"]
+    assert run_cli("federate", str(SMOKE), "--set", f"run.root={tmp_path / 'a'}", "--set", "run.name=first",
+                   "--set", "federated.rounds=2", *common) == 0
+    before = (tmp_path / "a" / "first" / "federated" / "rounds.jsonl").read_text()
+    (tmp_path / "a" / "first").rename(tmp_path / "moved")
+    assert run_cli("federate", str(SMOKE), "--set", f"run.root={tmp_path}", "--set", "run.name=moved",
+                   "--set", "federated.rounds=3", *common) == 0
+    assert run_cli("federate", str(SMOKE), "--set", f"run.root={tmp_path}", "--set", "run.name=straight",
+                   "--set", "federated.rounds=3", *common) == 0
+    moved = [json.loads(line) for line in (tmp_path / "moved" / "federated" / "rounds.jsonl").open()]
+    assert [r["round"] for r in moved] == [1, 2, 3]
+    assert (tmp_path / "moved" / "federated" / "rounds.jsonl").read_text().startswith(before)  # 1-2 not redone
+    a = torch.load(tmp_path / "moved" / "federated" / "model_final.pt", weights_only=True)
+    b = torch.load(tmp_path / "straight" / "federated" / "model_final.pt", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
