@@ -31,6 +31,9 @@ class RunConfig:
     name: str = ""  # empty: the config file's stem
     root: str = "runs"  # outputs go to <root>/<name>/
     seed: int = 0
+    # `run` with a stage of the method (DWP or alignment) also runs FedAvg from scratch on the same data and
+    # seed in <run dir>/baseline/, which the report sets beside the method.
+    baseline: bool = True
 
 
 @dataclass(frozen=True)
@@ -572,7 +575,7 @@ def validate(config: Config) -> None:
 
 # Keys that may change when a run is resumed: they do not change what a completed round computed (where a
 # run lives is not part of what it computes, so a moved or renamed run directory resumes).
-RESUMABLE_CHANGES = ("run.root", "run.name", "federated.rounds", "data.root", "data.download", "dist.backend",
+RESUMABLE_CHANGES = ("run.root", "run.name", "run.baseline", "federated.rounds", "data.root", "data.download", "dist.backend",
                      "dist.timeout_minutes", "dist.control_timeout_minutes", "dist.init_timeout_minutes",
                      "dist.wait_report_seconds", "eval.", "checkpoint.", "log.",
                      "clip2fl.teacher_batch_size",

@@ -3,19 +3,29 @@
 Which stages run follows from the config: federated finetuning always; DWP pretraining when federated
 finetuning starts from this run's backbone (``model.pretrained_backbone = "pretrain"``); annotation when
 that pretraining reads this run's captions (``pretrain.shards`` empty); alignment inside the round loop
-when ``align.every > 0``. Every stage skips work that is complete, so rerunning the same command after an
+when ``align.every > 0``; and, when the config runs a stage of the method, FedAvg from scratch on the same
+data and seed in ``<run dir>/baseline/`` (``run.baseline``), for the report. Every stage skips work that is complete, so rerunning the same command after an
 interruption picks up where it stopped, and a finished run only rewrites its report.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+from pathlib import Path
 from typing import Any
 
 from mllmfl_dist import dist
 from mllmfl_dist.config import Config
 
 log = logging.getLogger(__name__)
+
+BASELINE = "baseline"
+
+
+def uses_the_method(cfg: Config) -> bool:
+    """Whether the config runs a stage of the MLLM-assisted method (DWP pretraining or alignment)."""
+    return cfg.model.pretrained_backbone == "pretrain" or cfg.align.every > 0
 
 
 def planned_stages(cfg: Config) -> list[str]:
@@ -24,8 +34,20 @@ def planned_stages(cfg: Config) -> list[str]:
         if not cfg.pretrain.shards:
             stages.append("annotate")
         stages.append("pretrain")
-    stages += ["federate", "report"]
+    stages.append("federate")
+    if cfg.run.baseline and uses_the_method(cfg):
+        stages.append("baseline")
+    stages.append("report")
     return stages
+
+
+def baseline_config(cfg: Config) -> Config:
+    """FedAvg from a randomly initialised backbone without alignment, on the same data, partition, seed and
+    ranks, in ``<run dir>/baseline/``: the curve the report sets beside the method."""
+    return dataclasses.replace(
+        cfg, run=dataclasses.replace(cfg.run, root=str(cfg.run_dir), name=BASELINE, baseline=False),
+        federated=dataclasses.replace(cfg.federated, strategy="fedavg"),
+        model=dataclasses.replace(cfg.model, pretrained_backbone=""), align=dataclasses.replace(cfg.align, every=0))
 
 
 def run_pipeline(cfg: Config, runtime: dist.Runtime) -> dict[str, Any]:
@@ -42,13 +64,25 @@ def run_pipeline(cfg: Config, runtime: dist.Runtime) -> dict[str, Any]:
             from mllmfl_dist.stages.pretrain import run_pretrain
 
             run_pretrain(cfg, runtime)
-        elif stage == "federate":
+        elif stage in ("federate", "baseline"):
             from mllmfl_dist.stages.federated import run_federated
 
-            run_federated(cfg, runtime)
+            run_federated(cfg if stage == "federate" else baseline_config(cfg), runtime)
         elif stage == "report" and runtime.is_server:
             from mllmfl_dist.stages.report import write_report
 
             summary = write_report(cfg.run_dir)
     dist.stage_barrier(runtime, "the end of the run (the report)", clients_idle=True)
     return summary
+
+
+def run_stage1(cfg: Config, runtime: dist.Runtime) -> Path:
+    """Annotation (when DWP reads this run's captions) and DWP alone; returns the backbone's path."""
+    from mllmfl_dist.stages.pretrain import run_pretrain
+
+    if not cfg.pretrain.shards:
+        from mllmfl_dist.stages.annotate import run_annotate
+
+        run_annotate(cfg, runtime)
+    run_pretrain(cfg, runtime)
+    return cfg.run_dir / "pretrain" / "backbone.pt"

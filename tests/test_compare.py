@@ -52,8 +52,11 @@ def test_a_rows_config_is_the_strategy_with_only_the_stages_it_names():
     assert plain.run.seed == 4 and plain.run_dir.parts[-3:] == ("compare", "creff", "seed4")
     clip = method_config(cfg, parse_method("fedavg+align[clip]", cfg))
     assert (clip.align.every, clip.align.teacher, clip.align.teacher_model) == (3, "clip", "local-dir:clip")
-    llava = method_config(cfg, parse_method("mllm-llava-fl", cfg))
-    assert (llava.align.teacher_model, llava.model.pretrained_backbone) == ("other/llava", "pretrain")
+    llava = method_config(cfg, parse_method("mllm-llava-fl", cfg), seed=1)
+    assert llava.align.teacher_model == "other/llava"
+    # Every +dwp row of a seed starts from the one stage-1 backbone of that seed.
+    assert Path(llava.model.pretrained_backbone).parts[-5:] == ("compare", "stage1", "seed1", "pretrain", "backbone.pt")
+    assert not llava.run.baseline and not plain.run.baseline  # compare's fedavg row is the baseline
     no_models = load_config(SMOKE)
     with pytest.raises(ConfigError, match="clip2fl.model"):
         method_config(no_models, parse_method("fedavg+align[clip]", no_models))

@@ -5,8 +5,8 @@ A method is a base strategy plus, optionally, stages of the MLLM-assisted method
 
 - ``fedavg``, ``fedavgm``, ``fedprox``, ``creff``, ``clip2fl``: the strategy from a randomly initialised
   backbone, alignment off;
-- ``+dwp[llava]``: the backbone comes from Dynamic Weighted Pretraining against the LLaVA
-  (``model.pretrained_backbone = "pretrain"``; the run's stage 1 uses ``[annotate]`` / ``[pretrain]``);
+- ``+dwp[llava]``: the backbone comes from Dynamic Weighted Pretraining against the LLaVA (``[annotate]`` /
+  ``[pretrain]``), run once per seed in ``<run dir>/compare/stage1/seed<k>/`` and shared by every +dwp row;
 - ``+align[none|clip|llava]``: global alignment as ``[align]`` describes it (``every = 1`` where the config
   has 0), with that teacher (``none``: cross-entropy on the server's labeled images alone; ``llava`` /
   ``clip``: ``align.teacher_model`` when the config's teacher is of that kind, else ``annotate.model`` /
@@ -137,9 +137,12 @@ def _teacher_model(cfg: Config, teacher: str) -> tuple[str, str]:
 def method_config(cfg: Config, method: Method, seed: int | None = None) -> Config:
     """The config of one (method, seed) of the comparison (see the module docstring)."""
     seed = cfg.run.seed if seed is None else seed
-    run = dataclasses.replace(cfg.run, root=str(compare_dir(cfg) / method.dirname), name=f"seed{seed}", seed=seed)
+    run = dataclasses.replace(cfg.run, root=str(compare_dir(cfg) / method.dirname), name=f"seed{seed}", seed=seed,
+                              baseline=False)  # the fedavg row is the baseline
+    backbone = str(stage1_config(cfg, seed).run_dir / "pretrain" / "backbone.pt") if method.dwp else ""
     if method.as_written:
-        method_cfg = dataclasses.replace(cfg, run=run)
+        method_cfg = dataclasses.replace(cfg, run=run, model=dataclasses.replace(cfg.model,
+                                                                                 pretrained_backbone=backbone))
     else:
         if method.teacher is None:
             align = dataclasses.replace(cfg.align, every=0)
@@ -149,7 +152,7 @@ def method_config(cfg: Config, method: Method, seed: int | None = None) -> Confi
                                         teacher_model=teacher_model, clip_pretrained=clip_pretrained)
         method_cfg = dataclasses.replace(
             cfg, run=run, align=align, federated=dataclasses.replace(cfg.federated, strategy=method.strategy),
-            model=dataclasses.replace(cfg.model, pretrained_backbone="pretrain" if method.dwp else ""))
+            model=dataclasses.replace(cfg.model, pretrained_backbone=backbone))
     if method.dwp and not (method_cfg.annotate.model or method_cfg.pretrain.model):
         raise ConfigError(f"compare: method {method.name} pretrains with DWP, which needs the LLaVA in "
                           f"annotate.model (or pretrain.model)")
@@ -160,16 +163,27 @@ def method_config(cfg: Config, method: Method, seed: int | None = None) -> Confi
     return method_cfg
 
 
+def stage1_config(cfg: Config, seed: int) -> Config:
+    """Stage 1 (annotation, DWP) of one seed, shared by every +dwp row of the comparison, in
+    ``<run dir>/compare/stage1/seed<k>/``."""
+    run = dataclasses.replace(cfg.run, root=str(compare_dir(cfg) / "stage1"), name=f"seed{seed}", seed=seed,
+                              baseline=False)
+    return dataclasses.replace(cfg, run=run, model=dataclasses.replace(cfg.model, pretrained_backbone="pretrain"))
+
+
 def run_compare(cfg: Config, runtime: dist.Runtime, methods: list[Method], seeds: list[int]) -> list[dict[str, Any]]:
     """Run (or resume, or skip when complete) every method for every seed, then write the tables and the plot
     on rank 0. Returns the per-(method, seed) rows on rank 0."""
-    from mllmfl_dist.pipeline import run_pipeline
+    from mllmfl_dist.pipeline import run_pipeline, run_stage1
     from mllmfl_dist.stages.compare_table import run_row, write_results
 
     # Every config is checked before anything runs.
     configs = {(m.name, s): method_config(cfg, m, s) for s in seeds for m in methods}
     total, done = len(configs), 0
     for seed in seeds:  # seed by seed, so a complete table of the first seed exists early
+        if any(m.dwp for m in methods):
+            log.info("compare: stage 1 (annotation, DWP) of seed %d, shared by the +dwp rows", seed)
+            run_stage1(stage1_config(cfg, seed), runtime)
         for method in methods:
             done += 1
             method_cfg = configs[(method.name, seed)]
@@ -177,7 +191,7 @@ def run_compare(cfg: Config, runtime: dist.Runtime, methods: list[Method], seeds
             run_pipeline(method_cfg, runtime)
     rows: list[dict[str, Any]] = []
     if runtime.is_server:
-        rows = [run_row(m.name, s, configs[(m.name, s)]) for m in methods for s in seeds]
+        rows = [run_row(m, s, configs[(m.name, s)]) for m in methods for s in seeds]
         write_results(compare_dir(cfg), rows, {m.name: [configs[(m.name, s)].run_dir for s in seeds] for m in methods},
                       cfg, runtime)
     dist.stage_barrier(runtime, "the end of the comparison (its tables)", clients_idle=True)

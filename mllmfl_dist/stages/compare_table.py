@@ -26,6 +26,7 @@ from typing import Any
 from mllmfl_dist.checkpoint import write_text_atomic
 from mllmfl_dist.config import Config
 from mllmfl_dist.metrics import read_jsonl
+from mllmfl_dist.stages.compare import Method
 
 METRICS = ("acc", "acc_top1", "acc_many", "acc_medium", "acc_few", "wall_seconds")
 DESCRIPTION = ("method", "strategy", "pretraining", "align_teacher", "server_labeled_images", "models")
@@ -42,19 +43,19 @@ def _read_json(path: Path) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
-def models_used(cfg: Config) -> list[str]:
+def models_used(cfg: Config, dwp: bool) -> list[str]:
     """The MLLM / CLIP models a run used: CLIP2FL's CLIP, DWP's LLaVA, the alignment teacher."""
     used = []
     if cfg.federated.strategy == "clip2fl":
         used.append(f"CLIP2FL CLIP {cfg.clip2fl.model}")
-    if cfg.model.pretrained_backbone == "pretrain":
+    if dwp:
         used.append(f"DWP LLaVA {cfg.pretrain.model or cfg.annotate.model}")
     if cfg.align.every and cfg.align.teacher != "none":
         used.append(f"teacher {cfg.align.teacher_model}")
     return used
 
 
-def run_row(method: str, seed: int, cfg: Config) -> dict[str, Any]:
+def run_row(method: Method, seed: int, cfg: Config) -> dict[str, Any]:
     """What one (method, seed) ran and measured, from its run directory."""
     from mllmfl_dist.stages.report import read_evaluations
 
@@ -63,13 +64,12 @@ def run_row(method: str, seed: int, cfg: Config) -> dict[str, Any]:
     rounds = read_jsonl(out / "rounds.jsonl")
     final = evaluations[-1] if evaluations else {}
     alignment = _read_json(out / "summary.json").get("alignment") or {}
-    dwp = cfg.model.pretrained_backbone == "pretrain"
     teacher = cfg.align.teacher if cfg.align.every else None
     return {
-        "method": method, "seed": seed, "strategy": cfg.federated.strategy,
-        "pretraining": "dwp[llava]" if dwp else "none (random init)",
+        "method": method.name, "seed": seed, "strategy": cfg.federated.strategy,
+        "pretraining": "dwp[llava]" if method.dwp else "none (random init)",
         "align_teacher": "no alignment" if teacher is None else "none (labels only)" if teacher == "none" else teacher,
-        "models": "; ".join(models_used(cfg)) or "none",
+        "models": "; ".join(models_used(cfg, method.dwp)) or "none",
         "server_labeled_images": alignment.get("server_labeled_images", 0) if cfg.align.every else 0,
         "rounds": final.get("round"),
         **{k: final.get(k) for k in METRICS if k != "wall_seconds"},
