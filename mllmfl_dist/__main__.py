@@ -13,6 +13,7 @@ import os
 import sys
 from collections.abc import Sequence
 
+from mllmfl_dist import preempt
 from mllmfl_dist.config import ConfigError, load_config
 from mllmfl_dist.data import DataError
 from mllmfl_dist.models.mllm import ModelLoadError
@@ -54,7 +55,9 @@ commands:
 
 Every command takes --set section.key=value (repeatable), typed against the config's dataclasses.
 Launch on one process with `python -m mllmfl_dist ...` or on W ranks with
-`torchrun --nproc_per_node W -m mllmfl_dist ...`.
+`torchrun --nproc_per_node W -m mllmfl_dist ...` (or srun; see launch/slurm.sbatch).
+SIGUSR1 stops federated finetuning after the current round with a checkpoint and exit
+code 75 (what Slurm sends before a time limit with --signal); rerunning resumes.
 """
 
 
@@ -90,14 +93,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _env_rank() -> int:
+    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+
+
 def _setup_logging() -> None:
-    rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+    rank = _env_rank()
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"[rank {rank}] %(levelname)s %(name)s: %(message)s")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in ("run", "annotate", "pretrain", "federate", "compare"):
+        preempt.install()  # first: a stop request must not kill the process (its default action)
     _setup_logging()
     try:
         if args.command == "shards":
@@ -127,6 +136,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, DataError, ModelLoadError) as err:
         print(f"mllmfl_dist: error: {err}", file=sys.stderr)
         return USAGE_ERROR
+    except preempt.Preempted as stop:
+        if _env_rank() == 0:
+            print(f"mllmfl_dist: {stop}", file=sys.stderr)
+        return preempt.PREEMPTED_EXIT
 
 
 def _run_stage(cfg, command: str, methods: Sequence[str] = ()) -> int:

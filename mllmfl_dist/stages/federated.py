@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from mllmfl_dist import checkpoint, dist
+from mllmfl_dist import checkpoint, dist, preempt
 from mllmfl_dist.config import Config, ConfigError, resume_differences
 from mllmfl_dist.data import ClientData, DataError, build_client_data
 from mllmfl_dist.evaluate import evaluate_model
@@ -145,9 +145,16 @@ def run_federated(cfg: Config, runtime: dist.Runtime) -> dict[str, Any]:
                disable=not (runtime.is_server and cfg.log.progress), dynamic_ncols=True)
     if last_eval:
         bar.set_postfix(acc=f"{last_eval['acc']:.4f}")
+    stopped_at = 0  # the round after which a stop request (preempt.py) ended the loop early
     for round_index in range(start_round + 1, fed.rounds + 1):
         stats = trainer.run_round(round_index)
+        # Right after the round's broadcast, every rank learns whether any was asked to stop, so all stop
+        # after the same round; before rank 0's evaluation, which the hosts still overlap with the next round.
+        stop = round_index < fed.rounds and dist.any_rank(runtime, preempt.requested() is not None)
+        stopped_at = round_index if stop else 0
         if not runtime.is_server:
+            if stop:
+                break
             continue
         last_round = round_index == fed.rounds
         aligned = alignment.pop_round(round_index) if alignment is not None else {}
@@ -161,11 +168,17 @@ def run_federated(cfg: Config, runtime: dist.Runtime) -> dict[str, Any]:
                          "bytes_all_reduced": stats.bytes_all_reduced, **aligned}
             metrics.append(last_eval)
             bar.set_postfix(acc=f"{report['acc']:.4f}")
-        if round_index % cfg.checkpoint.every == 0 or last_round:
+        # A stop forces a checkpoint of its round whatever checkpoint.every says, so the resumed run
+        # repeats no round (and so equals an uninterrupted one).
+        if round_index % cfg.checkpoint.every == 0 or last_round or stop:
             checkpoint.save_atomic({**trainer.state_dict(), "rng": checkpoint.rng_state(),
                                     "config": cfg.to_dict()}, out / CHECKPOINT_NAME)
         bar.update(1)
+        if stop:
+            break
     bar.close()
+    if stopped_at:
+        _stop_after_round(cfg, runtime, stopped_at, metrics, rounds_log)
 
     peak_rss_mb = dist.max_over_ranks(runtime, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     if runtime.is_server:
@@ -179,6 +192,21 @@ def run_federated(cfg: Config, runtime: dist.Runtime) -> dict[str, Any]:
         metrics.close()
     dist.stage_barrier(runtime)
     return last_eval or {}
+
+
+def _stop_after_round(cfg: Config, runtime: dist.Runtime, round_index: int, metrics: MetricsLog | None,
+                      rounds_log: MetricsLog | None) -> None:
+    """End a run stopped by a request (preempt.py) at ``round_index``: rank 0's checkpoint of that round is
+    written; every rank waits for it before any exits (a launcher such as torchrun tears down the others as
+    soon as one rank ends), then raises Preempted."""
+    reason = preempt.requested() or f"{preempt.STOP_SIGNAL.name} (received by another rank)"
+    stopped = preempt.Preempted(round_index, cfg.federated.rounds, stage_dir(cfg) / CHECKPOINT_NAME, reason)
+    if runtime.is_server:
+        metrics.close()
+        rounds_log.close()
+        log.warning("%s", stopped)
+    dist.stage_barrier(runtime)
+    raise stopped
 
 
 def _load_resume_state(cfg: Config, out: Path) -> dict[str, Any] | None:

@@ -1,0 +1,66 @@
+"""Preemption: a stop request by signal, honoured at the next boundary of federated rounds.
+
+Slurm warns a job before its time limit (or before preempting it) with the signal named in
+``--signal`` (the launch scripts ask for SIGUSR1). The handler only records the request; the round loop
+asks every rank after each round whether any rank saw it (one tiny collective, ``dist.any_rank``), so all
+ranks stop after the same round, rank 0 writes a checkpoint of that round, and the process exits with
+:data:`PREEMPTED_EXIT`. Rerunning the same command resumes there (the Slurm scripts requeue the job).
+
+The flag lives in this module, not in the trainer, because a signal can arrive in any stage: one that
+arrives during annotation or pretraining is remembered and stops federated finetuning after its first
+round.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+STOP_SIGNAL = signal.SIGUSR1
+# EX_TEMPFAIL from sysexits.h: "temporary failure; the user is invited to retry", which is what a
+# preempted run is. The Slurm scripts requeue on it.
+PREEMPTED_EXIT = 75
+
+_requested: str | None = None  # the name of the signal that asked for a stop, once one has
+
+
+class Preempted(Exception):
+    """Raised on every rank after a stop at a round boundary, once rank 0's checkpoint is on disk."""
+
+    def __init__(self, round_index: int, rounds: int, checkpoint: Path, reason: str):
+        self.round_index, self.rounds, self.checkpoint, self.reason = round_index, rounds, checkpoint, reason
+        super().__init__(
+            f"preempted: stopped after round {round_index} of {rounds} on {reason}; checkpoint {checkpoint}; "
+            f"rerun the same command to resume from round {round_index + 1}")
+
+
+def _handler(signum: int, _frame) -> None:
+    global _requested
+    # Only a flag: a signal handler runs between bytecodes of the main thread, possibly inside a
+    # collective, where nothing else is safe to do.
+    _requested = signal.Signals(signum).name
+
+
+def install() -> bool:
+    """Catch :data:`STOP_SIGNAL` from now on (replacing the default action, which kills the process, and
+    an inherited SIG_IGN, which the launch scripts set so that no rank dies of it before this runs).
+    Returns False where signals cannot be caught (not the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        return False
+    signal.signal(STOP_SIGNAL, _handler)
+    return True
+
+
+def requested() -> str | None:
+    """The name of the signal that asked this process to stop, or None."""
+    return _requested
+
+
+def clear() -> None:
+    """Forget a request (a process that runs several jobs in turn, such as the tests)."""
+    global _requested
+    _requested = None
