@@ -19,6 +19,7 @@ from mllmfl_dist.evaluate import evaluate_model
 from mllmfl_dist.fl.sampling import derive_seed
 from mllmfl_dist.fl.strategies import STRATEGIES, RunContext, build_strategy
 from mllmfl_dist.fl.trainer import FederatedTrainer
+from mllmfl_dist.locks import exclusive
 from mllmfl_dist.metrics import MetricsLog
 from mllmfl_dist.models import FLModel, build_model
 from mllmfl_dist.models.mllm import ModelLoadError
@@ -39,7 +40,9 @@ def stage_dir(cfg: Config) -> Path:
 
 def build_data(cfg: Config, runtime: dist.Runtime | None = None) -> ClientData:
     """The run's client data. With ``data.download`` on, rank 0 loads (downloads) first and the other ranks
-    follow, so that several ranks never write the same download at once."""
+    follow one at a time per data.root (a lock file in it): where data.root is local to each node, the
+    first rank of another node downloads there while that node's other ranks wait, so several ranks never
+    write the same download at once, whether or not the nodes share the folder."""
     def build() -> ClientData:
         return build_client_data(cfg.data, cfg.partition, cfg.federated.num_clients, cfg.run.seed)
 
@@ -55,7 +58,13 @@ def build_data(cfg: Config, runtime: dist.Runtime | None = None) -> ClientData:
     failure = dist.broadcast_object(runtime, failure)
     if failure:
         raise DataError(failure)
-    return data if data is not None else build()
+    if data is not None:
+        return data
+    from mllmfl_dist.data.sources import CIFAR_DEFAULT_ROOT  # where load_cifar downloads with root empty
+
+    root = Path(cfg.data.root or CIFAR_DEFAULT_ROOT).expanduser()
+    with exclusive(root / ".mllmfl_download.lock"):
+        return build()
 
 
 def build_fl_model(cfg: Config, data: ClientData) -> FLModel:
