@@ -55,6 +55,16 @@ def install() -> bool:
     return True
 
 
+def exiting() -> None:
+    """Called once every rank has agreed to stop and the checkpoint is on disk: from here on SIGTERM is
+    ignored. The ranks exit within moments of each other, but srun --kill-on-bad-exit and torchrun
+    terminate the others as soon as the first exits; without this, those would end with 143 instead of
+    :data:`PREEMPTED_EXIT` and the job log would not say that they stopped on purpose. (SIGKILL, which
+    follows a SIGTERM that is ignored for long, still ends a rank that hangs.)"""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def requested() -> str | None:
     """The name of the signal that asked this process to stop, or None."""
     return _requested

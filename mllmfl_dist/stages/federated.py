@@ -215,6 +215,7 @@ def _stop_after_round(cfg: Config, runtime: dist.Runtime, round_index: int, metr
         rounds_log.close()
         log.warning("%s", stopped)
     dist.stage_barrier(runtime)
+    preempt.exiting()
     raise stopped
 
 
