@@ -207,13 +207,12 @@ def _stop_after_round(cfg: Config, runtime: dist.Runtime, round_index: int, metr
                       rounds_log: MetricsLog | None) -> None:
     """End a run stopped by a request (preempt.py) at ``round_index``: rank 0's checkpoint of that round is
     written; every rank waits for it before any exits (a launcher such as torchrun tears down the others as
-    soon as one rank ends), then raises Preempted."""
+    soon as one rank ends), then raises Preempted (rank 0's CLI prints it as the one line that says so)."""
     reason = preempt.requested() or f"{preempt.STOP_SIGNAL.name} (received by another rank)"
     stopped = preempt.Preempted(round_index, cfg.federated.rounds, stage_dir(cfg) / CHECKPOINT_NAME, reason)
     if runtime.is_server:
         metrics.close()
         rounds_log.close()
-        log.warning("%s", stopped)
     dist.stage_barrier(runtime)
     preempt.exiting()
     raise stopped
