@@ -9,7 +9,6 @@ import subprocess
 import sys
 import textwrap
 import time
-from pathlib import Path
 
 from launchers import REPO, SMOKE, clean_env, final_model, max_abs_difference, sets
 from test_imagenet_lt import SIZE, TEST_PER_CLASS, TRAIN_COUNTS, fake_imagenet  # noqa: F401 (fixture)
