@@ -14,6 +14,7 @@ import sys
 import time
 from collections.abc import Sequence
 
+from mllmfl_dist import preempt
 from mllmfl_dist.config import ConfigError, load_config
 from mllmfl_dist.data import DataError
 from mllmfl_dist.dist import RankLostError
@@ -62,7 +63,9 @@ commands:
 
 Every command takes --set section.key=value (repeatable), typed against the config's dataclasses.
 Launch on one process with `python -m mllmfl_dist ...` or on W ranks with
-`torchrun --nproc_per_node W -m mllmfl_dist ...`.
+`torchrun --nproc_per_node W -m mllmfl_dist ...` (or srun; see launch/slurm.sbatch).
+SIGUSR1 stops federated finetuning after the current round with a checkpoint and exit
+code 75 (what Slurm sends before a time limit with --signal); rerunning resumes.
 """
 
 
@@ -102,14 +105,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _env_rank() -> int:
+    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+
+
 def _setup_logging() -> None:
-    rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+    rank = _env_rank()
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"[rank {rank}] %(levelname)s %(name)s: %(message)s")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    stop = preempt.StopRequest()
+    if args.command in ("run", "annotate", "pretrain", "federate", "compare"):
+        stop.install()  # first: a stop request must not kill the process (its default action)
     _setup_logging()
     try:
         if args.command == "shards":
@@ -134,14 +144,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             for method in methods:  # refuse a bad method (or a CLIP that is not there) before anything runs
                 method_cfg = method_config(cfg, method)
                 STRATEGIES[method_cfg.federated.strategy].projection_dim(method_cfg)
-            return _run_stage(cfg, args.command, methods, seeds)
-        return _run_stage(cfg, args.command)
+            return _run_stage(cfg, args.command, stop, methods, seeds)
+        return _run_stage(cfg, args.command, stop)
     except (ConfigError, DataError, ModelLoadError) as err:
         return _fail(err, USAGE_ERROR, everywhere=False)
     except TrainingDivergedError as err:
         return _fail(err, DIVERGED, everywhere=False, prefix="training diverged: ")
     except RankLostError as err:
         return _fail(err, RANK_LOST, everywhere=True)
+    except preempt.Preempted as stop:
+        if _env_rank() == 0:
+            print(f"mllmfl_dist: {stop}", file=sys.stderr)
+        return preempt.PREEMPTED_EXIT
 
 
 def _fail(err: Exception, code: int, *, everywhere: bool, prefix: str = "") -> int:
@@ -163,10 +177,11 @@ def _fail(err: Exception, code: int, *, everywhere: bool, prefix: str = "") -> i
     return code
 
 
-def _run_stage(cfg, command: str, methods: Sequence = (), seeds: Sequence[int] = ()) -> int:
+def _run_stage(cfg, command: str, stop: preempt.StopRequest, methods: Sequence = (),
+               seeds: Sequence[int] = ()) -> int:
     from mllmfl_dist import dist
 
-    runtime = dist.init_runtime(cfg.dist)
+    runtime = dist.init_runtime(cfg.dist, stop=stop)
     try:
         if command == "federate":
             from mllmfl_dist.stages.federated import run_federated

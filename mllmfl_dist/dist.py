@@ -12,7 +12,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
-import re
+import subprocess
 import threading
 import time
 from dataclasses import dataclass, field
@@ -40,28 +40,65 @@ class LaunchEnv:
 
 
 def read_launch_env(env: dict[str, str] | None = None) -> LaunchEnv:
-    """Read torchrun's variables, else SLURM's (srun without torchrun), else a single process."""
+    """Read torchrun's variables, else those of an srun step with several tasks, else a single process.
+
+    SLURM variables alone do not make a distributed launch: an sbatch script body and an salloc shell carry
+    ``SLURM_NTASKS`` (and the batch script ``SLURM_PROCID=0``) but no step, and no other rank would ever join
+    a process started there. Such a process with ``SLURM_NTASKS > 1`` is refused (ConfigError, one line);
+    inside a step, ``SLURM_STEP_NUM_TASKS`` is the world size and a step of one task runs alone.
+    """
     env = dict(os.environ if env is None else env)
     if "RANK" in env and "WORLD_SIZE" in env:
         return LaunchEnv(
             int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)), "torchrun"
         )
-    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
-        return LaunchEnv(
-            int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)), "slurm"
-        )
+    in_step = "SLURM_STEP_ID" in env and "SLURM_PROCID" in env
+    tasks = int(env.get("SLURM_STEP_NUM_TASKS" if in_step else "SLURM_NTASKS", "1") or 1)
+    if in_step and tasks > 1:
+        return LaunchEnv(int(env["SLURM_PROCID"]), tasks, int(env.get("SLURM_LOCALID", 0)), "slurm")
+    if not in_step and tasks > 1:
+        raise ConfigError(
+            f"SLURM_NTASKS={tasks} but this process was not started by srun (no SLURM_STEP_ID: it runs in an "
+            f"sbatch script body or an salloc shell), so no other rank would join it; start the ranks with "
+            f"`srun python -m mllmfl_dist ...` (see launch/slurm.sbatch), or run one process with "
+            f"`srun --ntasks=1 python -m mllmfl_dist ...`")
     return LaunchEnv()
 
 
-def first_slurm_host(nodelist: str) -> str:
-    """First host of a SLURM nodelist such as ``gpu[003-005,010],cpu1`` -> ``gpu003``."""
-    match = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
-    if not match:
-        raise ValueError(f"cannot parse SLURM nodelist {nodelist!r}")
-    prefix, ranges = match.groups()
-    if not ranges:
-        return prefix
-    return prefix + ranges.split(",")[0].split("-")[0]
+def slurm_hostnames(nodelist: str) -> list[str]:
+    """The host names of a Slurm node list (``gpu[003-005],rack[1-2]-n[01-02]``), expanded by Slurm's own
+    ``scontrol show hostnames``; ConfigError naming MASTER_ADDR when it cannot run."""
+    try:
+        result = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                                timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        raise ConfigError(f"cannot expand the Slurm node list {nodelist!r} with `scontrol show hostnames` "
+                          f"({err}); set MASTER_ADDR to the host of rank 0") from None
+    hosts = result.stdout.split()
+    if result.returncode != 0 or not hosts:
+        detail = (result.stderr.strip().splitlines() or ["no output"])[-1]
+        raise ConfigError(f"`scontrol show hostnames {nodelist}` failed ({detail}); set MASTER_ADDR to the host "
+                          f"of rank 0")
+    return hosts
+
+
+# Rank 0's port under Slurm when MASTER_PORT is not set: one per job id, so that two jobs sharing a node do
+# not collide, below Linux's ephemeral range (32768-60999) so that no client socket holds it. The sbatch
+# scripts (launch/slurm_common.sh) use the same formula.
+SLURM_PORT_BASE, SLURM_PORT_SPAN = 15000, 15000
+
+
+def slurm_port(job_id: int) -> int:
+    return SLURM_PORT_BASE + job_id % SLURM_PORT_SPAN
+
+
+def slurm_rendezvous(env: dict[str, str]) -> tuple[str, str]:
+    """``(MASTER_ADDR, MASTER_PORT)`` for ranks started by srun: the variables when set (the sbatch scripts
+    set both), else the first host of the step (where srun places task 0) and the job's port."""
+    addr = env.get("MASTER_ADDR") or slurm_hostnames(
+        env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or "localhost")[0]
+    port = env.get("MASTER_PORT") or str(slurm_port(int(env.get("SLURM_JOB_ID", "0") or 0)))
+    return addr, port
 
 
 @dataclass
@@ -92,6 +129,8 @@ class Runtime:
     # The rendezvous store (prefixed per restart attempt) and the settings of the waits on other ranks.
     store: Any = None
     waits: WaitSettings = field(default_factory=lambda: WaitSettings())
+    # This process's stop request (preempt.StopRequest), read by the round loop; None: never asked to stop.
+    stop: Any = None
 
     @property
     def is_server(self) -> bool:
@@ -108,7 +147,7 @@ class Runtime:
         return self.backend != "none"
 
 
-def init_runtime(cfg: DistConfig, env: dict[str, str] | None = None) -> Runtime:
+def init_runtime(cfg: DistConfig, env: dict[str, str] | None = None, stop: Any = None) -> Runtime:
     """Join the job's process group (or run alone) and pin this rank to its device."""
     launch = read_launch_env(env)
     torch.set_num_threads(cfg.threads)
@@ -122,11 +161,11 @@ def init_runtime(cfg: DistConfig, env: dict[str, str] | None = None) -> Runtime:
         device = torch.device("cuda", launch.local_rank % torch.cuda.device_count())
         torch.cuda.set_device(device)
     if launch.launcher == "none":
-        return Runtime(0, 1, 0, "none", device, cfg.server_hosts_clients)
+        return Runtime(0, 1, 0, "none", device, cfg.server_hosts_clients, stop=stop)
 
     if launch.launcher == "slurm":
-        os.environ.setdefault("MASTER_ADDR", first_slurm_host(os.environ.get("SLURM_JOB_NODELIST", "localhost")))
-        os.environ.setdefault("MASTER_PORT", "29500")
+        addr, port = slurm_rendezvous(dict(os.environ if env is None else env))
+        os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = addr, port
         os.environ.setdefault("RANK", str(launch.rank))
         os.environ.setdefault("WORLD_SIZE", str(launch.world_size))
     waits = WaitSettings(cfg.timeout_minutes, cfg.control_timeout_minutes, cfg.wait_report_seconds)
@@ -143,7 +182,7 @@ def init_runtime(cfg: DistConfig, env: dict[str, str] | None = None) -> Runtime:
         )
     control = torch_dist.new_group(backend="gloo", timeout=timedelta(minutes=cfg.control_timeout_minutes))
     return Runtime(launch.rank, launch.world_size, launch.local_rank, backend, device, cfg.server_hosts_clients,
-                   control, store, waits)
+                   control, store, waits, stop)
 
 
 def _rendezvous(launch: LaunchEnv, cfg: DistConfig):

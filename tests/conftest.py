@@ -23,3 +23,49 @@ def tiny_models(tmp_path_factory) -> dict:
     from mllmfl_dist.models.tiny import build_tiny_models
 
     return build_tiny_models(tmp_path_factory.mktemp("tiny_models"))
+
+
+# -- real launches: a local Slurm and torchrun references (tests/launchers.py) ----------------------------
+_SLURM_REPORT: list[str] = []
+
+
+@pytest.fixture(scope="session")
+def local_slurm(tmp_path_factory):
+    """A Slurm cluster on this host (launch/local_slurm.sh) for the session; the test is skipped, with the
+    reason, where it cannot start (not root, packages missing)."""
+    from launchers import LocalSlurm, SlurmUnavailable
+
+    try:
+        slurm = LocalSlurm.start(tmp_path_factory.mktemp("slurm"))
+    except SlurmUnavailable as err:
+        _SLURM_REPORT.append(f"local Slurm unavailable: {err}")
+        pytest.skip(f"no local Slurm: {err}")
+    _SLURM_REPORT.append(f"local Slurm: nodes {' '.join(slurm.nodes)} idle {slurm.startup_seconds:.1f} s "
+                         f"after launch/local_slurm.sh start")
+    yield slurm
+    slurm.stop()
+
+
+@pytest.fixture(scope="session")
+def smoke_reference(tmp_path_factory):
+    """``reference(nproc, *overrides)``: the final model of ``torchrun --standalone --nproc_per_node N -m
+    mllmfl_dist federate configs/smoke.toml --set ...``, run once per session and argument list."""
+    from launchers import final_model, torchrun
+
+    cache: dict = {}
+
+    def reference(nproc: int, *overrides: str):
+        key = (nproc, overrides)
+        if key not in cache:
+            root = tmp_path_factory.mktemp(f"reference{nproc}")
+            result = torchrun(nproc, root, *overrides)
+            assert result.returncode == 0, result.stderr[-3000:]
+            cache[key] = final_model(root)
+        return cache[key]
+
+    return reference
+
+
+def pytest_terminal_summary(terminalreporter):
+    for line in _SLURM_REPORT:
+        terminalreporter.write_line(line)

@@ -76,6 +76,7 @@ class RoundStats:
     bytes_all_reduced: int
     bytes_broadcast: int
     server: dict[str, float]  # the strategy's numbers of the round (rank 0), e.g. CReFF's match_loss
+    stop_requested: bool = False  # some rank was asked to stop (preempt.py): every rank stops after this round
 
 
 class FederatedTrainer:
@@ -145,11 +146,14 @@ class FederatedTrainer:
 
         start = self.global_flat(torch.float64)
         # One buffer for the one all_reduce: the model's weighted sum and total weight, then the payload,
-        # then one flag per sampled client that went non-finite (so every rank learns which, and stops).
-        acc = new_accumulator(self.layout.numel + self.payload_numel + len(clients), self.runtime.device)
+        # then one flag per sampled client that went non-finite (so every rank learns which, and stops),
+        # then the count of ranks asked to stop (preempt.py), so every rank stops after the same round.
+        acc = new_accumulator(self.layout.numel + self.payload_numel + len(clients) + 1, self.runtime.device)
         model_acc = acc[: self.layout.numel + 1]
         payload = acc[self.layout.numel + 1 : self.layout.numel + 1 + self.payload_numel]
-        diverged = acc[self.layout.numel + 1 + self.payload_numel :]
+        diverged = acc[self.layout.numel + 1 + self.payload_numel : -1]
+        stop = self.runtime.stop
+        acc[-1] = 1.0 if stop is not None and stop.reason else 0.0
         global_params: list[torch.Tensor] = []
         if mine and self.strategy.needs_global_params:
             global_params = [p.detach().clone() for p in self.model.parameters() if p.requires_grad]
@@ -193,7 +197,7 @@ class FederatedTrainer:
         self.rounds_done = round_index
         self._last_round_end = time.perf_counter()
         return RoundStats(round_index, self._last_round_end - started, tuple(clients), tuple(mine),
-                          acc.numel() * acc.element_size(), bytes_broadcast, server_record)
+                          acc.numel() * acc.element_size(), bytes_broadcast, server_record, bool(acc[-1] > 0))
 
     # -- checkpoints -----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

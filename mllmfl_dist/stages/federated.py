@@ -12,13 +12,14 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from mllmfl_dist import checkpoint, dist
+from mllmfl_dist import checkpoint, dist, preempt
 from mllmfl_dist.config import Config, ConfigError, resume_differences
 from mllmfl_dist.data import ClientData, DataError, build_client_data
 from mllmfl_dist.evaluate import evaluate_model, imbalance_warning
 from mllmfl_dist.fl.sampling import derive_seed
 from mllmfl_dist.fl.strategies import STRATEGIES, RunContext, build_strategy
 from mllmfl_dist.fl.trainer import FederatedTrainer
+from mllmfl_dist.locks import exclusive
 from mllmfl_dist.metrics import MetricsLog
 from mllmfl_dist.models import FLModel, build_model
 from mllmfl_dist.models.mllm import ModelLoadError
@@ -44,7 +45,9 @@ def alignment_summary_path(cfg: Config) -> Path:
 
 def build_data(cfg: Config, runtime: dist.Runtime | None = None) -> ClientData:
     """The run's client data. With ``data.download`` on, rank 0 loads (downloads) first and the other ranks
-    follow, so that several ranks never write the same download at once."""
+    follow one at a time per data.root (a lock file in it): where data.root is local to each node, the
+    first rank of another node downloads there while that node's other ranks wait, so several ranks never
+    write the same download at once, whether or not the nodes share the folder."""
     def build() -> ClientData:
         return build_client_data(cfg.data, cfg.partition, cfg.federated.num_clients, cfg.run.seed)
 
@@ -60,7 +63,13 @@ def build_data(cfg: Config, runtime: dist.Runtime | None = None) -> ClientData:
     failure = dist.broadcast_object(runtime, failure, "rank 0 to load the data first")
     if failure:
         raise DataError(failure)
-    return data if data is not None else build()
+    if data is not None:
+        return data
+    from mllmfl_dist.data.sources import CIFAR_DEFAULT_ROOT  # where load_cifar downloads with root empty
+
+    root = Path(cfg.data.root or CIFAR_DEFAULT_ROOT).expanduser()
+    with exclusive(root / ".mllmfl_download.lock"):
+        return build()
 
 
 def build_fl_model(cfg: Config, data: ClientData) -> FLModel:
@@ -154,9 +163,16 @@ def run_federated(cfg: Config, runtime: dist.Runtime) -> dict[str, Any]:
                disable=not (runtime.is_server and cfg.log.progress), dynamic_ncols=True)
     if last_eval:
         bar.set_postfix(balanced_acc=f"{last_eval['acc']:.4f}")
+    stopped_at = 0  # the round after which a stop request (preempt.py) ended the loop early
     for round_index in range(start_round + 1, fed.rounds + 1):
         stats = trainer.run_round(round_index)
+        # The round's all_reduce told every rank whether any was asked to stop, so all stop after the same
+        # round (before rank 0's evaluation, which the hosts would otherwise overlap with the next round).
+        stop = round_index < fed.rounds and stats.stop_requested
+        stopped_at = round_index if stop else 0
         if not runtime.is_server:
+            if stop:
+                break
             continue
         last_round = round_index == fed.rounds
         aligned = alignment.pop_round(round_index) if alignment is not None else {}
@@ -170,11 +186,17 @@ def run_federated(cfg: Config, runtime: dist.Runtime) -> dict[str, Any]:
                          "bytes_all_reduced": stats.bytes_all_reduced, **aligned}
             metrics.append(last_eval)
             bar.set_postfix(balanced_acc=f"{report['acc']:.4f}")
-        if round_index % cfg.checkpoint.every == 0 or last_round:
+        # A stop forces a checkpoint of its round whatever checkpoint.every says, so the resumed run
+        # repeats no round (and so equals an uninterrupted one).
+        if round_index % cfg.checkpoint.every == 0 or last_round or stop:
             checkpoint.save_atomic({**trainer.state_dict(), "rng": checkpoint.rng_state(),
                                     "config": cfg.to_dict()}, out / CHECKPOINT_NAME)
         bar.update(1)
+        if stop:
+            break
     bar.close()
+    if stopped_at:
+        _stop_after_round(cfg, runtime, stopped_at, metrics, rounds_log)
 
     if runtime.is_server:
         # The evaluated model (CReFF / CLIP2FL: with the re-trained classifier), so `evaluate` reproduces it.
@@ -192,6 +214,22 @@ def run_federated(cfg: Config, runtime: dist.Runtime) -> dict[str, Any]:
         metrics.close()
     dist.stage_barrier(runtime, "the end of the federated stage", clients_idle=True)
     return last_eval or {}
+
+
+def _stop_after_round(cfg: Config, runtime: dist.Runtime, round_index: int, metrics: MetricsLog | None,
+                      rounds_log: MetricsLog | None) -> None:
+    """End a run stopped by a request (preempt.py) at ``round_index``: rank 0's checkpoint of that round is
+    written; every rank waits for it before any exits (a launcher such as torchrun tears down the others as
+    soon as one rank ends), then raises Preempted (rank 0's CLI prints it as the one line that says so)."""
+    reason = (runtime.stop.reason if runtime.stop is not None else None) or \
+        f"{preempt.STOP_SIGNAL.name} (received by another rank)"
+    stopped = preempt.Preempted(round_index, cfg.federated.rounds, stage_dir(cfg) / CHECKPOINT_NAME, reason)
+    if runtime.is_server:
+        metrics.close()
+        rounds_log.close()
+    dist.stage_barrier(runtime, "the checkpoint of the round the run stops after")
+    preempt.exiting()
+    raise stopped
 
 
 def _load_resume_state(cfg: Config, out: Path) -> dict[str, Any] | None:
