@@ -109,6 +109,10 @@ def _env_rank() -> int:
     return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
 
 
+def _env_local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0")))
+
+
 def _setup_logging() -> None:
     rank = _env_rank()
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
@@ -152,18 +156,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(err, DIVERGED, everywhere=False, prefix="training diverged: ")
     except RankLostError as err:
         return _fail(err, RANK_LOST, everywhere=True)
-    except preempt.Preempted as stop:
-        if _env_rank() == 0:
-            print(f"mllmfl_dist: {stop}", file=sys.stderr)
-        return preempt.PREEMPTED_EXIT
+    except preempt.Preempted as stopped:
+        return _fail(stopped, preempt.PREEMPTED_EXIT, everywhere=False, label="")
 
 
-def _fail(err: Exception, code: int, *, everywhere: bool, prefix: str = "") -> int:
+def _fail(err: Exception, code: int, *, everywhere: bool, prefix: str = "", label: str = "error: ") -> int:
     """One line on stderr, and the same message in torchelastic's error file so torchrun's failure block
-    carries it. An error every rank meets alike (config, data, a diverged round) is printed by one process
-    per node (local rank 0), so a node prints it once; a lost rank is reported by every rank that saw it."""
-    message = f"mllmfl_dist: error: {prefix}{err}"
-    if everywhere or os.environ.get("LOCAL_RANK", "0") == "0":
+    carries it. An outcome every rank meets alike (config, data, a diverged round, a preemption stop) is
+    printed by one process per node (local rank 0: a problem of one node's files still shows, and a node
+    prints it once); a lost rank is reported by every rank that saw it."""
+    message = f"mllmfl_dist: {label}{prefix}{err}"
+    if everywhere or _env_local_rank() == 0:
         print(message, file=sys.stderr, flush=True)
     error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if error_file:
