@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from mllmfl_dist.checkpoint import write_text_atomic
+from mllmfl_dist.checkpoint import append_text, output_errors, write_text_atomic
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
@@ -53,8 +53,7 @@ class MetricsLog:
         self._purge_step = round_index + 1
 
     def append(self, record: dict[str, Any]) -> None:
-        with self.path.open("a") as handle:
-            handle.write(json.dumps(record) + "\n")
+        append_text(self.path, json.dumps(record) + "\n")
         if self.tensorboard:
             self._scalars(record)
 
@@ -65,10 +64,11 @@ class MetricsLog:
 
             self._writer = SummaryWriter(log_dir=str(self.directory), purge_step=self._purge_step)
         step = record.get("round", 0)
-        for key, value in record.items():
-            if key != "round" and isinstance(value, (int, float)) and not isinstance(value, bool):
-                self._writer.add_scalar(key, value, step)
-        self._writer.flush()
+        with output_errors(self.directory):
+            for key, value in record.items():
+                if key != "round" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self._writer.add_scalar(key, value, step)
+            self._writer.flush()
 
     def close(self) -> None:
         if self._writer is not None:
