@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import os
 import random
 import re
@@ -196,17 +197,27 @@ def remove_stale_temps(*folders: str | Path, targets: Iterable[str] | None = Non
     return removed
 
 
-def file_identity(path: str | Path) -> dict[str, int]:
-    """What a "done" record says about a file it was made from or wrote: its size and modification time
-    (ns). A replaced, truncated or rewritten file no longer matches."""
-    stat = Path(path).stat()
-    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+def file_identity(path: str | Path, *, digest: bool = False) -> dict[str, Any]:
+    """What a "done" record says about a file it was made from or wrote, so a replaced, truncated or rewritten
+    file no longer matches: its size and modification time (ns), or with ``digest`` its size and SHA-256
+    (which a copy of the run directory keeps; for files small enough to hash on every rerun)."""
+    path = Path(path)
+    stat = path.stat()
+    if not digest:
+        return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    sha = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            sha.update(block)
+    return {"size": stat.st_size, "sha256": sha.hexdigest()}
 
 
 def same_file(path: str | Path, identity: Any) -> bool:
     """Whether ``path`` exists and still matches ``identity`` from :func:`file_identity`."""
+    if not isinstance(identity, dict) or "size" not in identity:
+        return False
     try:
-        return isinstance(identity, dict) and file_identity(path) == {k: identity.get(k) for k in ("size", "mtime_ns")}
+        return file_identity(path, digest="sha256" in identity) == identity
     except OSError:
         return False
 
@@ -234,7 +245,7 @@ def unreadable_reason(path: str | Path, err: BaseException) -> str:
         return "is empty (0 bytes: a write cut off by a crash or a full disk)"
     if "weights only load failed" in str(err).lower() or "weights_only" in str(err):
         return ("holds objects other than tensors and plain containers, which only a full unpickler would build "
-                "(and that can run code from the file); it was not written by this trainer")
+                "(and that can run code from the file), so it was not loaded")
     if head[:2] != b"PK" and head[:1] != b"\x80":  # a zip archive (torch.save) or a legacy pickle
         return "is not a PyTorch checkpoint file"
     return f"is truncated or corrupt ({detail})"
