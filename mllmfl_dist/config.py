@@ -284,6 +284,7 @@ class Config:
         return "\n".join(lines)
 
 
+IMAGE_PLACEHOLDER = "<image>"  # where LLaVA's processor puts an image's visual tokens in a prompt
 CHOICES: dict[str, tuple[str, ...]] = {
     "dist.backend": ("auto", "gloo", "nccl"),
     "data.source": ("synthetic", "fashion_mnist", "cifar10", "cifar100", "imagenet_lt", "shards"),
@@ -561,6 +562,14 @@ def validate(config: Config) -> None:
                               "data.synthetic_mode = 'array'")
     if config.data.source != "synthetic" and config.data.synthetic_mode != "array":
         raise ConfigError("data.synthetic_mode = 'on_demand' is only allowed with data.source = 'synthetic'")
+    # Prompts sent with an image: LLaVA's processor puts the visual tokens where <image> stands, and fails
+    # deep inside generation (after the model has loaded) when it is missing or doubled.
+    for key, prompt, default in (("annotate.prompt", config.annotate.prompt, AnnotateConfig.prompt),
+                                 ("pretrain.prompt", config.pretrain.prompt, PretrainConfig.prompt),
+                                 ("align.prompt", config.align.prompt, AlignConfig.prompt)):
+        if prompt.count(IMAGE_PLACEHOLDER) != 1:
+            raise ConfigError(f"{key} = {prompt!r} must contain the image placeholder {IMAGE_PLACEHOLDER} exactly "
+                              f"once (the image's tokens go there); e.g. {default!r}")
 
 
 # Keys that may change when a run is resumed: they do not change what a completed round computed.

@@ -17,7 +17,8 @@ header is 512 bytes, as much as a 28x28 PNG, and gzip removes that overhead). we
 Readers: :func:`iter_samples` reads one shard with ``tarfile`` and yields plain dicts; a damaged shard
 raises :class:`ShardError` after the samples before the damage. :func:`decode_image` is separate, so a
 caller that streams (annotation) can skip and count a corrupt image. :func:`read_labeled_shards` loads
-labeled shards into memory as client data and is strict: any damage is a :class:`DataError`.
+labeled shards into memory and is strict: any damage is a :class:`DataError`; :mod:`.labeled_shards` makes
+client data of them.
 """
 
 from __future__ import annotations
@@ -27,10 +28,9 @@ import gzip
 import io
 import json
 import os
-import re
 import tarfile
 import zlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -307,7 +307,7 @@ def read_labeled_shards(paths: str | Path | Sequence[str | Path]) -> tuple[torch
             if shape is None:
                 shape = array.shape
             elif array.shape != shape:
-                raise DataError(f"{where}: image is {_describe(array.shape)}, the first one {_describe(shape)}; "
+                raise DataError(f"{where}: image is {describe_shape(array.shape)}, the first one {describe_shape(shape)}; "
                                 "all images must share size and channels")
             seen[key] = path
             arrays.append(array)
@@ -319,81 +319,5 @@ def read_labeled_shards(paths: str | Path | Sequence[str | Path]) -> tuple[torch
     return images, torch.tensor(labels, dtype=torch.int64), keys
 
 
-def _describe(shape: tuple[int, ...]) -> str:
+def describe_shape(shape: tuple[int, ...]) -> str:
     return f"{shape[1]}x{shape[2]} with {shape[0]} channel{'s' if shape[0] != 1 else ''}"
-
-
-# ------------------------------------------------------------------------------ client-data source
-
-
-def _repo_root() -> Path:
-    return Path(__file__).resolve().parents[2]
-
-
-def resolve_pattern(pattern: str, key: str) -> list[Path]:
-    """:func:`expand_shards` for the config key ``key``; a relative pattern that matches nothing from the
-    working directory is tried from the repository root, where the shipped ``shards/`` lives."""
-    if not pattern.strip():
-        raise DataError(f"{key} is empty; set it to a shard pattern such as "
-                        f"shards/fmnist_lt/train-*.tar.gz (--set {key}=PATTERN)")
-    try:
-        return expand_shards(pattern)
-    except DataError as err:
-        first = err
-    root = _repo_root()
-    if not os.path.isabs(os.path.expanduser(pattern)) and (root / "shards").is_dir() and root != Path.cwd().resolve():
-        try:
-            return expand_shards(str(root / pattern))
-        except DataError:
-            pass
-    raise DataError(f"{key} = {pattern!r}: {first}; set {key} (--set {key}=PATTERN) to existing shards")
-
-
-def load_labeled_shards(train_pattern: str, test_pattern: str,
-                        train_key: str = "data.train_shards", test_key: str = "data.test_shards"):
-    """Labeled train and test shards as :class:`~mllmfl_dist.data.sources.LabeledArrays`.
-
-    Class names come from ``classes.json`` beside the first train shard, else ``class_<i>`` up to the
-    largest label. mean/std are the per-channel statistics of the train images.
-    """
-    from .sources import LabeledArrays
-
-    train_paths = resolve_pattern(train_pattern, train_key)
-    test_paths = resolve_pattern(test_pattern, test_key)
-    train_images, train_labels, _ = read_labeled_shards(train_paths)
-    test_images, test_labels, _ = read_labeled_shards(test_paths)
-    if train_images.shape[1:] != test_images.shape[1:]:
-        raise DataError(f"{test_key}: test images are {_describe(tuple(test_images.shape[1:]))}, the train "
-                        f"images ({train_key}) {_describe(tuple(train_images.shape[1:]))}")
-    largest = int(max(train_labels.max(), test_labels.max()))
-    names = read_classes(train_paths[0].parent)
-    if names is None:
-        names = [f"class_{c}" for c in range(largest + 1)]
-    elif largest >= len(names):
-        raise DataError(f"{train_key}: label {largest} is out of range for the {len(names)} classes of "
-                        f"{train_paths[0].parent / CLASSES_FILE}")
-    mean, std = channel_stats(train_images)
-    return LabeledArrays(
-        train_images=train_images,
-        train_labels=train_labels.numpy(),
-        test_images=test_images,
-        test_labels=test_labels,
-        class_names=tuple(names),
-        mean=mean,
-        std=std,
-    )
-
-
-def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and (population) std of uint8 ``[N, C, H, W]`` images in [0, 1] units, exact
-    from a 256-bin histogram per channel, so no float copy of the images is made."""
-    values = torch.arange(256, dtype=torch.float64) / 255.0
-    means, stds = [], []
-    for c in range(images.shape[1]):
-        hist = torch.bincount(images[:, c].reshape(-1), minlength=256).to(torch.float64)
-        total = hist.sum()
-        mean = float((hist * values).sum() / total)
-        var = float((hist * (values - mean) ** 2).sum() / total)
-        means.append(mean)
-        stds.append(max(var, 0.0) ** 0.5 or 1.0)  # a constant channel normalises by 1, not 0
-    return tuple(means), tuple(stds)
