@@ -44,7 +44,7 @@ def plant_pickle(path: Path, marker: Path, zip_format: bool = False) -> None:
     if zip_format:
         torch.save(payload, path)
     else:
-        path.write_bytes(pickle.dumps(payload))
+        path.write_bytes(pickle.dumps(payload, protocol=2))
 
 
 def runtime() -> dist.Runtime:

@@ -58,9 +58,11 @@ def load_fashion_mnist(root: str) -> LabeledArrays:
         folder = max(folders, key=lambda f: sum(p is not None for p in found[f]))
         missing = [name for name, path in zip(FASHION_MNIST_FILES, found[folder]) if path is None]
         if len(missing) < len(FASHION_MNIST_FILES):
-            raise DataError(f"Fashion-MNIST file {' and '.join(f'{m}(.gz)' for m in missing)} not found in {folder} "
-                            f"(the other files are there); restore it (`apt-get install --reinstall "
-                            f"dataset-fashion-mnist`) or set data.root to a folder that holds all four")
+            files = " and ".join(f"{m}(.gz)" for m in missing)
+            raise DataError(f"Fashion-MNIST file{'s' if len(missing) > 1 else ''} {files} not found in {folder} "
+                            f"(the other files are there); restore {'them' if len(missing) > 1 else 'it'} "
+                            "(`apt-get install --reinstall dataset-fashion-mnist`) or set data.root to a folder "
+                            "that holds all four")
         raise DataError(
             f"Fashion-MNIST files ({FASHION_MNIST_FILES[0]}.gz and the other three) not found in "
             f"{' or '.join(str(f) for f in folders)}; set data.root (--set data.root=DIR) to their folder, "

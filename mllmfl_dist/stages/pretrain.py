@@ -468,14 +468,16 @@ def run_pretrain(cfg: Config, runtime: dist.Runtime, *, progress: bool = True,
     # DeepSpeed reads a file); every rank hears the verdict, so a refusal ends them all alike.
     point, refusal = None, None
     if runtime.is_server:
-        # Temporary files of saves a killed job cut short (no rank of this job writes there yet).
-        checkpoint.remove_stale_temps(out, ds_dir, *tag_dirs(ds_dir).values())
         try:
+            # Temporary files of saves a killed job cut short (no rank of this job writes there yet).
+            checkpoint.remove_stale_temps(out, ds_dir, *tag_dirs(ds_dir).values())
             point = find_resume_point(ds_dir)
             if point is not None:
                 check_resume(cfg, point.client_state, ds_dir, runtime.world_size)
         except ConfigError as err:
             refusal = str(err)
+        except OSError as err:  # an unreadable directory: every rank must hear of it, not wait for rank 0
+            refusal = f"{ds_dir}: {err}"
     resume_tag, refusal = dist.broadcast_object(runtime, (point.tag if point else None, refusal))
     if refusal:
         raise ConfigError(refusal)
