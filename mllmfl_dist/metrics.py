@@ -16,7 +16,8 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     records = []
-    for line in path.read_text().splitlines():
+    # errors="replace": bytes a power loss left garbled only spoil their own line, which is then dropped
+    for line in path.read_text(errors="replace").splitlines():
         if not line.strip():
             continue
         try:

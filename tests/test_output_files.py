@@ -126,3 +126,13 @@ def test_federate_on_a_full_disk_ends_with_one_line_not_a_traceback(small_disk, 
     lines = [line for line in err.splitlines() if line.startswith("mllmfl_dist: error:")]
     assert len(lines) == 1 and "no space left on the device" in lines[0] and str(small_disk) in lines[0]
     assert "Traceback" not in err and "unexpected pos" not in err
+
+
+def test_a_metrics_log_with_garbled_bytes_keeps_the_records_before_them(tmp_path):
+    from mllmfl_dist.metrics import read_jsonl
+    from mllmfl_dist.stages.report import read_evaluations
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_bytes(b'{"round": 1, "acc": 0.5}\n\xff\xfe\x00garbage after a power loss\n')
+    assert read_jsonl(path) == [{"round": 1, "acc": 0.5}]
+    assert read_evaluations(path) == [{"round": 1, "acc": 0.5}]

@@ -52,7 +52,7 @@ def read_evaluations(path: Path) -> list[dict]:
     by_round: dict[Any, dict] = {}
     order: list[Any] = []
     try:
-        lines = path.read_text().splitlines()
+        lines = path.read_text(errors="replace").splitlines()  # a garbled line is dropped below
     except OSError as e:
         log.warning("report: cannot read %s: %s", path, e)
         return []
