@@ -154,6 +154,19 @@ def test_zero2_bf16_state_loads_with_weights_only_and_resumes_through_the_safe_e
     assert metrics["steps"] == 4 and [r["step"] for r in metrics["loss"]] == [1, 2, 3, 4]
 
 
+def test_fp16s_dynamic_loss_scaler_loads_with_weights_only_too(tmp_path):
+    """fp16 (GPU only, so no real run here) stores DeepSpeed's DynamicLossScaler in the optimizer states."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler
+
+    from mllmfl_dist.stages.pretrain_checkpoint import deepspeed_safe_globals
+
+    scaler = DynamicLossScaler(init_scale=2**16, scale_window=1000, min_scale=1, delayed_shift=2,
+                               consecutive_hysteresis=False)
+    torch.save({"optimizer_state_dict": {"loss_scaler": scaler}}, tmp_path / "optim_states.pt")
+    loaded = checkpoint.load(tmp_path / "optim_states.pt", deepspeed_safe_globals())["optimizer_state_dict"]
+    assert isinstance(loaded["loss_scaler"], DynamicLossScaler) and vars(loaded["loss_scaler"]) == vars(scaler)
+
+
 @pytest.mark.parametrize("zip_format", [False, True], ids=["pickle", "torch-zip"])
 def test_a_planted_model_states_pickle_is_refused_by_name_and_never_run(runs, tmp_path, capsys, zip_format):
     config, out = copy_of_stopped(runs, tmp_path)
