@@ -284,7 +284,6 @@ class Config:
         return "\n".join(lines)
 
 
-IMAGE_PLACEHOLDER = "<image>"  # where LLaVA's processor puts an image's visual tokens in a prompt
 CHOICES: dict[str, tuple[str, ...]] = {
     "dist.backend": ("auto", "gloo", "nccl"),
     "data.source": ("synthetic", "fashion_mnist", "cifar10", "cifar100", "imagenet_lt", "shards"),
@@ -350,6 +349,10 @@ def _int_at_least(low: int) -> Rule:
 
 _POSITIVE: Rule = (lambda v: v > 0, "a number > 0")
 _FRACTION: Rule = (lambda v: 0 <= v < 1, "a number in [0, 1)")
+# Prompts sent with an image: LLaVA's processor puts its visual tokens where <image> stands, and fails only
+# after the model has loaded when it is missing or doubled.
+_IMAGE_PROMPT: Rule = (lambda v: v.count("<image>") == 1, "a prompt holding <image> exactly once (where the "
+                       "image's tokens go), e.g. 'USER: <image>\\nDescribe the image. ASSISTANT:'")
 
 # Bounds checked for every config: key -> (predicate, what is allowed).
 _RULES: dict[str, Rule] = {
@@ -370,6 +373,9 @@ _RULES: dict[str, Rule] = {
     "data.train_indices": (_valid_index_range, 'a "start:stop" range of non-negative integers, start < stop '
                                                '(either may be omitted), or "" for the whole split'),
     "partition.alpha": _POSITIVE,
+    "annotate.prompt": _IMAGE_PROMPT,
+    "pretrain.prompt": _IMAGE_PROMPT,
+    "align.prompt": _IMAGE_PROMPT,
     "model.width_scale": _int_at_least(1),
     "model.in_channels": (lambda v: v >= 0, "an integer >= 0 (0: the data's channel count)"),
     "federated.rounds": _int_at_least(1),
@@ -562,14 +568,6 @@ def validate(config: Config) -> None:
                               "data.synthetic_mode = 'array'")
     if config.data.source != "synthetic" and config.data.synthetic_mode != "array":
         raise ConfigError("data.synthetic_mode = 'on_demand' is only allowed with data.source = 'synthetic'")
-    # Prompts sent with an image: LLaVA's processor puts the visual tokens where <image> stands, and fails
-    # deep inside generation (after the model has loaded) when it is missing or doubled.
-    for key, prompt, default in (("annotate.prompt", config.annotate.prompt, AnnotateConfig.prompt),
-                                 ("pretrain.prompt", config.pretrain.prompt, PretrainConfig.prompt),
-                                 ("align.prompt", config.align.prompt, AlignConfig.prompt)):
-        if prompt.count(IMAGE_PLACEHOLDER) != 1:
-            raise ConfigError(f"{key} = {prompt!r} must contain the image placeholder {IMAGE_PLACEHOLDER} exactly "
-                              f"once (the image's tokens go there); e.g. {default!r}")
 
 
 # Keys that may change when a run is resumed: they do not change what a completed round computed.

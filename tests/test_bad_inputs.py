@@ -213,7 +213,8 @@ def test_a_stray_label_without_classes_json_is_refused_not_a_1000_class_model(tm
 
 @pytest.mark.parametrize("key", ["annotate.prompt", "align.prompt", "pretrain.prompt"])
 def test_a_prompt_without_the_image_placeholder_is_refused_before_anything_loads(tmp_path, capsys, key):
-    with pytest.raises(ConfigError, match=rf"{key} = 'Describe it.' must contain the image placeholder <image>"):
+    with pytest.raises(ConfigError, match=rf"{key} = 'Describe it.' is not allowed; it must be a prompt holding "
+                                          r"<image> exactly once"):
         load_config(SMOKE, [f"{key}=Describe it."])
     with pytest.raises(ConfigError, match="exactly once"):
         load_config(SMOKE, [f"{key}=<image> and <image>"])
