@@ -355,6 +355,10 @@ def _int_at_least(low: int) -> Rule:
 
 _POSITIVE: Rule = (lambda v: v > 0, "a number > 0")
 _FRACTION: Rule = (lambda v: 0 <= v < 1, "a number in [0, 1)")
+# Prompts sent with an image: LLaVA's processor puts its visual tokens where <image> stands, and fails only
+# after the model has loaded when it is missing or doubled.
+_IMAGE_PROMPT: Rule = (lambda v: v.count("<image>") == 1, "a prompt holding <image> exactly once (where the "
+                       "image's tokens go), e.g. 'USER: <image>\\nDescribe the image. ASSISTANT:'")
 
 # Bounds checked for every config: key -> (predicate, what is allowed).
 _RULES: dict[str, Rule] = {
@@ -377,6 +381,9 @@ _RULES: dict[str, Rule] = {
     "data.train_indices": (_valid_index_range, 'a "start:stop" range of non-negative integers, start < stop '
                                                '(either may be omitted), or "" for the whole split'),
     "partition.alpha": _POSITIVE,
+    "annotate.prompt": _IMAGE_PROMPT,
+    "pretrain.prompt": _IMAGE_PROMPT,
+    "align.prompt": _IMAGE_PROMPT,
     "model.width_scale": _int_at_least(1),
     "model.in_channels": (lambda v: v >= 0, "an integer >= 0 (0: the data's channel count)"),
     "federated.rounds": _int_at_least(1),

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from mllmfl_dist.checkpoint import write_text_atomic
+from mllmfl_dist.checkpoint import append_text, output_errors, write_text_atomic
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
@@ -16,7 +16,8 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     records = []
-    for line in path.read_text().splitlines():
+    # errors="replace": bytes a power loss left garbled only spoil their own line, which is then dropped
+    for line in path.read_text(errors="replace").splitlines():
         if not line.strip():
             continue
         try:
@@ -53,8 +54,7 @@ class MetricsLog:
         self._purge_step = round_index + 1
 
     def append(self, record: dict[str, Any]) -> None:
-        with self.path.open("a") as handle:
-            handle.write(json.dumps(record) + "\n")
+        append_text(self.path, json.dumps(record) + "\n")
         if self.tensorboard:
             self._scalars(record)
 
@@ -65,10 +65,11 @@ class MetricsLog:
 
             self._writer = SummaryWriter(log_dir=str(self.directory), purge_step=self._purge_step)
         step = record.get("round", 0)
-        for key, value in record.items():
-            if key != "round" and isinstance(value, (int, float)) and not isinstance(value, bool):
-                self._writer.add_scalar(key, value, step)
-        self._writer.flush()
+        with output_errors(self.directory):
+            for key, value in record.items():
+                if key != "round" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self._writer.add_scalar(key, value, step)
+            self._writer.flush()
 
     def close(self) -> None:
         if self._writer is not None:

@@ -69,3 +69,27 @@ def smoke_reference(tmp_path_factory):
 def pytest_terminal_summary(terminalreporter):
     for line in _SLURM_REPORT:
         terminalreporter.write_line(line)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """``small_disk(size)``: a real tmpfs of ``size`` (e.g. "256k") mounted in tmp_path, to run out of space
+    on; unmounted (lazily, so even a file left open cannot keep it) at the end. Skips where mounting is not
+    permitted (it needs root and mount rights)."""
+    import subprocess
+
+    mounts = []
+
+    def mount(size: str):
+        point = tmp_path / f"disk{len(mounts)}"
+        point.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(point)],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a small tmpfs to fill up (needs root and mount rights): {done.stderr.strip()}")
+        mounts.append(point)
+        return point
+
+    yield mount
+    for point in mounts:
+        subprocess.run(["umount", "-l", str(point)], check=False)

@@ -120,3 +120,66 @@ def test_a_rerun_with_other_settings_is_refused_not_mixed(tmp_path, tiny_models)
     other = load_config(config, ["annotate.prompt=USER: <image>\nWhat is it? ASSISTANT:"])
     with pytest.raises(Exception, match="other annotation settings"):
         annotate.run_annotate(other, single_process())
+
+
+def test_a_damaged_shard_replaced_by_a_good_one_is_captioned_on_the_rerun(tmp_path, tiny_models, caplog):
+    """The damaged shard's record describes the file it was made from, so the good replacement is not taken
+    as done; the untouched shard is not annotated again."""
+    rng = np.random.default_rng(4)
+    images = [{"key": f"d{i}", "image": rng.integers(0, 256, (3, 24, 24), dtype=np.uint8)} for i in range(6)]
+    good = write_shards(images, str(tmp_path / "web-d"), max_count=10, compress=False)[0]
+    intact = good.read_bytes()
+    good.write_bytes(intact[: int(len(intact) * 0.5)])  # a download cut short
+    write_shards([{"key": "e0", "image": images[0]["image"]}], str(tmp_path / "web-e"), max_count=10)
+    cfg = load_config(write_config(tmp_path, tiny_models["llava"], str(tmp_path / "web-*.tar*")))
+    first = annotate.run_annotate(cfg, single_process())
+    assert [d["shard"] for d in first["damaged_shards"]] == ["web-d-000000.tar"]
+    kept = {k for k in captions(cfg.run_dir / "annotate") if k.startswith("d")}
+    assert 0 < len(kept) < 6
+    e_record = (cfg.run_dir / "annotate" / "web-e-000000.tar.gz.done.json").read_text()
+
+    good.write_bytes(intact)  # the user replaces it, as the message advises
+    second = annotate.run_annotate(cfg, single_process())
+    assert second["damaged_shards"] == [] and second["captions_out"] == 7
+    assert {k for k in captions(cfg.run_dir / "annotate") if k.startswith("d")} == {f"d{i}" for i in range(6)}
+    assert (cfg.run_dir / "annotate" / "web-e-000000.tar.gz.done.json").read_text() == e_record  # not redone
+
+
+def test_a_lost_output_or_torn_record_is_annotated_again_and_killed_writes_are_cleaned(tmp_path, tiny_models):
+    shards = make_shards(tmp_path, shards=2, per_shard=2, seed=5)
+    cfg = load_config(write_config(tmp_path, tiny_models["llava"], shards))
+    annotate.run_annotate(cfg, single_process())
+    out = cfg.run_dir / "annotate"
+    expected = captions(out)
+    first, second = sorted(out.glob("web-*.tar.gz"))
+    first.write_bytes(first.read_bytes()[:100])  # the output cut after its record was written
+    (out / (second.name + ".done.json")).write_text('{"shard": ')  # a torn record
+    litter = [out / (second.name + ".partial"), out / f".{second.name}.done.json.ab12cd34.tmp",
+              out / ".manifest.json.tmp"]
+    for path in litter:
+        path.write_bytes(b"half")  # what a kill during the writes leaves
+    annotate.run_annotate(cfg, single_process())
+    assert captions(out) == expected
+    assert not any(p.exists() for p in litter)
+
+
+def test_member_names_with_dotdot_or_absolute_paths_are_never_copied_into_outputs(tmp_path, tiny_models):
+    import io
+    import tarfile
+
+    from mllmfl_dist.data.shards import encode_png
+
+    png = encode_png(np.zeros((3, 24, 24), dtype=np.uint8))
+    shard = tmp_path / "web-evil-000000.tar"
+    with tarfile.open(shard, "w") as tar:
+        for name in ("ok.png", "../../escape.png", "/etc/cron.d/job.png", "a/../../b.png"):
+            info = tarfile.TarInfo(name)
+            info.size = len(png)
+            tar.addfile(info, io.BytesIO(png))
+    cfg = load_config(write_config(tmp_path, tiny_models["llava"], str(shard)))
+    manifest = annotate.run_annotate(cfg, single_process())
+    assert manifest["captions_out"] == 1
+    assert sorted(s["key"] for s in manifest["skipped"]) == ["../../escape", "/etc/cron.d/job", "a/../../b"]
+    assert all("'..'" in s["reason"] for s in manifest["skipped"])
+    with tarfile.open(cfg.run_dir / "annotate" / shard.name) as tar:
+        assert sorted(tar.getnames()) == ["ok.json", "ok.png", "ok.txt"]

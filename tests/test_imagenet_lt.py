@@ -179,3 +179,38 @@ def test_corrupt_image_is_named(fake_imagenet: Path) -> None:
     with pytest.raises(DataError, match="cannot decode") as err:
         load_imagenet_lt(str(fake_imagenet), "", SIZE)
     assert str(broken) in str(err.value)
+
+
+def test_bad_list_entries_are_one_line(fake_imagenet: Path) -> None:
+    """A stray large label (it would make a model with that many, mostly empty, classes), a path leaving
+    data.root, a binary file in place of a list, and a truncated JPEG: each one clear DataError."""
+    train_list = fake_imagenet / "ImageNet_LT_train.txt"
+    good = train_list.read_text()
+    train_list.write_text(good + f"train/{SYNSETS[0]}/{SYNSETS[0]}_0.JPEG 999\n")
+    with pytest.raises(DataError, match=r"labels go up to 999 \(line 11\) but 996 classes below that have no image"):
+        load_imagenet_lt(str(fake_imagenet), "", SIZE)
+    for entry in ("../../etc/passwd.JPEG 0", "/etc/hosts 0", "train/../../x.JPEG 1"):
+        train_list.write_text(good + entry + "\n")
+        with pytest.raises(DataError, match="line 11: .* is not a path inside data.root"):
+            load_imagenet_lt(str(fake_imagenet), "", SIZE)
+    train_list.write_bytes(b"\x1f\x8b\x08\x00\xff\xfe binary")
+    with pytest.raises(DataError, match="ImageNet_LT_train.txt is not UTF-8 text"):
+        load_imagenet_lt(str(fake_imagenet), "", SIZE)
+    train_list.write_text(good)
+    cut = fake_imagenet / "train" / SYNSETS[0] / f"{SYNSETS[0]}_1.JPEG"
+    cut.write_bytes(cut.read_bytes()[:40])
+    with pytest.raises(DataError, match="cannot decode the image") as err:
+        load_imagenet_lt(str(fake_imagenet), "", SIZE)
+    assert str(cut) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_killed_cache_build_leaves_no_litter_after_the_next_build(fake_imagenet: Path) -> None:
+    cache = fake_imagenet / ".mllmfl_cache"
+    cache.mkdir()
+    litter = [cache / f"imagenet_lt_train_{SIZE}.npy.tmp4242", cache / f"imagenet_lt_train_{SIZE}_labels.npy.tmp4242"]
+    for path in litter:
+        path.write_bytes(b"\x93NUMPY half")  # what a build killed mid-way leaves (gigabytes for the real split)
+    keep = cache / "notes.tmp1"
+    keep.write_text("not ours")
+    load_imagenet_lt(str(fake_imagenet), "", SIZE)
+    assert not any(p.exists() for p in litter) and keep.exists()

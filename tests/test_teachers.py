@@ -83,6 +83,19 @@ def test_cache_key_changes():
     assert key != teacher_cache_key("llava", images, CLASSES, **{**base, "model": "m2"})
 
 
+def test_cache_key_changes_when_local_weights_are_replaced(tiny_models, tmp_path):
+    """A teacher directory whose weights were replaced in place (same path) must not reuse the cached q."""
+    import shutil
+
+    clip = tmp_path / "clip"
+    shutil.copytree(tiny_models["clip"], clip)
+    images = _images(2)
+    key = teacher_cache_key("clip", images, CLASSES, model=f"local-dir:{clip}")
+    weights = clip / "open_clip_model.safetensors"
+    weights.write_bytes(weights.read_bytes() + b" ")
+    assert key != teacher_cache_key("clip", images, CLASSES, model=f"local-dir:{clip}")
+
+
 def test_llava_score_is_answer_loglik(tiny_models):
     llava, processor = load_llava(str(tiny_models["llava"]))
     image = _images(1, seed=3)[0]

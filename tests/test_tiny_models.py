@@ -218,6 +218,21 @@ def test_build_is_idempotent_and_deterministic(tiny, tmp_path):
     assert digests(other) == digests(tiny)
 
 
+def test_a_cut_model_file_or_a_killed_build_is_rebuilt(tiny, tmp_path):
+    """The manifest lists every file with its size and mtime: a file cut since (a power loss) is not taken
+    as a complete build, and partial directories of a killed build are removed."""
+    root = tmp_path / "models"
+    build_tiny_models(root)
+    weights = root / "llava" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    killed = root / ".clip.partial-99999"
+    killed.mkdir()
+    (killed / "open_clip_model.safetensors").write_bytes(b"half")
+    build_tiny_models(root)
+    assert digests(build_tiny_models(root)) == digests(tiny) and not killed.exists()
+    load_llava(str(root / "llava"))  # loads again
+
+
 def test_missing_models_raise_model_load_error(tmp_path):
     missing = tmp_path / "no_such_model"
     with pytest.raises(ModelLoadError) as err:

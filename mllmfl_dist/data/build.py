@@ -13,7 +13,7 @@ from .base import ArrayClientData, ClientData, DataError
 from .imagenet_lt import load_imagenet_lt
 from .longtail import longtail_indices
 from .partition import partition_indices
-from .shards import load_labeled_shards
+from .labeled_shards import load_labeled_shards
 from .sources import LabeledArrays, load_cifar, load_fashion_mnist
 from .synthetic import SyntheticOnDemand, synthetic_arrays
 

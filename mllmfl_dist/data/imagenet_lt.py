@@ -70,6 +70,13 @@ def load_imagenet_lt(root: str, lists_dir: str, image_size: int) -> LabeledArray
 
     train_labels = entries["train"][1]
     num_classes = int(train_labels.max()) + 1
+    empty = np.flatnonzero(np.bincount(train_labels, minlength=num_classes) == 0)
+    if len(empty):
+        # A stray large label would otherwise make a model with that many classes, most of them empty.
+        at = entries["train"][2][int(np.argmax(train_labels))]
+        raise DataError(f"{lists_path / LIST_FILES['train']}: labels go up to {num_classes - 1} (line {at}) but "
+                        f"{len(empty)} classes below that have no image (first: {int(empty[0])}); number the "
+                        "classes 0..C-1")
     _, test_labels, test_lines = entries["test"]
     if test_labels.max() >= num_classes:
         bad = int(np.argmax(test_labels >= num_classes))
@@ -100,21 +107,28 @@ def _read_list(path: Path, lists_dir: str) -> tuple[list[str], np.ndarray, list[
     paths: list[str] = []
     labels: list[int] = []
     lines: list[int] = []
-    with open(path) as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            parts = line.rsplit(None, 1)
-            try:
-                label = int(parts[1]) if len(parts) == 2 else -1
-            except ValueError:
-                label = -1
-            if label < 0:
-                raise DataError(f"{path} line {number}: expected 'relative/path.JPEG label' with a label >= 0, "
-                                f"got {line.strip()!r}")
-            paths.append(parts[0])
-            labels.append(label)
-            lines.append(number)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(f"ImageNet-LT list file {path} is not UTF-8 text ({err.reason} at byte {err.start}); "
+                        "replace it with the OLTR list") from None
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        parts = line.rsplit(None, 1)
+        try:
+            label = int(parts[1]) if len(parts) == 2 else -1
+        except ValueError:
+            label = -1
+        if label < 0:
+            raise DataError(f"{path} line {number}: expected 'relative/path.JPEG label' with a label >= 0, "
+                            f"got {line.strip()!r}")
+        if Path(parts[0]).is_absolute() or ".." in Path(parts[0]).parts:
+            raise DataError(f"{path} line {number}: {parts[0]!r} is not a path inside data.root (absolute or with "
+                            "'..'); list images relative to the ImageNet root")
+        paths.append(parts[0])
+        labels.append(label)
+        lines.append(number)
     if not paths:
         raise DataError(f"ImageNet-LT list file {path} is empty")
     return paths, np.asarray(labels, dtype=np.int64), lines
@@ -134,7 +148,12 @@ def _readable_names(synsets: tuple[str, ...], candidates: list[Path]) -> tuple[s
     for path in candidates:
         if path.is_file():
             mapping = {}
-            for line in path.read_text().splitlines():
+            try:
+                text = path.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as err:
+                log.warning("ImageNet-LT: cannot read %s (%s); classes keep their synset ids", path, err)
+                return synsets
+            for line in text.splitlines():
                 synset, _, names = line.strip().partition(" ")
                 if names:
                     mapping[synset] = names.split(",")[0].strip()
@@ -191,7 +210,16 @@ def _cached_split(root: Path, split: str, list_file: Path, paths: list[str], lab
     with exclusive(_entry_paths(folder, split, size)[0].with_suffix(".lock")):
         cached = _load_entry(folder, split, size, list_file, digest, labels)  # another rank may have built it
         if cached is None:
-            _build_entry(folder, root, split, list_file, digest, paths, labels, lines, size)
+            # Under the lock no other build of this entry runs: temporary files of it belong to killed builds
+            # (gigabytes each for the train split).
+            for entry_file in _entry_paths(folder, split, size):
+                for stale in folder.glob(entry_file.name + ".tmp*"):
+                    if stale.name[len(entry_file.name) + 4:].isdigit():
+                        stale.unlink(missing_ok=True)
+            from mllmfl_dist.checkpoint import output_errors  # here: checkpoint imports the data package
+
+            with output_errors(folder):
+                _build_entry(folder, root, split, list_file, digest, paths, labels, lines, size)
             cached = _load_entry(folder, split, size, list_file, digest, labels)
     if cached is None:
         raise DataError(f"the ImageNet-LT cache in {folder} could not be read back after writing it; delete the "
@@ -244,6 +272,11 @@ def _build_entry(folder: Path, root: Path, split: str, list_file: Path, digest: 
         stamp = max(time.time(), list_file.stat().st_mtime)
         for path in tmp:
             os.utime(path, (stamp, stamp))
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)  # on disk before the json (moved last) says the entry is complete
+            finally:
+                os.close(fd)
         # The json marks the entry complete, so it is moved last.
         for src, dst in zip(tmp, (images_path, labels_path, meta_path)):
             os.replace(src, dst)
@@ -268,6 +301,6 @@ def _decode(path: Path, size: int) -> np.ndarray:
             left, top = int(round((new_w - size) / 2.0)), int(round((new_h - size) / 2.0))
             img = img.crop((left, top, left + size, top + size))
             array = np.asarray(img, dtype=np.uint8)
-    except (OSError, ValueError, Image.DecompressionBombError) as err:
-        raise DataError(f"{path}: cannot decode the image ({err}); replace the file") from None
+    except Exception as err:  # noqa: BLE001 - PIL raises OSError, SyntaxError, struct.error, DecompressionBomb...
+        raise DataError(f"{path}: cannot decode the image ({type(err).__name__}: {err}); replace the file") from None
     return array.transpose(2, 0, 1)

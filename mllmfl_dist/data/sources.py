@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import struct
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,11 +49,20 @@ def load_fashion_mnist(root: str) -> LabeledArrays:
     """Read the four raw idx files from ``root``, or when it is empty from the first default folder
     that holds them all. Gzipped (``.gz``) and plain files are both accepted."""
     folders = [Path(root).expanduser()] if root else [Path(d).expanduser() for d in FASHION_MNIST_DIRS]
-    for folder in folders:
-        paths = [_find_idx_file(folder, name) for name in FASHION_MNIST_FILES]
+    found = {folder: [_find_idx_file(folder, name) for name in FASHION_MNIST_FILES] for folder in folders}
+    for folder, paths in found.items():
         if all(path is not None for path in paths):
             break
     else:
+        # Name what is missing where most of the files are, so one missing file is not reported as all four.
+        folder = max(folders, key=lambda f: sum(p is not None for p in found[f]))
+        missing = [name for name, path in zip(FASHION_MNIST_FILES, found[folder]) if path is None]
+        if len(missing) < len(FASHION_MNIST_FILES):
+            files = " and ".join(f"{m}(.gz)" for m in missing)
+            raise DataError(f"Fashion-MNIST file{'s' if len(missing) > 1 else ''} {files} not found in {folder} "
+                            f"(the other files are there); restore {'them' if len(missing) > 1 else 'it'} "
+                            "(`apt-get install --reinstall dataset-fashion-mnist`) or set data.root to a folder "
+                            "that holds all four")
         raise DataError(
             f"Fashion-MNIST files ({FASHION_MNIST_FILES[0]}.gz and the other three) not found in "
             f"{' or '.join(str(f) for f in folders)}; set data.root (--set data.root=DIR) to their folder, "
@@ -85,8 +95,9 @@ def _read_idx(path: Path) -> np.ndarray:
     try:
         with gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb") as f:
             raw = f.read()
-    except (OSError, EOFError) as err:
-        raise DataError(f"{path}: cannot read ({err}); re-install or re-download the file") from None
+    except (OSError, EOFError, zlib.error) as err:  # zlib.error: a corrupt deflate stream inside the .gz
+        raise DataError(f"{path}: cannot read ({type(err).__name__}: {err}); re-install or re-download the "
+                        "file") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
         raise DataError(f"{path}: not a uint8 idx file; re-install or re-download the file")
     ndim = raw[3]
@@ -109,10 +120,12 @@ def load_cifar(name: str, root: str, download: bool) -> LabeledArrays:
         train = dataset_cls(str(folder), train=True, download=download)
         test = dataset_cls(str(folder), train=False, download=download)
     except RuntimeError:
-        # torchvision's "Dataset not found or corrupted"; only reachable with download off.
+        # torchvision's "Dataset not found or corrupted" (it checks every batch file's MD5 before unpickling
+        # it); only reachable with download off.
         raise DataError(
-            f"{title} not found under {folder}; set data.download = true (or --set data.download=true) "
-            "to download it, or data.root to the folder that holds it"
+            f"{title} not found under {folder}, or a file of it is corrupt (torchvision checks each file's MD5); "
+            "set data.download = true (or --set data.download=true) to download it again, or data.root to the "
+            "folder that holds it"
         ) from None
     except OSError as err:  # urllib's URLError is an OSError: no network, or the folder is not writable
         raise DataError(

@@ -26,7 +26,7 @@ from tqdm import tqdm
 from mllmfl_dist import checkpoint, dist
 from mllmfl_dist.config import Clip2flConfig, ConfigError
 from mllmfl_dist.data import ArrayClientData, ClientData
-from mllmfl_dist.models.mllm import ModelLoadError
+from mllmfl_dist.models.mllm import ModelLoadError, weights_identity
 
 log = logging.getLogger(__name__)
 
@@ -57,25 +57,12 @@ def client_samples(data: ClientData) -> np.ndarray:
     return np.unique(np.concatenate([data.client_indices(c) for c in range(data.num_clients)]))
 
 
-def _weights_identity(ccfg: Clip2flConfig) -> list:
-    """Size and mtime of the weights files a name points at on disk (a replaced file changes the key)."""
-    from mllmfl_dist.models.clip_teacher import LOCAL_DIR
-
-    files = []
-    if ccfg.model.startswith(LOCAL_DIR):
-        folder = Path(ccfg.model[len(LOCAL_DIR) :]).expanduser()
-        files = sorted(p for p in folder.glob("*") if p.suffix in (".safetensors", ".bin", ".pt", ".pth"))
-    if ccfg.pretrained and Path(ccfg.pretrained).is_file():
-        files.append(Path(ccfg.pretrained))
-    return [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
-
-
 def cache_key(ccfg: Clip2flConfig, data: ArrayClientData, indices: np.ndarray) -> str:
     import open_clip
 
     meta = {"version": _CACHE_VERSION, "model": ccfg.model, "pretrained": ccfg.pretrained,
             "templates": ccfg.templates, "logit_scale": ccfg.logit_scale, "class_names": list(data.class_names),
-            "open_clip": open_clip.__version__, "weights": _weights_identity(ccfg)}
+            "open_clip": open_clip.__version__, "weights": weights_identity(ccfg.model, ccfg.pretrained)}
     digest = hashlib.sha256(json.dumps(meta, sort_keys=True).encode())
     digest.update(indices.astype(np.int64).tobytes())
     step = 4096  # in chunks: the images of a large source are never gathered into one copy

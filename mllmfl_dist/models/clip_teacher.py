@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from mllmfl_dist.models.mllm import ModelLoadError, _first_line
+from mllmfl_dist.models.mllm import ModelLoadError, _first_line, unloadable_weights
 
 __all__ = ["ModelLoadError", "load_clip", "clip_embed_dim", "zero_shot_classifier", "zero_shot_logits", "DEFAULT_TEMPLATES"]
 
@@ -54,10 +54,24 @@ def load_clip(model: str, pretrained: str = "", *, device: torch.device | str = 
             model, pretrained=pretrained or None, device=device, precision=precision
         )
         tokenizer = open_clip.get_tokenizer(model)
-    except (OSError, RuntimeError, ValueError) as exc:
-        raise ModelLoadError(f"{label} could not be loaded ({_first_line(exc)}); {_HINT}") from exc
+    except Exception as exc:  # noqa: BLE001 - unpickling, safetensors, zip and config errors share no base
+        for folder in _local_weight_folders(model, pretrained):
+            culprit = unloadable_weights(folder)
+            if culprit:
+                raise ModelLoadError(f"{label}: {culprit}; replace the file") from None
+        raise ModelLoadError(f"{label} could not be loaded ({_first_line(exc)}); {_HINT}") from None
     clip.eval()
     return clip, preprocess, tokenizer
+
+
+def _local_weight_folders(model: str, pretrained: str) -> list[Path]:
+    """Folders whose weights files a failed load may have read (``local-dir:DIR``; ``pretrained`` a file)."""
+    folders = []
+    if model.startswith(LOCAL_DIR):
+        folders.append(Path(model[len(LOCAL_DIR):]).expanduser())
+    if pretrained and Path(pretrained).expanduser().is_file():
+        folders.append(Path(pretrained).expanduser().parent)
+    return folders
 
 
 def clip_embed_dim(model: str, pretrained: str = "") -> int:

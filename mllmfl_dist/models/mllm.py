@@ -112,13 +112,60 @@ def load_llava(
             source, dtype=DTYPES[dtype], device_map=placement, **kwargs
         )
         processor = AutoProcessor.from_pretrained(source, **kwargs)
-    except (OSError, ValueError) as exc:
+    except Exception as exc:  # noqa: BLE001 - unpickling, safetensors, zip and config errors share no base
+        if local:
+            culprit = unloadable_weights(path)
+            if culprit:
+                raise ModelLoadError(f"LLaVA model {model!r}: {culprit}; replace the file (or the directory)") from None
         where = "local directory" if local else "hub id"
         reason = _first_line(exc)
-        raise ModelLoadError(f"LLaVA model {model!r} ({where}) could not be loaded ({reason}); {_HINT}") from exc
+        raise ModelLoadError(f"LLaVA model {model!r} ({where}) could not be loaded ({reason}); {_HINT}") from None
     llava.eval()
     _complete_processor(processor, llava)
     return llava, processor
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+LOCAL_DIR_PREFIX = "local-dir:"  # open_clip's name for a model in a local directory
+
+
+def weights_identity(model: str, pretrained: str = "") -> list[list]:
+    """``[path, size, mtime_ns]`` of the weights files a model name points at on disk: a local LLaVA directory
+    or open_clip's ``local-dir:DIR``, and a ``pretrained`` checkpoint file; [] for a hub model. A cache keyed
+    on it is not reused after the weights are replaced in place."""
+    model = str(model)
+    local = model[len(LOCAL_DIR_PREFIX):] if model.startswith(LOCAL_DIR_PREFIX) else model
+    folder = Path(local).expanduser()
+    files = []
+    if (model.startswith(LOCAL_DIR_PREFIX) or looks_like_local_path(local)) and folder.is_dir():
+        files = sorted(p for p in folder.glob("*") if p.suffix in WEIGHT_SUFFIXES)
+    if pretrained and Path(pretrained).is_file():
+        files.append(Path(pretrained))
+    return [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+
+
+def unloadable_weights(folder: Path) -> str | None:
+    """The first weights file in ``folder`` that cannot be read safely, and why (None when all can): a pickle
+    holding more than tensors (which ``weights_only`` loading refuses, so it runs nothing), an empty, cut or
+    corrupt file. Only asked after a load failed, to name the file in the message."""
+    from mllmfl_dist.checkpoint import unreadable_reason
+
+    for file in sorted(p for p in Path(folder).iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES)):
+        try:
+            if file.name.endswith(".safetensors"):
+                from safetensors import safe_open
+
+                with safe_open(str(file), framework="pt") as handle:
+                    for key in handle.keys():
+                        handle.get_slice(key)  # a file cut short has a header pointing past its end
+            else:
+                torch.load(file, map_location="meta", weights_only=True)
+        except Exception as err:  # noqa: BLE001 - whatever the file's reader raises
+            if file.name.endswith(".safetensors"):
+                size = file.stat().st_size
+                return f"{file} is {'empty' if size == 0 else 'not a complete safetensors file'} ({_first_line(err)})"
+            return f"{file} {unreadable_reason(file, err)}"
+    return None
 
 
 def _complete_processor(processor, model) -> None:

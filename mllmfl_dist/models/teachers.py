@@ -17,8 +17,9 @@
 
 Cache: `q` is computed once per alignment set and stored as `<cache_dir>/teacher-<kind>-<key16>.pt`
 (written atomically, read back with `weights_only=True`); the key is a sha256 over the kind, the model, the
-pretrained tag, the prompt, the templates, the temperature, the class names and every image's mode, size and
-pixel bytes. A hit returns the stored tensor without loading any model. `cache_dir=None` disables it.
+pretrained tag, the prompt, the templates, the temperature, the class names, the size and modification time
+of the model's weights files when it is a local directory, and every image's mode, size and pixel bytes. A
+hit returns the stored tensor without loading any model. `cache_dir=None` disables it.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import torch
 from mllmfl_dist import checkpoint
 from mllmfl_dist.config import ConfigError
 from mllmfl_dist.models.clip_teacher import load_clip, zero_shot_classifier, zero_shot_logits
-from mllmfl_dist.models.mllm import load_llava
+from mllmfl_dist.models.mllm import load_llava, weights_identity
 
 __all__ = [
     "TEACHER_KINDS",
@@ -86,6 +87,8 @@ def teacher_cache_key(
         "temperature": float(temperature),
         "class_names": [str(c) for c in class_names],
         "n_images": len(images),
+        # weights replaced in place (same directory name) must not reuse the old teacher's q
+        "weights": weights_identity(str(model), clip_pretrained if kind == "clip" else ""),
     }
     digest = hashlib.sha256(json.dumps(meta, sort_keys=True).encode())
     for image in images:

@@ -14,9 +14,10 @@
 
 Weights are random but seeded, so a build is deterministic. Nothing touches the network.
 
-A manifest (`tiny_models.json`) is written last; a directory holding it is complete and is returned as it is
-(the build is idempotent and cheap to call at the start of every stage). A half-written build (no manifest)
-is rebuilt from scratch.
+A manifest (`tiny_models.json`) is written last and lists every file of the build with its size and
+modification time; a directory whose files still match it is complete and is returned as it is (the build is
+idempotent and cheap to call at the start of every stage). A half-written build (no manifest), or one whose
+files were truncated or replaced since (a power loss, a hand edit), is rebuilt from scratch.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ import shutil
 from pathlib import Path
 
 import torch
+
+from mllmfl_dist.checkpoint import file_identity, remove_stale_temps, same_file, write_text_atomic
 
 MANIFEST = "tiny_models.json"
 # Bump when the tiny architectures or the tokenizer change, so stale builds are rebuilt.
@@ -237,7 +240,23 @@ def _build_clip(out: Path) -> None:
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(out / "open_clip_model.safetensors"))
     cfg = {"model_cfg": CLIP_CONFIG, "preprocess_cfg": CLIP_PREPROCESS}
-    (out / "open_clip_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    write_text_atomic(out / "open_clip_config.json", json.dumps(cfg, indent=2))
+
+
+def _files(directory: Path, paths: dict[str, Path]) -> dict[str, dict[str, int]]:
+    """``{relative path: file_identity}`` of every file of the built models, each synced to disk first (the
+    libraries' save_pretrained does not), so the manifest never describes files a power loss can still cut."""
+    files = {}
+    for path in paths.values():
+        for f in sorted(path.rglob("*")):
+            if f.is_file():
+                fd = os.open(f, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                files[str(f.relative_to(directory))] = file_identity(f)
+    return files
 
 
 def _manifest_ok(directory: Path) -> bool:
@@ -245,9 +264,9 @@ def _manifest_ok(directory: Path) -> bool:
         manifest = json.loads((directory / MANIFEST).read_text())
     except (OSError, ValueError):
         return False
-    return manifest.get("version") == TINY_VERSION and all(
-        (directory / name).is_dir() for name in manifest.get("models", {}).values()
-    )
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    return (manifest.get("version") == TINY_VERSION and isinstance(files, dict) and bool(files)
+            and all(same_file(directory / name, identity) for name, identity in files.items()))
 
 
 def build_tiny_models(directory: str | os.PathLike) -> dict[str, Path]:
@@ -281,10 +300,12 @@ def _lock(handle) -> None:
 
 def _build(directory: Path, paths: dict[str, Path]) -> None:
     (directory / MANIFEST).unlink(missing_ok=True)
+    remove_stale_temps(directory, targets=[MANIFEST])
     for name, build in (("llava", _build_llava), ("clip", _build_clip)):
+        # Under the lock no other build runs: partial directories left here belong to killed builds.
+        for stale in directory.glob(f".{name}.partial-*"):
+            shutil.rmtree(stale, ignore_errors=True)
         tmp = directory / f".{name}.partial-{os.getpid()}"
-        if tmp.exists():
-            shutil.rmtree(tmp)
         tmp.mkdir()
         try:
             build(tmp)
@@ -299,7 +320,6 @@ def _build(directory: Path, paths: dict[str, Path]) -> None:
         "models": {name: path.name for name, path in paths.items()},
         "llava": {"image_size": LLAVA_IMAGE_SIZE, "patch_size": LLAVA_PATCH_SIZE, "seed": SEED},
         "clip": {"image_size": CLIP_IMAGE_SIZE, "seed": SEED + 1},
+        "files": _files(directory, paths),
     }
-    tmp_manifest = directory / (MANIFEST + ".tmp")
-    tmp_manifest.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(tmp_manifest, directory / MANIFEST)
+    write_text_atomic(directory / MANIFEST, json.dumps(manifest, indent=2))

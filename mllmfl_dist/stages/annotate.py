@@ -4,8 +4,11 @@ Work is split by whole shards over the configured ranks (``annotate.ranks``: ``r
 ranks with nothing to do wait on the long-timeout control group. Every input shard gives one annotated
 output shard of the same name under ``<run dir>/annotate/`` (caption in ``.txt``; ``.json`` with the
 model id, prompt and generation settings) and a ``<name>.done.json`` record, written last, so a rerun
-skips shards that are complete. A corrupt image is skipped and listed; a damaged (truncated) shard is
-reported by name, its readable samples are captioned, and the other shards still finish.
+skips shards that are complete. The record holds the size and modification time of the input shard it
+was made from and of the output it wrote: an input replaced since (say, a damaged shard re-downloaded as
+the message advises) or an output lost or cut since is annotated again. A corrupt image is skipped and
+listed; a damaged (truncated) shard is reported by name, its readable samples are captioned, and the
+other shards still finish.
 ``manifest.json`` sums the records of all shards.
 """
 
@@ -23,7 +26,7 @@ import torch
 from tqdm import tqdm
 
 from mllmfl_dist import dist
-from mllmfl_dist.checkpoint import write_text_atomic
+from mllmfl_dist.checkpoint import file_identity, remove_stale_temps, same_file, write_text_atomic
 from mllmfl_dist.config import AnnotateConfig, Config, ConfigError
 from mllmfl_dist.data.shards import (CorruptImageError, ShardError, decode_image, expand_shards, iter_samples,
                                      write_shard)
@@ -82,15 +85,32 @@ def assign_shards(shards: Sequence[Path], ranks: Sequence[int]) -> dict[int, lis
 
 
 def _complete(record_path: Path, shard: Path, settings: dict[str, Any]) -> bool:
-    """Whether ``shard`` was annotated from the same file with the same model and settings; a record made
-    otherwise is refused rather than silently kept next to a manifest that names the new settings."""
+    """Whether ``shard`` was annotated from this very file (same size and modification time) with the same
+    model and settings, and its output is still the file the record describes. A record made with other
+    settings is refused rather than silently kept next to a manifest that names the new settings."""
     if not record_path.exists():
         return False
-    record = json.loads(record_path.read_text())
-    if record.get("source") != str(shard) or record.get("settings") != settings:
-        raise ConfigError(f"{record_path.parent} holds captions of {record.get('source')} made with other "
-                          f"annotation settings ({record.get('settings')}); use another run.name or delete "
+    try:
+        record = json.loads(record_path.read_text())
+    except (OSError, ValueError):
+        log.warning("annotate: %s is unreadable; annotating %s again", record_path, shard.name)
+        return False
+    if not isinstance(record, dict) or record.get("source") != str(shard) or record.get("settings") != settings:
+        found = record if isinstance(record, dict) else {}
+        raise ConfigError(f"{record_path.parent} holds captions of {found.get('source')} made with other "
+                          f"annotation settings ({found.get('settings')}); use another run.name or delete "
                           f"{record_path.parent} to annotate again")
+    output = record_path.parent / shard.name
+    if "source_file" not in record:  # an earlier version's record: trust it unless the input is newer
+        return (shard.stat().st_mtime_ns <= record_path.stat().st_mtime_ns
+                and (output.is_file() or not record.get("captions_out")))
+    if not same_file(shard, record["source_file"]):
+        log.info("annotate: %s changed since it was annotated; annotating it again", shard)
+        return False
+    if record.get("output_file") is not None and not same_file(output, record["output_file"]):
+        log.warning("annotate: %s is not the file its record describes (lost or cut since); annotating %s again",
+                    output, shard.name)
+        return False
     return True
 
 
@@ -110,6 +130,9 @@ def run_annotate(cfg: Config, runtime: dist.Runtime, *, progress: bool = True) -
                           f"outputs would collide: {acfg.shards}")
     working = [0] if acfg.ranks == "rank0" else list(range(runtime.world_size))
     mine = assign_shards(shards, working).get(runtime.rank, [])
+    # Temporary files of this rank's own outputs that a killed job left (no other rank writes those).
+    remove_stale_temps(out, targets=[name for s in mine for name in (s.name, s.name + DONE_SUFFIX)]
+                       + (["manifest.json"] if runtime.is_server else []))
     settings = {"model": acfg.model, **asdict(Generation.from_config(acfg))}
     todo = [s for s in mine if not _complete(out / (s.name + DONE_SUFFIX), s, settings)]
 
@@ -147,6 +170,7 @@ def run_annotate(cfg: Config, runtime: dist.Runtime, *, progress: bool = True) -
 def _annotate_shard(shard: Path, out: Path, model, processor, generation: Generation, acfg: AnnotateConfig,
                     bar, rank: int) -> dict[str, Any]:
     started = time.perf_counter()
+    source_file = file_identity(shard)  # before reading: a change while we read shows at the next run
     skipped: list[dict[str, Any]] = []
     images_in = 0
     truncated = None
@@ -183,11 +207,15 @@ def _annotate_shard(shard: Path, out: Path, model, processor, generation: Genera
         log.warning("annotate: %s; its readable samples are kept", err)
     if pending:
         flush()
+    output = out / shard.name
     if written:
-        write_shard(written, out / shard.name)
+        write_shard(written, output)
+    else:
+        output.unlink(missing_ok=True)  # captions of an earlier version of this input must not outlive it
     seconds = time.perf_counter() - started
     return {"shard": shard.name, "source": str(shard), "rank": rank, "images_in": images_in,
-            "captions_out": len(written), "skipped": skipped, "damaged": truncated, "seconds": seconds}
+            "captions_out": len(written), "skipped": skipped, "damaged": truncated, "seconds": seconds,
+            "source_file": source_file, "output_file": file_identity(output) if written else None}
 
 
 def build_manifest(records: list[dict[str, Any]], acfg: AnnotateConfig, working: Sequence[int]) -> dict[str, Any]:

@@ -23,7 +23,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from mllmfl_dist.checkpoint import write_text_atomic
+from mllmfl_dist.checkpoint import remove_stale_temps, write_text_atomic
 from mllmfl_dist.config import Config
 from mllmfl_dist.metrics import read_jsonl
 from mllmfl_dist.stages.compare import Method
@@ -181,6 +181,7 @@ def per_seed_csv(rows: list[dict[str, Any]]) -> str:
 def write_results(out_dir: Path, rows: list[dict[str, Any]], run_dirs: dict[str, list[Path]], cfg: Config,
                   runtime: Any) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(out_dir)  # of tables killed while being written
     write_text_atomic(out_dir / "results.md",
                       results_markdown(rows, measured_on(cfg, runtime.world_size, runtime.backend)))
     write_text_atomic(out_dir / "results.csv", results_csv(rows))

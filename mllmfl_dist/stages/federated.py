@@ -117,6 +117,8 @@ def run_federated(cfg: Config, runtime: dist.Runtime) -> dict[str, Any]:
     # rank, so a refused resume ends all ranks with the same message instead of leaving them waiting.
     refusal = None
     if runtime.is_server:
+        # Temporary files of saves a killed job cut short (nothing of this job writes there yet).
+        checkpoint.remove_stale_temps(out, cfg.run_dir, cfg.run_dir / "align", cfg.run_dir / "cache")
         try:
             resume_state = _load_resume_state(cfg, out)
             done = resume_state["round"] if resume_state is not None else 0

@@ -51,8 +51,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import os
-import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -65,13 +63,15 @@ import torch
 from tqdm import tqdm
 
 from mllmfl_dist import checkpoint, dist
-from mllmfl_dist.config import Config, ConfigError, PretrainConfig, flat_items
+from mllmfl_dist.config import Config, ConfigError, PretrainConfig
 from mllmfl_dist.data import DataError, normalize
 from mllmfl_dist.data.shards import (SHARD_SUFFIXES, CorruptImageError, ShardError, decode_image, expand_shards,
                                      iter_samples)
 from mllmfl_dist.fl.sampling import derive_seed
 from mllmfl_dist.models.dwp import (IGNORE_INDEX, DWPStudent, TokenAdapter, alpha_at, caption_token_count,
                                     llava_forward_with_visual_features, mix_visual_tokens)
+from mllmfl_dist.stages.pretrain_checkpoint import (check_resume, find_resume_point, install_safe_engine,
+                                                    save_checkpoint, tag_dirs)
 
 log = logging.getLogger(__name__)
 
@@ -82,14 +82,7 @@ ADAPTER_NAME = "adapter.pt"
 METRICS_NAME = "metrics.json"
 TAG_PRETRAIN_ORDER = 11  # derive_seed stream of the DWP data order
 TAG_ADAPTER_INIT = 12
-KEEP_CHECKPOINTS = 2  # DeepSpeed checkpoint tags kept on disk (the newest ones)
 PRECISION_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-# Settings a resumed run may change: they do not change what the finished steps computed.
-# (Not pretrain.steps: the alpha ramp and the cosine LR schedule are laid out over it.)
-RESUMABLE_CHANGES = ("pretrain.checkpoint_every", "pretrain.model", "pretrain.shards", "pretrain.ranks")
-# Settings outside [pretrain] that shape the FL backbone, its input or the data order.
-RESUME_RELEVANT = ("run.seed", "model.arch", "model.width_scale", "model.in_channels", "data.source",
-                   "data.channels", "data.image_size")
 
 
 def stage_dir(cfg: Config) -> Path:
@@ -462,8 +455,8 @@ def run_pretrain(cfg: Config, runtime: dist.Runtime, *, progress: bool = True,
                           "llava-hf/llava-1.5-7b-hf) or a directory (e.g. one made by "
                           "`python -m mllmfl_dist tiny-models DIR`)")
     out = stage_dir(cfg)
-    finished = dist.broadcast_object(
-        runtime, runtime.is_server and (out / BACKBONE_NAME).is_file() and (out / METRICS_NAME).is_file())
+    ds_dir = out / DEEPSPEED_DIR
+    finished = dist.broadcast_object(runtime, runtime.is_server and _finished(out))
     if finished:
         metrics: dict[str, Any] = {}
         if runtime.is_server:
@@ -471,6 +464,23 @@ def run_pretrain(cfg: Config, runtime: dist.Runtime, *, progress: bool = True,
             metrics = json.loads((out / METRICS_NAME).read_text())
         dist.stage_barrier(runtime)
         return metrics
+    # Rank 0 picks the checkpoint to resume from and checks its config before any model is loaded (and before
+    # DeepSpeed reads a file); every rank hears the verdict, so a refusal ends them all alike.
+    point, refusal = None, None
+    if runtime.is_server:
+        try:
+            # Temporary files of saves a killed job cut short (no rank of this job writes there yet).
+            checkpoint.remove_stale_temps(out, ds_dir, *tag_dirs(ds_dir).values())
+            point = find_resume_point(ds_dir)
+            if point is not None:
+                check_resume(cfg, point.client_state, ds_dir, runtime.world_size)
+        except ConfigError as err:
+            refusal = str(err)
+        except OSError as err:  # an unreadable directory: every rank must hear of it, not wait for rank 0
+            refusal = f"{ds_dir}: {err}"
+    resume_tag, refusal = dist.broadcast_object(runtime, (point.tag if point else None, refusal))
+    if refusal:
+        raise ConfigError(refusal)
 
     import deepspeed
 
@@ -500,16 +510,15 @@ def run_pretrain(cfg: Config, runtime: dist.Runtime, *, progress: bool = True,
     engine, _, _, _ = deepspeed.initialize(model=student, model_parameters=list(student.parameters()),
                                            config=ds_config)
     _match_buffer_dtype(engine.module)
+    install_safe_engine(engine)  # DeepSpeed's loads weights_only, its saves atomic
 
-    ds_dir = out / DEEPSPEED_DIR
     state: dict[str, Any] = {"loss": [], "heldout_loss_alpha1_step0": None, "train_seconds": 0.0,
                              "train_samples": 0}
-    has_checkpoint = dist.broadcast_object(runtime, runtime.is_server and (ds_dir / "latest").is_file())
-    if has_checkpoint:
-        path, client_state = engine.load_checkpoint(str(ds_dir))
+    if resume_tag is not None:
+        path, client_state = engine.load_checkpoint(str(ds_dir), tag=resume_tag)
         if path is None:
-            raise ConfigError(f"cannot load the DeepSpeed checkpoint in {ds_dir}; move it away to start over")
-        _check_resume(cfg, client_state or {}, ds_dir, dp_world)
+            raise ConfigError(f"cannot load the DeepSpeed checkpoint {ds_dir / resume_tag}; move it away to resume "
+                              "from an older one")
         state.update({k: client_state[k] for k in state if k in client_state})
         state["loss"] = [r for r in state["loss"] if r["step"] <= engine.global_steps]
     start = engine.global_steps
@@ -548,7 +557,7 @@ def run_pretrain(cfg: Config, runtime: dist.Runtime, *, progress: bool = True,
         bar.update(1)
         done = engine.global_steps
         if done % pcfg.checkpoint_every == 0 or done == end:
-            _save_checkpoint(engine, ds_dir, cfg, state, runtime)
+            save_checkpoint(engine, ds_dir, cfg, state, runtime)
     bar.close()
 
     if engine.global_steps < pcfg.steps:  # stopped early (stop_at): the checkpoint is the output
@@ -585,44 +594,34 @@ def run_pretrain(cfg: Config, runtime: dist.Runtime, *, progress: bool = True,
                           "global_steps": engine.global_steps, "zero_stage": pcfg.deepspeed.zero_stage,
                           "precision": pcfg.deepspeed.precision, "config": ds_config},
         }
-        metrics = json.loads(json.dumps(metrics))  # what metrics.json holds (lists, not tuples)
         checkpoint.save_atomic(backbone_state, out / BACKBONE_NAME)
         checkpoint.save_atomic(adapter_state, out / ADAPTER_NAME)
-        # last: its presence marks the stage as finished
+        # What marks the stage finished: the outputs' digests, so a torn or replaced file is not taken as done.
+        metrics["outputs"] = {name: checkpoint.file_identity(out / name, digest=True)
+                              for name in (BACKBONE_NAME, ADAPTER_NAME)}
+        metrics = json.loads(json.dumps(metrics))  # what metrics.json holds (lists, not tuples)
+        # last: it marks the stage as finished
         checkpoint.write_text_atomic(out / METRICS_NAME, json.dumps(metrics, indent=2))
     dist.stage_barrier(runtime)
     return metrics
 
 
-def _save_checkpoint(engine, ds_dir: Path, cfg: Config, state: dict[str, Any], runtime: dist.Runtime) -> None:
-    client_state = {**state, "config": cfg.to_dict(), "data_parallel_ranks": runtime.world_size}
-    engine.save_checkpoint(str(ds_dir), client_state=client_state)  # every rank; tag global_step<N>
-    if runtime.is_server:
-        tags = sorted((p for p in ds_dir.glob("global_step*") if p.is_dir()),
-                      key=lambda p: int(p.name.removeprefix("global_step") or 0))
-        for old in tags[:-KEEP_CHECKPOINTS]:
-            shutil.rmtree(old, ignore_errors=True)
-
-
-def _check_resume(cfg: Config, client_state: dict[str, Any], ds_dir: Path, dp_world: int) -> None:
-    saved = client_state.get("config")
-    if not saved:
-        return
-    saved_world = client_state.get("data_parallel_ranks", dp_world)
-    if saved_world != dp_world:
-        # The global batch and each rank's slice of the data stream depend on the number of ranks.
-        raise ConfigError(f"{ds_dir} was written by {saved_world} data-parallel ranks; resume it with "
-                          f"{saved_world} processes, or delete {ds_dir.parent} to start over")
-    current = flat_items(cfg.to_dict())
-    differences = []
-    for name, old in flat_items(saved).items():
-        new = current.get(name, old)
-        relevant = name.startswith("pretrain.") or name in RESUME_RELEVANT
-        if relevant and old != new and name not in RESUMABLE_CHANGES:
-            differences.append(f"{name}: {old!r} -> {new!r}")
-    if differences:
-        raise ConfigError(f"{ds_dir} was written with a different config ({'; '.join(differences)}); resume with "
-                          f"the same settings, or delete {ds_dir.parent} to start over")
+def _finished(out: Path) -> bool:
+    """Whether ``metrics.json`` marks the stage finished and the outputs it records are the files on disk; a
+    torn or replaced ``backbone.pt`` is rewritten from the last DeepSpeed checkpoint instead of being used."""
+    try:
+        metrics = json.loads((out / METRICS_NAME).read_text())
+    except (OSError, ValueError):
+        return False
+    outputs = metrics.get("outputs") if isinstance(metrics, dict) else None
+    if outputs is None:  # written before the outputs were recorded
+        return (out / BACKBONE_NAME).is_file()
+    intact = isinstance(outputs, dict) and all(checkpoint.same_file(out / name, outputs.get(name))
+                                               for name in (BACKBONE_NAME, ADAPTER_NAME))
+    if not intact:
+        log.warning("pretrain: %s or %s is not the file %s recorded (truncated or replaced since); writing them "
+                    "again from the last DeepSpeed checkpoint", BACKBONE_NAME, ADAPTER_NAME, METRICS_NAME)
+    return intact
 
 
 def _module_states(engine, zero_stage: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:

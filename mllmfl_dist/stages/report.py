@@ -20,12 +20,10 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
-from mllmfl_dist.checkpoint import write_text_atomic
+from mllmfl_dist.checkpoint import remove_stale_temps, savefig_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +52,7 @@ def read_evaluations(path: Path) -> list[dict]:
     by_round: dict[Any, dict] = {}
     order: list[Any] = []
     try:
-        lines = path.read_text().splitlines()
+        lines = path.read_text(errors="replace").splitlines()  # a garbled line is dropped below
     except OSError as e:
         log.warning("report: cannot read %s: %s", path, e)
         return []
@@ -79,24 +77,8 @@ def read_evaluations(path: Path) -> list[dict]:
     return recs
 
 
-def _public(tmp: str) -> None:
-    """mkstemp creates 0600 files; give the result the ordinary mode (0666 less the umask)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-
-
 def _savefig_atomic(fig, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp.png")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
-        _public(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    savefig_atomic(fig, path, dpi=100, bbox_inches="tight")
 
 
 def save_accuracy_plot(fig, ax, path: Path, title: str = "Balanced accuracy over rounds") -> None:
@@ -245,6 +227,7 @@ def write_report(run_dir: Path) -> dict:
     run_dir = Path(run_dir)
     out_dir = run_dir / "report"
     out_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(out_dir)  # of a report killed while writing
     summary: dict[str, Any] = {"run_dir": str(run_dir)}
 
     manifest = _read_json(run_dir / "annotate" / "manifest.json")
