@@ -292,3 +292,18 @@ def test_a_full_disk_during_a_deepspeed_save_is_one_line(setup, tmp_path, capsys
     assert "Traceback" not in err and "unexpected pos" not in err
     leftovers = [p.name for p in disk.rglob("*") if p.is_file() and checkpoint.stale_temp_target(p.name)]
     assert leftovers == []
+
+
+def test_a_dwp_loss_that_goes_non_finite_stops_before_its_step_and_keeps_the_checkpoints(setup, tmp_path):
+    from mllmfl_dist.fl.trainer import TrainingDivergedError
+
+    config = write_config(setup, tmp_path, extra="\n[pretrain.deepspeed]\nlr = 1e30\ngradient_clipping = 0.0\n"
+                                                 "scheduler = \"none\"\n")
+    with pytest.raises(TrainingDivergedError, match=r"DWP step \d+: the language-model loss went non-finite.*"
+                                                    r"pretrain.deepspeed.lr = 1e\+30"):
+        pretrain(config)
+    out = load_config(config).run_dir / "pretrain"
+    assert not (out / "backbone.pt").exists()
+    for state in out.glob("deepspeed/global_step*/mp_rank_00_model_states.pt"):  # what was saved is finite
+        module = torch.load(state, weights_only=False)["module"]
+        assert all(torch.isfinite(v).all() for v in module.values() if v.is_floating_point())

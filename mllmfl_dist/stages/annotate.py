@@ -134,7 +134,15 @@ def run_annotate(cfg: Config, runtime: dist.Runtime, *, progress: bool = True) -
     remove_stale_temps(out, targets=[name for s in mine for name in (s.name, s.name + DONE_SUFFIX)]
                        + (["manifest.json"] if runtime.is_server else []))
     settings = {"model": acfg.model, **asdict(Generation.from_config(acfg))}
-    todo = [s for s in mine if not _complete(out / (s.name + DONE_SUFFIX), s, settings)]
+    refusal, todo = None, []
+    try:
+        todo = [s for s in mine if not _complete(out / (s.name + DONE_SUFFIX), s, settings)]
+    except ConfigError as err:
+        refusal = str(err)
+    # A rank whose finished shards were made with other settings ends every rank, not only itself.
+    refusals = [r for r in dist.gather_objects(runtime, refusal, "every rank's check of its finished shards") if r]
+    if refusals:
+        raise ConfigError(refusals[0])
 
     if todo:
         out.mkdir(parents=True, exist_ok=True)

@@ -161,42 +161,42 @@ def run_federated(cfg: Config, runtime: dist.Runtime) -> dict[str, Any]:
         rounds_log.truncate_after(start_round)
 
     fed = cfg.federated
-    bar = tqdm(total=fed.rounds, initial=start_round, desc="federated", unit="round",
-               disable=not (runtime.is_server and cfg.log.progress), dynamic_ncols=True)
-    if last_eval:
-        bar.set_postfix(balanced_acc=f"{last_eval['acc']:.4f}")
-    stopped_at = 0  # the round after which a stop request (preempt.py) ended the loop early
-    for round_index in range(start_round + 1, fed.rounds + 1):
-        stats = trainer.run_round(round_index)
-        # The round's all_reduce told every rank whether any was asked to stop, so all stop after the same
-        # round (before rank 0's evaluation, which the hosts would otherwise overlap with the next round).
-        stop = round_index < fed.rounds and stats.stop_requested
-        stopped_at = round_index if stop else 0
-        if not runtime.is_server:
+    # The bar closes (ends its line) however the loop ends, so an error line is not printed onto it.
+    with tqdm(total=fed.rounds, initial=start_round, desc="federated", unit="round",
+              disable=not (runtime.is_server and cfg.log.progress), dynamic_ncols=True) as bar:
+        if last_eval:
+            bar.set_postfix(balanced_acc=f"{last_eval['acc']:.4f}")
+        stopped_at = 0  # the round after which a stop request (preempt.py) ended the loop early
+        for round_index in range(start_round + 1, fed.rounds + 1):
+            stats = trainer.run_round(round_index)
+            # The round's all_reduce told every rank whether any was asked to stop, so all stop after the same
+            # round (before rank 0's evaluation, which the hosts would otherwise overlap with the next round).
+            stop = round_index < fed.rounds and stats.stop_requested
+            stopped_at = round_index if stop else 0
+            if not runtime.is_server:
+                if stop:
+                    break
+                continue
+            last_round = round_index == fed.rounds
+            aligned = alignment.pop_round(round_index) if alignment is not None else {}
+            rounds_log.append({"round": round_index, "seconds": stats.seconds, "end_time": time.time(),
+                               "bytes_all_reduced": stats.bytes_all_reduced, "bytes_broadcast": stats.bytes_broadcast,
+                               **stats.server,
+                               **({"align_loss": aligned["align_loss"]} if "align_loss" in aligned else {})})
+            if round_index % cfg.eval.every == 0 or last_round:
+                report = evaluate_global(cfg, data, strategy.evaluation_model(trainer.model), runtime.device)
+                last_eval = {"round": round_index, **report, "round_seconds": stats.seconds,
+                             "bytes_all_reduced": stats.bytes_all_reduced, **aligned}
+                metrics.append(last_eval)
+                bar.set_postfix(balanced_acc=f"{report['acc']:.4f}")
+            # A stop forces a checkpoint of its round whatever checkpoint.every says, so the resumed run
+            # repeats no round (and so equals an uninterrupted one).
+            if round_index % cfg.checkpoint.every == 0 or last_round or stop:
+                checkpoint.save_atomic({**trainer.state_dict(), "rng": checkpoint.rng_state(),
+                                        "config": cfg.to_dict()}, out / CHECKPOINT_NAME)
+            bar.update(1)
             if stop:
                 break
-            continue
-        last_round = round_index == fed.rounds
-        aligned = alignment.pop_round(round_index) if alignment is not None else {}
-        rounds_log.append({"round": round_index, "seconds": stats.seconds, "end_time": time.time(),
-                           "bytes_all_reduced": stats.bytes_all_reduced, "bytes_broadcast": stats.bytes_broadcast,
-                           **stats.server,
-                           **({"align_loss": aligned["align_loss"]} if "align_loss" in aligned else {})})
-        if round_index % cfg.eval.every == 0 or last_round:
-            report = evaluate_global(cfg, data, strategy.evaluation_model(trainer.model), runtime.device)
-            last_eval = {"round": round_index, **report, "round_seconds": stats.seconds,
-                         "bytes_all_reduced": stats.bytes_all_reduced, **aligned}
-            metrics.append(last_eval)
-            bar.set_postfix(balanced_acc=f"{report['acc']:.4f}")
-        # A stop forces a checkpoint of its round whatever checkpoint.every says, so the resumed run
-        # repeats no round (and so equals an uninterrupted one).
-        if round_index % cfg.checkpoint.every == 0 or last_round or stop:
-            checkpoint.save_atomic({**trainer.state_dict(), "rng": checkpoint.rng_state(),
-                                    "config": cfg.to_dict()}, out / CHECKPOINT_NAME)
-        bar.update(1)
-        if stop:
-            break
-    bar.close()
     if stopped_at:
         _stop_after_round(cfg, runtime, stopped_at, metrics, rounds_log)
 
@@ -211,7 +211,11 @@ def run_federated(cfg: Config, runtime: dist.Runtime) -> dict[str, Any]:
         summary = {"rounds": fed.rounds, "final": last_eval, "world_size": runtime.world_size,
                    "backend": runtime.backend, "peak_rss_mb_max_rank": peak_rss_mb}
         if cfg.align.every and alignment_summary_path(cfg).is_file():
-            summary["alignment"] = json.loads(alignment_summary_path(cfg).read_text())
+            try:
+                summary["alignment"] = json.loads(alignment_summary_path(cfg).read_text())
+            except (OSError, ValueError) as err:  # a torn file: the summary goes without it
+                log.warning("cannot read %s (%s); the summary omits the alignment set", alignment_summary_path(cfg),
+                            err)
         checkpoint.write_text_atomic(out / "summary.json", json.dumps(summary, indent=2))
         metrics.close()
     dist.stage_barrier(runtime, "the end of the federated stage", clients_idle=True)

@@ -68,6 +68,7 @@ from mllmfl_dist.data import DataError, normalize
 from mllmfl_dist.data.shards import (SHARD_SUFFIXES, CorruptImageError, ShardError, decode_image, expand_shards,
                                      iter_samples)
 from mllmfl_dist.fl.sampling import derive_seed
+from mllmfl_dist.fl.trainer import TrainingDivergedError
 from mllmfl_dist.models.dwp import (IGNORE_INDEX, DWPStudent, TokenAdapter, alpha_at, caption_token_count,
                                     llava_forward_with_visual_features, mix_visual_tokens)
 from mllmfl_dist.stages.pretrain_checkpoint import (check_resume, find_resume_point, install_safe_engine,
@@ -412,6 +413,19 @@ def _lm_output(engine, llava, batch: DWPBatch, alpha: float, device: torch.devic
 
 
 @torch.no_grad()
+def _stop_if_non_finite(runtime: dist.Runtime, loss: torch.Tensor, step: int, cfg: Config) -> None:
+    """Every rank stops, before the step that would spread it to the weights, when any rank's loss is
+    NaN or inf (one number summed over the ranks); the last DeepSpeed checkpoint stays the resume point."""
+    bad = torch.tensor([0.0 if bool(torch.isfinite(loss.detach()).all()) else 1.0])
+    if float(dist.all_reduce_control_(runtime, bad, "every rank's DWP loss")[0]) > 0:
+        ds = cfg.pretrain.deepspeed
+        raise TrainingDivergedError(
+            f"DWP step {step}: the language-model loss went non-finite; nothing of this step was saved and the "
+            f"last DeepSpeed checkpoint is kept. Look at pretrain.deepspeed.lr = {ds.lr:g}, "
+            f"pretrain.deepspeed.precision = {ds.precision!r}, pretrain.deepspeed.gradient_clipping = "
+            f"{ds.gradient_clipping:g}")
+
+
 def heldout_loss(engine, llava, builder: BatchBuilder, samples: Sequence[CaptionedSample], alpha: float,
                  batch_size: int, device: torch.device) -> float:
     """Held-out next-token loss on the captions (mean over all caption tokens) with visual tokens mixed at
@@ -546,6 +560,7 @@ def run_pretrain(cfg: Config, runtime: dist.Runtime, *, progress: bool = True,
                                       grad_accum=accum, dp_rank=dp_rank, dp_world=dp_world)
             batch = builder([train[i] for i in idx])
             loss = _lm_output(engine, llava, batch, alpha, device, training=True).loss
+            _stop_if_non_finite(runtime, loss, engine.global_steps + 1, cfg)
             engine.backward(loss)
             engine.step()
             losses.append(float(loss.detach()))
