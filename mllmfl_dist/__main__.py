@@ -55,6 +55,7 @@ commands:
   evaluate CONFIG --checkpoint PATH
                       accuracy (balanced = mean per-class "acc", plain top-1 "acc_top1", per class,
                       Many/Medium/Few) of a saved model on the config's test set, printed as JSON.
+  report RUN_DIR      write <RUN_DIR>/report/ (summary.json, report.md, plots) for any run directory.
   shards ...          pack an image folder or a data source into WebDataset shards (see shards --help).
   tiny-models DIR     build a tiny random LLaVA and a tiny open_clip model in DIR, loadable like real
                       checkpoints (offline tests and the offline default).
@@ -100,6 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
     shards_cli.add_arguments(commands.add_parser("shards", help="pack images into WebDataset shards",
                                                  description=shards_cli.DESCRIPTION,
                                                  formatter_class=argparse.RawDescriptionHelpFormatter))
+    report = commands.add_parser("report", help="write the report of a run directory (summary, plots, report.md)",
+                                 description="Write <RUN_DIR>/report/: summary.json, report.md and the plots, "
+                                             "from what the run wrote (any run: federate, run, a compare row).")
+    report.add_argument("run_dir", help="a run directory (<run.root>/<run.name>), e.g. runs/fmnist_lt")
     tiny = commands.add_parser("tiny-models", help="build tiny random LLaVA and open_clip models in DIR")
     tiny.add_argument("directory", help="output directory (gets llava/ and clip/)")
     return parser
@@ -130,6 +135,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from mllmfl_dist import shards_cli
 
             return shards_cli.run(args)
+        if args.command == "report":
+            return _report(args.run_dir)
         if args.command == "tiny-models":
             from mllmfl_dist.models.tiny import build_tiny_models
 
@@ -233,6 +240,20 @@ def _run_stage(cfg, command: str, stop: preempt.StopRequest, methods: Sequence =
             raise AssertionError(f"unhandled command {command}")
     finally:
         dist.shutdown(runtime)
+    return 0
+
+
+def _report(run_dir: str) -> int:
+    from pathlib import Path
+
+    from mllmfl_dist.stages.report import write_report
+
+    path = Path(run_dir)
+    if not (path / "federated").is_dir() and not (path / "annotate").is_dir() and not (path / "pretrain").is_dir():
+        raise ConfigError(f"report: {path} holds no run (no federated/, annotate/ or pretrain/ folder); give "
+                          f"<run.root>/<run.name>, e.g. runs/fmnist_lt (a compare row: runs/X/compare/fedavg/seed0)")
+    summary = write_report(path)
+    print(f"report: {path / 'report' / 'report.md'} ({', '.join(summary['plots']) or 'no plots'})")
     return 0
 
 

@@ -129,3 +129,41 @@ def test_no_metrics_writes_summary_without_plots(tmp_path, caplog):
     s = write_report(empty)
     assert set(s) == {"run_dir", "plots"}
     assert (empty / "report" / "summary.json").is_file()
+
+
+def test_the_report_sets_the_method_beside_its_baseline_chance_and_the_models_it_used(full_run, tmp_path, capsys):
+    from mllmfl_dist.__main__ import main
+
+    pc = [0.1 * i for i in range(10)]
+    _write_federated(full_run / "baseline", [_rec(2, 0.05, 0.1, 0.0, None, pc), _rec(6, 0.2, 0.3, 0.0, 0.0, pc)])
+    names = [f"class-{c}" for c in range(10)]
+    summary = json.loads((full_run / "federated" / "summary.json").read_text())
+    summary["class_names"] = names
+    (full_run / "federated" / "summary.json").write_text(json.dumps(summary))
+    (full_run / "federated" / "partition.json").write_text(json.dumps({"class_counts": [[5, 0, 3] + [1] * 7] * 4}))
+    trained, random_build = tmp_path / "standins" / "llava", tmp_path / "tiny" / "clip"
+    trained.mkdir(parents=True)
+    (trained / "model_card.json").write_text(json.dumps({"teacher_accuracy": 0.71}))
+    random_build.mkdir(parents=True)
+    (random_build.parent / "tiny_models.json").write_text(json.dumps({"trained": False}))
+    (full_run / "config.toml").write_text(
+        f'[model]\npretrained_backbone = "pretrain"\n[annotate]\nmodel = "{trained}"\n[pretrain]\nshards = ""\n'
+        f'[align]\nevery = 1\nteacher = "llava"\nteacher_model = "{trained}"\n'
+        f'[federated]\nstrategy = "clip2fl"\n[clip2fl]\nmodel = "local-dir:{random_build}"\n')
+
+    assert main(["report", str(full_run)]) == 0
+    assert "report.md" in capsys.readouterr().out
+    s = json.loads((full_run / "report" / "summary.json").read_text())
+    assert s["baseline"]["acc"] == 0.2 and s["federated"]["chance"] == 0.1
+    assert s["plots"] == ["accuracy.png", "per_class.png", "groups.png", "partition.png"]
+    roles = {m["role"]: m for m in s["models"]}
+    assert roles["DWP LLaVA"]["kind"] == "trained here" and roles["DWP LLaVA"]["card"]["teacher_accuracy"] == 0.71
+    assert roles["CLIP2FL's CLIP"]["kind"] == "tiny random (no knowledge)"
+    assert set(roles) == {"annotation LLaVA", "DWP LLaVA", "alignment teacher (llava)", "CLIP2FL's CLIP"}
+    markdown = (full_run / "report" / "report.md").read_text()
+    assert "| FedAvg from scratch, round 6 | 0.200 |" in markdown and "| chance | 0.100 |" in markdown
+    assert "![accuracy](accuracy.png)" in markdown and "tiny random (no knowledge)" in markdown
+    _assert_pngs(full_run / "report")
+
+    assert main(["report", str(tmp_path / "nothing")]) == 2
+    assert "holds no run" in capsys.readouterr().err

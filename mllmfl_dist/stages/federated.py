@@ -209,7 +209,8 @@ def run_federated(cfg: Config, runtime: dist.Runtime) -> dict[str, Any]:
     peak_rss_mb = dist.max_over_ranks(runtime, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     if runtime.is_server:
         summary = {"rounds": fed.rounds, "final": last_eval, "world_size": runtime.world_size,
-                   "backend": runtime.backend, "peak_rss_mb_max_rank": peak_rss_mb}
+                   "backend": runtime.backend, "peak_rss_mb_max_rank": peak_rss_mb,
+                   "class_names": list(data.class_names), "train_class_counts": data.train_class_counts()}
         if cfg.align.every and alignment_summary_path(cfg).is_file():
             try:
                 summary["alignment"] = json.loads(alignment_summary_path(cfg).read_text())

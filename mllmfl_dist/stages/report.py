@@ -1,17 +1,22 @@
-"""Stage report: final metrics of every stage of a run, and PNG plots.
+"""Stage report: final metrics of every stage of a run, the models it used, PNG plots and report.md.
 
-Pure file-in / file-out (no torch, no torch.distributed); the caller runs it on rank 0.
+Pure file-in / file-out (no torch, no torch.distributed); the caller runs it on rank 0, and
+``python -m mllmfl_dist report RUN_DIR`` runs it on any finished or interrupted run.
 
 Reads, when present,
-  <run>/annotate/manifest.json   -> summary["annotate"]
-  <run>/pretrain/metrics.json    -> summary["pretrain"]
-  <run>/federated/metrics.jsonl  -> summary["federated"] (last evaluation)
-  <run>/federated/summary.json   -> summary["federated"]["rounds" / "world_size"]
-and writes
-  <run>/report/summary.json
-  <run>/report/accuracy.png   accuracy over rounds (and before alignment, when recorded)
-  <run>/report/per_class.png  final per-class accuracy (before / after alignment side by side)
-  <run>/report/groups.png     final Many / Medium / Few accuracy (a group that is null is marked absent)
+  <run>/config.toml                  -> which MLLM / CLIP models the run used (summary["models"])
+  <run>/annotate/manifest.json       -> summary["annotate"]
+  <run>/pretrain/metrics.json        -> summary["pretrain"]
+  <run>/federated/metrics.jsonl      -> summary["federated"] (last evaluation)
+  <run>/federated/summary.json       -> rounds, world size, class names, the alignment set
+  <run>/federated/partition.json     -> the partition heatmap
+  <run>/baseline/federated/...       -> summary["baseline"]: FedAvg from scratch on the same data and seed
+and writes into <run>/report/
+  summary.json, report.md            everything above; report.md shows the plots beside the tables
+  accuracy.png                       balanced accuracy over rounds: the method (before / after alignment),
+                                     the baseline, chance
+  per_class.png, groups.png          final per-class (named) and Many / Medium / Few accuracy
+  partition.png                      samples per class on each client
 Stages that are absent are left out; without federated metrics no plots are drawn.
 """
 
@@ -23,13 +28,14 @@ import math
 from pathlib import Path
 from typing import Any
 
-from mllmfl_dist.checkpoint import remove_stale_temps, savefig_atomic, write_text_atomic
+from mllmfl_dist.checkpoint import remove_stale_temps, write_text_atomic
+from mllmfl_dist.stages import report_plots
+from mllmfl_dist.stages.report_plots import save_accuracy_plot  # noqa: F401  (compare's plot uses it)
 
 log = logging.getLogger(__name__)
 
 ACC_KEYS = ("acc", "acc_top1", "acc_many", "acc_medium", "acc_few")
-GROUPS = (("Many", "acc_many"), ("Medium", "acc_medium"), ("Few", "acc_few"))
-PLOTS = ("accuracy.png", "per_class.png", "groups.png")
+PLOTS = ("accuracy.png", "per_class.png", "groups.png", "partition.png")
 
 
 def _read_json(path: Path) -> dict | None:
@@ -77,26 +83,6 @@ def read_evaluations(path: Path) -> list[dict]:
     return recs
 
 
-def _savefig_atomic(fig, path: Path) -> None:
-    savefig_atomic(fig, path, dpi=100, bbox_inches="tight")
-
-
-def save_accuracy_plot(fig, ax, path: Path, title: str = "Balanced accuracy over rounds") -> None:
-    """Label an accuracy-over-rounds axes, write the figure atomically and close it."""
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds are whole numbers
-    ax.set_xlabel("round")
-    ax.set_ylabel("balanced test accuracy")
-    ax.set_ylim(0, 1)
-    ax.grid(True, alpha=0.3)
-    ax.legend()
-    ax.set_title(title)
-    _savefig_atomic(fig, path)
-    plt.close(fig)
-
-
 def _annotate_summary(m: dict) -> dict:
     skipped = m.get("skipped") or []
     damaged = m.get("damaged_shards") or []
@@ -136,100 +122,110 @@ def _federated_summary(records: list[dict], fed_summary: dict | None) -> dict:
     return out
 
 
-def _num(x: Any) -> float:
-    """A plottable float: None / non-numbers become NaN (matplotlib leaves a gap)."""
-    if isinstance(x, bool) or not isinstance(x, (int, float)):
-        return math.nan
-    return float(x)
+def _config(run_dir: Path) -> dict:
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+    try:
+        return tomllib.loads((run_dir / "config.toml").read_text())
+    except (OSError, ValueError):
+        return {}
 
 
-def _plot(out_dir: Path, records: list[dict]) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    last = records[-1]
-    ba_last = last.get("before_align") if isinstance(last.get("before_align"), dict) else None
-    written = []
-
-    # accuracy over rounds
-    fig, ax = plt.subplots(figsize=(6, 4))
-    xs = [r.get("round", i) for i, r in enumerate(records)]
-    ax.plot(xs, [_num(r.get("acc")) for r in records], marker="o",
-            label="after alignment" if any("before_align" in r for r in records) else "accuracy")
-    if any(isinstance(r.get("before_align"), dict) for r in records):
-        ys = [_num((r.get("before_align") or {}).get("acc")) for r in records]
-        ax.plot(xs, ys, marker="s", linestyle="--", label="before alignment")
-    save_accuracy_plot(fig, ax, out_dir / "accuracy.png")
-    written.append("accuracy.png")
-
-    # final per-class accuracy
-    per_class = last.get("per_class") or []
-    ba_pc = (ba_last or {}).get("per_class") or []
-    n = max(len(per_class), len(ba_pc))
-    fig, ax = plt.subplots(figsize=(max(6, 0.35 * n + 2), 4))
-    if n:
-        idx = list(range(n))
-        pad = lambda v: [_num(x) for x in v] + [math.nan] * (n - len(v))  # noqa: E731
-        if ba_pc:
-            w = 0.4
-            ax.bar([i - w / 2 for i in idx], pad(ba_pc), width=w, label="before alignment")
-            ax.bar([i + w / 2 for i in idx], pad(per_class), width=w, label="after alignment")
-            ax.legend()
-        else:
-            ax.bar(idx, pad(per_class), width=0.8)
-        step = max(1, n // 40)  # keep labels readable for 100 / 1000 classes
-        ax.set_xticks(idx[::step])
-        ax.set_xticklabels([str(i) for i in idx[::step]], rotation=90 if n > 20 else 0)
+def model_provenance(spec: str) -> dict[str, Any]:
+    """Where a model came from: ``trained here`` (a directory with a ``model_card.json``, whose numbers are
+    copied), ``random`` (a tiny random build: ``tiny_models.json`` beside it says ``trained: false``),
+    another local directory, or a hub / cache name."""
+    path = Path(spec.removeprefix("local-dir:")).expanduser()
+    out: dict[str, Any] = {"model": spec}
+    card = _read_json(path / "model_card.json") if path.is_dir() else None
+    manifest = _read_json(path.parent / "tiny_models.json") if path.is_dir() else None
+    if card is not None:
+        out.update(kind="trained here", card=card)
+    elif manifest is not None and manifest.get("trained") is not True:
+        out["kind"] = "tiny random (no knowledge)"
+    elif manifest is not None:
+        out["kind"] = "trained here"
     else:
-        ax.text(0.5, 0.5, "no per-class accuracy recorded", ha="center", va="center",
-                transform=ax.transAxes)
-    ax.set_xlabel("class")
-    ax.set_ylabel("test accuracy")
-    ax.set_ylim(0, 1)
-    ax.set_title(f"Per-class accuracy, round {last.get('round')}")
-    _savefig_atomic(fig, out_dir / "per_class.png")
-    plt.close(fig)
-    written.append("per_class.png")
+        out["kind"] = "local directory" if path.is_dir() else "hub / cache name"
+    return out
 
-    # Many / Medium / Few
-    fig, ax = plt.subplots(figsize=(5, 4))
-    idx = list(range(len(GROUPS)))
-    after = [_num(last.get(k)) for _, k in GROUPS]
-    series = [("after alignment" if ba_last else None, after)]
-    if ba_last:
-        series.insert(0, ("before alignment", [_num(ba_last.get(k)) for _, k in GROUPS]))
-    w = 0.8 / len(series)
-    for j, (label, vals) in enumerate(series):
-        offs = [i + (j - (len(series) - 1) / 2) * w for i in idx]
-        ax.bar(offs, vals, width=w, label=label)
-        for x, v in zip(offs, vals):
-            ax.text(x, 0.02 if math.isnan(v) else v + 0.01, "absent" if math.isnan(v) else f"{v:.2f}",
-                    ha="center", va="bottom", fontsize=8, rotation=90 if math.isnan(v) else 0)
-    ax.set_xticks(idx)
-    ax.set_xticklabels([g for g, _ in GROUPS])
-    ax.set_ylabel("test accuracy")
-    ax.set_ylim(0, 1.1)
-    if ba_last:
-        ax.legend()
-    ax.set_title(f"Many / Medium / Few, round {last.get('round')}")
-    _savefig_atomic(fig, out_dir / "groups.png")
-    plt.close(fig)
-    written.append("groups.png")
-    return written
+
+def models_used(config: dict) -> list[dict[str, Any]]:
+    """The MLLM and CLIP models a run's config used, with their provenance."""
+    section = lambda name: config.get(name) or {}  # noqa: E731
+    model, annotate, pretrain, align = section("model"), section("annotate"), section("pretrain"), section("align")
+    roles = []
+    if model.get("pretrained_backbone") == "pretrain":
+        if not pretrain.get("shards") and annotate.get("model"):
+            roles.append(("annotation LLaVA", annotate["model"]))
+        if pretrain.get("model") or annotate.get("model"):
+            roles.append(("DWP LLaVA", pretrain.get("model") or annotate["model"]))
+    if align.get("every") and align.get("teacher") not in (None, "none") and align.get("teacher_model"):
+        roles.append((f"alignment teacher ({align['teacher']})", align["teacher_model"]))
+    if section("federated").get("strategy") == "clip2fl" and section("clip2fl").get("model"):
+        roles.append(("CLIP2FL's CLIP", section("clip2fl")["model"]))
+    return [{"role": role, **model_provenance(spec)} for role, spec in roles]
+
+
+def _fmt(value: Any) -> str:
+    return "—" if not isinstance(value, (int, float)) or isinstance(value, bool) else f"{value:.3f}"
+
+
+def report_markdown(summary: dict) -> str:
+    """report.md: what ran, the final accuracies beside the baseline and chance, the models, the plots."""
+    lines = [f"# Report: {summary['run_dir']}", ""]
+    fed, base = summary.get("federated"), summary.get("baseline")
+    if fed:
+        lines += ["| | balanced acc | top-1 | Many | Medium | Few |", "|---|---|---|---|---|---|"]
+        row = lambda name, r: f"| {name} | " + " | ".join(_fmt(r.get(k)) for k in ACC_KEYS) + " |"  # noqa: E731
+        aligned = isinstance(fed.get("before_align"), dict)
+        lines.append(row(f"method, round {fed.get('round')}" + (" (after alignment)" if aligned else ""), fed))
+        if aligned:
+            lines.append(row("method, before the last alignment", fed["before_align"]))
+        if base:
+            lines.append(row(f"FedAvg from scratch, round {base.get('round')}", base))
+        if fed.get("chance"):
+            lines.append(f"| chance | {fed['chance']:.3f} | | | | |")
+        lines += ["", "Balanced acc is the mean of the per-class accuracies; Many / Medium / Few the mean accuracy "
+                  "of the classes with > 100, 20-100 and < 20 training samples (—: no such class)."]
+        alignment = fed.get("alignment")
+        if alignment:
+            teacher_acc = alignment.get("teacher_accuracy")
+            lines += ["", f"Alignment set: {alignment.get('images')} images ({alignment.get('source')}), "
+                      f"{alignment.get('server_labeled_images')} with server-held labels; teacher "
+                      f"{alignment.get('teacher')}" + (f", whose accuracy on the set's labels is {teacher_acc:.3f}"
+                                                        if isinstance(teacher_acc, float) else "") + "."]
+    if summary.get("models"):
+        lines += ["", "## Models", "", "| role | model | provenance | model card |", "|---|---|---|---|"]
+        for m in summary["models"]:
+            card = m.get("card") or {}
+            numbers = ", ".join(f"{k} {v:.3f}" for k, v in card.items() if isinstance(v, float) and k.endswith("accuracy")
+                                or isinstance(v, float) and "fraction" in k)
+            lines.append(f"| {m['role']} | `{m['model']}` | {m['kind']} | {numbers or '—'} |")
+    for stage in ("annotate", "pretrain"):
+        if summary.get(stage):
+            values = ", ".join(f"{k} {v}" for k, v in summary[stage].items() if v is not None)
+            lines += ["", f"**{stage}:** {values}"]
+    if summary.get("plots"):
+        lines += ["", "## Plots", ""] + [f"![{name[:-4]}]({name})" for name in summary["plots"]]
+    return "\n".join(lines) + "\n"
 
 
 def write_report(run_dir: Path) -> dict:
-    """Write `<run_dir>/report/summary.json` (final metrics of every stage present) and, when the run
-    has federated metrics, `accuracy.png`, `per_class.png` and `groups.png` beside it. Returns the
-    summary dict. Missing stages are left out; nothing missing raises."""
+    """Write ``<run_dir>/report/``: summary.json (final metrics of every stage present, the models used and
+    where they came from), the plots and report.md. Returns the summary dict. Missing stages are left out;
+    nothing missing raises."""
     run_dir = Path(run_dir)
     out_dir = run_dir / "report"
     out_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(out_dir)  # of a report killed while writing
     summary: dict[str, Any] = {"run_dir": str(run_dir)}
 
+    models = models_used(_config(run_dir))
+    if models:
+        summary["models"] = models
     manifest = _read_json(run_dir / "annotate" / "manifest.json")
     if manifest is not None:
         summary["annotate"] = _annotate_summary(manifest)
@@ -238,19 +234,40 @@ def write_report(run_dir: Path) -> dict:
         summary["pretrain"] = _pretrain_summary(pre)
 
     records = read_evaluations(run_dir / "federated" / "metrics.jsonl")
+    fed_summary = _read_json(run_dir / "federated" / "summary.json") or {}
+    baseline = read_evaluations(run_dir / "baseline" / "federated" / "metrics.jsonl")
     if records:
-        fed_summary = _read_json(run_dir / "federated" / "summary.json")
         summary["federated"] = _federated_summary(records, fed_summary)
+        per_class = records[-1].get("per_class") or []
+        if per_class:
+            summary["federated"]["chance"] = 1 / len(per_class)
+        if fed_summary.get("alignment"):
+            summary["federated"]["alignment"] = fed_summary["alignment"]
+    if baseline:
+        summary["baseline"] = _federated_summary(baseline, None)
 
     # plots of a previous report must not outlive the metrics they were drawn from
     for name in PLOTS:
-        if not records and (out_dir / name).exists():
+        if (out_dir / name).exists():
             (out_dir / name).unlink()
+    summary["plots"] = []
     if records:
-        summary["plots"] = _plot(out_dir, records)
+        class_names = fed_summary.get("class_names") or []
+        method = (_config(run_dir).get("federated") or {}).get("strategy", "method")
+        report_plots.accuracy_plot(out_dir / "accuracy.png", records, baseline, summary["federated"].get("chance"),
+                                   method)
+        report_plots.per_class_plot(out_dir / "per_class.png", records[-1], class_names,
+                                    baseline[-1] if baseline else None)
+        report_plots.groups_plot(out_dir / "groups.png", records[-1], baseline[-1] if baseline else None)
+        summary["plots"] = ["accuracy.png", "per_class.png", "groups.png"]
+        partition = _read_json(run_dir / "federated" / "partition.json")
+        counts = (partition or {}).get("class_counts")
+        if counts:
+            report_plots.partition_plot(out_dir / "partition.png", counts, class_names)
+            summary["plots"].append("partition.png")
     else:
         log.warning("report: no federated metrics under %s; summary without plots", run_dir)
-        summary["plots"] = []
 
     write_text_atomic(out_dir / "summary.json", json.dumps(summary, indent=2))
+    write_text_atomic(out_dir / "report.md", report_markdown(summary))
     return summary
