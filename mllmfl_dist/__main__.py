@@ -14,11 +14,10 @@ import sys
 import time
 from collections.abc import Sequence
 
-from mllmfl_dist.config import ConfigError, load_config
-from mllmfl_dist.data import DataError
-from mllmfl_dist.dist import RankLostError
-from mllmfl_dist.fl.trainer import TrainingDivergedError
-from mllmfl_dist.models.mllm import ModelLoadError
+# Only light modules at import time: `--help` and argument errors must not wait for torch (seconds);
+# each command imports what it needs.
+from mllmfl_dist.config import load_config
+from mllmfl_dist.errors import ConfigError, DataError, ModelLoadError, RankLostError, TrainingDivergedError
 
 USAGE_ERROR = 2  # a config, data or model the user can fix
 DIVERGED = 3  # training went non-finite; the last checkpoint is kept

@@ -14,16 +14,20 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import tomli
+from mllmfl_dist.errors import ConfigError
 
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
 
-class ConfigError(ValueError):
-    """A user-caused configuration problem; the message names the key and what is allowed."""
+__all__ = ["Config", "ConfigError", "load_config"]
 
 
 @dataclass(frozen=True)
@@ -441,8 +445,8 @@ def load_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> Confi
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        raw = tomli.loads(path.read_text())
-    except tomli.TOMLDecodeError as err:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"{path}: not valid TOML: {err}") from None
     for item in overrides:
         keys, value = _parse_override(item)

@@ -23,6 +23,7 @@ import torch
 import torch.distributed as torch_dist
 
 from mllmfl_dist.config import ConfigError, DistConfig
+from mllmfl_dist.errors import RankLostError
 
 SERVER_RANK = 0
 STALE_WAITS = 64
@@ -73,11 +74,6 @@ class WaitSettings:
     control_minutes: float = 1440.0  # dist.control_timeout_minutes
     report_seconds: float = 60.0  # dist.wait_report_seconds
     count: int = 0
-
-
-class RankLostError(RuntimeError):
-    """A wait on other ranks ran out or broke; the message names the wait, the missing ranks and the key
-    that sets its timeout."""
 
 
 @dataclass(frozen=True)

@@ -8,10 +8,9 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from ..errors import DataError
 
-class DataError(RuntimeError):
-    """A user-caused data problem (missing files, too few samples); the message is one line naming the
-    path and the config key or flag to change. The CLI prints it and exits non-zero."""
+__all__ = ["ArrayClientData", "ClientData", "DataError"]
 
 
 class ClientData(abc.ABC):

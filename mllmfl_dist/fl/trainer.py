@@ -20,6 +20,7 @@ import torch
 from mllmfl_dist import dist
 from mllmfl_dist.config import Config
 from mllmfl_dist.data import ClientData
+from mllmfl_dist.errors import TrainingDivergedError
 from mllmfl_dist.fl.aggregation import FlatLayout, accumulate_, mean_from_sum, new_accumulator
 from mllmfl_dist.fl.client import LocalTraining, train_client
 from mllmfl_dist.fl.sampling import TAG_CLIENT_TRAINING, assign_clients, derive_seed, sample_clients
@@ -34,11 +35,6 @@ DIVERGED_IN_SERVER_STEP = "server_step"
 DIVERGED_IN_SERVER_UPDATE = "server_update"
 DIVERGED_IN_SERVER_HOOK = "server_hook"
 DIVERGENCE_CODES = (DIVERGED_NOWHERE, DIVERGED_IN_SERVER_STEP, DIVERGED_IN_SERVER_UPDATE, DIVERGED_IN_SERVER_HOOK)
-
-
-class TrainingDivergedError(RuntimeError):
-    """A round made the model non-finite; raised on every rank with the same one-line message, before
-    anything of that round is saved."""
 
 
 def divergence_message(cfg: Config, round_index: int, where: str, clients: Sequence[int] = ()) -> str:
