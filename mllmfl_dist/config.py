@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from mllmfl_dist.errors import ConfigError
+from mllmfl_dist.resources import resolve_path
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -440,8 +441,9 @@ _RULES: dict[str, Rule] = {
 
 
 def load_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> Config:
-    """Read a TOML file, apply ``section.key=value`` overrides, validate, and return a frozen Config."""
-    path = Path(path)
+    """Read a TOML file, apply ``section.key=value`` overrides, validate, and return a frozen Config.
+    ``configs/NAME.toml`` not found in the working directory is the shipped config (:mod:`mllmfl_dist.resources`)."""
+    path = resolve_path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:

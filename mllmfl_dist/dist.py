@@ -339,7 +339,8 @@ def broadcast_control_(runtime: Runtime, tensor: torch.Tensor, what: str = "data
     return tensor
 
 
-def all_reduce_control_(runtime: Runtime, tensor: torch.Tensor, what: str = "work split over the ranks") -> torch.Tensor:
+def all_reduce_control_(runtime: Runtime, tensor: torch.Tensor,
+                        what: str = "work split over the ranks") -> torch.Tensor:
     """Sum a CPU ``tensor`` over ranks, in place, over the control group (one-off work split over ranks)."""
     if runtime.distributed:
         with _control_wait(runtime, what):

@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..resources import shipped_pattern
 from .base import DataError
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp", "bmp", "ppm", "pgm", "tif", "tiff", "gif")
@@ -293,7 +294,7 @@ def expand_shards(pattern: str) -> list[Path]:
     """
     from braceexpand import braceexpand
 
-    pattern = str(pattern).strip()
+    pattern = shipped_pattern(str(pattern).strip())  # shards/... without a clone: the shipped shards
     if not pattern:
         raise DataError("empty shard pattern")
     found: set[Path] = set()

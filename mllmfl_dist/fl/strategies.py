@@ -202,7 +202,8 @@ class CReFF(Strategy):
     - every sampled client, besides local training, computes for each class it holds the gradient of the
       cross-entropy with respect to ``[W~ | b~]`` on features of the round's global backbone (frozen, eval
       mode), averaged over ``creff.batches_per_class`` random batches of ``creff.batch_size`` samples of the
-      class, each augmented by DSA as released (``creff.dsa_strategy``, :mod:`mllmfl_dist.data.dsa`); these go into the round's one flat all_reduce (the payload after the model),
+      class, each augmented by DSA as released (``creff.dsa_strategy``, :mod:`mllmfl_dist.data.dsa`); these go
+      into the round's one flat all_reduce (the payload after the model),
       with the weights of the server's mean (``creff.gradient_mean``);
     - rank 0 moves the federated features (``features_per_class`` per class at the model's feature width,
       kept across rounds) for ``match_epochs`` SGD steps so that the gradients they produce at ``[W~ | b~]``

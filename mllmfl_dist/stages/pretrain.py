@@ -51,7 +51,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import os
 import shutil
 import time
 from collections.abc import Sequence
