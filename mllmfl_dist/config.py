@@ -83,8 +83,16 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class PartitionConfig:
-    method: str = "dirichlet"  # dirichlet | creff | iid
-    alpha: float = 0.5
+    """How the training set is split among the clients (mllmfl_dist/data/partition.py)."""
+
+    method: str = "dirichlet"  # dirichlet | creff | iid | shards
+    alpha: float = 0.5  # dirichlet, creff
+    # dirichlet: flwr-datasets' DirichletPartitioner options. self_balancing: a client holding more than
+    # total / num_clients samples gets no share of later classes. min_partition_size: draw all classes again
+    # until every client holds this many (0: draw once, then an empty client takes a sample from the largest).
+    self_balancing: bool = False
+    min_partition_size: int = 0
+    shards_per_client: int = 2  # shards: label-sorted shards per client (McMahan et al. 2017)
 
 
 @dataclass(frozen=True)
@@ -296,7 +304,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "dist.backend": ("auto", "gloo", "nccl"),
     "data.source": ("synthetic", "fashion_mnist", "cifar10", "cifar100", "imagenet_lt", "shards"),
     "data.synthetic_mode": ("array", "on_demand"),
-    "partition.method": ("dirichlet", "creff", "iid"),
+    "partition.method": ("dirichlet", "creff", "iid", "shards"),
     "model.arch": ("resnet8", "resnet50"),
     "federated.strategy": ("fedavg", "fedavgm", "fedprox", "creff", "clip2fl"),
     "annotate.ranks": ("rank0", "all"),
@@ -379,6 +387,8 @@ _RULES: dict[str, Rule] = {
     "data.train_indices": (_valid_index_range, 'a "start:stop" range of non-negative integers, start < stop '
                                                '(either may be omitted), or "" for the whole split'),
     "partition.alpha": _POSITIVE,
+    "partition.min_partition_size": _int_at_least(0),
+    "partition.shards_per_client": _int_at_least(1),
     "model.width_scale": _int_at_least(1),
     "model.in_channels": (lambda v: v >= 0, "an integer >= 0 (0: the data's channel count)"),
     "federated.rounds": _int_at_least(1),
@@ -574,6 +584,12 @@ def validate(config: Config) -> None:
                               "data.synthetic_mode = 'array'")
     if config.data.source != "synthetic" and config.data.synthetic_mode != "array":
         raise ConfigError("data.synthetic_mode = 'on_demand' is only allowed with data.source = 'synthetic'")
+    part = config.partition
+    if config.data.synthetic_mode == "on_demand" and (part.method == "shards" or part.self_balancing
+                                                      or part.min_partition_size):
+        # On-demand clients draw their own label mix; there is no whole training set to cut.
+        raise ConfigError("data.synthetic_mode = 'on_demand' supports partition.method dirichlet, creff or iid "
+                          "without partition.self_balancing or partition.min_partition_size")
 
 
 # Keys that may change when a run is resumed: they do not change what a completed round computed (where a
