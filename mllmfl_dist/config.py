@@ -175,8 +175,16 @@ class CheckpointConfig:
 
 @dataclass(frozen=True)
 class LogConfig:
+    """Where rank 0 reports (mllmfl_dist/tracking/); metrics.jsonl and rounds.jsonl are always written."""
+
     tensorboard: bool = True
-    progress: bool = True  # tqdm bar over rounds on rank 0
+    wandb: bool = False  # Weights & Biases: pip install 'mllmfl-dist[wandb]'
+    mlflow: bool = False  # MLflow: pip install 'mllmfl-dist[mlflow]'
+    project: str = "mllmfl-dist"  # the W&B project and the MLflow experiment
+    wandb_mode: str = ""  # "": W&B's own choice (WANDB_MODE, else online) | online | offline | disabled
+    mlflow_uri: str = ""  # "": sqlite:///<run.root>/mlflow.db; or a file: / http(s):// tracking URI
+    # tqdm bars while stderr is a terminal; otherwise (or false) one log line per evaluation and stage
+    progress: bool = True
 
 
 @dataclass(frozen=True)
@@ -319,6 +327,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "creff.gradient_mean": ("clients", "samples"),
     "align.teacher": ("none", "llava", "clip"),
     "align.train": ("classifier", "all"),
+    "log.wandb_mode": ("", "online", "offline", "disabled"),
 }
 
 Rule = tuple[typing.Callable[[Any], bool], str]

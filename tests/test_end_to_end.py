@@ -115,7 +115,7 @@ def test_unreadable_backbone_file_is_one_message(tmp_path, capsys):
 def test_a_torn_last_metrics_line_is_dropped(tmp_path):
     from mllmfl_dist.metrics import MetricsLog
 
-    log = MetricsLog(tmp_path, tensorboard=False)
+    log = MetricsLog(tmp_path)
     log.append({"round": 1, "acc": 0.5})
     with log.path.open("a") as handle:
         handle.write('{"round": 2, "ac')  # a job killed mid-write

@@ -7,6 +7,7 @@ import ast
 import importlib.metadata
 import os
 import re
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -51,7 +52,7 @@ def test_every_imported_package_is_declared() -> None:
             declared |= {_name(r) for r in requirements}
     distributions = importlib.metadata.packages_distributions()
     imported = imported_top_level_packages()
-    assert {"torch", "PIL", "braceexpand", "tokenizers", "safetensors"} <= imported
+    assert {"torch", "PIL", "braceexpand", "tokenizers", "safetensors", "wandb", "mlflow"} <= imported
     missing = {}
     for module in sorted(imported):
         dists = {d.lower().replace("_", "-") for d in distributions.get(module, [module])}
@@ -84,9 +85,13 @@ def _venv_on_top_of_this_one(where: Path) -> Path:
 
 
 def test_the_wheel_runs_shipped_configs_outside_the_repository(tmp_path) -> None:
+    # Built from a copy of the tracked tree: setuptools writes build/ and *.egg-info into the source folder.
+    source = tmp_path / "source"
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(".git", ".venv", "runs", "build", "dist",
+                                                                  "*.egg-info", "__pycache__", ".pytest_cache"))
     dist = tmp_path / "dist"
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--quiet",
-                    "-w", str(dist), str(REPO)], check=True, timeout=600, cwd=tmp_path)
+                    "-w", str(dist), str(source)], check=True, timeout=600, cwd=tmp_path)
     (wheel,) = dist.glob("mllmfl_dist-*.whl")
     python = _venv_on_top_of_this_one(tmp_path / "venv")
     subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "--quiet",

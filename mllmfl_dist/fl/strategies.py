@@ -36,6 +36,7 @@ from mllmfl_dist.data.dsa import dsa_siamese
 from mllmfl_dist.fl import federated_features as ff
 from mllmfl_dist.fl.losses import distillation_loss
 from mllmfl_dist.fl.sampling import derive_seed
+from mllmfl_dist.progress import show_bars
 
 log = logging.getLogger(__name__)
 
@@ -351,7 +352,7 @@ class CLIP2FL(CReFF):
     def __init__(self, cfg: Config):
         super().__init__(cfg)
         self.clip2fl = cfg.clip2fl
-        self.progress = cfg.log.progress
+        self.progress = show_bars(cfg.log)
         self.teacher = None  # TeacherLogits, after prepare
 
     @classmethod
