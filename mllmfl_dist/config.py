@@ -218,6 +218,10 @@ class DeepSpeedConfig:
     scheduler: str = "WarmupCosineLR"  # none | WarmupLR | WarmupCosineLR
     warmup_steps: int = 0
     gradient_clipping: float = 1.0
+    # A DeepSpeed JSON of your own (offload, ZeRO-3 options, ...) merged under the keys set here, which win.
+    config_file: str = ""
+    # CPU ranks all-reduce through gloo ("shm": DeepSpeed's shared-memory op, JIT-compiled on first use).
+    cpu_comm: str = "gloo"
 
 
 @dataclass(frozen=True)
@@ -323,6 +327,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "pretrain.deepspeed.precision": ("fp32", "bf16", "fp16"),
     "pretrain.deepspeed.optimizer": ("Adam", "AdamW", "SGD"),
     "pretrain.deepspeed.scheduler": ("none", "WarmupLR", "WarmupCosineLR"),
+    "pretrain.deepspeed.cpu_comm": ("gloo", "shm"),
     "align.source": ("pool", "holdout", "web"),
     "creff.gradient_mean": ("clients", "samples"),
     "align.teacher": ("none", "llava", "clip"),
