@@ -77,10 +77,14 @@ def build_parser() -> argparse.ArgumentParser:
                          help="override one config value; repeatable")
         return sub
 
-    add("run", "all stages of the method, then the report, in one job")
+    sweeps = [add("run", "all stages of the method, then the report, in one job")]
     add("annotate", "caption WebDataset shards with an MLLM (stage 1a)")
     add("pretrain", "Dynamic Weighted Pretraining of the FL backbone under DeepSpeed (stage 1b)")
-    add("federate", "federated finetuning with evaluation, checkpoints and resume")
+    sweeps.append(add("federate", "federated finetuning with evaluation, checkpoints and resume"))
+    for sweep in sweeps:
+        sweep.add_argument("--seeds", default=None,
+                           help="comma-separated seeds: one run per seed (run.seed = k; in <run.name>-seed<k>/ unless "
+                                "run.name has {run.seed}), a line per seed and mean +- std at the end")
     compare = add("compare", "several methods on identical data and seeds, and a table of the results")
     compare.add_argument("--methods", "--strategies", dest="methods", default=None,
                          help="comma-separated methods, each <strategy>[+dwp[llava]][+align[<teacher>]], "
@@ -102,9 +106,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _setup_logging() -> None:
+    from mllmfl_dist.progress import quiet_library_bars
+
     rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format=f"[rank {rank}] %(levelname)s %(name)s: %(message)s")
+    # A time on every line: in a SLURM or nohup log it is the only clock there is.
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, datefmt="%Y-%m-%d %H:%M:%S",
+                        format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s")
+    quiet_library_bars(rank)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -122,6 +130,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"{name}: {path}")
             return 0
         cfg = load_config(args.config, args.overrides)
+        from mllmfl_dist.tracking.tracker import check_trackers
+
+        check_trackers(cfg.log)
+        if args.command in ("federate", "run") and args.seeds:
+            from mllmfl_dist.stages.compare import parse_seeds
+            from mllmfl_dist.sweep import seed_configs
+
+            sweep = seed_configs(args.config, args.overrides, parse_seeds(args.seeds, cfg))
+            return _run_stage(cfg, args.command, sweep=sweep)
         if args.command == "evaluate":
             return _evaluate(cfg, args.checkpoint)
         if args.command == "compare":
@@ -162,30 +179,26 @@ def _fail(err: Exception, code: int, *, everywhere: bool, prefix: str = "") -> i
     return code
 
 
-def _run_stage(cfg, command: str, methods: Sequence = (), seeds: Sequence[int] = ()) -> int:
+def _run_stage(cfg, command: str, methods: Sequence = (), seeds: Sequence[int] = (), sweep: Sequence = ()) -> int:
+    """Run ``command`` on this job's ranks; ``sweep``: the per-seed configs of ``federate/run --seeds``."""
     from mllmfl_dist import dist
 
     runtime = dist.init_runtime(cfg.dist)
+    from mllmfl_dist.stages.deepspeed_setup import cpu_accelerator_env
+
+    cpu_accelerator_env(runtime.device)  # before anything imports deepspeed: no accelerator guess and warning
     try:
-        if command == "federate":
-            from mllmfl_dist.stages.federated import run_federated
+        if command in ("federate", "run"):
+            from mllmfl_dist.sweep import mean_std_line, seed_line
 
-            final = run_federated(cfg, runtime)
-            if runtime.is_server and final:
-                groups = ", ".join(f"{g} {final[f'acc_{g}']:.4f}" for g in ("many", "medium", "few")
-                                   if final.get(f"acc_{g}") is not None)
-                print(f"round {final['round']}: balanced acc {final['acc']:.4f} (top-1 {final['acc_top1']:.4f}; "
-                      f"{groups})")
-        elif command == "run":
-            from mllmfl_dist.pipeline import run_pipeline
-
-            summary = run_pipeline(cfg, runtime)
-            if runtime.is_server:
-                print(f"run: report in {cfg.run_dir / 'report'}")
-                final = summary.get("federated", {})
-                if final:
-                    print(f"final balanced accuracy {final.get('acc', float('nan')):.4f} after round "
-                          f"{final.get('round')}")
+            finals = []
+            for run_cfg in sweep or [cfg]:
+                final = _federate_or_run(run_cfg, command, runtime)
+                finals.append(final)
+                if sweep and runtime.is_server:
+                    print(seed_line(run_cfg, final), flush=True)
+            if sweep and runtime.is_server:
+                print(mean_std_line(finals))
         elif command == "compare":
             from mllmfl_dist.stages.compare import compare_dir, run_compare
             from mllmfl_dist.stages.compare_table import results_markdown
@@ -215,6 +228,29 @@ def _run_stage(cfg, command: str, methods: Sequence = (), seeds: Sequence[int] =
     finally:
         dist.shutdown(runtime)
     return 0
+
+
+def _federate_or_run(cfg, command: str, runtime) -> dict:
+    """One ``federate`` or ``run``; the final evaluation on rank 0 ({} elsewhere)."""
+    if command == "federate":
+        from mllmfl_dist.stages.federated import run_federated
+
+        final = run_federated(cfg, runtime)
+        if runtime.is_server and final:
+            groups = ", ".join(f"{g} {final[f'acc_{g}']:.4f}" for g in ("many", "medium", "few")
+                               if final.get(f"acc_{g}") is not None)
+            print(f"round {final['round']}: balanced acc {final['acc']:.4f} (top-1 {final['acc_top1']:.4f}; "
+                  f"{groups})")
+        return final or {}
+    from mllmfl_dist.pipeline import run_pipeline
+
+    summary = run_pipeline(cfg, runtime)
+    final = summary.get("federated", {}) if runtime.is_server else {}
+    if runtime.is_server:
+        print(f"run: report in {cfg.run_dir / 'report'}")
+        if final:
+            print(f"final balanced accuracy {final.get('acc', float('nan')):.4f} after round {final.get('round')}")
+    return final
 
 
 def _evaluate(cfg, checkpoint_path: str) -> int:

@@ -89,7 +89,9 @@ def torchrun(nproc: int, args: Sequence[str], env: dict[str, str] | None = None)
     """Run ``torchrun --standalone --nproc_per_node nproc ARGS``; returns the launch time (epoch s)."""
     launched = time.time()
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
-    result = subprocess.run(command, cwd=REPO, env={**os.environ, **(env or {})}, capture_output=True, text=True)
+    # OMP_NUM_THREADS set, so torchrun does not print its banner; the trainer's threads are dist.threads.
+    env = {"OMP_NUM_THREADS": "1", **os.environ, **(env or {})}
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed:\n{result.stdout}\n{result.stderr}")
     return launched

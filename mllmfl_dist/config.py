@@ -22,6 +22,7 @@ from typing import Any
 
 from mllmfl_dist.errors import ConfigError
 from mllmfl_dist.resources import resolve_path
+from mllmfl_dist.run_name import is_template, resolve_run_name
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -33,7 +34,8 @@ __all__ = ["Config", "ConfigError", "load_config"]
 
 @dataclass(frozen=True)
 class RunConfig:
-    name: str = ""  # empty: the config file's stem
+    # empty: the config file's stem; may be a template over config values: "{federated.strategy}-s{run.seed}"
+    name: str = ""
     root: str = "runs"  # outputs go to <root>/<name>/
     seed: int = 0
 
@@ -382,7 +384,7 @@ _FRACTION: Rule = (lambda v: 0 <= v < 1, "a number in [0, 1)")
 
 # Bounds checked for every config: key -> (predicate, what is allowed).
 _RULES: dict[str, Rule] = {
-    "run.name": (lambda v: "/" not in v and v not in (".", ".."), "a name without '/'"),
+    "run.name": (lambda v: "/" not in v and v not in ("", ".", ".."), "a non-empty name without '/'"),
     "run.seed": _int_at_least(0),
     "dist.threads": _int_at_least(1),
     "dist.timeout_minutes": _POSITIVE,
@@ -490,6 +492,9 @@ def load_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> Confi
 
 def config_from_dict(raw: dict[str, Any]) -> Config:
     config = _build(Config, raw, "")
+    if is_template(config.run.name):  # "{federated.strategy}-s{run.seed}": resolved after every override
+        name = resolve_run_name(config.run.name, flat_items(config.to_dict()))
+        config = dataclasses.replace(config, run=dataclasses.replace(config.run, name=name))
     validate(config)
     return config
 
