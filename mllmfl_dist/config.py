@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mllmfl_dist.config_values import DSA_OPERATIONS, dsa_operations, parse_index_range, valid_index_range
 from mllmfl_dist.errors import ConfigError
 from mllmfl_dist.resources import resolve_path
 from mllmfl_dist.run_name import is_template, resolve_run_name
@@ -29,7 +30,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-__all__ = ["Config", "ConfigError", "load_config"]
+__all__ = ["Config", "ConfigError", "DSA_OPERATIONS", "dsa_operations", "load_config", "parse_index_range"]
 
 
 @dataclass(frozen=True)
@@ -339,42 +340,6 @@ CHOICES: dict[str, tuple[str, ...]] = {
 
 Rule = tuple[typing.Callable[[Any], bool], str]
 
-# The operations of Differentiable Siamese Augmentation (creff.dsa_strategy); mllmfl_dist.data.dsa
-# implements exactly these.
-DSA_OPERATIONS = ("color", "crop", "cutout", "flip", "scale", "rotate")
-
-
-def dsa_operations(strategy: str) -> tuple[str, ...]:
-    """``"color_crop"`` -> ``("color", "crop")``; ``"none"`` or ``""`` -> ``()``."""
-    if strategy.strip().lower() in ("", "none"):
-        return ()
-    return tuple(strategy.strip().split("_"))
-
-
-def parse_index_range(text: str) -> slice:
-    """``"start:stop"`` (either side may be empty) -> ``slice(start, stop)``; ``""`` -> ``slice(None)``.
-    Raises ValueError for anything else."""
-    if not text.strip():
-        return slice(None)
-    start, sep, stop = text.strip().partition(":")
-    if not sep or ":" in stop:
-        raise ValueError(text)
-    bounds = [int(part) if part.strip() else None for part in (start, stop)]
-    if any(b is not None and b < 0 for b in bounds):
-        raise ValueError(text)
-    if None not in bounds and bounds[0] >= bounds[1]:
-        raise ValueError(text)
-    return slice(*bounds)
-
-
-def _valid_index_range(text: str) -> bool:
-    try:
-        parse_index_range(text)
-    except ValueError:
-        return False
-    return True
-
-
 def _int_at_least(low: int) -> Rule:
     return (lambda v: v >= low, f"an integer >= {low}")
 
@@ -400,7 +365,7 @@ _RULES: dict[str, Rule] = {
     "data.samples_per_client": _int_at_least(1),
     "data.test_per_class": _int_at_least(1),
     "data.server_holdout_per_class": _int_at_least(0),
-    "data.train_indices": (_valid_index_range, 'a "start:stop" range of non-negative integers, start < stop '
+    "data.train_indices": (valid_index_range, 'a "start:stop" range of non-negative integers, start < stop '
                                                '(either may be omitted), or "" for the whole split'),
     "partition.alpha": _POSITIVE,
     "partition.min_partition_size": _int_at_least(0),
