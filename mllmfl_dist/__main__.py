@@ -124,7 +124,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return shards_cli.run(args)
         if args.command == "tiny-models":
+            import torch
+
             from mllmfl_dist.models.tiny import build_tiny_models
+            from mllmfl_dist.stages.deepspeed_setup import cpu_accelerator_env
+
+            # transformers may import DeepSpeed, which would guess the accelerator and warn about it.
+            cpu_accelerator_env(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
 
             for name, path in build_tiny_models(args.directory).items():
                 print(f"{name}: {path}")

@@ -105,3 +105,4 @@ def test_deepspeed_starts_without_compiling_and_reads_the_users_file(tmp_path) -
     assert not result["shm_op"]
     assert not list(extensions.glob("**/deepspeed_shm_comm*")), "DeepSpeed compiled its shm op"
     assert "Setting accelerator to CPU" not in done.stderr  # DS_ACCELERATOR=cpu, no guess and warning
+    assert "before it has started" not in done.stdout + done.stderr  # WarmupCosineLR's start-up notice

@@ -42,13 +42,24 @@ def cpu_accelerator_env(device: torch.device) -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
+class _SchedulerStartNotice(logging.Filter):
+    """DeepSpeed's WarmupLR / WarmupCosineLR constructors read the learning rate before step 0 and warn about
+    it on every rank ("Attempting to get learning rate from scheduler before it has started"): noise."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "before it has started" not in record.getMessage()
+
+
 def prepare_deepspeed(device: torch.device, cpu_comm: str = "gloo") -> None:
-    """Make ``deepspeed.initialize`` start without compiling anything (see the module docstring)."""
+    """Make ``deepspeed.initialize`` start without compiling anything and without noise (module docstring)."""
     cpu_accelerator_env(device)
     import deepspeed.ops
 
     if device.type == "cpu" and cpu_comm == "gloo":
         deepspeed.ops.__compatible_ops__[SHM_COMM_OP] = False
+    ds_logger = logging.getLogger("DeepSpeed")
+    if not any(isinstance(f, _SchedulerStartNotice) for f in ds_logger.filters):
+        ds_logger.addFilter(_SchedulerStartNotice())
 
 
 def deepspeed_config(pcfg: PretrainConfig, world_size: int, *, torch_optimizer: bool = False) -> dict[str, Any]:
