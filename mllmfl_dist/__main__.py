@@ -189,10 +189,8 @@ def _run_stage(cfg, command: str, methods: Sequence = (), seeds: Sequence[int] =
     """Run ``command`` on this job's ranks; ``sweep``: the per-seed configs of ``federate/run --seeds``."""
     from mllmfl_dist import dist
 
+    _load_libraries(cfg, command, any(getattr(m, "dwp", False) for m in methods))
     runtime = dist.init_runtime(cfg.dist)
-    from mllmfl_dist.stages.deepspeed_setup import cpu_accelerator_env
-
-    cpu_accelerator_env(runtime.device)  # before anything imports deepspeed: no accelerator guess and warning
     try:
         if command in ("federate", "run"):
             from mllmfl_dist.sweep import mean_std_line, seed_line
@@ -234,6 +232,30 @@ def _run_stage(cfg, command: str, methods: Sequence = (), seeds: Sequence[int] =
     finally:
         dist.shutdown(runtime)
     return 0
+
+
+def _load_libraries(cfg, command: str, compare_pretrains: bool = False) -> None:
+    """Import the command's native libraries before the process group starts its threads. torchvision (and
+    DeepSpeed, transformers) imported after gloo's threads exist make a rank abort at exit now and then
+    ("terminate called without an active exception", exit -6: 2 of 5 three-process federate runs on the CI
+    VM, 0 of 12 with torchvision imported first)."""
+    import torch
+    import torchvision  # noqa: F401
+
+    from mllmfl_dist.pipeline import planned_stages
+    from mllmfl_dist.stages.deepspeed_setup import cpu_accelerator_env, prepare_deepspeed
+
+    gpu = cfg.dist.backend != "gloo" and torch.cuda.is_available()
+    device = torch.device("cuda" if gpu else "cpu")
+    cpu_accelerator_env(device)  # before anything imports DeepSpeed: no accelerator guess and warning per rank
+    stages = {command} | (set(planned_stages(cfg)) if command in ("run", "compare") else set())
+    if compare_pretrains:
+        stages.add("pretrain")
+    if stages & {"annotate", "pretrain"} or cfg.align.teacher == "llava":
+        import transformers  # noqa: F401
+    if "pretrain" in stages:
+        prepare_deepspeed(device, cfg.pretrain.deepspeed.cpu_comm)
+        import deepspeed  # noqa: F401
 
 
 def _federate_or_run(cfg, command: str, runtime) -> dict:

@@ -64,6 +64,19 @@ def tensorboard_scalars(directory: Path) -> dict[str, list[tuple[int, float]]]:
     return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
 
 
+def tensorboard_config(directory: Path):
+    """The hparams (HPARAMS tab) and the config text TensorBoard holds for ``directory``."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    events = EventAccumulator(str(directory), size_guidance={"tensors": 0})
+    events.Reload()
+    start = events.PluginTagToContent("hparams")["_hparams_/session_start_info"]
+    hparams = plugin_data_pb2.HParamsPluginData.FromString(start).session_start_info.hparams
+    text = events.Tensors("config/text_summary")[0].tensor_proto.string_val[0].decode()
+    return hparams, text
+
+
 def test_federate_logs_to_tensorboard_wandb_offline_and_mlflow(tmp_path, monkeypatch) -> None:
     pytest.importorskip("wandb")
     pytest.importorskip("mlflow")
@@ -89,6 +102,9 @@ def test_federate_logs_to_tensorboard_wandb_offline_and_mlflow(tmp_path, monkeyp
                 "round/bytes_all_reduced", "round/train_loss", "round/align_loss"):
         assert [step for step, _ in scalars[tag]] == [1, 2], tag
     records = [json.loads(line) for line in (run_dir / "federated" / "metrics.jsonl").read_text().splitlines()]
+    hparams, config_text = tensorboard_config(run_dir / "federated")
+    assert hparams["federated.lr"].number_value == 0.05 and hparams["federated.strategy"].string_value == "fedavg"
+    assert 'strategy = "fedavg"' in config_text and "[partition]" in config_text
     assert [v for _, v in scalars["eval/acc"]] == pytest.approx([r["acc"] for r in records], abs=1e-6)
     assert all(v > 0 for _, v in scalars["round/train_loss"])
 
