@@ -56,7 +56,7 @@ def test_federate_seeds_runs_each_seed_in_its_own_directory_and_reports_mean_and
     assert f"mean +- std over 2 seeds: acc {statistics.fmean(accs):.4f} +- {statistics.stdev(accs):.4f}" in out
     partitions = [json.loads((tmp_path / f"smoke-seed{seed}" / "federated" / "partition.json").read_text())
                   for seed in (0, 1)]
-    assert [p["seed"] for p in partitions] == [0, 1] and partitions[0]["counts"] != partitions[1]["counts"]
+    assert [p["seed"] for p in partitions] == [0, 1] and partitions[0]["class_counts"] != partitions[1]["class_counts"]
 
     # With {run.seed} in the name the directories are the template's.
     assert main(["federate", str(SMOKE), "--seeds", "2,3", *sets, "--set", "run.name=sweep-s{run.seed}"]) == 0

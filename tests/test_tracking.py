@@ -93,9 +93,9 @@ def test_federate_logs_to_tensorboard_wandb_offline_and_mlflow(tmp_path, monkeyp
     run_dir = tmp_path / "smoke"
     ids = json.loads((run_dir / "trackers.json").read_text())
     partition = json.loads((run_dir / "federated" / "partition.json").read_text())
-    assert len(partition["counts"]) == 20 == len(partition["client_sizes"])
-    assert [sum(row) for row in partition["counts"]] == partition["client_sizes"]
-    assert [sum(col) for col in zip(*partition["counts"])] == partition["train_class_counts"]
+    assert len(partition["class_counts"]) == 20 == len(partition["client_sizes"])
+    assert [sum(row) for row in partition["class_counts"]] == partition["client_sizes"]
+    assert [sum(col) for col in zip(*partition["class_counts"])] == partition["train_class_counts"]
 
     scalars = tensorboard_scalars(run_dir / "federated")
     for tag in ("eval/acc", "eval/acc_many", "eval/per_class/class_0", "eval/before_align/acc", "round/seconds",

@@ -33,7 +33,7 @@ def describe_data(cfg: Config, data: ClientData) -> str:
 
 
 def partition_record(cfg: Config, data: ClientData) -> dict[str, Any]:
-    """partition.json: the partition's settings, each client's size and class histogram ``counts[client][class]``
+    """partition.json: the partition's settings, each client's size and class histogram ``class_counts[client][class]``
     (``null`` where clients are generated on demand and hold no fixed samples), and the class names."""
     counts = data.client_class_counts()
     return {
@@ -46,5 +46,5 @@ def partition_record(cfg: Config, data: ClientData) -> dict[str, Any]:
         "class_names": list(data.class_names),
         "train_class_counts": list(data.train_class_counts()),
         "client_sizes": client_sizes(data).tolist(),
-        "counts": None if counts is None else counts.tolist(),
+        "class_counts": None if counts is None else counts.tolist(),
     }
