@@ -33,6 +33,9 @@ def check_trackers(log_cfg: LogConfig) -> None:
     for key, (module, install) in OPTIONAL.items():
         if getattr(log_cfg, key) and importlib.util.find_spec(module) is None:
             raise ConfigError(f"log.{key} = true needs the {module} package: {install} (or set log.{key} = false)")
+    if log_cfg.mlflow and not log_cfg.mlflow_uri and importlib.util.find_spec("sqlalchemy") is None:
+        raise ConfigError(f"log.mlflow = true stores runs in SQLite, which needs sqlalchemy and alembic: "
+                          f"{OPTIONAL['mlflow'][1]} (or set log.mlflow_uri to a tracking server)")
 
 
 class Tracker:

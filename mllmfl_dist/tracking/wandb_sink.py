@@ -28,7 +28,7 @@ class WandbSink:
         # W&B's own logger reports its service start-up at INFO; our log stays about the run.
         logging.getLogger("wandb").setLevel(logging.WARNING)
         self._run = wandb.init(project=project, name=run_name, id=run_id, resume="allow", dir=str(run_dir),
-                               mode=mode or None, config=dict(config), reinit="create_new",
+                               mode=mode or None, config=dict(config),
                                settings=wandb.Settings(console="off", silent=True, save_code=False))
         for pattern, axis in _AXES.items():
             self._run.define_metric(axis, hidden=True)
