@@ -62,3 +62,14 @@ def test_federate_seeds_runs_each_seed_in_its_own_directory_and_reports_mean_and
     assert main(["federate", str(SMOKE), "--seeds", "2,3", *sets, "--set", "run.name=sweep-s{run.seed}"]) == 0
     assert (tmp_path / "sweep-s2" / "federated").is_dir() and (tmp_path / "sweep-s3" / "federated").is_dir()
     assert main(["federate", str(SMOKE), "--seeds", "0,x", *sets]) == 2
+
+
+def test_run_seeds_gives_each_seed_its_report(tmp_path, capsys) -> None:
+    sets = ["--set", f"run.root={tmp_path}", "--set", "federated.rounds=1", "--set", "log.progress=false",
+            "--set", "log.tensorboard=false", "--set", "run.name=r{run.seed}"]
+    assert main(["run", str(SMOKE), "--seeds", "4,5", *sets]) == 0
+    out = capsys.readouterr().out
+    for seed in (4, 5):
+        assert (tmp_path / f"r{seed}" / "report" / "summary.json").is_file()
+        assert f"seed {seed}: balanced acc {finals_of(tmp_path / f'r{seed}')['acc']:.4f}" in out
+    assert "mean +- std over 2 seeds: acc" in out
