@@ -7,4 +7,6 @@
 set -euo pipefail
 source "$(dirname "$0")/venv.sh"
 python -m mllmfl_dist tiny-models runs/tiny_models
+# Set explicitly, or torchrun prints its OMP_NUM_THREADS banner; each rank's intra-op threads are dist.threads.
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 exec torchrun --standalone --nproc_per_node 3 -m mllmfl_dist run configs/default.toml "$@"

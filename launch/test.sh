@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The test suite on the CPU (unit, real gloo process groups, end to end). Extra arguments go to pytest.
+# The test suite on the CPU (lint, then unit, real gloo process groups, end to end). Extra arguments go to pytest.
 set -euo pipefail
 source "$(dirname "$0")/venv.sh"
+ruff check .
 exec python -m pytest -q "$@"

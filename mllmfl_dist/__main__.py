@@ -15,11 +15,10 @@ import time
 from collections.abc import Sequence
 
 from mllmfl_dist import preempt
-from mllmfl_dist.config import ConfigError, load_config
-from mllmfl_dist.data import DataError
-from mllmfl_dist.dist import RankLostError
-from mllmfl_dist.fl.trainer import TrainingDivergedError
-from mllmfl_dist.models.mllm import ModelLoadError
+# Only light modules at import time: `--help` and argument errors must not wait for torch (seconds);
+# each command imports what it needs.
+from mllmfl_dist.config import load_config
+from mllmfl_dist.errors import ConfigError, DataError, ModelLoadError, RankLostError, TrainingDivergedError
 
 USAGE_ERROR = 2  # a config, data or model the user can fix
 DIVERGED = 3  # training went non-finite; the last checkpoint is kept
@@ -82,10 +81,14 @@ def build_parser() -> argparse.ArgumentParser:
                          help="override one config value; repeatable")
         return sub
 
-    add("run", "all stages of the method, then the report, in one job")
+    sweeps = [add("run", "all stages of the method, then the report, in one job")]
     add("annotate", "caption WebDataset shards with an MLLM (stage 1a)")
     add("pretrain", "Dynamic Weighted Pretraining of the FL backbone under DeepSpeed (stage 1b)")
-    add("federate", "federated finetuning with evaluation, checkpoints and resume")
+    sweeps.append(add("federate", "federated finetuning with evaluation, checkpoints and resume"))
+    for sweep in sweeps:
+        sweep.add_argument("--seeds", default=None,
+                           help="comma-separated seeds: one run per seed (run.seed = k; in <run.name>-seed<k>/ unless "
+                                "run.name has {run.seed}), a line per seed and mean +- std at the end")
     compare = add("compare", "several methods on identical data and seeds, and a table of the results")
     compare.add_argument("--methods", "--strategies", dest="methods", default=None,
                          help="comma-separated methods, each <strategy>[+dwp[llava]][+align[<teacher>]], "
@@ -119,9 +122,13 @@ def _env_local_rank() -> int:
 
 
 def _setup_logging() -> None:
+    from mllmfl_dist.progress import quiet_library_bars
+
     rank = _env_rank()
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format=f"[rank {rank}] %(levelname)s %(name)s: %(message)s")
+    # A time on every line: in a SLURM or nohup log it is the only clock there is.
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, datefmt="%Y-%m-%d %H:%M:%S",
+                        format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s")
+    quiet_library_bars(rank)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -138,12 +145,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "report":
             return _report(args.run_dir)
         if args.command == "tiny-models":
+            import torch
+
             from mllmfl_dist.models.tiny import build_tiny_models
+            from mllmfl_dist.stages.deepspeed_setup import cpu_accelerator_env
+
+            # transformers may import DeepSpeed, which would guess the accelerator and warn about it.
+            cpu_accelerator_env(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
 
             for name, path in build_tiny_models(args.directory).items():
                 print(f"{name}: {path}")
             return 0
         cfg = load_config(args.config, args.overrides)
+        from mllmfl_dist.tracking.tracker import check_trackers
+
+        check_trackers(cfg.log)
+        if args.command in ("federate", "run") and args.seeds:
+            from mllmfl_dist.stages.compare import parse_seeds
+            from mllmfl_dist.sweep import seed_configs
+
+            sweep = seed_configs(args.config, args.overrides, parse_seeds(args.seeds, cfg))
+            return _run_stage(cfg, args.command, stop, sweep=sweep)
         if args.command == "evaluate":
             return _evaluate(cfg, args.checkpoint)
         if args.command == "compare":
@@ -187,31 +209,25 @@ def _fail(err: Exception, code: int, *, everywhere: bool, prefix: str = "", labe
     return code
 
 
-def _run_stage(cfg, command: str, stop: preempt.StopRequest, methods: Sequence = (),
-               seeds: Sequence[int] = ()) -> int:
+def _run_stage(cfg, command: str, stop: preempt.StopRequest, methods: Sequence = (), seeds: Sequence[int] = (),
+               sweep: Sequence = ()) -> int:
+    """Run ``command`` on this job's ranks; ``sweep``: the per-seed configs of ``federate/run --seeds``."""
     from mllmfl_dist import dist
 
+    _load_libraries(cfg, command, any(getattr(m, "dwp", False) for m in methods))
     runtime = dist.init_runtime(cfg.dist, stop=stop)
     try:
-        if command == "federate":
-            from mllmfl_dist.stages.federated import run_federated
+        if command in ("federate", "run"):
+            from mllmfl_dist.sweep import mean_std_line, seed_line
 
-            final = run_federated(cfg, runtime)
-            if runtime.is_server and final:
-                groups = ", ".join(f"{g} {final[f'acc_{g}']:.4f}" for g in ("many", "medium", "few")
-                                   if final.get(f"acc_{g}") is not None)
-                print(f"round {final['round']}: balanced acc {final['acc']:.4f} (top-1 {final['acc_top1']:.4f}; "
-                      f"{groups})")
-        elif command == "run":
-            from mllmfl_dist.pipeline import run_pipeline
-
-            summary = run_pipeline(cfg, runtime)
-            if runtime.is_server:
-                print(f"run: report in {cfg.run_dir / 'report'}")
-                final = summary.get("federated", {})
-                if final:
-                    print(f"final balanced accuracy {final.get('acc', float('nan')):.4f} after round "
-                          f"{final.get('round')}")
+            finals = []
+            for run_cfg in sweep or [cfg]:
+                final = _federate_or_run(run_cfg, command, runtime)
+                finals.append(final)
+                if sweep and runtime.is_server:
+                    print(seed_line(run_cfg, final), flush=True)
+            if sweep and runtime.is_server:
+                print(mean_std_line(finals))
         elif command == "compare":
             from mllmfl_dist.stages.compare import compare_dir, run_compare
             from mllmfl_dist.stages.compare_table import results_markdown
@@ -255,6 +271,53 @@ def _report(run_dir: str) -> int:
     summary = write_report(path)
     print(f"report: {path / 'report' / 'report.md'} ({', '.join(summary['plots']) or 'no plots'})")
     return 0
+
+
+def _load_libraries(cfg, command: str, compare_pretrains: bool = False) -> None:
+    """Import the command's native libraries before the process group starts its threads. torchvision (and
+    DeepSpeed, transformers) imported after gloo's threads exist make a rank abort at exit now and then
+    ("terminate called without an active exception", exit -6: 2 of 5 three-process federate runs on the CI
+    VM, 0 of 12 with torchvision imported first)."""
+    import torch
+    import torchvision  # noqa: F401
+
+    from mllmfl_dist.pipeline import planned_stages
+    from mllmfl_dist.stages.deepspeed_setup import cpu_accelerator_env, prepare_deepspeed
+
+    gpu = cfg.dist.backend != "gloo" and torch.cuda.is_available()
+    device = torch.device("cuda" if gpu else "cpu")
+    cpu_accelerator_env(device)  # before anything imports DeepSpeed: no accelerator guess and warning per rank
+    stages = {command} | (set(planned_stages(cfg)) if command in ("run", "compare") else set())
+    if compare_pretrains:
+        stages.add("pretrain")
+    if stages & {"annotate", "pretrain"} or cfg.align.teacher == "llava":
+        import transformers  # noqa: F401
+    if "pretrain" in stages:
+        prepare_deepspeed(device, cfg.pretrain.deepspeed.cpu_comm)
+        import deepspeed  # noqa: F401
+
+
+def _federate_or_run(cfg, command: str, runtime) -> dict:
+    """One ``federate`` or ``run``; the final evaluation on rank 0 ({} elsewhere)."""
+    if command == "federate":
+        from mllmfl_dist.stages.federated import run_federated
+
+        final = run_federated(cfg, runtime)
+        if runtime.is_server and final:
+            groups = ", ".join(f"{g} {final[f'acc_{g}']:.4f}" for g in ("many", "medium", "few")
+                               if final.get(f"acc_{g}") is not None)
+            print(f"round {final['round']}: balanced acc {final['acc']:.4f} (top-1 {final['acc_top1']:.4f}; "
+                  f"{groups})")
+        return final or {}
+    from mllmfl_dist.pipeline import run_pipeline
+
+    summary = run_pipeline(cfg, runtime)
+    final = summary.get("federated", {}) if runtime.is_server else {}
+    if runtime.is_server:
+        print(f"run: report in {cfg.run_dir / 'report'}")
+        if final:
+            print(f"final balanced accuracy {final.get('acc', float('nan')):.4f} after round {final.get('round')}")
+    return final
 
 
 def _evaluate(cfg, checkpoint_path: str) -> int:

@@ -14,21 +14,29 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import tomli
+from mllmfl_dist.config_values import DSA_OPERATIONS, dsa_operations, parse_index_range, valid_index_range
+from mllmfl_dist.errors import ConfigError
+from mllmfl_dist.resources import resolve_path
+from mllmfl_dist.run_name import is_template, resolve_run_name
 
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
 
-class ConfigError(ValueError):
-    """A user-caused configuration problem; the message names the key and what is allowed."""
+__all__ = ["Config", "ConfigError", "DSA_OPERATIONS", "dsa_operations", "load_config", "parse_index_range"]
 
 
 @dataclass(frozen=True)
 class RunConfig:
-    name: str = ""  # empty: the config file's stem
+    # empty: the config file's stem; may be a template over config values: "{federated.strategy}-s{run.seed}"
+    name: str = ""
     root: str = "runs"  # outputs go to <root>/<name>/
     seed: int = 0
     # `run` with a stage of the method (DWP or alignment) also runs FedAvg from scratch on the same data and
@@ -81,8 +89,16 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class PartitionConfig:
-    method: str = "dirichlet"  # dirichlet | creff | iid
-    alpha: float = 0.5
+    """How the training set is split among the clients (mllmfl_dist/data/partition.py)."""
+
+    method: str = "dirichlet"  # dirichlet | creff | iid | shards
+    alpha: float = 0.5  # dirichlet, creff
+    # dirichlet: flwr-datasets' DirichletPartitioner options. self_balancing: a client holding more than
+    # total / num_clients samples gets no share of later classes. min_partition_size: draw all classes again
+    # until every client holds this many (0: draw once, then an empty client takes a sample from the largest).
+    self_balancing: bool = False
+    min_partition_size: int = 0
+    shards_per_client: int = 2  # shards: label-sorted shards per client (McMahan et al. 2017)
 
 
 @dataclass(frozen=True)
@@ -165,8 +181,16 @@ class CheckpointConfig:
 
 @dataclass(frozen=True)
 class LogConfig:
+    """Where rank 0 reports (mllmfl_dist/tracking/); metrics.jsonl and rounds.jsonl are always written."""
+
     tensorboard: bool = True
-    progress: bool = True  # tqdm bar over rounds on rank 0
+    wandb: bool = False  # Weights & Biases: pip install 'mllmfl-dist[wandb]'
+    mlflow: bool = False  # MLflow: pip install 'mllmfl-dist[mlflow]'
+    project: str = "mllmfl-dist"  # the W&B project and the MLflow experiment
+    wandb_mode: str = ""  # "": W&B's own choice (WANDB_MODE, else online) | online | offline | disabled
+    mlflow_uri: str = ""  # "": sqlite:///<run.root>/mlflow.db; or a file: / http(s):// tracking URI
+    # tqdm bars while stderr is a terminal; otherwise (or false) one log line per evaluation and stage
+    progress: bool = True
 
 
 @dataclass(frozen=True)
@@ -200,6 +224,10 @@ class DeepSpeedConfig:
     scheduler: str = "WarmupCosineLR"  # none | WarmupLR | WarmupCosineLR
     warmup_steps: int = 0
     gradient_clipping: float = 1.0
+    # A DeepSpeed JSON of your own (offload, ZeRO-3 options, ...) merged under the keys set here, which win.
+    config_file: str = ""
+    # CPU ranks all-reduce through gloo ("shm": DeepSpeed's shared-memory op, JIT-compiled on first use).
+    cpu_comm: str = "gloo"
 
 
 @dataclass(frozen=True)
@@ -294,7 +322,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "dist.backend": ("auto", "gloo", "nccl"),
     "data.source": ("synthetic", "fashion_mnist", "cifar10", "cifar100", "imagenet_lt", "shards"),
     "data.synthetic_mode": ("array", "on_demand"),
-    "partition.method": ("dirichlet", "creff", "iid"),
+    "partition.method": ("dirichlet", "creff", "iid", "shards"),
     "model.arch": ("resnet8", "resnet50"),
     "federated.strategy": ("fedavg", "fedavgm", "fedprox", "creff", "clip2fl"),
     "annotate.ranks": ("rank0", "all"),
@@ -305,49 +333,15 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "pretrain.deepspeed.precision": ("fp32", "bf16", "fp16"),
     "pretrain.deepspeed.optimizer": ("Adam", "AdamW", "SGD"),
     "pretrain.deepspeed.scheduler": ("none", "WarmupLR", "WarmupCosineLR"),
+    "pretrain.deepspeed.cpu_comm": ("gloo", "shm"),
     "align.source": ("pool", "holdout", "web"),
     "creff.gradient_mean": ("clients", "samples"),
     "align.teacher": ("none", "llava", "clip"),
     "align.train": ("classifier", "all"),
+    "log.wandb_mode": ("", "online", "offline", "disabled"),
 }
 
 Rule = tuple[typing.Callable[[Any], bool], str]
-
-# The operations of Differentiable Siamese Augmentation (creff.dsa_strategy); mllmfl_dist.data.dsa
-# implements exactly these.
-DSA_OPERATIONS = ("color", "crop", "cutout", "flip", "scale", "rotate")
-
-
-def dsa_operations(strategy: str) -> tuple[str, ...]:
-    """``"color_crop"`` -> ``("color", "crop")``; ``"none"`` or ``""`` -> ``()``."""
-    if strategy.strip().lower() in ("", "none"):
-        return ()
-    return tuple(strategy.strip().split("_"))
-
-
-def parse_index_range(text: str) -> slice:
-    """``"start:stop"`` (either side may be empty) -> ``slice(start, stop)``; ``""`` -> ``slice(None)``.
-    Raises ValueError for anything else."""
-    if not text.strip():
-        return slice(None)
-    start, sep, stop = text.strip().partition(":")
-    if not sep or ":" in stop:
-        raise ValueError(text)
-    bounds = [int(part) if part.strip() else None for part in (start, stop)]
-    if any(b is not None and b < 0 for b in bounds):
-        raise ValueError(text)
-    if None not in bounds and bounds[0] >= bounds[1]:
-        raise ValueError(text)
-    return slice(*bounds)
-
-
-def _valid_index_range(text: str) -> bool:
-    try:
-        parse_index_range(text)
-    except ValueError:
-        return False
-    return True
-
 
 def _int_at_least(low: int) -> Rule:
     return (lambda v: v >= low, f"an integer >= {low}")
@@ -362,7 +356,7 @@ _IMAGE_PROMPT: Rule = (lambda v: v.count("<image>") == 1, "a prompt holding <ima
 
 # Bounds checked for every config: key -> (predicate, what is allowed).
 _RULES: dict[str, Rule] = {
-    "run.name": (lambda v: "/" not in v and v not in (".", ".."), "a name without '/'"),
+    "run.name": (lambda v: "/" not in v and v not in ("", ".", ".."), "a non-empty name without '/'"),
     "run.seed": _int_at_least(0),
     "dist.threads": _int_at_least(1),
     "dist.timeout_minutes": _POSITIVE,
@@ -378,12 +372,14 @@ _RULES: dict[str, Rule] = {
     "data.samples_per_client": _int_at_least(1),
     "data.test_per_class": _int_at_least(1),
     "data.server_holdout_per_class": _int_at_least(0),
-    "data.train_indices": (_valid_index_range, 'a "start:stop" range of non-negative integers, start < stop '
+    "data.train_indices": (valid_index_range, 'a "start:stop" range of non-negative integers, start < stop '
                                                '(either may be omitted), or "" for the whole split'),
     "partition.alpha": _POSITIVE,
     "annotate.prompt": _IMAGE_PROMPT,
     "pretrain.prompt": _IMAGE_PROMPT,
     "align.prompt": _IMAGE_PROMPT,
+    "partition.min_partition_size": _int_at_least(0),
+    "partition.shards_per_client": _int_at_least(1),
     "model.width_scale": _int_at_least(1),
     "model.in_channels": (lambda v: v >= 0, "an integer >= 0 (0: the data's channel count)"),
     "federated.rounds": _int_at_least(1),
@@ -446,13 +442,14 @@ _RULES: dict[str, Rule] = {
 
 
 def load_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> Config:
-    """Read a TOML file, apply ``section.key=value`` overrides, validate, and return a frozen Config."""
-    path = Path(path)
+    """Read a TOML file, apply ``section.key=value`` overrides, validate, and return a frozen Config.
+    ``configs/NAME.toml`` not found in the working directory is the shipped config (:mod:`mllmfl_dist.resources`)."""
+    path = resolve_path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        raw = tomli.loads(path.read_text())
-    except tomli.TOMLDecodeError as err:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"{path}: not valid TOML: {err}") from None
     for item in overrides:
         keys, value = _parse_override(item)
@@ -470,6 +467,9 @@ def load_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> Confi
 
 def config_from_dict(raw: dict[str, Any]) -> Config:
     config = _build(Config, raw, "")
+    if is_template(config.run.name):  # "{federated.strategy}-s{run.seed}": resolved after every override
+        name = resolve_run_name(config.run.name, flat_items(config.to_dict()))
+        config = dataclasses.replace(config, run=dataclasses.replace(config.run, name=name))
     validate(config)
     return config
 
@@ -578,11 +578,18 @@ def validate(config: Config) -> None:
                               "data.synthetic_mode = 'array'")
     if config.data.source != "synthetic" and config.data.synthetic_mode != "array":
         raise ConfigError("data.synthetic_mode = 'on_demand' is only allowed with data.source = 'synthetic'")
+    part = config.partition
+    if config.data.synthetic_mode == "on_demand" and (part.method == "shards" or part.self_balancing
+                                                      or part.min_partition_size):
+        # On-demand clients draw their own label mix; there is no whole training set to cut.
+        raise ConfigError("data.synthetic_mode = 'on_demand' supports partition.method dirichlet, creff or iid "
+                          "without partition.self_balancing or partition.min_partition_size")
 
 
 # Keys that may change when a run is resumed: they do not change what a completed round computed (where a
 # run lives is not part of what it computes, so a moved or renamed run directory resumes).
-RESUMABLE_CHANGES = ("run.root", "run.name", "run.baseline", "federated.rounds", "data.root", "data.download", "dist.backend",
+RESUMABLE_CHANGES = ("run.root", "run.name", "run.baseline", "federated.rounds", "data.root", "data.download",
+                     "dist.backend",
                      "dist.timeout_minutes", "dist.control_timeout_minutes", "dist.init_timeout_minutes",
                      "dist.wait_report_seconds", "eval.", "checkpoint.", "log.",
                      "clip2fl.teacher_batch_size",

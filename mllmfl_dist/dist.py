@@ -23,6 +23,7 @@ import torch
 import torch.distributed as torch_dist
 
 from mllmfl_dist.config import ConfigError, DistConfig
+from mllmfl_dist.errors import RankLostError
 
 SERVER_RANK = 0
 STALE_WAITS = 64
@@ -110,11 +111,6 @@ class WaitSettings:
     control_minutes: float = 1440.0  # dist.control_timeout_minutes
     report_seconds: float = 60.0  # dist.wait_report_seconds
     count: int = 0
-
-
-class RankLostError(RuntimeError):
-    """A wait on other ranks ran out or broke; the message names the wait, the missing ranks and the key
-    that sets its timeout."""
 
 
 @dataclass(frozen=True)
@@ -382,7 +378,8 @@ def broadcast_control_(runtime: Runtime, tensor: torch.Tensor, what: str = "data
     return tensor
 
 
-def all_reduce_control_(runtime: Runtime, tensor: torch.Tensor, what: str = "work split over the ranks") -> torch.Tensor:
+def all_reduce_control_(runtime: Runtime, tensor: torch.Tensor,
+                        what: str = "work split over the ranks") -> torch.Tensor:
     """Sum a CPU ``tensor`` over ranks, in place, over the control group (one-off work split over ranks)."""
     if runtime.distributed:
         with _control_wait(runtime, what):

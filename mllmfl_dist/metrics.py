@@ -1,4 +1,7 @@
-"""Metrics of a stage: one JSON object per line, and TensorBoard events beside the file."""
+"""Metrics of a stage: one JSON object per line (the record the report, ``compare`` and resume read).
+
+Experiment trackers (TensorBoard, W&B, MLflow) mirror these records' numbers: :mod:`mllmfl_dist.tracking`.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +9,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from mllmfl_dist.checkpoint import append_text, output_errors, write_text_atomic
+from mllmfl_dist.checkpoint import append_text, write_text_atomic
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
@@ -30,19 +33,16 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
 
 
 class MetricsLog:
-    """Appends JSON records to ``<dir>/<name>`` and mirrors scalar fields to TensorBoard.
+    """Appends JSON records to ``<dir>/<name>``.
 
     ``truncate_after(round)`` drops records of rounds that a resumed run is about to redo, so the file
-    never holds two records for one round; TensorBoard events of those rounds are purged likewise.
+    never holds two records for one round (the Tracker's TensorBoard sink purges their events likewise).
     """
 
-    def __init__(self, directory: str | Path, name: str = "metrics.jsonl", tensorboard: bool = True):
+    def __init__(self, directory: str | Path, name: str = "metrics.jsonl"):
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.path = self.directory / name
-        self.tensorboard = tensorboard
-        self._writer = None
-        self._purge_step: int | None = None
 
     def records(self) -> list[dict[str, Any]]:
         """The records; a last line torn by a job killed mid-write is dropped (its round is redone)."""
@@ -51,27 +51,6 @@ class MetricsLog:
     def truncate_after(self, round_index: int) -> None:
         kept = [r for r in self.records() if r.get("round", 0) <= round_index]
         write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
-        self._purge_step = round_index + 1
 
     def append(self, record: dict[str, Any]) -> None:
         append_text(self.path, json.dumps(record) + "\n")
-        if self.tensorboard:
-            self._scalars(record)
-
-    def _scalars(self, record: dict[str, Any]) -> None:
-        if self._writer is None:
-            # Imported on first use: TensorBoard's import costs about a second at start-up.
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._writer = SummaryWriter(log_dir=str(self.directory), purge_step=self._purge_step)
-        step = record.get("round", 0)
-        with output_errors(self.directory):
-            for key, value in record.items():
-                if key != "round" and isinstance(value, (int, float)) and not isinstance(value, bool):
-                    self._writer.add_scalar(key, value, step)
-            self._writer.flush()
-
-    def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None

@@ -4,8 +4,9 @@ Which stages run follows from the config: federated finetuning always; DWP pretr
 finetuning starts from this run's backbone (``model.pretrained_backbone = "pretrain"``); annotation when
 that pretraining reads this run's captions (``pretrain.shards`` empty); alignment inside the round loop
 when ``align.every > 0``; and, when the config runs a stage of the method, FedAvg from scratch on the same
-data and seed in ``<run dir>/baseline/`` (``run.baseline``), for the report. Every stage skips work that is complete, so rerunning the same command after an
-interruption picks up where it stopped, and a finished run only rewrites its report.
+data and seed in ``<run dir>/baseline/`` (``run.baseline``), for the report. Every stage skips work that is
+complete, so rerunning the same command after an interruption picks up where it stopped, and a finished run
+only rewrites its report.
 """
 
 from __future__ import annotations

@@ -24,11 +24,12 @@ import re
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
+if TYPE_CHECKING:
+    import numpy as np
 
-from mllmfl_dist.data.base import DataError
+from mllmfl_dist.errors import DataError
 
 USAGE_ERROR = 2
 SOURCES = ("fashion_mnist", "cifar10", "cifar100", "synthetic")
@@ -299,6 +300,8 @@ def select_indices(labels: np.ndarray, num_classes: int, start: int, stop: int,
                    per_class: int | None, imb_factor: float | None) -> np.ndarray:
     """Sorted indices of the samples to pack: the range, then the first ``per_class`` of each class, then
     the package's long tail (:func:`~mllmfl_dist.data.longtail_indices`)."""
+    import numpy as np
+
     from mllmfl_dist.data.longtail import longtail_indices
 
     chosen = np.arange(start, stop, dtype=np.int64)
@@ -320,6 +323,8 @@ def _source_samples(args: argparse.Namespace) -> tuple[Iterator[dict[str, Any]],
         raise DataError(f"--per-class {args.per_class}: must be >= 1")
     if args.imb_factor is not None and not 0 < args.imb_factor <= 1:
         raise DataError(f"--imb-factor {args.imb_factor}: must be in (0, 1]")
+    import numpy as np
+
     arrays = _load_source(args)
     if args.split == "train":
         images, labels = arrays.train_images, np.asarray(arrays.train_labels, dtype=np.int64)

@@ -20,7 +20,7 @@ def _client_states(num, seed=0):
         with torch.no_grad():
             for p in model.parameters():
                 p.normal_()
-            for name, b in model.named_buffers():
+            for b in model.buffers():
                 if b.dtype.is_floating_point:
                     b.uniform_(0.5, 2.0)
                 else:

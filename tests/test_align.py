@@ -128,7 +128,8 @@ def test_after_alignment_every_rank_holds_the_same_model(tmp_path):
     models = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(3)]
     for other in models[1:]:
         assert all(torch.equal(models[0][k], other[k]) for k in models[0])
-    records = [json.loads(line) for line in (tmp_path / "smoke" / "federated" / "metrics.jsonl").read_text().splitlines()]
+    metrics = tmp_path / "smoke" / "federated" / "metrics.jsonl"
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
     assert all("before_align" in r and "align_loss" in r for r in records)
     assert any(r["before_align"]["acc"] != r["acc"] for r in records)  # alignment changed the model
 

@@ -126,7 +126,8 @@ def test_compare_refuses_bad_input_before_running_anything(tmp_path, capsys):
     assert cli("compare", str(SMOKE), "--methods", "clip2fl", sets=sets) == 2
     assert "clip2fl.model" in capsys.readouterr().err
     missing = tmp_path / "no_clip"
-    assert cli("compare", str(SMOKE), "--methods", "fedavg,clip2fl", sets=[*sets, f"clip2fl.model=local-dir:{missing}"]) == 2
+    assert cli("compare", str(SMOKE), "--methods", "fedavg,clip2fl",
+               sets=[*sets, f"clip2fl.model=local-dir:{missing}"]) == 2
     assert str(missing) in capsys.readouterr().err
     assert cli("compare", str(SMOKE), "--methods", "fedavg", "--seeds", "0,x", sets=sets) == 2
     assert "--seeds" in capsys.readouterr().err

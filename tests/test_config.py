@@ -129,7 +129,8 @@ def test_resume_differences_ignore_sections_the_strategy_does_not_read():
     assert resume_differences(base, clip_model) == []
     for strategy, expected in (("creff", ["creff.crt_epochs: 300 -> 5"]),
                                ("clip2fl", ["creff.crt_epochs: 300 -> 5", "clip2fl.model: '' -> 'local-dir:clip'"])):
-        saved, current = Config().to_dict(), dict(clip_model, federated=dict(clip_model["federated"], strategy=strategy))
+        saved = Config().to_dict()
+        current = dict(clip_model, federated=dict(clip_model["federated"], strategy=strategy))
         saved["federated"]["strategy"] = strategy
         assert resume_differences(saved, current) == expected
 

@@ -6,7 +6,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 
 from mllmfl_dist.bench import reference_rounds
@@ -104,7 +103,8 @@ def test_finetuning_starts_from_the_pretrained_backbone_on_every_rank(tmp_path):
     fresh = build_fl_model(cfg, build_data(cfg)).state_dict()
     assert max_abs_difference({"w": got["classifier.weight"]}, {"w": fresh["classifier.weight"]}) < 1e-3
 
-    missing = launch(3, tmp_path, "no_backbone", "federated.rounds=1", f"model.pretrained_backbone={tmp_path / 'nope.pt'}")
+    missing = launch(3, tmp_path, "no_backbone", "federated.rounds=1",
+                     f"model.pretrained_backbone={tmp_path / 'nope.pt'}")
     printed = [line for line in missing.stderr.splitlines() if line.startswith("mllmfl_dist: error:")]
     assert missing.returncode != 0 and len(printed) == 1 and "model.pretrained_backbone" in printed[0]
 

@@ -24,7 +24,8 @@ def test_federate_writes_metrics_model_and_events_then_a_rerun_does_nothing(tmp_
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in records] == [2, 3]  # every 2 rounds, and the last one
     for record in records:
-        assert {"round", "acc", "acc_top1", "acc_many", "acc_medium", "acc_few", "per_class", "round_seconds"} <= record.keys()
+        assert {"round", "acc", "acc_top1", "acc_many", "acc_medium", "acc_few", "per_class",
+                "round_seconds"} <= record.keys()
         assert len(record["per_class"]) == 10 and 0.0 <= record["acc"] <= 1.0
     assert list(out.glob("events.out.tfevents.*")), "TensorBoard events beside metrics.jsonl"
     model = torch.load(out / "model_final.pt", weights_only=True)
@@ -114,7 +115,7 @@ def test_unreadable_backbone_file_is_one_message(tmp_path, capsys):
 def test_a_torn_last_metrics_line_is_dropped(tmp_path):
     from mllmfl_dist.metrics import MetricsLog
 
-    log = MetricsLog(tmp_path, tensorboard=False)
+    log = MetricsLog(tmp_path)
     log.append({"round": 1, "acc": 0.5})
     with log.path.open("a") as handle:
         handle.write('{"round": 2, "ac')  # a job killed mid-write

@@ -118,7 +118,8 @@ def test_an_elastic_restart_after_a_killed_rank_resumes_and_equals_a_straight_ru
     a = torch.load(tmp_path / "straight" / "smoke" / "federated" / "model_final.pt", weights_only=True)
     b = torch.load(tmp_path / "killed" / "smoke" / "federated" / "model_final.pt", weights_only=True)
     assert all(torch.equal(a[k], b[k]) for k in a)
-    rounds = [json.loads(line)["round"] for line in (tmp_path / "killed" / "smoke" / "federated" / "rounds.jsonl").open()]
+    rounds_log = tmp_path / "killed" / "smoke" / "federated" / "rounds.jsonl"
+    rounds = [json.loads(line)["round"] for line in rounds_log.open()]
     assert rounds == [1, 2, 3, 4, 5]  # redone rounds replace their records
 
 

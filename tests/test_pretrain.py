@@ -475,3 +475,22 @@ def test_two_gloo_processes_train_data_parallel(tiny, tmp_path):
     print(f"2 processes: {metrics['samples_per_second']:.1f} samples/s; held-out loss "
           f"{metrics['heldout_loss_alpha1_step0']:.3f} -> {metrics['heldout_loss_alpha1']:.3f}")
     assert (Path(load_config(config).run_dir) / "pretrain" / "backbone.pt").is_file()
+
+
+def test_the_dwp_loss_curve_and_held_out_losses_reach_tensorboard(tiny, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from mllmfl_dist.stages.pretrain import run_pretrain
+
+    cfg = load_config(write_config(tmp_path, tiny, "tracked", steps=4, checkpoint_every=2), ["log.tensorboard=true"])
+    metrics = run_pretrain(cfg, single_runtime(), progress=False)
+    events = EventAccumulator(str(cfg.run_dir / "pretrain"), size_guidance={"scalars": 0})
+    events.Reload()
+    scalars = {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+    assert [s for s, _ in scalars["pretrain/loss"]] == [1, 2, 3, 4]
+    assert [v for _, v in scalars["pretrain/loss"]] == pytest.approx([r["loss"] for r in metrics["loss"]], rel=1e-6)
+    assert [s for s, _ in scalars["pretrain/alpha"]] == [1, 2, 3, 4]
+    assert [v for _, v in scalars["pretrain/heldout_loss_alpha1"]] == pytest.approx(
+        [metrics["heldout_loss_alpha1_step0"], metrics["heldout_loss_alpha1"]], rel=1e-6)
+    assert [s for s, _ in scalars["pretrain/heldout_loss_alpha1"]] == [0, 4]
+    assert scalars["pretrain/heldout_loss_alpha0"] == [(4, pytest.approx(metrics["heldout_loss_alpha0"], rel=1e-6))]

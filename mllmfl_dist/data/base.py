@@ -8,10 +8,9 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from ..errors import DataError
 
-class DataError(RuntimeError):
-    """A user-caused data problem (missing files, too few samples); the message is one line naming the
-    path and the config key or flag to change. The CLI prints it and exits non-zero."""
+__all__ = ["ArrayClientData", "ClientData", "DataError"]
 
 
 class ClientData(abc.ABC):
@@ -44,6 +43,11 @@ class ClientData(abc.ABC):
     @abc.abstractmethod
     def test_set(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The balanced test set: images uint8 ``[n, C, H, W]`` and labels int64 ``[n]``."""
+
+    def client_class_counts(self) -> np.ndarray | None:
+        """``[num_clients, num_classes]`` int64 samples of each class per client; None where clients are
+        generated on demand (no fixed samples)."""
+        return None
 
     def _check_client_id(self, client_id: int) -> int:
         client_id = int(client_id)
@@ -124,6 +128,12 @@ class ArrayClientData(ClientData):
 
     def train_class_counts(self) -> list[int]:
         return list(self._class_counts)
+
+    def client_class_counts(self) -> np.ndarray:
+        owner = np.repeat(np.arange(self.num_clients), np.diff(self._offsets))
+        labels = self._labels.numpy()[self._flat]
+        flat = np.bincount(owner * self.num_classes + labels, minlength=self.num_clients * self.num_classes)
+        return flat.reshape(self.num_clients, self.num_classes)
 
     def test_set(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self._test

@@ -53,7 +53,9 @@ def build_client_data(data: DataConfig, partition: PartitionConfig, num_clients:
             raise DataError(f"data.imb_factor = {data.imb_factor:g} leaves class(es) {empty} with no training "
                             f"samples; raise data.imb_factor (or add data)")
     parts = partition_indices(
-        arrays.train_labels[kept], num_classes, num_clients, partition.method, partition.alpha, seed
+        arrays.train_labels[kept], num_classes, num_clients, partition.method, partition.alpha, seed,
+        self_balancing=partition.self_balancing, min_partition_size=partition.min_partition_size,
+        shards_per_client=partition.shards_per_client,
     )
     return ArrayClientData(
         images=arrays.train_images,

@@ -1,7 +1,22 @@
-"""Split a labeled training set among clients: Dirichlet label skew (plain and CReFF variant) and IID.
+"""Split a labeled training set among clients: Dirichlet label skew (plain and CReFF variant), IID, shards.
 
 - ``dirichlet``: each class is cut among all clients by proportions ~ Dir(alpha); an empty client
-  takes one sample from the largest.
+  takes one sample from the largest. This is flwr-datasets' ``DirichletPartitioner`` (Flower Datasets
+  0.6; Hsu et al. 2019): per class ``p ~ Dir(alpha)``, cut points ``int(cumsum(p) * n)``; with its
+  options ``self_balancing`` (``partition.self_balancing``: a client already holding more than
+  ``total / N`` samples gets no share of the next classes) and ``min_partition_size``
+  (``partition.min_partition_size``: every class is drawn again until each client holds at least that
+  many samples; after 11 draws, flwr's limit, it is a DataError). Our default, ``min_partition_size = 0``
+  with self-balancing off, draws once and then moves one sample from the largest client to each empty one,
+  where flwr (``min_partition_size >= 1``) would draw again: the two agree on every draw that leaves no
+  client empty. Two further differences do not change the distribution: the samples of a class are
+  shuffled before the cut (flwr cuts them in dataset order) and the random stream is ours, seeded by
+  ``(seed, tag)``, so the same seed gives other draws than flwr's ``np.random.default_rng(seed)``.
+- ``shards``: the pathological non-IID split of McMahan et al. (2017): the samples sorted by label
+  (stable), cut into ``N * shards_per_client`` consecutive shards of equal size (the first ``total %
+  shards`` one larger, so every sample is used; flwr-datasets' ``ShardPartitioner`` drops that remainder),
+  and each client gets ``shards_per_client`` shards drawn without replacement (client i the i-th run of a
+  random permutation of the shards, as flwr does).
 - ``creff``: follows CReFF's released partition (Shang et al., IJCAI 2022; also used by CLIP2FL):
   FedDF's ``build_non_iid_by_dirichlet`` (shuffle, split the clients into groups of 10 "auxiliary
   workers" with proportional chunks of the samples, per class Dir(alpha) over a group's workers with
@@ -22,13 +37,18 @@ import numpy as np
 
 from .base import DataError
 
-METHODS = ("dirichlet", "creff", "iid")
+METHODS = ("dirichlet", "creff", "iid", "shards")
 
 # Distinct RNG stream tags, so no two uses of the same seed share random numbers.
 _TAG_DIRICHLET = 101
 _TAG_CREFF_SHUFFLE = 102
 _TAG_CREFF_SPLIT = 103
 _TAG_IID = 105
+_TAG_SHARDS = 106
+
+# Draws of the plain Dirichlet partition before min_partition_size is given up: flwr-datasets' limit (the
+# first draw and 10 more).
+_DIRICHLET_DRAWS = 11
 
 # CReFF (FedDF) splits the workers into groups of this many ("auxiliary workers").
 _CREFF_GROUP = 10
@@ -40,12 +60,14 @@ _CREFF_BLOCK = 1 << 22
 
 
 def partition_indices(
-    labels: np.ndarray, num_classes: int, num_clients: int, method: str, alpha: float, seed: int
+    labels: np.ndarray, num_classes: int, num_clients: int, method: str, alpha: float, seed: int, *,
+    self_balancing: bool = False, min_partition_size: int = 0, shards_per_client: int = 2,
 ) -> list[np.ndarray]:
     """Indices (into ``labels``) of each client's samples, ascending within a client.
 
     Every index is used exactly once and every client gets at least one sample. The result depends
-    only on the arguments.
+    only on the arguments. ``self_balancing`` and ``min_partition_size`` apply to ``dirichlet``,
+    ``shards_per_client`` to ``shards``. Raises DataError for a split the data cannot give.
     """
     labels = np.asarray(labels, dtype=np.int64)
     if num_clients < 1:
@@ -62,7 +84,14 @@ def partition_indices(
             "lower federated.num_clients or raise data.imb_factor"
         )
     if method == "dirichlet":
-        client_of = _dirichlet_clients(labels, num_classes, num_clients, alpha, seed)
+        if min_partition_size * num_clients > len(labels):
+            raise DataError(f"partition.min_partition_size = {min_partition_size} needs {min_partition_size} x "
+                            f"{num_clients} clients = {min_partition_size * num_clients} training samples, there are "
+                            f"{len(labels)}; lower it or federated.num_clients")
+        client_of = _dirichlet_clients(labels, num_classes, num_clients, alpha, seed, self_balancing,
+                                       min_partition_size)
+    elif method == "shards":
+        client_of = _shard_clients(labels, num_clients, shards_per_client, seed)
     elif method == "creff":
         client_of = _creff_clients(labels, num_classes, num_clients, alpha, seed)
     else:
@@ -90,18 +119,58 @@ def _iid_clients(num_samples: int, num_clients: int, seed: int) -> np.ndarray:
     return client_of
 
 
-def _dirichlet_clients(labels: np.ndarray, num_classes: int, num_clients: int, alpha: float, seed: int) -> np.ndarray:
-    """Plain per-class Dirichlet: each class is cut among the clients by proportions ~ Dir(alpha)."""
+def _dirichlet_clients(labels: np.ndarray, num_classes: int, num_clients: int, alpha: float, seed: int,
+                       self_balancing: bool = False, min_size: int = 0) -> np.ndarray:
+    """Plain per-class Dirichlet: each class is cut among the clients by proportions ~ Dir(alpha), classes
+    in order; with ``self_balancing`` a client above the average size gets no share of later classes; all
+    classes are drawn again until every client holds ``min_size`` samples (at most ``_DIRICHLET_DRAWS``
+    draws). The draws continue one random stream, so the first draw is the same whatever the options."""
     rng = np.random.default_rng([seed, _TAG_DIRICHLET])
-    client_of = np.empty(len(labels), dtype=np.int64)
-    for c in range(num_classes):
-        members = rng.permutation(np.flatnonzero(labels == c))
-        proportions = rng.dirichlet(np.full(num_clients, alpha))
-        bounds = np.minimum(np.floor(np.cumsum(proportions) * len(members)).astype(np.int64), len(members))
-        bounds[-1] = len(members)  # the float cumsum may end just below 1
-        counts = np.diff(bounds, prepend=0)
-        client_of[members] = np.repeat(np.arange(num_clients), counts)
+    average = len(labels) / num_clients
+    for _ in range(_DIRICHLET_DRAWS):
+        client_of = np.empty(len(labels), dtype=np.int64)
+        sizes = np.zeros(num_clients, dtype=np.int64)
+        for c in range(num_classes):
+            members = rng.permutation(np.flatnonzero(labels == c))
+            proportions = rng.dirichlet(np.full(num_clients, alpha))
+            if self_balancing:
+                open_clients = sizes <= average  # someone always is: the sizes sum to at most the total
+                proportions = np.where(open_clients, proportions, 0.0)
+                total = np.cumsum(proportions)[-1]  # summed left to right as flwr does: the same cut points
+                # A tiny alpha can leave every open client's share at exactly 0.0 (float underflow), where flwr
+                # would divide by zero: the class then goes to the open clients in equal parts.
+                proportions = proportions / total if total > 0 else open_clients / open_clients.sum()
+            bounds = np.minimum(np.floor(np.cumsum(proportions) * len(members)).astype(np.int64), len(members))
+            bounds[-1] = len(members)  # the float cumsum may end just below 1 (flwr: the last split's rest)
+            counts = np.diff(bounds, prepend=0)
+            client_of[members] = np.repeat(np.arange(num_clients), counts)
+            sizes += counts
+        if sizes.min() >= min_size:
+            break
+    else:
+        raise DataError(f"dirichlet partition: after {_DIRICHLET_DRAWS} draws a client still holds "
+                        f"{int(sizes.min())} < partition.min_partition_size = {min_size} samples; raise "
+                        f"partition.alpha (now {alpha}) or lower partition.min_partition_size or "
+                        f"federated.num_clients")
     _fill_empty_clients(client_of, num_clients, rng)
+    return client_of
+
+
+def _shard_clients(labels: np.ndarray, num_clients: int, shards_per_client: int, seed: int) -> np.ndarray:
+    """McMahan et al.'s shards: label-sorted samples cut into ``num_clients * shards_per_client`` equal
+    consecutive shards (sizes within one), each client ``shards_per_client`` of them at random."""
+    num_shards = num_clients * shards_per_client
+    if num_shards > len(labels):
+        raise DataError(f"partition.method = 'shards': {num_clients} clients x partition.shards_per_client = "
+                        f"{shards_per_client} shards need at least {num_shards} training samples, there are "
+                        f"{len(labels)}; lower partition.shards_per_client or federated.num_clients")
+    rng = np.random.default_rng([seed, _TAG_SHARDS])
+    by_label = np.argsort(labels, kind="stable")
+    shard_of_position = np.repeat(np.arange(num_shards), _equal_sizes(len(labels), num_shards))
+    owner = np.empty(num_shards, dtype=np.int64)
+    owner[rng.permutation(num_shards)] = np.arange(num_shards) // shards_per_client
+    client_of = np.empty(len(labels), dtype=np.int64)
+    client_of[by_label] = owner[shard_of_position]
     return client_of
 
 

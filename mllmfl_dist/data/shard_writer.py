@@ -219,7 +219,7 @@ def write_shards(
             current.abort()
         for path in paths:  # no partial set of shards is left behind
             path.unlink(missing_ok=True)
-        raise as_output_error(err, paths[-1] if paths else pattern)  # a full disk: one line naming the shard
+        raise as_output_error(err, paths[-1] if paths else pattern) from None  # a full disk: one line naming the shard
     if not paths:
         raise DataError(f"no samples to write to {pattern}")
     return paths
@@ -243,7 +243,7 @@ def write_shard(samples: Iterable[dict[str, Any]], path: str | Path) -> Path:
     except BaseException as err:
         if shard is not None:
             shard.abort()
-        raise as_output_error(err, path)  # a full disk: one line naming the shard
+        raise as_output_error(err, path) from None  # a full disk: one line naming the shard
     return path
 
 

@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..resources import shipped_pattern
 from .base import DataError
 # The writer lives in its own module; its names stay importable from here.
 from .shard_writer import (CLASSES_FILE, IMAGE_EXTS, SHARD_SUFFIXES, encode_png, existing_shards,  # noqa: F401
@@ -79,7 +80,7 @@ def expand_shards(pattern: str) -> list[Path]:
     """
     from braceexpand import braceexpand
 
-    pattern = str(pattern).strip()
+    pattern = shipped_pattern(str(pattern).strip())  # shards/... without a clone: the shipped shards
     if not pattern:
         raise DataError("empty shard pattern")
     found: set[Path] = set()
@@ -307,8 +308,8 @@ def read_labeled_shards(paths: str | Path | Sequence[str | Path]) -> tuple[torch
             if shape is None:
                 shape = array.shape
             elif array.shape != shape:
-                raise DataError(f"{where}: image is {describe_shape(array.shape)}, the first one {describe_shape(shape)}; "
-                                "all images must share size and channels")
+                raise DataError(f"{where}: image is {describe_shape(array.shape)}, the first one "
+                                f"{describe_shape(shape)}; all images must share size and channels")
             seen[key] = path
             arrays.append(array)
             labels.append(sample["cls"])

@@ -50,7 +50,7 @@ def load_fashion_mnist(root: str) -> LabeledArrays:
     that holds them all. Gzipped (``.gz``) and plain files are both accepted."""
     folders = [Path(root).expanduser()] if root else [Path(d).expanduser() for d in FASHION_MNIST_DIRS]
     found = {folder: [_find_idx_file(folder, name) for name in FASHION_MNIST_FILES] for folder in folders}
-    for folder, paths in found.items():
+    for paths in found.values():
         if all(path is not None for path in paths):
             break
     else:

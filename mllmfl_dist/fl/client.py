@@ -38,9 +38,10 @@ class LocalTraining:
 def train_client(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, spec: LocalTraining,
                  generator: torch.Generator, strategy: Strategy,
                  global_params: Sequence[torch.Tensor] = (), device: torch.device | str = "cpu",
-                 side: torch.Tensor | None = None) -> None:
+                 side: torch.Tensor | None = None) -> float:
     """Train ``model`` in place on one client's uint8 images (``side``: optional per-sample rows, such as
-    teacher logits, that the strategy's loss reads batch by batch).
+    teacher logits, that the strategy's loss reads batch by batch). Returns the training loss (the
+    strategy's, e.g. with FedProx's term) averaged over every sample of every local step, NaN if no step ran.
 
     Data order and augmentation draw only from ``generator`` (seeded by seed, round and client id), so
     the result does not depend on which rank runs the client. A batch of a single sample is skipped
@@ -54,6 +55,9 @@ def train_client(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, s
     labels = labels.to(device)
     side = side.to(device) if side is not None else None
     n = labels.shape[0]
+    # Summed on the device and read once at the end: no host sync per step.
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    seen = 0
     for _ in range(spec.epochs):
         order = torch.randperm(n, generator=generator)
         for start in range(0, n, spec.batch_size):
@@ -67,3 +71,6 @@ def train_client(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, s
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            loss_sum += loss.detach().double() * batch.numel()
+            seen += batch.numel()
+    return float(loss_sum) / seen if seen else float("nan")

@@ -36,6 +36,7 @@ from mllmfl_dist.data.dsa import dsa_siamese
 from mllmfl_dist.fl import federated_features as ff
 from mllmfl_dist.fl.losses import distillation_loss
 from mllmfl_dist.fl.sampling import derive_seed
+from mllmfl_dist.progress import show_bars
 
 log = logging.getLogger(__name__)
 
@@ -202,7 +203,8 @@ class CReFF(Strategy):
     - every sampled client, besides local training, computes for each class it holds the gradient of the
       cross-entropy with respect to ``[W~ | b~]`` on features of the round's global backbone (frozen, eval
       mode), averaged over ``creff.batches_per_class`` random batches of ``creff.batch_size`` samples of the
-      class, each augmented by DSA as released (``creff.dsa_strategy``, :mod:`mllmfl_dist.data.dsa`); these go into the round's one flat all_reduce (the payload after the model),
+      class, each augmented by DSA as released (``creff.dsa_strategy``, :mod:`mllmfl_dist.data.dsa`); these go
+      into the round's one flat all_reduce (the payload after the model),
       with the weights of the server's mean (``creff.gradient_mean``);
     - rank 0 moves the federated features (``features_per_class`` per class at the model's feature width,
       kept across rounds) for ``match_epochs`` SGD steps so that the gradients they produce at ``[W~ | b~]``
@@ -350,7 +352,7 @@ class CLIP2FL(CReFF):
     def __init__(self, cfg: Config):
         super().__init__(cfg)
         self.clip2fl = cfg.clip2fl
-        self.progress = cfg.log.progress
+        self.progress = show_bars(cfg.log)
         self.teacher = None  # TeacherLogits, after prepare
 
     @classmethod

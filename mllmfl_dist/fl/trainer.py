@@ -10,6 +10,7 @@ payload; one broadcast of the new global model as a flat buffer, followed by the
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ import torch
 from mllmfl_dist import dist
 from mllmfl_dist.config import Config
 from mllmfl_dist.data import ClientData
+from mllmfl_dist.errors import TrainingDivergedError
 from mllmfl_dist.fl.aggregation import FlatLayout, accumulate_, mean_from_sum, new_accumulator
 from mllmfl_dist.fl.client import LocalTraining, train_client
 from mllmfl_dist.fl.sampling import TAG_CLIENT_TRAINING, assign_clients, derive_seed, sample_clients
@@ -34,11 +36,6 @@ DIVERGED_IN_SERVER_STEP = "server_step"
 DIVERGED_IN_SERVER_UPDATE = "server_update"
 DIVERGED_IN_SERVER_HOOK = "server_hook"
 DIVERGENCE_CODES = (DIVERGED_NOWHERE, DIVERGED_IN_SERVER_STEP, DIVERGED_IN_SERVER_UPDATE, DIVERGED_IN_SERVER_HOOK)
-
-
-class TrainingDivergedError(RuntimeError):
-    """A round made the model non-finite; raised on every rank with the same one-line message, before
-    anything of that round is saved."""
 
 
 def divergence_message(cfg: Config, round_index: int, where: str, clients: Sequence[int] = ()) -> str:
@@ -77,6 +74,7 @@ class RoundStats:
     bytes_broadcast: int
     server: dict[str, float]  # the strategy's numbers of the round (rank 0), e.g. CReFF's match_loss
     stop_requested: bool = False  # some rank was asked to stop (preempt.py): every rank stops after this round
+    train_loss: float = float("nan")  # the clients' mean training loss, weighted by their sample counts
 
 
 class FederatedTrainer:
@@ -146,14 +144,15 @@ class FederatedTrainer:
 
         start = self.global_flat(torch.float64)
         # One buffer for the one all_reduce: the model's weighted sum and total weight, then the payload,
-        # then one flag per sampled client that went non-finite (so every rank learns which, and stops),
-        # then the count of ranks asked to stop (preempt.py), so every rank stops after the same round.
-        acc = new_accumulator(self.layout.numel + self.payload_numel + len(clients) + 1, self.runtime.device)
+        # then one flag per sampled client that went non-finite (so every rank learns which, and stops), then
+        # the count of ranks asked to stop (preempt.py), so every rank stops after the same round, then the
+        # clients' training losses weighted like the model (sum n_k * loss_k; / total weight = the mean).
+        acc = new_accumulator(self.layout.numel + self.payload_numel + len(clients) + 2, self.runtime.device)
         model_acc = acc[: self.layout.numel + 1]
         payload = acc[self.layout.numel + 1 : self.layout.numel + 1 + self.payload_numel]
-        diverged = acc[self.layout.numel + 1 + self.payload_numel : -1]
-        stop = self.runtime.stop
-        acc[-1] = 1.0 if stop is not None and stop.reason else 0.0
+        diverged = acc[self.layout.numel + 1 + self.payload_numel : -2]
+        stop, loss_sum = acc[-2:-1], acc[-1:]
+        stop[0] = 1.0 if self.runtime.stop is not None and self.runtime.stop.reason else 0.0
         global_params: list[torch.Tensor] = []
         if mine and self.strategy.needs_global_params:
             global_params = [p.detach().clone() for p in self.model.parameters() if p.requires_grad]
@@ -166,11 +165,13 @@ class FederatedTrainer:
                 payload += self.strategy.client_payload(self.model, images, labels, self.local, payload_generator,
                                                         self.runtime.device).to(payload.device)
             generator = torch.Generator().manual_seed(derive_seed(seed, TAG_CLIENT_TRAINING, round_index, cid))
-            train_client(self.model, images, labels, self.local, generator, self.strategy,
-                         global_params, self.runtime.device, self.strategy.client_side_info(self.data, cid))
+            loss = train_client(self.model, images, labels, self.local, generator, self.strategy,
+                                global_params, self.runtime.device, self.strategy.client_side_info(self.data, cid))
             state = self.global_flat(torch.float64)
             if bool(torch.isfinite(state).all()):
                 accumulate_(model_acc, state, labels.shape[0])
+                if math.isfinite(loss):  # a one-sample client takes no step and has no loss
+                    loss_sum += labels.shape[0] * loss
             else:  # kept out of the sum; every rank stops after the all_reduce
                 diverged[clients.index(cid)] = 1
 
@@ -196,8 +197,10 @@ class FederatedTrainer:
             raise TrainingDivergedError(divergence_message(self.cfg, round_index, status))
         self.rounds_done = round_index
         self._last_round_end = time.perf_counter()
+        total_weight = float(model_acc[-1])
         return RoundStats(round_index, self._last_round_end - started, tuple(clients), tuple(mine),
-                          acc.numel() * acc.element_size(), bytes_broadcast, server_record, bool(acc[-1] > 0))
+                          acc.numel() * acc.element_size(), bytes_broadcast, server_record, bool(stop[0] > 0),
+                          float(loss_sum) / total_weight if total_weight > 0 else float("nan"))
 
     # -- checkpoints -----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 
 from mllmfl_dist.models.mllm import ModelLoadError, _first_line, unloadable_weights
 
-__all__ = ["ModelLoadError", "load_clip", "clip_embed_dim", "zero_shot_classifier", "zero_shot_logits", "DEFAULT_TEMPLATES"]
+__all__ = ["ModelLoadError", "load_clip", "clip_embed_dim", "zero_shot_classifier", "zero_shot_logits",
+           "DEFAULT_TEMPLATES"]
 
 DEFAULT_TEMPLATES: tuple[str, ...] = ("a photo of a {}.",)
 LOCAL_DIR = "local-dir:"
@@ -101,7 +102,8 @@ def clip_embed_dim(model: str, pretrained: str = "") -> int:
         with torch.no_grad():
             return int(clip.encode_text(tokenizer(["a photo"])).shape[-1])
     except Exception as exc:  # noqa: BLE001 - any model that cannot embed a text is unusable here
-        raise ModelLoadError(f"CLIP model {model!r}: cannot embed a text to find its width ({_first_line(exc)})") from None
+        raise ModelLoadError(f"CLIP model {model!r}: cannot embed a text to find its width "
+                             f"({_first_line(exc)})") from None
 
 
 @torch.no_grad()

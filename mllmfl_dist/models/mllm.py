@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from mllmfl_dist.errors import ModelLoadError
+
 __all__ = [
     "ModelLoadError",
     "load_llava",
@@ -39,9 +41,6 @@ _HINT = (
 )
 
 
-class ModelLoadError(RuntimeError):
-    """A model (LLaVA or CLIP) could not be loaded. The message is one line: the model string, why, and what
-    to do (network / cache, or a local directory)."""
 
 
 def _first_line(exc: BaseException, limit: int = 240) -> str:

@@ -4,8 +4,8 @@ After the server step, every ``align.every`` rounds, rank 0 refines the global m
 class-balanced set (k images per class) with the paper's ``L = CE(y, p) + beta * KL(q || p)``, where ``p``
 is the model's softmax and ``q`` the teacher's class distribution (``teacher = "none"``: plain
 cross-entropy on the balanced set); with ``align.temperature`` T != 1 both are tempered
-(``beta * T^2 * KL(q_T || p_T)``, see :func:`alignment_loss`). The round loop then broadcasts the aligned model as its one
-flat buffer, so every rank starts the next round from it. BatchNorm statistics stay frozen during
+(``beta * T^2 * KL(q_T || p_T)``, see :func:`alignment_loss`). The round loop then broadcasts the aligned model
+as its one flat buffer, so every rank starts the next round from it. BatchNorm statistics stay frozen during
 alignment (the set is tiny); ``train = "classifier"`` updates the linear head only, ``"all"`` the whole
 model. Clients never see the alignment set or the teacher.
 """
@@ -61,7 +61,8 @@ def alignment_loss(logits: torch.Tensor, labels: torch.Tensor, teacher: torch.Te
     return distillation_loss(logits, labels, tempered, beta, temperature)
 
 
-def take_per_class(labels: np.ndarray, num_classes: int, k: int, score: np.ndarray | None = None) -> tuple[np.ndarray, list[int]]:
+def take_per_class(labels: np.ndarray, num_classes: int, k: int,
+                   score: np.ndarray | None = None) -> tuple[np.ndarray, list[int]]:
     """Indices of k samples per class (the first k, or the k highest ``score``), and the short classes."""
     chosen, short = [], []
     for c in range(num_classes):

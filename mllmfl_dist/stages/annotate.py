@@ -31,6 +31,7 @@ from mllmfl_dist.config import AnnotateConfig, Config, ConfigError
 from mllmfl_dist.data.shards import (CorruptImageError, ShardError, decode_image, expand_shards, iter_samples,
                                      write_shard)
 from mllmfl_dist.fl.sampling import derive_seed
+from mllmfl_dist.progress import show_bars
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +154,7 @@ def run_annotate(cfg: Config, runtime: dist.Runtime, *, progress: bool = True) -
         model.eval()
         generation = Generation.from_config(acfg)
         bar = tqdm(desc=f"annotate (rank {runtime.rank})", unit="img", dynamic_ncols=True,
-                   disable=not (progress and runtime.is_server and cfg.log.progress))
+                   disable=not (progress and runtime.is_server and show_bars(cfg.log)))
         for shard in todo:
             # Sampled decoding draws from torch's generator: seed it per shard so captions do not depend
             # on which rank annotates the shard or on what it annotated before.
@@ -171,6 +172,7 @@ def run_annotate(cfg: Config, runtime: dist.Runtime, *, progress: bool = True) -
     if runtime.is_server:
         manifest = build_manifest([r for rank_records in everything for r in rank_records], acfg, working)
         write_text_atomic(out / "manifest.json", json.dumps(manifest, indent=2))
+        log.info("annotate: %d captions from %d images in %s", manifest["captions_out"], manifest["images_in"], out)
     dist.stage_barrier(runtime)
     return manifest
 

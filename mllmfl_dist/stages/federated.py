@@ -19,10 +19,13 @@ from mllmfl_dist.evaluate import evaluate_model, imbalance_warning
 from mllmfl_dist.fl.sampling import derive_seed
 from mllmfl_dist.fl.strategies import STRATEGIES, RunContext, build_strategy
 from mllmfl_dist.fl.trainer import FederatedTrainer
+from mllmfl_dist.data.describe import describe_data, partition_record
 from mllmfl_dist.locks import exclusive
 from mllmfl_dist.metrics import MetricsLog
 from mllmfl_dist.models import FLModel, build_model
 from mllmfl_dist.models.mllm import ModelLoadError
+from mllmfl_dist.progress import evaluation_line, show_bars
+from mllmfl_dist.tracking import Tracker, open_tracker
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +36,7 @@ MAX_PAYLOAD_BYTES = 2 * 2**30
 CHECKPOINT_NAME = "checkpoint.pt"
 ACCURACY_KEYS = ("acc", "acc_top1", "acc_many", "acc_medium", "acc_few")
 FINAL_MODEL_NAME = "model_final.pt"
+PARTITION_NAME = "partition.json"  # the per-client class histogram (rank 0)
 
 
 def stage_dir(cfg: Config) -> Path:
@@ -142,13 +146,18 @@ def run_federated(cfg: Config, runtime: dist.Runtime) -> dict[str, Any]:
     if start_round < cfg.federated.rounds:
         strategy.prepare(RunContext(cfg, runtime, data, cache_dir=cfg.run_dir / "cache"))
 
-    metrics = MetricsLog(out, tensorboard=cfg.log.tensorboard) if runtime.is_server else None
+    metrics = MetricsLog(out) if runtime.is_server else None
+    tracker = Tracker()
     if metrics is not None:
+        log.info("%s", describe_data(cfg, data))
         imbalance = imbalance_warning(data.test_set()[1], data.class_names)
         if imbalance:
             log.warning("%s", imbalance)
         metrics.truncate_after(start_round)
         checkpoint.write_text_atomic(cfg.run_dir / "config.toml", cfg.to_toml())
+        checkpoint.write_text_atomic(out / PARTITION_NAME, json.dumps(partition_record(cfg, data)))
+        if start_round < cfg.federated.rounds:
+            tracker = open_tracker(cfg, out, purge_step=start_round + 1)
         if start_round == cfg.federated.rounds:
             log.info("%s is complete (round %d); nothing to train. Delete it or raise federated.rounds to "
                      "train more.", out, start_round)
@@ -156,17 +165,23 @@ def run_federated(cfg: Config, runtime: dist.Runtime) -> dict[str, Any]:
             log.info("resuming %s from round %d", out, start_round)
     last_eval = _last_record(metrics)
     # One line per round (timing and traffic), beside the per-evaluation metrics.
-    rounds_log = MetricsLog(out, "rounds.jsonl", tensorboard=False) if runtime.is_server else None
+    rounds_log = MetricsLog(out, "rounds.jsonl") if runtime.is_server else None
     if rounds_log is not None:
         rounds_log.truncate_after(start_round)
 
     fed = cfg.federated
+    bars = runtime.is_server and show_bars(cfg.log)
+    if runtime.is_server and start_round < fed.rounds:
+        log.info("federated: rounds %d-%d, %s, %d of %d clients per round on %d client host(s); %s",
+                 start_round + 1, fed.rounds, fed.strategy, fed.clients_per_round, fed.num_clients,
+                 len(runtime.client_hosts), f"trackers: {', '.join(tracker.names)}" if tracker.names else "no tracker")
+    stage_started, since_eval = time.perf_counter(), []
+    stopped_at = 0  # the round after which a stop request (preempt.py) ended the loop early
     # The bar closes (ends its line) however the loop ends, so an error line is not printed onto it.
-    with tqdm(total=fed.rounds, initial=start_round, desc="federated", unit="round",
-              disable=not (runtime.is_server and cfg.log.progress), dynamic_ncols=True) as bar:
+    with tqdm(total=fed.rounds, initial=start_round, desc="federated", unit="round", disable=not bars,
+              dynamic_ncols=True) as bar:
         if last_eval:
             bar.set_postfix(balanced_acc=f"{last_eval['acc']:.4f}")
-        stopped_at = 0  # the round after which a stop request (preempt.py) ended the loop early
         for round_index in range(start_round + 1, fed.rounds + 1):
             stats = trainer.run_round(round_index)
             # The round's all_reduce told every rank whether any was asked to stop, so all stop after the same
@@ -179,16 +194,24 @@ def run_federated(cfg: Config, runtime: dist.Runtime) -> dict[str, Any]:
                 continue
             last_round = round_index == fed.rounds
             aligned = alignment.pop_round(round_index) if alignment is not None else {}
-            rounds_log.append({"round": round_index, "seconds": stats.seconds, "end_time": time.time(),
-                               "bytes_all_reduced": stats.bytes_all_reduced, "bytes_broadcast": stats.bytes_broadcast,
-                               **stats.server,
-                               **({"align_loss": aligned["align_loss"]} if "align_loss" in aligned else {})})
+            round_record = {"round": round_index, "seconds": stats.seconds, "end_time": time.time(),
+                            "bytes_all_reduced": stats.bytes_all_reduced, "bytes_broadcast": stats.bytes_broadcast,
+                            "train_loss": stats.train_loss, **stats.server,
+                            **({"align_loss": aligned["align_loss"]} if "align_loss" in aligned else {})}
+            rounds_log.append(round_record)
+            tracker.log(round_record, prefix="round/", step=round_index, skip=("round", "end_time"))
+            since_eval.append(stats.seconds)
             if round_index % cfg.eval.every == 0 or last_round:
                 report = evaluate_global(cfg, data, strategy.evaluation_model(trainer.model), runtime.device)
                 last_eval = {"round": round_index, **report, "round_seconds": stats.seconds,
                              "bytes_all_reduced": stats.bytes_all_reduced, **aligned}
                 metrics.append(last_eval)
+                tracker.log(last_eval, prefix="eval/", step=round_index, class_names=data.class_names,
+                            skip=("round", "round_seconds", "bytes_all_reduced", "align_loss"))
                 bar.set_postfix(balanced_acc=f"{report['acc']:.4f}")
+                if not bars:
+                    log.info("%s", evaluation_line(last_eval, fed.rounds, sum(since_eval) / len(since_eval)))
+                since_eval = []
             # A stop forces a checkpoint of its round whatever checkpoint.every says, so the resumed run
             # repeats no round (and so equals an uninterrupted one).
             if round_index % cfg.checkpoint.every == 0 or last_round or stop:
@@ -198,7 +221,13 @@ def run_federated(cfg: Config, runtime: dist.Runtime) -> dict[str, Any]:
             if stop:
                 break
     if stopped_at:
+        tracker.close()
         _stop_after_round(cfg, runtime, stopped_at, metrics, rounds_log)
+    if runtime.is_server and start_round < fed.rounds:
+        seconds = time.perf_counter() - stage_started
+        log.info("federated: rounds %d-%d done in %.1f s (%.2f s/round)", start_round + 1, fed.rounds, seconds,
+                 seconds / (fed.rounds - start_round))
+    tracker.close()
 
     if runtime.is_server:
         # The evaluated model (CReFF / CLIP2FL: with the re-trained classifier), so `evaluate` reproduces it.
@@ -218,7 +247,6 @@ def run_federated(cfg: Config, runtime: dist.Runtime) -> dict[str, Any]:
                 log.warning("cannot read %s (%s); the summary omits the alignment set", alignment_summary_path(cfg),
                             err)
         checkpoint.write_text_atomic(out / "summary.json", json.dumps(summary, indent=2))
-        metrics.close()
     dist.stage_barrier(runtime, "the end of the federated stage", clients_idle=True)
     return last_eval or {}
 

@@ -60,15 +60,16 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from mllmfl_dist import checkpoint, dist
-from mllmfl_dist.config import Config, ConfigError, PretrainConfig
+from mllmfl_dist.config import Config, ConfigError
 from mllmfl_dist.data import DataError, normalize
 from mllmfl_dist.data.shards import (SHARD_SUFFIXES, CorruptImageError, ShardError, decode_image, expand_shards,
                                      iter_samples)
 from mllmfl_dist.fl.sampling import derive_seed
 from mllmfl_dist.fl.trainer import TrainingDivergedError
+from mllmfl_dist.stages.deepspeed_setup import check_precision, deepspeed_config, prepare_deepspeed
+from mllmfl_dist.stages.pretrain_report import PretrainReport
 from mllmfl_dist.models.dwp import (IGNORE_INDEX, DWPStudent, TokenAdapter, alpha_at, caption_token_count,
                                     llava_forward_with_visual_features, mix_visual_tokens)
 from mllmfl_dist.stages.pretrain_checkpoint import (check_resume, find_resume_point, install_safe_engine,
@@ -98,55 +99,6 @@ def shards_pattern(cfg: Config) -> str:
 
 def model_name(cfg: Config) -> str:
     return cfg.pretrain.model or cfg.annotate.model
-
-
-# ------------------------------------------------------------------------------------- DeepSpeed config
-
-
-def deepspeed_config(pcfg: PretrainConfig, world_size: int, *, torch_optimizer: bool = False) -> dict[str, Any]:
-    """The DeepSpeed config dict of ``[pretrain]`` / ``[pretrain.deepspeed]`` for ``world_size`` data-parallel
-    ranks.
-
-    ``Adam`` is plain Adam (L2 weight decay: DeepSpeed's ``adam_w_mode`` off), ``AdamW`` decoupled weight
-    decay, ``SGD`` torch's SGD. ``torch_optimizer`` (what the stage uses) asks DeepSpeed for torch's
-    ``Adam``/``AdamW`` (``torch_adam``) instead of its fused Adam, a JIT-compiled extension.
-    ``warmup_steps = 0`` means no warm-up: DeepSpeed's schedulers need at least one warm-up step, so the
-    warm-up then starts at the full learning rate. The cosine schedule runs over ``pretrain.steps``.
-    """
-    ds = pcfg.deepspeed
-    if world_size < 1:
-        raise ValueError(f"world_size must be >= 1, got {world_size}")
-    params: dict[str, Any] = {"lr": ds.lr, "weight_decay": ds.weight_decay}
-    if ds.optimizer == "Adam":
-        params["adam_w_mode"] = False
-    if ds.optimizer in ("Adam", "AdamW") and torch_optimizer:
-        params["torch_adam"] = True
-    config: dict[str, Any] = {
-        "train_micro_batch_size_per_gpu": pcfg.micro_batch_size,
-        "gradient_accumulation_steps": ds.gradient_accumulation_steps,
-        "train_batch_size": pcfg.micro_batch_size * ds.gradient_accumulation_steps * world_size,
-        "zero_optimization": {"stage": ds.zero_stage},
-        "bf16": {"enabled": ds.precision == "bf16"},
-        "fp16": {"enabled": ds.precision == "fp16"},
-        "optimizer": {"type": ds.optimizer, "params": params},
-        "gradient_clipping": ds.gradient_clipping,
-        "steps_per_print": 2**31 - 1,
-        "wall_clock_breakdown": False,
-        # torch optimizers (SGD, torch Adam/AdamW) under ZeRO: DeepSpeed calls them untested, they work.
-        "zero_allow_untested_optimizer": True,
-    }
-    warmup = max(1, ds.warmup_steps)
-    if ds.scheduler == "WarmupLR":
-        config["scheduler"] = {"type": "WarmupLR", "params": {
-            "warmup_min_lr": 0.0 if ds.warmup_steps else ds.lr, "warmup_max_lr": ds.lr,
-            "warmup_num_steps": warmup, "warmup_type": "linear"}}
-    elif ds.scheduler == "WarmupCosineLR":
-        config["scheduler"] = {"type": "WarmupCosineLR", "params": {
-            "total_num_steps": pcfg.steps, "warmup_num_steps": warmup,
-            "warmup_min_ratio": 0.0 if ds.warmup_steps else 1.0, "warmup_type": "linear"}}
-    elif ds.scheduler != "none":
-        raise ValueError(f"unknown scheduler {ds.scheduler!r}")
-    return config
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -382,17 +334,6 @@ def _visual_tokens(engine, llava, batch: DWPBatch, alpha: float, device: torch.d
     return mix_visual_tokens(fl if alpha > 0.0 else None, clip, alpha)
 
 
-def _check_precision(precision: str) -> None:
-    from deepspeed.accelerator import get_accelerator
-
-    accelerator = get_accelerator()
-    supported = {"fp32": True, "bf16": accelerator.is_bf16_supported(), "fp16": accelerator.is_fp16_supported()}
-    if not supported[precision]:
-        allowed = ", ".join(k for k, ok in supported.items() if ok)
-        raise ConfigError(f"pretrain.deepspeed.precision = {precision!r} is not supported by DeepSpeed on this "
-                          f"device ({accelerator.device_name()}); choose one of: {allowed}")
-
-
 def _match_buffer_dtype(module: torch.nn.Module) -> None:
     """Under bf16/fp16 DeepSpeed casts the parameters only; BatchNorm's running statistics follow them so
     the backbone runs in eval mode (held-out losses) too."""
@@ -496,11 +437,12 @@ def run_pretrain(cfg: Config, runtime: dist.Runtime, *, progress: bool = True,
     if refusal:
         raise ConfigError(refusal)
 
+    prepare_deepspeed(runtime.device, pcfg.deepspeed.cpu_comm)  # before the import: nothing to JIT-compile
     import deepspeed
 
     from mllmfl_dist.models.mllm import load_llava
 
-    _check_precision(pcfg.deepspeed.precision)
+    check_precision(pcfg.deepspeed.precision)
     samples, skipped = load_captioned(shards_pattern(cfg))
     heldout, train = split_heldout(samples, pcfg.heldout)
 
@@ -548,8 +490,8 @@ def run_pretrain(cfg: Config, runtime: dist.Runtime, *, progress: bool = True,
         state["heldout_loss_alpha1_step0"] = heldout_loss(engine, llava, builder, heldout, 1.0, batch_size, device)
 
     end = pcfg.steps if stop_at is None else min(pcfg.steps, stop_at)
-    bar = tqdm(total=pcfg.steps, initial=start, desc="pretrain (DWP)", unit="step", dynamic_ncols=True,
-               disable=not (progress and runtime.is_server and cfg.log.progress))
+    report = PretrainReport(cfg, runtime, out, start, state["heldout_loss_alpha1_step0"],
+                            global_batch=batch_size * accum * dp_world, progress=progress)
     engine.train()
     for step in range(start, end):
         alpha = alpha_at(step, pcfg.steps, pcfg.alpha_start, pcfg.alpha_schedule, pcfg.ramp_fraction)
@@ -568,14 +510,13 @@ def run_pretrain(cfg: Config, runtime: dist.Runtime, *, progress: bool = True,
         state["train_samples"] += batch_size * accum * dp_world
         record = {"step": engine.global_steps, "loss": sum(losses) / len(losses), "alpha": alpha}
         state["loss"].append(record)
-        bar.set_postfix(loss=f"{record['loss']:.4f}", alpha=f"{alpha:.3f}")
-        bar.update(1)
+        report.step(record, time.perf_counter() - began)
         done = engine.global_steps
         if done % pcfg.checkpoint_every == 0 or done == end:
             save_checkpoint(engine, ds_dir, cfg, state, runtime)
-    bar.close()
 
     if engine.global_steps < pcfg.steps:  # stopped early (stop_at): the checkpoint is the output
+        report.close()
         dist.stage_barrier(runtime)
         return {"stopped_at": engine.global_steps, "loss": state["loss"]} if runtime.is_server else {}
 
@@ -617,6 +558,7 @@ def run_pretrain(cfg: Config, runtime: dist.Runtime, *, progress: bool = True,
         metrics = json.loads(json.dumps(metrics))  # what metrics.json holds (lists, not tuples)
         # last: it marks the stage as finished
         checkpoint.write_text_atomic(out / METRICS_NAME, json.dumps(metrics, indent=2))
+    report.close(metrics)
     dist.stage_barrier(runtime)
     return metrics
 

@@ -46,7 +46,8 @@ DAMAGED_SUFFIX = ".damaged"
 KEEP_CHECKPOINTS = 2  # checkpoint tags kept on disk (the newest ones)
 # Settings a resumed run may change: they do not change what the finished steps computed.
 # (Not pretrain.steps: the alpha ramp and the cosine LR schedule are laid out over it.)
-RESUMABLE_CHANGES = ("pretrain.checkpoint_every", "pretrain.model", "pretrain.shards", "pretrain.ranks")
+RESUMABLE_CHANGES = ("pretrain.checkpoint_every", "pretrain.model", "pretrain.shards", "pretrain.ranks",
+                     "pretrain.deepspeed.cpu_comm")
 # Settings outside [pretrain] that shape the FL backbone, its input or the data order.
 RESUME_RELEVANT = ("run.seed", "model.arch", "model.width_scale", "model.in_channels", "data.source",
                    "data.channels", "data.image_size")

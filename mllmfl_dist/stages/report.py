@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from pathlib import Path
 from typing import Any
 
@@ -169,6 +168,11 @@ def models_used(config: dict) -> list[dict[str, Any]]:
     return [{"role": role, **model_provenance(spec)} for role, spec in roles]
 
 
+def card_numbers(card: dict) -> dict[str, float]:
+    """The measured accuracies and fractions of a model card (the numbers a reader compares)."""
+    return {k: v for k, v in card.items() if isinstance(v, float) and ("accuracy" in k or "fraction" in k)}
+
+
 def _fmt(value: Any) -> str:
     return "—" if not isinstance(value, (int, float)) or isinstance(value, bool) else f"{value:.3f}"
 
@@ -200,9 +204,7 @@ def report_markdown(summary: dict) -> str:
     if summary.get("models"):
         lines += ["", "## Models", "", "| role | model | provenance | model card |", "|---|---|---|---|"]
         for m in summary["models"]:
-            card = m.get("card") or {}
-            numbers = ", ".join(f"{k} {v:.3f}" for k, v in card.items() if isinstance(v, float) and k.endswith("accuracy")
-                                or isinstance(v, float) and "fraction" in k)
+            numbers = ", ".join(f"{k} {v:.3f}" for k, v in card_numbers(m.get("card") or {}).items())
             lines.append(f"| {m['role']} | `{m['model']}` | {m['kind']} | {numbers or '—'} |")
     for stage in ("annotate", "pretrain"):
         if summary.get(stage):

@@ -1,0 +1,42 @@
+"""Parsers of the string-valued config keys that name structure: ``data.train_indices`` ranges and
+``creff.dsa_strategy`` operation lists. The config check and the code that uses the values (data/build.py,
+data/dsa.py) read them through the same functions, so a value the check accepts is one the code understands.
+"""
+
+from __future__ import annotations
+
+
+# The operations of Differentiable Siamese Augmentation (creff.dsa_strategy); mllmfl_dist.data.dsa
+# implements exactly these.
+DSA_OPERATIONS = ("color", "crop", "cutout", "flip", "scale", "rotate")
+
+
+def dsa_operations(strategy: str) -> tuple[str, ...]:
+    """``"color_crop"`` -> ``("color", "crop")``; ``"none"`` or ``""`` -> ``()``."""
+    if strategy.strip().lower() in ("", "none"):
+        return ()
+    return tuple(strategy.strip().split("_"))
+
+
+def parse_index_range(text: str) -> slice:
+    """``"start:stop"`` (either side may be empty) -> ``slice(start, stop)``; ``""`` -> ``slice(None)``.
+    Raises ValueError for anything else."""
+    if not text.strip():
+        return slice(None)
+    start, sep, stop = text.strip().partition(":")
+    if not sep or ":" in stop:
+        raise ValueError(text)
+    bounds = [int(part) if part.strip() else None for part in (start, stop)]
+    if any(b is not None and b < 0 for b in bounds):
+        raise ValueError(text)
+    if None not in bounds and bounds[0] >= bounds[1]:
+        raise ValueError(text)
+    return slice(*bounds)
+
+
+def valid_index_range(text: str) -> bool:
+    try:
+        parse_index_range(text)
+    except ValueError:
+        return False
+    return True

@@ -1,0 +1,54 @@
+"""Start-up of the CLI: ``--help`` must not import torch (seconds), and the error classes the CLI catches
+are the ones the heavy modules raise."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+HEAVY = ("torch", "torchvision", "numpy", "deepspeed", "transformers", "open_clip", "tensorboard", "wandb", "mlflow")
+
+
+def imported_modules(*argv: str) -> tuple[subprocess.CompletedProcess, set[str]]:
+    """Run ``python -X importtime -m mllmfl_dist ARGV`` in the repository; the modules it imported."""
+    done = subprocess.run([sys.executable, "-X", "importtime", "-m", "mllmfl_dist", *argv], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    modules = set()
+    for line in done.stderr.splitlines():
+        if line.startswith("import time:") and "|" in line:
+            modules.add(line.rsplit("|", 1)[1].strip())
+    assert modules, f"no -X importtime output: {done.stderr[-500:]}"
+    return done, modules
+
+
+@pytest.mark.parametrize("argv", [("--help",), ("federate", "--help"), ("shards", "--help")])
+def test_help_imports_no_heavy_package(argv) -> None:
+    done, modules = imported_modules(*argv)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "usage:" in done.stdout
+    loaded = sorted(m for m in modules if m.split(".")[0] in HEAVY)
+    assert not loaded, f"--help imported {loaded[:10]}"
+    assert "mllmfl_dist.config" in modules  # the check sees our own imports
+
+
+def test_a_usage_error_exits_2_without_torch() -> None:
+    done, modules = imported_modules("federate")  # CONFIG missing
+    assert done.returncode == 2 and "CONFIG" in done.stderr.upper()
+    assert "torch" not in modules
+
+
+def test_the_cli_catches_the_classes_the_modules_raise() -> None:
+    from mllmfl_dist import config, data, dist, errors
+    from mllmfl_dist.fl import trainer
+    from mllmfl_dist.models import mllm
+
+    assert config.ConfigError is errors.ConfigError
+    assert data.DataError is errors.DataError
+    assert mllm.ModelLoadError is errors.ModelLoadError
+    assert dist.RankLostError is errors.RankLostError
+    assert trainer.TrainingDivergedError is errors.TrainingDivergedError
+    from mllmfl_dist.data.shards import CorruptImageError, ShardError
+
+    assert issubclass(ShardError, errors.DataError) and issubclass(CorruptImageError, errors.DataError)
