@@ -222,7 +222,7 @@ def run_federated(cfg: Config, runtime: dist.Runtime) -> dict[str, Any]:
                 break
     if stopped_at:
         tracker.close()
-        _stop_after_round(cfg, runtime, stopped_at, metrics, rounds_log)
+        _stop_after_round(cfg, runtime, stopped_at)
     if runtime.is_server and start_round < fed.rounds:
         seconds = time.perf_counter() - stage_started
         log.info("federated: rounds %d-%d done in %.1f s (%.2f s/round)", start_round + 1, fed.rounds, seconds,
@@ -251,17 +251,13 @@ def run_federated(cfg: Config, runtime: dist.Runtime) -> dict[str, Any]:
     return last_eval or {}
 
 
-def _stop_after_round(cfg: Config, runtime: dist.Runtime, round_index: int, metrics: MetricsLog | None,
-                      rounds_log: MetricsLog | None) -> None:
+def _stop_after_round(cfg: Config, runtime: dist.Runtime, round_index: int) -> None:
     """End a run stopped by a request (preempt.py) at ``round_index``: rank 0's checkpoint of that round is
     written; every rank waits for it before any exits (a launcher such as torchrun tears down the others as
     soon as one rank ends), then raises Preempted (rank 0's CLI prints it as the one line that says so)."""
     reason = (runtime.stop.reason if runtime.stop is not None else None) or \
         f"{preempt.STOP_SIGNAL.name} (received by another rank)"
     stopped = preempt.Preempted(round_index, cfg.federated.rounds, stage_dir(cfg) / CHECKPOINT_NAME, reason)
-    if runtime.is_server:
-        metrics.close()
-        rounds_log.close()
     dist.stage_barrier(runtime, "the checkpoint of the round the run stops after")
     preempt.exiting()
     raise stopped
