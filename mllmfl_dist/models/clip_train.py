@@ -93,8 +93,8 @@ def train_clip(images: torch.Tensor, captions: Sequence[str], model_cfg: dict, p
                 with torch.no_grad():
                     model.logit_scale.clamp_(0, max_scale)
                 bar.update(1)
-                bar.set_postfix(loss=f"{float(loss):.3f}", refresh=False)
-    return model.eval(), {"steps": steps, "final_loss": float(loss)}
+                bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+    return model.eval(), {"steps": steps, "final_loss": loss.item()}
 
 
 def save_open_clip(model, model_cfg: dict, preprocess_cfg: dict, out: Path) -> None:

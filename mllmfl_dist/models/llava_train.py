@@ -1,6 +1,6 @@
 """Training of the LLaVA stand-in: LLaVA's recipe (Liu et al., NeurIPS 2023; llava-1.5) at toy scale.
 
-`train_llava(clip, clip_cfg, images, captions, settings)` -> `(LlavaForConditionalGeneration, tokenizer)`:
+`train_llava(clip, clip_cfg, images, captions, settings)` -> `(LlavaForConditionalGeneration, tokenizer, stats)`:
 
 1. **Vision tower**: the contrastively trained CLIP stand-in's image tower, converted to a `CLIPVisionModel`
    (`mllmfl_dist.models.clip_to_hf`) and frozen, as llava-1.5 uses OpenAI's CLIP ViT frozen.
@@ -85,13 +85,13 @@ def answer_loss(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, la
 
 
 def _run_stage(name: str, model, params, rows, features, *, epochs: int, batch_size: int, lr: float,
-               generator: torch.Generator, pad_id: int, progress: bool) -> float:
+               generator: torch.Generator, pad_id: int, progress: bool) -> dict:
     """AdamW with warm-up + cosine over `epochs` passes of `rows` (`(ids, start, image)`; image -1: text
-    only). Returns the last step's loss."""
+    only). Returns `{"steps", "final_loss"}` (the last step's loss)."""
     from mllmfl_dist.models.clip_train import cosine_with_warmup
 
     if epochs <= 0:
-        return float("nan")
+        return {"steps": 0, "final_loss": None}
     per_epoch = max(1, len(rows) // batch_size)
     steps = epochs * per_epoch
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -117,7 +117,7 @@ def _run_stage(name: str, model, params, rows, features, *, epochs: int, batch_s
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
     model.eval()
-    return loss.item()
+    return {"steps": steps, "final_loss": loss.item()}
 
 
 @torch.no_grad()
@@ -141,7 +141,7 @@ def train_llava(clip, clip_cfg: dict, images: torch.Tensor, captions: Sequence[s
 
     clip: the trained `open_clip.CLIP` whose `visual` becomes the tower; clip_cfg: its open_clip model config.
     images: uint8 `[N, C, H, W]`; captions: N strings. Returns `(model, tokenizer, stats)`, stats holding
-    the step counts and last losses of each stage."""
+    the pair counts and each stage's steps and last loss."""
     from transformers import LlavaForConditionalGeneration
 
     from mllmfl_dist.data.shards import to_pil
@@ -186,15 +186,15 @@ def train_llava(clip, clip_cfg: dict, images: torch.Tensor, captions: Sequence[s
     lm = list(inner.language_model.parameters()) + list(model.lm_head.parameters())
     projector = list(inner.multi_modal_projector.parameters())
     stats = {"pairs": len(rows), "question_pairs": sum(1 for _, p, _ in pairs if p not in describe)}
-    stats["lm_loss"] = _run_stage("LM on captions", model, lm, caption_rows, None, epochs=settings.lm_epochs,
+    stats["lm"] = _run_stage("LM on captions", model, lm, caption_rows, None, epochs=settings.lm_epochs,
                                   lr=settings.lm_lr, **common)
     describe_rows = [r for r, (_, p, _) in zip(rows, pairs) if p in describe]
     for p in lm:
         p.requires_grad_(False)
-    stats["projector_loss"] = _run_stage("stage 1 (projector)", model, projector, describe_rows, features,
+    stats["projector"] = _run_stage("stage 1 (projector)", model, projector, describe_rows, features,
                                          epochs=settings.projector_epochs, lr=settings.projector_lr, **common)
     for p in lm:
         p.requires_grad_(True)
-    stats["finetune_loss"] = _run_stage("stage 2 (projector + LM)", model, projector + lm, rows, features,
+    stats["finetune"] = _run_stage("stage 2 (projector + LM)", model, projector + lm, rows, features,
                                         epochs=settings.finetune_epochs, lr=settings.finetune_lr, **common)
     return model.eval(), tokenizer, stats
