@@ -23,7 +23,8 @@ import torch
 
 from mllmfl_dist.data.base import DataError
 
-__all__ = ["DESCRIBE_REQUESTS", "QUESTION_REQUESTS", "llava_prompt", "read_caption_corpus", "instruction_pairs"]
+__all__ = ["DESCRIBE_REQUESTS", "QUESTION_REQUESTS", "llava_prompt", "corpus_shards", "read_caption_corpus",
+           "instruction_pairs"]
 
 DESCRIBE_REQUESTS: tuple[str, ...] = (
     "Describe the image in one short sentence.",
@@ -43,6 +44,18 @@ def llava_prompt(request: str) -> str:
     return f"USER: <image>\n{request} ASSISTANT:"
 
 
+def corpus_shards(pattern: str) -> list:
+    """The shard paths of a corpus pattern (`expand_shards`; a relative pattern is also looked up from the
+    repository root). Raises DataError naming the pattern when nothing matches."""
+    from mllmfl_dist.data.shards import resolve_pattern
+
+    try:
+        return resolve_pattern(str(pattern), "--train")
+    except DataError:
+        raise DataError(f"--train {pattern}: no shard matches it (here or under the repository root); name "
+                        f"captioned WebDataset shards such as shards/fmnist_web") from None
+
+
 def read_caption_corpus(pattern: str, limit: int | None = None) -> tuple[torch.Tensor, list[str]]:
     """Images (uint8 `[N, C, H, W]`, shard order) and captions of the captioned samples of `pattern` (a
     shard pattern, see `expand_shards`; a relative one is also looked up from the repository root).
@@ -50,11 +63,11 @@ def read_caption_corpus(pattern: str, limit: int | None = None) -> tuple[torch.T
     limit: keep only the first `limit` captioned samples. Raises DataError for a damaged shard, an image that
     does not decode, images of different sizes, or no captioned sample at all; a sample without `.txt` or
     without an image is skipped."""
-    from mllmfl_dist.data.shards import CorruptImageError, decode_image, image_to_array, iter_samples, resolve_pattern
+    from mllmfl_dist.data.shards import CorruptImageError, decode_image, image_to_array, iter_samples
 
     arrays: list[np.ndarray] = []
     captions: list[str] = []
-    for path in resolve_pattern(pattern, "--train"):
+    for path in corpus_shards(pattern):
         for sample in iter_samples(path):
             if limit is not None and len(captions) >= limit:
                 break

@@ -10,7 +10,8 @@ serialise) calls `build_trained(dirs, corpus, settings)`, which
 3. trains the LLaVA on that CLIP's frozen image tower (`llava_train`) and saves it where
    `LlavaForConditionalGeneration.from_pretrained` / `AutoProcessor.from_pretrained` (`mllm.load_llava`) load it;
 4. measures both through those loading paths on the shipped balanced test shards (`model_card`) and returns
-   the model card: the measurements plus corpus, seed, settings, steps and wall times, `"trained": true`.
+   the model card: the measurements plus corpus, seed, settings, steps, wall times and the machine's load,
+   `"trained": true`.
 
 Everything runs on the CPU with `settings.threads` intra-op threads; the result is a function of the corpus,
 the settings and the thread count.
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import os
 import time
 from pathlib import Path
 
@@ -35,9 +37,9 @@ CARD_TEST_SHARDS = "shards/fmnist_lt/test-*.tar.gz"  # the shipped balanced test
 def corpus_identity(pattern: str) -> dict:
     """`{"pattern", "shards", "sha256"}` of a corpus: its shard file names and one sha256 over their bytes
     (so a rebuilt, byte-identical corpus has the same identity). Raises DataError when nothing matches."""
-    from mllmfl_dist.data.shards import resolve_pattern
+    from mllmfl_dist.models.standin_data import corpus_shards
 
-    paths = resolve_pattern(pattern, "--train")
+    paths = corpus_shards(pattern)
     digest = hashlib.sha256()
     for path in paths:
         digest.update(path.name.encode() + b"\0")
@@ -59,6 +61,7 @@ def build_trained(dirs: dict[str, Path], corpus: str, settings: StandinSettings,
     torch.set_num_threads(settings.threads)
     try:
         started = time.perf_counter()
+        load_start = os.getloadavg()
         images, captions = read_caption_corpus(corpus, settings.limit)
         clip, clip_stats = train_clip(
             images, captions, CLIP_CONFIG, CLIP_PREPROCESS, epochs=settings.clip_epochs,
@@ -75,6 +78,7 @@ def build_trained(dirs: dict[str, Path], corpus: str, settings: StandinSettings,
         measured = measure_standins(dirs["clip"], dirs["llava"], CARD_TEST_SHARDS, class_names,
                                     per_class=settings.card_per_class, progress=progress)
         card_seconds = time.perf_counter() - started - train_seconds
+        load_end = os.getloadavg()
     finally:
         torch.set_num_threads(threads)
     return {
@@ -86,5 +90,8 @@ def build_trained(dirs: dict[str, Path], corpus: str, settings: StandinSettings,
         "llava": {**llava_stats, "seconds": train_seconds - clip_seconds},
         "train_seconds": train_seconds,
         "card_seconds": card_seconds,
+        # Wall times depend on what else the machine runs: its 1/5/15-minute load averages and CPU count.
+        "machine": {"cpus": os.cpu_count(), "threads": settings.threads, "load_average_start": list(load_start),
+                    "load_average_end": list(load_end)},
         "measured": measured,
     }
