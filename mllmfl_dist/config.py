@@ -224,7 +224,8 @@ class AlignConfig:
     templates: str = "a photo of a {}."  # clip teacher's prompt templates, separated by '|'
     teacher_temperature: float = 1.0  # softmax temperature of the teacher's class scores
     # llava teacher: a class's score is the sum (sequence log-likelihood) or the mean (length-normalised)
-    # of its answer tokens' log-probabilities; "sum" measured more accurate with the trained stand-in
+    # of its answer tokens' log-probabilities; with the trained stand-in "sum" was more accurate on
+    # shards/fmnist_align (0.780 against 0.685)
     teacher_score: str = "sum"
     steps: int = 20
     lr: float = 0.01

@@ -109,8 +109,8 @@ def test_llava_score_is_answer_loglik(tiny_models):
     q = teacher_distributions("llava", [image], CLASSES, model=str(tiny_models["llava"]), prompt=PROMPT,
                               temperature=2.0)
     torch.testing.assert_close(q[0], torch.softmax(manual / 2.0, dim=-1), atol=1e-5, rtol=1e-4)
-    # The length-normalised score is the mean over the answer's tokens; the names differ in length, so the
-    # two scores rank differently here unless the per-token means happen to order as the sums.
+    # The length-normalised score is the mean over the answer's tokens; the names differ in token count,
+    # so it is not the sum scaled by one constant.
     lengths = torch.tensor(lengths, dtype=torch.float32)
     assert len(set(lengths.tolist())) > 1
     mean = llava_answer_loglik(llava, processor, [image], CLASSES, PROMPT, batch_size=3, score="mean")
