@@ -176,3 +176,32 @@ def test_answer_loss_is_the_models_own_loss(tiny_models):
         torch.testing.assert_close(answer_loss(model, input_ids, attention, labels),
                                    model(input_ids=input_ids, attention_mask=attention, labels=labels).loss,
                                    atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("quick_gelu", [False, True])
+def test_open_clip_tower_converts_to_the_same_function(quick_gelu):
+    import open_clip
+
+    from mllmfl_dist.models.clip_to_hf import convert_visual
+    from mllmfl_dist.models.tiny import CLIP_CONFIG
+
+    torch.manual_seed(3)
+    visual = open_clip.CLIP(**CLIP_CONFIG, quick_gelu=quick_gelu).visual.eval()
+    with torch.no_grad():  # move every weight off its init so a swapped or missed tensor shows
+        for p in visual.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    tower = convert_visual(visual, image_size=32, patch_size=8)
+    assert tower.config.hidden_act == ("quick_gelu" if quick_gelu else "gelu")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        # open_clip's residual stream: patch + CLS embeddings, positions, ln_pre, then each block.
+        h = visual.conv1(x).flatten(2).transpose(1, 2)
+        h = torch.cat([visual.class_embedding.expand(2, 1, -1), h], dim=1) + visual.positional_embedding
+        stream = [visual.ln_pre(h)]
+        for block in visual.transformer.resblocks:
+            stream.append(block(stream[-1]))
+        out = tower(pixel_values=x, output_hidden_states=True)
+        assert len(out.hidden_states) == len(stream)
+        for ours, theirs in zip(out.hidden_states, stream):
+            torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(out.pooler_output @ visual.proj, visual(x), atol=1e-5, rtol=1e-5)

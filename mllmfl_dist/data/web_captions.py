@@ -23,7 +23,6 @@ Pure functions of their arguments; the randomness comes from the `numpy.random.G
 from __future__ import annotations
 
 import re
-from functools import lru_cache
 
 import numpy as np
 
@@ -135,8 +134,8 @@ def make_caption(rng: np.random.Generator, label: int, wrong_fraction: float = 0
     return template.format(item=item, adj=adjective), named, kind
 
 
-@lru_cache(maxsize=1)
 def _phrase_pattern() -> tuple[re.Pattern[str], dict[str, int]]:
+    # Rebuilt per call (a few dozen phrases; `re` caches the compiled pattern), so the module holds no state.
     owner = {phrase: c for c, phrases in enumerate(SYNONYMS) for phrase in phrases}
     if len(owner) != sum(len(p) for p in SYNONYMS):
         raise AssertionError("a synonym names two categories")

@@ -37,8 +37,12 @@ def vision_config_of(visual, *, image_size: int, patch_size: int):
         raise ValueError("only plain open_clip ViTs (no layer scale, no attention pooling) convert")
     if visual.conv1.bias is not None or getattr(visual, "pool_type", "tok") != "tok":
         raise ValueError("only open_clip ViTs with a bias-free patch embedding and CLS pooling convert")
+    from open_clip.transformer import QuickGELU
+
     gelu = first.mlp.gelu
-    act = "quick_gelu" if type(gelu).__name__ == "QuickGELU" else "gelu"
+    if not isinstance(gelu, (QuickGELU, torch.nn.GELU)) or getattr(gelu, "approximate", "none") != "none":
+        raise ValueError(f"open_clip MLP activation {gelu} has no CLIPVisionConfig.hidden_act equivalent here")
+    act = "quick_gelu" if isinstance(gelu, QuickGELU) else "gelu"
     width = visual.conv1.out_channels
     return CLIPVisionConfig(
         hidden_size=width,
