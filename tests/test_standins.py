@@ -58,6 +58,7 @@ def test_trained_models_load_through_the_real_paths(standins):
     assert model.config.image_token_id == processor.tokenizer.convert_tokens_to_ids("<image>")
     assert model.config.text_config.vocab_size == len(processor.tokenizer)
     clip, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{paths['clip']}")
+    assert isinstance(clip, open_clip.CLIP) and clip.visual.conv1.weight.shape == (64, 3, 8, 8)
     assert preprocess(to_pil(torch.zeros(1, 28, 28, dtype=torch.uint8)).convert("RGB")).shape == (3, 32, 32)
     # The LLaVA's tokenizer learned its merges on the corpus: caption words are one token each.
     assert len(processor.tokenizer(" sneakers trainers", add_special_tokens=False)["input_ids"]) == 2

@@ -181,8 +181,8 @@ def train_llava(clip, clip_cfg: dict, images: torch.Tensor, captions: Sequence[s
     caption_rows = [(tokenizer(c)["input_ids"] + [tokenizer.eos_token_id], 1, -1) for c in captions]
 
     generator = torch.Generator().manual_seed(settings.seed)
-    common = dict(batch_size=settings.llava_batch_size, generator=generator, pad_id=tokenizer.pad_token_id,
-                  progress=progress)
+    common = {"batch_size": settings.llava_batch_size, "generator": generator, "pad_id": tokenizer.pad_token_id,
+              "progress": progress}
     lm = list(inner.language_model.parameters()) + list(model.lm_head.parameters())
     projector = list(inner.multi_modal_projector.parameters())
     stats = {"pairs": len(rows), "question_pairs": sum(1 for _, p, _ in pairs if p not in describe)}
