@@ -268,6 +268,10 @@ class AlignConfig:
     prompt: str = "USER: <image>\nWhat is the object in the image? ASSISTANT:"  # llava teacher's question
     templates: str = "a photo of a {}."  # clip teacher's prompt templates, separated by '|'
     teacher_temperature: float = 1.0  # softmax temperature of the teacher's class scores
+    # llava teacher: a class's score is the sum (sequence log-likelihood) or the mean (length-normalised)
+    # of its answer tokens' log-probabilities; with the trained stand-in "sum" was more accurate on
+    # shards/fmnist_align (0.780 against 0.685)
+    teacher_score: str = "sum"
     steps: int = 20
     lr: float = 0.01
     batch_size: int = 64
@@ -337,6 +341,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "align.source": ("pool", "holdout", "web"),
     "creff.gradient_mean": ("clients", "samples"),
     "align.teacher": ("none", "llava", "clip"),
+    "align.teacher_score": ("sum", "mean"),
     "align.train": ("classifier", "all"),
     "log.wandb_mode": ("", "online", "offline", "disabled"),
 }
