@@ -88,7 +88,8 @@ def test_instruction_pairs_derive_questions_from_captions():
     assert by_image[2][1][1] == "Ankle boot"
     assert all(p.startswith("USER: <image>\n") and p.endswith(" ASSISTANT:") for p, _ in by_image[0])
     assert instruction_pairs(captions, seed=0) == pairs
-    assert llava_prompt("What is the object in the image?") == "USER: <image>\nWhat is the object in the image? ASSISTANT:"
+    question = "What is the object in the image?"
+    assert llava_prompt(question) == f"USER: <image>\n{question} ASSISTANT:"
 
 
 def _web_samples():

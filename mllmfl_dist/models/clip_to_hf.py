@@ -9,7 +9,9 @@ The two implementations compute the same function:
 | `conv1` (no bias)                             | `embeddings.patch_embedding`                          |
 | `class_embedding`, `positional_embedding`     | `embeddings.class_embedding`, `embeddings.position_embedding` |
 | `ln_pre`                                      | `pre_layrnorm`                                        |
-| block i: `ln_1`, `attn.in_proj_*` (q; k; v stacked), `attn.out_proj`, `ln_2`, `mlp.c_fc`, `mlp.c_proj` | layer i: `layer_norm1`, `self_attn.{q,k,v}_proj`, `self_attn.out_proj`, `layer_norm2`, `mlp.fc1`, `mlp.fc2` |
+| block i: `ln_1`, `ln_2`                       | layer i: `layer_norm1`, `layer_norm2`                 |
+| block i: `attn.in_proj_*` (q; k; v stacked)   | layer i: `self_attn.{q,k,v}_proj`                     |
+| block i: `attn.out_proj`, `mlp.c_fc`, `mlp.c_proj` | layer i: `self_attn.out_proj`, `mlp.fc1`, `mlp.fc2` |
 | `ln_post` (on the CLS token)                  | `post_layernorm` (on the CLS token: `pooler_output`)  |
 
 open_clip's `proj` (the joint-embedding projection) has no place in a `CLIPVisionModel`; LLaVA reads hidden
