@@ -47,7 +47,7 @@ def llava_prompt(request: str) -> str:
 def corpus_shards(pattern: str) -> list:
     """The shard paths of a corpus pattern (`expand_shards`; a relative pattern is also looked up from the
     repository root). Raises DataError naming the pattern when nothing matches."""
-    from mllmfl_dist.data.shards import resolve_pattern
+    from mllmfl_dist.data.labeled_shards import resolve_pattern
 
     try:
         return resolve_pattern(str(pattern), "--train")

@@ -50,7 +50,8 @@ def corpus_identity(pattern: str) -> dict:
 def build_trained(dirs: dict[str, Path], corpus: str, settings: StandinSettings, *, progress: bool = True) -> dict:
     """Train and save the CLIP into `dirs["clip"]` and the LLaVA into `dirs["llava"]` (existing, empty
     directories); returns the model card (a JSON-serialisable dict). See the module docstring."""
-    from mllmfl_dist.data.shards import read_classes, resolve_pattern
+    from mllmfl_dist.data.labeled_shards import resolve_pattern
+    from mllmfl_dist.data.shards import read_classes
     from mllmfl_dist.models.clip_train import save_open_clip, train_clip
     from mllmfl_dist.models.llava_train import train_llava
     from mllmfl_dist.models.model_card import measure_standins
