@@ -207,7 +207,8 @@ def report_markdown(summary: dict) -> str:
             lines.append(f"| {m['role']} | `{m['model']}` | {m['kind']} | {numbers or '—'} |")
     for stage in ("annotate", "pretrain"):
         if summary.get(stage):
-            values = ", ".join(f"{k} {v}" for k, v in summary[stage].items() if v is not None)
+            values = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                               for k, v in summary[stage].items() if v is not None)
             lines += ["", f"**{stage}:** {values}"]
     if summary.get("plots"):
         lines += ["", "## Plots", ""] + [f"![{name[:-4]}]({name})" for name in summary["plots"]]
