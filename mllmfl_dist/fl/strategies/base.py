@@ -342,7 +342,7 @@ class CLIP2FL(CReFF):
     the federated features live there). Clients add ``clip2fl.alpha * T^2 * KL(softmax(t / T) ||
     softmax(s / T))`` to the cross-entropy, ``t`` the open_clip zero-shot logits of the un-augmented image
     (prompt templates, logit scale 100), computed once per sample and cached on disk
-    (:mod:`mllmfl_dist.fl.clip2fl_teacher`). On the server the federated features minimise CReFF's
+    (:mod:`mllmfl_dist.fl.strategies.clip2fl_teacher`). On the server the federated features minimise CReFF's
     gradient-matching loss plus ``contrast_alpha`` times a supervised contrast to the class text
     embeddings (temperature ``contrast_temperature``); the classifier is then re-trained as in CReFF.
     """
@@ -362,7 +362,7 @@ class CLIP2FL(CReFF):
         return clip_embed_dim(cfg.clip2fl.model, cfg.clip2fl.pretrained)
 
     def prepare(self, context):
-        from mllmfl_dist.fl.clip2fl_teacher import teacher_logits
+        from mllmfl_dist.fl.strategies.clip2fl_teacher import teacher_logits
 
         self.teacher = teacher_logits(self.clip2fl, context.data, context.runtime, context.cache_dir,
                                       progress=self.progress)
