@@ -20,10 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mllmfl_dist.config_values import DSA_OPERATIONS, dsa_operations, parse_index_range, valid_index_range
+from mllmfl_dist.config.values import DSA_OPERATIONS, dsa_operations, parse_index_range, valid_index_range
 from mllmfl_dist.errors import ConfigError
 from mllmfl_dist.resources import resolve_path
-from mllmfl_dist.run_name import is_template, resolve_run_name
+from mllmfl_dist.config.run_name import is_template, resolve_run_name
 
 if sys.version_info >= (3, 11):
     import tomllib
