@@ -14,11 +14,11 @@ import sys
 import time
 from collections.abc import Sequence
 
-from mllmfl_dist import preempt
+from mllmfl_dist.core import preempt
 # Only light modules at import time: `--help` and argument errors must not wait for torch (seconds);
 # each command imports what it needs.
 from mllmfl_dist.config import load_config
-from mllmfl_dist.errors import ConfigError, DataError, ModelLoadError, RankLostError, TrainingDivergedError
+from mllmfl_dist.core.errors import ConfigError, DataError, ModelLoadError, RankLostError, TrainingDivergedError
 
 USAGE_ERROR = 2  # a config, data or model the user can fix
 DIVERGED = 3  # training went non-finite; the last checkpoint is kept
@@ -122,7 +122,7 @@ def _env_local_rank() -> int:
 
 
 def _setup_logging() -> None:
-    from mllmfl_dist.progress import quiet_library_bars
+    from mllmfl_dist.core.progress import quiet_library_bars
 
     rank = _env_rank()
     # A time on every line: in a SLURM or nohup log it is the only clock there is.
@@ -212,7 +212,7 @@ def _fail(err: Exception, code: int, *, everywhere: bool, prefix: str = "", labe
 def _run_stage(cfg, command: str, stop: preempt.StopRequest, methods: Sequence = (), seeds: Sequence[int] = (),
                sweep: Sequence = ()) -> int:
     """Run ``command`` on this job's ranks; ``sweep``: the per-seed configs of ``federate/run --seeds``."""
-    from mllmfl_dist import dist
+    from mllmfl_dist.core import dist
 
     _load_libraries(cfg, command, any(getattr(m, "dwp", False) for m in methods))
     runtime = dist.init_runtime(cfg.dist, stop=stop)
@@ -323,7 +323,7 @@ def _federate_or_run(cfg, command: str, runtime) -> dict:
 def _evaluate(cfg, checkpoint_path: str) -> int:
     from pathlib import Path
 
-    from mllmfl_dist import checkpoint
+    from mllmfl_dist.core import checkpoint
     from mllmfl_dist.evaluate import imbalance_warning
     from mllmfl_dist.fl.strategies import build_strategy
     from mllmfl_dist.stages.federated import build_data, build_fl_model, evaluate_global

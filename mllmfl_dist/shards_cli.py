@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import numpy as np
 
-from mllmfl_dist.errors import DataError
+from mllmfl_dist.core.errors import DataError
 
 USAGE_ERROR = 2
 SOURCES = ("fashion_mnist", "cifar10", "cifar100", "synthetic")

@@ -102,7 +102,7 @@ def test_after_alignment_every_rank_holds_the_same_model(tmp_path):
     script = tmp_path / "dump_ranks.py"
     script.write_text(
         "import sys, torch\n"
-        "from mllmfl_dist import dist\n"
+        "from mllmfl_dist.core import dist\n"
         "from mllmfl_dist.config import load_config\n"
         "from mllmfl_dist.stages import federated\n"
         "cfg = load_config(sys.argv[1], sys.argv[3:])\n"

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mllmfl_dist import dist
+from mllmfl_dist.core import dist
 from mllmfl_dist.config import DistConfig, load_config
 from mllmfl_dist.data.shards import iter_samples, write_shards
 from mllmfl_dist.stages import annotate

@@ -241,7 +241,7 @@ def test_shard_writer_refuses_keys_that_climb_out(tmp_path):
 
 def test_done_records_describe_the_file_they_were_made_from(tmp_path):
     """What a done record stores (JSON) tells a replaced, cut or rewritten file from the one it describes."""
-    from mllmfl_dist.checkpoint import file_identity, same_file
+    from mllmfl_dist.core.checkpoint import file_identity, same_file
 
     path = tmp_path / "f"
     path.write_bytes(b"abc")

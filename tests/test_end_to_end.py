@@ -113,7 +113,7 @@ def test_unreadable_backbone_file_is_one_message(tmp_path, capsys):
 
 
 def test_a_torn_last_metrics_line_is_dropped(tmp_path):
-    from mllmfl_dist.metrics import MetricsLog
+    from mllmfl_dist.core.jsonl import MetricsLog
 
     log = MetricsLog(tmp_path)
     log.append({"round": 1, "acc": 0.5})

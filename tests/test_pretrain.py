@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 import torch
 
-from mllmfl_dist import dist
+from mllmfl_dist.core import dist
 from mllmfl_dist.config import ConfigError, DeepSpeedConfig, PretrainConfig, load_config
 from mllmfl_dist.data import DataError
 from mllmfl_dist.models.dwp import IGNORE_INDEX, alpha_at, llava_forward_with_visual_features, mix_visual_tokens
@@ -416,7 +416,7 @@ def test_default_shards_are_the_runs_annotate_output(tiny, tmp_path):
 WORKER = """
 import json, sys
 import deepspeed
-from mllmfl_dist import dist
+from mllmfl_dist.core import dist
 from mllmfl_dist.config import load_config
 from mllmfl_dist.stages.pretrain import run_pretrain
 

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from mllmfl_dist import checkpoint, dist
+from mllmfl_dist.core import checkpoint, dist
 from mllmfl_dist.__main__ import main
 from mllmfl_dist.config import ConfigError, DistConfig, load_config
 

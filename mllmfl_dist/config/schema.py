@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from mllmfl_dist.config.values import DSA_OPERATIONS, dsa_operations, parse_index_range, valid_index_range
-from mllmfl_dist.errors import ConfigError
-from mllmfl_dist.resources import resolve_path
+from mllmfl_dist.core.errors import ConfigError
+from mllmfl_dist.core.resources import resolve_path
 from mllmfl_dist.config.run_name import is_template, resolve_run_name
 
 if sys.version_info >= (3, 11):
@@ -443,7 +443,8 @@ _RULES: dict[str, Rule] = {
 
 def load_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> Config:
     """Read a TOML file, apply ``section.key=value`` overrides, validate, and return a frozen Config.
-    ``configs/NAME.toml`` not found in the working directory is the shipped config (:mod:`mllmfl_dist.resources`)."""
+    ``configs/NAME.toml`` not found in the working directory is the shipped config
+    (:mod:`mllmfl_dist.core.resources`)."""
     path = resolve_path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")

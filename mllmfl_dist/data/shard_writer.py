@@ -191,7 +191,7 @@ def write_shards(
     Path(os.path.dirname(pattern) or ".").mkdir(parents=True, exist_ok=True)
     import webdataset  # noqa: F401 - fail before opening any file if it is missing
 
-    from mllmfl_dist.checkpoint import as_output_error  # here: checkpoint imports the data package
+    from mllmfl_dist.core.checkpoint import as_output_error  # here: checkpoint imports the data package
 
     paths: list[Path] = []
     current: _ShardFile | None = None
@@ -231,7 +231,7 @@ def write_shard(samples: Iterable[dict[str, Any]], path: str | Path) -> Path:
     path = Path(path)
     if not path.name.endswith(SHARD_SUFFIXES):
         raise ValueError(f"shard {path} must end with one of {', '.join(SHARD_SUFFIXES)}")
-    from mllmfl_dist.checkpoint import as_output_error  # here: checkpoint imports the data package
+    from mllmfl_dist.core.checkpoint import as_output_error  # here: checkpoint imports the data package
 
     path.parent.mkdir(parents=True, exist_ok=True)
     shard = None
@@ -249,7 +249,7 @@ def write_shard(samples: Iterable[dict[str, Any]], path: str | Path) -> Path:
 
 def write_classes(folder: str | Path, class_names: Sequence[str]) -> Path:
     """``classes.json`` (a JSON list of class names, index = label) in ``folder``."""
-    from mllmfl_dist.checkpoint import write_text_atomic  # here: checkpoint imports the data package
+    from mllmfl_dist.core.checkpoint import write_text_atomic  # here: checkpoint imports the data package
 
     path = Path(folder) / CLASSES_FILE
     write_text_atomic(path, json.dumps(list(class_names), ensure_ascii=False, indent=1))

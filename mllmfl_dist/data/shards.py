@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..resources import shipped_pattern
+from ..core.resources import shipped_pattern
 from .base import DataError
 # The writer lives in its own module; its names stay importable from here.
 from .shard_writer import (CLASSES_FILE, IMAGE_EXTS, SHARD_SUFFIXES, encode_png, existing_shards,  # noqa: F401

@@ -18,10 +18,10 @@ from typing import Any
 
 import torch
 
-from mllmfl_dist import dist
+from mllmfl_dist.core import dist
 from mllmfl_dist.config import Config
 from mllmfl_dist.data import ClientData
-from mllmfl_dist.errors import TrainingDivergedError
+from mllmfl_dist.core.errors import TrainingDivergedError
 from mllmfl_dist.fl.aggregation import FlatLayout, accumulate_, mean_from_sum, new_accumulator
 from mllmfl_dist.fl.client import LocalTraining, train_client
 from mllmfl_dist.fl.sampling import TAG_CLIENT_TRAINING, assign_clients, derive_seed, sample_clients

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from mllmfl_dist.checkpoint import file_identity, remove_stale_temps, same_file, write_text_atomic
+from mllmfl_dist.core.checkpoint import file_identity, remove_stale_temps, same_file, write_text_atomic
 
 MANIFEST = "tiny_models.json"
 # Bump when the tiny architectures or the tokenizer change, so stale builds are rebuilt.

@@ -25,13 +25,13 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from mllmfl_dist import dist
-from mllmfl_dist.checkpoint import file_identity, remove_stale_temps, same_file, write_text_atomic
+from mllmfl_dist.core import dist
+from mllmfl_dist.core.checkpoint import file_identity, remove_stale_temps, same_file, write_text_atomic
 from mllmfl_dist.config import AnnotateConfig, Config, ConfigError
 from mllmfl_dist.data.shards import (CorruptImageError, ShardError, decode_image, expand_shards, iter_samples,
                                      write_shard)
 from mllmfl_dist.fl.sampling import derive_seed
-from mllmfl_dist.progress import show_bars
+from mllmfl_dist.core.progress import show_bars
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from mllmfl_dist import dist
+from mllmfl_dist.core import dist
 from mllmfl_dist.config import CHOICES, Config, ConfigError, validate
 
 log = logging.getLogger(__name__)

@@ -23,9 +23,9 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from mllmfl_dist.checkpoint import remove_stale_temps, write_text_atomic
+from mllmfl_dist.core.checkpoint import remove_stale_temps, write_text_atomic
 from mllmfl_dist.config import Config
-from mllmfl_dist.metrics import read_jsonl
+from mllmfl_dist.core.jsonl import read_jsonl
 from mllmfl_dist.stages.compare import Method
 
 METRICS = ("acc", "acc_top1", "acc_many", "acc_medium", "acc_few", "wall_seconds")

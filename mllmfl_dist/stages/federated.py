@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from mllmfl_dist import checkpoint, dist, preempt
+from mllmfl_dist.core import checkpoint, dist, preempt
 from mllmfl_dist.config import Config, ConfigError, resume_differences
 from mllmfl_dist.data import ClientData, DataError, build_client_data
 from mllmfl_dist.evaluate import evaluate_model, imbalance_warning
@@ -20,11 +20,11 @@ from mllmfl_dist.fl.sampling import derive_seed
 from mllmfl_dist.fl.strategies import STRATEGIES, RunContext, build_strategy
 from mllmfl_dist.fl.trainer import FederatedTrainer
 from mllmfl_dist.data.describe import describe_data, partition_record
-from mllmfl_dist.locks import exclusive
-from mllmfl_dist.metrics import MetricsLog
+from mllmfl_dist.core.locks import exclusive
+from mllmfl_dist.core.jsonl import MetricsLog
 from mllmfl_dist.models import FLModel, build_model
 from mllmfl_dist.models.mllm import ModelLoadError
-from mllmfl_dist.progress import evaluation_line, show_bars
+from mllmfl_dist.core.progress import evaluation_line, show_bars
 from mllmfl_dist.tracking import Tracker, open_tracker
 
 log = logging.getLogger(__name__)

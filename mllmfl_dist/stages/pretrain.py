@@ -61,7 +61,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mllmfl_dist import checkpoint, dist
+from mllmfl_dist.core import checkpoint, dist
 from mllmfl_dist.config import Config, ConfigError
 from mllmfl_dist.data import DataError, normalize
 from mllmfl_dist.data.shards import (SHARD_SUFFIXES, CorruptImageError, ShardError, decode_image, expand_shards,

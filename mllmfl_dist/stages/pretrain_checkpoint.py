@@ -15,7 +15,7 @@ Nothing in a run directory is unpickled with a full unpickler, although DeepSpee
   the few DeepSpeed classes of :func:`deepspeed_safe_globals`); the model-states file must be at step N.
   The caller checks the saved config against the current one before DeepSpeed loads anything.
 - :class:`SafeCheckpointEngine` stands in for the engine's checkpoint engine: DeepSpeed's own loads go
-  through the same ``weights_only`` loading, its saves through :func:`mllmfl_dist.checkpoint.save_atomic`.
+  through the same ``weights_only`` loading, its saves through :func:`mllmfl_dist.core.checkpoint.save_atomic`.
 
 A file that only a full unpickler would read is refused in one line naming it, never loaded and never
 moved. A damaged checkpoint (an empty, truncated or corrupt file after a power loss, or a missing file)
@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mllmfl_dist import checkpoint, dist
+from mllmfl_dist.core import checkpoint, dist
 from mllmfl_dist.config import Config, ConfigError, flat_items
 
 log = logging.getLogger(__name__)

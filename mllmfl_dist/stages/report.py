@@ -27,7 +27,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from mllmfl_dist.checkpoint import remove_stale_temps, write_text_atomic
+from mllmfl_dist.core.checkpoint import remove_stale_temps, write_text_atomic
 from mllmfl_dist.stages import report_plots
 from mllmfl_dist.stages.report_plots import save_accuracy_plot  # noqa: F401  (compare's plot uses it)
 

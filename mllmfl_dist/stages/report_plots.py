@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from mllmfl_dist.checkpoint import savefig_atomic
+from mllmfl_dist.core.checkpoint import savefig_atomic
 
 COLOURS = {"method": "tab:blue", "before": "tab:orange", "baseline": "tab:gray", "chance": "black"}
 GROUPS = (("Many", "acc_many"), ("Medium", "acc_medium"), ("Few", "acc_few"))

@@ -29,14 +29,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from mllmfl_dist import dist
+from mllmfl_dist.core import dist
 from mllmfl_dist.config import Config, FederatedConfig
 from mllmfl_dist.data import ClientData, normalize
 from mllmfl_dist.data.dsa import dsa_siamese
 from mllmfl_dist.fl import federated_features as ff
 from mllmfl_dist.fl.losses import distillation_loss
 from mllmfl_dist.fl.sampling import derive_seed
-from mllmfl_dist.progress import show_bars
+from mllmfl_dist.core.progress import show_bars
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from mllmfl_dist import checkpoint, dist
+from mllmfl_dist.core import checkpoint, dist
 from mllmfl_dist.config import Clip2flConfig, ConfigError
 from mllmfl_dist.data import ArrayClientData, ClientData
 from mllmfl_dist.models.mllm import ModelLoadError, weights_identity

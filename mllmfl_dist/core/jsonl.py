@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from mllmfl_dist.checkpoint import append_text, write_text_atomic
+from mllmfl_dist.core.checkpoint import append_text, write_text_atomic
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as torch_dist
 
 from mllmfl_dist.config import ConfigError, DistConfig
-from mllmfl_dist.errors import RankLostError
+from mllmfl_dist.core.errors import RankLostError
 
 SERVER_RANK = 0
 STALE_WAITS = 64
