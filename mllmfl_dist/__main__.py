@@ -169,14 +169,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "evaluate":
             return _evaluate(cfg, args.checkpoint)
         if args.command == "compare":
-            from mllmfl_dist.fl.strategies import STRATEGIES
+            from mllmfl_dist.fl.strategies import build_strategy
             from mllmfl_dist.stages.compare import default_methods, method_config, parse_methods, parse_seeds
 
             methods = parse_methods(args.methods or default_methods(cfg), cfg)
             seeds = parse_seeds(args.seeds, cfg)
-            for method in methods:  # refuse a bad method (or a CLIP that is not there) before anything runs
-                method_cfg = method_config(cfg, method)
-                STRATEGIES[method_cfg.federated.strategy].projection_dim(method_cfg)
+            for method in methods:  # refuse a bad method (or a model it needs that is not there) before anything runs
+                build_strategy(method_config(cfg, method)).projection_dim()
             return _run_stage(cfg, args.command, stop, methods, seeds)
         return _run_stage(cfg, args.command, stop)
     except (ConfigError, DataError, ModelLoadError) as err:
@@ -324,9 +323,9 @@ def _evaluate(cfg, checkpoint_path: str) -> int:
     from pathlib import Path
 
     from mllmfl_dist.core import checkpoint
-    from mllmfl_dist.evaluate import imbalance_warning
+    from mllmfl_dist.fl.evaluate import evaluate_on_test_set, imbalance_warning
     from mllmfl_dist.fl.strategies import build_strategy
-    from mllmfl_dist.stages.federated import build_data, build_fl_model, evaluate_global
+    from mllmfl_dist.stages.inputs import build_data, build_fl_model
 
     path = Path(checkpoint_path)
     if not path.is_file():
@@ -340,15 +339,16 @@ def _evaluate(cfg, checkpoint_path: str) -> int:
         if saved_strategy not in (None, cfg.federated.strategy):
             raise ConfigError(f"--checkpoint {path} was trained with federated.strategy = {saved_strategy!r}; "
                               f"evaluate it with that strategy (--set federated.strategy={saved_strategy})")
-        server_state = state.get("server_optimizer")
+        # "server_optimizer": what checkpoints called the strategy's state before it was called "strategy"
+        server_state = state.get("strategy", state.get("server_optimizer"))
         state = state["model"]
     data = build_data(cfg)
-    model = build_fl_model(cfg, data)
+    strategy = build_strategy(cfg)
+    model = build_fl_model(cfg.model, data, cfg.run.seed, strategy.projection_dim())
     try:
         model.load_state_dict(state)
         if server_state is not None:
             # A training checkpoint: evaluate what the run evaluated (CReFF: the re-trained classifier).
-            strategy = build_strategy(cfg)
             strategy.load_state_dict(server_state)
             model = strategy.evaluation_model(model)
     except (RuntimeError, KeyError, TypeError) as err:
@@ -357,7 +357,7 @@ def _evaluate(cfg, checkpoint_path: str) -> int:
     imbalance = imbalance_warning(data.test_set()[1], data.class_names)
     if imbalance:
         logging.getLogger("mllmfl_dist").warning("%s", imbalance)
-    report = evaluate_global(cfg, data, model, "cpu")
+    report = evaluate_on_test_set(data, model, cfg.eval.batch_size, "cpu")
     print(json.dumps(report, indent=2))
     return 0
 

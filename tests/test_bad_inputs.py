@@ -99,7 +99,7 @@ def test_planted_federated_checkpoint_and_backbone_are_refused_by_name(tmp_path,
     sets = ["--set", f"run.root={tmp_path}", "--set", "federated.rounds=1", "--set", "log.progress=false"]
     federated = tmp_path / "smoke" / "federated"
     federated.mkdir(parents=True)
-    torch.save({"config": {}, "round": 0, "model": Planted(marker), "server_optimizer": {}, "rng": {}},
+    torch.save({"config": {}, "round": 0, "model": Planted(marker), "strategy": {}, "rng": {}},
                federated / "checkpoint.pt")
     assert main(["federate", str(SMOKE), *sets]) == 2
     line = one_error_line(capsys)

@@ -118,7 +118,7 @@ def test_federate_on_a_full_disk_ends_with_one_line_not_a_traceback(small_disk, 
 
 def test_a_metrics_log_with_garbled_bytes_keeps_the_records_before_them(tmp_path):
     from mllmfl_dist.core.jsonl import read_jsonl
-    from mllmfl_dist.stages.report import read_evaluations
+    from mllmfl_dist.core.jsonl import read_evaluations
 
     path = tmp_path / "metrics.jsonl"
     path.write_bytes(b'{"round": 1, "acc": 0.5}\n\xff\xfe\x00garbage after a power loss\n')

@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..core.checkpoint import output_errors
 from ..core.locks import exclusive, unique_suffix
 from .base import DataError
 from .sources import LabeledArrays
@@ -216,8 +217,6 @@ def _cached_split(root: Path, split: str, list_file: Path, paths: list[str], lab
                 for stale in folder.glob(entry_file.name + ".tmp*"):
                     if stale.name[len(entry_file.name) + 4:].isdigit():
                         stale.unlink(missing_ok=True)
-            from mllmfl_dist.core.checkpoint import output_errors  # here: checkpoint imports the data package
-
             with output_errors(folder):
                 _build_entry(folder, root, split, list_file, digest, paths, labels, lines, size)
             cached = _load_entry(folder, split, size, list_file, digest, labels)

@@ -28,15 +28,15 @@ from tqdm import tqdm
 from mllmfl_dist.core import dist
 from mllmfl_dist.core.checkpoint import file_identity, remove_stale_temps, same_file, write_text_atomic
 from mllmfl_dist.config import AnnotateConfig, Config, ConfigError
-from mllmfl_dist.data.shards import (CorruptImageError, ShardError, decode_image, expand_shards, iter_samples,
+from mllmfl_dist.data.images import CorruptImageError, decode_image
+from mllmfl_dist.data.shards import (ShardError, expand_shards, iter_samples,
                                      write_shard)
-from mllmfl_dist.fl.sampling import derive_seed
+from mllmfl_dist.core.seeds import TAG_ANNOTATE, derive_seed
 from mllmfl_dist.core.progress import show_bars
 
 log = logging.getLogger(__name__)
 
 DONE_SUFFIX = ".done.json"
-TAG_ANNOTATE = 13  # derive_seed stream of sampled decoding
 
 
 @dataclass(frozen=True)

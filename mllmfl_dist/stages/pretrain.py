@@ -64,10 +64,14 @@ import torch
 from mllmfl_dist.core import checkpoint, dist
 from mllmfl_dist.config import Config, ConfigError
 from mllmfl_dist.data import DataError, normalize
-from mllmfl_dist.data.shards import (SHARD_SUFFIXES, CorruptImageError, ShardError, decode_image, expand_shards,
+from mllmfl_dist.data.images import CorruptImageError, decode_image
+from mllmfl_dist.data.shards import (SHARD_SUFFIXES, ShardError, expand_shards,
                                      iter_samples)
-from mllmfl_dist.fl.sampling import derive_seed
-from mllmfl_dist.fl.trainer import TrainingDivergedError
+from mllmfl_dist.core.errors import TrainingDivergedError
+from mllmfl_dist.core.seeds import TAG_ADAPTER_INIT, TAG_PRETRAIN_ORDER, derive_seed
+from mllmfl_dist.data.images import model_input
+from mllmfl_dist.fl.strategies import build_strategy
+from mllmfl_dist.stages.inputs import build_data, build_fl_model
 from mllmfl_dist.stages.deepspeed_setup import check_precision, deepspeed_config, prepare_deepspeed
 from mllmfl_dist.stages.pretrain_report import PretrainReport
 from mllmfl_dist.models.dwp import (IGNORE_INDEX, DWPStudent, TokenAdapter, alpha_at, caption_token_count,
@@ -82,8 +86,6 @@ DEEPSPEED_DIR = "deepspeed"
 BACKBONE_NAME = "backbone.pt"
 ADAPTER_NAME = "adapter.pt"
 METRICS_NAME = "metrics.json"
-TAG_PRETRAIN_ORDER = 11  # derive_seed stream of the DWP data order
-TAG_ADAPTER_INIT = 12
 PRECISION_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
@@ -194,16 +196,7 @@ class FLInput:
     std: tuple[float, ...]
 
     def __call__(self, images: Sequence[Any]) -> torch.Tensor:
-        from PIL import Image, ImageOps
-
-        mode = "L" if self.channels == 1 else "RGB"
-        arrays = []
-        for image in images:
-            image = image.convert(mode)
-            if image.size != (self.size, self.size):
-                image = ImageOps.fit(image, (self.size, self.size), Image.BILINEAR)
-            array = np.asarray(image, dtype=np.uint8)
-            arrays.append(array[None] if array.ndim == 2 else array.transpose(2, 0, 1))
+        arrays = [model_input(image, self.size, self.channels) for image in images]
         return normalize(torch.from_numpy(np.stack(arrays)), self.mean, self.std)
 
 
@@ -300,10 +293,9 @@ def build_student(cfg: Config, llava, runtime: dist.Runtime | None = None) -> tu
     """``g_fl`` (exactly stage 2's ``build_fl_model``) plus a fresh adapter onto LLaVA's visual-token grid,
     and the FL input transform (size, channels and normalisation of the FL data)."""
     from mllmfl_dist.models.mllm import vision_grid
-    from mllmfl_dist.stages.federated import build_data, build_fl_model
 
     data = build_data(cfg, runtime)
-    backbone = build_fl_model(cfg, data)
+    backbone = build_fl_model(cfg.model, data, cfg.run.seed, build_strategy(cfg).projection_dim())
     # DeepSpeed broadcasts parameters as byte views, which channels_last conv weights cannot give; the
     # memory format changes no value, so the saved backbone is the same either way.
     backbone.to(memory_format=torch.contiguous_format)
@@ -313,8 +305,9 @@ def build_student(cfg: Config, llava, runtime: dist.Runtime | None = None) -> tu
                           f"images; the data ({cfg.data.source}) has {data.in_channels}")
     fl_input = FLInput(data.in_channels, data.image_size, tuple(data.mean), tuple(data.std))
     tokens, grid_h, grid_w, width = vision_grid(llava)
-    torch.manual_seed(derive_seed(cfg.run.seed, TAG_ADAPTER_INIT))
-    adapter = TokenAdapter(backbone.map_channels, tokens, grid_h, grid_w, width)
+    with torch.random.fork_rng(devices=[]):  # the adapter's init from its own stream; the global RNG is left alone
+        torch.manual_seed(derive_seed(cfg.run.seed, TAG_ADAPTER_INIT))
+        adapter = TokenAdapter(backbone.map_channels, tokens, grid_h, grid_w, width)
     return DWPStudent(backbone, adapter), fl_input
 
 
@@ -411,7 +404,7 @@ def run_pretrain(cfg: Config, runtime: dist.Runtime, *, progress: bool = True,
                           "`python -m mllmfl_dist tiny-models DIR`)")
     out = stage_dir(cfg)
     ds_dir = out / DEEPSPEED_DIR
-    finished = dist.broadcast_object(runtime, runtime.is_server and _finished(out))
+    finished = dist.server_decides(runtime, lambda: _finished(out), "rank 0's check of a finished DWP stage")
     if finished:
         metrics: dict[str, Any] = {}
         if runtime.is_server:
@@ -421,21 +414,19 @@ def run_pretrain(cfg: Config, runtime: dist.Runtime, *, progress: bool = True,
         return metrics
     # Rank 0 picks the checkpoint to resume from and checks its config before any model is loaded (and before
     # DeepSpeed reads a file); every rank hears the verdict, so a refusal ends them all alike.
-    point, refusal = None, None
-    if runtime.is_server:
+    def resume_point() -> str | None:
         try:
             # Temporary files of saves a killed job cut short (no rank of this job writes there yet).
             checkpoint.remove_stale_temps(out, ds_dir, *tag_dirs(ds_dir).values())
             point = find_resume_point(ds_dir)
-            if point is not None:
-                check_resume(cfg, point.client_state, ds_dir, runtime.world_size)
-        except ConfigError as err:
-            refusal = str(err)
-        except OSError as err:  # an unreadable directory: every rank must hear of it, not wait for rank 0
-            refusal = f"{ds_dir}: {err}"
-    resume_tag, refusal = dist.broadcast_object(runtime, (point.tag if point else None, refusal))
-    if refusal:
-        raise ConfigError(refusal)
+        except OSError as err:  # an unreadable directory
+            raise ConfigError(f"{ds_dir}: {err}") from None
+        if point is not None:
+            check_resume(cfg, point.client_state, ds_dir, runtime.world_size)
+        return point.tag if point else None
+
+    resume_tag = dist.server_decides(runtime, resume_point, "rank 0's choice of the DWP checkpoint to resume",
+                                     catch=(ConfigError,))
 
     prepare_deepspeed(runtime.device, pcfg.deepspeed.cpu_comm)  # before the import: nothing to JIT-compile
     import deepspeed
