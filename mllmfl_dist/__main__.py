@@ -57,7 +57,9 @@ commands:
   report RUN_DIR      write <RUN_DIR>/report/ (summary.json, report.md, plots) for any run directory.
   shards ...          pack an image folder or a data source into WebDataset shards (see shards --help).
   tiny-models DIR     build a tiny random LLaVA and a tiny open_clip model in DIR, loadable like real
-                      checkpoints (offline tests and the offline default).
+                      checkpoints (offline tests and the offline default); with --train CORPUS
+                      (e.g. shards/fmnist_web) train knowledge-bearing ones on a captioned corpus
+                      instead, on the CPU, with DIR/model_card.json.
 
 <run dir> is <run.root>/<run.name>/ (default runs/<config file stem>/).
 
@@ -108,8 +110,13 @@ def build_parser() -> argparse.ArgumentParser:
                                  description="Write <RUN_DIR>/report/: summary.json, report.md and the plots, "
                                              "from what the run wrote (any run: federate, run, a compare row).")
     report.add_argument("run_dir", help="a run directory (<run.root>/<run.name>), e.g. runs/fmnist_lt")
-    tiny = commands.add_parser("tiny-models", help="build tiny random LLaVA and open_clip models in DIR")
+    tiny = commands.add_parser("tiny-models", help="build tiny LLaVA and open_clip models in DIR (random, or "
+                                                   "trained with --train)")
     tiny.add_argument("directory", help="output directory (gets llava/ and clip/)")
+    tiny.add_argument("--train", metavar="CORPUS", default=None,
+                      help="captioned WebDataset shards (e.g. shards/fmnist_web) to train the stand-ins on; "
+                           "without it the models are random")
+    tiny.add_argument("--seed", type=int, default=0, help="training seed with --train (default 0)")
     return parser
 
 
@@ -145,17 +152,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "report":
             return _report(args.run_dir)
         if args.command == "tiny-models":
-            import torch
-
-            from mllmfl_dist.models.tiny import build_tiny_models
-            from mllmfl_dist.stages.deepspeed_setup import cpu_accelerator_env
-
-            # transformers may import DeepSpeed, which would guess the accelerator and warn about it.
-            cpu_accelerator_env(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-
-            for name, path in build_tiny_models(args.directory).items():
-                print(f"{name}: {path}")
-            return 0
+            return _tiny_models(args)
         cfg = load_config(args.config, args.overrides)
         from mllmfl_dist.tracking.tracker import check_trackers
 
@@ -186,6 +183,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(err, RANK_LOST, everywhere=True)
     except preempt.Preempted as stopped:
         return _fail(stopped, preempt.PREEMPTED_EXIT, everywhere=False, label="")
+
+
+def _tiny_models(args) -> int:
+    import torch
+
+    from mllmfl_dist.models.standin_settings import StandinSettings
+    from mllmfl_dist.models.tiny import MODEL_CARD, build_tiny_models
+    from mllmfl_dist.stages.deepspeed_setup import cpu_accelerator_env
+
+    # transformers may import DeepSpeed, which would guess the accelerator and warn about it.
+    cpu_accelerator_env(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    rank = _env_rank()
+    paths = build_tiny_models(args.directory, train=args.train, settings=StandinSettings(seed=args.seed),
+                              progress=rank == 0)
+    for name, path in paths.items():
+        print(f"{name}: {path}")
+    if args.train is not None:
+        card = json.loads((paths["llava"].parent / MODEL_CARD).read_text())
+        measured = card["measured"]
+        print(f"model card: {paths['llava'].parent / MODEL_CARD}: CLIP zero-shot {measured['clip_zero_shot_acc']:.3f}, "
+              f"LLaVA captions naming the class {measured['llava_caption_acc']:.3f}, LLaVA teacher "
+              f"{measured['llava_teacher_acc']:.3f} ({measured['n_images']} test images); "
+              f"trained in {card['train_seconds']:.0f} s")
+    return 0
 
 
 def _fail(err: Exception, code: int, *, everywhere: bool, prefix: str = "", label: str = "error: ") -> int:

@@ -17,3 +17,9 @@ shards --split train --indices 0:59488 --per-class 300 --imb-factor 0.01 --out s
 shards --split test --per-class 100 --out shards/fmnist_lt --prefix test --max-count 500
 # Balanced labeled alignment pool: the first 20 images of each class among indices 50000..59487.
 shards --split train --indices 50000:59488 --per-class 20 --out shards/fmnist_align --prefix align --max-count 500
+# Web-like image-text corpus for training the MLLM stand-ins (no labels): Fashion-MNIST train images among
+# indices 50000..59487 that are not in fmnist_align, a reversed long-tail class mix, alt-text-like captions
+# (10% name a wrong class, 10% no class), seed 0. See shards/README.md.
+"$PYTHON" -m mllmfl_dist.web_corpus_cli --root "$ROOT" --overwrite --indices 50000:59488 \
+  --exclude 'shards/fmnist_align/align-*.tar.gz' --n-max 950 --mix-factor 0.4 --wrong-fraction 0.1 \
+  --no-class-fraction 0.1 --seed 0 --out shards/fmnist_web --prefix web --max-count 1000

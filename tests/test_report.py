@@ -146,7 +146,8 @@ def test_the_report_sets_the_method_beside_its_baseline_chance_and_the_models_it
     (full_run / "federated" / "summary.json").write_text(json.dumps(summary))
     (full_run / "federated" / "partition.json").write_text(json.dumps({"class_counts": [[5, 0, 3] + [1] * 7] * 4}))
     trained.mkdir(parents=True)
-    (trained / "model_card.json").write_text(json.dumps({"teacher_accuracy": 0.71}))
+    (trained.parent / "tiny_models.json").write_text(json.dumps({"trained": True}))
+    (trained.parent / "model_card.json").write_text(json.dumps({"measured": {"llava_teacher_acc": 0.71}}))
     random_build.mkdir(parents=True)
     (random_build.parent / "tiny_models.json").write_text(json.dumps({"trained": False}))
     (full_run / "config.toml").write_text(
@@ -160,12 +161,13 @@ def test_the_report_sets_the_method_beside_its_baseline_chance_and_the_models_it
     assert s["baseline"]["acc"] == 0.2 and s["federated"]["chance"] == 0.1
     assert s["plots"] == ["accuracy.png", "per_class.png", "groups.png", "partition.png"]
     roles = {m["role"]: m for m in s["models"]}
-    assert roles["DWP LLaVA"]["kind"] == "trained here" and roles["DWP LLaVA"]["card"]["teacher_accuracy"] == 0.71
+    assert roles["DWP LLaVA"]["kind"] == "trained here" and roles["DWP LLaVA"]["card"]["llava_teacher_acc"] == 0.71
     assert roles["CLIP2FL's CLIP"]["kind"] == "tiny random (no knowledge)"
     assert set(roles) == {"annotation LLaVA", "DWP LLaVA", "alignment teacher (llava)", "CLIP2FL's CLIP"}
     markdown = (full_run / "report" / "report.md").read_text()
     assert "| FedAvg from scratch, round 6 | 0.200 |" in markdown and "| chance | 0.100 |" in markdown
     assert "![accuracy](accuracy.png)" in markdown and "tiny random (no knowledge)" in markdown
+    assert "llava_teacher_acc 0.710" in markdown
     _assert_pngs(full_run / "report")
 
     assert main(["report", str(tmp_path / "nothing")]) == 2

@@ -81,6 +81,10 @@ def test_cache_key_changes():
     assert key != teacher_cache_key("llava", images[:2] + _images(1, seed=9), CLASSES, **base)
     assert key != teacher_cache_key("clip", images, CLASSES, **base)
     assert key != teacher_cache_key("llava", images, CLASSES, **{**base, "model": "m2"})
+    assert key != teacher_cache_key("llava", images, CLASSES, **{**base, "score": "mean"})
+    # clip ignores the llava score
+    assert (teacher_cache_key("clip", images, CLASSES, **base)
+            == teacher_cache_key("clip", images, CLASSES, **{**base, "score": "mean"}))
 
 
 def test_cache_key_changes_when_local_weights_are_replaced(tiny_models, tmp_path):
@@ -101,7 +105,7 @@ def test_llava_score_is_answer_loglik(tiny_models):
     image = _images(1, seed=3)[0]
     batched = llava_answer_loglik(llava, processor, [image] + _images(2, seed=4), CLASSES, PROMPT, batch_size=3)
     prompt_ids = processor(images=[image], text=[PROMPT], return_tensors="pt")["input_ids"][0]
-    manual = []
+    manual, lengths = [], []
     for name in CLASSES:
         inputs = processor(images=[image], text=[PROMPT + " " + name], return_tensors="pt")
         ids = inputs["input_ids"][0]
@@ -111,12 +115,24 @@ def test_llava_score_is_answer_loglik(tiny_models):
             logits = llava(**inputs).logits[0]
         logp = torch.log_softmax(logits.float(), dim=-1)
         manual.append(logp[start - 1 : -1].gather(-1, ids[start:, None]).sum())
+        lengths.append(len(ids) - start)
     manual = torch.stack(manual)
     assert manual.max() < 0
     torch.testing.assert_close(batched[0], manual, atol=1e-4, rtol=1e-5)
     q = teacher_distributions("llava", [image], CLASSES, model=str(tiny_models["llava"]), prompt=PROMPT,
                               temperature=2.0)
     torch.testing.assert_close(q[0], torch.softmax(manual / 2.0, dim=-1), atol=1e-5, rtol=1e-4)
+    # The length-normalised score is the mean over the answer's tokens; the names differ in token count,
+    # so it is not the sum scaled by one constant.
+    lengths = torch.tensor(lengths, dtype=torch.float32)
+    assert len(set(lengths.tolist())) > 1
+    mean = llava_answer_loglik(llava, processor, [image], CLASSES, PROMPT, batch_size=3, score="mean")
+    torch.testing.assert_close(mean[0], manual / lengths, atol=1e-4, rtol=1e-5)
+    q_mean = teacher_distributions("llava", [image], CLASSES, model=str(tiny_models["llava"]), prompt=PROMPT,
+                                   temperature=2.0, score="mean")
+    torch.testing.assert_close(q_mean[0], torch.softmax(manual / lengths / 2.0, dim=-1), atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="score"):
+        llava_answer_loglik(llava, processor, [image], CLASSES, PROMPT, score="max")
 
 
 def test_errors(tiny_models):
@@ -132,3 +148,5 @@ def test_errors(tiny_models):
         teacher_distributions("clip", images, CLASSES, model="x", temperature=0.0)
     with pytest.raises(ValueError, match="<image>"):
         teacher_distributions("llava", images, CLASSES, model="x", prompt="USER: hi ASSISTANT:")
+    with pytest.raises(ValueError, match="score"):
+        teacher_distributions("llava", images, CLASSES, model="x", score="median")

@@ -25,7 +25,7 @@ from mllmfl_dist.models.mllm import project_visual_tokens
 IGNORE_INDEX = -100  # label of positions without loss (prompt, image tokens, padding)
 
 __all__ = ["IGNORE_INDEX", "alpha_at", "TokenAdapter", "DWPStudent", "mix_visual_tokens",
-           "llava_forward_with_visual_features", "caption_token_count"]
+           "llava_forward_with_visual_features", "visual_inputs_embeds", "caption_token_count"]
 
 
 def alpha_at(step: int, steps: int, alpha_start: float = 0.0, schedule: str = "linear",
@@ -123,6 +123,15 @@ def llava_forward_with_visual_features(llava, visual_features: torch.Tensor, inp
     and head on ``inputs_embeds``; with ``labels`` the model's own shifted next-token cross-entropy (mean
     over the positions whose label is not -100). Returns the model's output (``.loss``, ``.logits``).
     """
+    inputs_embeds = visual_inputs_embeds(llava, visual_features, input_ids)
+    return llava(inputs_embeds=inputs_embeds, attention_mask=attention_mask.to(inputs_embeds.device),
+                 labels=None if labels is None else labels.to(inputs_embeds.device))
+
+
+def visual_inputs_embeds(llava, visual_features: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """`[B, L, text_hidden]`: the token embeddings of `input_ids` with the projector `W` of `visual_features`
+    (`[B, tokens, width]`, vision-tower space) scattered into the `<image>` positions, as `LlavaModel.forward`
+    builds its `inputs_embeds`. Raises ValueError when the image-token count does not match the features."""
     embed = llava.get_input_embeddings()
     inputs_embeds = embed(input_ids.to(embed.weight.device))
     projected = project_visual_tokens(llava, visual_features).to(inputs_embeds.dtype)
@@ -132,9 +141,7 @@ def llava_forward_with_visual_features(llava, visual_features: torch.Tensor, inp
         raise ValueError(f"the prompts hold {int(mask.sum())} image tokens but there are "
                          f"{projected.shape[0]} x {projected.shape[1]} visual features; the prompt needs exactly "
                          f"one image placeholder, expanded by the processor")
-    inputs_embeds = inputs_embeds.masked_scatter(mask.unsqueeze(-1), projected)
-    return llava(inputs_embeds=inputs_embeds, attention_mask=attention_mask.to(inputs_embeds.device),
-                 labels=None if labels is None else labels.to(inputs_embeds.device))
+    return inputs_embeds.masked_scatter(mask.unsqueeze(-1), projected)
 
 
 def caption_token_count(labels: torch.Tensor) -> int:

@@ -3,9 +3,11 @@
 `teacher_distributions(kind, images, class_names, ...)` -> `q`, float32 `[N, C]`, rows summing to 1:
 
 - `kind="llava"`: the score of class c for an image is the log-likelihood, under the LLaVA, of the answer
-  `" " + class_name` to `prompt` (which holds `<image>`): the SUM of the log-probabilities of the answer
-  tokens given the image and the prompt (a proper sequence log-likelihood; a mean over tokens would not be
-  one, and would favour long names less than the model does). `q = softmax(scores / temperature)`.
+  `" " + class_name` to `prompt` (which holds `<image>`): with `score="sum"` the SUM of the log-probabilities
+  of the answer tokens given the image and the prompt (a proper sequence log-likelihood, which penalises names
+  of many tokens); with `score="mean"` their MEAN (the length-normalised log-likelihood, as in the
+  length-normalised scoring of multiple-choice answers, e.g. Brown et al. 2020, GPT-3, Sec. 2.4).
+  `q = softmax(scores / temperature)`.
   The answer tokens are the suffix of `processor(prompt + " " + name)` after the tokens it shares with
   `processor(prompt)` (with byte-level BPE or sentencepiece the prompt's tokens are normally a prefix; if a
   tokenizer merges across the boundary, the answer starts at the first differing token, so the score is the
@@ -17,9 +19,9 @@
 
 Cache: `q` is computed once per alignment set and stored as `<cache_dir>/teacher-<kind>-<key16>.pt`
 (written atomically, read back with `weights_only=True`); the key is a sha256 over the kind, the model, the
-pretrained tag, the prompt, the templates, the temperature, the class names, the size and modification time
-of the model's weights files when it is a local directory, and every image's mode, size and pixel bytes. A
-hit returns the stored tensor without loading any model. `cache_dir=None` disables it.
+pretrained tag, the prompt, the llava score, the templates, the temperature, the class names, the size and
+modification time of the model's weights files when it is a local directory, and every image's mode, size and
+pixel bytes. A hit returns the stored tensor without loading any model. `cache_dir=None` disables it.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from mllmfl_dist.models.mllm import load_llava, weights_identity
 
 __all__ = [
     "TEACHER_KINDS",
+    "LLAVA_SCORES",
     "teacher_distributions",
     "teacher_cache_key",
     "teacher_cache_path",
@@ -50,6 +53,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 TEACHER_KINDS = ("llava", "clip")
+LLAVA_SCORES = ("sum", "mean")
 DEFAULT_PROMPT = "USER: <image>\nWhat is the object in the image? ASSISTANT:"
 _CACHE_VERSION = 1  # bump when the scores' definition changes, so old cache files are not reused
 
@@ -74,15 +78,17 @@ def teacher_cache_key(
     prompt: str = DEFAULT_PROMPT,
     templates: str | Sequence[str] = ("a photo of a {}.",),
     temperature: float = 1.0,
+    score: str = "sum",
 ) -> str:
     """sha256 (hex) identifying a teacher computation: its settings, the class names and the images' bytes.
-    Only the settings the kind uses enter it (the prompt for llava; the templates and tag for clip)."""
+    Only the settings the kind uses enter it (the prompt and score for llava; the templates and tag for clip)."""
     meta = {
         "version": _CACHE_VERSION,
         "kind": kind,
         "model": str(model),
         "clip_pretrained": clip_pretrained if kind == "clip" else "",
         "prompt": prompt if kind == "llava" else "",
+        "score": score if kind == "llava" else "",
         "templates": list(_templates(templates)) if kind == "clip" else [],
         "temperature": float(temperature),
         "class_names": [str(c) for c in class_names],
@@ -141,8 +147,11 @@ def llava_answer_loglik(
     prompt: str = DEFAULT_PROMPT,
     *,
     batch_size: int = 16,
+    score: str = "sum",
 ) -> torch.Tensor:
-    """`[N, C]` float32: `sum_t log p(answer_t | image, prompt, answer_<t)` for the answer `" " + name`.
+    """`[N, C]` float32: `sum_t log p(answer_t | image, prompt, answer_<t)` for the answer `" " + name`
+    (`score="sum"`), or that sum divided by the answer's token count (`score="mean"`); other values raise
+    ValueError.
 
     Batched: the C answer sequences are left-padded to one length (attention mask 0 on the padding, position
     ids counted from the first real token, so each row equals its unpadded forward), and each image's pixels
@@ -151,6 +160,8 @@ def llava_answer_loglik(
     positions are computed (`logits_to_keep`)."""
     if not images or not class_names:
         raise ValueError("images and class_names must be non-empty")
+    if score not in LLAVA_SCORES:
+        raise ValueError(f"score must be one of {list(LLAVA_SCORES)}, got {score!r}")
     seqs = llava_answer_sequences(processor, images[0], class_names, prompt)
     num_classes = len(seqs)
     length = max(len(ids) for ids, _ in seqs)
@@ -194,7 +205,10 @@ def llava_answer_loglik(
             tgt = targets[cs].repeat(b, 1).to(logp.device)
             msk = target_mask[cs].repeat(b, 1).to(logp.device)
             tok = logp.gather(-1, tgt.unsqueeze(-1)).squeeze(-1).masked_fill(~msk, 0.0)
-            scores[i0 : i0 + b, cs] = tok.sum(-1).view(b, k).cpu()
+            total = tok.sum(-1)
+            if score == "mean":
+                total = total / msk.sum(-1)
+            scores[i0 : i0 + b, cs] = total.view(b, k).cpu()
     return scores
 
 
@@ -227,6 +241,7 @@ def teacher_distributions(
     prompt: str = DEFAULT_PROMPT,
     templates: str | Sequence[str] = ("a photo of a {}.",),
     temperature: float = 1.0,
+    score: str = "sum",
     cache_dir: str | Path | None = None,
     device: torch.device | str = "cpu",
     batch_size: int = 16,
@@ -239,7 +254,8 @@ def teacher_distributions(
     model: `align.teacher_model` (LLaVA hub id / directory; open_clip name, `hf-hub:` or `local-dir:DIR`);
         empty raises ConfigError naming `align.teacher_model`.
     clip_pretrained / templates (a sequence, or one `|`-separated string): clip only. prompt: llava only
-        (must contain `<image>`).
+        (must contain `<image>`). score: llava only, `sum` or `mean` of the answer tokens' log-probabilities
+        (`align.teacher_score`; see the module docstring).
     temperature: `q = softmax(scores / temperature)`, > 0.
     cache_dir: where `teacher-<kind>-<key16>.pt` is kept; a hit returns it without loading a model. None: no
         cache.
@@ -258,6 +274,8 @@ def teacher_distributions(
         raise ValueError("class_names is empty")
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
+    if kind == "llava" and score not in LLAVA_SCORES:
+        raise ValueError(f"the llava teacher's score must be one of {list(LLAVA_SCORES)}, got {score!r}")
     if kind == "llava" and "<image>" not in prompt:
         raise ValueError(f"the llava teacher's prompt must contain <image>: {prompt!r}")
     images = list(images)
@@ -267,7 +285,7 @@ def teacher_distributions(
     path = None
     if cache_dir is not None:
         key = teacher_cache_key(kind, images, class_names, model=model, clip_pretrained=clip_pretrained,
-                                prompt=prompt, templates=templates, temperature=temperature)
+                                prompt=prompt, templates=templates, temperature=temperature, score=score)
         path = teacher_cache_path(cache_dir, kind, key)
         if path.is_file():
             try:
@@ -282,7 +300,8 @@ def teacher_distributions(
 
     if kind == "llava":
         llava, processor = load_llava(str(model), device=device)
-        scores = llava_answer_loglik(llava, processor, images, class_names, prompt, batch_size=batch_size)
+        scores = llava_answer_loglik(llava, processor, images, class_names, prompt, batch_size=batch_size,
+                                     score=score)
         del llava
     else:
         clip, preprocess, tokenizer = load_clip(str(model), clip_pretrained, device=device)

@@ -1,4 +1,4 @@
-"""Tiny random MLLMs for tests and the offline default.
+"""Tiny MLLMs for tests and the offline default: random ones, or knowledge-bearing stand-ins trained here.
 
 `build_tiny_models(directory)` writes two models that load through exactly the path the real ones take:
 
@@ -12,19 +12,25 @@
   which ships inside the open_clip package) as `open_clip_config.json` + `open_clip_model.safetensors`;
   `open_clip.create_model_and_transforms("local-dir:<directory>/clip")` loads it.
 
-Weights are random but seeded, so a build is deterministic. Nothing touches the network.
+Without `train`, weights are random but seeded (a build is deterministic, takes seconds, and carries no
+knowledge: for unit tests). With `train=<corpus>` the same layout holds models trained on a captioned corpus
+(`mllmfl_dist.models.trained`: a contrastive CLIP, and a LLaVA on its frozen tower) plus
+`<directory>/model_card.json`. Nothing touches the network.
 
-A manifest (`tiny_models.json`) is written last and lists every file of the build with its size and
-modification time; a directory whose files still match it is complete and is returned as it is (the build is
-idempotent and cheap to call at the start of every stage). A half-written build (no manifest), or one whose
-files were truncated or replaced since (a power loss, a hand edit), is rebuilt from scratch.
+A manifest (`tiny_models.json`, with `"trained": false` or `true`) is written last and lists every file of
+the build with its size and modification time; a directory holding the manifest of the build asked for,
+whose files still match it, is complete and is returned as it is (the build is idempotent and cheap to call
+at the start of every stage). A half-written build (no manifest), one of another kind, corpus or settings,
+or one whose files were truncated or replaced since (a power loss, a hand edit), is rebuilt from scratch.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -32,8 +38,10 @@ import torch
 from mllmfl_dist.core.checkpoint import file_identity, remove_stale_temps, same_file, write_text_atomic
 
 MANIFEST = "tiny_models.json"
+MODEL_CARD = "model_card.json"  # the trained build's measurements, beside llava/ and clip/
 # Bump when the tiny architectures or the tokenizer change, so stale builds are rebuilt.
 TINY_VERSION = 2  # bump when the built models change, so old directories are rebuilt
+TRAINED_VERSION = 1  # the same for the trained build (`--train`)
 
 # --- tiny LLaVA geometry (llava-1.5 layout at toy size) -------------------------------------------------
 LLAVA_IMAGE_SIZE = 32
@@ -117,9 +125,11 @@ def _tokenizer_corpus() -> list[str]:
     return list(_CORPUS_SENTENCES) + words + [" " + w for w in words] + [str(i) for i in range(100)]
 
 
-def build_llava_tokenizer():
+def build_llava_tokenizer(extra_texts: Sequence[str] = ()):
     """The tiny LLaVA's tokenizer: byte-level BPE (every string encodes and decodes exactly), `<s>` prepended
-    like Llama's, special tokens `<unk> <s> </s> <pad> <image>` with ids 0..4, left padding."""
+    like Llama's, special tokens `<unk> <s> </s> <pad> <image>` with ids 0..4, left padding. `extra_texts`
+    (e.g. a caption corpus) join the texts the BPE merges are learned from; without them the tokenizer is the
+    random build's."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -133,7 +143,7 @@ def build_llava_tokenizer():
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(_tokenizer_corpus(), trainer=trainer)
+    tok.train_from_iterator(_tokenizer_corpus() + list(extra_texts), trainer=trainer)
     bos_id = tok.token_to_id("<s>")
     tok.post_processor = processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos_id)]
@@ -152,21 +162,82 @@ def build_llava_tokenizer():
     return hf
 
 
-def _build_llava(out: Path) -> None:
-    from transformers import (
-        CLIPImageProcessor,
-        CLIPVisionConfig,
-        GenerationConfig,
-        LlamaConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaProcessor,
+def llava_config(tokenizer, vision, *, text_hidden: int = TEXT_HIDDEN, text_layers: int = TEXT_LAYERS,
+                 text_heads: int = TEXT_HEADS, text_intermediate: int = TEXT_INTERMEDIATE,
+                 vision_feature_layer: int = -2):
+    """A llava-1.5-shaped `LlavaConfig`: the CLIP `vision` config (a `CLIPVisionConfig`), a Llama language
+    model of the given sizes over `tokenizer`'s vocabulary, a two-layer GELU projector, the `default` feature
+    selection (CLS dropped) at `vision_feature_layer`, one `<image>` expanding to the tower's patch grid."""
+    from transformers import LlamaConfig, LlavaConfig
+
+    grid = vision.image_size // vision.patch_size
+    text = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=text_hidden,
+        intermediate_size=text_intermediate,
+        num_hidden_layers=text_layers,
+        num_attention_heads=text_heads,
+        num_key_value_heads=text_heads,
+        max_position_embeddings=TEXT_MAX_POSITIONS,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        image_seq_length=grid * grid,
+        projector_hidden_act="gelu",
+        vision_feature_select_strategy="default",
+        vision_feature_layer=vision_feature_layer,
+    )
+    config.pad_token_id = tokenizer.pad_token_id
+    return config
+
+
+def llava_processor(config, tokenizer):
+    """llava-1.5's `LlavaProcessor` for a model `config` (`LlavaConfig`): a CLIP image processor at the
+    tower's size (resize the shortest edge, centre crop), `tokenizer`, the `<image>` expansion to the tower's
+    patch grid and llava-1.5's chat template."""
+    from transformers import CLIPImageProcessor, LlavaProcessor
+
+    vision = config.vision_config
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": vision.image_size},
+        crop_size={"height": vision.image_size, "width": vision.image_size},
+    )
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=vision.patch_size,
+        vision_feature_select_strategy=config.vision_feature_select_strategy,
+        num_additional_image_tokens=1,  # the CLS token, as llava-1.5's processor
+        image_token=IMAGE_TOKEN,
+        chat_template=CHAT_TEMPLATE,
     )
 
+
+def save_llava(model, tokenizer, out: Path) -> None:
+    """`save_pretrained` the model (greedy generation config) and its `llava_processor` into `out`, as a hub
+    LLaVA directory is laid out."""
+    from transformers import GenerationConfig
+
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        do_sample=False,
+    )
+    model.save_pretrained(out)
+    llava_processor(model.config, tokenizer).save_pretrained(out)
+
+
+def _build_llava(out: Path) -> None:
+    from transformers import CLIPVisionConfig, LlavaForConditionalGeneration
+
     tokenizer = build_llava_tokenizer()
-    vocab = len(tokenizer)
-    image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-    grid = LLAVA_IMAGE_SIZE // LLAVA_PATCH_SIZE
     vision = CLIPVisionConfig(
         hidden_size=VISION_HIDDEN,
         intermediate_size=VISION_INTERMEDIATE,
@@ -177,58 +248,14 @@ def _build_llava(out: Path) -> None:
         projection_dim=VISION_HIDDEN,
         hidden_act="quick_gelu",  # as openai/clip-vit-large-patch14-336
     )
-    text = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=TEXT_HIDDEN,
-        intermediate_size=TEXT_INTERMEDIATE,
-        num_hidden_layers=TEXT_LAYERS,
-        num_attention_heads=TEXT_HEADS,
-        num_key_value_heads=TEXT_HEADS,
-        max_position_embeddings=TEXT_MAX_POSITIONS,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
-    )
-    config = LlavaConfig(
-        vision_config=vision,
-        text_config=text,
-        image_token_index=image_token_id,
-        image_seq_length=grid * grid,
-        projector_hidden_act="gelu",
-        vision_feature_select_strategy="default",
-        vision_feature_layer=-2,
-    )
-    config.pad_token_id = tokenizer.pad_token_id
     torch.manual_seed(SEED)
-    model = LlavaForConditionalGeneration(config).eval()
+    model = LlavaForConditionalGeneration(llava_config(tokenizer, vision)).eval()
     # At the usual init a random LM head gives a nearly flat next-token distribution: captions would
     # hardly depend on the image and pretraining against the LM would have nothing to learn. A sharper
     # head makes the tiny model's outputs a clear function of its visual tokens.
     with torch.no_grad():
         model.lm_head.weight.mul_(LM_HEAD_SCALE)
-    model.generation_config = GenerationConfig(
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        do_sample=False,
-    )
-    model.save_pretrained(out)
-
-    image_processor = CLIPImageProcessor(
-        size={"shortest_edge": LLAVA_IMAGE_SIZE},
-        crop_size={"height": LLAVA_IMAGE_SIZE, "width": LLAVA_IMAGE_SIZE},
-    )
-    processor = LlavaProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        patch_size=LLAVA_PATCH_SIZE,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,  # the CLS token, as llava-1.5's processor
-        image_token=IMAGE_TOKEN,
-        chat_template=CHAT_TEMPLATE,
-    )
-    processor.save_pretrained(out)
+    save_llava(model, tokenizer, out)
 
 
 def _build_clip(out: Path) -> None:
@@ -259,34 +286,61 @@ def _files(directory: Path, paths: dict[str, Path]) -> dict[str, dict[str, int]]
     return files
 
 
-def _manifest_ok(directory: Path) -> bool:
+def _identity(train: str | None, settings) -> dict:
+    """What a reusable directory's manifest must say: the random build's version, or the trained build's
+    version, corpus bytes (sha256) and training settings."""
+    if train is None:
+        return {"version": TINY_VERSION, "trained": False}
+    from mllmfl_dist.models.trained import corpus_identity
+
+    return {"version": TRAINED_VERSION, "trained": True, "corpus_sha256": corpus_identity(train)["sha256"],
+            "settings": dataclasses.asdict(settings)}
+
+
+def _manifest_ok(directory: Path, identity: dict) -> bool:
+    """The manifest is the build asked for, and every file it lists is still the one it describes."""
     try:
         manifest = json.loads((directory / MANIFEST).read_text())
     except (OSError, ValueError):
         return False
-    files = manifest.get("files") if isinstance(manifest, dict) else None
-    return (manifest.get("version") == TINY_VERSION and isinstance(files, dict) and bool(files)
-            and all(same_file(directory / name, identity) for name, identity in files.items()))
+    if not isinstance(manifest, dict) or any(manifest.get(key) != value for key, value in identity.items()):
+        return False
+    files = manifest.get("files")
+    return (isinstance(files, dict) and bool(files)
+            and all(same_file(directory / name, described) for name, described in files.items()))
 
 
-def build_tiny_models(directory: str | os.PathLike) -> dict[str, Path]:
-    """Write a tiny random LLaVA to `<directory>/llava` and a tiny open_clip CLIP to `<directory>/clip`;
-    return `{"llava": path, "clip": path}`.
+def build_tiny_models(directory: str | os.PathLike, *, train: str | None = None, settings=None,
+                      progress: bool = True) -> dict[str, Path]:
+    """Write a tiny LLaVA to `<directory>/llava` and a tiny open_clip CLIP to `<directory>/clip`; return
+    `{"llava": path, "clip": path}`.
 
-    Idempotent: a directory whose manifest (written last) says the build is complete and current is returned
-    without touching a file. Otherwise each model is written to a temporary sibling directory and renamed into
-    place, then the manifest is written, so an interrupted build never looks complete. Processes building the
-    same directory at once (ranks of one job) serialise on a lock file; the later ones find the build done.
+    train: None builds random, seeded models in a second (for fast tests). A shard pattern of a captioned
+    corpus (e.g. `shards/fmnist_web`) trains knowledge-bearing stand-ins on it instead
+    (`mllmfl_dist.models.trained`, minutes on a CPU) and writes `<directory>/model_card.json` with what they
+    measured. settings: a `StandinSettings` for the trained build (default: the shipped one). progress: tqdm
+    bars on stderr while training (pass False on ranks other than 0).
+
+    Idempotent: a directory whose manifest (written last) says the build is complete and is the one asked for
+    (random, or trained on a corpus with the same bytes and the same settings) is returned without touching a
+    file. Otherwise the models are written to temporary sibling directories and renamed into place, then the
+    manifest is written, so an interrupted build never looks complete. Processes building the same directory
+    at once (ranks of one job) serialise on a lock file; the later ones find the build done. Raises DataError
+    when the corpus pattern matches nothing.
     """
+    from mllmfl_dist.models.standin_settings import StandinSettings
+
     directory = Path(directory)
+    settings = StandinSettings() if settings is None else settings
     paths = {"llava": directory / "llava", "clip": directory / "clip"}
-    if _manifest_ok(directory):
+    identity = _identity(train, settings)
+    if _manifest_ok(directory, identity):
         return paths
     directory.mkdir(parents=True, exist_ok=True)
     with open(directory / ".build.lock", "w") as lock:
         _lock(lock)
-        if not _manifest_ok(directory):
-            _build(directory, paths)
+        if not _manifest_ok(directory, identity):
+            _build(directory, paths, identity, train, settings, progress)
     return paths
 
 
@@ -298,28 +352,41 @@ def _lock(handle) -> None:
     fcntl.flock(handle.fileno(), fcntl.LOCK_EX)  # released when the file is closed
 
 
-def _build(directory: Path, paths: dict[str, Path]) -> None:
+def _build(directory: Path, paths: dict[str, Path], identity: dict, train: str | None, settings,
+           progress: bool) -> None:
     (directory / MANIFEST).unlink(missing_ok=True)
-    remove_stale_temps(directory, targets=[MANIFEST])
-    for name, build in (("llava", _build_llava), ("clip", _build_clip)):
-        # Under the lock no other build runs: partial directories left here belong to killed builds.
-        for stale in directory.glob(f".{name}.partial-*"):
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp = directory / f".{name}.partial-{os.getpid()}"
-        tmp.mkdir()
-        try:
-            build(tmp)
+    (directory / MODEL_CARD).unlink(missing_ok=True)
+    remove_stale_temps(directory, targets=[MANIFEST, MODEL_CARD])
+    # Under the lock no other build runs: partial directories left here belong to killed builds.
+    for stale in directory.glob(".*.partial-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmps = {name: directory / f".{name}.partial-{os.getpid()}" for name in paths}
+    card = None
+    try:
+        for tmp in tmps.values():
+            tmp.mkdir()
+        if train is None:
+            _build_llava(tmps["llava"])
+            _build_clip(tmps["clip"])
+        else:
+            from mllmfl_dist.models.trained import build_trained
+
+            card = build_trained(tmps, train, settings, progress=progress)
+        for name, tmp in tmps.items():
             if paths[name].exists():
                 shutil.rmtree(paths[name])
             tmp.rename(paths[name])
-        finally:
+    finally:
+        for tmp in tmps.values():
             if tmp.exists():
                 shutil.rmtree(tmp)
-    manifest = {
-        "version": TINY_VERSION,
-        "models": {name: path.name for name, path in paths.items()},
-        "llava": {"image_size": LLAVA_IMAGE_SIZE, "patch_size": LLAVA_PATCH_SIZE, "seed": SEED},
-        "clip": {"image_size": CLIP_IMAGE_SIZE, "seed": SEED + 1},
-        "files": _files(directory, paths),
-    }
+    manifest = {**identity, "models": {name: path.name for name, path in paths.items()}}
+    if card is None:
+        manifest["llava"] = {"image_size": LLAVA_IMAGE_SIZE, "patch_size": LLAVA_PATCH_SIZE, "seed": SEED}
+        manifest["clip"] = {"image_size": CLIP_IMAGE_SIZE, "seed": SEED + 1}
+    else:
+        write_text_atomic(directory / MODEL_CARD, json.dumps(card, indent=2))
+        manifest["corpus"] = train
+        manifest["model_card"] = MODEL_CARD
+    manifest["files"] = _files(directory, paths)
     write_text_atomic(directory / MANIFEST, json.dumps(manifest, indent=2))

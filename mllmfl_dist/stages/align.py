@@ -166,4 +166,5 @@ def _teacher(cfg: Config, pil: list[Any], data: ClientData, cache_dir, device) -
     return teacher_distributions(
         acfg.teacher, [im.convert("RGB") for im in pil], data.class_names, model=acfg.teacher_model,
         clip_pretrained=acfg.clip_pretrained, prompt=acfg.prompt,
-        templates=acfg.templates, temperature=acfg.teacher_temperature, cache_dir=cache_dir, device=device)
+        templates=acfg.templates, temperature=acfg.teacher_temperature, score=acfg.teacher_score,
+        cache_dir=cache_dir, device=device)

@@ -102,19 +102,18 @@ def _config(run_dir: Path) -> dict:
 
 
 def model_provenance(spec: str) -> dict[str, Any]:
-    """Where a model came from: ``trained here`` (a directory with a ``model_card.json``, whose numbers are
-    copied), ``random`` (a tiny random build: ``tiny_models.json`` beside it says ``trained: false``),
-    another local directory, or a hub / cache name."""
+    """Where a model came from, read from the build beside it (``tiny-models DIR [--train CORPUS]`` writes
+    ``DIR/tiny_models.json`` and, when trained, ``DIR/model_card.json`` next to ``DIR/llava`` and
+    ``DIR/clip``): ``trained here`` (with the card's measurements), ``tiny random (no knowledge)``, another
+    local directory, or a hub / cache name."""
     path = Path(spec.removeprefix("local-dir:")).expanduser()
     out: dict[str, Any] = {"model": spec}
-    card = _read_json(path / "model_card.json") if path.is_dir() else None
     manifest = _read_json(path.parent / "tiny_models.json") if path.is_dir() else None
-    if card is not None:
-        out.update(kind="trained here", card=card)
-    elif manifest is not None and manifest.get("trained") is not True:
-        out["kind"] = "tiny random (no knowledge)"
+    if manifest is not None and manifest.get("trained") is True:
+        card = _read_json(path.parent / "model_card.json") or {}
+        out.update(kind="trained here", card=card.get("measured", card))
     elif manifest is not None:
-        out["kind"] = "trained here"
+        out["kind"] = "tiny random (no knowledge)"
     else:
         out["kind"] = "local directory" if path.is_dir() else "hub / cache name"
     return out
@@ -138,8 +137,8 @@ def models_used(config: dict, strategy_models: list[dict] = ()) -> list[dict[str
 
 
 def card_numbers(card: dict) -> dict[str, float]:
-    """The measured accuracies and fractions of a model card (the numbers a reader compares)."""
-    return {k: v for k, v in card.items() if isinstance(v, float) and ("accuracy" in k or "fraction" in k)}
+    """The measured accuracies of a model card (the numbers a reader compares)."""
+    return {k: v for k, v in card.items() if isinstance(v, float) and k.endswith(("_acc", "accuracy"))}
 
 
 def _fmt(value: Any) -> str:
@@ -177,7 +176,8 @@ def report_markdown(summary: dict) -> str:
             lines.append(f"| {m['role']} | `{m['model']}` | {m['kind']} | {numbers or '—'} |")
     for stage in ("annotate", "pretrain"):
         if summary.get(stage):
-            values = ", ".join(f"{k} {v}" for k, v in summary[stage].items() if v is not None)
+            values = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                               for k, v in summary[stage].items() if v is not None)
             lines += ["", f"**{stage}:** {values}"]
     if summary.get("plots"):
         lines += ["", "## Plots", ""] + [f"![{name[:-4]}]({name})" for name in summary["plots"]]

@@ -140,6 +140,9 @@ def partition_plot(path: Path, counts: Sequence[Sequence[int]], class_names: Seq
     step = max(1, classes // 40)
     ax.set_xticks(list(range(classes))[::step])
     ax.set_xticklabels(names[::step], rotation=45 if classes <= 20 else 90, ha="right" if classes <= 20 else "center")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))  # clients are whole numbers
     ax.set_ylabel("client")
     ax.set_title(f"Partition: samples per class on each of {clients} clients")
     _save(fig, path)
