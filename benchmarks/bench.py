@@ -1,6 +1,6 @@
 """Benchmark: the trainer against a framework-free loop, and 100 against 100,000 clients, in one run.
 
-``python -m mllmfl_dist.bench`` (``launch/bench.sh``) prints ratios measured side by side, because
+``python benchmarks/bench.py`` (``launch/bench.sh``) prints ratios measured side by side, because
 absolute seconds on shared machines are noise. It is not a test; CI does not run it.
 
 1. ``configs/fmnist_lt.toml`` for 10 rounds under ``torchrun --nproc_per_node 3`` (two client hosts),
@@ -28,11 +28,13 @@ from pathlib import Path
 
 import torch
 
-from mllmfl_dist.config import load_config
-
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))  # the framework-free reference loop is a test helper
+# A script of the checkout: it measures this checkout's package, and the framework-free reference loop is a
+# test helper (tests/reference_loop.py).
+sys.path[:0] = [str(REPO), str(REPO / "tests")]
 from reference_loop import reference_rounds  # noqa: E402
+
+from mllmfl_dist.config import load_config  # noqa: E402
 
 
 # -- running the trainer ---------------------------------------------------------------------------
@@ -104,7 +106,7 @@ def bench_annotation(config: str, images: int, overrides: Sequence[str] = ()) ->
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mllmfl_dist.bench", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python benchmarks/bench.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(REPO / "configs" / "fmnist_lt.toml"))
     parser.add_argument("--rounds", type=int, default=10)

@@ -10,8 +10,8 @@ from typing import Any
 
 from tqdm import tqdm
 
-from mllmfl_dist.core import dist
 from mllmfl_dist.config import Config
+from mllmfl_dist.core import dist
 from mllmfl_dist.core.progress import show_bars
 from mllmfl_dist.tracking import Tracker, open_tracker
 
