@@ -158,8 +158,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         check_trackers(cfg.log)
         if args.command in ("federate", "run") and args.seeds:
-            from mllmfl_dist.stages.compare import parse_seeds
-            from mllmfl_dist.sweep import seed_configs
+            from mllmfl_dist.commands.compare import parse_seeds
+            from mllmfl_dist.commands.sweep import seed_configs
 
             sweep = seed_configs(args.config, args.overrides, parse_seeds(args.seeds, cfg))
             return _run_stage(cfg, args.command, stop, sweep=sweep)
@@ -167,7 +167,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _evaluate(cfg, args.checkpoint)
         if args.command == "compare":
             from mllmfl_dist.fl.strategies import build_strategy
-            from mllmfl_dist.stages.compare import default_methods, method_config, parse_methods, parse_seeds
+            from mllmfl_dist.commands.compare import default_methods, method_config, parse_methods, parse_seeds
 
             methods = parse_methods(args.methods or default_methods(cfg), cfg)
             seeds = parse_seeds(args.seeds, cfg)
@@ -238,7 +238,7 @@ def _run_stage(cfg, command: str, stop: preempt.StopRequest, methods: Sequence =
     runtime = dist.init_runtime(cfg.dist, stop=stop)
     try:
         if command in ("federate", "run"):
-            from mllmfl_dist.sweep import mean_std_line, seed_line
+            from mllmfl_dist.commands.sweep import mean_std_line, seed_line
 
             finals = []
             for run_cfg in sweep or [cfg]:
@@ -249,8 +249,8 @@ def _run_stage(cfg, command: str, stop: preempt.StopRequest, methods: Sequence =
             if sweep and runtime.is_server:
                 print(mean_std_line(finals))
         elif command == "compare":
-            from mllmfl_dist.stages.compare import compare_dir, run_compare
-            from mllmfl_dist.stages.compare_table import results_markdown
+            from mllmfl_dist.commands.compare import compare_dir, run_compare
+            from mllmfl_dist.commands.compare_table import results_markdown
 
             rows = run_compare(cfg, runtime, list(methods), list(seeds))
             if runtime.is_server:
@@ -301,7 +301,7 @@ def _load_libraries(cfg, command: str, compare_pretrains: bool = False) -> None:
     import torch
     import torchvision  # noqa: F401
 
-    from mllmfl_dist.pipeline import planned_stages
+    from mllmfl_dist.commands.pipeline import planned_stages
     from mllmfl_dist.stages.deepspeed_setup import cpu_accelerator_env, prepare_deepspeed
 
     gpu = cfg.dist.backend != "gloo" and torch.cuda.is_available()
@@ -329,7 +329,7 @@ def _federate_or_run(cfg, command: str, runtime) -> dict:
             print(f"round {final['round']}: balanced acc {final['acc']:.4f} (top-1 {final['acc_top1']:.4f}; "
                   f"{groups})")
         return final or {}
-    from mllmfl_dist.pipeline import run_pipeline
+    from mllmfl_dist.commands.pipeline import run_pipeline
 
     summary = run_pipeline(cfg, runtime)
     final = summary.get("federated", {}) if runtime.is_server else {}

@@ -9,8 +9,8 @@ import pytest
 
 from mllmfl_dist.__main__ import main
 from mllmfl_dist.config import ConfigError, load_config
-from mllmfl_dist.stages.compare import Method, method_config, parse_method, parse_methods
-from mllmfl_dist.stages.compare_table import results_markdown
+from mllmfl_dist.commands.compare import Method, method_config, parse_method, parse_methods
+from mllmfl_dist.commands.compare_table import results_markdown
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "configs" / "smoke.toml"

@@ -16,7 +16,7 @@ A method is a base strategy plus, optionally, stages of the MLLM-assisted method
 
 Every method runs for every seed in ``<run dir>/compare/<method>/seed<k>/`` through the same ``run``
 pipeline, so each (method, seed) is resumable on its own and a finished one is not trained again. Rank 0
-then writes the tables and the plot (:mod:`mllmfl_dist.stages.compare_table`).
+then writes the tables and the plot (:mod:`mllmfl_dist.commands.compare_table`).
 """
 
 from __future__ import annotations
@@ -183,8 +183,8 @@ def stage1_config(cfg: Config, seed: int) -> Config:
 def run_compare(cfg: Config, runtime: dist.Runtime, methods: list[Method], seeds: list[int]) -> list[dict[str, Any]]:
     """Run (or resume, or skip when complete) every method for every seed, then write the tables and the plot
     on rank 0. Returns the per-(method, seed) rows on rank 0."""
-    from mllmfl_dist.pipeline import run_pipeline, run_stage1
-    from mllmfl_dist.stages.compare_table import run_row, write_results
+    from mllmfl_dist.commands.pipeline import run_pipeline, run_stage1
+    from mllmfl_dist.commands.compare_table import run_row, write_results
 
     # Every config is checked before anything runs.
     configs = {(m.name, s): method_config(cfg, m, s) for s in seeds for m in methods}
