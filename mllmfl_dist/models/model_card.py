@@ -47,7 +47,8 @@ def measure_standins(clip_dir: str | Path, llava_dir: str | Path, test_shards: s
 
     from mllmfl_dist.config import AlignConfig, AnnotateConfig
     from mllmfl_dist.data.labeled_shards import resolve_pattern
-    from mllmfl_dist.data.shards import read_labeled_shards, to_pil
+    from mllmfl_dist.data.images import to_pil
+    from mllmfl_dist.data.shards import read_labeled_shards
     from mllmfl_dist.data.web_captions import named_category
     from mllmfl_dist.models.clip_teacher import load_clip
     from mllmfl_dist.models.mllm import load_llava
