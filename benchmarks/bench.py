@@ -79,7 +79,7 @@ def bench_annotation(config: str, images: int, overrides: Sequence[str] = ()) ->
     from mllmfl_dist.data.images import decode_image
     from mllmfl_dist.data.shards import expand_shards, iter_samples
     from mllmfl_dist.models.mllm import load_llava
-    from mllmfl_dist.stages.annotate import Generation, caption_batch
+    from mllmfl_dist.models.captioning import Generation, caption_batch
 
     cfg = load_config(config, overrides)
     torch.set_num_threads(cfg.dist.threads)

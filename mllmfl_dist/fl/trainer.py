@@ -102,8 +102,17 @@ class FederatedTrainer:
         check_upload_size(strategy.name, self.upload_layout)
         state = strategy.broadcast_state(self.model)
         self.state_layout = FlatLayout.of_shapes({k: tuple(v.shape) for k, v in state.items()}, torch.float32)
+        # The round's two buffers, laid out once (described where they are filled, in run_round and _broadcast).
+        self.round_layout = FlatLayout.of_shapes({"model": (self.layout.numel + 1,),
+                                                  "uploads": (self.upload_layout.numel,),
+                                                  "diverged": (federated.clients_per_round,), "stop": (1,),
+                                                  "loss": (1,)})
+        self.broadcast_layout = FlatLayout.of_shapes({"model": (self.layout.numel,),
+                                                      "state": (self.state_layout.numel,), "status": (1,)},
+                                                     torch.float32)
         # Rank 0 only, after the server step and before the broadcast (global alignment plugs in here).
         self.server_hook = server_hook
+        self.server_hook_hints: list[str] = []  # what to look at when the hook diverged, on the ranks without it
         self.rounds_done = 0
         # Rounds are timed from the end of the previous one, so that rank 0's evaluation and checkpoint
         # writing, which overlap the next round's client training, count when they hold a round up.
@@ -129,8 +138,7 @@ class FederatedTrainer:
     def _broadcast(self, status: str, what: str) -> tuple[int, str]:
         """The broadcast, carrying rank 0's divergence ``status`` in its last entry; returns the bytes
         broadcast and the status every rank received (a non-finite buffer counts as diverged too)."""
-        layout = FlatLayout.of_shapes({"model": (self.layout.numel,), "state": (self.state_layout.numel,),
-                                       "status": (1,)}, torch.float32)
+        layout = self.broadcast_layout
         flat = torch.empty(layout.numel, dtype=torch.float32, device=self.runtime.device)
         parts = layout.views(flat)
         self.layout.flatten(self.model.state_dict(), out=parts["model"])
@@ -160,8 +168,7 @@ class FederatedTrainer:
         # uploads, then one flag per sampled client that went non-finite (so every rank learns which, and stops),
         # then the count of ranks asked to stop (preempt.py), so every rank stops after the same round, then the
         # clients' training losses weighted like the model (sum n_k * loss_k; / total weight = the mean).
-        layout = FlatLayout.of_shapes({"model": (self.layout.numel + 1,), "uploads": (self.upload_layout.numel,),
-                                       "diverged": (len(clients),), "stop": (1,), "loss": (1,)})
+        layout = self.round_layout
         acc = torch.zeros(layout.numel, dtype=torch.float64, device=self.runtime.device)
         parts = layout.views(acc)
         model_acc, uploads, diverged = parts["model"], parts["uploads"], parts["diverged"]
@@ -233,7 +240,7 @@ class FederatedTrainer:
             hints = self.strategy.divergence_hints("uploads")
         else:
             what = "global alignment made the model non-finite"
-            hints = self.server_hook.divergence_hints() if self.server_hook is not None else []
+            hints = self.server_hook.divergence_hints() if self.server_hook is not None else self.server_hook_hints
         return divergence_message(round_index, what, hints)
 
     # -- checkpoints -----------------------------------------------------------------------------

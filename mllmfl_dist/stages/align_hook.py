@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from mllmfl_dist.config import Config
+from mllmfl_dist.config import AlignConfig, Config
 from mllmfl_dist.core import checkpoint
 from mllmfl_dist.data import ClientData
 from mllmfl_dist.core.jsonl import ACCURACY_KEYS
@@ -49,8 +49,12 @@ class AlignmentHook:
         self._records[round_index] = record
 
     def divergence_hints(self) -> list[str]:
-        align = self.cfg.align
-        return [f"align.lr = {align.lr:g}", f"align.beta = {align.beta:g}", f"align.steps = {align.steps}"]
+        return alignment_hints(self.cfg.align)
+
+
+def alignment_hints(align: AlignConfig) -> list[str]:
+    """The settings to look at when alignment made the global model non-finite (every rank names them)."""
+    return [f"align.lr = {align.lr:g}", f"align.beta = {align.beta:g}", f"align.steps = {align.steps}"]
 
     def pop_round(self, round_index: int) -> dict[str, Any]:
         return self._records.pop(round_index, {})

@@ -27,7 +27,7 @@ from mllmfl_dist.fl.client import LocalTraining
 from mllmfl_dist.fl.evaluate import evaluate_on_test_set, imbalance_warning
 from mllmfl_dist.fl.strategies import StrategyContext, build_strategy, strategy_class
 from mllmfl_dist.fl.trainer import FederatedTrainer, RoundStats
-from mllmfl_dist.stages.align_hook import AlignmentHook
+from mllmfl_dist.stages.align_hook import AlignmentHook, alignment_hints
 from mllmfl_dist.stages.inputs import build_data, build_fl_model, load_pretrained_backbone
 from mllmfl_dist.tracking import Tracker, open_tracker
 
@@ -50,6 +50,8 @@ class FederatedStage:
         model = build_fl_model(cfg.model, self.data, cfg.run.seed, self.strategy.projection_dim())
         local = LocalTraining.of(cfg.federated, cfg.data, self.data.mean, self.data.std)
         self.trainer = FederatedTrainer(cfg.federated, cfg.run.seed, local, runtime, self.data, model, self.strategy)
+        # Rank 0 runs the alignment; every rank names its settings when it makes the model non-finite.
+        self.trainer.server_hook_hints = alignment_hints(cfg.align) if cfg.align.every else []
         self.alignment: AlignmentHook | None = None
         self.metrics = MetricsLog(self.paths.metrics) if runtime.is_server else None
         self.rounds_log = MetricsLog(self.paths.rounds) if runtime.is_server else None  # timing and traffic
