@@ -51,10 +51,10 @@ class AlignmentHook:
     def divergence_hints(self) -> list[str]:
         return alignment_hints(self.cfg.align)
 
+    def pop_round(self, round_index: int) -> dict[str, Any]:
+        return self._records.pop(round_index, {})
+
 
 def alignment_hints(align: AlignConfig) -> list[str]:
     """The settings to look at when alignment made the global model non-finite (every rank names them)."""
     return [f"align.lr = {align.lr:g}", f"align.beta = {align.beta:g}", f"align.steps = {align.steps}"]
-
-    def pop_round(self, round_index: int) -> dict[str, Any]:
-        return self._records.pop(round_index, {})
