@@ -19,7 +19,7 @@ fi
 export PATH="$venv/bin:$PATH"
 
 # Rank 0 runs on the job's first node: its name as Slurm expands the node list, and a port per job id
-# (15000 + id % 15000, as mllmfl_dist/dist.py derives it), so that two jobs sharing a node do not collide.
+# (15000 + id % 15000, as mllmfl_dist/core/launch.py derives it), so that two jobs sharing a node do not collide.
 # Both are set here whatever the submitting shell exported (sbatch passes its environment on).
 MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)" || true
 [ -n "$MASTER_ADDR" ] || { echo "slurm: scontrol show hostnames $SLURM_JOB_NODELIST gave no host" >&2; exit 2; }

@@ -14,11 +14,11 @@ import sys
 import time
 from collections.abc import Sequence
 
-from mllmfl_dist import preempt
+from mllmfl_dist.core import preempt
 # Only light modules at import time: `--help` and argument errors must not wait for torch (seconds);
 # each command imports what it needs.
 from mllmfl_dist.config import load_config
-from mllmfl_dist.errors import ConfigError, DataError, ModelLoadError, RankLostError, TrainingDivergedError
+from mllmfl_dist.core.errors import ConfigError, DataError, ModelLoadError, RankLostError, TrainingDivergedError
 
 USAGE_ERROR = 2  # a config, data or model the user can fix
 DIVERGED = 3  # training went non-finite; the last checkpoint is kept
@@ -129,7 +129,7 @@ def _env_local_rank() -> int:
 
 
 def _setup_logging() -> None:
-    from mllmfl_dist.progress import quiet_library_bars
+    from mllmfl_dist.core.progress import quiet_library_bars
 
     rank = _env_rank()
     # A time on every line: in a SLURM or nohup log it is the only clock there is.
@@ -158,22 +158,21 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         check_trackers(cfg.log)
         if args.command in ("federate", "run") and args.seeds:
-            from mllmfl_dist.stages.compare import parse_seeds
-            from mllmfl_dist.sweep import seed_configs
+            from mllmfl_dist.commands.compare import parse_seeds
+            from mllmfl_dist.commands.sweep import seed_configs
 
             sweep = seed_configs(args.config, args.overrides, parse_seeds(args.seeds, cfg))
             return _run_stage(cfg, args.command, stop, sweep=sweep)
         if args.command == "evaluate":
             return _evaluate(cfg, args.checkpoint)
         if args.command == "compare":
-            from mllmfl_dist.fl.strategies import STRATEGIES
-            from mllmfl_dist.stages.compare import default_methods, method_config, parse_methods, parse_seeds
+            from mllmfl_dist.fl.strategies import build_strategy
+            from mllmfl_dist.commands.compare import default_methods, method_config, parse_methods, parse_seeds
 
             methods = parse_methods(args.methods or default_methods(cfg), cfg)
             seeds = parse_seeds(args.seeds, cfg)
-            for method in methods:  # refuse a bad method (or a CLIP that is not there) before anything runs
-                method_cfg = method_config(cfg, method)
-                STRATEGIES[method_cfg.federated.strategy].projection_dim(method_cfg)
+            for method in methods:  # refuse a bad method (or a model it needs that is not there) before anything runs
+                build_strategy(method_config(cfg, method)).projection_dim()
             return _run_stage(cfg, args.command, stop, methods, seeds)
         return _run_stage(cfg, args.command, stop)
     except (ConfigError, DataError, ModelLoadError) as err:
@@ -233,13 +232,13 @@ def _fail(err: Exception, code: int, *, everywhere: bool, prefix: str = "", labe
 def _run_stage(cfg, command: str, stop: preempt.StopRequest, methods: Sequence = (), seeds: Sequence[int] = (),
                sweep: Sequence = ()) -> int:
     """Run ``command`` on this job's ranks; ``sweep``: the per-seed configs of ``federate/run --seeds``."""
-    from mllmfl_dist import dist
+    from mllmfl_dist.core import dist
 
     _load_libraries(cfg, command, any(getattr(m, "dwp", False) for m in methods))
     runtime = dist.init_runtime(cfg.dist, stop=stop)
     try:
         if command in ("federate", "run"):
-            from mllmfl_dist.sweep import mean_std_line, seed_line
+            from mllmfl_dist.commands.sweep import mean_std_line, seed_line
 
             finals = []
             for run_cfg in sweep or [cfg]:
@@ -250,8 +249,8 @@ def _run_stage(cfg, command: str, stop: preempt.StopRequest, methods: Sequence =
             if sweep and runtime.is_server:
                 print(mean_std_line(finals))
         elif command == "compare":
-            from mllmfl_dist.stages.compare import compare_dir, run_compare
-            from mllmfl_dist.stages.compare_table import results_markdown
+            from mllmfl_dist.commands.compare import compare_dir, run_compare
+            from mllmfl_dist.commands.compare_table import results_markdown
 
             rows = run_compare(cfg, runtime, list(methods), list(seeds))
             if runtime.is_server:
@@ -302,7 +301,7 @@ def _load_libraries(cfg, command: str, compare_pretrains: bool = False) -> None:
     import torch
     import torchvision  # noqa: F401
 
-    from mllmfl_dist.pipeline import planned_stages
+    from mllmfl_dist.commands.pipeline import planned_stages
     from mllmfl_dist.stages.deepspeed_setup import cpu_accelerator_env, prepare_deepspeed
 
     gpu = cfg.dist.backend != "gloo" and torch.cuda.is_available()
@@ -330,7 +329,7 @@ def _federate_or_run(cfg, command: str, runtime) -> dict:
             print(f"round {final['round']}: balanced acc {final['acc']:.4f} (top-1 {final['acc_top1']:.4f}; "
                   f"{groups})")
         return final or {}
-    from mllmfl_dist.pipeline import run_pipeline
+    from mllmfl_dist.commands.pipeline import run_pipeline
 
     summary = run_pipeline(cfg, runtime)
     final = summary.get("federated", {}) if runtime.is_server else {}
@@ -344,10 +343,10 @@ def _federate_or_run(cfg, command: str, runtime) -> dict:
 def _evaluate(cfg, checkpoint_path: str) -> int:
     from pathlib import Path
 
-    from mllmfl_dist import checkpoint
-    from mllmfl_dist.evaluate import imbalance_warning
+    from mllmfl_dist.core import checkpoint
+    from mllmfl_dist.fl.evaluate import evaluate_on_test_set, imbalance_warning
     from mllmfl_dist.fl.strategies import build_strategy
-    from mllmfl_dist.stages.federated import build_data, build_fl_model, evaluate_global
+    from mllmfl_dist.stages.inputs import build_data, build_fl_model
 
     path = Path(checkpoint_path)
     if not path.is_file():
@@ -361,15 +360,16 @@ def _evaluate(cfg, checkpoint_path: str) -> int:
         if saved_strategy not in (None, cfg.federated.strategy):
             raise ConfigError(f"--checkpoint {path} was trained with federated.strategy = {saved_strategy!r}; "
                               f"evaluate it with that strategy (--set federated.strategy={saved_strategy})")
-        server_state = state.get("server_optimizer")
+        # "server_optimizer": what checkpoints called the strategy's state before it was called "strategy"
+        server_state = state.get("strategy", state.get("server_optimizer"))
         state = state["model"]
     data = build_data(cfg)
-    model = build_fl_model(cfg, data)
+    strategy = build_strategy(cfg)
+    model = build_fl_model(cfg.model, data, cfg.run.seed, strategy.projection_dim())
     try:
         model.load_state_dict(state)
         if server_state is not None:
             # A training checkpoint: evaluate what the run evaluated (CReFF: the re-trained classifier).
-            strategy = build_strategy(cfg)
             strategy.load_state_dict(server_state)
             model = strategy.evaluation_model(model)
     except (RuntimeError, KeyError, TypeError) as err:
@@ -378,7 +378,7 @@ def _evaluate(cfg, checkpoint_path: str) -> int:
     imbalance = imbalance_warning(data.test_set()[1], data.class_names)
     if imbalance:
         logging.getLogger("mllmfl_dist").warning("%s", imbalance)
-    report = evaluate_global(cfg, data, model, "cpu")
+    report = evaluate_on_test_set(data, model, cfg.eval.batch_size, "cpu")
     print(json.dumps(report, indent=2))
     return 0
 

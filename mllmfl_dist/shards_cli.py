@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import numpy as np
 
-from mllmfl_dist.errors import DataError
+from mllmfl_dist.core.errors import DataError
 
 USAGE_ERROR = 2
 SOURCES = ("fashion_mnist", "cifar10", "cifar100", "synthetic")
@@ -252,7 +252,7 @@ def _folder_key(rel: Path) -> str:
 def _folder_image(path: Path) -> tuple[bytes, str]:
     """The bytes and extension to store: PNG and JPEG files in mode L or RGB as they are (no re-encoding),
     anything else converted to L or RGB and written as PNG. A file PIL cannot decode raises DataError."""
-    from mllmfl_dist.data.shards import decode_image, encode_png
+    from mllmfl_dist.data.images import decode_image, encode_png
 
     try:
         data = path.read_bytes()
@@ -339,7 +339,7 @@ def _source_samples(args: argparse.Namespace) -> tuple[Iterator[dict[str, Any]],
     labeled = not args.no_labels
 
     def generate() -> Iterator[dict[str, Any]]:
-        from mllmfl_dist.data.shards import encode_png
+        from mllmfl_dist.data.images import encode_png
 
         for i in chosen.tolist():
             meta: dict[str, Any] = {"source": args.from_source, "split": args.split, "index": i}

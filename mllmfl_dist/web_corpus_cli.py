@@ -94,7 +94,7 @@ def select_corpus(labels: np.ndarray, start: int, stop: int, excluded: set[int],
 def corpus_samples(images, labels: np.ndarray, chosen: np.ndarray, seed: int, wrong_fraction: float,
                    no_class_fraction: float) -> Iterator[dict[str, Any]]:
     """The writer's sample dicts (image PNG, caption, provenance) of the ``chosen`` training images."""
-    from mllmfl_dist.data.shards import encode_png
+    from mllmfl_dist.data.images import encode_png
     from mllmfl_dist.data.web_captions import make_caption
 
     for i in chosen.tolist():

@@ -6,8 +6,9 @@ import torch
 
 from mllmfl_dist.config import Config, FederatedConfig
 from mllmfl_dist.fl.aggregation import FlatLayout, accumulate_, mean_from_sum, new_accumulator, weighted_mean
-from mllmfl_dist.fl.sampling import assign_clients, derive_seed, sample_clients
-from mllmfl_dist.fl.strategies import FedAvg, FedAvgM, FedProx, build_strategy
+from mllmfl_dist.core.seeds import derive_seed
+from mllmfl_dist.fl.sampling import assign_clients, sample_clients
+from mllmfl_dist.fl.strategies import FedAvg, FedAvgM, FedProx, StrategyArgs, build_strategy
 from mllmfl_dist.models import build_model
 
 
@@ -81,10 +82,10 @@ def _server_inputs():
     return torch.tensor([1.0, 2.0, 3.0, 0.5], dtype=torch.float64), mask
 
 
-def test_fedavg_server_step_is_the_mean():
+def test_fedavg_global_update_is_the_mean():
     global_flat, mask = _server_inputs()
     mean = torch.tensor([0.0, 1.0, 5.0, 0.7], dtype=torch.float64)
-    new = FedAvg(FederatedConfig()).server_step(global_flat, mean, mask)
+    new = FedAvg(StrategyArgs(FederatedConfig(), seed=0)).update_global_model(global_flat, mean, mask)
     torch.testing.assert_close(new, mean, rtol=0, atol=1e-15)
 
 
@@ -102,7 +103,7 @@ def test_fedavgm_matches_numpy_momentum():
         velocity = 0.9 * velocity + delta
         w_np[:3] = w_np[:3] - 0.5 * velocity
         w_np[3] = mean.numpy()[3]  # buffers take the mean, no momentum
-        w = strategy.server_step(w, mean, mask)
+        w = strategy.update_global_model(w, mean, mask)
         np.testing.assert_allclose(w.numpy(), w_np, rtol=1e-12)
 
 
@@ -111,19 +112,19 @@ def test_server_optimizer_state_survives_a_round_trip():
     w, mask = _server_inputs()
     means = [torch.full((4,), float(v), dtype=torch.float64) for v in (0.3, -1.0, 2.0)]
     straight = build_strategy(Config(federated=cfg))
-    w_straight = straight.server_step(w, means[0], mask)
+    w_straight = straight.update_global_model(w, means[0], mask)
     resumed = build_strategy(Config(federated=cfg))
     resumed.load_state_dict(straight.state_dict())
     for mean in means[1:]:
-        w_straight = straight.server_step(w_straight, mean, mask)
-    w_resumed = build_strategy(Config(federated=cfg)).server_step(w, means[0], mask)
+        w_straight = straight.update_global_model(w_straight, mean, mask)
+    w_resumed = build_strategy(Config(federated=cfg)).update_global_model(w, means[0], mask)
     for mean in means[1:]:
-        w_resumed = resumed.server_step(w_resumed, mean, mask)
+        w_resumed = resumed.update_global_model(w_resumed, mean, mask)
     torch.testing.assert_close(w_resumed, w_straight, rtol=0, atol=1e-15)
 
 
 def test_fedprox_adds_the_proximal_term():
-    strategy = FedProx(FederatedConfig(strategy="fedprox", prox_mu=0.2))
+    strategy = FedProx(StrategyArgs(FederatedConfig(strategy="fedprox", prox_mu=0.2), seed=0))
     model = torch.nn.Linear(3, 2)
     global_params = [p.detach().clone() for p in model.parameters()]
     with torch.no_grad():
@@ -131,7 +132,7 @@ def test_fedprox_adds_the_proximal_term():
     logits = torch.zeros(4, 2)
     labels = torch.tensor([0, 1, 0, 1])
     base = torch.nn.functional.cross_entropy(logits, labels)
-    loss = strategy.client_loss(model, logits, labels, global_params)
+    loss = strategy.local_loss(model, logits, labels, global_params)
     assert loss.item() == pytest.approx(base.item() + 0.5 * 0.2 * 6.0)
 
 

@@ -13,9 +13,9 @@ import torch
 
 from mllmfl_dist.config import AlignConfig, load_config
 from mllmfl_dist.data.synthetic import make_prototypes, render
-from mllmfl_dist.evaluate import evaluate_model
+from mllmfl_dist.fl.evaluate import evaluate_model
 from mllmfl_dist.stages.align import AlignmentSet, align_model, alignment_loss, take_per_class
-from mllmfl_dist.stages.federated import build_data, build_fl_model
+from mllmfl_dist.stages.inputs import build_data, build_fl_model
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "configs" / "smoke.toml"
@@ -62,7 +62,7 @@ def test_alignment_without_teacher_raises_tail_accuracy_of_a_head_biased_model()
     cfg = load_config(SMOKE, ["data.imb_factor=0.02", "dist.threads=1"])
     data = build_data(cfg)
     torch.manual_seed(0)
-    model = build_fl_model(cfg, data)
+    model = build_fl_model(cfg.model, data, cfg.run.seed)
     # Head-biased: trained centrally on the long-tailed training set itself.
     images = torch.cat([data.client(c)[0] for c in range(data.num_clients)])
     labels = torch.cat([data.client(c)[1] for c in range(data.num_clients)])
@@ -102,7 +102,7 @@ def test_after_alignment_every_rank_holds_the_same_model(tmp_path):
     script = tmp_path / "dump_ranks.py"
     script.write_text(
         "import sys, torch\n"
-        "from mllmfl_dist import dist\n"
+        "from mllmfl_dist.core import dist\n"
         "from mllmfl_dist.config import load_config\n"
         "from mllmfl_dist.stages import federated\n"
         "cfg = load_config(sys.argv[1], sys.argv[3:])\n"
@@ -123,7 +123,7 @@ def test_after_alignment_every_rank_holds_the_same_model(tmp_path):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=3",
                str(script), str(SMOKE), str(tmp_path), *sets]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
     assert result.returncode == 0, result.stderr[-3000:]
     models = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(3)]
     for other in models[1:]:

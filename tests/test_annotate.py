@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mllmfl_dist import dist
+from mllmfl_dist.core import dist
 from mllmfl_dist.config import DistConfig, load_config
 from mllmfl_dist.data.shards import iter_samples, write_shards
 from mllmfl_dist.stages import annotate
@@ -167,7 +167,7 @@ def test_member_names_with_dotdot_or_absolute_paths_are_never_copied_into_output
     import io
     import tarfile
 
-    from mllmfl_dist.data.shards import encode_png
+    from mllmfl_dist.data.images import encode_png
 
     png = encode_png(np.zeros((3, 24, 24), dtype=np.uint8))
     shard = tmp_path / "web-evil-000000.tar"

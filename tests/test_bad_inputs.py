@@ -99,7 +99,7 @@ def test_planted_federated_checkpoint_and_backbone_are_refused_by_name(tmp_path,
     sets = ["--set", f"run.root={tmp_path}", "--set", "federated.rounds=1", "--set", "log.progress=false"]
     federated = tmp_path / "smoke" / "federated"
     federated.mkdir(parents=True)
-    torch.save({"config": {}, "round": 0, "model": Planted(marker), "server_optimizer": {}, "rng": {}},
+    torch.save({"config": {}, "round": 0, "model": Planted(marker), "strategy": {}, "rng": {}},
                federated / "checkpoint.pt")
     assert main(["federate", str(SMOKE), *sets]) == 2
     line = one_error_line(capsys)
@@ -241,7 +241,7 @@ def test_shard_writer_refuses_keys_that_climb_out(tmp_path):
 
 def test_done_records_describe_the_file_they_were_made_from(tmp_path):
     """What a done record stores (JSON) tells a replaced, cut or rewritten file from the one it describes."""
-    from mllmfl_dist.checkpoint import file_identity, same_file
+    from mllmfl_dist.core.checkpoint import file_identity, same_file
 
     path = tmp_path / "f"
     path.write_bytes(b"abc")

@@ -40,7 +40,8 @@ def test_a_usage_error_exits_2_without_torch() -> None:
 
 
 def test_the_cli_catches_the_classes_the_modules_raise() -> None:
-    from mllmfl_dist import config, data, dist, errors
+    from mllmfl_dist import config, data
+    from mllmfl_dist.core import dist, errors
     from mllmfl_dist.fl import trainer
     from mllmfl_dist.models import mllm
 
@@ -49,6 +50,7 @@ def test_the_cli_catches_the_classes_the_modules_raise() -> None:
     assert mllm.ModelLoadError is errors.ModelLoadError
     assert dist.RankLostError is errors.RankLostError
     assert trainer.TrainingDivergedError is errors.TrainingDivergedError
-    from mllmfl_dist.data.shards import CorruptImageError, ShardError
+    from mllmfl_dist.data.images import CorruptImageError
+    from mllmfl_dist.data.shards import ShardError
 
     assert issubclass(ShardError, errors.DataError) and issubclass(CorruptImageError, errors.DataError)

@@ -9,8 +9,8 @@ import pytest
 
 from mllmfl_dist.__main__ import main
 from mllmfl_dist.config import ConfigError, load_config
-from mllmfl_dist.stages.compare import Method, method_config, parse_method, parse_methods
-from mllmfl_dist.stages.compare_table import results_markdown
+from mllmfl_dist.commands.compare import Method, method_config, parse_method, parse_methods
+from mllmfl_dist.commands.compare_table import results_markdown
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "configs" / "smoke.toml"
@@ -90,7 +90,7 @@ def test_compare_over_two_seeds_gives_mean_and_std_and_resumes_per_row(tmp_path,
     assert summary["fedavg+align[none]"]["align_teacher"] == "none (labels only)"
     assert {summary[m]["server_labeled_images"] for m in methods[:4]} == {"0"}
     assert {summary[m]["pretraining"] for m in methods} == {"none (random init)"}
-    assert summary["clip2fl"]["models"] == f"CLIP2FL CLIP local-dir:{tiny_models['clip']}"
+    assert summary["clip2fl"]["models"] == f"CLIP2FL's CLIP local-dir:{tiny_models['clip']}"
     assert {summary[m]["models"] for m in ("fedavg", "creff", "fedavg+align[none]")} == {"none"}
     assert summary["creff"]["strategy"] == "creff" and summary["fedavg+align[none]"]["strategy"] == "fedavg"
     markdown = (out / "results.md").read_text()

@@ -144,7 +144,9 @@ def test_resume_differences_ignore_sections_the_strategy_does_not_read():
 
 def test_defaults_are_the_released_cifar10_lt_setting_of_creff_and_clip2fl():
     """A config that omits a key runs the experiment the papers (and their released options.py) describe."""
-    from mllmfl_dist.config import AlignConfig, Clip2flConfig, CreffConfig, FederatedConfig
+    from mllmfl_dist.config import AlignConfig, FederatedConfig
+    from mllmfl_dist.fl.strategies.clip2fl import Clip2flConfig
+    from mllmfl_dist.fl.strategies.creff import CreffConfig
 
     fed = FederatedConfig()
     assert (fed.num_clients, fed.clients_per_round, fed.rounds, fed.local_epochs, fed.batch_size, fed.lr) == \

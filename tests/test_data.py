@@ -26,9 +26,8 @@ from mllmfl_dist.data import (
 )
 from mllmfl_dist.data import build as build_module
 from mllmfl_dist.data import partition as partition_module
-from mllmfl_dist.data.build import TAG_LONGTAIL
 from mllmfl_dist.data.partition import _donations
-from mllmfl_dist.fl.sampling import derive_seed
+from mllmfl_dist.core.seeds import TAG_CREFF_SHUFFLE, TAG_LONGTAIL, derive_seed
 from mllmfl_dist.data.sources import FASHION_MNIST_DIRS, FASHION_MNIST_FILES, LabeledArrays, load_fashion_mnist
 
 METHODS = ("dirichlet", "creff", "iid")
@@ -206,7 +205,7 @@ def creff_reference(
     """CReFF's partition written out literally with Python lists, given the same shuffle and the per-group
     class cuts (``cuts[k][c, j]``: how many samples of class c worker j of group k got) that were drawn."""
     total = len(labels)
-    shuffled = np.random.default_rng([seed, partition_module._TAG_CREFF_SHUFFLE]).permutation(total)
+    shuffled = np.random.default_rng([seed, TAG_CREFF_SHUFFLE]).permutation(total)
     pairs = [(int(i), int(labels[i])) for i in shuffled]
     num_splits = math.ceil(num_clients / 10)
     group_sizes = [10] * (num_splits - 1) + [num_clients - 10 * (num_splits - 1)]

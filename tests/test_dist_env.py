@@ -9,7 +9,8 @@ import pytest
 
 from launchers import REPO, clean_env
 from mllmfl_dist.config import ConfigError, DistConfig
-from mllmfl_dist.dist import init_runtime, read_launch_env, slurm_hostnames, slurm_port, slurm_rendezvous
+from mllmfl_dist.core.dist import init_runtime
+from mllmfl_dist.core.launch import read_launch_env, slurm_hostnames, slurm_port, slurm_rendezvous
 
 # What srun puts in a task's environment (the names that matter here), for a step of 8 tasks.
 STEP = {"SLURM_JOB_ID": "4242", "SLURM_STEP_ID": "0", "SLURM_PROCID": "5", "SLURM_LOCALID": "1",

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import torch
 
-from mllmfl_dist.bench import reference_rounds
 from mllmfl_dist.config import load_config
+from reference_loop import reference_rounds
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "configs" / "smoke.toml"
@@ -50,8 +50,8 @@ def test_first_round_on_three_processes_equals_single_process_loop(tmp_path):
     start = torch.load(out / "checkpoint.pt", weights_only=True)["model"]
     assert max_abs_difference(got, expected) <= 1e-6
     # The round really moved the model (the comparison above is not between two untouched inits).
-    from mllmfl_dist.stages.federated import build_data, build_fl_model
-    init = build_fl_model(cfg, build_data(cfg)).state_dict()
+    from mllmfl_dist.stages.inputs import build_data, build_fl_model
+    init = build_fl_model(cfg.model, build_data(cfg), cfg.run.seed).state_dict()
     assert max_abs_difference(got, init) > 1e-3
     assert max_abs_difference(got, start) == 0.0
 
@@ -84,10 +84,10 @@ def test_resume_after_round_two_equals_a_straight_run(tmp_path):
 
 
 def test_finetuning_starts_from_the_pretrained_backbone_on_every_rank(tmp_path):
-    from mllmfl_dist.stages.federated import build_data, build_fl_model
+    from mllmfl_dist.stages.inputs import build_data, build_fl_model
 
     cfg = load_config(SMOKE, COMMON)
-    donor = build_fl_model(cfg, build_data(cfg))
+    donor = build_fl_model(cfg.model, build_data(cfg), cfg.run.seed)
     with torch.no_grad():
         for p in donor.parameters():
             p.normal_()
@@ -100,7 +100,7 @@ def test_finetuning_starts_from_the_pretrained_backbone_on_every_rank(tmp_path):
     for key, value in donor.backbone_state_dict().items():
         if value.is_floating_point() and "running" not in key:
             assert (got[key] - value).abs().max().item() < 1e-3, key
-    fresh = build_fl_model(cfg, build_data(cfg)).state_dict()
+    fresh = build_fl_model(cfg.model, build_data(cfg), cfg.run.seed).state_dict()
     assert max_abs_difference({"w": got["classifier.weight"]}, {"w": fresh["classifier.weight"]}) < 1e-3
 
     missing = launch(3, tmp_path, "no_backbone", "federated.rounds=1",
@@ -115,42 +115,45 @@ def test_creff_class_gradients_from_three_processes_equal_those_of_one_process(t
     SGD step from the gradients computed here, client by client, in this process."""
     from mllmfl_dist.fl import federated_features as ff
     from mllmfl_dist.fl.client import LocalTraining
-    from mllmfl_dist.fl.sampling import derive_seed, sample_clients
-    from mllmfl_dist.fl.strategies import TAG_CREFF_FEATURES, CReFF
-    from mllmfl_dist.fl.trainer import TAG_CLIENT_PAYLOAD
-    from mllmfl_dist.stages.federated import build_data, build_fl_model
+    from mllmfl_dist.core.seeds import TAG_CLIENT_UPLOAD, TAG_CREFF_FEATURES, derive_seed
+    from mllmfl_dist.fl.sampling import sample_clients
+    from mllmfl_dist.fl.strategies import build_strategy
+    from mllmfl_dist.stages.inputs import build_data, build_fl_model
 
     sets = ["federated.strategy=creff", "federated.rounds=1", "creff.match_epochs=1", "creff.crt_epochs=2",
             "creff.batches_per_class=2", "creff.batch_size=8", "creff.gradient_mean=samples"]
     three = torch.load(federate(3, tmp_path, "three", *sets) / "checkpoint.pt", weights_only=True)
     one = torch.load(federate(1, tmp_path, "one", *sets) / "checkpoint.pt", weights_only=True)
-    features_three = three["server_optimizer"]["features"]
-    features_one = one["server_optimizer"]["features"]
+    features_three = three["strategy"]["features"]
+    features_one = one["strategy"]["features"]
     assert (features_three - features_one).abs().max().item() <= 1e-6
 
     cfg = load_config(SMOKE, [*COMMON, *sets])
     data = build_data(cfg)
-    model = build_fl_model(cfg, data)
-    strategy = CReFF(cfg)
-    spec = LocalTraining.from_config(cfg, data.mean, data.std)
-    payload = torch.zeros(strategy.payload_numel(model), dtype=torch.float64)
+    model = build_fl_model(cfg.model, data, cfg.run.seed)
+    strategy = build_strategy(cfg)
+    spec = LocalTraining.of(cfg.federated, cfg.data, data.mean, data.std)
+    num_classes, dim = data.num_classes, model.feature_dim
+    assert strategy.upload_shapes(model) == {"class_gradients": (num_classes, num_classes, dim + 1),
+                                             "class_weights": (num_classes,)}
+    sums = {"class_gradients": 0, "class_weights": 0}
     clients = sample_clients(cfg.run.seed, 1, cfg.federated.num_clients, cfg.federated.clients_per_round)
     for cid in clients:
-        generator = torch.Generator().manual_seed(derive_seed(cfg.run.seed, TAG_CLIENT_PAYLOAD, 1, cid))
-        payload += strategy.client_payload(model, *data.client(cid), spec, generator, "cpu")
-    num_classes, dim = data.num_classes, model.feature_dim
-    split = num_classes * num_classes * (dim + 1)
-    real, present = ff.mean_class_gradients(payload[:split].view(num_classes, num_classes, dim + 1), payload[split:])
+        generator = torch.Generator().manual_seed(derive_seed(cfg.run.seed, TAG_CLIENT_UPLOAD, 1, cid))
+        upload = strategy.client_upload(model, *data.client(cid), spec, generator, "cpu")
+        sums = {name: sums[name] + upload[name] for name in sums}
+    real, present = ff.mean_class_gradients(sums["class_gradients"], sums["class_weights"])
     counts = sum(torch.bincount(data.client(cid)[1], minlength=num_classes) for cid in clients)
-    assert payload[split:].tolist() == counts.double().tolist()  # gradient_mean = samples: the class counts
+    assert sums["class_weights"].tolist() == counts.double().tolist()  # gradient_mean = samples: the class counts
     assert present.tolist() == (counts > 0).tolist()
 
-    start = torch.randn(num_classes, cfg.creff.features_per_class, dim,
+    start = torch.randn(num_classes, cfg.section("creff").features_per_class, dim,
                         generator=torch.Generator().manual_seed(derive_seed(cfg.run.seed, TAG_CREFF_FEATURES)))
     expected = start.clone().requires_grad_(True)
     # Round 1's gradients are taken at the seeded initial classifier, which every rank builds alike.
     head = strategy.head
-    ff.match_federated_features(expected, torch.optim.SGD([expected], lr=cfg.creff.lr_feature), real, present,
+    ff.match_federated_features(expected, torch.optim.SGD([expected], lr=cfg.section("creff").lr_feature), real,
+                                present,
                                 head[:, :-1], head[:, -1], 1)
     assert (features_one - expected.detach()).abs().max().item() <= 1e-5
     assert (features_one - start).abs().max().item() > 1e-4  # the step really moved the features

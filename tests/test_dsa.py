@@ -6,7 +6,8 @@ import math
 import pytest
 import torch
 
-from mllmfl_dist.config import DSA_OPERATIONS, ConfigError, load_config
+from mllmfl_dist.config import ConfigError, load_config
+from mllmfl_dist.data.dsa import DSA_OPERATIONS
 from mllmfl_dist.data import dsa
 
 SMOKE = "configs/smoke.toml"
@@ -95,7 +96,7 @@ def test_mode_s_picks_one_operation_per_batch_from_the_strategy_and_is_seeded():
 
 
 def test_config_checks_the_dsa_strategy():
-    assert load_config(SMOKE).creff.dsa_strategy == "color_crop_cutout_flip_scale_rotate"
-    assert load_config(SMOKE, ["creff.dsa_strategy=none"]).creff.dsa_strategy == "none"
+    assert load_config(SMOKE).section("creff").dsa_strategy == "color_crop_cutout_flip_scale_rotate"
+    assert load_config(SMOKE, ["creff.dsa_strategy=none"]).section("creff").dsa_strategy == "none"
     with pytest.raises(ConfigError, match="creff.dsa_strategy"):
         load_config(SMOKE, ["creff.dsa_strategy=color_blur"])

@@ -78,7 +78,7 @@ def test_missing_cifar_files_name_the_path_and_the_flag(tmp_path, capsys):
 def test_fashion_mnist_lt_rounds_on_real_data_lower_the_test_loss(tmp_path):
     from mllmfl_dist.config import load_config
     from mllmfl_dist.data import normalize
-    from mllmfl_dist.stages.federated import build_data, build_fl_model
+    from mllmfl_dist.stages.inputs import build_data, build_fl_model
 
     config = REPO / "configs" / "fmnist_lt.toml"
     sets = [f"run.root={tmp_path}", "federated.rounds=2", "log.progress=false"]
@@ -95,9 +95,9 @@ def test_fashion_mnist_lt_rounds_on_real_data_lower_the_test_loss(tmp_path):
     pairs = [data.client(c) for c in range(20)]
     x = normalize(torch.cat([p[0] for p in pairs]), data.mean, data.std)
     labels = torch.cat([p[1] for p in pairs])
-    trained = build_fl_model(cfg, data)
+    trained = build_fl_model(cfg.model, data, cfg.run.seed)
     trained.load_state_dict(torch.load(tmp_path / "fmnist_lt" / "federated" / "model_final.pt", weights_only=True))
-    untouched = build_fl_model(cfg, data)
+    untouched = build_fl_model(cfg.model, data, cfg.run.seed)
     with torch.no_grad():
         losses = [torch.nn.functional.cross_entropy(m.eval()(x), labels).item() for m in (trained, untouched)]
     assert losses[0] < losses[1] - 0.1, losses
@@ -113,9 +113,9 @@ def test_unreadable_backbone_file_is_one_message(tmp_path, capsys):
 
 
 def test_a_torn_last_metrics_line_is_dropped(tmp_path):
-    from mllmfl_dist.metrics import MetricsLog
+    from mllmfl_dist.core.jsonl import MetricsLog
 
-    log = MetricsLog(tmp_path)
+    log = MetricsLog(tmp_path / "metrics.jsonl")
     log.append({"round": 1, "acc": 0.5})
     with log.path.open("a") as handle:
         handle.write('{"round": 2, "ac')  # a job killed mid-write

@@ -9,7 +9,7 @@ import torch
 
 from mllmfl_dist.__main__ import main
 from mllmfl_dist.data.shards import expand_shards, read_labeled_shards
-from mllmfl_dist.evaluate import accuracy_report, imbalance_warning
+from mllmfl_dist.fl.evaluate import accuracy_report, imbalance_warning
 
 REPO = Path(__file__).resolve().parents[1]
 LT_TRAIN = str(REPO / "shards" / "fmnist_lt" / "train-*.tar.gz")

@@ -35,7 +35,7 @@ def test_federate_with_stderr_in_a_file_writes_one_line_per_evaluation(tmp_path)
 
 
 def test_hugging_face_bars_are_off_on_other_ranks_and_in_files(monkeypatch) -> None:
-    from mllmfl_dist import progress
+    from mllmfl_dist.core import progress
 
     monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS", raising=False)
     monkeypatch.setattr(progress, "stderr_is_terminal", lambda: True)

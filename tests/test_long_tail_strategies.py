@@ -9,7 +9,7 @@ from torch import nn
 
 from mllmfl_dist.__main__ import main
 from mllmfl_dist.config import ConfigError, load_config
-from mllmfl_dist.fl.strategies import CLIP2FL
+from mllmfl_dist.fl.strategies import build_strategy
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "configs" / "smoke.toml"
@@ -29,7 +29,7 @@ def test_creff_resumed_after_round_one_equals_a_straight_run(tmp_path, capsys):
     straight = torch.load(tmp_path / "straight" / "federated" / "checkpoint.pt", weights_only=True)
     resumed = torch.load(tmp_path / "resumed" / "federated" / "checkpoint.pt", weights_only=True)
     for key in ("features", "head"):
-        a, b = straight["server_optimizer"][key], resumed["server_optimizer"][key]
+        a, b = straight["strategy"][key], resumed["strategy"][key]
         assert (a - b).abs().max().item() <= 1e-6, key
     for key, value in straight["model"].items():
         assert (value.double() - resumed["model"][key].double()).abs().max().item() <= 1e-6, key
@@ -37,7 +37,7 @@ def test_creff_resumed_after_round_one_equals_a_straight_run(tmp_path, capsys):
     # The final model is the evaluated one: the FedAvg backbone with the re-trained classifier, which
     # differs from the aggregated classifier the clients' local training continues from.
     final = torch.load(tmp_path / "straight" / "federated" / "model_final.pt", weights_only=True)
-    head = straight["server_optimizer"]["head"]
+    head = straight["strategy"]["head"]
     assert torch.equal(final["classifier.weight"], head[:, :-1]) and torch.equal(final["classifier.bias"], head[:, -1])
     assert not torch.allclose(final["classifier.weight"], straight["model"]["classifier.weight"])
     rounds = [json.loads(line) for line in (tmp_path / "straight" / "federated" / "rounds.jsonl").open()]
@@ -78,7 +78,7 @@ def test_clip2fl_runs_the_teacher_once_per_sample_and_never_again(tmp_path, tiny
             *FAST]
     assert cli("federate", str(SMOKE), sets=[*sets, "federated.rounds=2"]) == 0
 
-    from mllmfl_dist.stages.federated import build_data
+    from mllmfl_dist.stages.inputs import build_data
 
     data = build_data(load_config(SMOKE, sets))
     client_samples = sum(data.client_size(c) for c in range(data.num_clients))
@@ -98,17 +98,17 @@ def test_clip2fl_runs_the_teacher_once_per_sample_and_never_again(tmp_path, tiny
     assert json.loads(capsys.readouterr().out)["acc"] == pytest.approx(last["acc"])
 
 
-def test_clip2fl_client_loss_adds_the_distillation_term():
+def test_clip2fl_local_loss_adds_the_distillation_term():
     cfg = load_config(SMOKE, ["federated.strategy=clip2fl", "clip2fl.model=local-dir:unused", "clip2fl.alpha=0.5"])
-    strategy = CLIP2FL(cfg)
+    strategy = build_strategy(cfg)
     logits, teacher = torch.randn(6, 10), torch.randn(6, 10) * 5
     labels = torch.randint(0, 10, (6,))
-    t = cfg.clip2fl.temperature
+    t = cfg.section("clip2fl").temperature
     q = torch.softmax(teacher / t, dim=1)
     kl = (q * (q.log() - torch.log_softmax(logits / t, dim=1))).sum(dim=1).mean()
     expected = nn.functional.cross_entropy(logits, labels) + 0.5 * t**2 * kl
-    torch.testing.assert_close(strategy.client_loss(None, logits, labels, (), teacher), expected)
-    assert strategy.client_loss(None, logits, labels, (), teacher) > nn.functional.cross_entropy(logits, labels)
+    torch.testing.assert_close(strategy.local_loss(None, logits, labels, (), teacher), expected)
+    assert strategy.local_loss(None, logits, labels, (), teacher) > nn.functional.cross_entropy(logits, labels)
 
 
 def test_clip2fl_needs_a_clip_model():
@@ -116,10 +116,12 @@ def test_clip2fl_needs_a_clip_model():
         load_config(SMOKE, ["federated.strategy=clip2fl"])
 
 
-def test_a_payload_too_large_for_the_all_reduce_is_refused():
-    from mllmfl_dist.stages.federated import MAX_PAYLOAD_BYTES, check_payload_size
+def test_uploads_too_large_for_the_all_reduce_are_refused_naming_their_tensors():
+    from mllmfl_dist.fl.aggregation import FlatLayout
+    from mllmfl_dist.fl.trainer import MAX_UPLOAD_BYTES, check_upload_size
 
-    cfg = load_config(SMOKE, ["federated.strategy=creff"])
-    check_payload_size(cfg, MAX_PAYLOAD_BYTES // 8)
-    with pytest.raises(ConfigError, match="classes\\^2"):
-        check_payload_size(cfg, 1000 * 1000 * 2049 + 1000)  # ImageNet-LT classes, ResNet-50 features
+    check_upload_size("creff", FlatLayout.of_shapes({"class_gradients": (MAX_UPLOAD_BYTES // 8,)}))
+    # ImageNet-LT classes, ResNet-50 features: CReFF's upload_shapes
+    shapes = {"class_gradients": (1000, 1000, 2049), "class_weights": (1000,)}
+    with pytest.raises(ConfigError, match="15.3 GiB .*class_gradients 1000 x 1000 x 2049, class_weights 1000"):
+        check_upload_size("creff", FlatLayout.of_shapes(shapes))

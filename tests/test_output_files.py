@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from mllmfl_dist import checkpoint
+from mllmfl_dist.core import checkpoint
 from mllmfl_dist.__main__ import main
-from mllmfl_dist.checkpoint import OutputError
+from mllmfl_dist.core.checkpoint import OutputError
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "configs" / "smoke.toml"
@@ -50,7 +50,7 @@ def test_temporary_names_are_recognised_and_nothing_else_is_removed(tmp_path):
 
 KILLED_WRITER = """
 import sys, time
-from mllmfl_dist.checkpoint import atomic_writer
+from mllmfl_dist.core.checkpoint import atomic_writer
 with atomic_writer(sys.argv[1]) as handle:
     handle.write(b"x" * 100000)
     handle.flush()
@@ -117,8 +117,8 @@ def test_federate_on_a_full_disk_ends_with_one_line_not_a_traceback(small_disk, 
 
 
 def test_a_metrics_log_with_garbled_bytes_keeps_the_records_before_them(tmp_path):
-    from mllmfl_dist.metrics import read_jsonl
-    from mllmfl_dist.stages.report import read_evaluations
+    from mllmfl_dist.core.jsonl import read_jsonl
+    from mllmfl_dist.core.jsonl import read_evaluations
 
     path = tmp_path / "metrics.jsonl"
     path.write_bytes(b'{"round": 1, "acc": 0.5}\n\xff\xfe\x00garbage after a power loss\n')

@@ -127,7 +127,7 @@ def test_the_wheel_runs_shipped_configs_outside_the_repository(tmp_path) -> None
 
 @pytest.mark.parametrize("path", ["configs/smoke.toml", "shards/README.md"])
 def test_shipped_paths_resolve_from_another_directory(tmp_path, monkeypatch, path) -> None:
-    from mllmfl_dist.resources import resolve_path, shipped_pattern
+    from mllmfl_dist.core.resources import resolve_path, shipped_pattern
 
     monkeypatch.chdir(tmp_path)
     assert resolve_path(path) == REPO / path

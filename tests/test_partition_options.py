@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from mllmfl_dist.config import ConfigError, load_config
+from mllmfl_dist.core.seeds import TAG_DIRICHLET, TAG_SHARDS
 from mllmfl_dist.data import DataError, partition_indices
-from mllmfl_dist.data import partition as partition_module
 from mllmfl_dist.data.longtail import longtail_counts
 
 
@@ -23,7 +23,7 @@ def flwr_dirichlet_reference(labels: np.ndarray, num_classes: int, num_clients: 
     """flwr-datasets 0.6's DirichletPartitioner._determine_partition_id_to_indices_if_needed, transcribed
     (dicts of lists, per-class np.split at int(cumsum * n)), with two documented differences: the class's
     samples are shuffled before the cut, and the generator is the trainer's (seed, tag) stream."""
-    rng = np.random.default_rng([seed, partition_module._TAG_DIRICHLET])
+    rng = np.random.default_rng([seed, TAG_DIRICHLET])
     average = len(labels) / num_clients
     for _attempt in range(11):
         parts: dict[int, list[int]] = {nid: [] for nid in range(num_clients)}
@@ -111,7 +111,7 @@ def mcmahan_shards_reference(labels: np.ndarray, num_clients: int, shards_per_cl
         size = len(labels) // num_shards + (1 if s < len(labels) % num_shards else 0)
         shards.append(order[position : position + size])
         position += size
-    permutation = np.random.default_rng([seed, partition_module._TAG_SHARDS]).permutation(num_shards)
+    permutation = np.random.default_rng([seed, TAG_SHARDS]).permutation(num_shards)
     clients = []
     for i in range(num_clients):
         mine = [index for j in permutation[i * shards_per_client : (i + 1) * shards_per_client] for index in shards[j]]

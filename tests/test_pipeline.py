@@ -4,7 +4,7 @@ import json
 from pathlib import Path
 
 from mllmfl_dist.__main__ import main
-from mllmfl_dist.pipeline import baseline_config, planned_stages
+from mllmfl_dist.commands.pipeline import baseline_config, planned_stages
 from mllmfl_dist.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]

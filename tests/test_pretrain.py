@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 import torch
 
-from mllmfl_dist import dist
+from mllmfl_dist.core import dist
 from mllmfl_dist.config import ConfigError, DeepSpeedConfig, PretrainConfig, load_config
 from mllmfl_dist.data import DataError
 from mllmfl_dist.models.dwp import IGNORE_INDEX, alpha_at, llava_forward_with_visual_features, mix_visual_tokens
@@ -256,7 +256,7 @@ def test_alpha0_path_is_the_models_own_forward(tiny):
 
 
 def batch_image(sample):
-    from mllmfl_dist.data.shards import decode_image
+    from mllmfl_dist.data.images import decode_image
 
     return decode_image(sample.image_bytes).convert("RGB")
 
@@ -312,7 +312,7 @@ def test_dwp_lowers_the_heldout_loss_of_the_fl_features(trained):
 
 
 def test_outputs_load_into_a_fresh_fl_model(trained):
-    from mllmfl_dist.stages.federated import build_data, build_fl_model
+    from mllmfl_dist.stages.inputs import build_data, build_fl_model
 
     cfg, metrics, _ = trained
     out = cfg.run_dir / "pretrain"
@@ -320,7 +320,7 @@ def test_outputs_load_into_a_fresh_fl_model(trained):
     state = torch.load(out / "backbone.pt", weights_only=True)
     adapter = torch.load(out / "adapter.pt", weights_only=True)
     assert not any(k.startswith("classifier.") for k in state) and "proj.0.weight" in adapter
-    model = build_fl_model(cfg, build_data(cfg))
+    model = build_fl_model(cfg.model, build_data(cfg), cfg.run.seed)
     before = {k: v.clone() for k, v in model.backbone_state_dict().items()}
     model.load_backbone_state_dict(state)
     after = model.backbone_state_dict()
@@ -416,7 +416,7 @@ def test_default_shards_are_the_runs_annotate_output(tiny, tmp_path):
 WORKER = """
 import json, sys
 import deepspeed
-from mllmfl_dist import dist
+from mllmfl_dist.core import dist
 from mllmfl_dist.config import load_config
 from mllmfl_dist.stages.pretrain import run_pretrain
 
@@ -456,7 +456,7 @@ def test_two_gloo_processes_train_data_parallel(tiny, tmp_path):
     procs = []
     for rank in range(2):
         env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank),
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "OMP_NUM_THREADS": "1"}
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
         procs.append(subprocess.Popen([sys.executable, str(tmp_path / "worker.py"), str(config), str(tmp_path)],
                                       cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                       text=True))

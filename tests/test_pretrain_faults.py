@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from mllmfl_dist import checkpoint, dist
+from mllmfl_dist.core import checkpoint, dist
 from mllmfl_dist.__main__ import main
 from mllmfl_dist.config import ConfigError, DistConfig, load_config
 
@@ -124,7 +124,7 @@ def copy_of_stopped(runs: dict, tmp_path: Path) -> tuple[Path, Path]:
 
 
 def test_the_deepspeed_state_we_write_loads_with_weights_only(runs):
-    from mllmfl_dist.stages.pretrain_checkpoint import deepspeed_safe_globals
+    from mllmfl_dist.stages.pretrain.resume import deepspeed_safe_globals
 
     folder = load_config(runs["stopped"]).run_dir / "pretrain" / "deepspeed"
     files = sorted(folder.glob("global_step*/*.pt"))
@@ -138,7 +138,7 @@ def test_the_deepspeed_state_we_write_loads_with_weights_only(runs):
 def test_zero2_bf16_state_loads_with_weights_only_and_resumes_through_the_safe_engine(setup, tmp_path):
     """ZeRO's optimizer files hold DeepSpeed's loss scaler, stage enum and fragment addresses: the resume
     reads them through weights_only loading (DeepSpeed's own loader would unpickle them fully)."""
-    from mllmfl_dist.stages.pretrain_checkpoint import deepspeed_safe_globals
+    from mllmfl_dist.stages.pretrain.resume import deepspeed_safe_globals
 
     config = write_config(setup, tmp_path, extra='[pretrain.deepspeed]\nzero_stage = 2\nprecision = "bf16"\n')
     overrides = ["pretrain.steps=4"]
@@ -158,7 +158,7 @@ def test_fp16s_dynamic_loss_scaler_loads_with_weights_only_too(tmp_path):
     """fp16 (GPU only, so no real run here) stores DeepSpeed's DynamicLossScaler in the optimizer states."""
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler
 
-    from mllmfl_dist.stages.pretrain_checkpoint import deepspeed_safe_globals
+    from mllmfl_dist.stages.pretrain.resume import deepspeed_safe_globals
 
     scaler = DynamicLossScaler(init_scale=2**16, scale_window=1000, min_scale=1, delayed_shift=2,
                                consecutive_hysteresis=False)
@@ -236,7 +236,7 @@ def test_an_empty_newest_checkpoint_falls_back_to_the_previous_one_and_equals_a_
 
 
 def test_latest_missing_or_torn_resumes_from_the_newest_intact_checkpoint_and_deletes_nothing(runs, tmp_path, caplog):
-    from mllmfl_dist.stages.pretrain_checkpoint import find_resume_point
+    from mllmfl_dist.stages.pretrain.resume import find_resume_point
 
     _, out = copy_of_stopped(runs, tmp_path)
     ds_dir = out / "deepspeed"

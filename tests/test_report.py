@@ -139,9 +139,12 @@ def test_the_report_sets_the_method_beside_its_baseline_chance_and_the_models_it
     names = [f"class-{c}" for c in range(10)]
     summary = json.loads((full_run / "federated" / "summary.json").read_text())
     summary["class_names"] = names
+    trained, random_build = tmp_path / "standins" / "llava", tmp_path / "tiny" / "clip"
+    # What the federated stage records of the models its strategy named (CLIP2FL's CLIP).
+    summary["strategy_models"] = [{"role": "CLIP2FL's CLIP", "key": "clip2fl.model",
+                                   "model": f"local-dir:{random_build}", "pretrained": "", "kind": "clip"}]
     (full_run / "federated" / "summary.json").write_text(json.dumps(summary))
     (full_run / "federated" / "partition.json").write_text(json.dumps({"class_counts": [[5, 0, 3] + [1] * 7] * 4}))
-    trained, random_build = tmp_path / "standins" / "llava", tmp_path / "tiny" / "clip"
     trained.mkdir(parents=True)
     (trained.parent / "tiny_models.json").write_text(json.dumps({"trained": True}))
     (trained.parent / "model_card.json").write_text(json.dumps({"measured": {"llava_teacher_acc": 0.71}}))

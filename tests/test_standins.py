@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from mllmfl_dist.data.labeled_shards import resolve_pattern
-from mllmfl_dist.data.shards import read_labeled_shards, to_pil
+from mllmfl_dist.data.images import to_pil
+from mllmfl_dist.data.shards import read_labeled_shards
 from mllmfl_dist.data.web_captions import named_category
 from mllmfl_dist.models.standin_settings import StandinSettings
 from mllmfl_dist.models.tiny import MANIFEST, MODEL_CARD, build_tiny_models

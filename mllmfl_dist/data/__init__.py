@@ -5,10 +5,9 @@ from .base import ArrayClientData, ClientData, DataError
 from .build import build_client_data
 from .longtail import longtail_counts, longtail_indices
 from .partition import partition_indices
+from .images import CorruptImageError, decode_image
 from .shards import (
-    CorruptImageError,
     ShardError,
-    decode_image,
     expand_shards,
     iter_samples,
     read_labeled_shards,

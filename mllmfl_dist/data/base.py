@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from ..errors import DataError
+from ..core.errors import DataError
 
 __all__ = ["ArrayClientData", "ClientData", "DataError"]
 

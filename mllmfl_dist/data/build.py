@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from ..config import DataConfig, PartitionConfig, parse_index_range
-from ..fl.sampling import derive_seed
+from ..core.seeds import TAG_LONGTAIL, derive_seed
 from .base import ArrayClientData, ClientData, DataError
 from .imagenet_lt import load_imagenet_lt
 from .longtail import longtail_indices
@@ -20,7 +20,6 @@ from .synthetic import SyntheticOnDemand, synthetic_arrays
 log = logging.getLogger(__name__)
 
 SOURCES = ("synthetic", "fashion_mnist", "cifar10", "cifar100", "imagenet_lt", "shards")
-TAG_LONGTAIL = 4  # derive_seed stream of the long tail's choice of samples
 # Sources whose train split is long-tailed as published: data.imb_factor is not applied to them again.
 LONGTAILED_SOURCES = ("imagenet_lt",)
 

@@ -21,7 +21,16 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from mllmfl_dist.config import DSA_OPERATIONS, dsa_operations
+# The operations this module implements; creff.dsa_strategy names some of them joined by '_' (its check reads
+# this tuple, so a value the config accepts is one this module runs).
+DSA_OPERATIONS = ("color", "crop", "cutout", "flip", "scale", "rotate")
+
+
+def dsa_operations(strategy: str) -> tuple[str, ...]:
+    """``"color_crop"`` -> ``("color", "crop")``; ``"none"`` or ``""`` -> ``()``."""
+    if strategy.strip().lower() in ("", "none"):
+        return ()
+    return tuple(strategy.strip().split("_"))
 
 
 @dataclass(frozen=True)

@@ -36,8 +36,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..locks import exclusive, unique_suffix
+from ..core.checkpoint import output_errors
+from ..core.locks import exclusive, unique_suffix
 from .base import DataError
+from .images import fit_square
 from .sources import LabeledArrays
 
 log = logging.getLogger(__name__)
@@ -216,8 +218,6 @@ def _cached_split(root: Path, split: str, list_file: Path, paths: list[str], lab
                 for stale in folder.glob(entry_file.name + ".tmp*"):
                     if stale.name[len(entry_file.name) + 4:].isdigit():
                         stale.unlink(missing_ok=True)
-            from mllmfl_dist.checkpoint import output_errors  # here: checkpoint imports the data package
-
             with output_errors(folder):
                 _build_entry(folder, root, split, list_file, digest, paths, labels, lines, size)
             cached = _load_entry(folder, split, size, list_file, digest, labels)
@@ -293,13 +293,7 @@ def _decode(path: Path, size: int) -> np.ndarray:
         with Image.open(path) as img:
             # JPEG DCT scaling: decode at the smallest 1/2^k scale that is still at least size x size.
             img.draft("RGB", (size, size))
-            img = img.convert("RGB")
-            w, h = img.size
-            scale = size / min(w, h)
-            new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
-            img = img.resize((new_w, new_h), Image.BILINEAR)
-            left, top = int(round((new_w - size) / 2.0)), int(round((new_h - size) / 2.0))
-            img = img.crop((left, top, left + size, top + size))
+            img = fit_square(img.convert("RGB"), size)
             array = np.asarray(img, dtype=np.uint8)
     except Exception as err:  # noqa: BLE001 - PIL raises OSError, SyntaxError, struct.error, DecompressionBomb...
         raise DataError(f"{path}: cannot decode the image ({type(err).__name__}: {err}); replace the file") from None

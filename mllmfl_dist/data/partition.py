@@ -35,16 +35,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..core.seeds import TAG_CREFF_SHUFFLE, TAG_CREFF_SPLIT, TAG_DIRICHLET, TAG_IID, TAG_SHARDS
 from .base import DataError
 
 METHODS = ("dirichlet", "creff", "iid", "shards")
-
-# Distinct RNG stream tags, so no two uses of the same seed share random numbers.
-_TAG_DIRICHLET = 101
-_TAG_CREFF_SHUFFLE = 102
-_TAG_CREFF_SPLIT = 103
-_TAG_IID = 105
-_TAG_SHARDS = 106
 
 # Draws of the plain Dirichlet partition before min_partition_size is given up: flwr-datasets' limit (the
 # first draw and 10 more).
@@ -113,7 +107,7 @@ def _equal_sizes(num_samples: int, num_clients: int) -> np.ndarray:
 
 
 def _iid_clients(num_samples: int, num_clients: int, seed: int) -> np.ndarray:
-    rng = np.random.default_rng([seed, _TAG_IID])
+    rng = np.random.default_rng([seed, TAG_IID])
     client_of = np.empty(num_samples, dtype=np.int64)
     client_of[rng.permutation(num_samples)] = np.repeat(np.arange(num_clients), _equal_sizes(num_samples, num_clients))
     return client_of
@@ -125,7 +119,7 @@ def _dirichlet_clients(labels: np.ndarray, num_classes: int, num_clients: int, a
     in order; with ``self_balancing`` a client above the average size gets no share of later classes; all
     classes are drawn again until every client holds ``min_size`` samples (at most ``_DIRICHLET_DRAWS``
     draws). The draws continue one random stream, so the first draw is the same whatever the options."""
-    rng = np.random.default_rng([seed, _TAG_DIRICHLET])
+    rng = np.random.default_rng([seed, TAG_DIRICHLET])
     average = len(labels) / num_clients
     for _ in range(_DIRICHLET_DRAWS):
         client_of = np.empty(len(labels), dtype=np.int64)
@@ -164,7 +158,7 @@ def _shard_clients(labels: np.ndarray, num_clients: int, shards_per_client: int,
         raise DataError(f"partition.method = 'shards': {num_clients} clients x partition.shards_per_client = "
                         f"{shards_per_client} shards need at least {num_shards} training samples, there are "
                         f"{len(labels)}; lower partition.shards_per_client or federated.num_clients")
-    rng = np.random.default_rng([seed, _TAG_SHARDS])
+    rng = np.random.default_rng([seed, TAG_SHARDS])
     by_label = np.argsort(labels, kind="stable")
     shard_of_position = np.repeat(np.arange(num_shards), _equal_sizes(len(labels), num_shards))
     owner = np.empty(num_shards, dtype=np.int64)
@@ -242,8 +236,8 @@ def _creff_clients(labels: np.ndarray, num_classes: int, num_clients: int, alpha
 
     Groups are independent, so all groups of a block are drawn at once, one class at a time.
     """
-    shuffle_rng = np.random.default_rng([seed, _TAG_CREFF_SHUFFLE])
-    split_rng = np.random.default_rng([seed, _TAG_CREFF_SPLIT])
+    shuffle_rng = np.random.default_rng([seed, TAG_CREFF_SHUFFLE])
+    split_rng = np.random.default_rng([seed, TAG_CREFF_SPLIT])
     total = len(labels)
 
     num_groups = -(-num_clients // _CREFF_GROUP)

@@ -10,7 +10,6 @@ which the next write of the same shards removes.
 from __future__ import annotations
 
 import gzip
-import io
 import json
 import os
 import re
@@ -18,10 +17,10 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
 
+from ..core.checkpoint import as_output_error, write_text_atomic
 from .base import DataError
+from .images import encode_png
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp", "bmp", "ppm", "pgm", "tif", "tiff", "gif")
 SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
@@ -63,34 +62,6 @@ def existing_shards(pattern: str) -> list[Path]:
     if not folder.is_dir():
         return []
     return sorted(p for p in folder.iterdir() if p.is_file() and regex.match(p.name))
-
-
-def to_pil(image: Any):
-    """A PIL image from a uint8 array/tensor ``[H, W]``, ``[1, H, W]`` (mode ``L``) or ``[3, H, W]``
-    (``RGB``); a PIL image is returned as it is."""
-    from PIL import Image
-
-    if isinstance(image, Image.Image):
-        return image
-    array = image.numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
-    if array.dtype != np.uint8:
-        raise ValueError(f"image arrays must be uint8, got {array.dtype}")
-    if array.ndim == 3 and array.shape[0] == 1:
-        array = array[0]
-    if array.ndim == 3 and array.shape[0] == 3:
-        return Image.fromarray(np.ascontiguousarray(array.transpose(1, 2, 0)), mode="RGB")
-    if array.ndim == 2:
-        return Image.fromarray(np.ascontiguousarray(array), mode="L")
-    raise ValueError(f"image arrays must be [H, W], [1, H, W] or [3, H, W], got {array.shape}")
-
-
-def encode_png(image: Any) -> bytes:
-    """PNG bytes of a PIL image, or of a uint8 array/tensor ``[H, W]``, ``[1, H, W]`` or ``[3, H, W]``
-    (grayscale is written as mode ``L``, three channels as ``RGB``)."""
-    image = to_pil(image)
-    buf = io.BytesIO()
-    image.save(buf, format="PNG", compress_level=9)
-    return buf.getvalue()
 
 
 def unsafe_member_name(name: str) -> bool:
@@ -191,8 +162,6 @@ def write_shards(
     Path(os.path.dirname(pattern) or ".").mkdir(parents=True, exist_ok=True)
     import webdataset  # noqa: F401 - fail before opening any file if it is missing
 
-    from mllmfl_dist.checkpoint import as_output_error  # here: checkpoint imports the data package
-
     paths: list[Path] = []
     current: _ShardFile | None = None
     count = 0
@@ -231,8 +200,6 @@ def write_shard(samples: Iterable[dict[str, Any]], path: str | Path) -> Path:
     path = Path(path)
     if not path.name.endswith(SHARD_SUFFIXES):
         raise ValueError(f"shard {path} must end with one of {', '.join(SHARD_SUFFIXES)}")
-    from mllmfl_dist.checkpoint import as_output_error  # here: checkpoint imports the data package
-
     path.parent.mkdir(parents=True, exist_ok=True)
     shard = None
     try:
@@ -249,8 +216,6 @@ def write_shard(samples: Iterable[dict[str, Any]], path: str | Path) -> Path:
 
 def write_classes(folder: str | Path, class_names: Sequence[str]) -> Path:
     """``classes.json`` (a JSON list of class names, index = label) in ``folder``."""
-    from mllmfl_dist.checkpoint import write_text_atomic  # here: checkpoint imports the data package
-
     path = Path(folder) / CLASSES_FILE
     write_text_atomic(path, json.dumps(list(class_names), ensure_ascii=False, indent=1))
     return path

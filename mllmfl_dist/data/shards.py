@@ -37,21 +37,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..resources import shipped_pattern
+from ..core.resources import shipped_pattern
 from .base import DataError
 # The writer lives in its own module; its names stay importable from here.
-from .shard_writer import (CLASSES_FILE, IMAGE_EXTS, SHARD_SUFFIXES, encode_png, existing_shards,  # noqa: F401
-                           shard_pattern, to_pil, unsafe_member_name, write_classes, write_shard, write_shards)
+from .images import CorruptImageError, decode_image, image_to_array
+from .shard_writer import (CLASSES_FILE, IMAGE_EXTS, SHARD_SUFFIXES, existing_shards,  # noqa: F401
+                           shard_pattern, unsafe_member_name, write_classes, write_shard, write_shards)
 
 
 
 class ShardError(DataError):
     """A shard that cannot be read to its end (truncated, not a tar, not gzip, split sample); the message
     names the shard and the last good key."""
-
-
-class CorruptImageError(DataError):
-    """Image bytes that PIL cannot decode."""
 
 
 def read_classes(folder: str | Path) -> list[str] | None:
@@ -251,26 +248,6 @@ class _RecordingReader(io.RawIOBase):
 
 def _open_shard(path: Path) -> _RecordingReader:
     return _RecordingReader(path)
-
-
-def decode_image(data: bytes):
-    """A fully decoded PIL image; :class:`CorruptImageError` when PIL cannot decode ``data``."""
-    from PIL import Image
-
-    try:
-        image = Image.open(io.BytesIO(data))
-        image.load()
-    except Exception as err:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
-        raise CorruptImageError(f"cannot decode image ({type(err).__name__}: {err})") from None
-    return image
-
-
-def image_to_array(image) -> np.ndarray:
-    """uint8 ``[C, H, W]``: grayscale modes give C = 1, everything else RGB (alpha dropped), C = 3."""
-    if image.mode != "L":
-        image = image.convert("L" if image.mode in ("1", "LA", "La", "I", "I;16", "F") else "RGB")
-    array = np.array(image, dtype=np.uint8)  # a writable copy (np.asarray of a PIL image is read-only)
-    return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
 
 
 def read_labeled_shards(paths: str | Path | Sequence[str | Path]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:

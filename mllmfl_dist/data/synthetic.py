@@ -13,16 +13,14 @@ import numpy as np
 import torch
 
 from ..config import DataConfig, PartitionConfig
+from ..core.seeds import (TAG_SYNTHETIC_CLIENT, TAG_SYNTHETIC_PROTOTYPES, TAG_SYNTHETIC_TEST,
+                          TAG_SYNTHETIC_TRAIN)
 from .base import ClientData, DataError
 from .longtail import longtail_counts
 from .partition import METHODS
 from .sources import LabeledArrays
 
 # Distinct RNG stream tags (partition.py uses 1xx).
-_TAG_PROTOTYPES = 201
-_TAG_ARRAY_TRAIN = 202
-_TAG_TEST = 203
-_TAG_CLIENT = 204
 
 _GRID = 4  # the prototype pattern is constant on blocks of image_size / _GRID pixels
 _PATTERN_STD = 48.0  # spread of the block pattern around the class colour, in uint8 units
@@ -33,7 +31,7 @@ _STD = 0.25
 def make_prototypes(num_classes: int, channels: int, image_size: int, seed: int) -> np.ndarray:
     """int16 ``[classes, channels, size, size]`` class prototypes in uint8 units (int16 leaves room for
     the noise before clipping)."""
-    rng = np.random.default_rng([seed, _TAG_PROTOTYPES])
+    rng = np.random.default_rng([seed, TAG_SYNTHETIC_PROTOTYPES])
     colour = rng.uniform(64.0, 192.0, size=(num_classes, channels, 1, 1))
     grid = rng.normal(0.0, _PATTERN_STD, size=(num_classes, channels, _GRID, _GRID))
     block = np.arange(image_size) * _GRID // image_size  # pixel -> grid cell, any image_size
@@ -58,7 +56,7 @@ def render(prototypes: np.ndarray, labels: np.ndarray, rng: np.random.Generator)
 
 def _balanced_test_set(prototypes: np.ndarray, per_class: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     labels = np.repeat(np.arange(len(prototypes)), per_class)
-    images = render(prototypes, labels, np.random.default_rng([seed, _TAG_TEST]))
+    images = render(prototypes, labels, np.random.default_rng([seed, TAG_SYNTHETIC_TEST]))
     return images, torch.from_numpy(labels.astype(np.int64))
 
 
@@ -71,7 +69,7 @@ def synthetic_arrays(data: DataConfig, seed: int) -> LabeledArrays:
     the caller applies the long tail and partitions it."""
     prototypes = make_prototypes(data.num_classes, data.channels, data.image_size, seed)
     labels = np.tile(np.arange(data.num_classes, dtype=np.int64), data.samples_per_class)
-    images = render(prototypes, labels, np.random.default_rng([seed, _TAG_ARRAY_TRAIN]))
+    images = render(prototypes, labels, np.random.default_rng([seed, TAG_SYNTHETIC_TRAIN]))
     test_images, test_labels = _balanced_test_set(prototypes, data.test_per_class, seed)
     return LabeledArrays(
         train_images=images,
@@ -121,7 +119,7 @@ class SyntheticOnDemand(ClientData):
 
     def client(self, client_id: int) -> tuple[torch.Tensor, torch.Tensor]:
         client_id = self._check_client_id(client_id)
-        rng = np.random.default_rng([self._seed, _TAG_CLIENT, client_id])
+        rng = np.random.default_rng([self._seed, TAG_SYNTHETIC_CLIENT, client_id])
         mix = self._prior
         if self._label_skew:
             skewed = self._prior * rng.dirichlet(np.full(self.num_classes, self._alpha))

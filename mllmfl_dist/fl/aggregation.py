@@ -37,6 +37,16 @@ class FlatLayout:
         trainable = [name for name, p in module.named_parameters() if p.requires_grad]
         return cls(module.state_dict(), trainable)
 
+    @classmethod
+    def of_shapes(cls, shapes: Mapping[str, Sequence[int]], dtype: torch.dtype = torch.float64) -> FlatLayout:
+        """The layout of named tensors of these shapes (a strategy's uploads, the round's buffer)."""
+        return cls({name: torch.empty(tuple(shape), dtype=dtype, device="meta") for name, shape in shapes.items()})
+
+    def views(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Each entry of ``flat`` as a view of its shape: writing into a view writes into ``flat``."""
+        return {key: flat[self.offsets[i] : self.offsets[i + 1]].view(self.shapes[i])
+                for i, key in enumerate(self.keys)}
+
     def flatten(self, state: Mapping[str, torch.Tensor], out: torch.Tensor | None = None,
                 dtype: torch.dtype = torch.float64) -> torch.Tensor:
         if out is None:

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from mllmfl_dist.config import Config
+from mllmfl_dist.config import DataConfig, FederatedConfig
 from mllmfl_dist.data import augment_batch, normalize
-from mllmfl_dist.fl.strategies import Strategy
+
+if TYPE_CHECKING:
+    from mllmfl_dist.fl.strategies import Strategy
 
 
 @dataclass(frozen=True)
@@ -29,8 +32,7 @@ class LocalTraining:
     std: tuple[float, ...]
 
     @classmethod
-    def from_config(cls, cfg: Config, mean: Sequence[float], std: Sequence[float]) -> LocalTraining:
-        fed, data = cfg.federated, cfg.data
+    def of(cls, fed: FederatedConfig, data: DataConfig, mean: Sequence[float], std: Sequence[float]) -> LocalTraining:
         return cls(fed.local_epochs, fed.batch_size, fed.lr, fed.momentum, fed.weight_decay,
                    data.random_crop, data.crop_padding, data.hflip, tuple(mean), tuple(std))
 
@@ -38,8 +40,8 @@ class LocalTraining:
 def train_client(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, spec: LocalTraining,
                  generator: torch.Generator, strategy: Strategy,
                  global_params: Sequence[torch.Tensor] = (), device: torch.device | str = "cpu",
-                 side: torch.Tensor | None = None) -> float:
-    """Train ``model`` in place on one client's uint8 images (``side``: optional per-sample rows, such as
+                 inputs: torch.Tensor | None = None) -> float:
+    """Train ``model`` in place on one client's uint8 images (``inputs``: optional per-sample rows, such as
     teacher logits, that the strategy's loss reads batch by batch). Returns the training loss (the
     strategy's, e.g. with FedProx's term) averaged over every sample of every local step, NaN if no step ran.
 
@@ -53,7 +55,7 @@ def train_client(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, s
                                 weight_decay=spec.weight_decay)
     images = images.to(device)
     labels = labels.to(device)
-    side = side.to(device) if side is not None else None
+    inputs = inputs.to(device) if inputs is not None else None
     n = labels.shape[0]
     # Summed on the device and read once at the end: no host sync per step.
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
@@ -66,8 +68,8 @@ def train_client(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, s
                 continue
             x = augment_batch(images[batch], generator, spec.crop_padding, spec.hflip, spec.random_crop)
             x = normalize(x, spec.mean, spec.std)
-            loss = strategy.client_loss(model, model(x), labels[batch], global_params,
-                                        side[batch] if side is not None else None)
+            loss = strategy.local_loss(model, model(x), labels[batch], global_params,
+                                       inputs[batch] if inputs is not None else None)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -6,15 +6,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-# Distinct stream tags keep the random streams of different uses independent for the same seed.
-TAG_SAMPLING = 1
-TAG_CLIENT_TRAINING = 2
-
-
-def derive_seed(*keys: int) -> int:
-    """A 63-bit seed from integer keys such as (seed, tag, round, client id)."""
-    words = np.random.SeedSequence([int(k) for k in keys]).generate_state(2, np.uint32)
-    return int((int(words[0]) << 31) ^ int(words[1]))
+from mllmfl_dist.core.seeds import TAG_SAMPLING
 
 
 def sample_clients(seed: int, round_index: int, num_clients: int, clients_per_round: int) -> list[int]:

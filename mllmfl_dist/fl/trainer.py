@@ -2,66 +2,77 @@
 
 Each round: sample K of N clients from (seed, round); assign them to client hosts (LPT by size); every
 host trains its clients one after another from the same global model and accumulates ``n_k * state_k``
-into one float64 buffer with the total weight appended, followed by the strategy's payload (CReFF's
+into one float64 buffer with the total weight appended, followed by the strategy's named uploads (CReFF's
 per-class classifier gradients); one all_reduce; the server steps the strategy and hands it the summed
-payload; one broadcast of the new global model as a flat buffer, followed by the strategy's shared state
-(CReFF's re-trained classifier), after rank 0's ``server_hook`` (e.g. alignment).
+uploads; one broadcast of the new global model as a flat buffer, followed by the strategy's named server state
+(CReFF's re-trained classifier), after rank 0's ``server_hook`` (e.g. alignment). Named tensors are packed into
+and out of the flat buffers by :class:`~mllmfl_dist.fl.aggregation.FlatLayout`, so no strategy slices offsets.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
-from mllmfl_dist import dist
-from mllmfl_dist.config import Config
+from mllmfl_dist.config import ConfigError, FederatedConfig
+from mllmfl_dist.core import dist
+from mllmfl_dist.core.errors import TrainingDivergedError
+from mllmfl_dist.core.seeds import TAG_CLIENT_TRAINING, TAG_CLIENT_UPLOAD, generator
 from mllmfl_dist.data import ClientData
-from mllmfl_dist.errors import TrainingDivergedError
-from mllmfl_dist.fl.aggregation import FlatLayout, accumulate_, mean_from_sum, new_accumulator
+from mllmfl_dist.fl.aggregation import FlatLayout, accumulate_, mean_from_sum
 from mllmfl_dist.fl.client import LocalTraining, train_client
-from mllmfl_dist.fl.sampling import TAG_CLIENT_TRAINING, assign_clients, derive_seed, sample_clients
+from mllmfl_dist.fl.sampling import assign_clients, sample_clients
 from mllmfl_dist.fl.strategies import Strategy
 from mllmfl_dist.models import FLModel
 
-TAG_CLIENT_PAYLOAD = 23  # derive_seed stream of a client's payload (CReFF's class batches), per round
-
+# A strategy's uploads above this (per round, per rank, float64) are refused: CReFF's class gradients grow as
+# classes^2 x feature width (ImageNet-LT with ResNet-50: 1000 x 1000 x 2049 entries, 16 GB).
+MAX_UPLOAD_BYTES = 2 * 2**30
 # Where a round went non-finite; the broadcast carries the index, so every rank stops with one message.
 DIVERGED_NOWHERE = "nowhere"
-DIVERGED_IN_SERVER_STEP = "server_step"
-DIVERGED_IN_SERVER_UPDATE = "server_update"
+DIVERGED_IN_GLOBAL_UPDATE = "global_update"
+DIVERGED_IN_UPLOADS = "uploads"
 DIVERGED_IN_SERVER_HOOK = "server_hook"
-DIVERGENCE_CODES = (DIVERGED_NOWHERE, DIVERGED_IN_SERVER_STEP, DIVERGED_IN_SERVER_UPDATE, DIVERGED_IN_SERVER_HOOK)
+DIVERGENCE_CODES = (DIVERGED_NOWHERE, DIVERGED_IN_GLOBAL_UPDATE, DIVERGED_IN_UPLOADS, DIVERGED_IN_SERVER_HOOK)
 
 
-def divergence_message(cfg: Config, round_index: int, where: str, clients: Sequence[int] = ()) -> str:
-    """One line: the round, where it went non-finite (which clients), and the settings to look at."""
-    fed = cfg.federated
-    if where == "clients":
-        what = f"the local training of client(s) {', '.join(map(str, clients))} went non-finite (NaN or inf weights)"
-        keys = [f"federated.lr = {fed.lr:g}", f"federated.momentum = {fed.momentum:g}",
-                f"federated.weight_decay = {fed.weight_decay:g}", f"federated.batch_size = {fed.batch_size}"]
-        keys += {"fedprox": [f"federated.prox_mu = {fed.prox_mu:g}"],
-                 "clip2fl": [f"clip2fl.alpha = {cfg.clip2fl.alpha:g}"]}.get(fed.strategy, [])
-    elif where == DIVERGED_IN_SERVER_STEP:
-        what = "the server step made the global model non-finite"
-        keys = [f"federated.server_lr = {fed.server_lr:g}", f"federated.server_momentum = {fed.server_momentum:g}"]
-    elif where == DIVERGED_IN_SERVER_UPDATE:
-        what = f"{fed.strategy}'s server update (federated features, re-trained classifier) went non-finite"
-        keys = [f"creff.lr_feature = {cfg.creff.lr_feature:g}", f"creff.lr_crt = {cfg.creff.lr_crt:g}"]
-    else:
-        what = "global alignment made the model non-finite"
-        keys = [f"align.lr = {cfg.align.lr:g}", f"align.beta = {cfg.align.beta:g}", f"align.steps = {cfg.align.steps}"]
-    return (f"round {round_index}: {what}; nothing of this round was saved and the last checkpoint is kept. "
-            f"Look at {', '.join(keys)}")
+class ServerHook(Protocol):
+    """Rank 0's work on the new global model after the strategy's, before the broadcast (global alignment)."""
+
+    def __call__(self, model: FLModel, round_index: int) -> None: ...
+
+    def divergence_hints(self) -> list[str]:
+        """``key = value`` settings to look at when the hook made the model non-finite."""
+
+
+def check_upload_size(strategy: str, layout: FlatLayout) -> None:
+    """Refuse uploads that would not fit a round's all_reduce buffer, naming the tensors and their shapes."""
+    size = layout.numel * 8
+    if size > MAX_UPLOAD_BYTES:
+        tensors = ", ".join(f"{name} {' x '.join(map(str, shape))}" for name, shape in zip(layout.keys, layout.shapes))
+        raise ConfigError(
+            f"federated.strategy = {strategy!r} would add {size / 2**30:.1f} GiB per round to the all_reduce "
+            f"({tensors} float64 entries); the limit is {MAX_UPLOAD_BYTES / 2**30:.0f} GiB. Use a task with fewer "
+            f"classes or a smaller model (model.width_scale, model.arch)")
+
+
+def divergence_message(round_index: int, what: str, hints: Sequence[str]) -> str:
+    """One line: the round, what went non-finite, and the settings to look at."""
+    look = f" Look at {', '.join(hints)}" if hints else ""
+    return f"round {round_index}: {what}; nothing of this round was saved and the last checkpoint is kept.{look}"
 
 
 def _finite(model: torch.nn.Module) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in model.state_dict().values() if t.is_floating_point())
+
+
+def _all_finite(tensors: dict[str, torch.Tensor]) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in tensors.values())
 
 
 @dataclass(frozen=True)
@@ -78,20 +89,30 @@ class RoundStats:
 
 
 class FederatedTrainer:
-    def __init__(self, cfg: Config, runtime: dist.Runtime, data: ClientData, model: FLModel,
-                 strategy: Strategy, server_hook: Callable[[FLModel, int], None] | None = None):
-        self.cfg = cfg
+    def __init__(self, federated: FederatedConfig, seed: int, local: LocalTraining, runtime: dist.Runtime,
+                 data: ClientData, model: FLModel, strategy: Strategy, server_hook: ServerHook | None = None):
+        self.federated, self.seed, self.local = federated, seed, local
         self.runtime = runtime
         self.data = data
         self.model = model.to(runtime.device)
         self.strategy = strategy
         self.layout = FlatLayout.of_module(self.model)
         self.trainable_mask = self.layout.trainable_mask.to(runtime.device)
-        self.local = LocalTraining.from_config(cfg, data.mean, data.std)
-        self.payload_numel = strategy.payload_numel(self.model)
-        self.shared_numel = strategy.shared_numel(self.model)
+        self.upload_layout = FlatLayout.of_shapes(strategy.upload_shapes(self.model), torch.float64)
+        check_upload_size(strategy.name, self.upload_layout)
+        state = strategy.broadcast_state(self.model)
+        self.state_layout = FlatLayout.of_shapes({k: tuple(v.shape) for k, v in state.items()}, torch.float32)
+        # The round's two buffers, laid out once (described where they are filled, in run_round and _broadcast).
+        self.round_layout = FlatLayout.of_shapes({"model": (self.layout.numel + 1,),
+                                                  "uploads": (self.upload_layout.numel,),
+                                                  "diverged": (federated.clients_per_round,), "stop": (1,),
+                                                  "loss": (1,)})
+        self.broadcast_layout = FlatLayout.of_shapes({"model": (self.layout.numel,),
+                                                      "state": (self.state_layout.numel,), "status": (1,)},
+                                                     torch.float32)
         # Rank 0 only, after the server step and before the broadcast (global alignment plugs in here).
         self.server_hook = server_hook
+        self.server_hook_hints: list[str] = []  # what to look at when the hook diverged, on the ranks without it
         self.rounds_done = 0
         # Rounds are timed from the end of the previous one, so that rank 0's evaluation and checkpoint
         # writing, which overlap the next round's client training, count when they hold a round up.
@@ -105,7 +126,7 @@ class FederatedTrainer:
         self.layout.unflatten_into(flat, self.model.state_dict())
 
     def broadcast_global(self) -> int:
-        """Make every rank hold rank 0's global model (and the strategy's shared state, after it in the same
+        """Make every rank hold rank 0's global model (and the strategy's server state, after it in the same
         buffer); returns the bytes broadcast."""
         sent, status = self._broadcast(DIVERGED_NOWHERE, "rank 0's broadcast of the model to start from")
         if status != DIVERGED_NOWHERE:
@@ -117,100 +138,122 @@ class FederatedTrainer:
     def _broadcast(self, status: str, what: str) -> tuple[int, str]:
         """The broadcast, carrying rank 0's divergence ``status`` in its last entry; returns the bytes
         broadcast and the status every rank received (a non-finite buffer counts as diverged too)."""
-        end = self.layout.numel + self.shared_numel
-        flat = torch.empty(end + 1, dtype=torch.float32, device=self.runtime.device)
-        self.layout.flatten(self.model.state_dict(), out=flat[: self.layout.numel])
-        if self.shared_numel:
-            flat[self.layout.numel : end] = self.strategy.shared_state()
-        flat[end] = DIVERGENCE_CODES.index(status)
+        layout = self.broadcast_layout
+        flat = torch.empty(layout.numel, dtype=torch.float32, device=self.runtime.device)
+        parts = layout.views(flat)
+        self.layout.flatten(self.model.state_dict(), out=parts["model"])
+        if self.state_layout.numel:
+            self.state_layout.flatten(self.strategy.broadcast_state(self.model), out=parts["state"])
+        parts["status"][0] = DIVERGENCE_CODES.index(status)
         dist.broadcast_from_server_(self.runtime, flat, what)
-        status = DIVERGENCE_CODES[int(flat[end])]
+        status = DIVERGENCE_CODES[int(parts["status"][0])]
         if status == DIVERGED_NOWHERE and not bool(torch.isfinite(flat).all()):
-            status = DIVERGED_IN_SERVER_STEP
+            status = DIVERGED_IN_GLOBAL_UPDATE
         if status == DIVERGED_NOWHERE:
-            self.set_global_flat(flat[: self.layout.numel])
-            if self.shared_numel:
-                self.strategy.load_shared_state(flat[self.layout.numel : end])
+            self.set_global_flat(parts["model"])
+            if self.state_layout.numel:
+                self.strategy.receive_state(self.state_layout.views(parts["state"]))
         return flat.numel() * flat.element_size(), status
 
     # -- one round -------------------------------------------------------------------------------
     def run_round(self, round_index: int) -> RoundStats:
         started = self._last_round_end or time.perf_counter()
-        fed = self.cfg.federated
-        seed = self.cfg.run.seed
+        fed, seed = self.federated, self.seed
         clients = sample_clients(seed, round_index, fed.num_clients, fed.clients_per_round)
         plan = assign_clients(clients, [self.data.client_size(c) for c in clients], self.runtime.client_hosts)
         mine = plan.get(self.runtime.rank, [])
 
         start = self.global_flat(torch.float64)
-        # One buffer for the one all_reduce: the model's weighted sum and total weight, then the payload,
-        # then one flag per sampled client that went non-finite (so every rank learns which, and stops), then
-        # the count of ranks asked to stop (preempt.py), so every rank stops after the same round, then the
+        # One buffer for the one all_reduce: the model's weighted sum and total weight, then the strategy's
+        # uploads, then one flag per sampled client that went non-finite (so every rank learns which, and stops),
+        # then the count of ranks asked to stop (preempt.py), so every rank stops after the same round, then the
         # clients' training losses weighted like the model (sum n_k * loss_k; / total weight = the mean).
-        acc = new_accumulator(self.layout.numel + self.payload_numel + len(clients) + 2, self.runtime.device)
-        model_acc = acc[: self.layout.numel + 1]
-        payload = acc[self.layout.numel + 1 : self.layout.numel + 1 + self.payload_numel]
-        diverged = acc[self.layout.numel + 1 + self.payload_numel : -2]
-        stop, loss_sum = acc[-2:-1], acc[-1:]
-        stop[0] = 1.0 if self.runtime.stop is not None and self.runtime.stop.reason else 0.0
+        layout = self.round_layout
+        acc = torch.zeros(layout.numel, dtype=torch.float64, device=self.runtime.device)
+        parts = layout.views(acc)
+        model_acc, uploads, diverged = parts["model"], parts["uploads"], parts["diverged"]
+        parts["stop"][0] = 1.0 if self.runtime.stop is not None and self.runtime.stop.reason else 0.0
         global_params: list[torch.Tensor] = []
-        if mine and self.strategy.needs_global_params:
+        if mine and self.strategy.reads_global_params:
             global_params = [p.detach().clone() for p in self.model.parameters() if p.requires_grad]
         for cid in mine:
             self.set_global_flat(start)
             images, labels = self.data.client(cid)
-            if self.payload_numel:
-                payload_generator = torch.Generator().manual_seed(
-                    derive_seed(seed, TAG_CLIENT_PAYLOAD, round_index, cid))
-                payload += self.strategy.client_payload(self.model, images, labels, self.local, payload_generator,
-                                                        self.runtime.device).to(payload.device)
-            generator = torch.Generator().manual_seed(derive_seed(seed, TAG_CLIENT_TRAINING, round_index, cid))
-            loss = train_client(self.model, images, labels, self.local, generator, self.strategy,
-                                global_params, self.runtime.device, self.strategy.client_side_info(self.data, cid))
+            if self.upload_layout.numel:
+                upload = self.strategy.client_upload(self.model, images, labels, self.local,
+                                                     generator(seed, TAG_CLIENT_UPLOAD, round_index, cid),
+                                                     self.runtime.device)
+                uploads += self.upload_layout.flatten(upload).to(uploads.device)
+            loss = train_client(self.model, images, labels, self.local,
+                                generator(seed, TAG_CLIENT_TRAINING, round_index, cid), self.strategy,
+                                global_params, self.runtime.device, self.strategy.local_loss_inputs(self.data, cid))
             state = self.global_flat(torch.float64)
             if bool(torch.isfinite(state).all()):
                 accumulate_(model_acc, state, labels.shape[0])
                 if math.isfinite(loss):  # a one-sample client takes no step and has no loss
-                    loss_sum += labels.shape[0] * loss
+                    parts["loss"] += labels.shape[0] * loss
             else:  # kept out of the sum; every rank stops after the all_reduce
                 diverged[clients.index(cid)] = 1
 
         dist.all_reduce_sum_(self.runtime, acc, f"round {round_index}'s all_reduce")
         failed = [c for c, flag in zip(clients, diverged.tolist()) if flag]
         if failed:
-            raise TrainingDivergedError(divergence_message(self.cfg, round_index, "clients", failed))
+            raise TrainingDivergedError(self._divergence(round_index, "clients", failed))
         server_record: dict[str, float] = {}
         status = DIVERGED_NOWHERE
         if self.runtime.is_server:
-            new = self.strategy.server_step(start, mean_from_sum(model_acc), self.trainable_mask)
+            new = self.strategy.update_global_model(start, mean_from_sum(model_acc), self.trainable_mask)
             self.set_global_flat(new)
-            status = DIVERGED_NOWHERE if _finite(self.model) else DIVERGED_IN_SERVER_STEP
-            if self.payload_numel and status == DIVERGED_NOWHERE:
-                server_record = self.strategy.server_update(self.model, payload, round_index)
-                if self.shared_numel and not bool(torch.isfinite(self.strategy.shared_state()).all()):
-                    status = DIVERGED_IN_SERVER_UPDATE
+            status = DIVERGED_NOWHERE if _finite(self.model) else DIVERGED_IN_GLOBAL_UPDATE
+            if status == DIVERGED_NOWHERE:
+                server_record = self.strategy.process_uploads(self.model, self.upload_layout.views(uploads),
+                                                              round_index)
+                if self.state_layout.numel and not _all_finite(self.strategy.broadcast_state(self.model)):
+                    status = DIVERGED_IN_UPLOADS
             if self.server_hook is not None and status == DIVERGED_NOWHERE:
                 self.server_hook(self.model, round_index)
                 status = DIVERGED_NOWHERE if _finite(self.model) else DIVERGED_IN_SERVER_HOOK
         bytes_broadcast, status = self._broadcast(status, f"rank 0's broadcast of round {round_index}'s model")
         if status != DIVERGED_NOWHERE:
-            raise TrainingDivergedError(divergence_message(self.cfg, round_index, status))
+            raise TrainingDivergedError(self._divergence(round_index, status))
         self.rounds_done = round_index
         self._last_round_end = time.perf_counter()
         total_weight = float(model_acc[-1])
         return RoundStats(round_index, self._last_round_end - started, tuple(clients), tuple(mine),
-                          acc.numel() * acc.element_size(), bytes_broadcast, server_record, bool(stop[0] > 0),
-                          float(loss_sum) / total_weight if total_weight > 0 else float("nan"))
+                          acc.numel() * acc.element_size(), bytes_broadcast, server_record,
+                          bool(parts["stop"][0] > 0),
+                          float(parts["loss"]) / total_weight if total_weight > 0 else float("nan"))
+
+    def _divergence(self, round_index: int, where: str, clients: Sequence[int] = ()) -> str:
+        fed, name = self.federated, self.strategy.name
+        if where == "clients":
+            what = (f"the local training of client(s) {', '.join(map(str, clients))} went non-finite (NaN or inf "
+                    f"weights)")
+            hints = [f"federated.lr = {fed.lr:g}", f"federated.momentum = {fed.momentum:g}",
+                     f"federated.weight_decay = {fed.weight_decay:g}", f"federated.batch_size = {fed.batch_size}",
+                     *self.strategy.divergence_hints("clients")]
+        elif where == DIVERGED_IN_GLOBAL_UPDATE:
+            what = "the server step made the global model non-finite"
+            hints = self.strategy.divergence_hints("global_update")
+        elif where == DIVERGED_IN_UPLOADS:
+            what = f"{name}'s server-side use of the clients' uploads went non-finite"
+            hints = self.strategy.divergence_hints("uploads")
+        else:
+            what = "global alignment made the model non-finite"
+            hints = self.server_hook.divergence_hints() if self.server_hook is not None else self.server_hook_hints
+        return divergence_message(round_index, what, hints)
 
     # -- checkpoints -----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {
             "round": self.rounds_done,
             "model": {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()},
-            "server_optimizer": self.strategy.state_dict(),
+            "strategy": self.strategy.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """A checkpoint's state; one written before the strategy's state was called "strategy" holds it as
+        "server_optimizer"."""
         self.model.load_state_dict(state["model"])
-        self.strategy.load_state_dict(state["server_optimizer"])
+        self.strategy.load_state_dict(state["strategy"] if "strategy" in state else state["server_optimizer"])
         self.rounds_done = int(state["round"])

@@ -34,7 +34,7 @@ def cosine_with_warmup(step: int, steps: int, warmup: int) -> float:
 def preprocess_images(images: torch.Tensor, transform, batch: int = 512) -> torch.Tensor:
     """float32 `[N, 3, S, S]`: each uint8 `[C, H, W]` image as an RGB PIL image through `transform` (an
     open_clip preprocess)."""
-    from mllmfl_dist.data.shards import to_pil
+    from mllmfl_dist.data.images import to_pil
 
     parts = []
     for start in range(0, len(images), batch):

@@ -124,7 +124,7 @@ def _run_stage(name: str, model, params, rows, features, *, epochs: int, batch_s
 def _tower_features(model, processor, images: torch.Tensor, batch: int = 512) -> torch.Tensor:
     """`[2, N, tokens, width]`: the frozen tower's features (as the projector reads them) of every image and
     of its horizontal mirror, from the processor's own pixel values."""
-    from mllmfl_dist.data.shards import to_pil
+    from mllmfl_dist.data.images import to_pil
     from mllmfl_dist.models.mllm import clip_visual_features
 
     parts = []
@@ -144,7 +144,7 @@ def train_llava(clip, clip_cfg: dict, images: torch.Tensor, captions: Sequence[s
     the pair counts and each stage's steps and last loss."""
     from transformers import LlavaForConditionalGeneration
 
-    from mllmfl_dist.data.shards import to_pil
+    from mllmfl_dist.data.images import to_pil
     from mllmfl_dist.models.clip_to_hf import convert_visual
     from mllmfl_dist.models.mllm import llava_inner
     from mllmfl_dist.models.standin_data import DESCRIBE_REQUESTS, instruction_pairs, llava_prompt

@@ -5,7 +5,7 @@ labeled test shards (the shipped balanced Fashion-MNIST test set, `shards/fmnist
 
 - `clip_zero_shot_acc`: the CLIP teacher's zero-shot prediction (`teachers.clip_teacher_logits`, the
   templates of `align.templates`), loaded with `clip_teacher.load_clip("local-dir:...")`;
-- `llava_caption_acc`: the fraction of LLaVA captions (`stages.annotate.caption_batch`, the annotation
+- `llava_caption_acc`: the fraction of LLaVA captions (`captioning.caption_batch`, the annotation
   stage's defaults: greedy, `annotate.prompt`) whose named category (`web_captions.named_category`) is the
   image's class; a caption naming no category counts as wrong;
 - `llava_teacher_acc`: the accuracy of the argmax of the LLaVA teacher's class scores as alignment reads them
@@ -47,12 +47,13 @@ def measure_standins(clip_dir: str | Path, llava_dir: str | Path, test_shards: s
 
     from mllmfl_dist.config import AlignConfig, AnnotateConfig
     from mllmfl_dist.data.labeled_shards import resolve_pattern
-    from mllmfl_dist.data.shards import read_labeled_shards, to_pil
+    from mllmfl_dist.data.images import to_pil
+    from mllmfl_dist.data.shards import read_labeled_shards
     from mllmfl_dist.data.web_captions import named_category
     from mllmfl_dist.models.clip_teacher import load_clip
     from mllmfl_dist.models.mllm import load_llava
     from mllmfl_dist.models.teachers import clip_teacher_logits, llava_answer_loglik
-    from mllmfl_dist.stages.annotate import Generation, caption_batch
+    from mllmfl_dist.models.captioning import Generation, caption_batch
 
     images, labels, _ = read_labeled_shards(resolve_pattern(test_shards, "test shards"))
     keep = select_per_class(labels, per_class)

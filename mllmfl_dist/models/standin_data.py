@@ -63,7 +63,8 @@ def read_caption_corpus(pattern: str, limit: int | None = None) -> tuple[torch.T
     limit: keep only the first `limit` captioned samples. Raises DataError for a damaged shard, an image that
     does not decode, images of different sizes, or no captioned sample at all; a sample without `.txt` or
     without an image is skipped."""
-    from mllmfl_dist.data.shards import CorruptImageError, decode_image, image_to_array, iter_samples
+    from mllmfl_dist.data.images import CorruptImageError, decode_image, image_to_array
+    from mllmfl_dist.data.shards import iter_samples
 
     arrays: list[np.ndarray] = []
     captions: list[str] = []

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from mllmfl_dist import checkpoint
+from mllmfl_dist.core import checkpoint
 from mllmfl_dist.config import ConfigError
 from mllmfl_dist.models.clip_teacher import load_clip, zero_shot_classifier, zero_shot_logits
 from mllmfl_dist.models.mllm import load_llava, weights_identity

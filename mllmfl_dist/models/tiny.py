@@ -35,7 +35,8 @@ from pathlib import Path
 
 import torch
 
-from mllmfl_dist.checkpoint import file_identity, remove_stale_temps, same_file, write_text_atomic
+from mllmfl_dist.core.checkpoint import file_identity, remove_stale_temps, same_file, write_text_atomic
+from mllmfl_dist.core.locks import exclusive
 
 MANIFEST = "tiny_models.json"
 MODEL_CARD = "model_card.json"  # the trained build's measurements, beside llava/ and clip/
@@ -337,19 +338,10 @@ def build_tiny_models(directory: str | os.PathLike, *, train: str | None = None,
     if _manifest_ok(directory, identity):
         return paths
     directory.mkdir(parents=True, exist_ok=True)
-    with open(directory / ".build.lock", "w") as lock:
-        _lock(lock)
+    with exclusive(directory / ".build.lock"):
         if not _manifest_ok(directory, identity):
             _build(directory, paths, identity, train, settings, progress)
     return paths
-
-
-def _lock(handle) -> None:
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: no lock; concurrent builds of one directory are then the caller's problem
-        return
-    fcntl.flock(handle.fileno(), fcntl.LOCK_EX)  # released when the file is closed
 
 
 def _build(directory: Path, paths: dict[str, Path], identity: dict, train: str | None, settings,

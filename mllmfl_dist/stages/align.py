@@ -22,12 +22,13 @@ from torch import nn
 
 from mllmfl_dist.config import AlignConfig, Config, ConfigError
 from mllmfl_dist.data import ClientData, normalize
+from mllmfl_dist.core.seeds import TAG_ALIGN, derive_seed
+from mllmfl_dist.data.images import decode_image, model_input, to_pil
+from mllmfl_dist.data.shards import expand_shards, iter_samples, read_labeled_shards
 from mllmfl_dist.fl.losses import distillation_loss, temper
-from mllmfl_dist.fl.sampling import derive_seed
+from mllmfl_dist.models.teachers import teacher_distributions
 
 log = logging.getLogger(__name__)
-
-TAG_ALIGN = 14
 
 
 @dataclass
@@ -112,18 +113,10 @@ def align_model(model: nn.Module, data: AlignmentSet, acfg: AlignConfig, mean, s
 
 
 def build_alignment_set(cfg: Config, data: ClientData, cache_dir, device: torch.device | str = "cpu") -> AlignmentSet:
-    """k images per class from the labeled pool, or from web shards pseudo-labeled by the teacher."""
-    from PIL import Image
-
-    from mllmfl_dist.data.shards import decode_image, expand_shards, iter_samples, read_labeled_shards, to_pil
-
+    """k images per class from the labeled pool, or from web shards pseudo-labeled by the teacher; each image
+    brought to the FL model's size and channels by the one rule of :func:`mllmfl_dist.data.images.fit_square`."""
     acfg = cfg.align
     size, channels = data.image_size, data.in_channels
-
-    def to_fl(image: Image.Image) -> torch.Tensor:
-        image = image.convert("L" if channels == 1 else "RGB").resize((size, size))
-        array = np.array(image, dtype=np.uint8)  # a writable copy
-        return torch.from_numpy(array[None] if array.ndim == 2 else np.ascontiguousarray(array.transpose(2, 0, 1)))
 
     if acfg.source == "holdout":
         if not hasattr(data, "server_pool") or not len(data.server_pool()[1]):
@@ -162,7 +155,7 @@ def build_alignment_set(cfg: Config, data: ClientData, cache_dir, device: torch.
         teacher = q_all[keep]
     if short:
         log.warning("alignment set: classes %s have fewer than %d images", short, acfg.per_class)
-    images = torch.stack([to_fl(im) for im in pil])
+    images = torch.stack([torch.from_numpy(model_input(im, size, channels)) for im in pil])
     return AlignmentSet(images, labels.long(), teacher, short, labeled=acfg.source != "web")
 
 
@@ -170,8 +163,6 @@ def _teacher(cfg: Config, pil: list[Any], data: ClientData, cache_dir, device) -
     acfg = cfg.align
     if acfg.teacher == "none":
         return None
-    from mllmfl_dist.models.teachers import teacher_distributions
-
     return teacher_distributions(
         acfg.teacher, [im.convert("RGB") for im in pil], data.class_names, model=acfg.teacher_model,
         clip_pretrained=acfg.clip_pretrained, prompt=acfg.prompt,

@@ -18,63 +18,26 @@ import json
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm import tqdm
 
-from mllmfl_dist import dist
-from mllmfl_dist.checkpoint import file_identity, remove_stale_temps, same_file, write_text_atomic
+from mllmfl_dist.core import dist
+from mllmfl_dist.core.checkpoint import file_identity, remove_stale_temps, same_file, write_text_atomic
 from mllmfl_dist.config import AnnotateConfig, Config, ConfigError
-from mllmfl_dist.data.shards import (CorruptImageError, ShardError, decode_image, expand_shards, iter_samples,
+from mllmfl_dist.data.images import CorruptImageError, decode_image
+from mllmfl_dist.models.captioning import Generation, caption_batch
+from mllmfl_dist.data.shards import (ShardError, expand_shards, iter_samples,
                                      write_shard)
-from mllmfl_dist.fl.sampling import derive_seed
-from mllmfl_dist.progress import show_bars
+from mllmfl_dist.core.seeds import TAG_ANNOTATE, derive_seed
+from mllmfl_dist.core.progress import show_bars
 
 log = logging.getLogger(__name__)
 
 DONE_SUFFIX = ".done.json"
-TAG_ANNOTATE = 13  # derive_seed stream of sampled decoding
-
-
-@dataclass(frozen=True)
-class Generation:
-    """Decoding settings, recorded with every caption."""
-
-    prompt: str
-    max_new_tokens: int
-    do_sample: bool
-    temperature: float
-    top_p: float
-    num_beams: int
-
-    @classmethod
-    def from_config(cls, cfg: AnnotateConfig) -> Generation:
-        return cls(cfg.prompt, cfg.max_new_tokens, cfg.do_sample, cfg.temperature, cfg.top_p, cfg.num_beams)
-
-    def generate_kwargs(self) -> dict[str, Any]:
-        kwargs: dict[str, Any] = {"max_new_tokens": self.max_new_tokens, "do_sample": self.do_sample,
-                                  "num_beams": self.num_beams}
-        if self.do_sample:
-            kwargs.update(temperature=self.temperature, top_p=self.top_p)
-        return kwargs
-
-
-@torch.no_grad()
-def caption_batch(model, processor, images: Sequence[Any], generation: Generation) -> list[str]:
-    """Captions of ``images`` (PIL) in one batched ``generate`` call: one vision-tower pass over the batch
-    and one left-padded decoder batch."""
-    inputs = processor(images=list(images), text=[generation.prompt] * len(images), return_tensors="pt",
-                       padding=True)
-    inputs = inputs.to(model.device)
-    if "pixel_values" in inputs:
-        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
-    output = model.generate(**inputs, **generation.generate_kwargs(),
-                            pad_token_id=processor.tokenizer.pad_token_id)
-    new_tokens = output[:, inputs["input_ids"].shape[1]:]
-    return [text.strip() for text in processor.batch_decode(new_tokens, skip_special_tokens=True)]
 
 
 def assign_shards(shards: Sequence[Path], ranks: Sequence[int]) -> dict[int, list[Path]]:

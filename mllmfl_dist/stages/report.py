@@ -24,16 +24,22 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
-from mllmfl_dist.checkpoint import remove_stale_temps, write_text_atomic
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+from mllmfl_dist.core.checkpoint import remove_stale_temps, write_text_atomic
+from mllmfl_dist.core.jsonl import ACCURACY_KEYS, read_evaluations
+from mllmfl_dist.core.layout import RunLayout
 from mllmfl_dist.stages import report_plots
-from mllmfl_dist.stages.report_plots import save_accuracy_plot  # noqa: F401  (compare's plot uses it)
 
 log = logging.getLogger(__name__)
 
-ACC_KEYS = ("acc", "acc_top1", "acc_many", "acc_medium", "acc_few")
 PLOTS = ("accuracy.png", "per_class.png", "groups.png", "partition.png")
 
 
@@ -47,39 +53,6 @@ def _read_json(path: Path) -> dict | None:
         log.warning("report: cannot read %s: %s", path, e)
         return None
     return obj if isinstance(obj, dict) else None
-
-
-def read_evaluations(path: Path) -> list[dict]:
-    """Evaluation records, in round order, a torn or malformed line dropped, a redone round's last
-    record kept."""
-    if not path.is_file():
-        return []
-    by_round: dict[Any, dict] = {}
-    order: list[Any] = []
-    try:
-        lines = path.read_text(errors="replace").splitlines()  # a garbled line is dropped below
-    except OSError as e:
-        log.warning("report: cannot read %s: %s", path, e)
-        return []
-    for i, line in enumerate(lines):
-        line = line.strip()
-        if not line:
-            continue
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            log.warning("report: dropping malformed line %d of %s", i + 1, path)
-            continue
-        if not isinstance(rec, dict) or "acc" not in rec:
-            continue
-        key = rec.get("round", f"line{i}")
-        if key not in by_round:
-            order.append(key)
-        by_round[key] = rec
-    recs = [by_round[k] for k in order]
-    if all(isinstance(r.get("round"), (int, float)) for r in recs):
-        recs.sort(key=lambda r: r["round"])
-    return recs
 
 
 def _annotate_summary(m: dict) -> dict:
@@ -103,12 +76,12 @@ def _pretrain_summary(m: dict) -> dict:
 def _federated_summary(records: list[dict], fed_summary: dict | None) -> dict:
     last = records[-1]
     out: dict[str, Any] = {"round": last.get("round")}
-    out.update({k: last.get(k) for k in ACC_KEYS})
+    out.update({k: last.get(k) for k in ACCURACY_KEYS})
     if "per_class" in last:
         out["per_class"] = last["per_class"]
     ba = last.get("before_align")
     if isinstance(ba, dict):
-        out["before_align"] = {k: ba.get(k) for k in ACC_KEYS}
+        out["before_align"] = {k: ba.get(k) for k in ACCURACY_KEYS}
         if "per_class" in ba:
             out["before_align"]["per_class"] = ba["per_class"]
     if "align_loss" in last:
@@ -123,11 +96,7 @@ def _federated_summary(records: list[dict], fed_summary: dict | None) -> dict:
 
 def _config(run_dir: Path) -> dict:
     try:
-        import tomllib
-    except ModuleNotFoundError:  # Python 3.10
-        import tomli as tomllib
-    try:
-        return tomllib.loads((run_dir / "config.toml").read_text())
+        return tomllib.loads(RunLayout(run_dir).config.read_text())
     except (OSError, ValueError):
         return {}
 
@@ -150,8 +119,9 @@ def model_provenance(spec: str) -> dict[str, Any]:
     return out
 
 
-def models_used(config: dict) -> list[dict[str, Any]]:
-    """The MLLM and CLIP models a run's config used, with their provenance."""
+def models_used(config: dict, strategy_models: list[dict] = ()) -> list[dict[str, Any]]:
+    """The MLLM and CLIP models a run's config used (``strategy_models``: those its strategy named, from the
+    federated summary), with their provenance."""
     section = lambda name: config.get(name) or {}  # noqa: E731
     model, annotate, pretrain, align = section("model"), section("annotate"), section("pretrain"), section("align")
     roles = []
@@ -162,8 +132,7 @@ def models_used(config: dict) -> list[dict[str, Any]]:
             roles.append(("DWP LLaVA", pretrain.get("model") or annotate["model"]))
     if align.get("every") and align.get("teacher") not in (None, "none") and align.get("teacher_model"):
         roles.append((f"alignment teacher ({align['teacher']})", align["teacher_model"]))
-    if section("federated").get("strategy") == "clip2fl" and section("clip2fl").get("model"):
-        roles.append(("CLIP2FL's CLIP", section("clip2fl")["model"]))
+    roles += [(m["role"], m["model"]) for m in strategy_models if m.get("model")]
     return [{"role": role, **model_provenance(spec)} for role, spec in roles]
 
 
@@ -182,7 +151,7 @@ def report_markdown(summary: dict) -> str:
     fed, base = summary.get("federated"), summary.get("baseline")
     if fed:
         lines += ["| | balanced acc | top-1 | Many | Medium | Few |", "|---|---|---|---|---|---|"]
-        row = lambda name, r: f"| {name} | " + " | ".join(_fmt(r.get(k)) for k in ACC_KEYS) + " |"  # noqa: E731
+        row = lambda name, r: f"| {name} | " + " | ".join(_fmt(r.get(k)) for k in ACCURACY_KEYS) + " |"  # noqa: E731
         aligned = isinstance(fed.get("before_align"), dict)
         lines.append(row(f"method, round {fed.get('round')}" + (" (after alignment)" if aligned else ""), fed))
         if aligned:
@@ -220,24 +189,25 @@ def write_report(run_dir: Path) -> dict:
     where they came from), the plots and report.md. Returns the summary dict. Missing stages are left out;
     nothing missing raises."""
     run_dir = Path(run_dir)
-    out_dir = run_dir / "report"
+    paths = RunLayout(run_dir)
+    out_dir = paths.report
     out_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(out_dir)  # of a report killed while writing
     summary: dict[str, Any] = {"run_dir": str(run_dir)}
 
-    models = models_used(_config(run_dir))
+    fed_summary = _read_json(paths.summary) or {}
+    models = models_used(_config(run_dir), fed_summary.get("strategy_models") or [])
     if models:
         summary["models"] = models
-    manifest = _read_json(run_dir / "annotate" / "manifest.json")
+    manifest = _read_json(paths.manifest)
     if manifest is not None:
         summary["annotate"] = _annotate_summary(manifest)
-    pre = _read_json(run_dir / "pretrain" / "metrics.json")
+    pre = _read_json(paths.pretrain_metrics)
     if pre is not None:
         summary["pretrain"] = _pretrain_summary(pre)
 
-    records = read_evaluations(run_dir / "federated" / "metrics.jsonl")
-    fed_summary = _read_json(run_dir / "federated" / "summary.json") or {}
-    baseline = read_evaluations(run_dir / "baseline" / "federated" / "metrics.jsonl")
+    records = read_evaluations(paths.metrics)
+    baseline = read_evaluations(paths.baseline.metrics)
     if records:
         summary["federated"] = _federated_summary(records, fed_summary)
         per_class = records[-1].get("per_class") or []
@@ -262,7 +232,7 @@ def write_report(run_dir: Path) -> dict:
                                     baseline[-1] if baseline else None)
         report_plots.groups_plot(out_dir / "groups.png", records[-1], baseline[-1] if baseline else None)
         summary["plots"] = ["accuracy.png", "per_class.png", "groups.png"]
-        partition = _read_json(run_dir / "federated" / "partition.json")
+        partition = _read_json(paths.partition)
         counts = (partition or {}).get("class_counts")
         if counts:
             report_plots.partition_plot(out_dir / "partition.png", counts, class_names)

@@ -12,13 +12,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from mllmfl_dist.checkpoint import savefig_atomic
+from mllmfl_dist.core.checkpoint import savefig_atomic
 
 COLOURS = {"method": "tab:blue", "before": "tab:orange", "baseline": "tab:gray", "chance": "black"}
 GROUPS = (("Many", "acc_many"), ("Medium", "acc_medium"), ("Few", "acc_few"))
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -36,7 +36,7 @@ def num(x: Any) -> float:
 
 def _save(fig, path: Path) -> None:
     savefig_atomic(fig, path, dpi=100, bbox_inches="tight")
-    _pyplot().close(fig)
+    pyplot().close(fig)
 
 
 def save_accuracy_plot(fig, ax, path: Path, title: str = "Balanced accuracy over rounds",
@@ -61,7 +61,7 @@ def accuracy_plot(path: Path, records: list[dict], baseline: list[dict], chance:
                   method: str) -> None:
     """Balanced accuracy over rounds: the method (after alignment, and before it where recorded), the
     FedAvg-from-scratch baseline when there is one, and chance."""
-    fig, ax = _pyplot().subplots(figsize=(6.5, 4))
+    fig, ax = pyplot().subplots(figsize=(6.5, 4))
     aligned = any(isinstance(r.get("before_align"), dict) for r in records)
     rounds = [r.get("round", i) for i, r in enumerate(records)]
     ax.plot(rounds, [num(r.get("acc")) for r in records], marker="o", color=COLOURS["method"],
@@ -85,7 +85,7 @@ def per_class_plot(path: Path, last: dict, class_names: Sequence[str], baseline_
     series = [(label, values, COLOURS[key]) for label, values, key in (
         ("FedAvg from scratch", base, "baseline"), ("before alignment", before, "before"),
         ("after alignment" if before else "method", per_class, "method")) if values]
-    fig, ax = _pyplot().subplots(figsize=(max(6.0, 0.45 * n + 2), 4.2))
+    fig, ax = pyplot().subplots(figsize=(max(6.0, 0.45 * n + 2), 4.2))
     if n:
         width = 0.8 / len(series)
         for j, (label, values, colour) in enumerate(series):
@@ -111,7 +111,7 @@ def groups_plot(path: Path, last: dict, baseline_last: dict | None) -> None:
     series = [(label, source, COLOURS[key]) for label, source, key in (
         ("FedAvg from scratch", baseline_last, "baseline"), ("before alignment", before, "before"),
         ("after alignment" if before else "method", last, "method")) if source]
-    fig, ax = _pyplot().subplots(figsize=(5.5, 4))
+    fig, ax = pyplot().subplots(figsize=(5.5, 4))
     width = 0.8 / len(series)
     for j, (label, source, colour) in enumerate(series):
         offsets = [i + (j - (len(series) - 1) / 2) * width for i in range(len(GROUPS))]
@@ -131,7 +131,7 @@ def groups_plot(path: Path, last: dict, baseline_last: dict | None) -> None:
 
 def partition_plot(path: Path, counts: Sequence[Sequence[int]], class_names: Sequence[str]) -> None:
     """The partition as a heatmap: training samples of each class (columns) on each client (rows)."""
-    plt = _pyplot()
+    plt = pyplot()
     clients, classes = len(counts), len(counts[0]) if counts else 0
     fig, ax = plt.subplots(figsize=(max(5.0, 0.4 * classes + 2), max(3.0, min(12.0, 0.12 * clients + 2))))
     image = ax.imshow(counts, aspect="auto", interpolation="nearest", cmap="viridis")

@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from mllmfl_dist.checkpoint import write_text_atomic
+from mllmfl_dist.core.checkpoint import write_text_atomic
 from mllmfl_dist.config import Config, ConfigError, LogConfig, flat_items
 from mllmfl_dist.tracking.base import Sink, flatten_scalars
 

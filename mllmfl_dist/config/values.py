@@ -1,21 +1,8 @@
-"""Parsers of the string-valued config keys that name structure: ``data.train_indices`` ranges and
-``creff.dsa_strategy`` operation lists. The config check and the code that uses the values (data/build.py,
-data/dsa.py) read them through the same functions, so a value the check accepts is one the code understands.
+"""The parser of ``data.train_indices`` ranges: the config check and the code that uses the value
+(data/build.py) read it through the same function, so a value the check accepts is one the code understands.
 """
 
 from __future__ import annotations
-
-
-# The operations of Differentiable Siamese Augmentation (creff.dsa_strategy); mllmfl_dist.data.dsa
-# implements exactly these.
-DSA_OPERATIONS = ("color", "crop", "cutout", "flip", "scale", "rotate")
-
-
-def dsa_operations(strategy: str) -> tuple[str, ...]:
-    """``"color_crop"`` -> ``("color", "crop")``; ``"none"`` or ``""`` -> ``()``."""
-    if strategy.strip().lower() in ("", "none"):
-        return ()
-    return tuple(strategy.strip().split("_"))
 
 
 def parse_index_range(text: str) -> slice:

@@ -3,20 +3,20 @@
 A method is a base strategy plus, optionally, stages of the MLLM-assisted method, written
 ``<strategy>[+dwp[llava]][+align[<teacher>]]``:
 
-- ``fedavg``, ``fedavgm``, ``fedprox``, ``creff``, ``clip2fl``: the strategy from a randomly initialised
-  backbone, alignment off;
+- a strategy name (``fedavg``, ``fedavgm``, ``fedprox``, ``creff``, ``clip2fl``, or a plugin's,
+  :mod:`mllmfl_dist.core.plugins`): the strategy from a randomly initialised backbone, alignment off;
 - ``+dwp[llava]``: the backbone comes from Dynamic Weighted Pretraining against the LLaVA (``[annotate]`` /
   ``[pretrain]``), run once per seed in ``<run dir>/compare/stage1/seed<k>/`` and shared by every +dwp row;
 - ``+align[none|clip|llava]``: global alignment as ``[align]`` describes it (``every = 1`` where the config
   has 0), with that teacher (``none``: cross-entropy on the server's labeled images alone; ``llava`` /
   ``clip``: ``align.teacher_model`` when the config's teacher is of that kind, else ``annotate.model`` /
-  ``clip2fl.model``);
+  a model of that kind a strategy's section names, such as ``clip2fl.model``);
 - ``mllm-llava-fl``: the full method, ``fedavg+dwp[llava]+align[llava]`` (the only row called that);
 - ``config``: the config as written, named by what it runs.
 
 Every method runs for every seed in ``<run dir>/compare/<method>/seed<k>/`` through the same ``run``
 pipeline, so each (method, seed) is resumable on its own and a finished one is not trained again. Rank 0
-then writes the tables and the plot (:mod:`mllmfl_dist.stages.compare_table`).
+then writes the tables and the plot (:mod:`mllmfl_dist.commands.compare_table`).
 """
 
 from __future__ import annotations
@@ -27,16 +27,16 @@ import re
 from pathlib import Path
 from typing import Any
 
-from mllmfl_dist import dist
-from mllmfl_dist.config import CHOICES, Config, ConfigError, validate
+from mllmfl_dist.config import AlignConfig, Config, ConfigError, validate
+from mllmfl_dist.config.fields import choices_of
+from mllmfl_dist.core import dist
+from mllmfl_dist.fl.strategies import builtin_strategy_names, strategy_class, strategy_names
 
 log = logging.getLogger(__name__)
 
-STRATEGY_NAMES = CHOICES["federated.strategy"]
-TEACHERS = CHOICES["align.teacher"]
+TEACHERS = choices_of(AlignConfig, "teacher")
 FULL_METHOD = "mllm-llava-fl"
-BASELINES = ("fedavg", "fedavgm", "fedprox", "creff", "clip2fl")
-_SPEC = re.compile(r"^(?P<strategy>[a-z0-9]+)(?P<dwp>\+dwp\[llava\])?(?:\+align\[(?P<teacher>[a-z]+)\])?$")
+_SPEC = re.compile(r"^(?P<strategy>[a-z][a-z0-9_]*)(?P<dwp>\+dwp\[llava\])?(?:\+align\[(?P<teacher>[a-z]+)\])?$")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,9 +77,10 @@ def parse_method(text: str, cfg: Config) -> Method:
     if spec == FULL_METHOD:
         return Method("fedavg", dwp=True, teacher="llava")
     match = _SPEC.match(spec)
-    if not match or match["strategy"] not in STRATEGY_NAMES or (match["teacher"] or "none") not in TEACHERS:
+    names = strategy_names()
+    if not match or match["strategy"] not in names or (match["teacher"] or "none") not in TEACHERS:
         raise ConfigError(f"compare: unknown method {spec!r}; a method is <strategy>[+dwp[llava]][+align[<teacher>]] "
-                          f"with strategy one of {', '.join(STRATEGY_NAMES)} and teacher one of "
+                          f"with strategy one of {', '.join(names)} and teacher one of "
                           f"{', '.join(TEACHERS)} (e.g. fedavg, creff, fedavg+align[none], fedavg+dwp[llava]), or "
                           f"{FULL_METHOD}, or config (the config as written)")
     return Method(match["strategy"], bool(match["dwp"]), match["teacher"])
@@ -97,9 +98,10 @@ def parse_methods(text: str, cfg: Config) -> list[Method]:
 
 
 def default_methods(cfg: Config) -> str:
-    """The baselines, plus the config as written when it runs a stage of the method."""
+    """The built-in strategies, plus the config as written when it runs a stage of the method."""
     uses_method = cfg.align.every > 0 or cfg.model.pretrained_backbone == "pretrain"
-    return ",".join((*BASELINES, "config") if uses_method else BASELINES)
+    baselines = builtin_strategy_names()
+    return ",".join((*baselines, "config") if uses_method else baselines)
 
 
 def parse_seeds(text: str | None, cfg: Config) -> list[int]:
@@ -115,7 +117,7 @@ def parse_seeds(text: str | None, cfg: Config) -> list[int]:
 
 
 def compare_dir(cfg: Config) -> Path:
-    return cfg.run_dir / "compare"
+    return cfg.paths.compare
 
 
 def _teacher_model(cfg: Config, teacher: str) -> tuple[str, str]:
@@ -126,8 +128,12 @@ def _teacher_model(cfg: Config, teacher: str) -> tuple[str, str]:
         return cfg.align.teacher_model, cfg.align.clip_pretrained
     if teacher == "llava":
         model, pretrained, keys = cfg.annotate.model or cfg.pretrain.model, "", "annotate.model"
-    else:
-        model, pretrained, keys = cfg.clip2fl.model, cfg.clip2fl.pretrained, "clip2fl.model"
+    else:  # a model of this kind that a strategy's section names (clip2fl.model)
+        named = [use for name in strategy_names() for use in strategy_class(name).models(cfg.strategy_sections)
+                 if use.kind == teacher]
+        found = next((use for use in named if use.model), None)
+        model, pretrained = (found.model, found.pretrained) if found else ("", "")
+        keys = " or ".join(dict.fromkeys(use.key for use in named)) or f"a {teacher} model of a strategy"
     if not model:
         raise ConfigError(f"compare: align[{teacher}] needs a {teacher} model; set align.teacher_model (with "
                           f"align.teacher = '{teacher}') or {keys}")
@@ -139,7 +145,7 @@ def method_config(cfg: Config, method: Method, seed: int | None = None) -> Confi
     seed = cfg.run.seed if seed is None else seed
     run = dataclasses.replace(cfg.run, root=str(compare_dir(cfg) / method.dirname), name=f"seed{seed}", seed=seed,
                               baseline=False)  # the fedavg row is the baseline
-    backbone = str(stage1_config(cfg, seed).run_dir / "pretrain" / "backbone.pt") if method.dwp else ""
+    backbone = str(stage1_config(cfg, seed).paths.backbone) if method.dwp else ""
     if method.as_written:
         method_cfg = dataclasses.replace(cfg, run=run, model=dataclasses.replace(cfg.model,
                                                                                  pretrained_backbone=backbone))
@@ -153,6 +159,9 @@ def method_config(cfg: Config, method: Method, seed: int | None = None) -> Confi
         method_cfg = dataclasses.replace(
             cfg, run=run, align=align, federated=dataclasses.replace(cfg.federated, strategy=method.strategy),
             model=dataclasses.replace(cfg.model, pretrained_backbone=backbone))
+    for name, options in strategy_class(method.strategy).sections.items():  # a strategy registered after loading
+        if name not in method_cfg.strategy_sections:
+            method_cfg = method_cfg.with_section(name, options())
     if method.dwp and not (method_cfg.annotate.model or method_cfg.pretrain.model):
         raise ConfigError(f"compare: method {method.name} pretrains with DWP, which needs the LLaVA in "
                           f"annotate.model (or pretrain.model)")
@@ -174,8 +183,8 @@ def stage1_config(cfg: Config, seed: int) -> Config:
 def run_compare(cfg: Config, runtime: dist.Runtime, methods: list[Method], seeds: list[int]) -> list[dict[str, Any]]:
     """Run (or resume, or skip when complete) every method for every seed, then write the tables and the plot
     on rank 0. Returns the per-(method, seed) rows on rank 0."""
-    from mllmfl_dist.pipeline import run_pipeline, run_stage1
-    from mllmfl_dist.stages.compare_table import run_row, write_results
+    from mllmfl_dist.commands.pipeline import run_pipeline, run_stage1
+    from mllmfl_dist.commands.compare_table import run_row, write_results
 
     # Every config is checked before anything runs.
     configs = {(m.name, s): method_config(cfg, m, s) for s in seeds for m in methods}

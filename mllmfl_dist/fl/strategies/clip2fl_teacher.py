@@ -13,20 +13,26 @@ beside the logits.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from mllmfl_dist import checkpoint, dist
-from mllmfl_dist.config import Clip2flConfig, ConfigError
+from mllmfl_dist.core import dist
+from mllmfl_dist.core.cache import content_key, read_cache, write_cache
+from mllmfl_dist.core.errors import ConfigError, ModelLoadError
 from mllmfl_dist.data import ArrayClientData, ClientData
-from mllmfl_dist.models.mllm import ModelLoadError, weights_identity
+from mllmfl_dist.data.images import to_pil
+from mllmfl_dist.models import clip_teacher, teachers
+from mllmfl_dist.models.mllm import weights_identity
+
+if TYPE_CHECKING:
+    from mllmfl_dist.fl.strategies.clip2fl import Clip2flConfig
 
 log = logging.getLogger(__name__)
 
@@ -63,14 +69,16 @@ def cache_key(ccfg: Clip2flConfig, data: ArrayClientData, indices: np.ndarray) -
     meta = {"version": _CACHE_VERSION, "model": ccfg.model, "pretrained": ccfg.pretrained,
             "templates": ccfg.templates, "logit_scale": ccfg.logit_scale, "class_names": list(data.class_names),
             "open_clip": open_clip.__version__, "weights": weights_identity(ccfg.model, ccfg.pretrained)}
-    digest = hashlib.sha256(json.dumps(meta, sort_keys=True).encode())
-    digest.update(indices.astype(np.int64).tobytes())
+    return content_key(meta, _sample_bytes(data, indices))
+
+
+def _sample_bytes(data: ArrayClientData, indices: np.ndarray) -> Iterator[bytes]:
+    yield indices.astype(np.int64).tobytes()
     step = 4096  # in chunks: the images of a large source are never gathered into one copy
     for start in range(0, len(indices), step):
         images, labels = data.samples(indices[start : start + step])
-        digest.update(labels.numpy().astype(np.int64).tobytes())
-        digest.update(images.contiguous().numpy().tobytes())
-    return digest.hexdigest()
+        yield labels.numpy().astype(np.int64).tobytes()
+        yield images.contiguous().numpy().tobytes()
 
 
 def cache_path(cache_dir: Path, key: str) -> Path:
@@ -81,17 +89,19 @@ def teacher_logits(ccfg: Clip2flConfig, data: ClientData, runtime: dist.Runtime,
                    progress: bool = True) -> TeacherLogits:
     """Every client sample's teacher logits on every rank (and the text embeddings on rank 0)."""
     indices = client_samples(data)
-    stored, failure = None, None
-    if runtime.is_server:
-        try:
-            key = cache_key(ccfg, data, indices)
-            path = cache_path(cache_dir, key)
-            stored = _read_cache(path, key, len(indices), data.num_classes)
-        except Exception as err:  # noqa: BLE001 - every rank must hear of it, not wait for rank 0
-            failure = f"{type(err).__name__}: {err}"
-    found, failure = dist.broadcast_object(runtime, (stored is not None, failure))
-    if failure:
-        raise ModelLoadError(f"clip2fl teacher cache ({cache_dir}): {failure}")
+    stored: dict | None = None
+
+    def look_up() -> tuple[bool, Path, str]:
+        nonlocal stored
+        key = cache_key(ccfg, data, indices)
+        path = cache_path(cache_dir, key)
+        stored = read_cache(path, key, lambda s: tuple(s["logits"].shape) == (len(indices), data.num_classes),
+                            "clip2fl teacher cache")
+        return stored is not None, path, key
+
+    found, path, key = dist.server_decides(
+        runtime, look_up, "rank 0's look-up of the clip2fl teacher cache", catch=(Exception,),
+        as_error=lambda message: ModelLoadError(f"clip2fl teacher cache ({cache_dir}): {message}"))
     if found:
         logits = stored["logits"] if stored is not None else torch.zeros(len(indices), data.num_classes)
         dist.broadcast_control_(runtime, logits)
@@ -101,44 +111,26 @@ def teacher_logits(ccfg: Clip2flConfig, data: ClientData, runtime: dist.Runtime,
     logits, text = compute_teacher_logits(ccfg, data, indices, runtime, progress)
     if runtime.is_server:
         try:
-            checkpoint.save_atomic({"key": key, "logits": logits, "text_embeddings": text}, path)
+            write_cache(path, key, {"logits": logits, "text_embeddings": text})
             log.info("clip2fl: teacher logits of %d samples cached in %s", len(indices), path)
         except OSError as err:  # the run goes on; only a later run pays for the teacher again
             log.warning("clip2fl: could not cache the teacher logits in %s (%s)", path, err)
     return TeacherLogits(indices, logits, text)
 
 
-def _read_cache(path: Path, key: str, n: int, num_classes: int) -> dict | None:
-    if not path.is_file():
-        return None
-    try:
-        stored = checkpoint.load(path)
-        if (isinstance(stored, dict) and stored.get("key") == key
-                and tuple(stored["logits"].shape) == (n, num_classes)):
-            return stored
-        log.warning("clip2fl teacher cache %s does not match this data; recomputing", path)
-    except Exception as err:  # noqa: BLE001 - a torn or foreign file: recompute and overwrite
-        log.warning("clip2fl teacher cache %s unreadable (%s); recomputing", path, type(err).__name__)
-    return None
-
-
 def compute_teacher_logits(ccfg: Clip2flConfig, data: ArrayClientData, indices: np.ndarray,
                            runtime: dist.Runtime, progress: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Run the CLIP teacher: each rank its contiguous share of ``indices``, summed over ranks. Returns the
     logits ``[len(indices), C]`` on every rank and the text embeddings (rank 0; None elsewhere)."""
-    from mllmfl_dist.data.shards import to_pil
-    from mllmfl_dist.models.clip_teacher import load_clip, zero_shot_classifier
-    from mllmfl_dist.models.teachers import _templates, clip_teacher_logits
-
-    templates = _templates(ccfg.templates)
+    templates = teachers._templates(ccfg.templates)
     bounds = np.linspace(0, len(indices), runtime.world_size + 1).astype(int)
     mine = indices[bounds[runtime.rank] : bounds[runtime.rank + 1]]
     logits = torch.zeros(len(indices), data.num_classes)
     text = None
     failure = None
     try:
-        clip, preprocess, tokenizer = load_clip(ccfg.model, ccfg.pretrained, device=runtime.device)
-        text = zero_shot_classifier(clip, tokenizer, data.class_names, templates).float().cpu()
+        clip, preprocess, tokenizer = clip_teacher.load_clip(ccfg.model, ccfg.pretrained, device=runtime.device)
+        text = clip_teacher.zero_shot_classifier(clip, tokenizer, data.class_names, templates).float().cpu()
         step = ccfg.teacher_batch_size
         bar = tqdm(total=len(mine), desc="clip2fl teacher", unit="img", dynamic_ncols=True,
                    disable=not (runtime.is_server and progress))
@@ -146,7 +138,7 @@ def compute_teacher_logits(ccfg: Clip2flConfig, data: ArrayClientData, indices: 
             for start in range(0, len(mine), step):
                 images, _ = data.samples(mine[start : start + step])
                 row = bounds[runtime.rank] + start
-                logits[row : row + len(images)] = clip_teacher_logits(
+                logits[row : row + len(images)] = teachers.clip_teacher_logits(
                     clip, preprocess, tokenizer, [to_pil(im) for im in images], data.class_names, templates,
                     batch_size=step, logit_scale=ccfg.logit_scale, classifier=text)
                 bar.update(len(images))

@@ -27,7 +27,7 @@ from typing import IO, Any
 import numpy as np
 import torch
 
-from mllmfl_dist.data.base import DataError
+from mllmfl_dist.core.errors import ConfigError, DataError
 
 # errno values that mean "this output cannot be written here", with the words the message uses.
 _OUTPUT_ERRNOS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "the disk quota is used up",
@@ -254,8 +254,6 @@ def unreadable_reason(path: str | Path, err: BaseException) -> str:
 def load_or_explain(path: str | Path, what: str, safe_globals: Iterable[type] = ()) -> Any:
     """:func:`load`, turning an unreadable file (not a torch file, empty, truncated, unsafe pickle) into a
     ConfigError that names ``what`` and the path, instead of a traceback."""
-    from mllmfl_dist.config import ConfigError
-
     try:
         return load(path, safe_globals)
     except Exception as err:  # noqa: BLE001 - pickle, zip and weights_only errors have no common base

@@ -16,7 +16,7 @@ SHIPPED_FOLDERS = ("configs", "shards")
 
 def shipped_folder(name: str) -> Path | None:
     """The installed ``mllmfl_dist/<name>/`` (a wheel), else the checkout's ``<repo>/<name>/``; None if neither."""
-    package = Path(__file__).resolve().parent
+    package = Path(__file__).resolve().parents[1]  # mllmfl_dist/ (this file is mllmfl_dist/core/resources.py)
     for candidate in (package / name, package.parent / name):
         if candidate.is_dir():
             return candidate

@@ -9,9 +9,10 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from mllmfl_dist.config import LogConfig
+if TYPE_CHECKING:  # core sits below config: the type only
+    from mllmfl_dist.config import LogConfig
 
 
 def stderr_is_terminal() -> bool:

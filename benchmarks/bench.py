@@ -1,6 +1,6 @@
 """Benchmark: the trainer against a framework-free loop, and 100 against 100,000 clients, in one run.
 
-``python -m mllmfl_dist.bench`` (``launch/bench.sh``) prints ratios measured side by side, because
+``python benchmarks/bench.py`` (``launch/bench.sh``) prints ratios measured side by side, because
 absolute seconds on shared machines are noise. It is not a test; CI does not run it.
 
 1. ``configs/fmnist_lt.toml`` for 10 rounds under ``torchrun --nproc_per_node 3`` (two client hosts),
@@ -28,60 +28,13 @@ from pathlib import Path
 
 import torch
 
-from mllmfl_dist.config import Config, load_config
-from mllmfl_dist.data import augment_batch, normalize
-from mllmfl_dist.fl.sampling import TAG_CLIENT_TRAINING, derive_seed, sample_clients
-
 REPO = Path(__file__).resolve().parents[1]
+# A script of the checkout: it measures this checkout's package, and the framework-free reference loop is a
+# test helper (tests/reference_loop.py).
+sys.path[:0] = [str(REPO), str(REPO / "tests")]
+from reference_loop import reference_rounds  # noqa: E402
 
-
-# -- the framework-free reference ------------------------------------------------------------------
-def reference_rounds(cfg: Config, rounds: int, threads: int) -> tuple[dict[str, torch.Tensor], list[float]]:
-    """FedAvg written plainly in one process: no process group, no flat buffers, no strategy hooks.
-
-    Returns the final global state dict and the seconds of each round. It draws clients, data order
-    and augmentation from the same seeds as the trainer, so with the same thread count the two must
-    agree; the tests use it as the single-process reference for a distributed round.
-    """
-    from mllmfl_dist.stages.federated import build_data, build_fl_model
-
-    torch.set_num_threads(threads)
-    data = build_data(cfg)
-    model = build_fl_model(cfg, data)
-    fed, aug = cfg.federated, cfg.data
-    global_state = {k: v.clone() for k, v in model.state_dict().items()}
-    seconds = []
-    for round_index in range(1, rounds + 1):
-        started = time.perf_counter()
-        states, weights = [], []
-        for cid in sample_clients(cfg.run.seed, round_index, fed.num_clients, fed.clients_per_round):
-            model.load_state_dict(global_state)
-            model.train()
-            images, labels = data.client(cid)
-            generator = torch.Generator().manual_seed(derive_seed(cfg.run.seed, TAG_CLIENT_TRAINING, round_index, cid))
-            optimizer = torch.optim.SGD(model.parameters(), lr=fed.lr, momentum=fed.momentum,
-                                        weight_decay=fed.weight_decay)
-            n = len(labels)
-            for _ in range(fed.local_epochs):
-                order = torch.randperm(n, generator=generator)
-                for start in range(0, n, fed.batch_size):
-                    batch = order[start : start + fed.batch_size]
-                    if len(batch) < 2:
-                        continue
-                    x = augment_batch(images[batch], generator, aug.crop_padding, aug.hflip, aug.random_crop)
-                    loss = torch.nn.functional.cross_entropy(model(normalize(x, data.mean, data.std)),
-                                                             labels[batch])
-                    optimizer.zero_grad()
-                    loss.backward()
-                    optimizer.step()
-            states.append({k: v.detach().to(torch.float64) for k, v in model.state_dict().items()})
-            weights.append(float(n))
-        total = sum(weights)
-        for key, value in global_state.items():
-            mean = sum(w * s[key] for w, s in zip(weights, states)) / total
-            global_state[key] = mean.round().to(value.dtype) if not value.is_floating_point() else mean.to(value.dtype)
-        seconds.append(time.perf_counter() - started)
-    return global_state, seconds
+from mllmfl_dist.config import load_config  # noqa: E402
 
 
 # -- running the trainer ---------------------------------------------------------------------------
@@ -123,9 +76,10 @@ def import_baseline_s(nproc: int) -> float:
 
 def bench_annotation(config: str, images: int, overrides: Sequence[str] = ()) -> None:
     """Captioning throughput at batch size 1 against the configured batch size, on the same images."""
-    from mllmfl_dist.data.shards import decode_image, expand_shards, iter_samples
+    from mllmfl_dist.data.images import decode_image
+    from mllmfl_dist.data.shards import expand_shards, iter_samples
     from mllmfl_dist.models.mllm import load_llava
-    from mllmfl_dist.stages.annotate import Generation, caption_batch
+    from mllmfl_dist.models.captioning import Generation, caption_batch
 
     cfg = load_config(config, overrides)
     torch.set_num_threads(cfg.dist.threads)
@@ -152,7 +106,7 @@ def bench_annotation(config: str, images: int, overrides: Sequence[str] = ()) ->
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mllmfl_dist.bench", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python benchmarks/bench.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(REPO / "configs" / "fmnist_lt.toml"))
     parser.add_argument("--rounds", type=int, default=10)

@@ -16,7 +16,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from mllmfl_dist import dist
+from mllmfl_dist.core import dist
 from mllmfl_dist.config import Config
 
 log = logging.getLogger(__name__)

@@ -85,3 +85,11 @@ def evaluate_model(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
                    batch_size: int = 500, device: torch.device | str = "cpu") -> dict[str, Any]:
     predictions = predict(model, images, mean, std, batch_size, device)
     return accuracy_report(predictions, labels, num_classes, train_class_counts)
+
+
+def evaluate_on_test_set(data, model: nn.Module, batch_size: int, device: torch.device | str) -> dict[str, Any]:
+    """:func:`evaluate_model` on ``data``'s test set (a ClientData), with its class counts and normalisation."""
+    images, labels = data.test_set()
+    return evaluate_model(model, images, labels, num_classes=data.num_classes,
+                          train_class_counts=data.train_class_counts(), mean=data.mean, std=data.std,
+                          batch_size=batch_size, device=device)

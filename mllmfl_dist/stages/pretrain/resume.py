@@ -15,7 +15,7 @@ Nothing in a run directory is unpickled with a full unpickler, although DeepSpee
   the few DeepSpeed classes of :func:`deepspeed_safe_globals`); the model-states file must be at step N.
   The caller checks the saved config against the current one before DeepSpeed loads anything.
 - :class:`SafeCheckpointEngine` stands in for the engine's checkpoint engine: DeepSpeed's own loads go
-  through the same ``weights_only`` loading, its saves through :func:`mllmfl_dist.checkpoint.save_atomic`.
+  through the same ``weights_only`` loading, its saves through :func:`mllmfl_dist.core.checkpoint.save_atomic`.
 
 A file that only a full unpickler would read is refused in one line naming it, never loaded and never
 moved. A damaged checkpoint (an empty, truncated or corrupt file after a power loss, or a missing file)
@@ -33,8 +33,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mllmfl_dist import checkpoint, dist
-from mllmfl_dist.config import Config, ConfigError, flat_items
+from mllmfl_dist.config import Config, ConfigError
+from mllmfl_dist.config.resume import PRETRAIN, differences, refuse_changed_config
+from mllmfl_dist.core import checkpoint, dist
 
 log = logging.getLogger(__name__)
 
@@ -44,13 +45,6 @@ TAG = re.compile(r"global_step(\d+)")
 MODEL_STATES = re.compile(r"(zero_pp_rank_0_)?mp_rank_00_model_states\.pt")
 DAMAGED_SUFFIX = ".damaged"
 KEEP_CHECKPOINTS = 2  # checkpoint tags kept on disk (the newest ones)
-# Settings a resumed run may change: they do not change what the finished steps computed.
-# (Not pretrain.steps: the alpha ramp and the cosine LR schedule are laid out over it.)
-RESUMABLE_CHANGES = ("pretrain.checkpoint_every", "pretrain.model", "pretrain.shards", "pretrain.ranks",
-                     "pretrain.deepspeed.cpu_comm")
-# Settings outside [pretrain] that shape the FL backbone, its input or the data order.
-RESUME_RELEVANT = ("run.seed", "model.arch", "model.width_scale", "model.in_channels", "data.source",
-                   "data.channels", "data.image_size")
 
 
 def deepspeed_safe_globals() -> list[type]:
@@ -197,16 +191,7 @@ def check_resume(cfg: Config, client_state: dict[str, Any], ds_dir: Path, dp_wor
         # The global batch and each rank's slice of the data stream depend on the number of ranks.
         raise ConfigError(f"{ds_dir} was written by {saved_world} data-parallel ranks; resume it with "
                           f"{saved_world} processes, or delete {ds_dir.parent} to start over")
-    current = flat_items(cfg.to_dict())
-    differences = []
-    for name, old in flat_items(saved).items():
-        new = current.get(name, old)
-        relevant = name.startswith("pretrain.") or name in RESUME_RELEVANT
-        if relevant and old != new and name not in RESUMABLE_CHANGES:
-            differences.append(f"{name}: {old!r} -> {new!r}")
-    if differences:
-        raise ConfigError(f"{ds_dir} was written with a different config ({'; '.join(differences)}); resume with "
-                          f"the same settings, or delete {ds_dir.parent} to start over")
+    refuse_changed_config(ds_dir, differences(saved, cfg.to_dict(), PRETRAIN), f"delete {ds_dir.parent}")
 
 
 class SafeCheckpointEngine:

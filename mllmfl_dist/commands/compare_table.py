@@ -23,10 +23,13 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from mllmfl_dist.checkpoint import remove_stale_temps, write_text_atomic
 from mllmfl_dist.config import Config
-from mllmfl_dist.metrics import read_jsonl
-from mllmfl_dist.stages.compare import Method
+from mllmfl_dist.core.checkpoint import remove_stale_temps, write_text_atomic
+from mllmfl_dist.core.jsonl import read_evaluations, read_jsonl
+from mllmfl_dist.core.layout import RunLayout
+from mllmfl_dist.fl.strategies import strategy_class
+from mllmfl_dist.commands.compare import Method
+from mllmfl_dist.stages.report_plots import pyplot, save_accuracy_plot
 
 METRICS = ("acc", "acc_top1", "acc_many", "acc_medium", "acc_few", "wall_seconds")
 DESCRIPTION = ("method", "strategy", "pretraining", "align_teacher", "server_labeled_images", "models")
@@ -44,10 +47,8 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def models_used(cfg: Config, dwp: bool) -> list[str]:
-    """The MLLM / CLIP models a run used: CLIP2FL's CLIP, DWP's LLaVA, the alignment teacher."""
-    used = []
-    if cfg.federated.strategy == "clip2fl":
-        used.append(f"CLIP2FL CLIP {cfg.clip2fl.model}")
+    """The MLLM / CLIP models a run used: its strategy's (CLIP2FL's CLIP), DWP's LLaVA, the alignment teacher."""
+    used = [f"{m.role} {m.model}" for m in strategy_class(cfg.federated.strategy).models(cfg.strategy_sections)]
     if dwp:
         used.append(f"DWP LLaVA {cfg.pretrain.model or cfg.annotate.model}")
     if cfg.align.every and cfg.align.teacher != "none":
@@ -57,13 +58,11 @@ def models_used(cfg: Config, dwp: bool) -> list[str]:
 
 def run_row(method: Method, seed: int, cfg: Config) -> dict[str, Any]:
     """What one (method, seed) ran and measured, from its run directory."""
-    from mllmfl_dist.stages.report import read_evaluations
-
-    out = cfg.run_dir / "federated"
-    evaluations = read_evaluations(out / "metrics.jsonl")
-    rounds = read_jsonl(out / "rounds.jsonl")
+    paths = cfg.paths
+    evaluations = read_evaluations(paths.metrics)
+    rounds = read_jsonl(paths.rounds)
     final = evaluations[-1] if evaluations else {}
-    alignment = _read_json(out / "summary.json").get("alignment") or {}
+    alignment = _read_json(paths.summary).get("alignment") or {}
     teacher = cfg.align.teacher if cfg.align.every else None
     return {
         "method": method.name, "seed": seed, "strategy": cfg.federated.strategy,
@@ -191,18 +190,11 @@ def write_results(out_dir: Path, rows: list[dict[str, Any]], run_dirs: dict[str,
 
 def save_mean_accuracy_plot(run_dirs: dict[str, list[Path]], path: Path) -> None:
     """Balanced accuracy over rounds per method: the mean over its seeds' runs, with a +-1 std band."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from mllmfl_dist.stages.report import read_evaluations, save_accuracy_plot
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = pyplot().subplots(figsize=(7, 4.5))
     for method, dirs in run_dirs.items():
         by_round: dict[int, list[float]] = {}
         for run_dir in dirs:
-            for record in read_evaluations(run_dir / "federated" / "metrics.jsonl"):
+            for record in read_evaluations(RunLayout(run_dir).metrics):
                 by_round.setdefault(record["round"], []).append(record["acc"])
         rounds = sorted(r for r, values in by_round.items() if len(values) == len(dirs))
         if not rounds:

@@ -12,94 +12,28 @@ from __future__ import annotations
 import atexit
 import logging
 import os
-import subprocess
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 import torch.distributed as torch_dist
 
-from mllmfl_dist.config import ConfigError, DistConfig
-from mllmfl_dist.errors import RankLostError
+from mllmfl_dist.core.errors import ConfigError, DataError, ModelLoadError, RankLostError
+from mllmfl_dist.core.launch import LaunchEnv, read_launch_env, slurm_rendezvous
+
+if TYPE_CHECKING:
+    from mllmfl_dist.config import DistConfig
 
 SERVER_RANK = 0
 STALE_WAITS = 64
+# Errors a user can fix: one rank's refusal of this kind is raised alike on every rank.
+USER_ERRORS = (ConfigError, DataError, ModelLoadError)
+T = TypeVar("T")
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class LaunchEnv:
-    """Where this process sits in the job, as torchrun or srun described it."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    launcher: str = "none"  # torchrun | slurm | none
-
-
-def read_launch_env(env: dict[str, str] | None = None) -> LaunchEnv:
-    """Read torchrun's variables, else those of an srun step with several tasks, else a single process.
-
-    SLURM variables alone do not make a distributed launch: an sbatch script body and an salloc shell carry
-    ``SLURM_NTASKS`` (and the batch script ``SLURM_PROCID=0``) but no step, and no other rank would ever join
-    a process started there. Such a process with ``SLURM_NTASKS > 1`` is refused (ConfigError, one line);
-    inside a step, ``SLURM_STEP_NUM_TASKS`` is the world size and a step of one task runs alone.
-    """
-    env = dict(os.environ if env is None else env)
-    if "RANK" in env and "WORLD_SIZE" in env:
-        return LaunchEnv(
-            int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)), "torchrun"
-        )
-    in_step = "SLURM_STEP_ID" in env and "SLURM_PROCID" in env
-    tasks = int(env.get("SLURM_STEP_NUM_TASKS" if in_step else "SLURM_NTASKS", "1") or 1)
-    if in_step and tasks > 1:
-        return LaunchEnv(int(env["SLURM_PROCID"]), tasks, int(env.get("SLURM_LOCALID", 0)), "slurm")
-    if not in_step and tasks > 1:
-        raise ConfigError(
-            f"SLURM_NTASKS={tasks} but this process was not started by srun (no SLURM_STEP_ID: it runs in an "
-            f"sbatch script body or an salloc shell), so no other rank would join it; start the ranks with "
-            f"`srun python -m mllmfl_dist ...` (see launch/slurm.sbatch), or run one process with "
-            f"`srun --ntasks=1 python -m mllmfl_dist ...`")
-    return LaunchEnv()
-
-
-def slurm_hostnames(nodelist: str) -> list[str]:
-    """The host names of a Slurm node list (``gpu[003-005],rack[1-2]-n[01-02]``), expanded by Slurm's own
-    ``scontrol show hostnames``; ConfigError naming MASTER_ADDR when it cannot run."""
-    try:
-        result = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
-                                timeout=60)
-    except (OSError, subprocess.TimeoutExpired) as err:
-        raise ConfigError(f"cannot expand the Slurm node list {nodelist!r} with `scontrol show hostnames` "
-                          f"({err}); set MASTER_ADDR to the host of rank 0") from None
-    hosts = result.stdout.split()
-    if result.returncode != 0 or not hosts:
-        detail = (result.stderr.strip().splitlines() or ["no output"])[-1]
-        raise ConfigError(f"`scontrol show hostnames {nodelist}` failed ({detail}); set MASTER_ADDR to the host "
-                          f"of rank 0")
-    return hosts
-
-
-# Rank 0's port under Slurm when MASTER_PORT is not set: one per job id, so that two jobs sharing a node do
-# not collide, below Linux's ephemeral range (32768-60999) so that no client socket holds it. The sbatch
-# scripts (launch/slurm_common.sh) use the same formula.
-SLURM_PORT_BASE, SLURM_PORT_SPAN = 15000, 15000
-
-
-def slurm_port(job_id: int) -> int:
-    return SLURM_PORT_BASE + job_id % SLURM_PORT_SPAN
-
-
-def slurm_rendezvous(env: dict[str, str]) -> tuple[str, str]:
-    """``(MASTER_ADDR, MASTER_PORT)`` for ranks started by srun: the variables when set (the sbatch scripts
-    set both), else the first host of the step (where srun places task 0) and the job's port."""
-    addr = env.get("MASTER_ADDR") or slurm_hostnames(
-        env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or "localhost")[0]
-    port = env.get("MASTER_PORT") or str(slurm_port(int(env.get("SLURM_JOB_ID", "0") or 0)))
-    return addr, port
 
 
 @dataclass
@@ -357,6 +291,40 @@ def broadcast_object(runtime: Runtime, obj: Any, what: str = "a value from rank 
     with _control_wait(runtime, what):
         torch_dist.broadcast_object_list(box, src=SERVER_RANK, group=runtime.control_group)
     return box[0]
+
+
+def server_decides(runtime: Runtime, decide: Callable[[], T], what: str, *,
+                   catch: tuple[type[BaseException], ...] = USER_ERRORS,
+                   as_error: Callable[[str], Exception] | None = None) -> T:
+    """Rank 0 runs ``decide`` (it reads a checkpoint, a cache, the data) and every rank gets its result (small
+    and picklable), or every rank raises its failure: an error of ``catch`` on rank 0 becomes the same error
+    class with the same one-line message on every rank (``as_error(message)`` when given; an error outside
+    :data:`USER_ERRORS` becomes a ConfigError ``"<type>: <message>"``). So a refusal ends all ranks alike
+    instead of leaving the others waiting for rank 0."""
+    return _from_server(runtime, decide, what, catch, as_error, share=True)
+
+
+def server_first(runtime: Runtime, act: Callable[[], T], what: str, *,
+                 catch: tuple[type[BaseException], ...] = USER_ERRORS) -> T | None:
+    """Rank 0 runs ``act`` before the others do their part: its value stays on rank 0 (None elsewhere) and only
+    whether it failed reaches every rank, which then raises its error as :func:`server_decides` does."""
+    return _from_server(runtime, act, what, catch, None, share=False)
+
+
+def _from_server(runtime: Runtime, action: Callable[[], T], what: str, catch: tuple[type[BaseException], ...],
+                 as_error: Callable[[str], Exception] | None, share: bool) -> T | None:
+    value, failure = None, None
+    if runtime.is_server:
+        try:
+            value = action()
+        except catch as err:
+            user = isinstance(err, USER_ERRORS)
+            failure = (type(err) if user else ConfigError, str(err) if user else f"{type(err).__name__}: {err}")
+    shared, failure = broadcast_object(runtime, (value if share else None, failure), what)
+    if failure is not None:
+        cls, message = failure
+        raise as_error(message) if as_error is not None else cls(message)
+    return value if runtime.is_server else shared
 
 
 def gather_objects(runtime: Runtime, obj: Any, what: str = "every rank's records") -> list[Any]:

@@ -11,7 +11,7 @@ import string
 from collections.abc import Mapping
 from typing import Any
 
-from mllmfl_dist.errors import ConfigError
+from mllmfl_dist.core.errors import ConfigError
 
 _CONVERSIONS = {"s": str, "r": repr, "a": ascii}
 

@@ -10,9 +10,9 @@ from typing import Any
 
 from tqdm import tqdm
 
-from mllmfl_dist import dist
 from mllmfl_dist.config import Config
-from mllmfl_dist.progress import show_bars
+from mllmfl_dist.core import dist
+from mllmfl_dist.core.progress import show_bars
 from mllmfl_dist.tracking import Tracker, open_tracker
 
 log = logging.getLogger("mllmfl_dist.stages.pretrain")

@@ -1,0 +1,190 @@
+"""Reading a config: TOML file, ``--set section.key=value`` overrides, types, then every field's bounds and the
+rules that span fields.
+
+Everything here is driven by the schema's annotations: a table is built into its section's dataclass (unknown
+sections and keys are errors), each value is checked against the field's type (an int where a float is
+expected is accepted; a float must be finite), an override is parsed as the field's type (``--set
+federated.lr=0.1`` is a float, ``--set data.download=true`` a bool), and the choices and bounds declared on the
+fields are enforced (:func:`mllmfl_dist.config.fields.check_section`). The strategies' sections
+(``[creff]``, a plugin's) go through the same steps with the strategy's dataclass.
+
+Every problem a user can cause raises :class:`ConfigError` with a message that names the key and what is
+allowed; the CLI turns it into one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+import typing
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from mllmfl_dist.config.fields import check_section
+from mllmfl_dist.config.run_name import is_template, resolve_run_name
+from mllmfl_dist.config.schema import CORE_SECTIONS, Config
+from mllmfl_dist.core import plugins
+from mllmfl_dist.core.errors import ConfigError
+from mllmfl_dist.core.resources import resolve_path
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
+    """Read a TOML file, apply ``section.key=value`` overrides, validate, and return a frozen Config.
+    ``configs/NAME.toml`` not found in the working directory is the shipped config
+    (:mod:`mllmfl_dist.core.resources`)."""
+    path = resolve_path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path}: not valid TOML: {err}") from None
+    for item in overrides:
+        keys, value = _parse_override(item)
+        table = raw
+        for depth, key in enumerate(keys[:-1]):
+            table = table.setdefault(key, {})
+            if not isinstance(table, dict):
+                raise ConfigError(f"[{'.'.join(keys[: depth + 1])}] must be a table")
+        table[keys[-1]] = value
+    raw.setdefault("run", {})
+    if isinstance(raw["run"], dict) and not raw["run"].get("name"):
+        raw["run"]["name"] = path.stem
+    return config_from_dict(raw)
+
+
+def section_types() -> dict[str, type]:
+    """Every section a config may hold and its dataclass: the run's own, then the strategies'."""
+    hints = typing.get_type_hints(Config)
+    return {**{name: hints[name] for name in CORE_SECTIONS}, **plugins.strategy_sections()}
+
+
+def config_from_dict(raw: dict[str, Any]) -> Config:
+    types = section_types()
+    core, strategies = {}, {}
+    for name, values in raw.items():
+        if name not in types:
+            raise ConfigError(f"unknown section [{name}]; allowed: {', '.join(types)}")
+        if not isinstance(values, dict):
+            raise ConfigError(f"[{name}] must be a table of keys")
+        (core if name in CORE_SECTIONS else strategies)[name] = _build(types[name], values, f"{name}.")
+    sections = {name: strategies.get(name) or types[name]() for name in types if name not in CORE_SECTIONS}
+    config = Config(**core, strategy_sections=sections)
+    if is_template(config.run.name):  # "{federated.strategy}-s{run.seed}": resolved after every override
+        name = resolve_run_name(config.run.name, flat_items(config.to_dict()))
+        config = dataclasses.replace(config, run=dataclasses.replace(config.run, name=name))
+    validate(config)
+    return config
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str):
+    """Instantiate dataclass ``cls`` from a TOML table, recursing into nested tables."""
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if key not in hints:
+            raise ConfigError(f"unknown key {name}; allowed: {', '.join(hints)}")
+        if dataclasses.is_dataclass(hints[key]):
+            if not isinstance(value, dict):
+                raise ConfigError(f"[{name}] must be a table of keys")
+            kwargs[key] = _build(hints[key], value, f"{name}.")
+        else:
+            kwargs[key] = _check_type(name, hints[key], value)
+    return cls(**kwargs)
+
+
+def _check_type(name: str, expected: type, value: Any) -> Any:
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if expected is float and isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{name} must be a finite number, got {value!r}")
+    wrong_bool = expected is not bool and isinstance(value, bool)
+    if wrong_bool or not isinstance(value, expected):
+        raise ConfigError(f"{name} must be {_type_name(expected)}, got {value!r}")
+    return value
+
+
+def _type_name(tp: type) -> str:
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    """``section.key=value`` (or ``section.table.key=value``) -> (keys, typed value)."""
+    name, sep, text = item.partition("=")
+    keys = name.strip().split(".")
+    if not sep or len(keys) < 2 or not all(keys):
+        raise ConfigError(f"--set expects section.key=value, got {item!r}")
+    types = section_types()
+    if keys[0] not in types:
+        raise ConfigError(f"unknown section [{keys[0]}] in --set {item!r}; allowed: {', '.join(types)}")
+    cls: type = types[keys[0]]
+    for depth, key in enumerate(keys[1:], start=1):
+        hints = typing.get_type_hints(cls)
+        if key not in hints:
+            raise ConfigError(f"unknown key {'.'.join(keys[: depth + 1])} in --set {item!r}; allowed: "
+                              f"{', '.join(hints)}")
+        cls = hints[key]
+    if dataclasses.is_dataclass(cls):
+        raise ConfigError(f"--set {item!r} names a table; set one of its keys")
+    return keys, _parse_value(name.strip(), cls, text.strip())
+
+
+def _parse_value(name: str, tp: type, text: str) -> Any:
+    if tp is bool:
+        lowered = text.lower()
+        if lowered in ("true", "1", "yes"):
+            return True
+        if lowered in ("false", "0", "no"):
+            return False
+        raise ConfigError(f"{name} must be true or false, got {text!r}")
+    if tp in (int, float):
+        try:
+            return tp(text)
+        except ValueError:
+            raise ConfigError(f"{name} must be {_type_name(tp)}, got {text!r}") from None
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
+        text = text[1:-1]
+    return text
+
+
+def flat_items(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1, "c": {"d": 2}}}`` -> ``{"a.b": 1, "a.c.d": 2}``."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(flat_items(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def validate(config: Config) -> None:
+    """Every field's choices and bounds, then the rules that span fields, then the strategy's own check."""
+    for name in CORE_SECTIONS:
+        check_section(f"{name}.", getattr(config, name))
+    for name, values in config.strategy_sections.items():
+        check_section(f"{name}.", values)
+    fed = config.federated
+    strategy = plugins.strategy_class(fed.strategy)  # an unknown name: the names there are
+    if fed.clients_per_round > fed.num_clients:
+        raise ConfigError(
+            f"federated.clients_per_round = {fed.clients_per_round} is not allowed; it must be <= "
+            f"federated.num_clients ({fed.num_clients})"
+        )
+    if config.data.source != "synthetic" and config.data.synthetic_mode != "array":
+        raise ConfigError("data.synthetic_mode = 'on_demand' is only allowed with data.source = 'synthetic'")
+    part = config.partition
+    if config.data.synthetic_mode == "on_demand" and (part.method == "shards" or part.self_balancing
+                                                      or part.min_partition_size):
+        # On-demand clients draw their own label mix; there is no whole training set to cut.
+        raise ConfigError("data.synthetic_mode = 'on_demand' supports partition.method dirichlet, creff or iid "
+                          "without partition.self_balancing or partition.min_partition_size")
+    strategy.check_config(config)

@@ -1,0 +1,182 @@
+"""The strategy interface: what a federated method may change in the one round loop (:mod:`mllmfl_dist.fl.trainer`).
+
+A strategy is built once per run (:func:`mllmfl_dist.fl.strategies.build_strategy`) from
+:class:`StrategyArgs` (the ``[federated]`` section, the run's seed) and the config sections it declares in
+``sections``, each passed to the constructor under its section's name::
+
+    class CReFF(FedAvg):
+        name = "creff"
+        sections = {"creff": CreffConfig}
+
+        def __init__(self, args: StrategyArgs, creff: CreffConfig): ...
+
+Besides the model, strategies exchange *named tensors* with the trainer, which packs them into the round's
+two flat buffers (:class:`mllmfl_dist.fl.aggregation.FlatLayout`): what each client uploads is summed by the
+round's one all_reduce, and server state every rank needs rides in the round's one broadcast.
+
+The hooks, by the phase they belong to; each has a default that leaves the round as plain FedAvg would have it
+(except :meth:`Strategy.update_global_model`, whose default is the clients' weighted mean itself):
+
+set-up, once per run
+  ``check_config(cfg)``    classmethod, when the config loads: refuse what the strategy cannot run (ConfigError)
+  ``models(sections)``     classmethod: the pretrained models its sections name (for tables and reports)
+  ``projection_dim()``     width of a projection the FL model needs before its classifier (0: none)
+  ``setup(context)``       every rank, before the first round it trains (CLIP2FL's teacher pass)
+on a client host, for each of its sampled clients (the model is the round's global model at first)
+  ``upload_shapes(model)``              the named float64 tensors each client adds to the all_reduce
+  ``client_upload(model, ...)``         this client's summands of them, before local training (CReFF's class
+                                        gradients)
+  ``local_loss_inputs(data, client)``   per-sample rows handed to the local loss (CLIP2FL's teacher logits)
+  ``local_loss(model, logits, ...)``    the local objective (FedProx: plus its proximal term)
+on the server (rank 0), after the all_reduce
+  ``update_global_model(current, client_mean, trainable_mask)``   the next global model
+  ``process_uploads(model, sums, round)``    use the summed uploads; returns numbers for the round's log
+with the round's broadcast, on every rank
+  ``broadcast_state(model)``   named server state every rank needs (CReFF's re-trained classifier)
+  ``receive_state(tensors)``   take rank 0's
+results and checkpoints
+  ``evaluation_model(model)``, ``state_dict()`` / ``load_state_dict(state)``, ``divergence_hints(where)``
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from torch import nn
+
+from mllmfl_dist.config import FederatedConfig
+from mllmfl_dist.core import dist
+from mllmfl_dist.data import ClientData
+
+if TYPE_CHECKING:
+    from mllmfl_dist.config import Config
+    from mllmfl_dist.fl.client import LocalTraining
+
+Shapes = dict[str, tuple[int, ...]]
+Tensors = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class StrategyArgs:
+    """What every strategy is built with, besides its own config sections."""
+
+    federated: FederatedConfig
+    seed: int  # run.seed, for the strategy's own random streams (core/seeds.py)
+    progress: bool = True  # whether rank 0 may show progress bars
+
+
+@dataclass(frozen=True)
+class StrategyContext:
+    """What :meth:`Strategy.setup` may need: the ranks, the client data and a cache folder of the run."""
+
+    runtime: dist.Runtime
+    data: ClientData
+    cache_dir: Path
+
+
+@dataclass(frozen=True)
+class ModelUse:
+    """A pretrained model a strategy's config names: who uses it, the key that names it, and its kind."""
+
+    role: str  # e.g. "CLIP2FL's CLIP"
+    key: str  # e.g. "clip2fl.model"
+    model: str
+    pretrained: str = ""
+    kind: str = ""  # "clip", "llava", ...: compare's +align[<kind>] rows may borrow it as their teacher
+
+
+class Strategy:
+    name: ClassVar[str] = "base"
+    # The config sections this strategy reads: {section name: frozen dataclass}; each is passed to the
+    # constructor under its name, and is part of the resume check of a run with this strategy.
+    sections: ClassVar[Mapping[str, type]] = {}
+    # Whether local_loss reads the round's global parameters (the trainer keeps a copy only when it does).
+    reads_global_params: ClassVar[bool] = False
+
+    def __init__(self, args: StrategyArgs):
+        self.args = args
+
+    # -- set-up ------------------------------------------------------------------------------------
+    @classmethod
+    def check_config(cls, cfg: Config) -> None:
+        """Refuse (ConfigError) a config this strategy cannot run; called when a config naming it loads."""
+
+    @classmethod
+    def models(cls, sections: Mapping[str, Any]) -> list[ModelUse]:
+        """The pretrained models this strategy's sections (``{name: dataclass instance}``) name."""
+        return []
+
+    def projection_dim(self) -> int:
+        """Width of a linear projection the FL model needs between its pooled feature and its classifier
+        (0: none). May load a model's config to find it, so a missing model is refused before training."""
+        return 0
+
+    def setup(self, context: StrategyContext) -> None:
+        """Once per run, on every rank, after the starting model is broadcast and before the first round."""
+
+    # -- on a client host ----------------------------------------------------------------------------
+    def upload_shapes(self, model: nn.Module) -> Shapes:
+        """The float64 tensors (name -> shape) each client adds to the round's all_reduce beside its model;
+        their sums reach :meth:`process_uploads` on rank 0."""
+        return {}
+
+    def client_upload(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor, local: LocalTraining,
+                      generator: torch.Generator, device: torch.device | str) -> Tensors:
+        """This client's summands of :meth:`upload_shapes`, computed on the round's global ``model`` before
+        local training (``local``: the run's normalisation and augmentation; ``generator``: seeded by (seed,
+        round, client), the client's only source of randomness here)."""
+        raise NotImplementedError(f"{self.name} declares uploads but does not compute them")
+
+    def local_loss_inputs(self, data: ClientData, client_id: int) -> torch.Tensor | None:
+        """Per-sample rows (in the order of ``data.client(client_id)``) handed, batch by batch, to
+        :meth:`local_loss` as ``inputs``."""
+        return None
+
+    def local_loss(self, model: nn.Module, logits: torch.Tensor, labels: torch.Tensor,
+                   global_params: Sequence[torch.Tensor], inputs: torch.Tensor | None = None) -> torch.Tensor:
+        """The loss of one local batch (``global_params``: the round's trainable parameters, when
+        :attr:`reads_global_params`)."""
+        return nn.functional.cross_entropy(logits, labels)
+
+    # -- on the server ---------------------------------------------------------------------------------
+    def update_global_model(self, current: torch.Tensor, client_mean: torch.Tensor,
+                            trainable_mask: torch.Tensor) -> torch.Tensor:
+        """The next global model (float64, flat) from the current one and the clients' weighted mean;
+        ``trainable_mask`` marks the trainable parameters' entries (the rest are buffers such as BatchNorm
+        statistics)."""
+        return client_mean.clone()
+
+    def process_uploads(self, model: nn.Module, sums: Tensors, round_index: int) -> dict[str, float]:
+        """Rank 0, after :meth:`update_global_model` (``model`` holds the new global model) and before the
+        broadcast: use the all-reduced uploads. Returns numbers for the round's log."""
+        return {}
+
+    # -- with the broadcast ------------------------------------------------------------------------------
+    def broadcast_state(self, model: nn.Module) -> Tensors:
+        """Server state every rank needs, carried by the round's broadcast after the model. Called on every
+        rank (its shapes size the buffer), rank 0's values are the ones sent."""
+        return {}
+
+    def receive_state(self, tensors: Tensors) -> None:
+        """Every rank: take rank 0's :meth:`broadcast_state` (new tensors, float32, on the runtime's device)."""
+
+    # -- results and checkpoints ----------------------------------------------------------------------------
+    def evaluation_model(self, model: nn.Module) -> nn.Module:
+        """What is evaluated and saved as the final model."""
+        return model
+
+    def state_dict(self) -> dict[str, Any]:
+        """The server-side state a checkpoint keeps (a copy; tensors and plain containers only)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` (an empty dict: nothing saved yet)."""
+
+    def divergence_hints(self, where: str) -> list[str]:
+        """``key = value`` settings of this strategy to look at when a round went non-finite ``where``:
+        ``"clients"`` (local training), ``"global_update"`` or ``"uploads"``."""
+        return []
