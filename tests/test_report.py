@@ -172,3 +172,14 @@ def test_the_report_sets_the_method_beside_its_baseline_chance_and_the_models_it
 
     assert main(["report", str(tmp_path / "nothing")]) == 2
     assert "holds no run" in capsys.readouterr().err
+
+
+def test_the_report_reads_a_strategys_models_from_the_config_of_a_run_older_than_strategy_models():
+    from mllmfl_dist.stages.report import _strategy_models
+
+    config = {"federated": {"strategy": "clip2fl"}, "clip2fl": {"model": "local-dir:/somewhere/clip"}}
+    assert _strategy_models(config) == [{"role": "CLIP2FL's CLIP", "key": "clip2fl.model",
+                                         "model": "local-dir:/somewhere/clip", "pretrained": "", "kind": "clip"}]
+    assert _strategy_models({"federated": {"strategy": "fedavg"}}) == []
+    assert _strategy_models({"federated": {"strategy": "no_such_strategy"}}) == []  # warned, not raised
+    assert _strategy_models({"federated": {"strategy": "creff"}, "creff": {"no_such_key": 1}}) == []

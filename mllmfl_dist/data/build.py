@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from ..config import DataConfig, PartitionConfig, parse_index_range
+from ..config.fields import choices_of
 from ..core.seeds import TAG_LONGTAIL, derive_seed
 from .base import ArrayClientData, ClientData, DataError
 from .imagenet_lt import load_imagenet_lt
@@ -19,7 +20,7 @@ from .synthetic import SyntheticOnDemand, synthetic_arrays
 
 log = logging.getLogger(__name__)
 
-SOURCES = ("synthetic", "fashion_mnist", "cifar10", "cifar100", "imagenet_lt", "shards")
+SOURCES = choices_of(DataConfig, "source")  # the schema's list, the one home of the names
 # Sources whose train split is long-tailed as published: data.imb_factor is not applied to them again.
 LONGTAILED_SOURCES = ("imagenet_lt",)
 

@@ -35,10 +35,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..config.fields import choices_of
+from ..config.schema import PartitionConfig
 from ..core.seeds import TAG_CREFF_SHUFFLE, TAG_CREFF_SPLIT, TAG_DIRICHLET, TAG_IID, TAG_SHARDS
 from .base import DataError
 
-METHODS = ("dirichlet", "creff", "iid", "shards")
+METHODS = choices_of(PartitionConfig, "method")  # the schema's list, the one home of the names
 
 # Draws of the plain Dirichlet partition before min_partition_size is given up: flwr-datasets' limit (the
 # first draw and 10 more).

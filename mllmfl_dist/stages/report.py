@@ -22,6 +22,7 @@ Stages that are absent are left out; without federated metrics no plots are draw
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import sys
@@ -34,6 +35,7 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 from mllmfl_dist.core.checkpoint import remove_stale_temps, write_text_atomic
+from mllmfl_dist.core.errors import ConfigError
 from mllmfl_dist.core.jsonl import ACCURACY_KEYS, read_evaluations
 from mllmfl_dist.core.layout import RunLayout
 from mllmfl_dist.stages import report_plots
@@ -196,7 +198,11 @@ def write_report(run_dir: Path) -> dict:
     summary: dict[str, Any] = {"run_dir": str(run_dir)}
 
     fed_summary = _read_json(paths.summary) or {}
-    models = models_used(_config(run_dir), fed_summary.get("strategy_models") or [])
+    config = _config(run_dir)
+    strategy_models = fed_summary.get("strategy_models")
+    if strategy_models is None:  # a summary written before it recorded them: ask the strategy
+        strategy_models = _strategy_models(config)
+    models = models_used(config, strategy_models)
     if models:
         summary["models"] = models
     manifest = _read_json(paths.manifest)
@@ -243,3 +249,17 @@ def write_report(run_dir: Path) -> dict:
     write_text_atomic(out_dir / "summary.json", json.dumps(summary, indent=2))
     write_text_atomic(out_dir / "report.md", report_markdown(summary))
     return summary
+
+
+def _strategy_models(config: dict) -> list[dict[str, Any]]:
+    """The models the run's strategy names in its sections, rebuilt from ``config.toml``'s values (runs whose
+    federated summary predates ``strategy_models``); none where the strategy or its sections cannot be had."""
+    from mllmfl_dist.core.plugins import strategy_class
+
+    try:
+        cls = strategy_class(str((config.get("federated") or {}).get("strategy", "")))
+        sections = {name: options(**(config.get(name) or {})) for name, options in cls.sections.items()}
+        return [dataclasses.asdict(use) for use in cls.models(sections)]
+    except (ConfigError, TypeError, ValueError) as err:
+        log.warning("report: the strategy's models cannot be read from the config (%s)", err)
+        return []
