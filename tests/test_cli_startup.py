@@ -39,6 +39,17 @@ def test_a_usage_error_exits_2_without_torch() -> None:
     assert "torch" not in modules
 
 
+@pytest.mark.parametrize("override, words", [("federated.lr=abc", "federated.lr must be a number"),
+                                              ("creff.lr_crt=-1", "creff.lr_crt = -1.0 is not allowed"),
+                                              ("clip2fl.nope=1", "unknown key clip2fl.nope")])
+def test_a_config_value_error_exits_2_without_torch(override, words) -> None:
+    """A typo in a value or key of the run's or a built-in strategy's section is one line before torch loads
+    (the built-in strategies' sections are declared torch-free, config/strategy_sections.py)."""
+    done, modules = imported_modules("federate", "configs/smoke.toml", "--set", override)
+    assert done.returncode == 2 and words in done.stderr, done.stderr[-2000:]
+    assert "torch" not in modules
+
+
 def test_the_cli_catches_the_classes_the_modules_raise() -> None:
     from mllmfl_dist import config, data
     from mllmfl_dist.core import dist, errors

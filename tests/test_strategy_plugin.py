@@ -100,3 +100,33 @@ def test_compare_runs_an_installed_strategy_beside_the_built_in_ones(plugin_path
                            "federated.strategy=fedavg_clip"], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 2 and "choose one of: fedavg, fedavgm, fedprox, creff, clip2fl" in done.stderr
+
+
+def test_a_strategy_may_not_declare_a_built_in_section_with_another_dataclass():
+    from dataclasses import dataclass
+
+    from mllmfl_dist.config.strategy_sections import CreffConfig
+    from mllmfl_dist.core.errors import ConfigError
+    from mllmfl_dist.core.plugins import register_strategy, strategy_sections, unregister_strategy
+    from mllmfl_dist.fl.strategies import FedAvg
+
+    @dataclass(frozen=True)
+    class OtherCreff:
+        batch_size: int = 1
+
+    class Clash(FedAvg):
+        name = "clash_creff"
+        sections = {"creff": OtherCreff}
+
+    with pytest.raises(ConfigError, match=r"section \[creff\] with .*OtherCreff, but the built-in"):
+        register_strategy(Clash)
+    assert strategy_sections()["creff"] is CreffConfig
+
+    class Shares(FedAvg):  # reading [creff] with its own dataclass is allowed
+        name = "shares_creff"
+        sections = {"creff": CreffConfig}
+
+    try:
+        assert register_strategy(Shares) is Shares and strategy_sections()["creff"] is CreffConfig
+    finally:
+        unregister_strategy("shares_creff")

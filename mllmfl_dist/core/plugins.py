@@ -40,6 +40,12 @@ BUILTIN_STRATEGIES = {
     "creff": "mllmfl_dist.fl.strategies.creff:CReFF",
     "clip2fl": "mllmfl_dist.fl.strategies.clip2fl:CLIP2FL",
 }
+# Their config sections, by the same form: a torch-free module, so that a config loads and is checked without
+# importing the strategies (the classes declare the same dataclasses in ``sections``).
+BUILTIN_SECTIONS = {
+    "creff": "mllmfl_dist.config.strategy_sections:CreffConfig",
+    "clip2fl": "mllmfl_dist.config.strategy_sections:Clip2flConfig",
+}
 NAME = re.compile(r"[a-z][a-z0-9_]*")
 # Section names a strategy may not claim: the run's own sections (config/schema.py keeps them in step).
 RESERVED_SECTIONS = frozenset({"run", "dist", "data", "partition", "model", "federated", "eval", "checkpoint", "log",
@@ -69,6 +75,10 @@ def register_strategy(cls: type) -> type:
         if section in RESERVED_SECTIONS or not NAME.fullmatch(section):
             raise ConfigError(f"strategy {name!r}: section [{section}] is not a name it can use (one of the run's "
                               f"own sections, or not lowercase letters, digits and '_')")
+        builtin = BUILTIN_SECTIONS.get(section)
+        if builtin is not None and _load(builtin) is not options:
+            raise ConfigError(f"strategy {name!r} declares section [{section}] with {options.__qualname__}, but "
+                              f"the built-in strategies declare it with {builtin}")
         for other in _classes.values():
             theirs = (getattr(other, "sections", {}) or {}).get(section)
             if theirs is not None and theirs is not options:
@@ -111,11 +121,13 @@ def strategy_names() -> tuple[str, ...]:
 
 
 def strategy_sections() -> dict[str, type]:
-    """``{section: dataclass}`` of the config sections every known strategy reads, in the order of
-    :func:`strategy_names` (a section two strategies read, such as ``[creff]``, once)."""
-    sections: dict[str, type] = {}
-    for name in strategy_names():
-        sections.update({k: v for k, v in (getattr(_classes[name], "sections", {}) or {}).items() if k not in sections})
+    """``{section: dataclass}`` of the config sections every known strategy reads: the built-in ones (without
+    importing the strategies, so without torch), then those of registered strategies and plugins (a section
+    two strategies read, such as ``[creff]``, once)."""
+    sections: dict[str, type] = {name: _load(path) for name, path in BUILTIN_SECTIONS.items()}
+    _read_entry_points()
+    for cls in list(_classes.values()):
+        sections.update({k: v for k, v in (getattr(cls, "sections", {}) or {}).items() if k not in sections})
     return sections
 
 

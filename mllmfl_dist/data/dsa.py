@@ -21,16 +21,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-# The operations this module implements; creff.dsa_strategy names some of them joined by '_' (its check reads
-# this tuple, so a value the config accepts is one this module runs).
-DSA_OPERATIONS = ("color", "crop", "cutout", "flip", "scale", "rotate")
+from mllmfl_dist.config.strategy_sections import DSA_OPERATIONS, dsa_operations
 
-
-def dsa_operations(strategy: str) -> tuple[str, ...]:
-    """``"color_crop"`` -> ``("color", "crop")``; ``"none"`` or ``""`` -> ``()``."""
-    if strategy.strip().lower() in ("", "none"):
-        return ()
-    return tuple(strategy.strip().split("_"))
+# DSA_OPERATIONS: the operations this module implements; creff.dsa_strategy names some of them joined by '_'
+# (the config's check reads the same tuple, so a value the config accepts is one this module runs).
 
 
 @dataclass(frozen=True)

@@ -3,37 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from mllmfl_dist.config.fields import at_least, non_negative, positive
 from mllmfl_dist.core.errors import ConfigError
 from mllmfl_dist.fl import federated_features as ff
 from mllmfl_dist.fl.losses import distillation_loss
 from mllmfl_dist.fl.strategies.base import ModelUse, StrategyArgs
 from mllmfl_dist.fl.strategies.clip2fl_teacher import TeacherLogits, teacher_logits
-from mllmfl_dist.fl.strategies.creff import CReFF, CreffConfig
+from mllmfl_dist.config.strategy_sections import Clip2flConfig, CreffConfig
+from mllmfl_dist.fl.strategies.creff import CReFF
 from mllmfl_dist.models.clip_teacher import clip_embed_dim
-
-
-@dataclass(frozen=True)
-class Clip2flConfig:
-    """``[clip2fl]``: distillation from a frozen open_clip model on the clients, CLIP text embeddings on the
-    server (with ``[creff]`` for the federated features)."""
-
-    model: str = ""  # open_clip architecture (with pretrained), hf-hub:org/repo or local-dir:DIR
-    pretrained: str = ""  # open_clip pretrained tag for a named architecture (e.g. openai)
-    templates: str = "a photo of a {}."  # '|'-separated prompt templates
-    logit_scale: float = positive(100.0)
-    temperature: float = positive(3.0)  # T of the clients' distillation
-    alpha: float = non_negative(1.0)  # weight of alpha * T^2 * KL(teacher || student)
-    # Weight of the server's prototype contrast to the text embeddings: 0.001 as in the released code's
-    # options.py and README (shijiangming1/CLIP2FL).
-    contrast_alpha: float = non_negative(0.001)
-    contrast_temperature: float = positive(0.1)
-    teacher_batch_size: int = at_least(64, 1)  # images per teacher forward when the logits are first computed
 
 
 class CLIP2FL(CReFF):

@@ -5,43 +5,20 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from mllmfl_dist.config.fields import at_least, checked, choice, positive
+from mllmfl_dist.config.strategy_sections import CreffConfig
 from mllmfl_dist.core.seeds import TAG_CREFF_FEATURES, TAG_CREFF_HEAD_INIT, TAG_CREFF_RETRAIN, generator
 from mllmfl_dist.data import normalize
-from mllmfl_dist.data.dsa import DSA_OPERATIONS, dsa_operations, dsa_siamese
+from mllmfl_dist.data.dsa import dsa_siamese
 from mllmfl_dist.fl import federated_features as ff
 from mllmfl_dist.fl.strategies.base import StrategyArgs, Tensors
 from mllmfl_dist.fl.strategies.fedavg import FedAvg
 
 FEATURE_CHUNK = 256  # images per forward when a client computes features for its class gradients
-
-
-@dataclass(frozen=True)
-class CreffConfig:
-    """``[creff]``: classifier re-training with federated features (strategies creff and clip2fl)."""
-
-    batch_size: int = at_least(32, 1)  # real samples per class-gradient batch on a client (CReFF's batch_real)
-    batches_per_class: int = at_least(10, 1)  # batches per class a client averages its class gradient over
-    # Differentiable Siamese Augmentation of each of those batches, as released: one of these '_'-separated
-    # operations per batch, the same parameters for every image of the batch ("none": no augmentation).
-    dsa_strategy: str = checked("color_crop_cutout_flip_scale_rotate",
-                                lambda v: all(op in DSA_OPERATIONS for op in dsa_operations(v)),
-                                f"'none' or operations from {', '.join(DSA_OPERATIONS)} joined by '_'")
-    # The server's mean of a class's gradients over the clients holding it: "clients" (each counts once, as
-    # in the released code) or "samples" (weighted by the client's count of the class)
-    gradient_mean: str = choice("clients", ("clients", "samples"))
-    features_per_class: int = at_least(100, 1)
-    match_epochs: int = at_least(100, 0)  # server steps of gradient matching per round
-    lr_feature: float = positive(0.1)
-    crt_epochs: int = at_least(300, 1)  # epochs of the fresh classifier over the federated features
-    lr_crt: float = positive(0.01)
-    crt_batch_size: int = at_least(32, 1)
 
 
 class CReFF(FedAvg):

@@ -1,0 +1,60 @@
+"""The config sections of the built-in strategies (``[creff]``, ``[clip2fl]``), declared here rather than beside
+the strategies so that loading and checking a config imports no torch: the strategy registry
+(:mod:`mllmfl_dist.core.plugins`) names these dataclasses without importing the strategies. A plugin's sections
+live with the plugin."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mllmfl_dist.config.fields import at_least, checked, choice, non_negative, positive
+
+# The operations of Differentiable Siamese Augmentation (mllmfl_dist/data/dsa.py), named for creff.dsa_strategy.
+DSA_OPERATIONS = ("color", "crop", "cutout", "flip", "scale", "rotate")
+
+
+def dsa_operations(strategy: str) -> tuple[str, ...]:
+    """``"color_crop"`` -> ``("color", "crop")``; ``"none"`` or ``""`` -> ``()``."""
+    if strategy.strip().lower() in ("", "none"):
+        return ()
+    return tuple(strategy.strip().split("_"))
+
+
+@dataclass(frozen=True)
+class CreffConfig:
+    """``[creff]``: classifier re-training with federated features (strategies creff and clip2fl)."""
+
+    batch_size: int = at_least(32, 1)  # real samples per class-gradient batch on a client (CReFF's batch_real)
+    batches_per_class: int = at_least(10, 1)  # batches per class a client averages its class gradient over
+    # Differentiable Siamese Augmentation of each of those batches, as released: one of these '_'-separated
+    # operations per batch, the same parameters for every image of the batch ("none": no augmentation).
+    dsa_strategy: str = checked("color_crop_cutout_flip_scale_rotate",
+                                lambda v: all(op in DSA_OPERATIONS for op in dsa_operations(v)),
+                                f"'none' or operations from {', '.join(DSA_OPERATIONS)} joined by '_'")
+    # The server's mean of a class's gradients over the clients holding it: "clients" (each counts once, as
+    # in the released code) or "samples" (weighted by the client's count of the class)
+    gradient_mean: str = choice("clients", ("clients", "samples"))
+    features_per_class: int = at_least(100, 1)
+    match_epochs: int = at_least(100, 0)  # server steps of gradient matching per round
+    lr_feature: float = positive(0.1)
+    crt_epochs: int = at_least(300, 1)  # epochs of the fresh classifier over the federated features
+    lr_crt: float = positive(0.01)
+    crt_batch_size: int = at_least(32, 1)
+
+
+@dataclass(frozen=True)
+class Clip2flConfig:
+    """``[clip2fl]``: distillation from a frozen open_clip model on the clients, CLIP text embeddings on the
+    server (with ``[creff]`` for the federated features)."""
+
+    model: str = ""  # open_clip architecture (with pretrained), hf-hub:org/repo or local-dir:DIR
+    pretrained: str = ""  # open_clip pretrained tag for a named architecture (e.g. openai)
+    templates: str = "a photo of a {}."  # '|'-separated prompt templates
+    logit_scale: float = positive(100.0)
+    temperature: float = positive(3.0)  # T of the clients' distillation
+    alpha: float = non_negative(1.0)  # weight of alpha * T^2 * KL(teacher || student)
+    # Weight of the server's prototype contrast to the text embeddings: 0.001 as in the released code's
+    # options.py and README (shijiangming1/CLIP2FL).
+    contrast_alpha: float = non_negative(0.001)
+    contrast_temperature: float = positive(0.1)
+    teacher_batch_size: int = at_least(64, 1)  # images per teacher forward when the logits are first computed
