@@ -32,7 +32,7 @@ from mllmfl_dist.models import clip_teacher, teachers
 from mllmfl_dist.models.mllm import weights_identity
 
 if TYPE_CHECKING:
-    from mllmfl_dist.fl.strategies.clip2fl import Clip2flConfig
+    from mllmfl_dist.config.strategy_sections import Clip2flConfig
 
 log = logging.getLogger(__name__)
 
