@@ -30,6 +30,18 @@ def sets(*overrides: str) -> list[str]:
     return [a for s in overrides for a in ("--set", s)]
 
 
+# Quiet runs with short CReFF server steps, for tests that need CReFF's round rather than its result.
+FAST = ["log.progress=false", "log.tensorboard=false", "creff.match_epochs=10", "creff.crt_epochs=10",
+        "creff.features_per_class=20"]
+
+
+def cli(*argv: str, sets=()) -> int:
+    """The CLI in this process (``python -m mllmfl_dist ARGV --set S ...``); its exit code."""
+    from mllmfl_dist.__main__ import main
+
+    return main([*argv, *[a for s in sets for a in ("--set", s)]])
+
+
 def torchrun(nproc: int, root: Path, *overrides: str, rdzv: list[str] | None = None,
              timeout: float = 600) -> subprocess.CompletedProcess:
     """``torchrun --standalone --nproc_per_node N -m mllmfl_dist federate configs/smoke.toml --set ...``

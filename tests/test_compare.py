@@ -7,19 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from mllmfl_dist.__main__ import main
+from launchers import FAST, SMOKE, cli
+
 from mllmfl_dist.config import ConfigError, load_config
 from mllmfl_dist.commands.compare import Method, method_config, parse_method, parse_methods
 from mllmfl_dist.commands.compare_table import results_markdown
 
-REPO = Path(__file__).resolve().parents[1]
-SMOKE = REPO / "configs" / "smoke.toml"
-FAST = ["log.progress=false", "log.tensorboard=false", "creff.match_epochs=10", "creff.crt_epochs=10",
-        "creff.features_per_class=20"]
-
-
-def cli(*argv: str, sets=()) -> int:
-    return main([*argv, *[a for s in sets for a in ("--set", s)]])
 
 
 def test_a_rows_name_says_what_ran():

@@ -1,24 +1,16 @@
 """CReFF and CLIP2FL through the CLI in-process, on the synthetic smoke config."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from mllmfl_dist.__main__ import main
+from launchers import FAST, SMOKE, cli
+
 from mllmfl_dist.config import ConfigError, load_config
 from mllmfl_dist.fl.strategies import build_strategy
 
-REPO = Path(__file__).resolve().parents[1]
-SMOKE = REPO / "configs" / "smoke.toml"
-FAST = ["log.progress=false", "log.tensorboard=false", "creff.match_epochs=10", "creff.crt_epochs=10",
-        "creff.features_per_class=20"]
-
-
-def cli(*argv: str, sets=()) -> int:
-    return main([*argv, *[a for s in sets for a in ("--set", s)]])
 
 
 def test_creff_resumed_after_round_one_equals_a_straight_run(tmp_path, capsys):
