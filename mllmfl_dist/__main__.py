@@ -124,10 +124,6 @@ def _env_rank() -> int:
     return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
 
 
-def _env_local_rank() -> int:
-    return int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0")))
-
-
 def _setup_logging() -> None:
     from mllmfl_dist.core.progress import quiet_library_bars
 
@@ -212,10 +208,12 @@ def _tiny_models(args) -> int:
 def _fail(err: Exception, code: int, *, everywhere: bool, prefix: str = "", label: str = "error: ") -> int:
     """One line on stderr, and the same message in torchelastic's error file so torchrun's failure block
     carries it. An outcome every rank meets alike (config, data, a diverged round, a preemption stop) is
-    printed by one process per node (local rank 0: a problem of one node's files still shows, and a node
-    prints it once); a lost rank is reported by every rank that saw it."""
+    printed by one process per node (the first there to meet it: a problem of one node's files still shows,
+    and a node prints it once); a lost rank is reported by every rank that saw it."""
+    from mllmfl_dist.core.launch import first_to_report
+
     message = f"mllmfl_dist: {label}{prefix}{err}"
-    if everywhere or _env_local_rank() == 0:
+    if everywhere or first_to_report():
         print(message, file=sys.stderr, flush=True)
     error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if error_file:

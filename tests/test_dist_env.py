@@ -10,7 +10,7 @@ import pytest
 from launchers import REPO, clean_env
 from mllmfl_dist.config import ConfigError, DistConfig
 from mllmfl_dist.core.dist import init_runtime
-from mllmfl_dist.core.launch import read_launch_env, slurm_hostnames, slurm_port, slurm_rendezvous
+from mllmfl_dist.core.launch import first_to_report, read_launch_env, slurm_hostnames, slurm_port, slurm_rendezvous
 
 # What srun puts in a task's environment (the names that matter here), for a step of 8 tasks.
 STEP = {"SLURM_JOB_ID": "4242", "SLURM_STEP_ID": "0", "SLURM_PROCID": "5", "SLURM_LOCALID": "1",
@@ -96,3 +96,19 @@ def test_single_process_runtime_plays_server_and_client_host():
     runtime = init_runtime(DistConfig(threads=1), env={})
     assert runtime.is_server and runtime.client_hosts == (0,) and not runtime.distributed
     assert runtime.device.type == "cpu"
+
+
+def test_the_first_worker_of_a_node_to_meet_a_shared_outcome_reports_it(tmp_path):
+    # Whichever local rank gets there first reports (torchrun ends the others as soon as one exits with an
+    # error, so waiting for local rank 0 could leave nothing printed); one report per launch and attempt.
+    worker = {"LOCAL_RANK": "2", "TORCHELASTIC_RUN_ID": "job-7", "TORCHELASTIC_RESTART_COUNT": "0"}
+    assert first_to_report(worker, tmp_path)
+    assert not first_to_report({**worker, "LOCAL_RANK": "0"}, tmp_path)
+    assert not first_to_report({**worker, "LOCAL_RANK": "1"}, tmp_path)
+    assert first_to_report({**worker, "TORCHELASTIC_RESTART_COUNT": "1"}, tmp_path)  # the restart's own report
+    assert first_to_report({**worker, "TORCHELASTIC_RUN_ID": "job-8"}, tmp_path)
+    assert first_to_report({"SLURM_LOCALID": "1", "SLURM_JOB_ID": "41", "SLURM_STEP_ID": "0"}, tmp_path)
+    assert first_to_report({}, tmp_path) and first_to_report({}, tmp_path)  # one process: always
+    # No marker can be made (a missing folder): local rank 0 reports, the others do not.
+    assert first_to_report({**worker, "LOCAL_RANK": "0"}, tmp_path / "missing")
+    assert not first_to_report({**worker, "LOCAL_RANK": "1"}, tmp_path / "missing")

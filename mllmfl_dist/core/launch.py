@@ -4,8 +4,11 @@ process group): the rank, the world size, and under Slurm the rendezvous address
 from __future__ import annotations
 
 import os
+import re
 import subprocess
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 from mllmfl_dist.core.errors import ConfigError
 
@@ -80,3 +83,29 @@ def slurm_rendezvous(env: dict[str, str]) -> tuple[str, str]:
         env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or "localhost")[0]
     port = env.get("MASTER_PORT") or str(slurm_port(int(env.get("SLURM_JOB_ID", "0") or 0)))
     return addr, port
+
+
+def first_to_report(env: dict[str, str] | None = None, marker_dir: str | Path | None = None) -> bool:
+    """Whether this process is the first of its node's workers of this launch to report an outcome every rank
+    meets alike (a config error, a diverged round, a stop), so that each node prints it once.
+
+    Whichever worker claims a marker file first reports it: torchrun and srun end a node's other workers as
+    soon as one exits with an error, so leaving the report to local rank 0 could leave nothing printed when
+    another rank got there first. The marker (an empty file in ``marker_dir``, default the temp folder) is
+    keyed by the workers' common parent (the torchrun agent, or srun's step daemon), the run id and the
+    restart attempt. A single process always reports; where no marker can be made, local rank 0 does.
+    """
+    env = os.environ if env is None else env
+    local_rank = env.get("LOCAL_RANK", env.get("SLURM_LOCALID"))
+    if local_rank is None:
+        return True
+    run = env.get("TORCHELASTIC_RUN_ID") or f"{env.get('SLURM_JOB_ID', '')}.{env.get('SLURM_STEP_ID', '')}"
+    key = re.sub(r"[^A-Za-z0-9_.-]", "_", f"{run}-{os.getppid()}-{env.get('TORCHELASTIC_RESTART_COUNT', '0')}")
+    marker = Path(marker_dir or tempfile.gettempdir()) / f"mllmfl_dist-reported-{key}"
+    try:
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        return True
+    except FileExistsError:
+        return False
+    except OSError:
+        return local_rank == "0"
