@@ -109,6 +109,10 @@ def test_the_first_worker_of_a_node_to_meet_a_shared_outcome_reports_it(tmp_path
     assert first_to_report({**worker, "TORCHELASTIC_RUN_ID": "job-8"}, tmp_path)
     assert first_to_report({"SLURM_LOCALID": "1", "SLURM_JOB_ID": "41", "SLURM_STEP_ID": "0"}, tmp_path)
     assert first_to_report({}, tmp_path) and first_to_report({}, tmp_path)  # one process: always
+    # LOCAL_RANK without a launcher's run id (DeepSpeed's single-process group sets it): local rank 0 reports,
+    # every time, whatever process started it.
+    assert first_to_report({"LOCAL_RANK": "0"}, tmp_path) and first_to_report({"LOCAL_RANK": "0"}, tmp_path)
+    assert not first_to_report({"LOCAL_RANK": "1"}, tmp_path)
     # No marker can be made (a missing folder): local rank 0 reports, the others do not.
     assert first_to_report({**worker, "LOCAL_RANK": "0"}, tmp_path / "missing")
     assert not first_to_report({**worker, "LOCAL_RANK": "1"}, tmp_path / "missing")

@@ -93,13 +93,18 @@ def first_to_report(env: dict[str, str] | None = None, marker_dir: str | Path | 
     soon as one exits with an error, so leaving the report to local rank 0 could leave nothing printed when
     another rank got there first. The marker (an empty file in ``marker_dir``, default the temp folder) is
     keyed by the workers' common parent (the torchrun agent, or srun's step daemon), the run id and the
-    restart attempt. A single process always reports; where no marker can be made, local rank 0 does.
+    restart attempt. A single process always reports; where no launcher names the run, or no marker can be
+    made, local rank 0 does.
     """
     env = os.environ if env is None else env
     local_rank = env.get("LOCAL_RANK", env.get("SLURM_LOCALID"))
     if local_rank is None:
         return True
-    run = env.get("TORCHELASTIC_RUN_ID") or f"{env.get('SLURM_JOB_ID', '')}.{env.get('SLURM_STEP_ID', '')}"
+    run = env.get("TORCHELASTIC_RUN_ID")
+    if not run and env.get("SLURM_JOB_ID") and env.get("SLURM_STEP_ID") and "SLURM_LOCALID" in env:
+        run = f"{env['SLURM_JOB_ID']}.{env['SLURM_STEP_ID']}"
+    if not run:  # LOCAL_RANK without a launcher (set for a library, say): nothing shared to claim against
+        return local_rank == "0"
     key = re.sub(r"[^A-Za-z0-9_.-]", "_", f"{run}-{os.getppid()}-{env.get('TORCHELASTIC_RESTART_COUNT', '0')}")
     marker = Path(marker_dir or tempfile.gettempdir()) / f"mllmfl_dist-reported-{key}"
     try:
