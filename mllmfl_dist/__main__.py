@@ -278,12 +278,12 @@ def _run_stage(cfg, command: str, stop: preempt.StopRequest, methods: Sequence =
 
 
 def _report(run_dir: str) -> int:
-    from pathlib import Path
-
+    from mllmfl_dist.core.layout import RunLayout
     from mllmfl_dist.stages.report import write_report
 
-    path = Path(run_dir)
-    if not (path / "federated").is_dir() and not (path / "annotate").is_dir() and not (path / "pretrain").is_dir():
+    layout = RunLayout(run_dir)
+    path = layout.root
+    if not layout.holds_a_run():
         raise ConfigError(f"report: {path} holds no run (no federated/, annotate/ or pretrain/ folder); give "
                           f"<run.root>/<run.name>, e.g. runs/fmnist_lt (a compare row: runs/X/compare/fedavg/seed0)")
     summary = write_report(path)
