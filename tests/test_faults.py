@@ -69,12 +69,15 @@ def test_a_client_stopped_mid_round_ends_every_rank_naming_it_and_the_timeout_ke
     finally:
         os.kill(stopped, signal.SIGKILL) if Path(f"/proc/{stopped}").exists() else None
     assert process.returncode != 0
-    # Announced while waiting, then one line per waiting rank that names the missing rank and the key.
-    assert "rank(s) 2 not there yet (gives up after dist.timeout_minutes = 0.15 min)" in stderr
+    # Announced while waiting, then one line per waiting rank that names the missing rank and the key. The stop
+    # may land before rank 2 reached the all_reduce (not there yet) or inside it (arrived, then silent).
+    assert re.search(r"rank\(s\) 2 (not there yet|arrived but silent for 3 s or more) "
+                     r"\(gives up after dist\.timeout_minutes = 0\.15 min\)", stderr), stderr[-3000:]
     # Ranks 0 and 1 time out together; torchrun may end one of them before it prints, when the other exits.
     lines = errors(stderr)
     assert lines and {line.split(":")[2].strip() for line in lines} <= {"rank 0", "rank 1"}, stderr[-3000:]
-    assert all("rank(s) 2 never arrived" in line and "dist.timeout_minutes = 0.15" in line for line in lines)
+    assert all(re.search(r"rank\(s\) 2 (never arrived|arrived but went silent)", line)
+               and "dist.timeout_minutes = 0.15" in line for line in lines), lines
     assert "all_reduce" in lines[0]
     # torchrun's failure block carries the message (torchelastic's error file), not a traceback.
     assert "traceback : mllmfl_dist: error: rank" in stderr
@@ -102,7 +105,8 @@ def test_a_client_stopped_after_the_last_round_cannot_cost_the_final_model(tmp_p
     assert torch.equal(final["classifier.weight"],
                        torch.load(out / "checkpoint.pt", weights_only=True)["model"]["classifier.weight"])
     if process.returncode != 0:  # the stop came before rank 2 reached the end
-        missing = [re.search(r"rank\(s\) ([\d, ]+) never arrived", line) for line in errors(stderr)]
+        missing = [re.search(r"rank\(s\) ([\d, ]+) (never arrived|arrived but went silent)", line)
+                   for line in errors(stderr)]
         assert any(m and "2" in m.group(1).split(", ") for m in missing), stderr[-2000:]
         assert all("dist.timeout_minutes" in line for line in errors(stderr))
 

@@ -10,10 +10,7 @@ ranks waiting while rank 0 runs hours of server-side work do not trip the collec
 from __future__ import annotations
 
 import atexit
-import logging
 import os
-import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -24,27 +21,15 @@ import torch.distributed as torch_dist
 
 from mllmfl_dist.core.errors import ConfigError, DataError, ModelLoadError, RankLostError
 from mllmfl_dist.core.launch import LaunchEnv, read_launch_env, slurm_rendezvous
+from mllmfl_dist.core.waits import Heartbeat, Waiting, WaitSettings, first_line, ranks_text
 
 if TYPE_CHECKING:
     from mllmfl_dist.config import DistConfig
 
 SERVER_RANK = 0
-STALE_WAITS = 64
 # Errors a user can fix: one rank's refusal of this kind is raised alike on every rank.
 USER_ERRORS = (ConfigError, DataError, ModelLoadError)
 T = TypeVar("T")
-log = logging.getLogger(__name__)
-
-
-@dataclass
-class WaitSettings:
-    """How long each kind of wait on another rank may last, when to start saying so, and the count of waits
-    so far (every rank runs the same sequence, so the n-th wait is the same one on every rank)."""
-
-    round_minutes: float = 30.0  # dist.timeout_minutes
-    control_minutes: float = 1440.0  # dist.control_timeout_minutes
-    report_seconds: float = 60.0  # dist.wait_report_seconds
-    count: int = 0
 
 
 @dataclass(frozen=True)
@@ -59,6 +44,8 @@ class Runtime:
     # The rendezvous store (prefixed per restart attempt) and the settings of the waits on other ranks.
     store: Any = None
     waits: WaitSettings = field(default_factory=lambda: WaitSettings())
+    # This process's sign of life in the store (waits.Heartbeat), so a waiting rank can name a stopped one.
+    heartbeat: Any = None
     # This process's stop request (preempt.StopRequest), read by the round loop; None: never asked to stop.
     stop: Any = None
 
@@ -111,8 +98,9 @@ def init_runtime(cfg: DistConfig, env: dict[str, str] | None = None, stop: Any =
             device_id=device if backend == "nccl" else None,
         )
     control = torch_dist.new_group(backend="gloo", timeout=timedelta(minutes=cfg.control_timeout_minutes))
+    heartbeat = Heartbeat(store, launch.rank) if store is not None else None
     return Runtime(launch.rank, launch.world_size, launch.local_rank, backend, device, cfg.server_hosts_clients,
-                   control, store, waits, stop)
+                   control, store, waits, heartbeat, stop)
 
 
 def _rendezvous(launch: LaunchEnv, cfg: DistConfig):
@@ -132,7 +120,7 @@ def _rendezvous(launch: LaunchEnv, cfg: DistConfig):
                                    timeout=timeout, wait_for_workers=False, multi_tenant=True)
     except (RuntimeError, torch_dist.DistError) as err:
         raise RankLostError(f"rank {launch.rank}: cannot reach the rendezvous store at {host}:{port} within "
-                            f"dist.init_timeout_minutes = {cfg.init_timeout_minutes:g} ({_first_line(err)}); is "
+                            f"dist.init_timeout_minutes = {cfg.init_timeout_minutes:g} ({first_line(err)}); is "
                             f"rank 0 running, and are MASTER_ADDR / MASTER_PORT right?") from None
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     store = torch_dist.PrefixStore(f"mllmfl/attempt{attempt}", base)
@@ -144,89 +132,17 @@ def _rendezvous(launch: LaunchEnv, cfg: DistConfig):
         missing = [r for r, key in enumerate(keys) if not store.check([key])]
         raise RankLostError(
             f"rank {launch.rank}: {launch.world_size} ranks were expected ({launch.launcher}), but rank(s) "
-            f"{_ranks(missing)} did not join within dist.init_timeout_minutes = {cfg.init_timeout_minutes:g}; "
+            f"{ranks_text(missing)} did not join within dist.init_timeout_minutes = {cfg.init_timeout_minutes:g}; "
             f"were they started (one srun step with all tasks, or torchrun on every node)?") from None
     return store
 
 
-def _first_line(err: BaseException) -> str:
-    return (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+def _round_wait(runtime: Runtime, what: str) -> Waiting:
+    return Waiting(runtime, what, "dist.timeout_minutes", runtime.waits.round_minutes)
 
 
-def _ranks(ranks: list[int] | None) -> str:
-    return "?" if not ranks else ", ".join(map(str, ranks))
-
-
-class _Waiting:
-    """Around one wait on other ranks: says what it waits for once the wait is long (after
-    ``wait_report_seconds``, then at doubling intervals, naming the ranks that have not arrived), and turns
-    an expired or broken wait into one :class:`RankLostError` naming them and the key of the timeout.
-
-    Arrivals are marked in the rendezvous store (``wait/<n>/<rank>``), so a rank can tell who is missing
-    without the collective's help."""
-
-    def __init__(self, runtime: Runtime, what: str, key: str, minutes: float):
-        self.runtime, self.what, self.key, self.minutes = runtime, what, key, minutes
-        self.store = runtime.store if runtime.distributed else None
-        self._done = threading.Event()
-
-    def _key(self, rank: int) -> str:
-        return f"wait/{self.seq}/{rank}"
-
-    def missing(self) -> list[int] | None:
-        try:
-            return [r for r in range(self.runtime.world_size) if not self.store.check([self._key(r)])]
-        except (RuntimeError, torch_dist.DistError):
-            return None  # the store itself is gone (its host died)
-
-    def __enter__(self) -> _Waiting:
-        if self.store is None:
-            return self
-        self.runtime.waits.count += 1
-        self.seq = self.runtime.waits.count
-        self.started = time.monotonic()
-        try:
-            self.store.set(self._key(self.runtime.rank), "1")
-            # Keep the store small. No rank runs more than a few waits ahead of another (every round has an
-            # all_reduce), so a mark this old is read by nobody any more.
-            if self.seq > STALE_WAITS:
-                self.store.delete_key(f"wait/{self.seq - STALE_WAITS}/{self.runtime.rank}")
-        except (RuntimeError, torch_dist.DistError):
-            pass
-        threading.Thread(target=self._report, daemon=True, name="mllmfl-wait").start()
-        return self
-
-    def _report(self) -> None:
-        interval = self.runtime.waits.report_seconds
-        while not self._done.wait(interval):
-            missing = self.missing()
-            who = f"rank(s) {_ranks(missing)} not there yet" if missing else "every rank has arrived"
-            log.warning("rank %d: waiting %.0f s for %s; %s (gives up after %s = %g min)", self.runtime.rank,
-                        time.monotonic() - self.started, self.what, who, self.key, self.minutes)
-            interval *= 2
-
-    def __exit__(self, exc_type, exc, tb) -> bool:
-        self._done.set()
-        if self.store is None or exc is None or isinstance(exc, RankLostError):
-            return False
-        if not isinstance(exc, (torch_dist.DistError, RuntimeError)):
-            return False
-        missing = self.missing()
-        waited = (time.monotonic() - self.started) / 60
-        me = f"rank {self.runtime.rank}"
-        if waited < 0.9 * self.minutes:  # not a timeout: a connection broke
-            raise RankLostError(f"{me}: {self.what} broke after {waited * 60:.0f} s: rank(s) {_ranks(missing)} "
-                                f"dropped out (killed or crashed?): {_first_line(exc)}") from None
-        raise RankLostError(f"{me}: gave up on {self.what} after {waited:.1f} min ({self.key} = {self.minutes:g}); "
-                            f"rank(s) {_ranks(missing)} never arrived (stopped or hung?)") from None
-
-
-def _round_wait(runtime: Runtime, what: str) -> _Waiting:
-    return _Waiting(runtime, what, "dist.timeout_minutes", runtime.waits.round_minutes)
-
-
-def _control_wait(runtime: Runtime, what: str) -> _Waiting:
-    return _Waiting(runtime, what, "dist.control_timeout_minutes", runtime.waits.control_minutes)
+def _control_wait(runtime: Runtime, what: str) -> Waiting:
+    return Waiting(runtime, what, "dist.control_timeout_minutes", runtime.waits.control_minutes)
 
 
 def ensure_process_group(runtime: Runtime) -> None:
@@ -247,6 +163,8 @@ def ensure_process_group(runtime: Runtime) -> None:
 
 
 def shutdown(runtime: Runtime) -> None:
+    if runtime.heartbeat is not None:
+        runtime.heartbeat.stop()
     if runtime.distributed and torch_dist.is_initialized():
         torch_dist.destroy_process_group()
 
@@ -279,7 +197,7 @@ def stage_barrier(runtime: Runtime, what: str = "the end of the stage", *,
     short = clients_idle and runtime.is_server
     waiting = _round_wait(runtime, what) if short else _control_wait(runtime, what)
     with waiting:
-        runtime.store.wait([waiting._key(r) for r in range(runtime.world_size)],
+        runtime.store.wait([waiting.arrival_key(r) for r in range(runtime.world_size)],
                            timedelta(minutes=waiting.minutes))
 
 
