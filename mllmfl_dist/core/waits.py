@@ -130,9 +130,9 @@ class Waiting:
             now = time.monotonic()
             if now >= sample_from and now - sampled >= SILENT_SECONDS:
                 fresh = self._beats()
-                if beats is not None and fresh is not None:
-                    arrived = set(range(self.runtime.world_size)) - set(self.missing() or [])
-                    self.silent = [r for r in sorted(arrived - {self.runtime.rank}) if fresh[r] == beats[r]]
+                if beats is not None and fresh is not None:  # ranks not there yet are told apart in _who
+                    self.silent = [r for r, (a, b) in enumerate(zip(beats, fresh, strict=True))
+                                   if a == b and r != self.runtime.rank]
                 sampled, beats = now, fresh
             if now >= report_at:
                 log.warning("rank %d: waiting %.0f s for %s; %s (gives up after %s = %g min)", self.runtime.rank,
