@@ -53,7 +53,8 @@ commands:
                       fedavg+dwp[llava]+align[llava]; config is the config as written.
   evaluate CONFIG --checkpoint PATH
                       accuracy (balanced = mean per-class "acc", plain top-1 "acc_top1", per class,
-                      Many/Medium/Few) of a saved model on the config's test set, printed as JSON.
+                      Many/Medium/Few) of a saved model on the config's test set, printed as JSON,
+                      with "val_acc", "val_acc_top1", ... beside it when data.val_per_class > 0.
   report RUN_DIR      write <RUN_DIR>/report/ (summary.json, report.md, plots) for any run directory.
   shards ...          pack an image folder or a data source into WebDataset shards (see shards --help).
   tiny-models DIR     build a tiny random LLaVA and a tiny open_clip model in DIR, loadable like real
@@ -342,7 +343,7 @@ def _evaluate(cfg, checkpoint_path: str) -> int:
     from pathlib import Path
 
     from mllmfl_dist.core import checkpoint
-    from mllmfl_dist.fl.evaluate import evaluate_on_test_set, imbalance_warning
+    from mllmfl_dist.fl.evaluate import evaluate_on_splits, imbalance_warning
     from mllmfl_dist.fl.strategies import build_strategy
     from mllmfl_dist.stages.inputs import build_data, build_fl_model
 
@@ -376,7 +377,7 @@ def _evaluate(cfg, checkpoint_path: str) -> int:
     imbalance = imbalance_warning(data.test_set()[1], data.class_names)
     if imbalance:
         logging.getLogger("mllmfl_dist").warning("%s", imbalance)
-    report = evaluate_on_test_set(data, model, cfg.eval.batch_size, "cpu")
+    report = evaluate_on_splits(data, model, cfg.eval.batch_size, "cpu")
     print(json.dumps(report, indent=2))
     return 0
 
