@@ -325,8 +325,9 @@ def _federate_or_run(cfg, command: str, runtime) -> dict:
         if runtime.is_server and final:
             groups = ", ".join(f"{g} {final[f'acc_{g}']:.4f}" for g in ("many", "medium", "few")
                                if final.get(f"acc_{g}") is not None)
+            val = f"; val balanced acc {final['val_acc']:.4f}" if final.get("val_acc") is not None else ""
             print(f"round {final['round']}: balanced acc {final['acc']:.4f} (top-1 {final['acc_top1']:.4f}; "
-                  f"{groups})")
+                  f"{groups}){val}")
         return final or {}
     from mllmfl_dist.commands.pipeline import run_pipeline
 
@@ -335,7 +336,8 @@ def _federate_or_run(cfg, command: str, runtime) -> dict:
     if runtime.is_server:
         print(f"run: report in {cfg.run_dir / 'report'}")
         if final:
-            print(f"final balanced accuracy {final.get('acc', float('nan')):.4f} after round {final.get('round')}")
+            val = f" (val {final['val_acc']:.4f})" if final.get("val_acc") is not None else ""
+            print(f"final balanced accuracy {final.get('acc', float('nan')):.4f}{val} after round {final.get('round')}")
     return final
 
 

@@ -154,6 +154,7 @@ def test_metrics_summary_report_and_evaluate_show_val_beside_test(tmp_path, caps
         assert 0.0 <= record["val_acc"] <= 1.0
         # a balanced val split of 10 per class: balanced accuracy is top-1
         assert record["val_acc"] == pytest.approx(record["val_acc_top1"])
+    assert f"; val balanced acc {records[-1]['val_acc']:.4f}" in capsys.readouterr().out
     summary = json.loads((out / "summary.json").read_text())
     assert summary["final"]["val_acc"] == records[-1]["val_acc"]
     capsys.readouterr()
