@@ -184,3 +184,14 @@ def test_the_evaluation_line_and_the_report_table_show_val_only_where_there_is_o
     both = report_markdown({"run_dir": "r", "federated": {"round": 4, "acc": 0.5, "val_acc": 0.25,
                                                           "val_acc_top1": 0.25}})
     assert "| method, round 4 | 0.500 | — | — | — | — | 0.250 | 0.250 |" in both
+
+
+def test_an_aligned_round_records_val_before_and_after_alignment(tmp_path) -> None:
+    sets = ["--set", f"run.root={tmp_path}", "--set", "federated.rounds=1", "--set", "log.tensorboard=false",
+            "--set", "data.val_per_class=5", "--set", "data.server_holdout_per_class=5", "--set", "align.every=1",
+            "--set", "align.source=holdout", "--set", "align.per_class=5", "--set", "align.steps=5",
+            "--set", "align.lr=0.5"]
+    assert main(["federate", str(SMOKE), *sets]) == 0
+    record = json.loads((tmp_path / "smoke" / "federated" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert {"acc", "val_acc", "val_acc_top1"} <= record["before_align"].keys()
+    assert {"acc", "val_acc", "val_acc_top1", "align_loss"} <= record.keys()
