@@ -53,7 +53,8 @@ commands:
                       fedavg+dwp[llava]+align[llava]; config is the config as written.
   evaluate CONFIG --checkpoint PATH
                       accuracy (balanced = mean per-class "acc", plain top-1 "acc_top1", per class,
-                      Many/Medium/Few) of a saved model on the config's test set, printed as JSON.
+                      Many/Medium/Few) of a saved model on the config's test set, printed as JSON,
+                      with "val_acc", "val_acc_top1", ... beside it when data.val_per_class > 0.
   report RUN_DIR      write <RUN_DIR>/report/ (summary.json, report.md, plots) for any run directory.
   shards ...          pack an image folder or a data source into WebDataset shards (see shards --help).
   tiny-models DIR     build a tiny random LLaVA and a tiny open_clip model in DIR, loadable like real
@@ -324,8 +325,9 @@ def _federate_or_run(cfg, command: str, runtime) -> dict:
         if runtime.is_server and final:
             groups = ", ".join(f"{g} {final[f'acc_{g}']:.4f}" for g in ("many", "medium", "few")
                                if final.get(f"acc_{g}") is not None)
+            val = f"; val balanced acc {final['val_acc']:.4f}" if final.get("val_acc") is not None else ""
             print(f"round {final['round']}: balanced acc {final['acc']:.4f} (top-1 {final['acc_top1']:.4f}; "
-                  f"{groups})")
+                  f"{groups}){val}")
         return final or {}
     from mllmfl_dist.commands.pipeline import run_pipeline
 
@@ -334,7 +336,8 @@ def _federate_or_run(cfg, command: str, runtime) -> dict:
     if runtime.is_server:
         print(f"run: report in {cfg.run_dir / 'report'}")
         if final:
-            print(f"final balanced accuracy {final.get('acc', float('nan')):.4f} after round {final.get('round')}")
+            val = f" (val {final['val_acc']:.4f})" if final.get("val_acc") is not None else ""
+            print(f"final balanced accuracy {final.get('acc', float('nan')):.4f}{val} after round {final.get('round')}")
     return final
 
 
@@ -342,7 +345,7 @@ def _evaluate(cfg, checkpoint_path: str) -> int:
     from pathlib import Path
 
     from mllmfl_dist.core import checkpoint
-    from mllmfl_dist.fl.evaluate import evaluate_on_test_set, imbalance_warning
+    from mllmfl_dist.fl.evaluate import evaluate_on_splits, imbalance_warning
     from mllmfl_dist.fl.strategies import build_strategy
     from mllmfl_dist.stages.inputs import build_data, build_fl_model
 
@@ -376,7 +379,7 @@ def _evaluate(cfg, checkpoint_path: str) -> int:
     imbalance = imbalance_warning(data.test_set()[1], data.class_names)
     if imbalance:
         logging.getLogger("mllmfl_dist").warning("%s", imbalance)
-    report = evaluate_on_test_set(data, model, cfg.eval.batch_size, "cpu")
+    report = evaluate_on_splits(data, model, cfg.eval.batch_size, "cpu")
     print(json.dumps(report, indent=2))
     return 0
 

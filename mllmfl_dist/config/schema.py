@@ -73,6 +73,14 @@ class DataConfig:
     # Labeled images per class the server keeps back from the training split before the long tail is cut
     # (the last ones of each class): a pool disjoint from every client, for align.source = "holdout".
     server_holdout_per_class: int = at_least(0, 0)
+    # Labeled images per class carved from the training split for validation (hyperparameters are chosen on
+    # them, never on the test set): the val_per_class images of each class just before the holdout's, before
+    # the long tail, so the split is balanced and disjoint from the clients, the holdout and the test set.
+    # 0: no validation split (the clients' data are those of a config without the key).
+    val_per_class: int = at_least(0, 0)
+    # Fraction of each class of the long-tailed training set the clients hold (seeded per class, at least one
+    # image of each class), cut before the partition: the low-data experiment. 1.0 keeps it all.
+    train_fraction: float = unit_interval(1.0)
     # Python-style "start:stop" slice of the source's training split that the run may use at all (""  = all
     # of it), before the server holdout and the long tail: keeps server-side sets such as the shipped web
     # corpus and alignment pool (Fashion-MNIST train indices 50000-59999) out of every client's data.

@@ -20,6 +20,8 @@ log = logging.getLogger(__name__)
 
 # The accuracies an evaluation record holds (balanced, top-1, and per group); the report and compare read them.
 ACCURACY_KEYS = ("acc", "acc_top1", "acc_many", "acc_medium", "acc_few")
+# ... and the same on the validation split (data.val_per_class), in records of runs that have one.
+VAL_ACCURACY_KEYS = tuple(f"val_{key}" for key in ACCURACY_KEYS)
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:

@@ -33,6 +33,7 @@ TAG_CREFF_SHUFFLE = 102  # the creff partition's shuffle
 TAG_CREFF_SPLIT = 103  # ... and its split
 TAG_IID = 105
 TAG_SHARDS = 106
+TAG_TRAIN_FRACTION = 107  # which images of each class data.train_fraction keeps (seed)
 TAG_SYNTHETIC_PROTOTYPES = 201
 TAG_SYNTHETIC_TRAIN = 202
 TAG_SYNTHETIC_TEST = 203

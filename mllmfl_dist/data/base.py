@@ -44,6 +44,12 @@ class ClientData(abc.ABC):
     def test_set(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The balanced test set: images uint8 ``[n, C, H, W]`` and labels int64 ``[n]``."""
 
+    def val_set(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The validation split (``data.val_per_class`` images per class from the training split, never a
+        client's): images uint8 ``[n, C, H, W]`` and labels int64 ``[n]``; empty (n = 0) without one."""
+        return (torch.zeros((0, self.in_channels, self.image_size, self.image_size), dtype=torch.uint8),
+                torch.zeros(0, dtype=torch.int64))
+
     def client_class_counts(self) -> np.ndarray | None:
         """``[num_clients, num_classes]`` int64 samples of each class per client; None where clients are
         generated on demand (no fixed samples)."""
@@ -75,6 +81,7 @@ class ArrayClientData(ClientData):
         mean: Sequence[float],
         std: Sequence[float],
         server_pool: np.ndarray | None = None,
+        val_indices: np.ndarray | None = None,
     ) -> None:
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[2] != images.shape[3]:
             raise ValueError(f"images must be uint8 [N, C, H, H], got {images.dtype} {tuple(images.shape)}")
@@ -103,11 +110,23 @@ class ArrayClientData(ClientData):
         self._server_pool = np.zeros(0, dtype=np.int64) if server_pool is None else np.asarray(server_pool)
         if np.intersect1d(self._server_pool, self._flat).size:
             raise ValueError("the server pool overlaps the clients' data")
+        self._val = np.zeros(0, dtype=np.int64) if val_indices is None else np.asarray(val_indices, dtype=np.int64)
+        if np.intersect1d(self._val, self._flat).size:
+            raise ValueError("the validation split overlaps the clients' data")
+        if np.intersect1d(self._val, self._server_pool).size:
+            raise ValueError("the validation split overlaps the server pool")
 
     def server_pool(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Labeled training images held back from every client (``data.server_holdout_per_class``)."""
         index = torch.from_numpy(self._server_pool)
         return self._images[index], self._labels[index]
+
+    def val_indices(self) -> np.ndarray:
+        """Indices of the validation split in the training array (sorted ascending; empty without one)."""
+        return self._val
+
+    def val_set(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.samples(self._val)
 
     def client_indices(self, client_id: int) -> np.ndarray:
         """Indices of ``client_id``'s samples in the training array (sorted ascending)."""

@@ -26,9 +26,11 @@ def describe_data(cfg: Config, data: ClientData) -> str:
                         + (f", min size {part.min_partition_size}" if part.min_partition_size else ""),
            "creff": f"creff alpha {part.alpha:g}", "iid": "iid",
            "shards": f"shards, {part.shards_per_client} per client"}[part.method]
+    val_images = len(data.val_set()[1])
+    val = f", {val_images} validation images" if val_images else ""
     shown = " ".join(map(str, counts)) if len(counts) <= 20 else f"max {max(counts)}, min {min(counts)}"
     return (f"data: {cfg.data.source}, {data.num_classes} classes, {sum(counts)} training images (per class "
-            f"{shown}), {len(data.test_set()[1])} test images; {data.num_clients} clients ({how}) of "
+            f"{shown}), {len(data.test_set()[1])} test images{val}; {data.num_clients} clients ({how}) of "
             f"{sizes.min()}/{int(np.median(sizes))}/{sizes.max()} images (min/median/max)")
 
 

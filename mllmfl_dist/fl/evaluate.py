@@ -1,4 +1,5 @@
-"""Accuracy on the test set: balanced (the headline ``acc``), plain top-1, per class, and Many / Medium / Few."""
+"""Accuracy on the test set: balanced (the headline ``acc``), plain top-1, per class, and Many / Medium / Few;
+and on the validation split (``val_acc``, ...) beside it, where the data have one."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mllmfl_dist.core.jsonl import ACCURACY_KEYS
 from mllmfl_dist.data import normalize
 
 # Classes with more than 100 training samples are "many", 20-100 "medium", fewer than 20 "few".
@@ -93,3 +95,22 @@ def evaluate_on_test_set(data, model: nn.Module, batch_size: int, device: torch.
     return evaluate_model(model, images, labels, num_classes=data.num_classes,
                           train_class_counts=data.train_class_counts(), mean=data.mean, std=data.std,
                           batch_size=batch_size, device=device)
+
+
+def evaluate_on_val_set(data, model: nn.Module, batch_size: int, device: torch.device | str) -> dict[str, Any]:
+    """``val_acc`` (balanced), ``val_acc_top1`` and ``val_acc_many`` / ``_medium`` / ``_few`` of ``model`` on
+    ``data``'s validation split (``data.val_per_class``); ``{}`` when the data have none."""
+    images, labels = data.val_set()
+    if not len(labels):
+        return {}
+    report = evaluate_model(model, images, labels, num_classes=data.num_classes,
+                            train_class_counts=data.train_class_counts(), mean=data.mean, std=data.std,
+                            batch_size=batch_size, device=device)
+    return {f"val_{key}": report[key] for key in ACCURACY_KEYS}  # per_class stays the test set's
+
+
+def evaluate_on_splits(data, model: nn.Module, batch_size: int, device: torch.device | str) -> dict[str, Any]:
+    """:func:`evaluate_on_test_set`'s report (``acc``, ``acc_top1``, ``per_class``, groups) with
+    :func:`evaluate_on_val_set`'s keys beside it: what every evaluation of a run records."""
+    return {**evaluate_on_test_set(data, model, batch_size, device),
+            **evaluate_on_val_set(data, model, batch_size, device)}

@@ -14,7 +14,7 @@ from mllmfl_dist.config import AlignConfig, Config
 from mllmfl_dist.core import checkpoint
 from mllmfl_dist.data import ClientData
 from mllmfl_dist.core.jsonl import ACCURACY_KEYS
-from mllmfl_dist.fl.evaluate import evaluate_on_test_set
+from mllmfl_dist.fl.evaluate import evaluate_on_splits
 from mllmfl_dist.models import FLModel
 from mllmfl_dist.stages.align import align_model, build_alignment_set
 
@@ -42,8 +42,9 @@ class AlignmentHook:
             return
         record: dict[str, Any] = {}
         if round_index % self.cfg.eval.every == 0 or round_index == self.cfg.federated.rounds:
-            before = evaluate_on_test_set(self.data, model, self.cfg.eval.batch_size, self.device)
-            record["before_align"] = {k: before[k] for k in (*ACCURACY_KEYS, "per_class")}
+            before = evaluate_on_splits(self.data, model, self.cfg.eval.batch_size, self.device)
+            record["before_align"] = {k: before[k] for k in (*ACCURACY_KEYS, "per_class", "val_acc", "val_acc_top1")
+                                      if k in before}
         record.update(align_model(model, self.set, self.cfg.align, self.data.mean, self.data.std,
                                   seed=self.cfg.run.seed, round_index=round_index, device=self.device))
         self._records[round_index] = record

@@ -24,7 +24,7 @@ from mllmfl_dist.core.jsonl import MetricsLog
 from mllmfl_dist.core.progress import evaluation_line, show_bars
 from mllmfl_dist.data.describe import describe_data, partition_record
 from mllmfl_dist.fl.client import LocalTraining
-from mllmfl_dist.fl.evaluate import evaluate_on_test_set, imbalance_warning
+from mllmfl_dist.fl.evaluate import evaluate_on_splits, imbalance_warning
 from mllmfl_dist.fl.strategies import StrategyContext, build_strategy, strategy_class
 from mllmfl_dist.fl.trainer import FederatedTrainer, RoundStats
 from mllmfl_dist.stages.align_hook import AlignmentHook, alignment_hints
@@ -177,13 +177,14 @@ class FederatedStage:
         self._since_eval.append(stats.seconds)
         if round_index % cfg.eval.every == 0 or last_round:
             model = self.strategy.evaluation_model(self.trainer.model)
-            report = evaluate_on_test_set(self.data, model, cfg.eval.batch_size, self.runtime.device)
+            report = evaluate_on_splits(self.data, model, cfg.eval.batch_size, self.runtime.device)
             self.last_eval = {"round": round_index, **report, "round_seconds": stats.seconds,
                               "bytes_all_reduced": stats.bytes_all_reduced, **aligned}
             self.metrics.append(self.last_eval)
             self.tracker.log(self.last_eval, prefix="eval/", step=round_index, class_names=self.data.class_names,
                              skip=("round", "round_seconds", "bytes_all_reduced", "align_loss"))
-            bar.set_postfix(balanced_acc=f"{report['acc']:.4f}")
+            bar.set_postfix(balanced_acc=f"{report['acc']:.4f}",
+                            **({"val_acc": f"{report['val_acc']:.4f}"} if "val_acc" in report else {}))
             if not bars:
                 log.info("%s", evaluation_line(self.last_eval, cfg.federated.rounds,
                                                sum(self._since_eval) / len(self._since_eval)))

@@ -36,7 +36,7 @@ else:  # pragma: no cover - Python 3.10
 
 from mllmfl_dist.core.checkpoint import remove_stale_temps, write_text_atomic
 from mllmfl_dist.core.errors import ConfigError
-from mllmfl_dist.core.jsonl import ACCURACY_KEYS, read_evaluations
+from mllmfl_dist.core.jsonl import ACCURACY_KEYS, VAL_ACCURACY_KEYS, read_evaluations
 from mllmfl_dist.core.layout import RunLayout
 from mllmfl_dist.stages import report_plots
 
@@ -79,11 +79,13 @@ def _federated_summary(records: list[dict], fed_summary: dict | None) -> dict:
     last = records[-1]
     out: dict[str, Any] = {"round": last.get("round")}
     out.update({k: last.get(k) for k in ACCURACY_KEYS})
+    out.update({k: last[k] for k in VAL_ACCURACY_KEYS if k in last})  # runs with a validation split
     if "per_class" in last:
         out["per_class"] = last["per_class"]
     ba = last.get("before_align")
     if isinstance(ba, dict):
         out["before_align"] = {k: ba.get(k) for k in ACCURACY_KEYS}
+        out["before_align"].update({k: ba[k] for k in VAL_ACCURACY_KEYS if k in ba})
         if "per_class" in ba:
             out["before_align"]["per_class"] = ba["per_class"]
     if "align_loss" in last:
@@ -152,8 +154,11 @@ def report_markdown(summary: dict) -> str:
     lines = [f"# Report: {summary['run_dir']}", ""]
     fed, base = summary.get("federated"), summary.get("baseline")
     if fed:
-        lines += ["| | balanced acc | top-1 | Many | Medium | Few |", "|---|---|---|---|---|---|"]
-        row = lambda name, r: f"| {name} | " + " | ".join(_fmt(r.get(k)) for k in ACCURACY_KEYS) + " |"  # noqa: E731
+        # Validation beside test where the run has a validation split (data.val_per_class).
+        val = [k for k in VAL_ACCURACY_KEYS[:2] if k in fed]
+        lines += ["| | balanced acc | top-1 | Many | Medium | Few |" + " val balanced acc | val top-1 |" * bool(val),
+                  "|---|---|---|---|---|---|" + "---|---|" * bool(val)]
+        row = lambda name, r: f"| {name} | " + " | ".join(_fmt(r.get(k)) for k in (*ACCURACY_KEYS, *val)) + " |"  # noqa: E731
         aligned = isinstance(fed.get("before_align"), dict)
         lines.append(row(f"method, round {fed.get('round')}" + (" (after alignment)" if aligned else ""), fed))
         if aligned:
@@ -161,9 +166,11 @@ def report_markdown(summary: dict) -> str:
         if base:
             lines.append(row(f"FedAvg from scratch, round {base.get('round')}", base))
         if fed.get("chance"):
-            lines.append(f"| chance | {fed['chance']:.3f} | | | | |")
+            lines.append(f"| chance | {fed['chance']:.3f} | | | | |" + f" {fed['chance']:.3f} | |" * bool(val))
         lines += ["", "Balanced acc is the mean of the per-class accuracies; Many / Medium / Few the mean accuracy "
-                  "of the classes with > 100, 20-100 and < 20 training samples (—: no such class)."]
+                  "of the classes with > 100, 20-100 and < 20 training samples (—: no such class)."
+                  + (" Val: the same on the validation split carved from the training split (data.val_per_class), "
+                     "on which settings are chosen; the other columns are the test set's." if val else "")]
         alignment = fed.get("alignment")
         if alignment:
             teacher_acc = alignment.get("teacher_accuracy")
