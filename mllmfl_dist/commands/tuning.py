@@ -81,7 +81,10 @@ def parse_tune(texts: Sequence[str]) -> dict[str, tuple[Any, ...]]:
             raise ConfigError(f"--tune names {key} twice")
         if key in ROW_SETS:
             raise ConfigError(f"--tune {key}: the row's name sets it (align[<teacher>]); tune other align keys")
-        values = tuple(_parse_override(f"{key}={v}")[1] for v in texts_of_values)
+        try:
+            values = tuple(_parse_override(f"{key}={v}")[1] for v in texts_of_values)
+        except ConfigError as err:
+            raise ConfigError(f"--tune {text!r}: {err}") from None
         if not _tunable(key):
             raise ConfigError(f"--tune {key}: compare tunes {', '.join(EVERY_STRATEGY)}, federated.server_momentum "
                               f"(fedavgm), federated.prox_mu (fedprox), a strategy's section "
