@@ -99,6 +99,15 @@ def build_parser() -> argparse.ArgumentParser:
                               "config runs a stage of the method)")
     compare.add_argument("--seeds", default=None,
                          help="comma-separated seeds, every method runs for each (default: run.seed)")
+    compare.add_argument("--tune", action="append", default=[], metavar="SECTION.KEY=V1,V2,...",
+                         help="values to tune a key over, per method (repeatable; see README); chosen on "
+                              "validation accuracy, into <run dir>/compare/tuning.json")
+    compare.add_argument("--tune-budget", type=int, default=3, help="configurations per method at most (default 3)")
+    compare.add_argument("--tune-seeds", help="tuning seeds (default 100,101, or the next ones not in --seeds)")
+    compare.add_argument("--tune-last", type=int, default=3,
+                         help="select on the mean val accuracy of the last N evaluations (default 3)")
+    compare.add_argument("--last", type=int, default=3, help="also average the last N evaluations (default 3)")
+    compare.add_argument("--target", type=float, metavar="ACC", help="add the first round at balanced test acc ACC")
     evaluate = add("evaluate", "evaluate a saved model on the config's test set")
     evaluate.add_argument("--checkpoint", required=True,
                           help="model_final.pt (a state dict) or checkpoint.pt from a run directory")
@@ -163,14 +172,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "evaluate":
             return _evaluate(cfg, args.checkpoint)
         if args.command == "compare":
-            from mllmfl_dist.fl.strategies import build_strategy
-            from mllmfl_dist.commands.compare import default_methods, method_config, parse_methods, parse_seeds
+            from mllmfl_dist.commands.compare import (check_methods, compare_options, default_methods, parse_methods,
+                                                      parse_seeds)
 
             methods = parse_methods(args.methods or default_methods(cfg), cfg)
             seeds = parse_seeds(args.seeds, cfg)
-            for method in methods:  # refuse a bad method (or a model it needs that is not there) before anything runs
-                build_strategy(method_config(cfg, method)).projection_dim()
-            return _run_stage(cfg, args.command, stop, methods, seeds)
+            tune, report = compare_options(args, cfg, seeds)
+            check_methods(cfg, methods, tune)  # before anything runs
+            return _run_stage(cfg, args.command, stop, methods, seeds, compare_options=(tune, *report))
         return _run_stage(cfg, args.command, stop)
     except (ConfigError, DataError, ModelLoadError) as err:
         return _fail(err, USAGE_ERROR, everywhere=False)
@@ -229,8 +238,9 @@ def _fail(err: Exception, code: int, *, everywhere: bool, prefix: str = "", labe
 
 
 def _run_stage(cfg, command: str, stop: preempt.StopRequest, methods: Sequence = (), seeds: Sequence[int] = (),
-               sweep: Sequence = ()) -> int:
-    """Run ``command`` on this job's ranks; ``sweep``: the per-seed configs of ``federate/run --seeds``."""
+               sweep: Sequence = (), compare_options: tuple = (None, 3, None)) -> int:
+    """Run ``command`` on this job's ranks; ``sweep``: the per-seed configs of ``federate/run --seeds``;
+    ``compare_options``: compare's (TuneSpec or None, last, target)."""
     from mllmfl_dist.core import dist
 
     _load_libraries(cfg, command, any(getattr(m, "dwp", False) for m in methods))
@@ -251,7 +261,7 @@ def _run_stage(cfg, command: str, stop: preempt.StopRequest, methods: Sequence =
             from mllmfl_dist.commands.compare import compare_dir, run_compare
             from mllmfl_dist.commands.compare_table import results_markdown
 
-            rows = run_compare(cfg, runtime, list(methods), list(seeds))
+            rows = run_compare(cfg, runtime, list(methods), list(seeds), *compare_options)
             if runtime.is_server:
                 print(results_markdown(rows), end="")
                 print(f"compare: results.md, results.csv, results_per_seed.csv and accuracy.png in "

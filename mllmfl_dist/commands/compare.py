@@ -17,6 +17,11 @@ A method is a base strategy plus, optionally, stages of the MLLM-assisted method
 Every method runs for every seed in ``<run dir>/compare/<method>/seed<k>/`` through the same ``run``
 pipeline, so each (method, seed) is resumable on its own and a finished one is not trained again. Rank 0
 then writes the tables and the plot (:mod:`mllmfl_dist.commands.compare_table`).
+
+With ``--tune`` (:mod:`mllmfl_dist.commands.tuning`) each method first runs its configurations on the tuning
+seeds in ``<run dir>/compare/tune/<method>/<config id>/seed<k>/``; rank 0 picks one per method on validation
+accuracy and writes ``<run dir>/compare/tuning.json``, and the chosen configuration runs on the reporting
+seeds in ``<run dir>/compare/<method>/<config id>/seed<k>/``.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +37,7 @@ from mllmfl_dist.config import AlignConfig, Config, ConfigError, validate
 from mllmfl_dist.config.fields import choices_of
 from mllmfl_dist.core import dist
 from mllmfl_dist.fl.strategies import builtin_strategy_names, strategy_class, strategy_names
+from mllmfl_dist.commands import tuning
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +123,33 @@ def parse_seeds(text: str | None, cfg: Config) -> list[int]:
     return seeds
 
 
+def compare_options(args: Any, cfg: Config, seeds: Sequence[int]) -> tuple[Any, tuple[int, float | None]]:
+    """(TuneSpec or None, (last, target)) from compare's options; ConfigError for a bad one."""
+    for name, value in (("--tune-budget", args.tune_budget), ("--tune-last", args.tune_last), ("--last", args.last)):
+        if value < 1:
+            raise ConfigError(f"{name} must be at least 1, got {value}")
+    if args.target is not None and not 0.0 < args.target <= 1.0:
+        raise ConfigError(f"--target is a balanced accuracy in (0, 1], got {args.target}")
+    tune = None
+    if args.tune:
+        tuning.check_validation(cfg)
+        tune = tuning.TuneSpec(tuning.parse_tune(args.tune), args.tune_budget,
+                               tuning.parse_tune_seeds(args.tune_seeds, seeds), args.tune_last, cfg.run.seed)
+    elif args.tune_seeds:
+        raise ConfigError("--tune-seeds without --tune: name the keys to tune with --tune KEY=V1,V2")
+    return tune, (args.last, args.target)
+
+
+def check_methods(cfg: Config, methods: list[Method], tune: tuning.TuneSpec | None) -> None:
+    """Refuse a bad method, or a model one needs that is not there, for every tuned setting (ConfigError,
+    ModelLoadError)."""
+    from mllmfl_dist.fl.strategies import build_strategy
+
+    for method in methods:
+        for setting in tuning.method_grid(method, tune) if tune else [{}]:
+            build_strategy(method_config(cfg, method, setting=setting)).projection_dim()
+
+
 def compare_dir(cfg: Config) -> Path:
     return cfg.paths.compare
 
@@ -140,12 +174,17 @@ def _teacher_model(cfg: Config, teacher: str) -> tuple[str, str]:
     return model, pretrained
 
 
-def method_config(cfg: Config, method: Method, seed: int | None = None) -> Config:
-    """The config of one (method, seed) of the comparison (see the module docstring)."""
+def method_config(cfg: Config, method: Method, seed: int | None = None, setting: Mapping[str, Any] | None = None,
+                  root: Path | None = None) -> Config:
+    """The config of one (method, seed) of the comparison (see the module docstring), with ``setting``
+    ({section.key: value}, a tuned configuration) applied, in ``root``/seed<k> (default: the row's folder)."""
     seed = cfg.run.seed if seed is None else seed
-    run = dataclasses.replace(cfg.run, root=str(compare_dir(cfg) / method.dirname), name=f"seed{seed}", seed=seed,
+    setting = dict(setting or {})
+    cfg = tuning.apply_setting(cfg, setting)
+    root = root or row_root(cfg, method, setting)
+    run = dataclasses.replace(cfg.run, root=str(root), name=f"seed{seed}", seed=seed,
                               baseline=False)  # the fedavg row is the baseline
-    backbone = str(stage1_config(cfg, seed).paths.backbone) if method.dwp else ""
+    backbone = str(stage1_config(cfg, seed, setting).paths.backbone) if method.dwp else ""
     if method.as_written:
         method_cfg = dataclasses.replace(cfg, run=run, model=dataclasses.replace(cfg.model,
                                                                                  pretrained_backbone=backbone))
@@ -168,40 +207,85 @@ def method_config(cfg: Config, method: Method, seed: int | None = None) -> Confi
     try:
         validate(method_cfg)
     except ConfigError as err:
-        raise ConfigError(f"compare: method {method.name}: {err}") from None
+        tuned = f" ({tuning.describe(setting)})" if setting else ""
+        raise ConfigError(f"compare: method {method.name}{tuned}: {err}") from None
     return method_cfg
 
 
-def stage1_config(cfg: Config, seed: int) -> Config:
+def row_root(cfg: Config, method: Method, setting: Mapping[str, Any] | None = None) -> Path:
+    """Where a row's seeds run: ``compare/<method>/``, or ``compare/<method>/<config id>/`` for a tuned setting
+    (a run directory holds one config: a different choice must not resume another's run)."""
+    root = compare_dir(cfg) / method.dirname
+    return root / tuning.config_id(setting) if setting else root
+
+
+def tune_root(cfg: Config, method: Method, setting: Mapping[str, Any]) -> Path:
+    """Where a configuration's tuning runs live: ``compare/tune/<method>/<config id>/``."""
+    return compare_dir(cfg) / "tune" / method.dirname / tuning.config_id(setting)
+
+
+def stage1_config(cfg: Config, seed: int, setting: Mapping[str, Any] | None = None) -> Config:
     """Stage 1 (annotation, DWP) of one seed, shared by every +dwp row of the comparison, in
-    ``<run dir>/compare/stage1/seed<k>/``."""
-    run = dataclasses.replace(cfg.run, root=str(compare_dir(cfg) / "stage1"), name=f"seed{seed}", seed=seed,
+    ``<run dir>/compare/stage1/seed<k>/`` (``stage1-<config id>/`` for tuned pretrain/annotate keys)."""
+    part = tuning.stage1_part(setting or {})
+    folder = f"stage1-{tuning.config_id(part)}" if part else "stage1"
+    run = dataclasses.replace(cfg.run, root=str(compare_dir(cfg) / folder), name=f"seed{seed}", seed=seed,
                               baseline=False)
     return dataclasses.replace(cfg, run=run, model=dataclasses.replace(cfg.model, pretrained_backbone="pretrain"))
 
 
-def run_compare(cfg: Config, runtime: dist.Runtime, methods: list[Method], seeds: list[int]) -> list[dict[str, Any]]:
-    """Run (or resume, or skip when complete) every method for every seed, then write the tables and the plot
-    on rank 0. Returns the per-(method, seed) rows on rank 0."""
-    from mllmfl_dist.commands.pipeline import run_pipeline, run_stage1
+def run_compare(cfg: Config, runtime: dist.Runtime, methods: list[Method], seeds: list[int],
+                tune: tuning.TuneSpec | None = None, last: int = 3,
+                target: float | None = None) -> list[dict[str, Any]]:
+    """Run (or resume, or skip when complete) every method for every seed, after its tuning runs with ``tune``,
+    then write the tables and the plot on rank 0 (``last``: evaluations averaged in the last-evaluations
+    column; ``target``: balanced test accuracy of the rounds-to-target column). Returns the per-(method,
+    seed) rows on rank 0."""
     from mllmfl_dist.commands.compare_table import run_row, write_results
 
-    # Every config is checked before anything runs.
-    configs = {(m.name, s): method_config(cfg, m, s) for s in seeds for m in methods}
-    total, done = len(configs), 0
-    for seed in seeds:  # seed by seed, so a complete table of the first seed exists early
-        if any(m.dwp for m in methods):
-            log.info("compare: stage 1 (annotation, DWP) of seed %d, shared by the +dwp rows", seed)
-            run_stage1(stage1_config(cfg, seed), runtime)
-        for method in methods:
-            done += 1
-            method_cfg = configs[(method.name, seed)]
-            log.info("compare: %d/%d: %s, seed %d -> %s", done, total, method.name, seed, method_cfg.run_dir)
-            run_pipeline(method_cfg, runtime)
+    grids = {m.name: tuning.method_grid(m, tune) if tune else [{}] for m in methods}
+    # Every config is checked before anything runs: each tuning run, and each candidate on the reporting seeds.
+    tune_jobs = [(m, setting, s, method_config(cfg, m, s, setting, tune_root(cfg, m, setting)))
+                 for s in (tune.seeds if tune else ()) for m in methods if len(grids[m.name]) > 1
+                 for setting in grids[m.name]]
+    candidates = {(m.name, tuning.config_id(setting), s): method_config(cfg, m, s, setting)
+                  for m in methods for setting in grids[m.name] for s in seeds}
+    _run_jobs(cfg, runtime, tune_jobs, "tuning")
+    chosen = {m.name: grids[m.name][0] for m in methods}
+    if tune:
+        paths = {(m.name, tuning.config_id(setting), s): job_cfg.paths.metrics for m, setting, s, job_cfg in tune_jobs}
+        chosen = dist.server_decides(
+            runtime, lambda: tuning.select_all(compare_dir(cfg), methods, grids, tune, paths),
+            "the configurations chosen on validation accuracy (tuning.json)")
+    configs = {(m.name, s): candidates[(m.name, tuning.config_id(chosen[m.name]), s)] for s in seeds for m in methods}
+    # seed by seed, so a complete table of the first seed exists early
+    _run_jobs(cfg, runtime, [(m, chosen[m.name], s, configs[(m.name, s)]) for s in seeds for m in methods], "")
     rows: list[dict[str, Any]] = []
     if runtime.is_server:
-        rows = [run_row(m, s, configs[(m.name, s)]) for m in methods for s in seeds]
+        rows = [{**run_row(m, s, configs[(m.name, s)], last, target),
+                 "tuned": tuning.describe(chosen[m.name]) if tune else "",
+                 "tuned_configs": len(grids[m.name]) if tune else None} for m in methods for s in seeds]
         write_results(compare_dir(cfg), rows, {m.name: [configs[(m.name, s)].run_dir for s in seeds] for m in methods},
                       cfg, runtime)
     dist.stage_barrier(runtime, "the end of the comparison (its tables)", clients_idle=True)
     return rows
+
+
+def _run_jobs(cfg: Config, runtime: dist.Runtime, jobs: list[tuple[Method, dict[str, Any], int, Config]],
+              what: str) -> None:
+    """Run each (method, setting, seed, config) in order, each +dwp one after its stage 1 (annotation, DWP:
+    run once per seed and stage-1 setting, shared by the +dwp rows)."""
+    from mllmfl_dist.commands.pipeline import run_pipeline, run_stage1
+
+    stage1_done: set[Path] = set()
+    for done, (method, setting, seed, method_cfg) in enumerate(jobs, start=1):
+        if method.dwp:
+            stage1 = stage1_config(tuning.apply_setting(cfg, setting), seed, setting)
+            if stage1.run_dir not in stage1_done:
+                log.info("compare: stage 1 (annotation, DWP) of seed %d, shared by the +dwp rows", seed)
+                run_stage1(stage1, runtime)
+                stage1_done.add(stage1.run_dir)
+        tuned = f" ({tuning.describe(setting)})" if setting else ""
+        log.info("compare: %s%d/%d: %s%s, seed %d -> %s", f"{what} " if what else "", done, len(jobs), method.name,
+                 tuned, seed, method_cfg.run_dir)
+        run_pipeline(method_cfg, runtime)

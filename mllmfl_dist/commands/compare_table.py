@@ -5,8 +5,12 @@ Rank 0 writes into ``<run dir>/compare/``:
 
 - ``results.md``: per method, mean +- sample standard deviation (n - 1) over the seeds of balanced accuracy,
   top-1 and Many/Medium/Few, with what ran (pretraining, alignment teacher, server-held labeled images),
-  then every seed's values, and on what data and machine they were measured;
-- ``results.csv``: the same per method (``<metric>_mean`` / ``<metric>_std`` columns, std empty for one seed);
+  then the statistics table (:mod:`mllmfl_dist.commands.seed_statistics`): balanced accuracy at the final
+  evaluation and its mean over the last ``last`` evaluations, each with sd and the 95% t-interval, the
+  paired per-seed difference to FedAvg, rounds to a target and the tuned setting; then every seed's values,
+  and on what data and machine they were measured;
+- ``results.csv``: the same per method (``<metric>_mean`` / ``<metric>_std`` columns, std empty for one seed,
+  then the statistics columns);
 - ``results_per_seed.csv``: one row per (method, seed);
 - ``accuracy.png``: balanced accuracy over rounds, the mean over seeds with a +-1 std band.
 """
@@ -29,13 +33,20 @@ from mllmfl_dist.core.jsonl import read_evaluations, read_jsonl
 from mllmfl_dist.core.layout import RunLayout
 from mllmfl_dist.fl.strategies import strategy_class
 from mllmfl_dist.commands.compare import Method
+from mllmfl_dist.commands.seed_statistics import Spread, first_round_reaching, last_mean, paired_difference, spread
 from mllmfl_dist.stages.report_plots import pyplot, save_accuracy_plot
 
 METRICS = ("acc", "acc_top1", "acc_many", "acc_medium", "acc_few", "wall_seconds")
 DESCRIPTION = ("method", "strategy", "pretraining", "align_teacher", "server_labeled_images", "models")
-PER_SEED_COLUMNS = (*DESCRIPTION, "seed", "rounds", *METRICS, "bytes_all_reduced_per_round")
+BASELINE = "fedavg"  # the row the paired differences are taken against
+# acc_last: balanced test accuracy averaged over the last `last_evaluations` evaluations of a run.
+PER_SEED_COLUMNS = (*DESCRIPTION, "seed", "rounds", *METRICS, "bytes_all_reduced_per_round", "acc_last",
+                    "last_evaluations", "target_acc", "rounds_to_target", "tuned", "tuned_configs")
+STATISTICS = ("acc", "acc_last", "acc_minus_fedavg", "acc_last_minus_fedavg")
 SUMMARY_COLUMNS = (*DESCRIPTION, "seeds", "rounds", *(f"{m}_{s}" for m in METRICS for s in ("mean", "std")),
-                   "bytes_all_reduced_per_round")
+                   "bytes_all_reduced_per_round", "last_evaluations", "acc_ci95",  # acc_mean / _std: above
+                   *(f"{m}_{s}" for m in STATISTICS[1:] for s in ("mean", "sd", "ci95")), "target_acc",
+                   "rounds_to_target_mean", "target_reached", "tuned", "tuned_configs")
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -56,8 +67,9 @@ def models_used(cfg: Config, dwp: bool) -> list[str]:
     return used
 
 
-def run_row(method: Method, seed: int, cfg: Config) -> dict[str, Any]:
-    """What one (method, seed) ran and measured, from its run directory."""
+def run_row(method: Method, seed: int, cfg: Config, last: int = 3, target: float | None = None) -> dict[str, Any]:
+    """What one (method, seed) ran and measured, from its run directory: the final evaluation, the mean balanced
+    test accuracy of the last ``last`` evaluations, the first round reaching balanced test accuracy ``target``."""
     paths = cfg.paths
     evaluations = read_evaluations(paths.metrics)
     rounds = read_jsonl(paths.rounds)
@@ -74,6 +86,9 @@ def run_row(method: Method, seed: int, cfg: Config) -> dict[str, Any]:
         **{k: final.get(k) for k in METRICS if k != "wall_seconds"},
         "wall_seconds": sum(r.get("seconds", 0.0) for r in rounds) if rounds else None,
         "bytes_all_reduced_per_round": rounds[-1].get("bytes_all_reduced") if rounds else None,
+        "acc_last": last_mean(evaluations, "acc", last), "last_evaluations": last, "target_acc": target,
+        "rounds_to_target": first_round_reaching(evaluations, target, "acc") if target is not None else None,
+        "tuned": "", "tuned_configs": None,
     }
 
 
@@ -85,10 +100,13 @@ def _mean_std(values: list[Any]) -> tuple[float | None, float | None]:
 
 
 def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per method (in first-seen order) with ``<metric>_mean`` / ``_std`` over its seeds."""
+    """One row per method (in first-seen order) with ``<metric>_mean`` / ``_std`` over its seeds, and the
+    statistics columns: ``<acc|acc_last>_<mean|sd|ci95>`` and the same of the paired per-seed differences to
+    the ``fedavg`` row (``acc_minus_fedavg_*``, empty without a fedavg row), rounds to the target."""
     methods: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
         methods.setdefault(row["method"], []).append(row)
+    baseline = methods.get(BASELINE, [])
     summary = []
     for runs in methods.values():
         out = {k: runs[0][k] for k in DESCRIPTION}
@@ -97,8 +115,33 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         out["bytes_all_reduced_per_round"] = runs[0]["bytes_all_reduced_per_round"]
         for metric in METRICS:
             out[f"{metric}_mean"], out[f"{metric}_std"] = _mean_std([r[metric] for r in runs])
+        for key in ("last_evaluations", "target_acc", "tuned", "tuned_configs"):
+            out[key] = runs[0].get(key)
+        for metric in ("acc", "acc_last"):
+            _put(out, metric, spread(_values(runs, metric)))
+            paired = baseline and runs is not baseline
+            diff = paired_difference(_by_seed(runs, metric), _by_seed(baseline, metric)) if paired else Spread(
+                0, None, None, None)
+            _put(out, f"{metric}_minus_fedavg", diff)
+        reached = [r["rounds_to_target"] for r in runs if r.get("rounds_to_target") is not None]
+        out["rounds_to_target_mean"] = statistics.fmean(reached) if reached else None
+        out["target_reached"] = f"{len(reached)}/{len(runs)}" if runs[0].get("target_acc") is not None else None
         summary.append(out)
     return summary
+
+
+def _values(runs: list[dict[str, Any]], metric: str) -> list[float]:
+    """Every seed's value, or none when a seed lacks it (no statistic over a partial set of seeds)."""
+    values = [r.get(metric) for r in runs]
+    return [] if any(v is None for v in values) else values
+
+
+def _by_seed(runs: list[dict[str, Any]], metric: str) -> dict[int, float]:
+    return {r["seed"]: r[metric] for r in runs if r.get(metric) is not None}
+
+
+def _put(out: dict[str, Any], name: str, value: Spread) -> None:
+    out[f"{name}_mean"], out[f"{name}_sd"], out[f"{name}_ci95"] = value.mean, value.sd, value.ci95
 
 
 def _fmt(value: Any, digits: int = 3) -> str:
@@ -128,6 +171,44 @@ def measured_on(cfg: Config, world_size: int, backend: str) -> str:
             f"core(s) ({platform.system()}).")
 
 
+def _spread_cell(row: dict[str, Any], name: str) -> str:
+    mean, sd, ci = row[f"{name}_mean"], row[f"{name}_sd"], row[f"{name}_ci95"]
+    if mean is None:
+        return "—"
+    return f"{mean:+.3f}" if "minus" in name and sd is None else _fmt(mean) if sd is None else (
+        f"{mean:{'+' if 'minus' in name else ''}.3f} ± {sd:.3f} (95% CI ± {ci:.3f})")
+
+
+def statistics_markdown(summary: list[dict[str, Any]]) -> list[str]:
+    """The statistics table: final and last-evaluations balanced accuracy, paired differences to FedAvg, rounds
+    to the target, the tuned setting (the last two only where asked for)."""
+    if not summary:
+        return []
+    last, target = summary[0]["last_evaluations"], summary[0]["target_acc"]
+    tuned = any(r["tuned_configs"] is not None for r in summary)
+    head = ["method", *(["tuned setting (configurations tried)"] if tuned else []), "balanced acc, final",
+            f"balanced acc, mean of last {last} evaluations", "paired difference to fedavg, final",
+            f"paired difference to fedavg, last {last}",
+            *([f"rounds to balanced test acc {target:g} (seeds reaching it)"] if target is not None else [])]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in summary:
+        cells = [r["method"], *([f"{r['tuned'] or 'defaults'} ({r['tuned_configs']})"] if tuned else []),
+                 *(_spread_cell(r, m) for m in STATISTICS),
+                 *([f"{_fmt(r['rounds_to_target_mean'], 1)} ({r['target_reached']})"] if target is not None else [])]
+        lines.append("| " + " | ".join(cells) + " |")
+    seeds = summary[0]["seeds"]
+    lines += ["", f"Balanced test accuracy over seeds {', '.join(map(str, seeds))}: mean ± sample standard deviation "
+              "(n - 1) and the half-width of the 95% Student-t confidence interval of the mean (n - 1 degrees of "
+              "freedom), at the final evaluation and averaged over each run's last "
+              f"{last} evaluations. Paired difference: the row minus the fedavg row seed by seed (same data, "
+              "partition and client order), with the same statistics."
+              + (f" Rounds to target: the first evaluated round whose balanced test accuracy is at least "
+                 f"{target:g}, the mean over the seeds that reach it." if target is not None else "")
+              + (" Tuned setting: chosen on validation accuracy (tuning.json); the accuracies here are test "
+                 "accuracies of the chosen setting on the reporting seeds." if tuned else "")]
+    return lines
+
+
 def results_markdown(rows: list[dict[str, Any]], footer: str = "") -> str:
     summary = summarize(rows)
     seeds = summary[0]["seeds"] if summary else []
@@ -147,6 +228,7 @@ def results_markdown(rows: list[dict[str, Any]], footer: str = "") -> str:
               "Server-held labeled images: labeled images the server trained on (alignment); DWP uses "
               "unlabeled captioned images. Wall time sums the rounds (one-off setup such as CLIP2FL's teacher "
               "pass is not counted)."]
+    lines += ["", *statistics_markdown(summary)] if summary else []
     if footer:
         lines += ["", footer]
     if len(seeds) > 1:
