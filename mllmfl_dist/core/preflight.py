@@ -100,7 +100,8 @@ def check_run_dir(root: str, name: str) -> Path:
                           "set a folder, e.g. run.root = \"runs\" (or \".\" to mean the working directory)")
     run_dir = Path(os.path.abspath(Path(root) / name))
     existing = run_dir
-    while not existing.exists() and existing != existing.parent:
+    # os.path.exists, not Path.exists: a name over NAME_MAX makes stat fail with ENAMETOOLONG, checked below
+    while not os.path.exists(existing) and existing != existing.parent:
         existing = existing.parent
     if not existing.is_dir():
         what = "run.root" if existing == Path(os.path.abspath(root)) else f"{existing}, on the way to it,"
