@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -23,6 +24,7 @@ from mllmfl_dist.core.errors import ConfigError, DataError, ModelLoadError, Rank
 USAGE_ERROR = 2  # a config, data or model the user can fix
 DIVERGED = 3  # training went non-finite; the last checkpoint is kept
 RANK_LOST = 4  # a wait on another rank ran out or broke (stopped, hung or killed rank)
+INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a command ended by Ctrl-C
 
 DESCRIPTION = """\
 Distributed trainer for MLLM-assisted federated learning on long-tailed, heterogeneous image data.
@@ -189,6 +191,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(err, RANK_LOST, everywhere=True)
     except preempt.Preempted as stopped:
         return _fail(stopped, preempt.PREEMPTED_EXIT, everywhere=False, label="")
+    except KeyboardInterrupt:  # Ctrl-C reaches every rank: one line per node, not a traceback per rank
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not break the line being written
+        from mllmfl_dist.core.preflight import interrupted_message
+
+        what = f"{args.command} {getattr(args, 'config', None) or getattr(args, 'run_dir', '')}".strip()
+        return _fail(Exception(interrupted_message(what)), INTERRUPTED, everywhere=False, label="")
 
 
 def _tiny_models(args) -> int:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from mllmfl_dist.config import Config, load_config
+from mllmfl_dist.core import preflight
 
 GROUPS = ("many", "medium", "few")
 
@@ -24,6 +25,8 @@ def seed_configs(path: str | Path, overrides: Sequence[str], seeds: Sequence[int
     if len(seeds) > 1 and len({cfg.run.name for cfg in configs}) == 1:
         configs = [dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, name=f"{cfg.run.name}-seed{cfg.run.seed}"))
                    for cfg in configs]
+        for cfg in configs:  # the suffix may take the name over the file system's limit
+            preflight.check_run_dir(cfg.run.root, cfg.run.name)
     return configs
 
 

@@ -22,10 +22,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from mllmfl_dist.config.fields import check_section
+from mllmfl_dist.config.fields import check_section, is_path
 from mllmfl_dist.config.run_name import is_template, resolve_run_name
 from mllmfl_dist.config.schema import CORE_SECTIONS, Config
-from mllmfl_dist.core import plugins
+from mllmfl_dist.core import plugins, preflight
 from mllmfl_dist.core.errors import ConfigError
 from mllmfl_dist.core.resources import resolve_path
 
@@ -33,6 +33,8 @@ if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
+
+INT64_MIN, INT64_MAX = -(2 ** 63), 2 ** 63 - 1
 
 
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
@@ -42,10 +44,7 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
     path = resolve_path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
-    try:
-        raw = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as err:
-        raise ConfigError(f"{path}: not valid TOML: {err}") from None
+    raw = read_toml(path)
     for item in overrides:
         keys, value = _parse_override(item)
         table = raw
@@ -57,7 +56,28 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
     raw.setdefault("run", {})
     if isinstance(raw["run"], dict) and not raw["run"].get("name"):
         raw["run"]["name"] = path.stem
-    return config_from_dict(raw)
+    config = config_from_dict(raw)
+    check_machine(config)
+    return config
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """The TOML file at ``path`` as a dict; a UTF-8 byte-order mark (which some editors write) is skipped.
+    ConfigError naming the file for text that is not UTF-8 or not TOML."""
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8-sig"))
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); save it as UTF-8") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path}: not valid TOML: {err}") from None
+
+
+def check_machine(config: Config) -> None:
+    """What a config asks of this machine, before anything is written: a run directory that can be made
+    (:func:`preflight.check_run_dir`) and data that fits its memory on each of the node's ranks."""
+    preflight.check_run_dir(config.run.root, config.run.name)
+    preflight.check_data_memory(config.data, config.federated.num_clients, preflight.physical_memory_bytes(),
+                                preflight.local_world_size())
 
 
 def section_types() -> dict[str, type]:
@@ -98,6 +118,8 @@ def _build(cls: type, values: dict[str, Any], prefix: str):
             kwargs[key] = _build(hints[key], value, f"{name}.")
         else:
             kwargs[key] = _check_type(name, hints[key], value)
+            if is_path(cls, key):
+                kwargs[key] = preflight.expand_user(kwargs[key])
     return cls(**kwargs)
 
 
@@ -109,6 +131,8 @@ def _check_type(name: str, expected: type, value: Any) -> Any:
     wrong_bool = expected is not bool and isinstance(value, bool)
     if wrong_bool or not isinstance(value, expected):
         raise ConfigError(f"{name} must be {_type_name(expected)}, got {value!r}")
+    if expected is int and not INT64_MIN <= value <= INT64_MAX:  # TOML's range; --set parses any length
+        raise ConfigError(f"{name} = {value} is not allowed; it must fit a 64-bit integer (at most {INT64_MAX})")
     return value
 
 

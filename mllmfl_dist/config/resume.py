@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mllmfl_dist.config.loader import flat_items
-from mllmfl_dist.core import plugins
+from mllmfl_dist.core import plugins, preflight
 from mllmfl_dist.core.errors import ConfigError
 
 
@@ -57,7 +57,10 @@ def differences(saved: dict[str, Any], current: dict[str, Any], policy: ResumePo
     old_items = flat_items(saved)
     out = []
     for name, new in flat_items(current).items():
-        if name in old_items and old_items[name] != new and policy.compares(name) and not _matches(name, unread):
+        old = old_items.get(name)
+        if isinstance(old, str):  # a config saved before paths were expanded at load holds "~/..." for the same path
+            old = preflight.expand_user(old)
+        if name in old_items and old != new and policy.compares(name) and not _matches(name, unread):
             out.append(f"{name}: {old_items[name]!r} -> {new!r}")
     return out
 

@@ -17,10 +17,10 @@ from typing import Any
 
 import tomli_w
 
-from mllmfl_dist.config.fields import (at_least, checked, choice, fraction, image_prompt, non_negative, positive,
-                                       unit_interval)
+from mllmfl_dist.config.fields import (at_least, checked, choice, fraction, image_prompt, minutes, non_negative,
+                                       path_setting, positive, unit_interval)
 from mllmfl_dist.config.values import valid_index_range
-from mllmfl_dist.core import plugins
+from mllmfl_dist.core import plugins, preflight
 from mllmfl_dist.core.errors import ConfigError
 from mllmfl_dist.core.layout import RunLayout
 
@@ -32,8 +32,9 @@ CLASS_QUESTION_PROMPT = "USER: <image>\nWhat is the object in the image? ASSISTA
 @dataclass(frozen=True)
 class RunConfig:
     # empty: the config file's stem; may be a template over config values: "{federated.strategy}-s{run.seed}"
-    name: str = checked("", lambda v: "/" not in v and v not in ("", ".", ".."), "a non-empty name without '/'")
-    root: str = "runs"  # outputs go to <root>/<name>/
+    name: str = checked("", lambda v: preflight.run_name_problem(v) is None,
+                        "a non-empty name without '/' or control characters, at most 255 bytes")
+    root: str = path_setting("runs")  # outputs go to <root>/<name>/
     seed: int = at_least(0, 0)
     # `run` with a stage of the method (DWP or alignment) also runs FedAvg from scratch on the same data and
     # seed in <run dir>/baseline/, which the report sets beside the method.
@@ -44,9 +45,9 @@ class RunConfig:
 class DistConfig:
     backend: str = choice("auto", ("auto", "gloo", "nccl"))  # auto: nccl when CUDA is available, else gloo
     threads: int = at_least(1, 1)  # intra-op threads per process; CPU results depend on it, so it is fixed here
-    timeout_minutes: float = positive(30.0)  # collectives of the round loop, and rank 0's wait for idle client hosts
-    control_timeout_minutes: float = positive(1440.0)  # stage barriers while rank 0 runs long server-side work
-    init_timeout_minutes: float = positive(10.0)  # how long the ranks wait for each other to join at start-up
+    timeout_minutes: float = minutes(30.0)  # collectives of the round loop, and rank 0's wait for idle client hosts
+    control_timeout_minutes: float = minutes(1440.0)  # stage barriers while rank 0 runs long server-side work
+    init_timeout_minutes: float = minutes(10.0)  # how long the ranks wait for each other to join at start-up
     # a wait on other ranks longer than this is reported (then at 2x, 4x, ...)
     wait_report_seconds: float = positive(60.0)
     server_hosts_clients: bool = False  # let rank 0 train clients too when W > 1
@@ -55,7 +56,7 @@ class DistConfig:
 @dataclass(frozen=True)
 class DataConfig:
     source: str = choice("synthetic", ("synthetic", "fashion_mnist", "cifar10", "cifar100", "imagenet_lt", "shards"))
-    root: str = ""  # empty: the source's default search path
+    root: str = path_setting("")  # empty: the source's default search path
     download: bool = False
     imb_factor: float = unit_interval(0.01)  # n_min / n_max of the long tail; 1.0 keeps the data balanced
     random_crop: bool = True
@@ -88,10 +89,10 @@ class DataConfig:
                                  'start < stop (either may be omitted), or "" for the whole split')
     # imagenet_lt only: folder with ImageNet_LT_train.txt / ImageNet_LT_test.txt ("" = data.root); images
     # are decoded once, resized to data.image_size and cached as uint8 under <root>/.mllmfl_cache
-    lists_dir: str = ""
+    lists_dir: str = path_setting("")
     # shards source only: labeled WebDataset shards (glob or brace patterns); see shards/README.md
-    train_shards: str = ""
-    test_shards: str = ""
+    train_shards: str = path_setting("")
+    test_shards: str = path_setting("")
 
 
 @dataclass(frozen=True)
@@ -116,7 +117,7 @@ class ModelConfig:
     channels_last: bool = True  # NHWC memory format: about 1.4x faster ResNet-8 steps on the CPU (oneDNN)
     # Backbone to start federated finetuning from: "" (random init), "pretrain" (this run's
     # <run dir>/pretrain/backbone.pt) or a path to a backbone state dict. The classifier is always new.
-    pretrained_backbone: str = ""
+    pretrained_backbone: str = path_setting("")
 
 
 @dataclass(frozen=True)
@@ -159,7 +160,7 @@ class LogConfig:
     project: str = "mllmfl-dist"  # the W&B project and the MLflow experiment
     # "": W&B's own choice (WANDB_MODE, else online) | online | offline | disabled
     wandb_mode: str = choice("", ("", "online", "offline", "disabled"))
-    mlflow_uri: str = ""  # "": sqlite:///<run.root>/mlflow.db; or a file: / http(s):// tracking URI
+    mlflow_uri: str = path_setting("")  # "": sqlite:///<run.root>/mlflow.db; or a file: / http(s):// tracking URI
     # tqdm bars while stderr is a terminal; otherwise (or false) one log line per evaluation and stage
     progress: bool = True
 
@@ -168,8 +169,8 @@ class LogConfig:
 class AnnotateConfig:
     """Stage 1a: an MLLM captions unlabeled images stored as WebDataset shards."""
 
-    model: str = ""  # hub id (llava-hf/llava-1.5-7b-hf) or a local directory
-    shards: str = ""  # glob or brace pattern of the input shards
+    model: str = path_setting("")  # hub id (llava-hf/llava-1.5-7b-hf) or a local directory
+    shards: str = path_setting("")  # glob or brace pattern of the input shards
     ranks: str = choice("rank0", ("rank0", "all"))  # which ranks share the shards (whole shards per rank)
     batch_size: int = at_least(16, 1)
     prompt: str = image_prompt(CAPTION_PROMPT)
@@ -198,7 +199,7 @@ class DeepSpeedConfig:
     warmup_steps: int = at_least(0, 0)
     gradient_clipping: float = non_negative(1.0, "a number >= 0 (0: off)")
     # A DeepSpeed JSON of your own (offload, ZeRO-3 options, ...) merged under the keys set here, which win.
-    config_file: str = ""
+    config_file: str = path_setting("")
     # CPU ranks all-reduce through gloo ("shm": DeepSpeed's shared-memory op, JIT-compiled on first use).
     cpu_comm: str = choice("gloo", ("gloo", "shm"))
 
@@ -207,8 +208,8 @@ class DeepSpeedConfig:
 class PretrainConfig:
     """Stage 1b: Dynamic Weighted Pretraining of the FL backbone against the frozen MLLM."""
 
-    model: str = ""  # the MLLM; "" means annotate.model
-    shards: str = ""  # annotated shards; "" means this run's <run dir>/annotate/ directory
+    model: str = path_setting("")  # the MLLM; "" means annotate.model
+    shards: str = path_setting("")  # annotated shards; "" means this run's <run dir>/annotate/ directory
     # all: every rank is a DeepSpeed data-parallel rank; rank0 only with one process (DeepSpeed's
     # checkpointing barriers on the whole group, so idle ranks cannot wait elsewhere)
     ranks: str = choice("all", ("rank0", "all"))
@@ -233,12 +234,12 @@ class AlignConfig:
     # pool: labeled shards held by the server | holdout: data.server_holdout_per_class images per class kept
     # back from the training split | web: unlabeled shards pseudo-labeled by the teacher
     source: str = choice("pool", ("pool", "holdout", "web"))
-    pool_shards: str = ""  # labeled shards of the pool (e.g. shards/fmnist_align/*.tar.gz)
-    web_shards: str = ""  # unlabeled shards for source = "web"
+    pool_shards: str = path_setting("")  # labeled shards of the pool (e.g. shards/fmnist_align/*.tar.gz)
+    web_shards: str = path_setting("")  # unlabeled shards for source = "web"
     per_class: int = at_least(20, 1)  # k images per class
     teacher: str = choice("none", ("none", "llava", "clip"))
-    teacher_model: str = ""  # llava: hub id or directory; clip: open_clip name or local-dir:DIR
-    clip_pretrained: str = ""  # open_clip pretrained tag for a named architecture (e.g. openai)
+    teacher_model: str = path_setting("")  # llava: hub id or directory; clip: open_clip name or local-dir:DIR
+    clip_pretrained: str = path_setting("")  # open_clip pretrained tag for a named architecture (e.g. openai)
     prompt: str = image_prompt(CLASS_QUESTION_PROMPT)  # llava teacher's question
     templates: str = "a photo of a {}."  # clip teacher's prompt templates, separated by '|'
     teacher_temperature: float = positive(1.0)  # softmax temperature of the teacher's class scores

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mllmfl_dist.config.fields import at_least, checked, choice, non_negative, positive
+from mllmfl_dist.config.fields import at_least, checked, choice, non_negative, path_setting, positive
 
 # The operations of Differentiable Siamese Augmentation (mllmfl_dist/data/dsa.py), named for creff.dsa_strategy.
 DSA_OPERATIONS = ("color", "crop", "cutout", "flip", "scale", "rotate")
@@ -47,8 +47,8 @@ class Clip2flConfig:
     """``[clip2fl]``: distillation from a frozen open_clip model on the clients, CLIP text embeddings on the
     server (with ``[creff]`` for the federated features)."""
 
-    model: str = ""  # open_clip architecture (with pretrained), hf-hub:org/repo or local-dir:DIR
-    pretrained: str = ""  # open_clip pretrained tag for a named architecture (e.g. openai)
+    model: str = path_setting("")  # open_clip architecture (with pretrained), hf-hub:org/repo or local-dir:DIR
+    pretrained: str = path_setting("")  # open_clip pretrained tag for a named architecture (e.g. openai)
     templates: str = "a photo of a {}."  # '|'-separated prompt templates
     logit_scale: float = positive(100.0)
     temperature: float = positive(3.0)  # T of the clients' distillation

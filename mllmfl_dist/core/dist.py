@@ -21,6 +21,7 @@ import torch.distributed as torch_dist
 
 from mllmfl_dist.core.errors import ConfigError, DataError, ModelLoadError, RankLostError
 from mllmfl_dist.core.launch import LaunchEnv, read_launch_env, slurm_rendezvous
+from mllmfl_dist.core.preflight import check_local_ranks, local_world_size
 from mllmfl_dist.core.waits import Heartbeat, Waiting, WaitSettings, first_line, ranks_text
 
 if TYPE_CHECKING:
@@ -75,6 +76,8 @@ def init_runtime(cfg: DistConfig, env: dict[str, str] | None = None, stop: Any =
         raise ConfigError("dist.backend = 'nccl' needs CUDA, which is not available; use 'gloo' or 'auto'")
     device = torch.device("cpu")
     if backend == "nccl":
+        # Before any group exists: ranks sharing a GPU would otherwise meet NCCL's "Duplicate GPU detected".
+        check_local_ranks(local_world_size(os.environ if env is None else env), torch.cuda.device_count(), backend)
         device = torch.device("cuda", launch.local_rank % torch.cuda.device_count())
         torch.cuda.set_device(device)
     if launch.launcher == "none":

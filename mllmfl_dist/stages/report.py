@@ -25,15 +25,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import sys
 from pathlib import Path
 from typing import Any
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - Python 3.10
-    import tomli as tomllib
-
+from mllmfl_dist.config.loader import read_toml
 from mllmfl_dist.core.checkpoint import remove_stale_temps, write_text_atomic
 from mllmfl_dist.core.errors import ConfigError
 from mllmfl_dist.core.jsonl import ACCURACY_KEYS, VAL_ACCURACY_KEYS, read_evaluations
@@ -99,10 +94,12 @@ def _federated_summary(records: list[dict], fed_summary: dict | None) -> dict:
 
 
 def _config(run_dir: Path) -> dict:
-    try:
-        return tomllib.loads(RunLayout(run_dir).config.read_text())
-    except (OSError, ValueError):
+    """The run's config.toml as a dict ({} where there is none); ConfigError naming the file when it is there
+    but not UTF-8 TOML, since the report would otherwise silently lose the models and strategy it names."""
+    path = RunLayout(run_dir).config
+    if not path.is_file():
         return {}
+    return read_toml(path)
 
 
 def model_provenance(spec: str) -> dict[str, Any]:
@@ -199,13 +196,13 @@ def write_report(run_dir: Path) -> dict:
     nothing missing raises."""
     run_dir = Path(run_dir)
     paths = RunLayout(run_dir)
+    config = _config(run_dir)  # first: a config.toml that cannot be read refuses the report before it writes
     out_dir = paths.report
     out_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(out_dir)  # of a report killed while writing
     summary: dict[str, Any] = {"run_dir": str(run_dir)}
 
     fed_summary = _read_json(paths.summary) or {}
-    config = _config(run_dir)
     strategy_models = fed_summary.get("strategy_models")
     if strategy_models is None:  # a summary written before it recorded them: ask the strategy
         strategy_models = _strategy_models(config)
@@ -238,7 +235,7 @@ def write_report(run_dir: Path) -> dict:
     summary["plots"] = []
     if records:
         class_names = fed_summary.get("class_names") or []
-        method = (_config(run_dir).get("federated") or {}).get("strategy", "method")
+        method = (config.get("federated") or {}).get("strategy", "method")
         report_plots.accuracy_plot(out_dir / "accuracy.png", records, baseline, summary["federated"].get("chance"),
                                    method)
         report_plots.per_class_plot(out_dir / "per_class.png", records[-1], class_names,
