@@ -90,7 +90,7 @@ def test_decode_resizes_the_shorter_side_and_centre_crops(tmp_path: Path) -> Non
 def test_second_build_uses_the_cache(fake_imagenet: Path, monkeypatch) -> None:
     first = load_imagenet_lt(str(fake_imagenet), "", SIZE)
 
-    def no_decoding(path, size):
+    def no_decoding(path, size, *bounds):
         raise AssertionError(f"decoded {path} although the cache is current")
 
     monkeypatch.setattr(imagenet_lt_module, "_decode", no_decoding)
@@ -115,7 +115,7 @@ def test_a_changed_list_rebuilds_the_cache(fake_imagenet: Path, monkeypatch) -> 
     calls = []
     real = imagenet_lt_module._decode
     monkeypatch.setattr(imagenet_lt_module, "_decode",
-                        lambda path, size: calls.append(path) or real(path, size))
+                        lambda path, size, *bounds: calls.append(path) or real(path, size, *bounds))
     arrays = load_imagenet_lt(str(fake_imagenet), "", SIZE)
     assert len(calls) == sum(TRAIN_COUNTS) - 1  # train rebuilt; test cache still current
     assert np.bincount(arrays.train_labels).tolist() == [TRAIN_COUNTS[0] - 1, *TRAIN_COUNTS[1:]]

@@ -50,11 +50,11 @@ RANK = textwrap.dedent("""
     root, start, counts = sys.argv[1:4]
     decode = imagenet_lt._decode
 
-    def counted(path, size):
+    def counted(path, size, *bounds):
         with open(Path(counts) / f"node{os.environ['GROUP_RANK']}-local{os.environ['LOCAL_RANK']}", "a") as f:
             f.write(f"{path}\\n")
         time.sleep(0.02)  # a longer build, so that a second builder would overlap it
-        return decode(path, size)
+        return decode(path, size, *bounds)
 
     imagenet_lt._decode = counted  # counts the real decodes; nothing else is replaced
     (Path(counts) / f"ready{os.environ['RANK']}").touch()

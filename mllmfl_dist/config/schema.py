@@ -29,6 +29,17 @@ CAPTION_PROMPT = "USER: <image>\nDescribe the image in one short sentence. ASSIS
 CLASS_QUESTION_PROMPT = "USER: <image>\nWhat is the object in the image? ASSISTANT:"  # the llava teacher
 
 
+# What decoding one image may cost, in every section that reads images (data/images.py ImageBounds): decoded
+# pixels (after JPEG draft scaling; 50 M pixels is 150 MB as RGB) and long side / short side (a model's
+# resize of the short side to its input builds input_side^2 * ratio pixels before the centre crop).
+def _max_image_pixels() -> Any:
+    return at_least(50_000_000, 1)
+
+
+def _max_image_aspect_ratio() -> Any:
+    return checked(20.0, lambda v: v >= 1, "a number >= 1 (long side / short side)")
+
+
 @dataclass(frozen=True)
 class RunConfig:
     # empty: the config file's stem; may be a template over config values: "{federated.strategy}-s{run.seed}"
@@ -93,6 +104,9 @@ class DataConfig:
     # shards source only: labeled WebDataset shards (glob or brace patterns); see shards/README.md
     train_shards: str = path_setting("")
     test_shards: str = path_setting("")
+    # shards and imagenet_lt: an image over either bound is refused, naming the shard and member (or file)
+    max_image_pixels: int = _max_image_pixels()
+    max_image_aspect_ratio: float = _max_image_aspect_ratio()
 
 
 @dataclass(frozen=True)
@@ -182,6 +196,9 @@ class AnnotateConfig:
     dtype: str = choice("float32", ("float32", "bfloat16", "float16", "auto"))
     # "": this rank's device; "auto": accelerate spreads/offloads a large model
     device_map: str = choice("", ("", "auto"))
+    # an image over either bound is skipped and listed in the manifest
+    max_image_pixels: int = _max_image_pixels()
+    max_image_aspect_ratio: float = _max_image_aspect_ratio()
 
 
 @dataclass(frozen=True)
@@ -223,6 +240,9 @@ class PretrainConfig:
     max_caption_tokens: int = at_least(32, 1)
     heldout: int = at_least(32, 1)  # captioned images kept out of training for the held-out losses
     checkpoint_every: int = at_least(50, 1)  # DeepSpeed checkpoints (resume) every this many steps
+    # a captioned image over either bound is skipped and counted in metrics.json
+    max_image_pixels: int = _max_image_pixels()
+    max_image_aspect_ratio: float = _max_image_aspect_ratio()
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
 
 
@@ -255,6 +275,9 @@ class AlignConfig:
     # tempered as in standard distillation, beta * T^2 * KL(q_T || p_T), q_T proportional to q^(1/T).
     temperature: float = positive(1.0)
     train: str = choice("classifier", ("classifier", "all"))
+    # web: an image over either bound is skipped and counted; pool: refused, naming the shard and member
+    max_image_pixels: int = _max_image_pixels()
+    max_image_aspect_ratio: float = _max_image_aspect_ratio()
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ from ..config.fields import choices_of
 from ..core.seeds import TAG_LONGTAIL, TAG_TRAIN_FRACTION, derive_seed
 from .base import ArrayClientData, ClientData, DataError
 from .fraction import fraction_indices
+from .images import ImageBounds
 from .imagenet_lt import load_imagenet_lt
 from .longtail import longtail_indices
 from .partition import partition_indices
@@ -127,10 +128,10 @@ def _load_arrays(data: DataConfig, seed: int) -> LabeledArrays:
         return load_cifar(data.source, data.root, data.download)
     if data.source == "imagenet_lt":
         # The OLTR list files; the long tail is in the train list (LONGTAILED_SOURCES skips imb_factor).
-        return load_imagenet_lt(data.root, data.lists_dir, data.image_size)
+        return load_imagenet_lt(data.root, data.lists_dir, data.image_size, ImageBounds.of(data, "data"))
     if data.source == "shards":
         # Labeled WebDataset shards (shards/README.md); already long-tailed sets use imb_factor = 1.0.
-        return load_labeled_shards(data.train_shards, data.test_shards)
+        return load_labeled_shards(data.train_shards, data.test_shards, bounds=ImageBounds.of(data, "data"))
     raise DataError(f"data.source = {data.source!r} is not known; choose one of: {', '.join(SOURCES)}")
 
 

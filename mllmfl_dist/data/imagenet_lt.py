@@ -39,7 +39,7 @@ import torch
 from ..core.checkpoint import output_errors
 from ..core.locks import exclusive, unique_suffix
 from .base import DataError
-from .images import fit_square
+from .images import CorruptImageError, ImageBounds, UnusableImageError, decode_image, fit_square
 from .sources import LabeledArrays
 
 log = logging.getLogger(__name__)
@@ -53,13 +53,14 @@ IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 DECODE_THREADS = min(16, os.cpu_count() or 1)  # PIL releases the GIL while decoding and resizing
 
 
-def load_imagenet_lt(root: str, lists_dir: str, image_size: int) -> LabeledArrays:
+def load_imagenet_lt(root: str, lists_dir: str, image_size: int, bounds: ImageBounds | None = None) -> LabeledArrays:
     """ImageNet-LT train and test splits as uint8 ``[N, 3, S, S]`` arrays (``S = image_size``).
 
     ``lists_dir`` holds the two list files; empty means ``root``. The train split is returned as listed:
     it is long-tailed already, so no further long tail applies. Class ``c`` is named by the synset folder
     of its first train image, or by that synset's first English name where ``LOC_synset_mapping.txt`` is in
     ``lists_dir`` or ``root`` (the names a text-scoring teacher such as align.teacher = "llava" reads).
+    An image over ``bounds`` (``data.max_image_*``, checked before decoding) is a :class:`DataError` naming it.
     """
     if not root:
         raise DataError("data.root is empty; set it to the ImageNet root (the folder holding train/ and val/)")
@@ -87,8 +88,8 @@ def load_imagenet_lt(root: str, lists_dir: str, image_size: int) -> LabeledArray
     class_names = _class_names(entries["train"][0], train_labels, num_classes)
     class_names = _readable_names(class_names, [lists_path / SYNSET_MAPPING, root_path / SYNSET_MAPPING])
 
-    images = {split: _cached_split(root_path, split, lists_path / LIST_FILES[split], *entries[split], image_size)
-              for split in LIST_FILES}
+    images = {split: _cached_split(root_path, split, lists_path / LIST_FILES[split], *entries[split], image_size,
+                                   bounds) for split in LIST_FILES}
     return LabeledArrays(
         train_images=images["train"],
         train_labels=train_labels,
@@ -200,7 +201,7 @@ def _load_entry(folder: Path, split: str, size: int, list_file: Path, digest: st
 
 
 def _cached_split(root: Path, split: str, list_file: Path, paths: list[str], labels: np.ndarray,
-                  lines: list[int], size: int) -> torch.Tensor:
+                  lines: list[int], size: int, bounds: ImageBounds | None = None) -> torch.Tensor:
     digest = _list_digest(list_file)
     folders = _cache_dirs(root)
     for folder in folders:
@@ -219,7 +220,7 @@ def _cached_split(root: Path, split: str, list_file: Path, paths: list[str], lab
                     if stale.name[len(entry_file.name) + 4:].isdigit():
                         stale.unlink(missing_ok=True)
             with output_errors(folder):
-                _build_entry(folder, root, split, list_file, digest, paths, labels, lines, size)
+                _build_entry(folder, root, split, list_file, digest, paths, labels, lines, size, bounds)
             cached = _load_entry(folder, split, size, list_file, digest, labels)
     if cached is None:
         raise DataError(f"the ImageNet-LT cache in {folder} could not be read back after writing it; delete the "
@@ -243,7 +244,7 @@ def _writable(folders: list[Path]) -> Path:
 
 
 def _build_entry(folder: Path, root: Path, split: str, list_file: Path, digest: str, paths: list[str],
-                 labels: np.ndarray, lines: list[int], size: int) -> None:
+                 labels: np.ndarray, lines: list[int], size: int, bounds: ImageBounds | None = None) -> None:
     from tqdm import tqdm
 
     files = [root / p for p in paths]
@@ -258,7 +259,7 @@ def _build_entry(folder: Path, root: Path, split: str, list_file: Path, digest: 
     try:
         out = np.lib.format.open_memmap(tmp[0], mode="w+", dtype=np.uint8, shape=(len(files), 3, size, size))
         with ThreadPoolExecutor(DECODE_THREADS) as pool:
-            decoded = pool.map(lambda file: _decode(file, size), files)
+            decoded = pool.map(lambda file: _decode(file, size, bounds), files)
             for i, image in enumerate(tqdm(decoded, total=len(files), desc=f"ImageNet-LT {split} {size}px",
                                            unit="img", mininterval=2.0)):
                 out[i] = image
@@ -285,16 +286,17 @@ def _build_entry(folder: Path, root: Path, split: str, list_file: Path, digest: 
             path.unlink(missing_ok=True)
 
 
-def _decode(path: Path, size: int) -> np.ndarray:
-    """One image as uint8 ``[3, size, size]``: RGB, shorter side resized to ``size``, centre crop."""
-    from PIL import Image
-
+def _decode(path: Path, size: int, bounds: ImageBounds | None = None) -> np.ndarray:
+    """One image as uint8 ``[3, size, size]``: RGB, shorter side resized to ``size``, centre crop; JPEGs are
+    decoded at the smallest DCT scale (1/2^k) that is still at least size x size (:func:`decode_image`)."""
     try:
-        with Image.open(path) as img:
-            # JPEG DCT scaling: decode at the smallest 1/2^k scale that is still at least size x size.
-            img.draft("RGB", (size, size))
-            img = fit_square(img.convert("RGB"), size)
-            array = np.asarray(img, dtype=np.uint8)
-    except Exception as err:  # noqa: BLE001 - PIL raises OSError, SyntaxError, struct.error, DecompressionBomb...
+        img = decode_image(path, bounds, side=size)
+        array = np.asarray(fit_square(img.convert("RGB"), size), dtype=np.uint8)
+    except CorruptImageError as err:
+        detail = str(err).removeprefix("cannot decode image ")
+        raise DataError(f"{path}: cannot decode the image {detail}; replace the file") from None
+    except UnusableImageError as err:
+        raise DataError(f"{path}: {err}; replace the file") from None
+    except Exception as err:  # noqa: BLE001 - PIL raises OSError, SyntaxError, struct.error... while resizing too
         raise DataError(f"{path}: cannot decode the image ({type(err).__name__}: {err}); replace the file") from None
     return array.transpose(2, 0, 1)

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from .base import DataError
+from .images import ImageBounds
 from .shards import CLASSES_FILE, describe_shape, expand_shards, read_classes, read_labeled_shards
 
 
@@ -36,18 +37,20 @@ def resolve_pattern(pattern: str, key: str) -> list[Path]:
 
 
 def load_labeled_shards(train_pattern: str, test_pattern: str,
-                        train_key: str = "data.train_shards", test_key: str = "data.test_shards"):
+                        train_key: str = "data.train_shards", test_key: str = "data.test_shards",
+                        bounds: ImageBounds | None = None):
     """Labeled train and test shards as :class:`~mllmfl_dist.data.sources.LabeledArrays`.
 
     Class names come from ``classes.json`` beside the first train shard, else ``class_<i>`` up to the
-    largest label. mean/std are the per-channel statistics of the train images.
+    largest label. mean/std are the per-channel statistics of the train images. An image over ``bounds``
+    (``data.max_image_*``) is a :class:`DataError` naming the shard and the member.
     """
     from .sources import LabeledArrays
 
     train_paths = resolve_pattern(train_pattern, train_key)
     test_paths = resolve_pattern(test_pattern, test_key)
-    train_images, train_labels, _ = read_labeled_shards(train_paths)
-    test_images, test_labels, _ = read_labeled_shards(test_paths)
+    train_images, train_labels, _ = read_labeled_shards(train_paths, bounds)
+    test_images, test_labels, _ = read_labeled_shards(test_paths, bounds)
     if train_images.shape[1:] != test_images.shape[1:]:
         raise DataError(f"{test_key}: test images are {describe_shape(tuple(test_images.shape[1:]))}, the train "
                         f"images ({train_key}) {describe_shape(tuple(train_images.shape[1:]))}")

@@ -40,7 +40,7 @@ import torch
 from ..core.resources import shipped_pattern
 from .base import DataError
 # The writer lives in its own module; its names stay importable from here.
-from .images import CorruptImageError, decode_image, image_to_array
+from .images import CorruptImageError, ImageBounds, UnusableImageError, decode_image, image_to_array  # noqa: F401
 from .shard_writer import (CLASSES_FILE, IMAGE_EXTS, SHARD_SUFFIXES, existing_shards,  # noqa: F401
                            shard_pattern, unsafe_member_name, write_classes, write_shard, write_shards)
 
@@ -143,6 +143,13 @@ def _parse_sample(key: str, members: dict[str, bytes]) -> dict[str, Any]:
     return sample
 
 
+def _stray_member(name: str) -> dict[str, Any]:
+    base = name.rpartition("/")[2]
+    why = "starts with a dot (a hidden file)" if base.startswith(".") else "has no extension"
+    return {"key": name, "image_bytes": None, "image_ext": None, "cls": None, "txt": None, "json": None,
+            "extra": {}, "error": f"member {name!r} is not part of a sample: its name {why}"}
+
+
 def iter_samples(path: str | Path) -> Iterator[dict[str, Any]]:
     """Samples of one shard (``.tar`` or ``.tar.gz``), in tar order, as dicts::
 
@@ -152,7 +159,9 @@ def iter_samples(path: str | Path) -> Iterator[dict[str, Any]]:
 
     ``error`` describes a sample whose members could not be parsed (no image, a non-integer ``.cls``, bad
     JSON or UTF-8, a member name that is absolute or contains ``..``: none of its members is passed on); such
-    a sample is yielded anyway so the caller can skip and count it. Images are not
+    a sample is yielded anyway so the caller can skip and count it. A member that belongs to no sample (its
+    base name starts with a dot or has none, e.g. ``.hidden``) is yielded on its own, keyed by its name, with
+    an ``error``. Images are not
     decoded here (see :func:`decode_image`). A shard that is damaged (truncated, not a tar/gzip, a key
     whose members are not consecutive) raises :class:`ShardError` naming the shard after every complete
     sample before the damage was yielded; the sample the damage falls in is not yielded.
@@ -171,6 +180,9 @@ def iter_samples(path: str | Path) -> Iterator[dict[str, Any]]:
                     continue
                 split = _split_name(info.name)
                 if split is None:
+                    # webdataset drops such a member silently; it is yielded as a sample with an error, so
+                    # every member is either used or counted
+                    yield _stray_member(info.name)
                     continue
                 member_key, ext = split
                 data = tar.extractfile(info).read()  # type: ignore[union-attr]
@@ -250,11 +262,13 @@ def _open_shard(path: Path) -> _RecordingReader:
     return _RecordingReader(path)
 
 
-def read_labeled_shards(paths: str | Path | Sequence[str | Path]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+def read_labeled_shards(paths: str | Path | Sequence[str | Path], bounds: ImageBounds | None = None,
+                        ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """Images uint8 ``[N, C, H, W]``, labels int64 ``[N]`` and keys of every sample of ``paths`` (a list of
     shards, or a pattern for :func:`expand_shards`), in shard order.
 
-    Strict, since the result is training or test data: a damaged shard, an undecodable image, a sample
+    Strict, since the result is training or test data: a damaged shard, an undecodable image or one over
+    ``bounds`` (checked before decoding; None: no bound but PIL's), a member outside any sample, a sample
     without ``.cls``, a duplicate key or an image whose size or channel count differs from the first one
     is a :class:`DataError` naming the shard and the key.
     """
@@ -279,8 +293,8 @@ def read_labeled_shards(paths: str | Path | Sequence[str | Path]) -> tuple[torch
             if key in seen:
                 raise DataError(f"{where}: key also in shard {seen[key]}; a shard is listed twice?")
             try:
-                array = image_to_array(decode_image(sample["image_bytes"]))
-            except CorruptImageError as err:
+                array = image_to_array(decode_image(sample["image_bytes"], bounds))
+            except UnusableImageError as err:
                 raise DataError(f"{where}: {err}") from None
             if shape is None:
                 shape = array.shape

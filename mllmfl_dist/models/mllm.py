@@ -229,6 +229,14 @@ def vision_grid(model) -> tuple[int, int, int, int]:
     return tokens, grid_h, grid_w, width
 
 
+def vision_side(model) -> int:
+    """The vision tower's input side in pixels (the larger of an ``(h, w)`` pair): what the processor resizes
+    an image's short side to, so what decoding may reduce an image to (:func:`mllmfl_dist.data.images.decode_image`)."""
+    config = model.config if hasattr(model, "config") else model
+    size = config.vision_config.image_size
+    return int(size) if isinstance(size, int) else int(max(size))
+
+
 def clip_visual_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
     """The vision tower's features as LLaVA feeds them to its projector: `[B, tokens_per_image, width]`.
 

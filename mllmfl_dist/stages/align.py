@@ -23,12 +23,16 @@ from torch import nn
 from mllmfl_dist.config import AlignConfig, Config, ConfigError
 from mllmfl_dist.data import ClientData, normalize
 from mllmfl_dist.core.seeds import TAG_ALIGN, derive_seed
-from mllmfl_dist.data.images import decode_image, model_input, to_pil
+from mllmfl_dist.data.images import ImageBounds, UnusableImageError, decode_image, model_input, to_pil
 from mllmfl_dist.data.shards import expand_shards, iter_samples, read_labeled_shards
 from mllmfl_dist.fl.losses import distillation_loss, temper
 from mllmfl_dist.models.teachers import teacher_distributions
 
 log = logging.getLogger(__name__)
+
+# The largest input side of the teachers (LLaVA-1.5's 336 px; CLIP ViT-B/L take 224): web images are decoded
+# no larger than twice it (or twice the FL model's side), since all of them are held for the teacher at once.
+TEACHER_SIDE = 336
 
 
 @dataclass
@@ -38,6 +42,7 @@ class AlignmentSet:
     teacher: torch.Tensor | None  # float32 [N, num_classes] rows summing to 1, or None (teacher "none")
     short_classes: list[int]  # classes with fewer than k images
     labeled: bool = True  # labels are the server's own (pool, holdout); False: the teacher's pseudo-labels (web)
+    skipped: int = 0  # web samples not used: unreadable, over align.max_image_*, or members outside any sample
 
     def describe(self, acfg: AlignConfig) -> dict[str, Any]:
         """What the alignment set is, for summaries and the compare table: its size, how many of its images
@@ -49,7 +54,8 @@ class AlignmentSet:
         return {"source": acfg.source, "teacher": acfg.teacher, "teacher_model": acfg.teacher_model,
                 "images": int(self.labels.shape[0]),
                 "server_labeled_images": int(self.labels.shape[0]) if self.labeled else 0,
-                "short_classes": list(self.short_classes), "teacher_accuracy": teacher_acc}
+                "short_classes": list(self.short_classes), "teacher_accuracy": teacher_acc,
+                "skipped_images": self.skipped}
 
 
 def alignment_loss(logits: torch.Tensor, labels: torch.Tensor, teacher: torch.Tensor | None, beta: float,
@@ -117,6 +123,7 @@ def build_alignment_set(cfg: Config, data: ClientData, cache_dir, device: torch.
     brought to the FL model's size and channels by the one rule of :func:`mllmfl_dist.data.images.fit_square`."""
     acfg = cfg.align
     size, channels = data.image_size, data.in_channels
+    skipped = 0
 
     if acfg.source == "holdout":
         if not hasattr(data, "server_pool") or not len(data.server_pool()[1]):
@@ -131,7 +138,7 @@ def build_alignment_set(cfg: Config, data: ClientData, cache_dir, device: torch.
         if not acfg.pool_shards:
             raise ConfigError("align.pool_shards is empty; name the labeled server-held pool (e.g. "
                               "shards/fmnist_align/*.tar.gz) or set align.source = 'web'")
-        images, labels, _ = read_labeled_shards(expand_shards(acfg.pool_shards))
+        images, labels, _ = read_labeled_shards(expand_shards(acfg.pool_shards), ImageBounds.of(acfg, "align"))
         if labels.max() >= data.num_classes:
             raise ConfigError(f"align.pool_shards has labels up to {int(labels.max())}; the task has "
                               f"{data.num_classes} classes")
@@ -145,8 +152,7 @@ def build_alignment_set(cfg: Config, data: ClientData, cache_dir, device: torch.
             raise ConfigError("align.source = 'web' needs a teacher to pseudo-label the images; set align.teacher")
         if not acfg.web_shards:
             raise ConfigError("align.web_shards is empty; name the unlabeled shards to pseudo-label")
-        pil = [decode_image(s["image_bytes"]) for shard in expand_shards(acfg.web_shards)
-               for s in iter_samples(shard) if s.get("image_bytes") is not None]
+        pil, skipped = _web_images(acfg, max(size, TEACHER_SIDE))
         q_all = _teacher(cfg, pil, data, cache_dir, device)
         pseudo = q_all.argmax(dim=1).numpy()
         keep, short = take_per_class(pseudo, data.num_classes, acfg.per_class, score=q_all.max(dim=1).values.numpy())
@@ -156,7 +162,26 @@ def build_alignment_set(cfg: Config, data: ClientData, cache_dir, device: torch.
     if short:
         log.warning("alignment set: classes %s have fewer than %d images", short, acfg.per_class)
     images = torch.stack([torch.from_numpy(model_input(im, size, channels)) for im in pil])
-    return AlignmentSet(images, labels.long(), teacher, short, labeled=acfg.source != "web")
+    return AlignmentSet(images, labels.long(), teacher, short, labeled=acfg.source != "web", skipped=skipped)
+
+
+def _web_images(acfg: AlignConfig, side: int) -> tuple[list[Any], int]:
+    """The decoded images of ``align.web_shards`` and how many samples were skipped (logged by shard and key)."""
+    bounds = ImageBounds.of(acfg, "align")
+    pil, skipped = [], []
+    for shard in expand_shards(acfg.web_shards):
+        for sample in iter_samples(shard):
+            if sample.get("image_bytes") is None:
+                skipped.append(f"{shard.name}:{sample['key']} ({sample.get('error') or 'no image member'})")
+                continue
+            try:
+                pil.append(decode_image(sample["image_bytes"], bounds, side=side))
+            except UnusableImageError as err:
+                skipped.append(f"{shard.name}:{sample['key']} ({err})")
+    if skipped:
+        log.warning("alignment set: %d web sample(s) skipped: %s%s", len(skipped), "; ".join(skipped[:5]),
+                    " ..." if len(skipped) > 5 else "")
+    return pil, len(skipped)
 
 
 def _teacher(cfg: Config, pil: list[Any], data: ClientData, cache_dir, device) -> torch.Tensor | None:

@@ -6,9 +6,11 @@ output shard of the same name under ``<run dir>/annotate/`` (caption in ``.txt``
 model id, prompt and generation settings) and a ``<name>.done.json`` record, written last, so a rerun
 skips shards that are complete. The record holds the size and modification time of the input shard it
 was made from and of the output it wrote: an input replaced since (say, a damaged shard re-downloaded as
-the message advises) or an output lost or cut since is annotated again. A corrupt image is skipped and
-listed; a damaged (truncated) shard is reported by name, its readable samples are captioned, and the
-other shards still finish.
+the message advises) or an output lost or cut since is annotated again. A corrupt image, one over
+``annotate.max_image_pixels`` / ``annotate.max_image_aspect_ratio`` (checked on its header, before decoding)
+and a tar member outside any sample are skipped and listed; a damaged (truncated) shard is reported by name,
+its readable samples are captioned, and the other shards still finish. Images are decoded no larger than
+twice the vision tower's side (:func:`mllmfl_dist.data.images.decode_image`), which bounds a batch's pixels.
 ``manifest.json`` sums the records of all shards.
 """
 
@@ -28,7 +30,7 @@ from tqdm import tqdm
 from mllmfl_dist.core import dist
 from mllmfl_dist.core.checkpoint import file_identity, remove_stale_temps, same_file, write_text_atomic
 from mllmfl_dist.config import AnnotateConfig, Config, ConfigError
-from mllmfl_dist.data.images import CorruptImageError, decode_image
+from mllmfl_dist.data.images import ImageBounds, UnusableImageError, decode_image
 from mllmfl_dist.models.captioning import Generation, caption_batch
 from mllmfl_dist.data.shards import (ShardError, expand_shards, iter_samples,
                                      write_shard)
@@ -110,7 +112,7 @@ def run_annotate(cfg: Config, runtime: dist.Runtime, *, progress: bool = True) -
 
     if todo:
         out.mkdir(parents=True, exist_ok=True)
-        from mllmfl_dist.models.mllm import load_llava
+        from mllmfl_dist.models.mllm import load_llava, vision_side
 
         model, processor = load_llava(acfg.model, dtype=acfg.dtype, device=runtime.device,
                                       device_map=acfg.device_map)
@@ -122,7 +124,8 @@ def run_annotate(cfg: Config, runtime: dist.Runtime, *, progress: bool = True) -
             # Sampled decoding draws from torch's generator: seed it per shard so captions do not depend
             # on which rank annotates the shard or on what it annotated before.
             torch.manual_seed(derive_seed(cfg.run.seed, TAG_ANNOTATE, shards.index(shard)))
-            record = _annotate_shard(shard, out, model, processor, generation, acfg, bar, runtime.rank)
+            record = _annotate_shard(shard, out, model, processor, generation, acfg, bar, runtime.rank,
+                                     vision_side(model))
             write_text_atomic(out / (shard.name + DONE_SUFFIX), json.dumps({**record, "settings": settings}, indent=2))
         bar.close()
     elif mine:
@@ -141,7 +144,7 @@ def run_annotate(cfg: Config, runtime: dist.Runtime, *, progress: bool = True) -
 
 
 def _annotate_shard(shard: Path, out: Path, model, processor, generation: Generation, acfg: AnnotateConfig,
-                    bar, rank: int) -> dict[str, Any]:
+                    bar, rank: int, side: int) -> dict[str, Any]:
     started = time.perf_counter()
     source_file = file_identity(shard)  # before reading: a change while we read shows at the next run
     skipped: list[dict[str, Any]] = []
@@ -150,6 +153,7 @@ def _annotate_shard(shard: Path, out: Path, model, processor, generation: Genera
     written: list[dict[str, Any]] = []
     pending: list[tuple[dict[str, Any], Any]] = []
     meta = {"model": acfg.model, **asdict(generation)}
+    bounds = ImageBounds.of(acfg, "annotate")
 
     def flush() -> None:
         captions = caption_batch(model, processor, [image for _, image in pending], generation)
@@ -168,8 +172,8 @@ def _annotate_shard(shard: Path, out: Path, model, processor, generation: Genera
                                 "reason": sample.get("error") or "no image member"})
                 continue
             try:
-                image = decode_image(sample["image_bytes"]).convert("RGB")
-            except CorruptImageError as err:
+                image = decode_image(sample["image_bytes"], bounds, side=side).convert("RGB")
+            except UnusableImageError as err:
                 skipped.append({"shard": shard.name, "key": sample["key"], "reason": str(err)})
                 continue
             pending.append((sample, image))

@@ -20,7 +20,8 @@ The loss is LLaVA's next-token cross-entropy on the caption with the visual toke
 ranks, clipping, optimizer, LR schedule).
 
 Data: captioned samples of ``pretrain.shards`` (default: this run's ``annotate/`` output) in sorted
-shard/key order; samples without a caption or with an unreadable image are skipped and counted. The first
+shard/key order; samples without a caption, with an unreadable image or one over ``pretrain.max_image_pixels`` /
+``pretrain.max_image_aspect_ratio`` are skipped and counted. The first
 ``pretrain.heldout`` are held out; the rest form a stream shuffled per epoch by ``(seed, epoch)``, and step
 ``t`` reads the stream's positions ``[t * G, (t + 1) * G)`` (``G`` = micro batch x accumulation x
 data-parallel ranks), each rank its own contiguous slices, so ranks see disjoint micro-batches and the data

@@ -52,14 +52,17 @@ class DWPBatch:
 
 
 class BatchBuilder:
-    """Captioned samples -> :class:`DWPBatch` (decoding, FL input, processor, caption labels)."""
+    """Captioned samples -> :class:`DWPBatch` (decoding, FL input, processor, caption labels). ``side``: the
+    largest input side the batch feeds (vision tower, FL model); images are decoded no larger than twice it
+    (:func:`mllmfl_dist.data.images.decode_image`), None: full size."""
 
-    def __init__(self, processor, prompt: str, max_caption_tokens: int, fl_input: FLInput):
+    def __init__(self, processor, prompt: str, max_caption_tokens: int, fl_input: FLInput, side: int | None = None):
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.prompt = prompt
         self.max_caption_tokens = max_caption_tokens
         self.fl_input = fl_input
+        self.side = side
         image_token = getattr(processor, "image_token", "<image>")
         if prompt.count(image_token) != 1:
             raise ConfigError(f"pretrain.prompt must contain the image placeholder {image_token!r} exactly once, "
@@ -81,7 +84,7 @@ class BatchBuilder:
                                   f"(caption {caption[:40]!r}); end the prompt with a separator such as ':'")
 
     def __call__(self, samples: Sequence[CaptionedSample]) -> DWPBatch:
-        images = [decode_image(s.image_bytes) for s in samples]
+        images = [decode_image(s.image_bytes, side=self.side) for s in samples]
         return self.from_images(images, [s.caption for s in samples])
 
     def from_images(self, images: Sequence[Any], captions: Sequence[str]) -> DWPBatch:

@@ -14,7 +14,7 @@ import numpy as np
 from mllmfl_dist.config import Config
 from mllmfl_dist.core.seeds import TAG_PRETRAIN_ORDER, derive_seed
 from mllmfl_dist.data import DataError
-from mllmfl_dist.data.images import CorruptImageError, decode_image
+from mllmfl_dist.data.images import ImageBounds, UnusableImageError, decode_image
 from mllmfl_dist.data.shards import SHARD_SUFFIXES, ShardError, expand_shards, iter_samples
 
 log = logging.getLogger(__name__)
@@ -52,9 +52,11 @@ class CaptionedSample:
     caption: str
 
 
-def load_captioned(pattern: str) -> tuple[list[CaptionedSample], list[dict[str, str]]]:
+def load_captioned(pattern: str, bounds: ImageBounds | None = None,
+                   ) -> tuple[list[CaptionedSample], list[dict[str, str]]]:
     """Captioned samples of the shards of ``pattern`` in sorted (shard, key) order, and the skipped ones
-    (``{shard, key, reason}``: no caption, unreadable sample or image, damaged shard).
+    (``{shard, key, reason}``: no caption, unreadable sample or image, an image over ``bounds``
+    (``pretrain.max_image_*``), a member outside any sample, damaged shard).
 
     Images are decoded once here so a corrupt one is skipped now rather than failing a training step; the
     encoded bytes are kept in memory (decoded again per batch).
@@ -75,8 +77,8 @@ def load_captioned(pattern: str) -> tuple[list[CaptionedSample], list[dict[str, 
                 reason = sample.get("error") or (None if (sample.get("txt") or "").strip() else "no caption")
                 if reason is None:
                     try:
-                        decode_image(sample["image_bytes"])
-                    except CorruptImageError as err:
+                        decode_image(sample["image_bytes"], bounds)
+                    except UnusableImageError as err:
                         reason = str(err)
                 if reason:
                     skipped.append({"shard": shard.name, "key": sample["key"], "reason": reason})

@@ -12,6 +12,7 @@ from typing import Any
 
 from mllmfl_dist.config import Config, ConfigError
 from mllmfl_dist.core import checkpoint, dist
+from mllmfl_dist.data.images import ImageBounds
 from mllmfl_dist.models.dwp import (
     alpha_at,
 )
@@ -98,10 +99,10 @@ def run_pretrain(cfg: Config, runtime: dist.Runtime, *, progress: bool = True,
     prepare_deepspeed(runtime.device, pcfg.deepspeed.cpu_comm)  # before the import: nothing to JIT-compile
     import deepspeed
 
-    from mllmfl_dist.models.mllm import load_llava
+    from mllmfl_dist.models.mllm import load_llava, vision_side
 
     check_precision(pcfg.deepspeed.precision)
-    samples, skipped = load_captioned(shards_pattern(cfg))
+    samples, skipped = load_captioned(shards_pattern(cfg), ImageBounds.of(pcfg, "pretrain"))
     heldout, train = split_heldout(samples, pcfg.heldout)
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
@@ -110,7 +111,8 @@ def run_pretrain(cfg: Config, runtime: dist.Runtime, *, progress: bool = True,
                                   device=device, device_map="")
     llava.eval().requires_grad_(False)
     student, fl_input = build_student(cfg, llava, runtime)
-    builder = BatchBuilder(processor, pcfg.prompt, pcfg.max_caption_tokens, fl_input)
+    builder = BatchBuilder(processor, pcfg.prompt, pcfg.max_caption_tokens, fl_input,
+                           side=max(vision_side(llava), fl_input.size))
     # Every rank checks every caption before training, so a bad prompt ends all ranks together instead of
     # one rank mid-run while the others wait in a gradient all-reduce.
     builder.check_captions([sample.caption for sample in samples])
