@@ -54,6 +54,9 @@ commands:
   evaluate CONFIG --checkpoint PATH
                       accuracy (balanced = mean per-class "acc", plain top-1 "acc_top1", per class,
                       Many/Medium/Few) of a saved model on the config's test set, printed as JSON.
+  probe CONFIG --backbone SPEC [--backbone SPEC ...]
+                      linear-probe accuracy of frozen backbones (a model or backbone file, random:SEED,
+                      clip:MODEL) on the config's data, one table (<run dir>/probe/probe.json and .md).
   report RUN_DIR      write <RUN_DIR>/report/ (summary.json, report.md, plots) for any run directory.
   shards ...          pack an image folder or a data source into WebDataset shards (see shards --help).
   tiny-models DIR     build a tiny random LLaVA and a tiny open_clip model in DIR, loadable like real
@@ -102,7 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--checkpoint", required=True,
                           help="model_final.pt (a state dict) or checkpoint.pt from a run directory")
     from mllmfl_dist import shards_cli
+    from mllmfl_dist.commands import probe
 
+    probe.add_arguments(add("probe", "linear-probe accuracy of frozen backbones on the config's data"))
     shards_cli.add_arguments(commands.add_parser("shards", help="pack images into WebDataset shards",
                                                  description=shards_cli.DESCRIPTION,
                                                  formatter_class=argparse.RawDescriptionHelpFormatter))
@@ -161,6 +166,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run_stage(cfg, args.command, stop, sweep=sweep)
         if args.command == "evaluate":
             return _evaluate(cfg, args.checkpoint)
+        if args.command == "probe":
+            from mllmfl_dist.commands.probe import run_probe
+
+            run_probe(cfg, args.backbones, args.train_set, args.out)
+            return 0
         if args.command == "compare":
             from mllmfl_dist.fl.strategies import build_strategy
             from mllmfl_dist.commands.compare import default_methods, method_config, parse_methods, parse_seeds
