@@ -100,3 +100,39 @@ def test_the_capped_test_set_keeps_the_first_images_of_each_class(per_class):
     kept_images, kept = first_per_class(images, labels, per_class)
     expected = [i for i in range(8) if int((labels[:i] == labels[i]).sum()) < per_class]
     assert kept_images.flatten().tolist() == expected and kept.tolist() == labels[expected].tolist()
+
+
+def test_a_validation_split_is_scored_when_the_data_has_one():
+    """``ClientData.val_set()`` (data.val_per_class) is used where the data has it; here it is pointed at the
+    test set, so the two scores must agree."""
+    from mllmfl_dist.commands.probe import probe_markdown
+    from mllmfl_dist.fl.probe import linear_probe, pooled_features, probe_sets
+    from mllmfl_dist.stages.inputs import build_data, build_fl_model
+
+    cfg = load_config(SMOKE, ["data.server_holdout_per_class=5", "data.test_per_class=10"])
+    data = build_data(cfg)
+    assert probe_sets(data).val is None or not len(probe_sets(data).val[1])
+    data.val_set = data.test_set
+    sets = probe_sets(data)
+    model = build_fl_model(cfg.model, data, 0)
+    result = linear_probe(lambda images: pooled_features(model, images, data.mean, data.std), sets)
+    assert result["val_acc"] == result["acc"] and result["val_acc_top1"] == result["acc_top1"]
+    table = probe_markdown({"train_set": sets.train_name, "test_set": "t", "val_set": "v", "recipe": "r",
+                            "rows": [{"backbone": "random:0", "kind": "random init", **result}]})
+    assert "| val acc |" in table and f"| {result['val_acc']:.4f} |" in table
+
+
+def test_the_clip_image_tower_is_probed_and_a_missing_one_is_one_line(tiny_models, tmp_path, capsys):
+    from mllmfl_dist.models.clip_teacher import clip_embed_dim
+
+    spec = f"clip:local-dir:{tiny_models['clip']}"
+    sets = ["--set", "data.server_holdout_per_class=3", "--set", "data.test_per_class=5", "--set",
+            f"run.root={tmp_path}"]
+    assert main(["probe", SMOKE, *sets, "--backbone", spec]) == 0
+    (row,) = json.loads((tmp_path / "smoke" / "probe" / "probe.json").read_text())["rows"]
+    assert row["kind"] == "clip image tower" and row["feature_dim"] == clip_embed_dim(spec[len("clip:"):])
+    assert row["n_train"] == 30 and row["n_test"] == 50 and 0.0 <= row["acc"] <= 1.0
+    capsys.readouterr()
+    assert main(["probe", SMOKE, *sets, "--backbone", f"clip:local-dir:{tmp_path / 'nope'}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "local directory not found" in err
