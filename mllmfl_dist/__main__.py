@@ -6,7 +6,6 @@ Runs as one process, or under ``torchrun --nproc_per_node W`` / ``srun`` as W ra
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -15,6 +14,7 @@ import sys
 import time
 from collections.abc import Sequence
 
+from mllmfl_dist.commands.cli import build_parser
 from mllmfl_dist.core import preempt
 # Only light modules at import time: `--help` and argument errors must not wait for torch (seconds);
 # each command imports what it needs.
@@ -25,112 +25,6 @@ USAGE_ERROR = 2  # a config, data or model the user can fix
 DIVERGED = 3  # training went non-finite; the last checkpoint is kept
 RANK_LOST = 4  # a wait on another rank ran out or broke (stopped, hung or killed rank)
 INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a command ended by Ctrl-C
-
-DESCRIPTION = """\
-Distributed trainer for MLLM-assisted federated learning on long-tailed, heterogeneous image data.
-
-commands:
-  run CONFIG          the method end to end in one job: annotate -> pretrain -> federate (with
-                      alignment when [align] every > 0) -> report (<run dir>/report/: summary.json and
-                      plots). Stages follow from the config; each skips complete work, so a rerun
-                      picks up where an interrupted run stopped.
-  annotate CONFIG     stage 1a: an MLLM ([annotate] model, e.g. llava-hf/llava-1.5-7b-hf or a local
-                      directory) captions the images of WebDataset shards ([annotate] shards) into
-                      <run dir>/annotate/ with manifest.json. Whole shards per rank; reruns skip
-                      complete shards.
-  pretrain CONFIG     stage 1b: Dynamic Weighted Pretraining of the FL backbone against the frozen MLLM
-                      on the captions, under DeepSpeed; writes <run dir>/pretrain/backbone.pt.
-  federate CONFIG     stage 2: federated finetuning (federated.strategy: fedavg, fedavgm, fedprox,
-                      creff, clip2fl) with evaluation,
-                      metrics and checkpoints under <run dir>/federated/ (model.pretrained_backbone =
-                      "pretrain" starts from stage 1b). Rerunning resumes from the last checkpoint; a
-                      finished run is left as it is.
-  compare CONFIG --methods fedavg,creff,fedavg+align[none],mllm-llava-fl --seeds 0,1,2
-                      each method for each seed on identical data, partition and ranks under
-                      <run dir>/compare/<method>/seed<k>/ (resumable one by one), then
-                      <run dir>/compare/results.md and results.csv (mean +- std over seeds and per
-                      seed) and accuracy.png. A method is <strategy>[+dwp[llava]][+align[<teacher>]]:
-                      the strategy from a random-init backbone with alignment off, plus DWP
-                      pretraining and/or alignment with that teacher; mllm-llava-fl is
-                      fedavg+dwp[llava]+align[llava]; config is the config as written.
-  evaluate CONFIG --checkpoint PATH
-                      accuracy (balanced = mean per-class "acc", plain top-1 "acc_top1", per class,
-                      Many/Medium/Few) of a saved model on the config's test set, printed as JSON,
-                      with "val_acc", "val_acc_top1", ... beside it when data.val_per_class > 0.
-  report RUN_DIR      write <RUN_DIR>/report/ (summary.json, report.md, plots) for any run directory.
-  shards ...          pack an image folder or a data source into WebDataset shards (see shards --help).
-  tiny-models DIR     build a tiny random LLaVA and a tiny open_clip model in DIR, loadable like real
-                      checkpoints (offline tests and the offline default); with --train CORPUS
-                      (e.g. shards/fmnist_web) train knowledge-bearing ones on a captioned corpus
-                      instead, on the CPU, with DIR/model_card.json.
-
-<run dir> is <run.root>/<run.name>/ (default runs/<config file stem>/).
-
-Every command takes --set section.key=value (repeatable), typed against the config's dataclasses.
-Launch on one process with `python -m mllmfl_dist ...` or on W ranks with
-`torchrun --nproc_per_node W -m mllmfl_dist ...` (or srun; see launch/slurm.sbatch).
-SIGUSR1 stops federated finetuning after the current round with a checkpoint and exit
-code 75 (what Slurm sends before a time limit with --signal); rerunning resumes.
-"""
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m mllmfl_dist", description=DESCRIPTION,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    def add(name: str, help_text: str) -> argparse.ArgumentParser:
-        sub = commands.add_parser(name, help=help_text, description=help_text)
-        sub.add_argument("config", help="TOML config file (see configs/)")
-        sub.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                         help="override one config value; repeatable")
-        return sub
-
-    sweeps = [add("run", "all stages of the method, then the report, in one job")]
-    add("annotate", "caption WebDataset shards with an MLLM (stage 1a)")
-    add("pretrain", "Dynamic Weighted Pretraining of the FL backbone under DeepSpeed (stage 1b)")
-    sweeps.append(add("federate", "federated finetuning with evaluation, checkpoints and resume"))
-    for sweep in sweeps:
-        sweep.add_argument("--seeds", default=None,
-                           help="comma-separated seeds: one run per seed (run.seed = k; in <run.name>-seed<k>/ unless "
-                                "run.name has {run.seed}), a line per seed and mean +- std at the end")
-    compare = add("compare", "several methods on identical data and seeds, and a table of the results")
-    compare.add_argument("--methods", "--strategies", dest="methods", default=None,
-                         help="comma-separated methods, each <strategy>[+dwp[llava]][+align[<teacher>]], "
-                              "mllm-llava-fl or config (default: the five baselines, plus config when the "
-                              "config runs a stage of the method)")
-    compare.add_argument("--seeds", default=None,
-                         help="comma-separated seeds, every method runs for each (default: run.seed)")
-    compare.add_argument("--tune", action="append", default=[], metavar="SECTION.KEY=V1,V2,...",
-                         help="values to tune a key over, per method (repeatable; see README); chosen on "
-                              "validation accuracy, into <run dir>/compare/tuning.json")
-    compare.add_argument("--tune-budget", type=int, default=3, help="configurations per method at most (default 3)")
-    compare.add_argument("--tune-seeds", help="tuning seeds (default 100,101, or the next ones not in --seeds)")
-    compare.add_argument("--tune-last", type=int, default=3,
-                         help="select on the mean val accuracy of the last N evaluations (default 3)")
-    compare.add_argument("--last", type=int, default=3, help="also average the last N evaluations (default 3)")
-    compare.add_argument("--target", type=float, metavar="ACC", help="add the first round at balanced test acc ACC")
-    evaluate = add("evaluate", "evaluate a saved model on the config's test set")
-    evaluate.add_argument("--checkpoint", required=True,
-                          help="model_final.pt (a state dict) or checkpoint.pt from a run directory")
-    from mllmfl_dist import shards_cli
-
-    shards_cli.add_arguments(commands.add_parser("shards", help="pack images into WebDataset shards",
-                                                 description=shards_cli.DESCRIPTION,
-                                                 formatter_class=argparse.RawDescriptionHelpFormatter))
-    report = commands.add_parser("report", help="write the report of a run directory (summary, plots, report.md)",
-                                 description="Write <RUN_DIR>/report/: summary.json, report.md and the plots, "
-                                             "from what the run wrote (any run: federate, run, a compare row).")
-    report.add_argument("run_dir", help="a run directory (<run.root>/<run.name>), e.g. runs/fmnist_lt")
-    tiny = commands.add_parser("tiny-models", help="build tiny LLaVA and open_clip models in DIR (random, or "
-                                                   "trained with --train)")
-    tiny.add_argument("directory", help="output directory (gets llava/ and clip/)")
-    tiny.add_argument("--train", metavar="CORPUS", default=None,
-                      help="captioned WebDataset shards (e.g. shards/fmnist_web) to train the stand-ins on; "
-                           "without it the models are random")
-    tiny.add_argument("--seed", type=int, default=0, help="training seed with --train (default 0)")
-    return parser
-
 
 def _env_rank() -> int:
     return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
@@ -173,6 +67,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run_stage(cfg, args.command, stop, sweep=sweep)
         if args.command == "evaluate":
             return _evaluate(cfg, args.checkpoint)
+        if args.command == "probe":
+            from mllmfl_dist.commands.probe import run_probe
+
+            run_probe(cfg, args.backbones, args.train_set, args.out)
+            return 0
         if args.command == "compare":
             from mllmfl_dist.commands.compare import (check_methods, compare_options, default_methods, parse_methods,
                                                       parse_seeds)

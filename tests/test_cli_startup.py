@@ -23,7 +23,7 @@ def imported_modules(*argv: str) -> tuple[subprocess.CompletedProcess, set[str]]
     return done, modules
 
 
-@pytest.mark.parametrize("argv", [("--help",), ("federate", "--help"), ("shards", "--help")])
+@pytest.mark.parametrize("argv", [("--help",), ("federate", "--help"), ("shards", "--help"), ("probe", "--help")])
 def test_help_imports_no_heavy_package(argv) -> None:
     done, modules = imported_modules(*argv)
     assert done.returncode == 0, done.stderr[-2000:]

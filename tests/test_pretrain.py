@@ -268,7 +268,8 @@ def batch_image(sample):
 def trained(tiny, tmp_path_factory):
     """One 60-step DWP run (batch 8, AdamW lr 3e-3, cosine LR, alpha linear 0 -> 1 over 30 steps)."""
     path = tmp_path_factory.mktemp("trained")
-    cfg = load_config(write_config(path, tiny, "dwp"))
+    # A server holdout gives the stage a labelled set for its linear probe (it changes nothing DWP reads).
+    cfg = load_config(write_config(path, tiny, "dwp"), ["data.server_holdout_per_class=10"])
     with pytest.MonkeyPatch.context() as mp:
         capture = EngineCapture(mp)
         from mllmfl_dist.stages.pretrain import run_pretrain
@@ -309,6 +310,36 @@ def test_dwp_lowers_the_heldout_loss_of_the_fl_features(trained):
     assert metrics["skipped_samples"] == 2 and metrics["world_size"] == 1 and metrics["samples_per_second"] > 0
     # the synthetic source's own normalisation, which stage 2 uses too
     assert metrics["fl_input"] == {"channels": 3, "size": 16, "mean": [0.5] * 3, "std": [0.25] * 3}
+
+
+def test_metrics_hold_the_linear_probe_of_the_backbone_and_of_its_random_init(trained, capsys):
+    """The probe figures beside the held-out losses are those ``probe`` gives for backbone.pt and the seed's
+    random init (the test set's 50 per class are under the stage's cap)."""
+    from mllmfl_dist.__main__ import main
+
+    cfg, metrics, _ = trained
+    probe = metrics["probe"]
+    assert probe["train_set"] == "server holdout (100 images)" and "C=1" in probe["recipe"]
+    assert json.loads((cfg.run_dir / "pretrain" / "metrics.json").read_text())["probe"] == probe
+    print(f"DWP probe: backbone {probe['dwp']['acc']:.3f}, random init {probe['random_init']['acc']:.3f}")
+    out = cfg.run_dir / "probe.json"
+    assert main(["probe", str(cfg.run_dir.parent.parent / "dwp.toml"), "--set", "data.server_holdout_per_class=10",
+                 "--backbone", str(cfg.run_dir / "pretrain" / "backbone.pt"), "--backbone", f"random:{cfg.run.seed}",
+                 "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    for row, name in zip(rows, ("dwp", "random_init")):
+        assert probe[name]["n_test"] == row["n_test"] == 500 and probe[name]["n_train"] == 100
+        assert probe[name]["acc"] == row["acc"] and probe[name]["acc_top1"] == row["acc_top1"]
+    assert "| backbone |" in capsys.readouterr().out
+
+
+def test_without_a_labelled_set_the_probe_is_skipped_with_the_reason(tiny, tmp_path):
+    from mllmfl_dist.stages.pretrain.probe import dwp_probe
+
+    cfg = load_config(write_config(tmp_path, tiny, "nolabels"))
+    assert dwp_probe(cfg, {}) == {"skipped": "no labelled set to probe on (the probe trains on the server holdout, "
+                                             "which is empty: set data.server_holdout_per_class > 0 (an array data "
+                                             "source))"}
 
 
 def test_outputs_load_into_a_fresh_fl_model(trained):

@@ -67,7 +67,11 @@ def _annotate_summary(m: dict) -> dict:
 def _pretrain_summary(m: dict) -> dict:
     keys = ("heldout_loss_alpha1_step0", "heldout_loss_alpha1", "heldout_loss_alpha0",
             "samples_per_second", "steps")
-    return {k: m.get(k) for k in keys}
+    out = {k: m.get(k) for k in keys}
+    probe = m.get("probe")
+    if isinstance(probe, dict) and "dwp" in probe:  # the linear probe's balanced test accuracy (probe.py)
+        out.update({f"probe_acc_{name}": (probe.get(name) or {}).get("acc") for name in ("dwp", "random_init")})
+    return out
 
 
 def _federated_summary(records: list[dict], fed_summary: dict | None) -> dict:

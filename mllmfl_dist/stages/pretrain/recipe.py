@@ -40,6 +40,7 @@ from mllmfl_dist.stages.pretrain.engine import (
     optimizer_name,
     stop_if_non_finite,
 )
+from mllmfl_dist.stages.pretrain.probe import dwp_probe
 from mllmfl_dist.stages.pretrain.report import PretrainReport
 from mllmfl_dist.stages.pretrain.resume import (
     check_resume,
@@ -191,6 +192,8 @@ def run_pretrain(cfg: Config, runtime: dist.Runtime, *, progress: bool = True,
             "heldout_loss_alpha1_step0": state["heldout_loss_alpha1_step0"],
             "heldout_loss_alpha1": final_alpha1,
             "heldout_loss_alpha0": final_alpha0,
+            # linear probe of the backbone (and of its random init) on the server's labelled holdout
+            "probe": dwp_probe(cfg, backbone_state, device),
             "samples_per_second": state["train_samples"] / seconds if seconds > 0 else 0.0,
             "train_seconds": seconds,
             "train_samples": state["train_samples"],
