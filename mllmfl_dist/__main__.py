@@ -148,11 +148,17 @@ def _run_stage(cfg, command: str, stop: preempt.StopRequest, methods: Sequence =
                sweep: Sequence = (), compare_options: tuple = (None, 3, None)) -> int:
     """Run ``command`` on this job's ranks; ``sweep``: the per-seed configs of ``federate/run --seeds``;
     ``compare_options``: compare's (TuneSpec or None, last, target)."""
-    from mllmfl_dist.core import dist
+    from contextlib import ExitStack
+
+    from mllmfl_dist.core import dist, run_lock
 
     _load_libraries(cfg, command, any(getattr(m, "dwp", False) for m in methods))
     runtime = dist.init_runtime(cfg.dist, stop=stop)
+    held = ExitStack()
     try:
+        # Every run directory of the command is locked before anything is written there (a sweep's all at once).
+        for run_cfg in sweep or [cfg]:
+            held.enter_context(run_lock.holding(runtime, run_cfg.run_dir, command))
         if command in ("federate", "run"):
             from mllmfl_dist.commands.sweep import mean_std_line, seed_line
 
@@ -191,12 +197,14 @@ def _run_stage(cfg, command: str, stop: preempt.StopRequest, methods: Sequence =
         else:
             raise AssertionError(f"unhandled command {command}")
     finally:
+        held.close()
         dist.shutdown(runtime)
     return 0
 
 
 def _report(run_dir: str) -> int:
     from mllmfl_dist.core.layout import RunLayout
+    from mllmfl_dist.core.run_lock import holding_report
     from mllmfl_dist.stages.report import write_report
 
     layout = RunLayout(run_dir)
@@ -204,7 +212,8 @@ def _report(run_dir: str) -> int:
     if not layout.holds_a_run():
         raise ConfigError(f"report: {path} holds no run (no federated/, annotate/ or pretrain/ folder); give "
                           f"<run.root>/<run.name>, e.g. runs/fmnist_lt (a compare row: runs/X/compare/fedavg/seed0)")
-    summary = write_report(path)
+    with holding_report(layout.report, "report"):
+        summary = write_report(path)
     print(f"report: {path / 'report' / 'report.md'} ({', '.join(summary['plots']) or 'no plots'})")
     return 0
 

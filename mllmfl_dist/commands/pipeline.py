@@ -16,7 +16,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from mllmfl_dist.core import dist
+from mllmfl_dist.core import dist, run_lock
 from mllmfl_dist.config import Config
 
 log = logging.getLogger(__name__)
@@ -52,7 +52,13 @@ def baseline_config(cfg: Config) -> Config:
 
 
 def run_pipeline(cfg: Config, runtime: dist.Runtime) -> dict[str, Any]:
-    """Run the planned stages in order; returns the report's summary on rank 0."""
+    """Run the planned stages in order, holding the run directory (a ``compare`` row's own, or ``run``'s, held
+    already); returns the report's summary on rank 0. RunDirBusyError when another job holds it."""
+    with run_lock.holding(runtime, cfg.run_dir):
+        return _stages(cfg, runtime)
+
+
+def _stages(cfg: Config, runtime: dist.Runtime) -> dict[str, Any]:
     stages = planned_stages(cfg)
     log.info("run %s: stages %s", cfg.run_dir, " -> ".join(stages))
     summary: dict[str, Any] = {}
@@ -68,11 +74,15 @@ def run_pipeline(cfg: Config, runtime: dist.Runtime) -> dict[str, Any]:
         elif stage in ("federate", "baseline"):
             from mllmfl_dist.stages.federated import run_federated
 
-            run_federated(cfg if stage == "federate" else baseline_config(cfg), runtime)
+            stage_cfg = cfg if stage == "federate" else baseline_config(cfg)
+            with run_lock.holding(runtime, stage_cfg.run_dir):
+                run_federated(stage_cfg, runtime)
         elif stage == "report" and runtime.is_server:
             from mllmfl_dist.stages.report import write_report
 
-            summary = write_report(cfg.run_dir)
+            # A `report` command on this run may be writing the same folder: wait for it (seconds).
+            with run_lock.holding_report(cfg.paths.report, runtime.run_locks.command, wait=True):
+                summary = write_report(cfg.run_dir)
     dist.stage_barrier(runtime, "the end of the run (the report)", clients_idle=True)
     return summary
 
@@ -81,9 +91,10 @@ def run_stage1(cfg: Config, runtime: dist.Runtime) -> Path:
     """Annotation (when DWP reads this run's captions) and DWP alone; returns the backbone's path."""
     from mllmfl_dist.stages.pretrain import run_pretrain
 
-    if not cfg.pretrain.shards:
-        from mllmfl_dist.stages.annotate import run_annotate
+    with run_lock.holding(runtime, cfg.run_dir):
+        if not cfg.pretrain.shards:
+            from mllmfl_dist.stages.annotate import run_annotate
 
-        run_annotate(cfg, runtime)
-    run_pretrain(cfg, runtime)
+            run_annotate(cfg, runtime)
+        run_pretrain(cfg, runtime)
     return cfg.run_dir / "pretrain" / "backbone.pt"

@@ -22,6 +22,7 @@ import torch.distributed as torch_dist
 from mllmfl_dist.core.errors import ConfigError, DataError, ModelLoadError, RankLostError
 from mllmfl_dist.core.launch import LaunchEnv, read_launch_env, slurm_rendezvous
 from mllmfl_dist.core.preflight import check_local_ranks, local_world_size
+from mllmfl_dist.core.run_lock import HeldLocks
 from mllmfl_dist.core.waits import Heartbeat, Waiting, WaitSettings, first_line, ranks_text
 
 if TYPE_CHECKING:
@@ -49,6 +50,8 @@ class Runtime:
     heartbeat: Any = None
     # This process's stop request (preempt.StopRequest), read by the round loop; None: never asked to stop.
     stop: Any = None
+    # The run directories this job holds (run_lock.holding): entered again without a second lock.
+    run_locks: HeldLocks = field(default_factory=HeldLocks)
 
     @property
     def is_server(self) -> bool:
