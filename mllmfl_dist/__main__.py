@@ -168,7 +168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             methods = parse_methods(args.methods or default_methods(cfg), cfg)
             seeds = parse_seeds(args.seeds, cfg)
             for method in methods:  # refuse a bad method (or a model it needs that is not there) before anything runs
-                build_strategy(method_config(cfg, method)).projection_dim()
+                build_strategy(method_config(cfg, method)).projection_dim(0)  # only its refusal matters here
             return _run_stage(cfg, args.command, stop, methods, seeds)
         return _run_stage(cfg, args.command, stop)
     except (ConfigError, DataError, ModelLoadError) as err:
@@ -363,7 +363,7 @@ def _evaluate(cfg, checkpoint_path: str) -> int:
         state = state["model"]
     data = build_data(cfg)
     strategy = build_strategy(cfg)
-    model = build_fl_model(cfg.model, data, cfg.run.seed, strategy.projection_dim())
+    model = build_fl_model(cfg.model, data, cfg.run.seed, strategy.projection_dim)
     try:
         model.load_state_dict(state)
         if server_state is not None:

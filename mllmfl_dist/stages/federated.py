@@ -47,7 +47,7 @@ class FederatedStage:
         self.cfg, self.runtime, self.paths = cfg, runtime, cfg.paths
         self.data = build_data(cfg, runtime)
         self.strategy = build_strategy(cfg)
-        model = build_fl_model(cfg.model, self.data, cfg.run.seed, self.strategy.projection_dim())
+        model = build_fl_model(cfg.model, self.data, cfg.run.seed, self.strategy.projection_dim)
         local = LocalTraining.of(cfg.federated, cfg.data, self.data.mean, self.data.std)
         self.trainer = FederatedTrainer(cfg.federated, cfg.run.seed, local, runtime, self.data, model, self.strategy)
         # Rank 0 runs the alignment; every rank names its settings when it makes the model non-finite.
@@ -69,6 +69,8 @@ class FederatedStage:
             self.strategy.setup(StrategyContext(runtime, self.data, self.paths.cache))
         if runtime.is_server:
             self._open_records(start_round)
+            if start_round < fed.rounds:
+                self._log_teachers(start_round)
         stopped_at = self._rounds(start_round)
         if stopped_at:
             self.tracker.close()
@@ -135,6 +137,16 @@ class FederatedStage:
             log.info("resuming %s from round %d", self.paths.federated, start_round)
         records = self.metrics.records()
         self.last_eval = records[-1] if records else None
+
+    def _log_teachers(self, start_round: int) -> None:
+        """Rank 0, once per run (and again on a resume): the teachers' accuracy and confidence to the tracker
+        (CLIP2FL's on the clients' samples; the alignment teacher's on its set, also in alignment_set.json)."""
+        record = dict(self.strategy.setup_summary())
+        if self.alignment is not None and self.alignment.set.teacher is not None:
+            record["align_teacher"] = {k.removeprefix("teacher_"): v for k, v in self.alignment.described.items()
+                                       if k.startswith("teacher_")}
+        if record:
+            self.tracker.log(record, prefix="teacher/", step=start_round)
 
     # -- the rounds ------------------------------------------------------------------------------------------
     def _rounds(self, start_round: int) -> int:
@@ -224,7 +236,7 @@ class FederatedStage:
         summary = {"rounds": cfg.federated.rounds, "final": self.last_eval, "world_size": runtime.world_size,
                    "backend": runtime.backend, "peak_rss_mb_max_rank": peak_rss_mb,
                    "class_names": list(data.class_names), "train_class_counts": data.train_class_counts(),
-                   "strategy_models": [dataclasses.asdict(m) for m in models]}
+                   "strategy_models": [dataclasses.asdict(m) for m in models], **self.strategy.setup_summary()}
         if cfg.align.every and self.paths.alignment_set.is_file():
             try:
                 summary["alignment"] = json.loads(self.paths.alignment_set.read_text())
