@@ -90,7 +90,7 @@ def test_clip2fl_runs_the_teacher_once_per_sample_and_never_again(tmp_path, tiny
     # The teacher ran at the tiny CLIP's own learned scale, and the summary says how good and sure it was.
     from mllmfl_dist.models.clip_teacher import load_clip
 
-    own = float(load_clip(f"local-dir:{tiny_models['clip']}")[0].logit_scale.exp())
+    own = float(load_clip(f"local-dir:{tiny_models['clip']}")[0].logit_scale.detach().exp())
     teacher = json.loads((out / "summary.json").read_text())["clip2fl_teacher"]
     assert teacher["logit_scale"] == pytest.approx(own) and teacher["samples"] == client_samples
     assert 0 <= teacher["accuracy"] <= 1 and 0 < teacher["mean_entropy_nats"] <= teacher["max_entropy_nats"]
