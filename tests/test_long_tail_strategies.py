@@ -87,7 +87,9 @@ def test_clip2fl_runs_the_teacher_once_per_sample_and_never_again(tmp_path, tiny
     assert model["projection.weight"].shape == (128, 64)
     assert model["classifier.weight"].shape == (10, 128)
     assert all(r["match_loss"] > 0 for r in map(json.loads, (out / "rounds.jsonl").open()))
-    # The teacher ran at the tiny CLIP's own learned scale, and the summary says how good and sure it was.
+    # The teacher ran at the tiny CLIP's own learned scale, and the summary says how good and sure it was (also
+    # after a rerun of the complete run, which runs no teacher pass).
+    assert cli("federate", str(SMOKE), sets=[*sets, "federated.rounds=3"]) == 0
     from mllmfl_dist.models.clip_teacher import load_clip
 
     own = float(load_clip(f"local-dir:{tiny_models['clip']}")[0].logit_scale.detach().exp())

@@ -166,3 +166,18 @@ def test_the_uniform_teacher_cannot_pseudo_label_web_images(tmp_path):
     cfg = load_config(SMOKE, ["align.every=1", "align.source=web", "align.teacher=uniform"])
     with pytest.raises(ConfigError, match="'uniform' cannot"):
         build_alignment_set(cfg, build_data(cfg), cache_dir=tmp_path)
+
+
+def test_the_report_shows_the_teachers_accuracy_and_entropy():
+    from mllmfl_dist.stages.report import report_markdown
+
+    fed = {"round": 3, "acc": 0.5, "clip2fl_teacher": {"samples": 90, "logit_scale": 14.2857, "temperature": 3.0,
+                                                       "accuracy": 0.25, "mean_entropy_nats": 0.01,
+                                                       "max_entropy_nats": 2.302585, "mean_top_probability": 0.99},
+           "alignment": {"images": 200, "source": "holdout", "server_labeled_images": 200, "teacher": "uniform",
+                         "teacher_accuracy": 0.1, "teacher_mean_entropy_nats": 2.302585,
+                         "teacher_max_entropy_nats": 2.302585, "teacher_mean_top_probability": 0.1}}
+    text = report_markdown({"run_dir": "r", "federated": fed})
+    assert "| CLIP2FL, clients' 90 samples, scale 14.286, T 3.0 | 0.250 | 0.010 | 2.303 | 0.990 |" in text
+    assert "| alignment (uniform), its 200 images | 0.100 | 2.303 | 2.303 | 0.100 |" in text
+    assert "| teacher |" not in report_markdown({"run_dir": "r", "federated": {"round": 3, "acc": 0.5}})

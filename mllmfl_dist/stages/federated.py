@@ -57,6 +57,7 @@ class FederatedStage:
         self.rounds_log = MetricsLog(self.paths.rounds) if runtime.is_server else None  # timing and traffic
         self.tracker = Tracker()
         self.last_eval: dict[str, Any] | None = None
+        self.set_up = False  # whether the strategy's setup ran in this process (not for a complete run)
 
     def run(self) -> dict[str, Any]:
         runtime, fed = self.runtime, self.cfg.federated
@@ -67,6 +68,7 @@ class FederatedStage:
         self.trainer.broadcast_global()
         if start_round < fed.rounds:
             self.strategy.setup(StrategyContext(runtime, self.data, self.paths.cache))
+            self.set_up = True
         if runtime.is_server:
             self._open_records(start_round)
             if start_round < fed.rounds:
@@ -243,4 +245,11 @@ class FederatedStage:
             except (OSError, ValueError) as err:  # a torn file: the summary goes without it
                 log.warning("cannot read %s (%s); the summary omits the alignment set", self.paths.alignment_set,
                             err)
+        if not self.set_up and self.paths.summary.is_file():
+            # A complete run ran no setup now: what its setup reported (CLIP2FL's teacher) stays in the summary.
+            try:
+                for key, value in json.loads(self.paths.summary.read_text()).items():
+                    summary.setdefault(key, value)
+            except (OSError, ValueError, AttributeError) as err:
+                log.warning("cannot read the previous %s (%s); it is rewritten without it", self.paths.summary, err)
         checkpoint.write_text_atomic(self.paths.summary, json.dumps(summary, indent=2))
