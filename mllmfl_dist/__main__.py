@@ -292,7 +292,7 @@ def _evaluate(cfg, checkpoint_path: str) -> int:
         state = state["model"]
     data = build_data(cfg)
     strategy = build_strategy(cfg)
-    model = build_fl_model(cfg.model, data, cfg.run.seed, strategy.projection_dim())
+    model = build_fl_model(cfg.model, data, cfg.run.seed, strategy.projection_dim)
     try:
         model.load_state_dict(state)
         if server_state is not None:

@@ -82,8 +82,20 @@ def test_clip2fl_runs_the_teacher_once_per_sample_and_never_again(tmp_path, tiny
 
     out = tmp_path / "smoke" / "federated"
     model = torch.load(out / "model_final.pt", weights_only=True)
-    assert model["projection.weight"].shape == (32, 64)  # ResNet-8 feature -> the tiny CLIP's width
-    assert model["classifier.weight"].shape == (10, 32)
+    # ResNet-8's 64-wide feature -> twice that, as released (the tiny CLIP's text width, 32, differs: the
+    # server's contrast ran through the seeded text projection, and the rounds matched features)
+    assert model["projection.weight"].shape == (128, 64)
+    assert model["classifier.weight"].shape == (10, 128)
+    assert all(r["match_loss"] > 0 for r in map(json.loads, (out / "rounds.jsonl").open()))
+    # The teacher ran at the tiny CLIP's own learned scale, and the summary says how good and sure it was (also
+    # after a rerun of the complete run, which runs no teacher pass).
+    assert cli("federate", str(SMOKE), sets=[*sets, "federated.rounds=3"]) == 0
+    from mllmfl_dist.models.clip_teacher import load_clip
+
+    own = float(load_clip(f"local-dir:{tiny_models['clip']}")[0].logit_scale.detach().exp())
+    teacher = json.loads((out / "summary.json").read_text())["clip2fl_teacher"]
+    assert teacher["logit_scale"] == pytest.approx(own) and teacher["samples"] == client_samples
+    assert 0 <= teacher["accuracy"] <= 1 and 0 < teacher["mean_entropy_nats"] <= teacher["max_entropy_nats"]
     last = [json.loads(line) for line in (out / "metrics.jsonl").open()][-1]
     capsys.readouterr()
     assert cli("evaluate", str(SMOKE), "--checkpoint", str(out / "model_final.pt"), sets=sets) == 0

@@ -7,8 +7,9 @@ A method is a base strategy plus, optionally, stages of the MLLM-assisted method
   :mod:`mllmfl_dist.core.plugins`): the strategy from a randomly initialised backbone, alignment off;
 - ``+dwp[llava]``: the backbone comes from Dynamic Weighted Pretraining against the LLaVA (``[annotate]`` /
   ``[pretrain]``), run once per seed in ``<run dir>/compare/stage1/seed<k>/`` and shared by every +dwp row;
-- ``+align[none|clip|llava]``: global alignment as ``[align]`` describes it (``every = 1`` where the config
-  has 0), with that teacher (``none``: cross-entropy on the server's labeled images alone; ``llava`` /
+- ``+align[none|clip|llava|uniform]``: global alignment as ``[align]`` describes it (``every = 1`` where the
+  config has 0), with that teacher (``none``: cross-entropy on the server's labeled images alone; ``uniform``:
+  q = 1/C at the same beta, the control without a model's knowledge; ``llava`` /
   ``clip``: ``align.teacher_model`` when the config's teacher is of that kind, else ``annotate.model`` /
   a model of that kind a strategy's section names, such as ``clip2fl.model``);
 - ``mllm-llava-fl``: the full method, ``fedavg+dwp[llava]+align[llava]`` (the only row called that);
@@ -147,7 +148,7 @@ def check_methods(cfg: Config, methods: list[Method], tune: tuning.TuneSpec | No
 
     for method in methods:
         for setting in tuning.method_grid(method, tune) if tune else [{}]:
-            build_strategy(method_config(cfg, method, setting=setting)).projection_dim()
+            build_strategy(method_config(cfg, method, setting=setting)).projection_dim(0)  # only its refusal matters
 
 
 def compare_dir(cfg: Config) -> Path:
@@ -156,7 +157,7 @@ def compare_dir(cfg: Config) -> Path:
 
 def _teacher_model(cfg: Config, teacher: str) -> tuple[str, str]:
     """(align.teacher_model, align.clip_pretrained) for an alignment row with ``teacher``."""
-    if teacher == "none":
+    if teacher in ("none", "uniform"):  # no model: labels alone, or q = 1/C
         return "", ""
     if cfg.align.teacher == teacher and cfg.align.teacher_model:
         return cfg.align.teacher_model, cfg.align.clip_pretrained

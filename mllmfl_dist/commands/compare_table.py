@@ -62,7 +62,7 @@ def models_used(cfg: Config, dwp: bool) -> list[str]:
     used = [f"{m.role} {m.model}" for m in strategy_class(cfg.federated.strategy).models(cfg.strategy_sections)]
     if dwp:
         used.append(f"DWP LLaVA {cfg.pretrain.model or cfg.annotate.model}")
-    if cfg.align.every and cfg.align.teacher != "none":
+    if cfg.align.every and cfg.align.teacher not in ("none", "uniform"):
         used.append(f"teacher {cfg.align.teacher_model}")
     return used
 

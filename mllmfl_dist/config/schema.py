@@ -257,11 +257,16 @@ class AlignConfig:
     pool_shards: str = path_setting("")  # labeled shards of the pool (e.g. shards/fmnist_align/*.tar.gz)
     web_shards: str = path_setting("")  # unlabeled shards for source = "web"
     per_class: int = at_least(20, 1)  # k images per class
-    teacher: str = choice("none", ("none", "llava", "clip"))
+    # uniform: q = 1/C for every image at the same beta (label smoothing), the control that separates "more
+    # alignment" from the MLLM's knowledge; it needs no model
+    teacher: str = choice("none", ("none", "llava", "clip", "uniform"))
     teacher_model: str = path_setting("")  # llava: hub id or directory; clip: open_clip name or local-dir:DIR
     clip_pretrained: str = path_setting("")  # open_clip pretrained tag for a named architecture (e.g. openai)
     prompt: str = image_prompt(CLASS_QUESTION_PROMPT)  # llava teacher's question
     templates: str = "a photo of a {}."  # clip teacher's prompt templates, separated by '|'
+    # clip teacher's logits are scale * cos(image, text): 0 takes the model's own learned scale (exp of its
+    # logit_scale; OpenAI's CLIP: 100), a number > 0 overrides it
+    clip_logit_scale: float = non_negative(0.0, "0 (the CLIP model's own learned scale) or a number > 0")
     teacher_temperature: float = positive(1.0)  # softmax temperature of the teacher's class scores
     # llava teacher: a class's score is the sum (sequence log-likelihood) or the mean (length-normalised)
     # of its answer tokens' log-probabilities; with the trained stand-in "sum" was more accurate on

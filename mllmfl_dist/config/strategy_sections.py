@@ -50,7 +50,10 @@ class Clip2flConfig:
     model: str = path_setting("")  # open_clip architecture (with pretrained), hf-hub:org/repo or local-dir:DIR
     pretrained: str = path_setting("")  # open_clip pretrained tag for a named architecture (e.g. openai)
     templates: str = "a photo of a {}."  # '|'-separated prompt templates
-    logit_scale: float = positive(100.0)
+    # The teacher's logits are scale * cos(image, text): 0 takes the model's own learned scale (exp of its
+    # logit_scale), as the released code does through OpenAI's CLIP (whose learned scale is 100); a number > 0
+    # overrides it.
+    logit_scale: float = non_negative(0.0, "0 (the CLIP model's own learned scale) or a number > 0")
     temperature: float = positive(3.0)  # T of the clients' distillation
     alpha: float = non_negative(1.0)  # weight of alpha * T^2 * KL(teacher || student)
     # Weight of the server's prototype contrast to the text embeddings: 0.001 as in the released code's
@@ -58,3 +61,8 @@ class Clip2flConfig:
     contrast_alpha: float = non_negative(0.001)
     contrast_temperature: float = positive(0.1)
     teacher_batch_size: int = at_least(64, 1)  # images per teacher forward when the logits are first computed
+    # Width of the FL model's projection before its classifier (where the federated features live); 0: twice
+    # the backbone's pooled feature width, as the released ResNet-8 (add_mlp: 64 * scaling -> 64 * scaling * 2,
+    # 256 -> 512, which there equals ViT-B/32's embedding width). Where it differs from the CLIP embedding
+    # width, the server's text contrast sees the text embeddings through a fixed, seeded orthonormal map.
+    projection_dim: int = at_least(0, 0)

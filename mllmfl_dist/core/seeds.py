@@ -26,6 +26,7 @@ TAG_CREFF_FEATURES = 21  # CReFF's federated features' initial values (seed)
 TAG_CREFF_RETRAIN = 22  # CReFF's re-trained classifier's init and batch order (seed, round)
 TAG_CLIENT_UPLOAD = 23  # a client's upload, e.g. CReFF's class batches (seed, round, client)
 TAG_CREFF_HEAD_INIT = 24  # the classifier CReFF's first class gradients are taken at (seed)
+TAG_CLIP2FL_TEXT_PROJECTION = 25  # CLIP2FL's map of the text embeddings to the feature width (seed)
 PLUGIN_TAGS = 1000  # strategies from outside the package: 1000 and up
 # -- data sources and partitions (their own numbering, kept as it was) -----------------------------------------
 TAG_DIRICHLET = 101

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 
 from mllmfl_dist.models.mllm import ModelLoadError, _first_line, unloadable_weights
 
-__all__ = ["ModelLoadError", "load_clip", "clip_embed_dim", "zero_shot_classifier", "zero_shot_logits",
-           "DEFAULT_TEMPLATES"]
+__all__ = ["ModelLoadError", "load_clip", "clip_embed_dim", "resolve_logit_scale", "zero_shot_classifier",
+           "zero_shot_logits", "DEFAULT_TEMPLATES"]
 
 DEFAULT_TEMPLATES: tuple[str, ...] = ("a photo of a {}.",)
 LOCAL_DIR = "local-dir:"
@@ -104,6 +104,21 @@ def clip_embed_dim(model: str, pretrained: str = "") -> int:
     except Exception as exc:  # noqa: BLE001 - any model that cannot embed a text is unusable here
         raise ModelLoadError(f"CLIP model {model!r}: cannot embed a text to find its width "
                              f"({_first_line(exc)})") from None
+
+
+def resolve_logit_scale(model, setting: float = 0.0) -> float:
+    """The scale of a CLIP teacher's logits ``scale * cos(image, text)``: ``setting`` when it is > 0, else the
+    model's own learned scale, ``model.logit_scale.exp()`` (open_clip keeps its log). For OpenAI's CLIP the
+    learned scale is 100 (the value CLIP2FL's released code uses, through that model); a CLIP trained here has
+    its own, and its zero-shot distributions are calibrated at it, not at 100. Raises ModelLoadError when
+    ``setting`` is 0 and the model has no learned scale."""
+    if setting > 0:
+        return float(setting)
+    learned = getattr(model, "logit_scale", None)
+    if not isinstance(learned, torch.Tensor):
+        raise ModelLoadError(f"the CLIP model ({type(model).__name__}) has no learned logit_scale; set the "
+                             f"teacher's logit scale to a number > 0")
+    return float(learned.detach().float().exp().item())
 
 
 @torch.no_grad()

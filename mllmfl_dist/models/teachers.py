@@ -12,16 +12,18 @@
   `processor(prompt)` (with byte-level BPE or sentencepiece the prompt's tokens are normally a prefix; if a
   tokenizer merges across the boundary, the answer starts at the first differing token, so the score is the
   likelihood of everything after the common prefix).
-- `kind="clip"`: open_clip zero-shot logits (`logit_scale=100`, prompt `templates`),
-  `q = softmax(logits / temperature)`.
+- `kind="clip"`: open_clip zero-shot logits `scale * cos(image, text)` (prompt `templates`; `scale` the
+  model's own learned logit scale, or `logit_scale` when that is > 0), `q = softmax(logits / temperature)`.
 - `kind="none"` is not a teacher: it means plain cross-entropy, and the caller does not ask for `q`
   (`teacher_distributions` raises ValueError for it, as for any other unknown kind).
 
 Cache: `q` is computed once per alignment set and stored as `<cache_dir>/teacher-<kind>-<key16>.pt`
 (written atomically, read back with `weights_only=True`); the key is a sha256 over the kind, the model, the
-pretrained tag, the prompt, the llava score, the templates, the temperature, the class names, the size and
+pretrained tag, the prompt, the llava score, the templates, the clip logit scale setting (0, "the model's own",
+is fixed by the weights, which the key names), the temperature, the class names, the size and
 modification time of the model's weights files when it is a local directory, and every image's mode, size and
-pixel bytes. A hit returns the stored tensor without loading any model. `cache_dir=None` disables it.
+pixel bytes. A hit returns the stored tensor (and the scale the clip teacher resolved, stored beside it) without
+loading any model. `cache_dir=None` disables it.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ import torch
 
 from mllmfl_dist.core import checkpoint
 from mllmfl_dist.config import ConfigError
-from mllmfl_dist.models.clip_teacher import load_clip, zero_shot_classifier, zero_shot_logits
+from mllmfl_dist.models.clip_teacher import load_clip, resolve_logit_scale, zero_shot_classifier, zero_shot_logits
 from mllmfl_dist.models.mllm import load_llava, weights_identity
 
 __all__ = [
@@ -79,6 +81,7 @@ def teacher_cache_key(
     templates: str | Sequence[str] = ("a photo of a {}.",),
     temperature: float = 1.0,
     score: str = "sum",
+    logit_scale: float = 0.0,
 ) -> str:
     """sha256 (hex) identifying a teacher computation: its settings, the class names and the images' bytes.
     Only the settings the kind uses enter it (the prompt and score for llava; the templates and tag for clip)."""
@@ -90,6 +93,7 @@ def teacher_cache_key(
         "prompt": prompt if kind == "llava" else "",
         "score": score if kind == "llava" else "",
         "templates": list(_templates(templates)) if kind == "clip" else [],
+        "logit_scale": float(logit_scale) if kind == "clip" else 0.0,
         "temperature": float(temperature),
         "class_names": [str(c) for c in class_names],
         "n_images": len(images),
@@ -242,9 +246,11 @@ def teacher_distributions(
     templates: str | Sequence[str] = ("a photo of a {}.",),
     temperature: float = 1.0,
     score: str = "sum",
+    logit_scale: float = 0.0,
     cache_dir: str | Path | None = None,
     device: torch.device | str = "cpu",
     batch_size: int = 16,
+    details: dict | None = None,
 ) -> torch.Tensor:
     """The teacher's class distributions `q` (float32 `[N, C]`, rows sum to 1) for PIL `images`.
 
@@ -257,10 +263,13 @@ def teacher_distributions(
         (must contain `<image>`). score: llava only, `sum` or `mean` of the answer tokens' log-probabilities
         (`align.teacher_score`; see the module docstring).
     temperature: `q = softmax(scores / temperature)`, > 0.
+    logit_scale: clip only, the scale of its logits; 0 (`align.clip_logit_scale`'s default) takes the model's
+        own learned scale (:func:`~mllmfl_dist.models.clip_teacher.resolve_logit_scale`).
     cache_dir: where `teacher-<kind>-<key16>.pt` is kept; a hit returns it without loading a model. None: no
         cache.
     device / batch_size: where the teacher runs and about how many sequences (llava) or images (clip) one
         forward holds.
+    details: when given, receives what the teacher resolved: ``details["logit_scale"]`` (clip).
     """
     if kind not in TEACHER_KINDS:
         raise ValueError(f"teacher kind must be one of {list(TEACHER_KINDS)}, got {kind!r} "
@@ -285,7 +294,8 @@ def teacher_distributions(
     path = None
     if cache_dir is not None:
         key = teacher_cache_key(kind, images, class_names, model=model, clip_pretrained=clip_pretrained,
-                                prompt=prompt, templates=templates, temperature=temperature, score=score)
+                                prompt=prompt, templates=templates, temperature=temperature, score=score,
+                                logit_scale=logit_scale)
         path = teacher_cache_path(cache_dir, kind, key)
         if path.is_file():
             try:
@@ -293,11 +303,14 @@ def teacher_distributions(
                 q = stored.get("q") if isinstance(stored, dict) else None
                 if (isinstance(q, torch.Tensor) and stored.get("key") == key
                         and tuple(q.shape) == (len(images), len(class_names))):
+                    if details is not None and stored.get("logit_scale") is not None:
+                        details["logit_scale"] = float(stored["logit_scale"])
                     return q.float()
                 log.warning("teacher cache %s does not match this alignment set; recomputing", path)
             except Exception as err:  # noqa: BLE001 - a torn or foreign file: recompute and overwrite
                 log.warning("teacher cache %s unreadable (%s); recomputing", path, type(err).__name__)
 
+    scale = None
     if kind == "llava":
         llava, processor = load_llava(str(model), device=device)
         scores = llava_answer_loglik(llava, processor, images, class_names, prompt, batch_size=batch_size,
@@ -305,11 +318,16 @@ def teacher_distributions(
         del llava
     else:
         clip, preprocess, tokenizer = load_clip(str(model), clip_pretrained, device=device)
+        scale = resolve_logit_scale(clip, logit_scale)
+        log.info("clip teacher: logit scale %.4g (%s)", scale, "set" if logit_scale > 0 else "the model's own")
         scores = clip_teacher_logits(clip, preprocess, tokenizer, images, class_names, templates,
-                                     batch_size=batch_size)
+                                     batch_size=batch_size, logit_scale=scale)
         del clip
     q = torch.softmax(scores.float() / float(temperature), dim=-1).contiguous()
+    if details is not None and scale is not None:
+        details["logit_scale"] = scale
 
     if path is not None:
-        checkpoint.save_atomic({"q": q, "key": key, "kind": kind, "class_names": class_names}, path)
+        checkpoint.save_atomic({"q": q, "key": key, "kind": kind, "class_names": class_names, "logit_scale": scale},
+                               path)
     return q

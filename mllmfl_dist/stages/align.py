@@ -3,7 +3,8 @@
 After the server step, every ``align.every`` rounds, rank 0 refines the global model on a small
 class-balanced set (k images per class) with the paper's ``L = CE(y, p) + beta * KL(q || p)``, where ``p``
 is the model's softmax and ``q`` the teacher's class distribution (``teacher = "none"``: plain
-cross-entropy on the balanced set); with ``align.temperature`` T != 1 both are tempered
+cross-entropy on the balanced set; ``"uniform"``: ``q = 1/C``, label smoothing at the same beta, the control
+that tells more alignment from the teacher's knowledge); with ``align.temperature`` T != 1 both are tempered
 (``beta * T^2 * KL(q_T || p_T)``, see :func:`alignment_loss`). The round loop then broadcasts the aligned model
 as its one flat buffer, so every rank starts the next round from it. BatchNorm statistics stay frozen during
 alignment (the set is tiny); ``train = "classifier"`` updates the linear head only, ``"all"`` the whole
@@ -26,6 +27,7 @@ from mllmfl_dist.core.seeds import TAG_ALIGN, derive_seed
 from mllmfl_dist.data.images import ImageBounds, UnusableImageError, decode_image, model_input, to_pil
 from mllmfl_dist.data.shards import expand_shards, iter_samples, read_labeled_shards
 from mllmfl_dist.fl.losses import distillation_loss, temper
+from mllmfl_dist.models.teacher_diagnostics import teacher_diagnostics
 from mllmfl_dist.models.teachers import teacher_distributions
 
 log = logging.getLogger(__name__)
@@ -43,19 +45,25 @@ class AlignmentSet:
     short_classes: list[int]  # classes with fewer than k images
     labeled: bool = True  # labels are the server's own (pool, holdout); False: the teacher's pseudo-labels (web)
     skipped: int = 0  # web samples not used: unreadable, over align.max_image_*, or members outside any sample
+    teacher_logit_scale: float | None = None  # the clip teacher's resolved logit scale
 
     def describe(self, acfg: AlignConfig) -> dict[str, Any]:
         """What the alignment set is, for summaries and the compare table: its size, how many of its images
         carry server-held labels, the teacher, and the teacher's accuracy against those labels (the fraction
-        of images whose argmax of q is the label; None without a teacher or without labels)."""
-        teacher_acc = None
-        if self.teacher is not None and self.labeled:
-            teacher_acc = float((self.teacher.argmax(dim=1) == self.labels).double().mean())
+        of images whose argmax of q is the label; None without a teacher or without labels), its mean entropy
+        (nats) and mean top probability on the set (:func:`teacher_diagnostics`), and the clip teacher's logit
+        scale."""
+        stats = {}
+        if self.teacher is not None:
+            stats = teacher_diagnostics(self.teacher, self.labels if self.labeled else None)
         return {"source": acfg.source, "teacher": acfg.teacher, "teacher_model": acfg.teacher_model,
                 "images": int(self.labels.shape[0]),
                 "server_labeled_images": int(self.labels.shape[0]) if self.labeled else 0,
-                "short_classes": list(self.short_classes), "teacher_accuracy": teacher_acc,
-                "skipped_images": self.skipped}
+                "short_classes": list(self.short_classes), "teacher_accuracy": stats.get("accuracy"),
+                "teacher_mean_entropy_nats": stats.get("mean_entropy_nats"),
+                "teacher_max_entropy_nats": stats.get("max_entropy_nats"),
+                "teacher_mean_top_probability": stats.get("mean_top_probability"),
+                "teacher_logit_scale": self.teacher_logit_scale, "skipped_images": self.skipped}
 
 
 def alignment_loss(logits: torch.Tensor, labels: torch.Tensor, teacher: torch.Tensor | None, beta: float,
@@ -124,6 +132,7 @@ def build_alignment_set(cfg: Config, data: ClientData, cache_dir, device: torch.
     acfg = cfg.align
     size, channels = data.image_size, data.in_channels
     skipped = 0
+    details: dict[str, Any] = {}  # what the teacher resolved (the clip teacher's logit scale)
 
     if acfg.source == "holdout":
         if not hasattr(data, "server_pool") or not len(data.server_pool()[1]):
@@ -133,7 +142,7 @@ def build_alignment_set(cfg: Config, data: ClientData, cache_dir, device: torch.
         keep, short = take_per_class(labels.numpy(), data.num_classes, acfg.per_class)
         pil = [to_pil(im) for im in images[keep]]
         labels = labels[keep]
-        teacher = _teacher(cfg, pil, data, cache_dir, device)
+        teacher = _teacher(cfg, pil, data, cache_dir, device, details)
     elif acfg.source == "pool":
         if not acfg.pool_shards:
             raise ConfigError("align.pool_shards is empty; name the labeled server-held pool (e.g. "
@@ -146,14 +155,15 @@ def build_alignment_set(cfg: Config, data: ClientData, cache_dir, device: torch.
         keep, short = take_per_class(labels.numpy(), data.num_classes, acfg.per_class)
         pil = [pil[i] for i in keep]
         labels = labels[keep]
-        teacher = _teacher(cfg, pil, data, cache_dir, device)
+        teacher = _teacher(cfg, pil, data, cache_dir, device, details)
     else:
-        if acfg.teacher == "none":
-            raise ConfigError("align.source = 'web' needs a teacher to pseudo-label the images; set align.teacher")
+        if acfg.teacher in ("none", "uniform"):
+            raise ConfigError(f"align.source = 'web' needs a teacher to pseudo-label the images (align.teacher = "
+                              f"'{acfg.teacher}' cannot); set align.teacher to llava or clip")
         if not acfg.web_shards:
             raise ConfigError("align.web_shards is empty; name the unlabeled shards to pseudo-label")
         pil, skipped = _web_images(acfg, max(size, TEACHER_SIDE))
-        q_all = _teacher(cfg, pil, data, cache_dir, device)
+        q_all = _teacher(cfg, pil, data, cache_dir, device, details)
         pseudo = q_all.argmax(dim=1).numpy()
         keep, short = take_per_class(pseudo, data.num_classes, acfg.per_class, score=q_all.max(dim=1).values.numpy())
         pil = [pil[i] for i in keep]
@@ -162,7 +172,8 @@ def build_alignment_set(cfg: Config, data: ClientData, cache_dir, device: torch.
     if short:
         log.warning("alignment set: classes %s have fewer than %d images", short, acfg.per_class)
     images = torch.stack([torch.from_numpy(model_input(im, size, channels)) for im in pil])
-    return AlignmentSet(images, labels.long(), teacher, short, labeled=acfg.source != "web", skipped=skipped)
+    return AlignmentSet(images, labels.long(), teacher, short, labeled=acfg.source != "web", skipped=skipped,
+                        teacher_logit_scale=details.get("logit_scale"))
 
 
 def _web_images(acfg: AlignConfig, side: int) -> tuple[list[Any], int]:
@@ -184,12 +195,22 @@ def _web_images(acfg: AlignConfig, side: int) -> tuple[list[Any], int]:
     return pil, len(skipped)
 
 
-def _teacher(cfg: Config, pil: list[Any], data: ClientData, cache_dir, device) -> torch.Tensor | None:
+def _teacher(cfg: Config, pil: list[Any], data: ClientData, cache_dir, device,
+             details: dict[str, Any]) -> torch.Tensor | None:
     acfg = cfg.align
     if acfg.teacher == "none":
         return None
+    if acfg.teacher == "uniform":
+        return uniform_teacher(len(pil), data.num_classes)
     return teacher_distributions(
         acfg.teacher, [im.convert("RGB") for im in pil], data.class_names, model=acfg.teacher_model,
         clip_pretrained=acfg.clip_pretrained, prompt=acfg.prompt,
         templates=acfg.templates, temperature=acfg.teacher_temperature, score=acfg.teacher_score,
-        cache_dir=cache_dir, device=device)
+        logit_scale=acfg.clip_logit_scale, cache_dir=cache_dir, device=device, details=details)
+
+
+def uniform_teacher(images: int, num_classes: int) -> torch.Tensor:
+    """``align.teacher = "uniform"``: ``q = 1/C`` for every image (``[images, C]`` float32), so the alignment
+    loss is ``CE(y, p) + beta * T^2 * KL(u || p_T)``, label smoothing at the same beta: the control that gives
+    alignment's extra term without any model's knowledge."""
+    return torch.full((images, num_classes), 1.0 / num_classes)

@@ -32,10 +32,16 @@ class AlignmentHook:
         described = self.set.describe(cfg.align)
         # Kept beside the teacher cache, so a finished run's summary (and `compare`) can say what it used.
         checkpoint.write_text_atomic(cfg.paths.alignment_set, json.dumps(described, indent=2))
-        accuracy = described["teacher_accuracy"]
-        log.info("alignment set: %d images, %d with server-held labels (%s teacher%s)", described["images"],
+        accuracy, entropy = described["teacher_accuracy"], described["teacher_mean_entropy_nats"]
+        scale = described["teacher_logit_scale"]
+        log.info("alignment set: %d images, %d with server-held labels (%s teacher%s%s%s)", described["images"],
                  described["server_labeled_images"], cfg.align.teacher,
-                 "" if accuracy is None else f", accuracy {accuracy:.3f} on the set's labels")
+                 "" if scale is None else f" at logit scale {scale:.4g}",
+                 "" if accuracy is None else f", accuracy {accuracy:.3f} on the set's labels",
+                 "" if entropy is None else f", mean entropy {entropy:.3f} nats (uniform: "
+                 f"{described['teacher_max_entropy_nats']:.3f}), mean top probability "
+                 f"{described['teacher_mean_top_probability']:.3f}")
+        self.described = described
 
     def __call__(self, model: FLModel, round_index: int) -> None:
         if round_index % self.cfg.align.every:

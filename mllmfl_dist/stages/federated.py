@@ -47,7 +47,7 @@ class FederatedStage:
         self.cfg, self.runtime, self.paths = cfg, runtime, cfg.paths
         self.data = build_data(cfg, runtime)
         self.strategy = build_strategy(cfg)
-        model = build_fl_model(cfg.model, self.data, cfg.run.seed, self.strategy.projection_dim())
+        model = build_fl_model(cfg.model, self.data, cfg.run.seed, self.strategy.projection_dim)
         local = LocalTraining.of(cfg.federated, cfg.data, self.data.mean, self.data.std)
         self.trainer = FederatedTrainer(cfg.federated, cfg.run.seed, local, runtime, self.data, model, self.strategy)
         # Rank 0 runs the alignment; every rank names its settings when it makes the model non-finite.
@@ -57,6 +57,7 @@ class FederatedStage:
         self.rounds_log = MetricsLog(self.paths.rounds) if runtime.is_server else None  # timing and traffic
         self.tracker = Tracker()
         self.last_eval: dict[str, Any] | None = None
+        self.set_up = False  # whether the strategy's setup ran in this process (not for a complete run)
 
     def run(self) -> dict[str, Any]:
         runtime, fed = self.runtime, self.cfg.federated
@@ -67,8 +68,11 @@ class FederatedStage:
         self.trainer.broadcast_global()
         if start_round < fed.rounds:
             self.strategy.setup(StrategyContext(runtime, self.data, self.paths.cache))
+            self.set_up = True
         if runtime.is_server:
             self._open_records(start_round)
+            if start_round < fed.rounds:
+                self._log_teachers(start_round)
         stopped_at = self._rounds(start_round)
         if stopped_at:
             self.tracker.close()
@@ -135,6 +139,16 @@ class FederatedStage:
             log.info("resuming %s from round %d", self.paths.federated, start_round)
         records = self.metrics.records()
         self.last_eval = records[-1] if records else None
+
+    def _log_teachers(self, start_round: int) -> None:
+        """Rank 0, once per run (and again on a resume): the teachers' accuracy and confidence to the tracker
+        (CLIP2FL's on the clients' samples; the alignment teacher's on its set, also in alignment_set.json)."""
+        record = dict(self.strategy.setup_summary())
+        if self.alignment is not None and self.alignment.set.teacher is not None:
+            record["align_teacher"] = {k.removeprefix("teacher_"): v for k, v in self.alignment.described.items()
+                                       if k.startswith("teacher_")}
+        if record:
+            self.tracker.log(record, prefix="teacher/", step=start_round)
 
     # -- the rounds ------------------------------------------------------------------------------------------
     def _rounds(self, start_round: int) -> int:
@@ -225,11 +239,18 @@ class FederatedStage:
         summary = {"rounds": cfg.federated.rounds, "final": self.last_eval, "world_size": runtime.world_size,
                    "backend": runtime.backend, "peak_rss_mb_max_rank": peak_rss_mb,
                    "class_names": list(data.class_names), "train_class_counts": data.train_class_counts(),
-                   "strategy_models": [dataclasses.asdict(m) for m in models]}
+                   "strategy_models": [dataclasses.asdict(m) for m in models], **self.strategy.setup_summary()}
         if cfg.align.every and self.paths.alignment_set.is_file():
             try:
                 summary["alignment"] = json.loads(self.paths.alignment_set.read_text())
             except (OSError, ValueError) as err:  # a torn file: the summary goes without it
                 log.warning("cannot read %s (%s); the summary omits the alignment set", self.paths.alignment_set,
                             err)
+        if not self.set_up and self.paths.summary.is_file():
+            # A complete run ran no setup now: what its setup reported (CLIP2FL's teacher) stays in the summary.
+            try:
+                for key, value in json.loads(self.paths.summary.read_text()).items():
+                    summary.setdefault(key, value)
+            except (OSError, ValueError, AttributeError) as err:
+                log.warning("cannot read the previous %s (%s); it is rewritten without it", self.paths.summary, err)
         checkpoint.write_text_atomic(self.paths.summary, json.dumps(summary, indent=2))

@@ -4,6 +4,7 @@ and ``evaluate``) and the pretrained backbone that finetuning may start from."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -38,9 +39,11 @@ def build_data(cfg: Config, runtime: dist.Runtime | None = None) -> ClientData:
         return build()
 
 
-def build_fl_model(model_cfg: ModelConfig, data: ClientData, seed: int, projection_dim: int = 0) -> FLModel:
+def build_fl_model(model_cfg: ModelConfig, data: ClientData, seed: int,
+                   projection_dim: Callable[[int], int] | None = None) -> FLModel:
     """The FL model for ``data``, initialised from (seed, TAG_MODEL_INIT) on a forked RNG (the global one is
-    left as it was), with a projection of ``projection_dim`` before the classifier when a strategy needs one."""
+    left as it was), with a projection before the classifier when a strategy needs one: ``projection_dim``
+    (a strategy's) maps the backbone's pooled feature width to the projection's width (0: none)."""
     in_channels = model_cfg.in_channels or data.in_channels
     if in_channels != data.in_channels:
         raise ConfigError(
@@ -51,7 +54,8 @@ def build_fl_model(model_cfg: ModelConfig, data: ClientData, seed: int, projecti
         torch.manual_seed(derive_seed(seed, TAG_MODEL_INIT))
         model = build_model(model_cfg.arch, in_channels, data.num_classes, model_cfg.width_scale,
                             channels_last=model_cfg.channels_last)
-        return model.add_projection(projection_dim) if projection_dim else model
+        width = projection_dim(model.feature_dim) if projection_dim is not None else 0
+        return model.add_projection(width) if width else model
 
 
 def pretrained_backbone_path(cfg: Config) -> Path:

@@ -135,7 +135,7 @@ def models_used(config: dict, strategy_models: list[dict] = ()) -> list[dict[str
             roles.append(("annotation LLaVA", annotate["model"]))
         if pretrain.get("model") or annotate.get("model"):
             roles.append(("DWP LLaVA", pretrain.get("model") or annotate["model"]))
-    if align.get("every") and align.get("teacher") not in (None, "none") and align.get("teacher_model"):
+    if align.get("every") and align.get("teacher") not in (None, "none", "uniform") and align.get("teacher_model"):
         roles.append((f"alignment teacher ({align['teacher']})", align["teacher_model"]))
     roles += [(m["role"], m["model"]) for m in strategy_models if m.get("model")]
     return [{"role": role, **model_provenance(spec)} for role, spec in roles]
@@ -148,6 +148,30 @@ def card_numbers(card: dict) -> dict[str, float]:
 
 def _fmt(value: Any) -> str:
     return "—" if not isinstance(value, (int, float)) or isinstance(value, bool) else f"{value:.3f}"
+
+
+def teacher_lines(fed: dict) -> list[str]:
+    """A table of the run's teachers (CLIP2FL's on the clients' samples, the alignment teacher on its set): the
+    accuracy, mean entropy and top probability of the distributions the losses use, so an over-confident
+    (entropy near 0) or wrong teacher is seen beside the results; [] when the run had none."""
+    rows = []
+    clip2fl = fed.get("clip2fl_teacher")
+    if isinstance(clip2fl, dict):
+        rows.append((f"CLIP2FL, clients' {clip2fl.get('samples')} samples, scale {_fmt(clip2fl.get('logit_scale'))}, "
+                     f"T {clip2fl.get('temperature')}", clip2fl.get("accuracy"), clip2fl.get("mean_entropy_nats"),
+                     clip2fl.get("max_entropy_nats"), clip2fl.get("mean_top_probability")))
+    align = fed.get("alignment")
+    if isinstance(align, dict) and align.get("teacher_mean_entropy_nats") is not None:
+        scale = align.get("teacher_logit_scale")
+        rows.append((f"alignment ({align.get('teacher')}), its {align.get('images')} images"
+                     + (f", scale {_fmt(scale)}" if scale is not None else ""), align.get("teacher_accuracy"),
+                     align.get("teacher_mean_entropy_nats"), align.get("teacher_max_entropy_nats"),
+                     align.get("teacher_mean_top_probability")))
+    if not rows:
+        return []
+    lines = ["", "| teacher | accuracy | mean entropy (nats) | uniform's entropy | mean top probability |",
+             "|---|---|---|---|---|"]
+    return lines + [f"| {name} | " + " | ".join(_fmt(v) for v in values) + " |" for name, *values in rows]
 
 
 def report_markdown(summary: dict) -> str:
@@ -179,6 +203,7 @@ def report_markdown(summary: dict) -> str:
                       f"{alignment.get('server_labeled_images')} with server-held labels; teacher "
                       f"{alignment.get('teacher')}" + (f", whose accuracy on the set's labels is {teacher_acc:.3f}"
                                                         if isinstance(teacher_acc, float) else "") + "."]
+        lines += teacher_lines(fed)
     if summary.get("models"):
         lines += ["", "## Models", "", "| role | model | provenance | model card |", "|---|---|---|---|"]
         for m in summary["models"]:
@@ -229,6 +254,8 @@ def write_report(run_dir: Path) -> dict:
             summary["federated"]["chance"] = 1 / len(per_class)
         if fed_summary.get("alignment"):
             summary["federated"]["alignment"] = fed_summary["alignment"]
+        if fed_summary.get("clip2fl_teacher"):
+            summary["federated"]["clip2fl_teacher"] = fed_summary["clip2fl_teacher"]
     if baseline:
         summary["baseline"] = _federated_summary(baseline, None)
 

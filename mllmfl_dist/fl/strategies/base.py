@@ -20,8 +20,9 @@ The hooks, by the phase they belong to; each has a default that leaves the round
 set-up, once per run
   ``check_config(cfg)``    classmethod, when the config loads: refuse what the strategy cannot run (ConfigError)
   ``models(sections)``     classmethod: the pretrained models its sections name (for tables and reports)
-  ``projection_dim()``     width of a projection the FL model needs before its classifier (0: none)
+  ``projection_dim(feature_dim)``   width of a projection the FL model needs before its classifier (0: none)
   ``setup(context)``       every rank, before the first round it trains (CLIP2FL's teacher pass)
+  ``setup_summary()``      rank 0, after setup: numbers for the run's summary and tracker (CLIP2FL's teacher)
 on a client host, for each of its sampled clients (the model is the round's global model at first)
   ``upload_shapes(model)``              the named float64 tensors each client adds to the all_reduce
   ``client_upload(model, ...)``         this client's summands of them, before local training (CReFF's class
@@ -110,13 +111,18 @@ class Strategy:
         """The pretrained models this strategy's sections (``{name: dataclass instance}``) name."""
         return []
 
-    def projection_dim(self) -> int:
-        """Width of a linear projection the FL model needs between its pooled feature and its classifier
-        (0: none). May load a model's config to find it, so a missing model is refused before training."""
+    def projection_dim(self, feature_dim: int) -> int:
+        """Width of a linear projection the FL model needs between its pooled feature (``feature_dim`` wide)
+        and its classifier (0: none). May load a model's config, so a missing model is refused before training."""
         return 0
 
     def setup(self, context: StrategyContext) -> None:
         """Once per run, on every rank, after the starting model is broadcast and before the first round."""
+
+    def setup_summary(self) -> dict[str, Any]:
+        """Rank 0, after :meth:`setup`: nested numbers describing what it made (CLIP2FL: its teacher's accuracy
+        and confidence), written to ``federated/summary.json`` and logged once to the tracker."""
+        return {}
 
     # -- on a client host ----------------------------------------------------------------------------
     def upload_shapes(self, model: nn.Module) -> Shapes:

@@ -3,12 +3,14 @@
 The teacher is frozen and sees the un-augmented image, so its logits for a sample never change: they are
 computed once per run (the samples split evenly over all ranks, then summed into one tensor on every
 rank over the control group) and stored by rank 0 as ``<cache_dir>/clip2fl-teacher-<key16>.pt``. The key
-is a sha256 over the teacher's settings (model, pretrained tag, templates, logit scale, class names, the
-open_clip version, and the size and modification time of a local weights file), and the data (every
+is a sha256 over the teacher's settings (model, pretrained tag, templates, the logit scale setting, class
+names, the open_clip version, and the size and modification time of a local weights file), and the data (every
 client sample's index, label and pixel bytes), so a changed model or data set does not reuse a stale
 file. A later run of the same config (a resume, a rerun) finds the file, loads no CLIP model and
-broadcasts the logits from rank 0. The class text embeddings the server's contrast needs are stored
-beside the logits.
+broadcasts the logits from rank 0. The class text embeddings the server's contrast needs, and the logit
+scale the teacher resolved, are stored beside the logits. The scale setting 0 ("the model's own learned
+scale") resolves to a number fixed by the weights, which the key already names, so the key determines the
+resolved scale either way.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2  # 2: the file holds the resolved logit scale
 
 
 @dataclass
@@ -46,6 +48,7 @@ class TeacherLogits:
     indices: np.ndarray  # sorted training-array indices of every client sample
     logits: torch.Tensor  # float32 [len(indices), C]
     text_embeddings: torch.Tensor | None  # float32 [C, E], L2-normalised (rank 0 only)
+    logit_scale: float | None = None  # the scale the logits were computed at (rank 0 only)
 
     def __post_init__(self) -> None:
         self._lookup = np.full(int(self.indices.max()) + 1 if len(self.indices) else 0, -1, dtype=np.int64)
@@ -95,8 +98,8 @@ def teacher_logits(ccfg: Clip2flConfig, data: ClientData, runtime: dist.Runtime,
         nonlocal stored
         key = cache_key(ccfg, data, indices)
         path = cache_path(cache_dir, key)
-        stored = read_cache(path, key, lambda s: tuple(s["logits"].shape) == (len(indices), data.num_classes),
-                            "clip2fl teacher cache")
+        stored = read_cache(path, key, lambda s: tuple(s["logits"].shape) == (len(indices), data.num_classes)
+                            and "logit_scale" in s, "clip2fl teacher cache")
         return stored is not None, path, key
 
     found, path, key = dist.server_decides(
@@ -106,30 +109,35 @@ def teacher_logits(ccfg: Clip2flConfig, data: ClientData, runtime: dist.Runtime,
         logits = stored["logits"] if stored is not None else torch.zeros(len(indices), data.num_classes)
         dist.broadcast_control_(runtime, logits)
         text = stored["text_embeddings"] if stored is not None else None
-        return TeacherLogits(indices, logits, text)
+        return TeacherLogits(indices, logits, text, float(stored["logit_scale"]) if stored is not None else None)
 
-    logits, text = compute_teacher_logits(ccfg, data, indices, runtime, progress)
+    logits, text, scale = compute_teacher_logits(ccfg, data, indices, runtime, progress)
     if runtime.is_server:
         try:
-            write_cache(path, key, {"logits": logits, "text_embeddings": text})
+            write_cache(path, key, {"logits": logits, "text_embeddings": text, "logit_scale": scale})
             log.info("clip2fl: teacher logits of %d samples cached in %s", len(indices), path)
         except OSError as err:  # the run goes on; only a later run pays for the teacher again
             log.warning("clip2fl: could not cache the teacher logits in %s (%s)", path, err)
-    return TeacherLogits(indices, logits, text)
+    return TeacherLogits(indices, logits, text, scale if runtime.is_server else None)
 
 
-def compute_teacher_logits(ccfg: Clip2flConfig, data: ArrayClientData, indices: np.ndarray,
-                           runtime: dist.Runtime, progress: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+def compute_teacher_logits(ccfg: Clip2flConfig, data: ArrayClientData, indices: np.ndarray, runtime: dist.Runtime,
+                           progress: bool = True) -> tuple[torch.Tensor, torch.Tensor | None, float | None]:
     """Run the CLIP teacher: each rank its contiguous share of ``indices``, summed over ranks. Returns the
-    logits ``[len(indices), C]`` on every rank and the text embeddings (rank 0; None elsewhere)."""
+    logits ``[len(indices), C]`` on every rank, the text embeddings (rank 0; None elsewhere) and the logit scale
+    (``clip2fl.logit_scale``, or the model's own learned scale where that is 0)."""
     templates = teachers._templates(ccfg.templates)
     bounds = np.linspace(0, len(indices), runtime.world_size + 1).astype(int)
     mine = indices[bounds[runtime.rank] : bounds[runtime.rank + 1]]
     logits = torch.zeros(len(indices), data.num_classes)
-    text = None
+    text = scale = None
     failure = None
     try:
         clip, preprocess, tokenizer = clip_teacher.load_clip(ccfg.model, ccfg.pretrained, device=runtime.device)
+        scale = clip_teacher.resolve_logit_scale(clip, ccfg.logit_scale)
+        if runtime.is_server:
+            log.info("clip2fl: teacher logit scale %.4g (%s)", scale,
+                     "clip2fl.logit_scale" if ccfg.logit_scale > 0 else "the model's own learned scale")
         text = clip_teacher.zero_shot_classifier(clip, tokenizer, data.class_names, templates).float().cpu()
         step = ccfg.teacher_batch_size
         bar = tqdm(total=len(mine), desc="clip2fl teacher", unit="img", dynamic_ncols=True,
@@ -140,7 +148,7 @@ def compute_teacher_logits(ccfg: Clip2flConfig, data: ArrayClientData, indices: 
                 row = bounds[runtime.rank] + start
                 logits[row : row + len(images)] = teachers.clip_teacher_logits(
                     clip, preprocess, tokenizer, [to_pil(im) for im in images], data.class_names, templates,
-                    batch_size=step, logit_scale=ccfg.logit_scale, classifier=text)
+                    batch_size=step, logit_scale=scale, classifier=text)
                 bar.update(len(images))
         bar.close()
         del clip
@@ -150,4 +158,11 @@ def compute_teacher_logits(ccfg: Clip2flConfig, data: ArrayClientData, indices: 
     if failures:
         raise ModelLoadError(f"clip2fl teacher ({ccfg.model}): {failures[0]}")
     dist.all_reduce_control_(runtime, logits)
-    return logits, (text if runtime.is_server else None)
+    return logits, (text if runtime.is_server else None), scale
+
+
+def client_labels(data: ArrayClientData, indices: np.ndarray) -> torch.Tensor:
+    """The labels ``[len(indices)]`` (int64) of the training samples at ``indices``, read in chunks."""
+    step = 4096
+    return torch.cat([data.samples(indices[start : start + step])[1].long()
+                      for start in range(0, len(indices), step)])

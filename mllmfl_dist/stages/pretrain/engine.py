@@ -36,7 +36,7 @@ def build_student(cfg: Config, llava, runtime: dist.Runtime | None = None) -> tu
     from mllmfl_dist.models.mllm import vision_grid
 
     data = build_data(cfg, runtime)
-    backbone = build_fl_model(cfg.model, data, cfg.run.seed, build_strategy(cfg).projection_dim())
+    backbone = build_fl_model(cfg.model, data, cfg.run.seed, build_strategy(cfg).projection_dim)
     # DeepSpeed broadcasts parameters as byte views, which channels_last conv weights cannot give; the
     # memory format changes no value, so the saved backbone is the same either way.
     backbone.to(memory_format=torch.contiguous_format)
