@@ -55,7 +55,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _report(args.run_dir)
         if args.command == "tiny-models":
             return _tiny_models(args)
-        cfg = load_config(args.config, args.overrides)
+        # Only the commands that write a run directory need one that can be made (evaluate and probe read it).
+        cfg = load_config(args.config, args.overrides, check_run_dir=args.command not in ("evaluate", "probe"))
         from mllmfl_dist.tracking.tracker import check_trackers
 
         check_trackers(cfg.log)
@@ -205,13 +206,14 @@ def _run_stage(cfg, command: str, stop: preempt.StopRequest, methods: Sequence =
 def _report(run_dir: str) -> int:
     from mllmfl_dist.core.layout import RunLayout
     from mllmfl_dist.core.run_lock import holding_report
-    from mllmfl_dist.stages.report import write_report
+    from mllmfl_dist.stages.report import read_run_config, write_report
 
     layout = RunLayout(run_dir)
     path = layout.root
     if not layout.holds_a_run():
         raise ConfigError(f"report: {path} holds no run (no federated/, annotate/ or pretrain/ folder); give "
                           f"<run.root>/<run.name>, e.g. runs/fmnist_lt (a compare row: runs/X/compare/fedavg/seed0)")
+    read_run_config(path)  # a config.toml that cannot be read is refused before the lock makes report/
     with holding_report(layout.report, "report"):
         summary = write_report(path)
     print(f"report: {path / 'report' / 'report.md'} ({', '.join(summary['plots']) or 'no plots'})")

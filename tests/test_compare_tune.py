@@ -221,3 +221,14 @@ def test_compare_tune_refuses_bad_values_before_running_anything(tmp_path, capsy
                sets=[f"run.root={tmp_path}", "data.val_per_class=0"]) == 2
     assert "data.val_per_class" in capsys.readouterr().err
     assert not (tmp_path / "smoke").exists()
+
+
+def test_tuned_values_are_expanded_and_teacher_only_keys_are_not_read_without_that_teacher():
+    from pathlib import Path
+
+    assert parse_tune(["clip2fl.model=~/a,~/b"])["clip2fl.model"] == (f"{Path.home()}/a", f"{Path.home()}/b")
+    plain, smoothing, llava = Method("fedavg", teacher="none"), Method("fedavg", teacher="uniform"), \
+        Method("fedavg", teacher="llava")
+    assert reads(plain, "align.lr") and not reads(plain, "align.beta") and not reads(plain, "align.temperature")
+    assert reads(smoothing, "align.beta") and not reads(smoothing, "align.teacher_temperature")
+    assert reads(llava, "align.teacher_score") and not reads(llava, "align.templates")

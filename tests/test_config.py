@@ -173,3 +173,30 @@ def test_the_readme_config_table_names_every_federated_setting_a_config_changes(
             assert f"{key.split('.')[1]} {value}" in cell, f"{path.name}: {key} = {value} missing from the README"
         if not changed:
             assert "none" in cell, path.name
+
+
+def test_a_resume_compares_keys_the_saved_config_predates_with_the_behaviour_it_had():
+    saved = Config().to_dict()
+    del saved["data"]["val_per_class"], saved["data"]["train_fraction"]  # a config saved before the keys existed
+    assert resume_differences(saved, Config().to_dict()) == []  # the defaults are what it had
+    carved = Config().to_dict()
+    carved["data"]["val_per_class"] = 100
+    assert resume_differences(saved, carved) == ["data.val_per_class: 0 -> 100"]
+
+
+def test_commands_that_only_read_a_run_directory_do_not_need_one_that_can_be_made(tmp_path):
+    in_the_way = tmp_path / "file"
+    in_the_way.write_text("not a folder")
+    config = tmp_path / "c.toml"
+    config.write_text(f'[run]\nroot = "{in_the_way}"\n')
+    with pytest.raises(ConfigError, match="file"):
+        load_config(config)
+    assert load_config(config, check_run_dir=False).run.root == str(in_the_way)
+
+
+def test_set_values_are_checked_and_expanded_as_a_config_file_would_be():
+    from mllmfl_dist.config.loader import _parse_override
+
+    assert _parse_override("clip2fl.model=local-dir:~/clip")[1] == f"local-dir:{Path.home()}/clip"
+    with pytest.raises(ConfigError, match="64-bit"):
+        _parse_override(f"federated.rounds={2 ** 70}")

@@ -90,6 +90,15 @@ def test_decoding_for_a_model_side_bounds_the_pixels_it_holds():
     assert decode_image(png(Image.new("RGB", (600, 500))), side=336).size == (600, 500)  # under 2 x side: as is
 
 
+@pytest.mark.parametrize("mode", ["P", "1"])
+def test_palette_and_bilevel_images_are_reduced_too(mode):
+    """Image.reduce refuses palette and 1-bit images (a raw ValueError stopped annotation on a large GIF)."""
+    gif = io.BytesIO()
+    Image.new(mode, (400, 300)).save(gif, format="GIF")
+    for data in (gif.getvalue(), png(Image.new(mode, (400, 300)))):
+        assert decode_image(data, side=64).size == (100, 75)
+
+
 def test_sixteen_bit_greyscale_is_scaled_not_clamped():
     data, expected = grey16()
     assert Image.open(io.BytesIO(data)).mode in ("I;16", "I")

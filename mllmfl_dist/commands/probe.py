@@ -85,13 +85,14 @@ def run_probe(cfg: Config, specs: list[str], train_set: str = "holdout", out: st
 def backbone_featurizer(spec: str, cfg: Config, data, device):
     """(kind, featurizer) of one SPEC; ConfigError (or ModelLoadError for a CLIP model) with one line when the
     SPEC names nothing usable."""
+    from mllmfl_dist.core.preflight import expand_user
     from mllmfl_dist.fl.probe import clip_image_features, pooled_features
     from mllmfl_dist.stages.inputs import build_fl_model
 
     if spec.startswith("clip:"):
         from mllmfl_dist.models.clip_teacher import load_clip
 
-        model, pretrained = _clip_spec(spec[len("clip:"):])
+        model, pretrained = _clip_spec(expand_user(spec[len("clip:"):]))  # the shell expands no ~ after clip:
         clip, preprocess, _ = load_clip(model, pretrained, device=device)
         return "clip image tower", lambda images: clip_image_features(clip, preprocess, images)
     if spec.startswith("random:"):
@@ -100,7 +101,7 @@ def backbone_featurizer(spec: str, cfg: Config, data, device):
             raise ConfigError(f"--backbone {spec}: random:SEED needs a non-negative integer seed, e.g. random:0")
         model, kind = build_fl_model(cfg.model, data, int(seed)), f"random init (seed {int(seed)})"
     else:
-        model, kind = _load_file(spec, cfg, data)
+        model, kind = _load_file(expand_user(spec), cfg, data)
     model.to(device)
     return kind, lambda images: pooled_features(model, images, data.mean, data.std, device=device)
 

@@ -42,6 +42,10 @@ ONE_STRATEGY = {"federated.server_momentum": "fedavgm", "federated.prox_mu": "fe
 # overwritten.
 ROW_SETS = ("align.teacher", "align.teacher_model", "align.clip_pretrained")
 STAGE1_SECTIONS = ("pretrain", "annotate")
+# align keys only some teachers read: a grid over them would give a row that ignores them duplicate configurations
+TEACHER_KEYS = {"align.beta": ("llava", "clip", "uniform"), "align.temperature": ("llava", "clip", "uniform"),
+                "align.teacher_temperature": ("llava", "clip"), "align.teacher_score": ("llava",),
+                "align.prompt": ("llava",), "align.templates": ("clip",), "align.clip_logit_scale": ("clip",)}
 DEFAULT_TUNE_SEEDS = (100, 101)
 VAL_KEY = "val_acc"
 
@@ -123,7 +127,7 @@ def reads(method: Any, key: str) -> bool:
     if key in ONE_STRATEGY:
         return method.strategy == ONE_STRATEGY[key]
     if section == "align":
-        return method.teacher is not None
+        return method.teacher is not None and method.teacher in TEACHER_KEYS.get(key, (method.teacher,))
     if section in STAGE1_SECTIONS:
         return method.dwp
     return section in plugins.strategy_class(method.strategy).sections

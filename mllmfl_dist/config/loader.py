@@ -37,8 +37,10 @@ else:  # pragma: no cover - Python 3.10
 INT64_MIN, INT64_MAX = -(2 ** 63), 2 ** 63 - 1
 
 
-def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
+def load_config(path: str | Path, overrides: Sequence[str] = (), *, check_run_dir: bool = True) -> Config:
     """Read a TOML file, apply ``section.key=value`` overrides, validate, and return a frozen Config.
+    ``check_run_dir``: refuse a run directory that cannot be made (:func:`check_machine`); off for commands
+    that only read one.
     ``configs/NAME.toml`` not found in the working directory is the shipped config
     (:mod:`mllmfl_dist.core.resources`)."""
     path = resolve_path(path)
@@ -57,7 +59,7 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
     if isinstance(raw["run"], dict) and not raw["run"].get("name"):
         raw["run"]["name"] = path.stem
     config = config_from_dict(raw)
-    check_machine(config)
+    check_machine(config, check_run_dir)
     return config
 
 
@@ -72,10 +74,11 @@ def read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: not valid TOML: {err}") from None
 
 
-def check_machine(config: Config) -> None:
+def check_machine(config: Config, check_run_dir: bool = True) -> None:
     """What a config asks of this machine, before anything is written: a run directory that can be made
     (:func:`preflight.check_run_dir`) and data that fits its memory on each of the node's ranks."""
-    preflight.check_run_dir(config.run.root, config.run.name)
+    if check_run_dir:
+        preflight.check_run_dir(config.run.root, config.run.name)
     preflight.check_data_memory(config.data, config.federated.num_clients, preflight.physical_memory_bytes(),
                                 preflight.local_world_size())
 
@@ -150,15 +153,19 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
     if keys[0] not in types:
         raise ConfigError(f"unknown section [{keys[0]}] in --set {item!r}; allowed: {', '.join(types)}")
     cls: type = types[keys[0]]
+    parent = cls
     for depth, key in enumerate(keys[1:], start=1):
         hints = typing.get_type_hints(cls)
         if key not in hints:
             raise ConfigError(f"unknown key {'.'.join(keys[: depth + 1])} in --set {item!r}; allowed: "
                               f"{', '.join(hints)}")
-        cls = hints[key]
+        parent, cls = cls, hints[key]
     if dataclasses.is_dataclass(cls):
         raise ConfigError(f"--set {item!r} names a table; set one of its keys")
-    return keys, _parse_value(name.strip(), cls, text.strip())
+    # Checked and expanded here as well as in _build, so callers that bypass the TOML tree (compare --tune) get
+    # the same value a config file would give.
+    value = _check_type(name.strip(), cls, _parse_value(name.strip(), cls, text.strip()))
+    return keys, preflight.expand_user(value) if is_path(parent, keys[-1]) else value
 
 
 def _parse_value(name: str, tp: type, text: str) -> Any:

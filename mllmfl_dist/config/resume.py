@@ -50,11 +50,24 @@ PRETRAIN = ResumePolicy(("pretrain.", "run.seed", "model.arch", "model.width_sca
                          "pretrain.deepspeed.cpu_comm"))
 
 
+# Keys added after configs were first saved, with the behaviour a config saved before them had: a resume of
+# such a run compares against these, so a new key's non-default value is not taken silently.
+# clip2fl.projection_dim was, before the key, the CLIP's embedding width, which no number here names: -1
+# makes any value a difference.
+IMPLIED_BEFORE_ADDED = {"data.val_per_class": 0, "data.train_fraction": 1.0, "align.clip_logit_scale": 100.0,
+                        "clip2fl.projection_dim": -1}
+
+
 def differences(saved: dict[str, Any], current: dict[str, Any], policy: ResumePolicy,
                 unread: tuple[str, ...] = ()) -> list[str]:
     """``key: old -> new`` for every key both configs hold that differs where ``policy`` compares it (keys
-    under ``unread`` are skipped: sections this run does not read)."""
+    under ``unread`` are skipped: sections this run does not read); a key the saved config predates is
+    compared with the behaviour it had then (:data:`IMPLIED_BEFORE_ADDED`)."""
     old_items = flat_items(saved)
+    for name, implied in IMPLIED_BEFORE_ADDED.items():
+        section = name.split(".", 1)[0]
+        if name not in old_items and isinstance(saved.get(section), dict):
+            old_items[name] = implied
     out = []
     for name, new in flat_items(current).items():
         old = old_items.get(name)

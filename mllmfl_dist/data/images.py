@@ -105,6 +105,8 @@ def decode_image(data: bytes | str | Path, bounds: ImageBounds | None = None, *,
         image = ImageOps.exif_transpose(image)
     image = to_8bit(image)
     if side is not None and min(image.size) >= 2 * side:
+        if image.mode in ("1", "P", "PA"):  # Image.reduce takes no palette or bilevel images
+            image = image.convert("L" if image.mode == "1" else "RGBA")
         image = image.reduce(min(image.size) // side)
     return image
 

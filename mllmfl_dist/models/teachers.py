@@ -93,12 +93,13 @@ def teacher_cache_key(
         "prompt": prompt if kind == "llava" else "",
         "score": score if kind == "llava" else "",
         "templates": list(_templates(templates)) if kind == "clip" else [],
-        "logit_scale": float(logit_scale) if kind == "clip" else 0.0,
         "temperature": float(temperature),
         "class_names": [str(c) for c in class_names],
         "n_images": len(images),
         # weights replaced in place (same directory name) must not reuse the old teacher's q
         "weights": weights_identity(str(model), clip_pretrained if kind == "clip" else ""),
+        # clip only: a key the llava teacher's did not have would orphan every cached llava pass
+        **({"logit_scale": float(logit_scale)} if kind == "clip" else {}),
     }
     digest = hashlib.sha256(json.dumps(meta, sort_keys=True).encode())
     for image in images:

@@ -97,7 +97,7 @@ def _federated_summary(records: list[dict], fed_summary: dict | None) -> dict:
     return out
 
 
-def _config(run_dir: Path) -> dict:
+def read_run_config(run_dir: Path) -> dict:
     """The run's config.toml as a dict ({} where there is none); ConfigError naming the file when it is there
     but not UTF-8 TOML, since the report would otherwise silently lose the models and strategy it names."""
     path = RunLayout(run_dir).config
@@ -225,7 +225,7 @@ def write_report(run_dir: Path) -> dict:
     nothing missing raises."""
     run_dir = Path(run_dir)
     paths = RunLayout(run_dir)
-    config = _config(run_dir)  # first: a config.toml that cannot be read refuses the report before it writes
+    config = read_run_config(run_dir)  # first: a config.toml that cannot be read refuses the report before it writes
     out_dir = paths.report
     out_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(out_dir)  # of a report killed while writing
