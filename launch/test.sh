@@ -3,4 +3,4 @@
 set -euo pipefail
 source "$(dirname "$0")/venv.sh"
 ruff check .
-exec python -m pytest -q "$@"
+exec python -m pytest -q --durations=20 "$@"  # the slowest tests in every log: the suite should stay under 20 min
