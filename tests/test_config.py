@@ -195,8 +195,8 @@ def test_commands_that_only_read_a_run_directory_do_not_need_one_that_can_be_mad
 
 
 def test_set_values_are_checked_and_expanded_as_a_config_file_would_be():
-    from mllmfl_dist.config.loader import _parse_override
+    from mllmfl_dist.config.loader import parse_override
 
-    assert _parse_override("clip2fl.model=local-dir:~/clip")[1] == f"local-dir:{Path.home()}/clip"
+    assert parse_override("clip2fl.model=local-dir:~/clip")[1] == f"local-dir:{Path.home()}/clip"
     with pytest.raises(ConfigError, match="64-bit"):
-        _parse_override(f"federated.rounds={2 ** 70}")
+        parse_override(f"federated.rounds={2 ** 70}")

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from mllmfl_dist.config import Config, ConfigError
-from mllmfl_dist.config.loader import _parse_override
+from mllmfl_dist.config.loader import parse_override
 from mllmfl_dist.core import plugins
 from mllmfl_dist.commands.seed_statistics import last_mean
 
@@ -86,7 +86,7 @@ def parse_tune(texts: Sequence[str]) -> dict[str, tuple[Any, ...]]:
         if key in ROW_SETS:
             raise ConfigError(f"--tune {key}: the row's name sets it (align[<teacher>]); tune other align keys")
         try:
-            values = tuple(_parse_override(f"{key}={v}")[1] for v in texts_of_values)
+            values = tuple(parse_override(f"{key}={v}")[1] for v in texts_of_values)
         except ConfigError as err:
             raise ConfigError(f"--tune {text!r}: {err}") from None
         if not _tunable(key):

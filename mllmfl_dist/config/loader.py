@@ -48,7 +48,7 @@ def load_config(path: str | Path, overrides: Sequence[str] = (), *, check_run_di
         raise ConfigError(f"config file not found: {path}")
     raw = read_toml(path)
     for item in overrides:
-        keys, value = _parse_override(item)
+        keys, value = parse_override(item)
         table = raw
         for depth, key in enumerate(keys[:-1]):
             table = table.setdefault(key, {})
@@ -143,7 +143,7 @@ def _type_name(tp: type) -> str:
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
 
 
-def _parse_override(item: str) -> tuple[list[str], Any]:
+def parse_override(item: str) -> tuple[list[str], Any]:
     """``section.key=value`` (or ``section.table.key=value``) -> (keys, typed value)."""
     name, sep, text = item.partition("=")
     keys = name.strip().split(".")
