@@ -1,5 +1,5 @@
-"""The config sections of the built-in strategies (``[creff]``, ``[clip2fl]``), declared here rather than beside
-the strategies so that loading and checking a config imports no torch: the strategy registry
+"""The config sections of the built-in strategies (``[creff]``, ``[clip2fl]``, ``[fedopt]``), declared here rather
+than beside the strategies so that loading and checking a config imports no torch: the strategy registry
 (:mod:`mllmfl_dist.core.plugins`) names these dataclasses without importing the strategies. A plugin's sections
 live with the plugin."""
 
@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mllmfl_dist.config.fields import at_least, checked, choice, non_negative, path_setting, positive
+from mllmfl_dist.config.fields import at_least, checked, choice, fraction, non_negative, path_setting, positive
 
 # The operations of Differentiable Siamese Augmentation (mllmfl_dist/data/dsa.py), named for creff.dsa_strategy.
 DSA_OPERATIONS = ("color", "crop", "cutout", "flip", "scale", "rotate")
@@ -66,3 +66,19 @@ class Clip2flConfig:
     # 256 -> 512, which there equals ViT-B/32's embedding width). Where it differs from the CLIP embedding
     # width, the server's text contrast sees the text embeddings through a fixed, seeded orthonormal map.
     projection_dim: int = at_least(0, 0)
+
+
+@dataclass(frozen=True)
+class FedOptConfig:
+    """``[fedopt]``: the adaptive server optimizer of strategies fedadagrad, fedadam and fedyogi (Reddi et al.,
+    "Adaptive Federated Optimization", ICLR 2021, Algorithm 2; :mod:`mllmfl_dist.fl.server_optimizers`)."""
+
+    # Server learning rate (the step is federated.server_lr * eta, as server_lr scales every strategy's step).
+    # The paper tunes it per task; 0.01 is FedAdam's on CIFAR-10, its image task nearest ours, as Flower's
+    # replication of the paper sets it (adap/flower, baselines adaptive_federated_optimization,
+    # conf/cifar10/strategy/fedadam.yaml; also Flower's FedYogi default). Chosen without our data.
+    eta: float = positive(0.01)
+    beta1: float = fraction(0.9)  # first-moment decay: the paper's 0.9, all three optimizers
+    beta2: float = fraction(0.99)  # second-moment decay: the paper's 0.99 (fedadam, fedyogi; fedadagrad has none)
+    # Adaptivity: the paper's default 1e-3; also v's start (v_{-1} = tau^2, Algorithm 2's lower bound)
+    tau: float = positive(1e-3)

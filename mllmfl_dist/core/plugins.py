@@ -39,12 +39,16 @@ BUILTIN_STRATEGIES = {
     "fedprox": "mllmfl_dist.fl.strategies.fedavg:FedProx",
     "creff": "mllmfl_dist.fl.strategies.creff:CReFF",
     "clip2fl": "mllmfl_dist.fl.strategies.clip2fl:CLIP2FL",
+    "fedadagrad": "mllmfl_dist.fl.strategies.fedopt:FedAdagrad",
+    "fedadam": "mllmfl_dist.fl.strategies.fedopt:FedAdam",
+    "fedyogi": "mllmfl_dist.fl.strategies.fedopt:FedYogi",
 }
 # Their config sections, by the same form: a torch-free module, so that a config loads and is checked without
 # importing the strategies (the classes declare the same dataclasses in ``sections``).
 BUILTIN_SECTIONS = {
     "creff": "mllmfl_dist.config.strategy_sections:CreffConfig",
     "clip2fl": "mllmfl_dist.config.strategy_sections:Clip2flConfig",
+    "fedopt": "mllmfl_dist.config.strategy_sections:FedOptConfig",
 }
 NAME = re.compile(r"[a-z][a-z0-9_]*")
 # Section names a strategy may not claim: the run's own sections (config/schema.py keeps them in step).
