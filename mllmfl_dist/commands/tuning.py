@@ -38,6 +38,9 @@ from mllmfl_dist.commands.seed_statistics import last_mean
 EVERY_STRATEGY = ("federated.lr", "federated.momentum", "federated.weight_decay", "federated.local_epochs",
                   "federated.batch_size", "federated.server_lr")
 ONE_STRATEGY = {"federated.server_momentum": "fedavgm", "federated.prox_mu": "fedprox"}
+# Keys of a strategy section that some strategies declaring it do not read (FedAdagrad has no second-moment decay),
+# so a grid over them would give those strategies duplicate configurations.
+NOT_READ_BY = {"fedopt.beta2": ("fedadagrad",)}
 # A row's name sets these (align[<teacher>] picks the teacher and its model), so a grid over them would be
 # overwritten.
 ROW_SETS = ("align.teacher", "align.teacher_model", "align.clip_pretrained")
@@ -130,6 +133,8 @@ def reads(method: Any, key: str) -> bool:
         return method.teacher is not None and method.teacher in TEACHER_KEYS.get(key, (method.teacher,))
     if section in STAGE1_SECTIONS:
         return method.dwp
+    if method.strategy in NOT_READ_BY.get(key, ()):
+        return False
     return section in plugins.strategy_class(method.strategy).sections
 
 
