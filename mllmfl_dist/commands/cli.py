@@ -23,7 +23,7 @@ commands:
   pretrain CONFIG     stage 1b: Dynamic Weighted Pretraining of the FL backbone against the frozen MLLM
                       on the captions, under DeepSpeed; writes <run dir>/pretrain/backbone.pt.
   federate CONFIG     stage 2: federated finetuning (federated.strategy: fedavg, fedavgm, fedprox,
-                      creff, clip2fl) with evaluation,
+                      fedadagrad, fedadam, fedyogi, creff, clip2fl) with evaluation,
                       metrics and checkpoints under <run dir>/federated/ (model.pretrained_backbone =
                       "pretrain" starts from stage 1b). Rerunning resumes from the last checkpoint; a
                       finished run is left as it is.
