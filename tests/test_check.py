@@ -101,7 +101,8 @@ def test_a_hub_model_in_a_fake_cache_is_found_and_its_parameters_counted(tmp_pat
 
 @pytest.fixture
 def tiny_run_args(tiny_models, tmp_path):
-    return ["configs/tiny_mllm.toml", "--set", f"run.root={tmp_path}", "--set", f"annotate.model={tiny_models['llava']}",
+    return ["configs/tiny_mllm.toml", "--set", f"run.root={tmp_path}", "--set",
+            f"annotate.model={tiny_models['llava']}",
             "--set", "align.every=1", "--set", "align.teacher=clip", "--set",
             f"align.teacher_model=local-dir:{tiny_models['clip']}", "--set",
             "align.pool_shards=shards/fmnist_align/*.tar.gz"]

@@ -16,7 +16,6 @@ default use (`mllmfl_dist.models.tiny.build_tiny_models`) is saved to disk and l
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
