@@ -28,6 +28,21 @@ command="${MLLMFL_COMMAND:-run}"
 echo "slurm: job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NODELIST: $command," \
      "rank 0 at $MASTER_ADDR:$MASTER_PORT" >&2
 
+# check_before_launch NODES RANKS_PER_NODE GPUS_PER_NODE CONFIG [--set ...]: `python -m mllmfl_dist check` for the
+# world this job starts, before any rank does, so a missing model, data file or shard, or a world that cannot
+# run (more nccl ranks than GPUs, weights over a GPU's memory), fails the job at once with one line each
+# instead of after the job queued and loaded its weights. Commands check does not know are not checked.
+check_before_launch() {
+  local nodes="$1" per_node="$2" gpus="$3"
+  shift 3
+  case "$command" in
+    run|annotate|pretrain|federate|compare) ;;
+    *) return 0 ;;
+  esac
+  python -m mllmfl_dist check "$@" --for "$command" --nnodes "$nodes" --nproc-per-node "$per_node" \
+    --gpus-per-node "$gpus"
+}
+
 # run_step_with_requeue CMD...: runs the job step in the background so that this shell can take Slurm's
 # warning signal (#SBATCH --signal=B:USR1@...; bash runs a trap only between commands, so it waits with
 # `wait`). On USR1 the step's processes get USR1 too; the ranks finish their round, write a checkpoint and

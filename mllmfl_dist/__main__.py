@@ -55,8 +55,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _report(args.run_dir)
         if args.command == "tiny-models":
             return _tiny_models(args)
-        # Only the commands that write a run directory need one that can be made (evaluate and probe read it).
-        cfg = load_config(args.config, args.overrides, check_run_dir=args.command not in ("evaluate", "probe"))
+        # Only the commands that write a run directory need one that can be made (evaluate and probe read it;
+        # check reports it in its table).
+        cfg = load_config(args.config, args.overrides,
+                          check_run_dir=args.command not in ("evaluate", "probe", "check"))
+        if args.command in ("check", "run"):
+            from mllmfl_dist.commands import check
+
+            if args.command == "check":
+                return check.run_check(cfg, args.config, args.for_command, args.nnodes, args.nproc_per_node,
+                                       args.gpus_per_node)
+            check.refuse_missing(cfg, "run")  # before any process group or file: one line per missing thing
         from mllmfl_dist.tracking.tracker import check_trackers
 
         check_trackers(cfg.log)

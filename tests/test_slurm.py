@@ -152,3 +152,16 @@ def test_scripts_ask_for_a_warning_signal_and_requeue(script):
     header = (REPO / script).read_text()
     # The preemption test sends USR1 by hand; these directives make Slurm send it before the time limit.
     assert "#SBATCH --signal=B:USR1@" in header and "#SBATCH --requeue" in header
+
+
+def test_a_job_missing_a_model_fails_before_any_rank_starts(local_slurm, tmp_path):
+    """The sbatch scripts run `check` for the job's world first: one line per missing thing, exit 2."""
+    log = tmp_path / "job.out"
+    job = local_slurm.sbatch([f"--output={log}", *SRUN_STYLE], "launch/slurm.sbatch",
+                             ["configs/tiny_mllm.toml", "--set", f"run.root={tmp_path}", "--set",
+                              f"annotate.model={tmp_path}/no-llava"])
+    assert local_slurm.wait(job, timeout=180) == "FAILED"
+    text = read(log)
+    assert f"missing: model '{tmp_path}/no-llava': no directory" in text, text[-3000:]
+    assert "3 rank(s) on 1 node(s), 3 per node" in text  # the job's world, not this process's
+    assert not (tmp_path / "tiny_mllm").exists()  # no rank started, nothing written

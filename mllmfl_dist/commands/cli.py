@@ -42,6 +42,11 @@ commands:
   probe CONFIG --backbone SPEC [--backbone SPEC ...]
                       linear-probe accuracy of frozen backbones (a model or backbone file, random:SEED,
                       clip:MODEL) on the config's data, one table (<run dir>/probe/probe.json and .md).
+  check CONFIG        what a run of CONFIG uses and whether it is there, loading no weights: each model
+                      (local folder or Hugging Face cache: parameters, dtype), the data files, every
+                      shard pattern, the run directory and free disk, the world, and estimated memory
+                      per rank of each stage; exit 2 with one line per missing thing. `run` makes the
+                      same checks of files first.
   report RUN_DIR      write <RUN_DIR>/report/ (summary.json, report.md, plots) for any run directory.
   shards ...          pack an image folder or a data source into WebDataset shards (see shards --help).
   tiny-models DIR     build a tiny random LLaVA and a tiny open_clip model in DIR, loadable like real
@@ -98,6 +103,14 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = add("evaluate", "evaluate a saved model on the config's test set")
     evaluate.add_argument("--checkpoint", required=True,
                           help="model_final.pt (a state dict) or checkpoint.pt from a run directory")
+    check = add("check", "what a run of the config uses and whether it is there (no weights loaded)")
+    check.add_argument("--for", dest="for_command", default="run",
+                       choices=("run", "annotate", "pretrain", "federate", "compare"),
+                       help="the command to check for (default run: every stage the config plans)")
+    check.add_argument("--nnodes", type=int, help="nodes of the launch to check for (default: as launched, or 1)")
+    check.add_argument("--nproc-per-node", type=int,
+                       help="ranks per node (default: as launched, else the config's torchrun line)")
+    check.add_argument("--gpus-per-node", type=int, help="GPUs per node (default: those visible here)")
     from mllmfl_dist import shards_cli
     from mllmfl_dist.commands import probe
 

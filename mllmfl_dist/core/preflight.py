@@ -123,6 +123,18 @@ def check_run_dir(root: str, name: str) -> Path:
     return run_dir
 
 
+def free_disk_bytes(path: str | Path) -> int | None:
+    """Free bytes for an unprivileged user on the file system of ``path`` (its nearest existing folder)."""
+    existing = Path(os.path.abspath(path))
+    while not os.path.exists(existing) and existing != existing.parent:
+        existing = existing.parent
+    try:
+        stats = os.statvfs(existing)
+    except OSError:
+        return None
+    return stats.f_bavail * stats.f_frsize
+
+
 def _read_only(folder: Path) -> bool:
     try:
         return bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
@@ -161,16 +173,24 @@ def local_world_size(env: Mapping[str, str] | None = None) -> int:
     return 1
 
 
-def check_local_ranks(local_ranks: int, device_count: int, backend: str) -> None:
-    """Refuse (ConfigError) more ranks on a node than it has visible GPUs under NCCL, which needs one GPU per
-    rank: the ranks would share ``cuda:{local_rank % device_count}`` and NCCL would fail later with
-    "Duplicate GPU detected". ``backend`` is the resolved one (``gloo`` ranks may share a GPU or none)."""
+def local_ranks_problem(local_ranks: int, device_count: int, backend: str) -> str | None:
+    """Why ``local_ranks`` ranks on a node with ``device_count`` visible GPUs cannot run ``backend``, or None:
+    NCCL needs a GPU of its own per rank; the ranks would share ``cuda:{local_rank % device_count}`` and NCCL
+    would fail later with "Duplicate GPU detected". ``backend`` is the resolved one (``gloo`` ranks may share
+    a GPU or none)."""
     if backend != "nccl" or local_ranks <= device_count:
-        return
-    raise ConfigError(f"{local_ranks} ranks on this node but {device_count} visible GPU(s), and dist.backend "
-                      f"'nccl' needs a GPU per rank; start at most {device_count} per node (torchrun "
-                      f"--nproc_per_node / srun --ntasks-per-node), make more GPUs visible (CUDA_VISIBLE_DEVICES), "
-                      f"or set dist.backend = \"gloo\"")
+        return None
+    return (f"{local_ranks} ranks on this node but {device_count} visible GPU(s), and dist.backend "
+            f"'nccl' needs a GPU per rank; start at most {device_count} per node (torchrun "
+            f"--nproc_per_node / srun --ntasks-per-node), make more GPUs visible (CUDA_VISIBLE_DEVICES), "
+            f"or set dist.backend = \"gloo\"")
+
+
+def check_local_ranks(local_ranks: int, device_count: int, backend: str) -> None:
+    """Refuse (ConfigError) what :func:`local_ranks_problem` names."""
+    problem = local_ranks_problem(local_ranks, device_count, backend)
+    if problem:
+        raise ConfigError(problem)
 
 
 # ----------------------------------------------------------------------------------------------- memory

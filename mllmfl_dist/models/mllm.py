@@ -16,12 +16,12 @@ default use (`mllmfl_dist.models.tiny.build_tiny_models`) is saved to disk and l
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 
 from mllmfl_dist.core.errors import ModelLoadError
+from mllmfl_dist.models.model_files import looks_like_local_path
 
 __all__ = [
     "ModelLoadError",
@@ -50,19 +50,6 @@ def _first_line(exc: BaseException, limit: int = 240) -> str:
     if len(line) > limit:
         line = line[: limit - 3].rstrip() + "..."
     return f"{type(exc).__name__}: {line}" if line else type(exc).__name__
-
-
-def looks_like_local_path(model: str) -> bool:
-    """True when `model` names a local directory rather than a hub id (`org/name`): it exists, or is absolute,
-    starts with `.` or `~`, or has more than one path separator."""
-    if os.path.exists(os.path.expanduser(model)):
-        return True
-    return (
-        os.path.isabs(model)
-        or model.startswith((".", "~"))
-        or model.count("/") > 1
-        or (os.sep != "/" and os.sep in model)
-    )
 
 
 def load_llava(
