@@ -93,3 +93,13 @@ def small_disk(tmp_path):
     yield mount
     for point in mounts:
         subprocess.run(["umount", "-l", str(point)], check=False)
+
+
+@pytest.fixture(scope="session")
+def miniatures(tmp_path_factory) -> dict:
+    """The shape-faithful miniatures (mllmfl_dist/models/miniature.py): llava-1.5-7b-hf's geometry and
+    open_clip ViT-B-32's at toy width and depth, built once per test session."""
+    from mllmfl_dist.models.miniature import build_llava15_miniature, build_vitb32_miniature
+
+    root = tmp_path_factory.mktemp("miniatures")
+    return {"llava": build_llava15_miniature(root / "llava"), "clip": build_vitb32_miniature(root / "clip")}

@@ -27,25 +27,31 @@ def _jpeg(path: Path, rng: np.random.Generator, width: int, height: int) -> None
     Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(path, "JPEG")
 
 
-@pytest.fixture
-def fake_imagenet(tmp_path: Path) -> Path:
-    """An ImageNet root with tiny random JPEGs of varying aspect in train/<synset>/ and val/<synset>/,
-    and the two list files in it."""
-    rng = np.random.default_rng(0)
-    root = tmp_path / "imagenet"
+def write_imagenet_lt_tree(root: Path, synsets=SYNSETS, train_counts=TRAIN_COUNTS, test_per_class: int = TEST_PER_CLASS,
+                           seed: int = 0) -> Path:
+    """An ImageNet root with small random JPEGs of varying aspect in train/<synset>/ and val/<synset>/, and
+    the two OLTR list files (ImageNet_LT_train.txt, ImageNet_LT_test.txt) in it; returns ``root``."""
+    rng = np.random.default_rng(seed)
     train, test = [], []
-    for label, (synset, count) in enumerate(zip(SYNSETS, TRAIN_COUNTS)):
+    for label, (synset, count) in enumerate(zip(synsets, train_counts)):
         for i in range(count):
             rel = f"train/{synset}/{synset}_{i}.JPEG"
             _jpeg(root / rel, rng, 20 + 3 * i, 16 + i)
             train.append(f"{rel} {label}")
-        for i in range(TEST_PER_CLASS):
+        for i in range(test_per_class):
             rel = f"val/{synset}/ILSVRC2012_val_{label}{i:07d}.JPEG"
             _jpeg(root / rel, rng, 14, 22)
             test.append(f"{rel} {label}")
     (root / "ImageNet_LT_train.txt").write_text("\n".join(train) + "\n")
     (root / "ImageNet_LT_test.txt").write_text("\n".join(test) + "\n")
     return root
+
+
+@pytest.fixture
+def fake_imagenet(tmp_path: Path) -> Path:
+    """An ImageNet root with tiny random JPEGs of varying aspect in train/<synset>/ and val/<synset>/,
+    and the two list files in it."""
+    return write_imagenet_lt_tree(tmp_path / "imagenet")
 
 
 def _data(root: Path, lists_dir: str = "", imb_factor: float = 1.0) -> DataConfig:

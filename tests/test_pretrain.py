@@ -15,6 +15,7 @@ import json
 import math
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -525,3 +526,25 @@ def test_the_dwp_loss_curve_and_held_out_losses_reach_tensorboard(tiny, tmp_path
         [metrics["heldout_loss_alpha1_step0"], metrics["heldout_loss_alpha1"]], rel=1e-6)
     assert [s for s, _ in scalars["pretrain/heldout_loss_alpha1"]] == [0, 4]
     assert scalars["pretrain/heldout_loss_alpha0"] == [(4, pytest.approx(metrics["heldout_loss_alpha0"], rel=1e-6))]
+
+
+def test_a_resume_against_another_llava_geometry_is_refused_naming_both_shapes(tiny, tmp_path, capsys):
+    """The DeepSpeed checkpoint's adapter sits on the tiny LLaVA's 4x4 grid; the same model path now holding
+    llava-1.5's geometry (24x24) is refused in one line before DeepSpeed loads (whose size mismatch is a traceback)."""
+    from mllmfl_dist.__main__ import main
+    from mllmfl_dist.models.miniature import build_llava15_miniature
+
+    model = tmp_path / "llava"
+    shutil.copytree(tiny["llava"], model)
+    config = write_config(tmp_path, {**tiny, "llava": model}, "geometry", steps=4, checkpoint_every=1)
+    from mllmfl_dist.stages.pretrain import run_pretrain
+
+    assert run_pretrain(load_config(config), single_runtime(), progress=False, stop_at=1)["stopped_at"] == 1
+    shutil.rmtree(model)
+    build_llava15_miniature(model)
+    capsys.readouterr()
+    assert main(["pretrain", str(config)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    line = [e for e in err if "DWP's adapter" in e]
+    assert line and "16 visual tokens" in line[0] and "576 visual tokens" in line[0], err[-3:]
+    assert "Traceback" not in "\n".join(err)

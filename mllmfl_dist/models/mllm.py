@@ -108,7 +108,48 @@ def load_llava(
         raise ModelLoadError(f"LLaVA model {model!r} ({where}) could not be loaded ({reason}); {_HINT}") from None
     llava.eval()
     _complete_processor(processor, llava)
+    check_processor_geometry(processor, llava, model)
     return llava, processor
+
+
+def _processor_side(image_processor) -> tuple[int, int] | None:
+    """The ``(height, width)`` of the pixels the image processor hands the tower (its centre crop, else its
+    fixed resize), or None where it does not fix one."""
+    for key, on in (("crop_size", "do_center_crop"), ("size", "do_resize")):
+        size = getattr(image_processor, key, None)
+        if not getattr(image_processor, on, False) or size is None:
+            continue
+        size = dict(size) if not isinstance(size, int) else {"height": size, "width": size}
+        if "height" in size and "width" in size:
+            return int(size["height"]), int(size["width"])
+    return None
+
+
+def check_processor_geometry(processor, model, name: str) -> None:
+    """Refuse a processor whose images or ``<image>`` expansion disagree with the model's vision tower
+    (ModelLoadError, one line naming both shapes): a crop other than the tower's input side fails in the
+    tower's patch embedding, a patch size other than the tower's gives a prompt whose image-token count
+    differs from the visual tokens, both only at the first batch otherwise."""
+    tokens, grid_h, grid_w, _ = vision_grid(model)
+    vc = model.config.vision_config
+    tower = (vc.image_size, vc.image_size) if isinstance(vc.image_size, int) else tuple(vc.image_size)
+    side = _processor_side(getattr(processor, "image_processor", None))
+    if side is not None and side != tower:
+        raise ModelLoadError(f"LLaVA model {name!r}: the processor makes {side[0]}x{side[1]} images but the vision "
+                             f"tower takes {tower[0]}x{tower[1]} (preprocessor crop_size/size against "
+                             f"vision_config.image_size); use the processor saved with the model")
+    patch = getattr(processor, "patch_size", None)
+    if side is None or not patch:
+        return
+    extra = int(getattr(processor, "num_additional_image_tokens", 0) or 0)
+    expanded = (side[0] // patch) * (side[1] // patch) + extra
+    if getattr(processor, "vision_feature_select_strategy", None) == "default":
+        expanded -= 1
+    if expanded != tokens:
+        raise ModelLoadError(f"LLaVA model {name!r}: the processor expands <image> to {expanded} tokens "
+                             f"({side[0] // patch}x{side[1] // patch} patches of {patch} px) but the vision tower "
+                             f"gives {tokens} visual tokens ({grid_h}x{grid_w} patches of {vc.patch_size} px); use "
+                             f"the processor saved with the model")
 
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")

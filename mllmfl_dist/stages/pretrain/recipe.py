@@ -43,6 +43,8 @@ from mllmfl_dist.stages.pretrain.engine import (
 from mllmfl_dist.stages.pretrain.probe import dwp_probe
 from mllmfl_dist.stages.pretrain.report import PretrainReport
 from mllmfl_dist.stages.pretrain.resume import (
+    adapter_shapes,
+    check_adapter_geometry,
     check_resume,
     find_resume_point,
     install_safe_engine,
@@ -92,10 +94,11 @@ def run_pretrain(cfg: Config, runtime: dist.Runtime, *, progress: bool = True,
             raise ConfigError(f"{ds_dir}: {err}") from None
         if point is not None:
             check_resume(cfg, point.client_state, ds_dir, runtime.world_size)
-        return point.tag if point else None
+        return (point.tag, adapter_shapes(point.client_state)) if point else (None, {})
 
-    resume_tag = dist.server_decides(runtime, resume_point, "rank 0's choice of the DWP checkpoint to resume",
-                                     catch=(ConfigError,))
+    resume_tag, saved_adapter = dist.server_decides(runtime, resume_point,
+                                                    "rank 0's choice of the DWP checkpoint to resume",
+                                                    catch=(ConfigError,))
 
     prepare_deepspeed(runtime.device, pcfg.deepspeed.cpu_comm)  # before the import: nothing to JIT-compile
     import deepspeed
@@ -112,6 +115,8 @@ def run_pretrain(cfg: Config, runtime: dist.Runtime, *, progress: bool = True,
                                   device=device, device_map="")
     llava.eval().requires_grad_(False)
     student, fl_input = build_student(cfg, llava, runtime)
+    if resume_tag is not None:  # before DeepSpeed's load, whose size mismatch would be a traceback
+        check_adapter_geometry(saved_adapter, student, ds_dir / resume_tag, model_name(cfg))
     builder = BatchBuilder(processor, pcfg.prompt, pcfg.max_caption_tokens, fl_input,
                            side=max(vision_side(llava), fl_input.size))
     # Every rank checks every caption before training, so a bad prompt ends all ranks together instead of

@@ -194,6 +194,37 @@ def check_resume(cfg: Config, client_state: dict[str, Any], ds_dir: Path, dp_wor
     refuse_changed_config(ds_dir, differences(saved, cfg.to_dict(), PRETRAIN), f"delete {ds_dir.parent}")
 
 
+def adapter_shapes(client_state: dict[str, Any]) -> dict[str, list[int]]:
+    """``{name: shape}`` of the adapter's parameters in a model-states file (``{}`` where it holds no full
+    module, as under ZeRO-3): the LLaVA geometry the checkpoint was trained against."""
+    module = client_state.get("module")
+    if not isinstance(module, dict):
+        return {}
+    return {k: list(v.shape) for k, v in module.items() if k.startswith("adapter.") and hasattr(v, "shape")}
+
+
+def _tokens(shape: list[int] | None) -> str:
+    # adapter.pos is [1, grid cells, vision width]
+    return f"{shape[1]} visual tokens of width {shape[2]}" if shape and len(shape) == 3 else f"shape {shape}"
+
+
+def check_adapter_geometry(saved: dict[str, list[int]], student: Any, tag_dir: Path, model: str) -> None:
+    """Refuse, in one line naming both shapes, a resume whose adapter was trained against another LLaVA
+    geometry (patch grid, vision width) or another FL backbone than the ones loaded now (ConfigError)."""
+    current = {f"adapter.{k}": list(v.shape) for k, v in student.adapter.state_dict().items()}
+    if not saved or saved == current:
+        return
+    if saved.get("adapter.pos") != current.get("adapter.pos"):
+        raise ConfigError(f"{tag_dir}: DWP's adapter was trained against a LLaVA with "
+                          f"{_tokens(saved.get('adapter.pos'))}, but {model} gives "
+                          f"{_tokens(current.get('adapter.pos'))}; resume with the LLaVA it was trained "
+                          f"against, or delete {tag_dir.parent.parent} to start over")
+    differ = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+    raise ConfigError(f"{tag_dir}: DWP's adapter {differ[0]} is {saved.get(differ[0])} in the checkpoint, "
+                      f"{current.get(differ[0])} for this FL model and LLaVA; resume with the same model.arch / "
+                      f"model.width_scale, or delete {tag_dir.parent.parent} to start over")
+
+
 class SafeCheckpointEngine:
     """DeepSpeed's checkpoint engine with its loads made ``weights_only`` (DeepSpeed's own unpickles
     everything) and its saves atomic (temporary file, fsync, rename); everything else is the wrapped
