@@ -1,5 +1,5 @@
-"""The config sections of the built-in strategies (``[creff]``, ``[clip2fl]``), declared here rather than beside
-the strategies so that loading and checking a config imports no torch: the strategy registry
+"""The config sections of the built-in strategies (``[creff]``, ``[clip2fl]``, ``[feddyn]``), declared here rather
+than beside the strategies so that loading and checking a config imports no torch: the strategy registry
 (:mod:`mllmfl_dist.core.plugins`) names these dataclasses without importing the strategies. A plugin's sections
 live with the plugin."""
 
@@ -66,3 +66,10 @@ class Clip2flConfig:
     # 256 -> 512, which there equals ViT-B/32's embedding width). Where it differs from the CLIP embedding
     # width, the server's text contrast sees the text embeddings through a fixed, seeded orthonormal map.
     projection_dim: int = at_least(0, 0)
+
+
+@dataclass(frozen=True)
+class FedDynConfig:
+    """``[feddyn]``: dynamic regularisation (Acar et al., ICLR 2021)."""
+
+    alpha: float = positive(0.01)  # the regulariser's weight; 0.01 as in the paper's experiments

@@ -39,12 +39,16 @@ BUILTIN_STRATEGIES = {
     "fedprox": "mllmfl_dist.fl.strategies.fedavg:FedProx",
     "creff": "mllmfl_dist.fl.strategies.creff:CReFF",
     "clip2fl": "mllmfl_dist.fl.strategies.clip2fl:CLIP2FL",
+    "scaffold": "mllmfl_dist.fl.strategies.scaffold:Scaffold",
+    "feddyn": "mllmfl_dist.fl.strategies.feddyn:FedDyn",
+    "fednova": "mllmfl_dist.fl.strategies.fednova:FedNova",
 }
 # Their config sections, by the same form: a torch-free module, so that a config loads and is checked without
 # importing the strategies (the classes declare the same dataclasses in ``sections``).
 BUILTIN_SECTIONS = {
     "creff": "mllmfl_dist.config.strategy_sections:CreffConfig",
     "clip2fl": "mllmfl_dist.config.strategy_sections:Clip2flConfig",
+    "feddyn": "mllmfl_dist.config.strategy_sections:FedDynConfig",
 }
 NAME = re.compile(r"[a-z][a-z0-9_]*")
 # Section names a strategy may not claim: the run's own sections (config/schema.py keeps them in step).
