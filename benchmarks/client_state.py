@@ -25,6 +25,7 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # this checkout's package, as in the runs it starts
 # Each rank prints its own peak RSS when it exits (the summary keeps only the largest).
 DRIVER = '''
 import atexit, os, resource, sys
