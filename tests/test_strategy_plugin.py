@@ -130,3 +130,32 @@ def test_a_strategy_may_not_declare_a_built_in_section_with_another_dataclass():
         assert register_strategy(Shares) is Shares and strategy_sections()["creff"] is CreffConfig
     finally:
         unregister_strategy("shares_creff")
+
+
+def test_the_readme_plugin_with_per_client_state_keeps_each_clients_control_variate(tmp_path, monkeypatch):
+    """examples/drift_control (the README's SCAFFOLD-like plugin), registered in this process: its clients' state
+    reaches the store, returns to them in later rounds and moves the server's control variate."""
+    import json
+
+    from launchers import cli
+
+    from mllmfl_dist.core.plugins import register_strategy, unregister_strategy
+
+    monkeypatch.syspath_prepend(str(REPO / "examples" / "drift_control"))
+    from drift_control import DriftControl
+
+    register_strategy(DriftControl)
+    try:
+        sets = [f"run.root={tmp_path}", "federated.strategy=drift_control", "drift_control.control_lr=0.5",
+                "federated.rounds=3", "federated.local_epochs=1", *QUIET]
+        assert cli("federate", str(SMOKE), sets=sets) == 0
+    finally:
+        unregister_strategy("drift_control")
+    out = tmp_path / "smoke" / "federated"
+    saved = torch.load(out / "checkpoint.pt", weights_only=True)
+    versions = dict(zip(saved["client_state"]["clients"].tolist(), saved["client_state"]["rounds"].tolist()))
+    assert sorted(p.name for p in (out / "client_state").iterdir()) == sorted(f"{c}-{r}.pt" for c, r in
+                                                                                 versions.items())
+    assert set(versions.values()) <= {1, 2, 3} and 6 <= len(versions) <= 18
+    norms = [json.loads(line)["control_norm"] for line in (out / "rounds.jsonl").read_text().splitlines()]
+    assert len(norms) == 3 and all(n > 0 for n in norms) and len(set(norms)) == 3

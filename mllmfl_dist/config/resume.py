@@ -39,7 +39,7 @@ class ResumePolicy:
 FEDERATED = ResumePolicy(None, ("run.root", "run.name", "run.baseline", "federated.rounds", "data.root",
                                 "data.download", "dist.backend", "dist.timeout_minutes",
                                 "dist.control_timeout_minutes", "dist.init_timeout_minutes",
-                                "dist.wait_report_seconds", "eval.", "checkpoint.", "log.",
+                                "dist.wait_report_seconds", "eval.", "checkpoint.", "log.", "federated.client_state_mb",
                                 "clip2fl.teacher_batch_size", "annotate.", "pretrain."))
 
 # DWP: its own section and the settings outside it that shape the FL backbone, its input or the data order.

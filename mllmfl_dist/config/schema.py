@@ -151,6 +151,8 @@ class FederatedConfig:
     server_lr: float = positive(1.0)  # every strategy's server step
     server_momentum: float = fraction(0.97)  # fedavgm; the released code's init_belta
     prox_mu: float = non_negative(0.01)  # fedprox; the released code's mu
+    # Rank 0's memory for per-client state (scaffold, feddyn); beyond it entries go to <run>/federated/client_state
+    client_state_mb: float = non_negative(256.0)
 
 
 @dataclass(frozen=True)

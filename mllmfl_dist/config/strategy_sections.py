@@ -1,7 +1,7 @@
-"""The config sections of the built-in strategies (``[creff]``, ``[clip2fl]``, ``[fedopt]``), declared here rather
-than beside the strategies so that loading and checking a config imports no torch: the strategy registry
-(:mod:`mllmfl_dist.core.plugins`) names these dataclasses without importing the strategies. A plugin's sections
-live with the plugin."""
+"""The config sections of the built-in strategies (``[creff]``, ``[clip2fl]``, ``[fedopt]``, ``[feddyn]``),
+declared here rather than beside the strategies so that loading and checking a config imports no torch: the
+strategy registry (:mod:`mllmfl_dist.core.plugins`) names these dataclasses without importing the strategies.
+A plugin's sections live with the plugin."""
 
 from __future__ import annotations
 
@@ -82,3 +82,10 @@ class FedOptConfig:
     beta2: float = fraction(0.99)  # second-moment decay: the paper's 0.99 (fedadam, fedyogi; fedadagrad has none)
     # Adaptivity: the paper's default 1e-3; also v's start (v_{-1} = tau^2, Algorithm 2's lower bound)
     tau: float = positive(1e-3)
+
+
+@dataclass(frozen=True)
+class FedDynConfig:
+    """``[feddyn]``: dynamic regularisation (Acar et al., ICLR 2021)."""
+
+    alpha: float = positive(0.01)  # the regulariser's weight; 0.01 as in the paper's experiments

@@ -7,7 +7,8 @@ report and ``compare`` (from a directory on disk) agree on the names::
     trackers.json                    the W&B and MLflow run ids
     annotate/  manifest.json, <shard>, <shard>.done.json
     pretrain/  backbone.pt, adapter.pt, metrics.json, deepspeed/
-    federated/ checkpoint.pt, model_final.pt, summary.json, metrics.jsonl, rounds.jsonl, partition.json
+    federated/ checkpoint.pt, model_final.pt, summary.json, metrics.jsonl, rounds.jsonl, partition.json,
+               client_state/ (per-client state of SCAFFOLD, FedDyn, ...)
     align/     alignment_set.json, teacher-<kind>-<key>.pt
     cache/     clip2fl-teacher-<key>.pt
     report/    summary.json, report.md, *.png
@@ -96,6 +97,11 @@ class RunLayout:
     @property
     def partition(self) -> Path:
         return self.federated / "partition.json"
+
+    @property
+    def client_state(self) -> Path:
+        """The per-client state store's files (mllmfl_dist/fl/client_state.py), versioned by round."""
+        return self.federated / "client_state"
 
     @property
     def align(self) -> Path:

@@ -42,6 +42,9 @@ BUILTIN_STRATEGIES = {
     "fedadagrad": "mllmfl_dist.fl.strategies.fedopt:FedAdagrad",
     "fedadam": "mllmfl_dist.fl.strategies.fedopt:FedAdam",
     "fedyogi": "mllmfl_dist.fl.strategies.fedopt:FedYogi",
+    "scaffold": "mllmfl_dist.fl.strategies.scaffold:Scaffold",
+    "feddyn": "mllmfl_dist.fl.strategies.feddyn:FedDyn",
+    "fednova": "mllmfl_dist.fl.strategies.fednova:FedNova",
 }
 # Their config sections, by the same form: a torch-free module, so that a config loads and is checked without
 # importing the strategies (the classes declare the same dataclasses in ``sections``).
@@ -49,6 +52,7 @@ BUILTIN_SECTIONS = {
     "creff": "mllmfl_dist.config.strategy_sections:CreffConfig",
     "clip2fl": "mllmfl_dist.config.strategy_sections:Clip2flConfig",
     "fedopt": "mllmfl_dist.config.strategy_sections:FedOptConfig",
+    "feddyn": "mllmfl_dist.config.strategy_sections:FedDynConfig",
 }
 NAME = re.compile(r"[a-z][a-z0-9_]*")
 # Section names a strategy may not claim: the run's own sections (config/schema.py keeps them in step).

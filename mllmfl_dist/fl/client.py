@@ -37,6 +37,12 @@ class LocalTraining:
                    data.random_crop, data.crop_padding, data.hflip, tuple(mean), tuple(std))
 
 
+def local_steps(num_samples: int, spec: LocalTraining) -> int:
+    """The SGD steps :func:`train_client` takes on ``num_samples`` samples (its batches of one are skipped)."""
+    full, rest = divmod(num_samples, spec.batch_size)
+    return spec.epochs * ((full if spec.batch_size >= 2 else 0) + (1 if rest >= 2 else 0))
+
+
 def train_client(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, spec: LocalTraining,
                  generator: torch.Generator, strategy: Strategy,
                  global_params: Sequence[torch.Tensor] = (), device: torch.device | str = "cpu",

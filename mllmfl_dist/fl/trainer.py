@@ -7,6 +7,11 @@ per-class classifier gradients); one all_reduce; the server steps the strategy a
 uploads; one broadcast of the new global model as a flat buffer, followed by the strategy's named server state
 (CReFF's re-trained classifier), after rank 0's ``server_hook`` (e.g. alignment). Named tensors are packed into
 and out of the flat buffers by :class:`~mllmfl_dist.fl.aggregation.FlatLayout`, so no strategy slices offsets.
+
+A strategy with per-client state (SCAFFOLD's c_i) has it kept by rank 0's store
+(:class:`~mllmfl_dist.fl.client_state.ClientStateStore`): the broadcast ending a round also carries the entries
+of the next round's sampled clients (the sample is known from (seed, round)), and each client's new entry comes
+back in its own slot of the all_reduce (the other ranks add zeros there). Still one all_reduce and one broadcast.
 """
 
 from __future__ import annotations
@@ -25,9 +30,10 @@ from mllmfl_dist.core.errors import TrainingDivergedError
 from mllmfl_dist.core.seeds import TAG_CLIENT_TRAINING, TAG_CLIENT_UPLOAD, generator
 from mllmfl_dist.data import ClientData
 from mllmfl_dist.fl.aggregation import FlatLayout, accumulate_, mean_from_sum
-from mllmfl_dist.fl.client import LocalTraining, train_client
+from mllmfl_dist.fl.client import LocalTraining, local_steps, train_client
+from mllmfl_dist.fl.client_state import ClientStateStore
 from mllmfl_dist.fl.sampling import assign_clients, sample_clients
-from mllmfl_dist.fl.strategies import Strategy
+from mllmfl_dist.fl.strategies import ClientContext, Strategy
 from mllmfl_dist.models import FLModel
 
 # A strategy's uploads above this (per round, per rank, float64) are refused: CReFF's class gradients grow as
@@ -88,9 +94,14 @@ class RoundStats:
     train_loss: float = float("nan")  # the clients' mean training loss, weighted by their sample counts
 
 
+def _overrides(strategy: Strategy, hook: str) -> bool:
+    return getattr(type(strategy), hook) is not getattr(Strategy, hook)
+
+
 class FederatedTrainer:
     def __init__(self, federated: FederatedConfig, seed: int, local: LocalTraining, runtime: dist.Runtime,
-                 data: ClientData, model: FLModel, strategy: Strategy, server_hook: ServerHook | None = None):
+                 data: ClientData, model: FLModel, strategy: Strategy, server_hook: ServerHook | None = None,
+                 client_states: ClientStateStore | None = None):
         self.federated, self.seed, self.local = federated, seed, local
         self.runtime = runtime
         self.data = data
@@ -100,16 +111,29 @@ class FederatedTrainer:
         self.trainable_mask = self.layout.trainable_mask.to(runtime.device)
         self.upload_layout = FlatLayout.of_shapes(strategy.upload_shapes(self.model), torch.float64)
         check_upload_size(strategy.name, self.upload_layout)
+        if self.upload_layout.numel and not (_overrides(strategy, "client_upload")
+                                             or _overrides(strategy, "finish_client")):
+            raise ConfigError(f"strategy {strategy.name!r} declares uploads ({', '.join(self.upload_layout.keys)}) "
+                              f"but computes them in neither client_upload nor finish_client")
+        # Per-client state: its layout, and rank 0's store (memory only when the caller gives none).
+        self.client_state_layout = FlatLayout.of_shapes(strategy.client_state_shapes(self.model), torch.float32)
+        width, k = self.client_state_layout.numel, federated.clients_per_round
+        self.client_states = None
+        if width and runtime.is_server:
+            self.client_states = client_states if client_states is not None else ClientStateStore(None, 0)
+        self._incoming: tuple[int, torch.Tensor, torch.Tensor] | None = None  # (round, states [K, S], present [K])
+        extra_round = {"client_states": (k, width)} if width else {}
+        extra_broadcast = {"client_states": (k, width), "client_state_present": (k,)} if width else {}
         state = strategy.broadcast_state(self.model)
         self.state_layout = FlatLayout.of_shapes({k: tuple(v.shape) for k, v in state.items()}, torch.float32)
         # The round's two buffers, laid out once (described where they are filled, in run_round and _broadcast).
         self.round_layout = FlatLayout.of_shapes({"model": (self.layout.numel + 1,),
                                                   "uploads": (self.upload_layout.numel,),
                                                   "diverged": (federated.clients_per_round,), "stop": (1,),
-                                                  "loss": (1,)})
+                                                  "loss": (1,), **extra_round})
         self.broadcast_layout = FlatLayout.of_shapes({"model": (self.layout.numel,),
-                                                      "state": (self.state_layout.numel,), "status": (1,)},
-                                                     torch.float32)
+                                                      "state": (self.state_layout.numel,), "status": (1,),
+                                                      **extra_broadcast}, torch.float32)
         # Rank 0 only, after the server step and before the broadcast (global alignment plugs in here).
         self.server_hook = server_hook
         self.server_hook_hints: list[str] = []  # what to look at when the hook diverged, on the ranks without it
@@ -128,22 +152,26 @@ class FederatedTrainer:
     def broadcast_global(self) -> int:
         """Make every rank hold rank 0's global model (and the strategy's server state, after it in the same
         buffer); returns the bytes broadcast."""
-        sent, status = self._broadcast(DIVERGED_NOWHERE, "rank 0's broadcast of the model to start from")
+        sent, status = self._broadcast(DIVERGED_NOWHERE, "rank 0's broadcast of the model to start from",
+                                       self.rounds_done + 1)
         if status != DIVERGED_NOWHERE:
             raise TrainingDivergedError(
                 f"the global model to start round {self.rounds_done + 1} from is non-finite (a checkpoint or "
                 f"backbone written by a run that diverged?); start over with another run.name")
         return sent
 
-    def _broadcast(self, status: str, what: str) -> tuple[int, str]:
-        """The broadcast, carrying rank 0's divergence ``status`` in its last entry; returns the bytes
-        broadcast and the status every rank received (a non-finite buffer counts as diverged too)."""
+    def _broadcast(self, status: str, what: str, next_round: int) -> tuple[int, str]:
+        """The broadcast, carrying rank 0's divergence ``status`` (and the stored state of the clients of
+        ``next_round``); returns the bytes broadcast and the status every rank received (a non-finite buffer
+        counts as diverged too)."""
         layout = self.broadcast_layout
         flat = torch.empty(layout.numel, dtype=torch.float32, device=self.runtime.device)
         parts = layout.views(flat)
         self.layout.flatten(self.model.state_dict(), out=parts["model"])
         if self.state_layout.numel:
             self.state_layout.flatten(self.strategy.broadcast_state(self.model), out=parts["state"])
+        if self.client_states is not None:
+            self._fill_client_states(parts["client_states"], parts["client_state_present"], next_round)
         parts["status"][0] = DIVERGENCE_CODES.index(status)
         dist.broadcast_from_server_(self.runtime, flat, what)
         status = DIVERGENCE_CODES[int(parts["status"][0])]
@@ -153,7 +181,34 @@ class FederatedTrainer:
             self.set_global_flat(parts["model"])
             if self.state_layout.numel:
                 self.strategy.receive_state(self.state_layout.views(parts["state"]))
+            if self.client_state_layout.numel:
+                self._incoming = (next_round, parts["client_states"].clone(),
+                                  parts["client_state_present"].clone())
         return flat.numel() * flat.element_size(), status
+
+    def _fill_client_states(self, states: torch.Tensor, present: torch.Tensor, round_index: int) -> None:
+        """Rank 0: the stored entries of ``round_index``'s sampled clients into their slots (none past the
+        last round)."""
+        states.zero_()
+        present.zero_()
+        fed = self.federated
+        if round_index > fed.rounds:
+            return
+        for slot, cid in enumerate(sample_clients(self.seed, round_index, fed.num_clients, fed.clients_per_round)):
+            entry = self.client_states.get(cid)
+            if entry is not None:
+                states[slot].copy_(entry)
+                present[slot] = 1.0
+
+    def _client_context(self, round_index: int, slot: int, cid: int, num_samples: int) -> ClientContext:
+        state = None
+        if self.client_state_layout.numel:
+            if self._incoming is None or self._incoming[0] != round_index:
+                raise RuntimeError(f"round {round_index} started without its clients' state from the broadcast")
+            _, states, present = self._incoming
+            if present[slot] > 0:
+                state = self.client_state_layout.views(states[slot])
+        return ClientContext(cid, round_index, num_samples, local_steps(num_samples, self.local), state)
 
     # -- one round -------------------------------------------------------------------------------
     def run_round(self, round_index: int) -> RoundStats:
@@ -176,24 +231,37 @@ class FederatedTrainer:
         global_params: list[torch.Tensor] = []
         if mine and self.strategy.reads_global_params:
             global_params = [p.detach().clone() for p in self.model.parameters() if p.requires_grad]
+        upload_parts = self.upload_layout.views(uploads)
         for cid in mine:
             self.set_global_flat(start)
             images, labels = self.data.client(cid)
+            slot = clients.index(cid)
+            client = self._client_context(round_index, slot, cid, labels.shape[0])
             if self.upload_layout.numel:
                 upload = self.strategy.client_upload(self.model, images, labels, self.local,
                                                      generator(seed, TAG_CLIENT_UPLOAD, round_index, cid),
                                                      self.runtime.device)
-                uploads += self.upload_layout.flatten(upload).to(uploads.device)
+                self._add_uploads(upload_parts, upload)
+            self.strategy.start_client(self.model, client)
             loss = train_client(self.model, images, labels, self.local,
                                 generator(seed, TAG_CLIENT_TRAINING, round_index, cid), self.strategy,
                                 global_params, self.runtime.device, self.strategy.local_loss_inputs(self.data, cid))
             state = self.global_flat(torch.float64)
-            if bool(torch.isfinite(state).all()):
+            finite = bool(torch.isfinite(state).all())
+            if finite:
+                update = self.strategy.finish_client(self.model, client, start, state, self.trainable_mask)
+                finite = _all_finite(update.uploads) and (update.state is None or _all_finite(update.state))
+            if finite:
                 accumulate_(model_acc, state, labels.shape[0])
                 if math.isfinite(loss):  # a one-sample client takes no step and has no loss
                     parts["loss"] += labels.shape[0] * loss
+                self._add_uploads(upload_parts, update.uploads)
+                if self.client_state_layout.numel:
+                    new_state = update.state if update.state is not None else client.state
+                    if new_state is not None:
+                        self.client_state_layout.flatten(new_state, out=parts["client_states"][slot])
             else:  # kept out of the sum; every rank stops after the all_reduce
-                diverged[clients.index(cid)] = 1
+                diverged[slot] = 1
 
         dist.all_reduce_sum_(self.runtime, acc, f"round {round_index}'s all_reduce")
         failed = [c for c, flag in zip(clients, diverged.tolist()) if flag]
@@ -202,7 +270,11 @@ class FederatedTrainer:
         server_record: dict[str, float] = {}
         status = DIVERGED_NOWHERE
         if self.runtime.is_server:
-            new = self.strategy.update_global_model(start, mean_from_sum(model_acc), self.trainable_mask)
+            if self.client_states is not None:  # each client's slot: its new state, zeros from every other rank
+                for slot, cid in enumerate(clients):
+                    self.client_states.put(cid, round_index, parts["client_states"][slot])
+            new = self.strategy.server_update(start, mean_from_sum(model_acc), self.trainable_mask,
+                                              self.upload_layout.views(uploads))
             self.set_global_flat(new)
             status = DIVERGED_NOWHERE if _finite(self.model) else DIVERGED_IN_GLOBAL_UPDATE
             if status == DIVERGED_NOWHERE:
@@ -213,7 +285,8 @@ class FederatedTrainer:
             if self.server_hook is not None and status == DIVERGED_NOWHERE:
                 self.server_hook(self.model, round_index)
                 status = DIVERGED_NOWHERE if _finite(self.model) else DIVERGED_IN_SERVER_HOOK
-        bytes_broadcast, status = self._broadcast(status, f"rank 0's broadcast of round {round_index}'s model")
+        bytes_broadcast, status = self._broadcast(status, f"rank 0's broadcast of round {round_index}'s model",
+                                                  round_index + 1)
         if status != DIVERGED_NOWHERE:
             raise TrainingDivergedError(self._divergence(round_index, status))
         self.rounds_done = round_index
@@ -243,17 +316,45 @@ class FederatedTrainer:
             hints = self.server_hook.divergence_hints() if self.server_hook is not None else self.server_hook_hints
         return divergence_message(round_index, what, hints)
 
+    @staticmethod
+    def _add_uploads(parts: dict[str, torch.Tensor], upload: dict[str, torch.Tensor]) -> None:
+        for name, tensor in upload.items():
+            if name not in parts:
+                raise KeyError(f"an upload named {name!r} is not among the strategy's upload_shapes "
+                               f"({', '.join(parts) or 'none'})")
+            parts[name] += tensor.reshape(parts[name].shape).to(parts[name].device, torch.float64)
+
     # -- checkpoints -----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {
+        """Rank 0: what a checkpoint keeps. With per-client state this commits the store (its entries held
+        only in memory are written to disk; the index returned names them): call :meth:`checkpoint_saved` once
+        the checkpoint is on disk."""
+        state = {
             "round": self.rounds_done,
             "model": {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()},
             "strategy": self.strategy.state_dict(),
         }
+        if self.client_states is not None:
+            state["client_state"] = self.client_states.commit()
+        return state
+
+    def checkpoint_saved(self) -> None:
+        """Rank 0, after the checkpoint of :meth:`state_dict` was written: store files only older checkpoints
+        read go."""
+        if self.client_states is not None:
+            self.client_states.saved()
+
+    def forget_client_states(self) -> None:
+        """Rank 0, starting a run afresh: no client has state (files a run killed before its first checkpoint
+        left are removed)."""
+        if self.client_states is not None:
+            self.client_states.restore(None)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """A checkpoint's state; one written before the strategy's state was called "strategy" holds it as
         "server_optimizer"."""
         self.model.load_state_dict(state["model"])
         self.strategy.load_state_dict(state["strategy"] if "strategy" in state else state["server_optimizer"])
+        if self.client_states is not None:
+            self.client_states.restore(state.get("client_state"))
         self.rounds_done = int(state["round"])

@@ -24,6 +24,7 @@ from mllmfl_dist.core.jsonl import MetricsLog
 from mllmfl_dist.core.progress import evaluation_line, show_bars
 from mllmfl_dist.data.describe import describe_data, partition_record
 from mllmfl_dist.fl.client import LocalTraining
+from mllmfl_dist.fl.client_state import ClientStateStore
 from mllmfl_dist.fl.evaluate import evaluate_on_splits, imbalance_warning
 from mllmfl_dist.fl.strategies import StrategyContext, build_strategy, strategy_class
 from mllmfl_dist.fl.trainer import FederatedTrainer, RoundStats
@@ -49,7 +50,11 @@ class FederatedStage:
         self.strategy = build_strategy(cfg)
         model = build_fl_model(cfg.model, self.data, cfg.run.seed, self.strategy.projection_dim)
         local = LocalTraining.of(cfg.federated, cfg.data, self.data.mean, self.data.std)
-        self.trainer = FederatedTrainer(cfg.federated, cfg.run.seed, local, runtime, self.data, model, self.strategy)
+        # Rank 0 keeps every client's state (strategies with per-client state only; fl/client_state.py).
+        store = (ClientStateStore(self.paths.client_state, int(cfg.federated.client_state_mb * 2**20))
+                 if runtime.is_server else None)
+        self.trainer = FederatedTrainer(cfg.federated, cfg.run.seed, local, runtime, self.data, model, self.strategy,
+                                        client_states=store)
         # Rank 0 runs the alignment; every rank names its settings when it makes the model non-finite.
         self.trainer.server_hook_hints = alignment_hints(cfg.align) if cfg.align.every else []
         self.alignment: AlignmentHook | None = None
@@ -94,6 +99,8 @@ class FederatedStage:
         # Before the RNG state is restored: loading a teacher may draw from the global generator.
         if cfg.align.every and done < cfg.federated.rounds:
             self.alignment = self.trainer.server_hook = AlignmentHook(cfg, self.data, self.runtime.device)
+        if state is None:
+            self.trainer.forget_client_states()
         if state is not None:
             self.trainer.load_state_dict(state)
             checkpoint.set_rng_state(state["rng"])
@@ -208,6 +215,7 @@ class FederatedStage:
         if round_index % cfg.checkpoint.every == 0 or last_round or stop:
             checkpoint.save_atomic({**self.trainer.state_dict(), "rng": checkpoint.rng_state(),
                                     "config": cfg.to_dict()}, self.paths.checkpoint)
+            self.trainer.checkpoint_saved()
         bar.update(1)
 
     def _stop_after_round(self, round_index: int) -> None:

@@ -12,7 +12,9 @@ A strategy is built once per run (:func:`mllmfl_dist.fl.strategies.build_strateg
 
 Besides the model, strategies exchange *named tensors* with the trainer, which packs them into the round's
 two flat buffers (:class:`mllmfl_dist.fl.aggregation.FlatLayout`): what each client uploads is summed by the
-round's one all_reduce, and server state every rank needs rides in the round's one broadcast.
+round's one all_reduce, and server state every rank needs rides in the round's one broadcast. Per-client state
+lives on rank 0 (:mod:`mllmfl_dist.fl.client_state`); the broadcast before a round carries its sampled clients'
+entries and each client's new entry returns in its own slot of the all_reduce, so no rank keeps any.
 
 The hooks, by the phase they belong to; each has a default that leaves the round as plain FedAvg would have it
 (except :meth:`Strategy.update_global_model`, whose default is the clients' weighted mean itself):
@@ -25,11 +27,19 @@ set-up, once per run
   ``setup_summary()``      rank 0, after setup: numbers for the run's summary and tracker (CLIP2FL's teacher)
 on a client host, for each of its sampled clients (the model is the round's global model at first)
   ``upload_shapes(model)``              the named float64 tensors each client adds to the all_reduce
+  ``client_state_shapes(model)``        the named tensors each client keeps between its rounds (SCAFFOLD's c_i),
+                                        in the per-client store (:mod:`mllmfl_dist.fl.client_state`)
   ``client_upload(model, ...)``         this client's summands of them, before local training (CReFF's class
                                         gradients)
+  ``start_client(model, client)``       before local training: ``client`` (:class:`ClientContext`) holds the
+                                        client id, the round, its sample and step counts and its stored state
   ``local_loss_inputs(data, client)``   per-sample rows handed to the local loss (CLIP2FL's teacher logits)
   ``local_loss(model, logits, ...)``    the local objective (FedProx: plus its proximal term)
+  ``finish_client(model, client, start, trained, trainable_mask)``   after local training: summands computed
+                                        from the client's update and its new state (:class:`ClientUpdate`)
 on the server (rank 0), after the all_reduce
+  ``server_update(current, client_mean, trainable_mask, sums)``   the next global model, with the summed
+                                        uploads (default: ``update_global_model``, which does not see them)
   ``update_global_model(current, client_mean, trainable_mask)``   the next global model
   ``process_uploads(model, sums, round)``    use the summed uploads; returns numbers for the round's log
 with the round's broadcast, on every rank
@@ -42,7 +52,7 @@ results and checkpoints
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -90,8 +100,35 @@ class ModelUse:
     kind: str = ""  # "clip", "llava", ...: compare's +align[<kind>] rows may borrow it as their teacher
 
 
+@dataclass(frozen=True)
+class ClientContext:
+    """What the client hooks know of the client they run for (:meth:`Strategy.start_client`,
+    :meth:`Strategy.finish_client`)."""
+
+    client_id: int
+    round_index: int
+    num_samples: int  # its training samples: the weight of its model in the round's mean
+    local_steps: int  # the SGD steps its local training takes (batches of one sample are skipped)
+    # Its entry in the per-client store as of its last round (the strategy's client_state_shapes, float32, on the
+    # runtime's device; read-only), None if it never took part or the strategy keeps no client state.
+    state: Tensors | None = None
+
+
+@dataclass(frozen=True)
+class ClientUpdate:
+    """What :meth:`Strategy.finish_client` returns: ``uploads``, summands of some of :meth:`Strategy.upload_shapes`
+    added to the round's all_reduce; ``state``, the client's new entry of :meth:`Strategy.client_state_shapes`
+    (None: its entry stays as it was, zeros if it had none)."""
+
+    uploads: Tensors = field(default_factory=dict)
+    state: Tensors | None = None
+
+
 class Strategy:
     name: ClassVar[str] = "base"
+    # Whether the strategy uploads nothing but the model update, so central DP's clipping and noise cover all it
+    # sends (SCAFFOLD's control deltas and FedNova's step counts are not covered).
+    dp_compatible: ClassVar[bool] = True
     # The config sections this strategy reads: {section name: frozen dataclass}; each is passed to the
     # constructor under its name, and is part of the resume check of a run with this strategy.
     sections: ClassVar[Mapping[str, type]] = {}
@@ -130,12 +167,30 @@ class Strategy:
         their sums reach :meth:`process_uploads` on rank 0."""
         return {}
 
+    def client_state_shapes(self, model: nn.Module) -> Shapes:
+        """The float32 tensors (name -> shape) each client keeps from one of its rounds to its next, in the
+        per-client store (:mod:`mllmfl_dist.fl.client_state`); they reach :meth:`start_client` as
+        ``client.state`` and :meth:`finish_client` returns the new ones."""
+        return {}
+
     def client_upload(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor, local: LocalTraining,
                       generator: torch.Generator, device: torch.device | str) -> Tensors:
-        """This client's summands of :meth:`upload_shapes`, computed on the round's global ``model`` before
-        local training (``local``: the run's normalisation and augmentation; ``generator``: seeded by (seed,
-        round, client), the client's only source of randomness here)."""
-        raise NotImplementedError(f"{self.name} declares uploads but does not compute them")
+        """This client's summands of :meth:`upload_shapes` (some or all of them), computed on the round's global
+        ``model`` before local training (``local``: the run's normalisation and augmentation; ``generator``:
+        seeded by (seed, round, client), the client's only source of randomness here)."""
+        return {}
+
+    def start_client(self, model: nn.Module, client: ClientContext) -> None:
+        """Before ``client``'s local training (``model``: the round's global model); a strategy keeps here what
+        :meth:`local_loss` needs of this client (its state), since a host trains its clients one at a time."""
+
+    def finish_client(self, model: nn.Module, client: ClientContext, start: torch.Tensor, trained: torch.Tensor,
+                      trainable_mask: torch.Tensor) -> ClientUpdate:
+        """After ``client``'s local training: summands for the all_reduce computed from its update and its new
+        state. ``start`` / ``trained``: the global model before and the client's after (flat float64, the
+        trainer's layout of ``model.state_dict()``); ``trainable_mask`` marks the trainable parameters' entries
+        (in the order of ``model.parameters()``)."""
+        return ClientUpdate()
 
     def local_loss_inputs(self, data: ClientData, client_id: int) -> torch.Tensor | None:
         """Per-sample rows (in the order of ``data.client(client_id)``) handed, batch by batch, to
@@ -149,6 +204,13 @@ class Strategy:
         return nn.functional.cross_entropy(logits, labels)
 
     # -- on the server ---------------------------------------------------------------------------------
+    def server_update(self, current: torch.Tensor, client_mean: torch.Tensor, trainable_mask: torch.Tensor,
+                      sums: Tensors) -> torch.Tensor:
+        """The next global model (float64, flat) from the current one, the clients' weighted mean and the
+        all-reduced uploads ``sums`` (SCAFFOLD, FedDyn, FedNova step with them). The default ignores ``sums``
+        and calls :meth:`update_global_model`."""
+        return self.update_global_model(current, client_mean, trainable_mask)
+
     def update_global_model(self, current: torch.Tensor, client_mean: torch.Tensor,
                             trainable_mask: torch.Tensor) -> torch.Tensor:
         """The next global model (float64, flat) from the current one and the clients' weighted mean;
