@@ -26,6 +26,7 @@ from mllmfl_dist.core.seeds import TAG_CLIENT_TRAINING, TAG_CLIENT_UPLOAD, gener
 from mllmfl_dist.data import ClientData
 from mllmfl_dist.fl.aggregation import FlatLayout, accumulate_, mean_from_sum
 from mllmfl_dist.fl.client import LocalTraining, train_client
+from mllmfl_dist.fl.dp import CentralDP
 from mllmfl_dist.fl.sampling import assign_clients, sample_clients
 from mllmfl_dist.fl.strategies import Strategy
 from mllmfl_dist.models import FLModel
@@ -85,13 +86,15 @@ class RoundStats:
     bytes_broadcast: int
     server: dict[str, float]  # the strategy's numbers of the round (rank 0), e.g. CReFF's match_loss
     stop_requested: bool = False  # some rank was asked to stop (preempt.py): every rank stops after this round
-    train_loss: float = float("nan")  # the clients' mean training loss, weighted by their sample counts
+    train_loss: float = float("nan")  # the clients' mean training loss, weighted like the model (n_k; 1 under DP)
 
 
 class FederatedTrainer:
     def __init__(self, federated: FederatedConfig, seed: int, local: LocalTraining, runtime: dist.Runtime,
-                 data: ClientData, model: FLModel, strategy: Strategy, server_hook: ServerHook | None = None):
+                 data: ClientData, model: FLModel, strategy: Strategy, server_hook: ServerHook | None = None,
+                 dp: CentralDP | None = None):
         self.federated, self.seed, self.local = federated, seed, local
+        self.dp = dp  # central DP (fl/dp.py): clipped updates of weight 1, noise on rank 0
         self.runtime = runtime
         self.data = data
         self.model = model.to(runtime.device)
@@ -189,9 +192,12 @@ class FederatedTrainer:
                                 global_params, self.runtime.device, self.strategy.local_loss_inputs(self.data, cid))
             state = self.global_flat(torch.float64)
             if bool(torch.isfinite(state).all()):
-                accumulate_(model_acc, state, labels.shape[0])
+                weight = labels.shape[0]
+                if self.dp is not None:
+                    state, weight = self.dp.clip(start, state), 1
+                accumulate_(model_acc, state, weight)
                 if math.isfinite(loss):  # a one-sample client takes no step and has no loss
-                    parts["loss"] += labels.shape[0] * loss
+                    parts["loss"] += weight * loss
             else:  # kept out of the sum; every rank stops after the all_reduce
                 diverged[clients.index(cid)] = 1
 
@@ -202,7 +208,8 @@ class FederatedTrainer:
         server_record: dict[str, float] = {}
         status = DIVERGED_NOWHERE
         if self.runtime.is_server:
-            new = self.strategy.update_global_model(start, mean_from_sum(model_acc), self.trainable_mask)
+            mean = mean_from_sum(model_acc) if self.dp is None else self.dp.noisy_mean(model_acc, round_index)
+            new = self.strategy.update_global_model(start, mean, self.trainable_mask)
             self.set_global_flat(new)
             status = DIVERGED_NOWHERE if _finite(self.model) else DIVERGED_IN_GLOBAL_UPDATE
             if status == DIVERGED_NOWHERE:

@@ -97,6 +97,8 @@ class Strategy:
     sections: ClassVar[Mapping[str, type]] = {}
     # Whether local_loss reads the round's global parameters (the trainer keeps a copy only when it does).
     reads_global_params: ClassVar[bool] = False
+    # Whether central DP (config [dp]) covers everything it uploads: False when uploads go beyond the model update.
+    dp_compatible: ClassVar[bool] = True
 
     def __init__(self, args: StrategyArgs):
         self.args = args
