@@ -218,4 +218,7 @@ def validate(config: Config) -> None:
         # On-demand clients draw their own label mix; there is no whole training set to cut.
         raise ConfigError("data.synthetic_mode = 'on_demand' supports partition.method dirichlet, creff or iid "
                           "without partition.self_balancing or partition.min_partition_size")
+    if config.dp.enabled and not getattr(strategy, "dp_compatible", True):
+        raise ConfigError(f"dp.enabled = true is not allowed with federated.strategy = {fed.strategy!r}: its "
+                          f"uploads go beyond the clipped model update, outside the privacy guarantee")
     strategy.check_config(config)

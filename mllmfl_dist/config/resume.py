@@ -55,7 +55,9 @@ PRETRAIN = ResumePolicy(("pretrain.", "run.seed", "model.arch", "model.width_sca
 # clip2fl.projection_dim was, before the key, the CLIP's embedding width, which no number here names: -1
 # makes any value a difference.
 IMPLIED_BEFORE_ADDED = {"data.val_per_class": 0, "data.train_fraction": 1.0, "align.clip_logit_scale": 100.0,
-                        "clip2fl.projection_dim": -1}
+                        "clip2fl.projection_dim": -1, "dp.enabled": False}
+# Sections added whole after configs were first saved (a saved config lacks the table, not just the key).
+SECTIONS_ADDED = ("dp",)
 
 
 def differences(saved: dict[str, Any], current: dict[str, Any], policy: ResumePolicy,
@@ -66,7 +68,7 @@ def differences(saved: dict[str, Any], current: dict[str, Any], policy: ResumePo
     old_items = flat_items(saved)
     for name, implied in IMPLIED_BEFORE_ADDED.items():
         section = name.split(".", 1)[0]
-        if name not in old_items and isinstance(saved.get(section), dict):
+        if name not in old_items and (isinstance(saved.get(section), dict) or section in SECTIONS_ADDED):
             old_items[name] = implied
     out = []
     for name, new in flat_items(current).items():
@@ -87,6 +89,8 @@ def unread_sections(saved: dict[str, Any], current: dict[str, Any]) -> tuple[str
     unread = tuple(f"{name}." for name in plugins.strategy_sections() if name not in read)
     if current.get("align", {}).get("every") == 0 and saved.get("align", {}).get("every", 0) == 0:
         unread += ("align.",)
+    if not current.get("dp", {}).get("enabled") and not saved.get("dp", {}).get("enabled"):
+        unread += ("dp.",)  # central DP off before and after: its settings change nothing
     return unread
 
 

@@ -288,6 +288,19 @@ class AlignConfig:
 
 
 @dataclass(frozen=True)
+class DpConfig:
+    """Central differential privacy, DP-FedAvg (McMahan et al., ICLR 2018): mllmfl_dist/fl/dp.py."""
+
+    enabled: bool = False
+    clip_norm: float = positive(1.0)  # C: L2 bound of each client's whole state update
+    noise_multiplier: float = non_negative(1.0)  # z: noise std on the summed updates is z * C
+    # > 0: derive z so that epsilon after federated.rounds rounds is at most this (noise_multiplier is ignored)
+    target_epsilon: float = non_negative(0.0, "a number >= 0 (0: use dp.noise_multiplier)")
+    delta: float = checked(1e-5, lambda v: 0 < v < 1, "a number in (0, 1)")
+    accountant: str = choice("rdp", ("rdp", "pld"))
+
+
+@dataclass(frozen=True)
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     dist: DistConfig = field(default_factory=DistConfig)
@@ -301,6 +314,7 @@ class Config:
     annotate: AnnotateConfig = field(default_factory=AnnotateConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     align: AlignConfig = field(default_factory=AlignConfig)
+    dp: DpConfig = field(default_factory=DpConfig)
     # The sections the known strategies read ({"creff": CreffOptions(...), ...}), defaults where the file
     # has none; in the TOML and in to_dict() they are sections like the others.
     strategy_sections: Mapping[str, Any] = field(default_factory=lambda: default_strategy_sections())

@@ -57,7 +57,7 @@ BUILTIN_SECTIONS = {
 NAME = re.compile(r"[a-z][a-z0-9_]*")
 # Section names a strategy may not claim: the run's own sections (config/schema.py keeps them in step).
 RESERVED_SECTIONS = frozenset({"run", "dist", "data", "partition", "model", "federated", "eval", "checkpoint", "log",
-                               "annotate", "pretrain", "align"})
+                               "annotate", "pretrain", "align", "dp"})
 
 _classes: dict[str, type] = {}  # every strategy loaded or registered so far, by name
 _broken: dict[str, str] = {}  # entry points that failed to load: name -> why

@@ -21,6 +21,7 @@ TAG_PRETRAIN_ORDER = 11  # DWP's data order (seed, epoch)
 TAG_ADAPTER_INIT = 12  # DWP's token adapter's initial weights (seed)
 TAG_ANNOTATE = 13  # sampled decoding of annotation (seed, shard)
 TAG_ALIGN = 14  # alignment's batch order (seed, round)
+TAG_DP_NOISE = 15  # central DP's Gaussian noise on the summed updates (seed, round)
 # -- strategies -----------------------------------------------------------------------------------------------
 TAG_CREFF_FEATURES = 21  # CReFF's federated features' initial values (seed)
 TAG_CREFF_RETRAIN = 22  # CReFF's re-trained classifier's init and batch order (seed, round)

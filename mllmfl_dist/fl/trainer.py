@@ -32,6 +32,7 @@ from mllmfl_dist.data import ClientData
 from mllmfl_dist.fl.aggregation import FlatLayout, accumulate_, mean_from_sum
 from mllmfl_dist.fl.client import LocalTraining, local_steps, train_client
 from mllmfl_dist.fl.client_state import ClientStateStore
+from mllmfl_dist.fl.dp import CentralDP
 from mllmfl_dist.fl.sampling import assign_clients, sample_clients
 from mllmfl_dist.fl.strategies import ClientContext, Strategy
 from mllmfl_dist.models import FLModel
@@ -91,7 +92,7 @@ class RoundStats:
     bytes_broadcast: int
     server: dict[str, float]  # the strategy's numbers of the round (rank 0), e.g. CReFF's match_loss
     stop_requested: bool = False  # some rank was asked to stop (preempt.py): every rank stops after this round
-    train_loss: float = float("nan")  # the clients' mean training loss, weighted by their sample counts
+    train_loss: float = float("nan")  # the clients' mean training loss, weighted like the model (n_k; 1 under DP)
 
 
 def _overrides(strategy: Strategy, hook: str) -> bool:
@@ -101,8 +102,9 @@ def _overrides(strategy: Strategy, hook: str) -> bool:
 class FederatedTrainer:
     def __init__(self, federated: FederatedConfig, seed: int, local: LocalTraining, runtime: dist.Runtime,
                  data: ClientData, model: FLModel, strategy: Strategy, server_hook: ServerHook | None = None,
-                 client_states: ClientStateStore | None = None):
+                 client_states: ClientStateStore | None = None, dp: CentralDP | None = None):
         self.federated, self.seed, self.local = federated, seed, local
+        self.dp = dp  # central DP (fl/dp.py): clipped updates of weight 1, noise on rank 0
         self.runtime = runtime
         self.data = data
         self.model = model.to(runtime.device)
@@ -252,9 +254,12 @@ class FederatedTrainer:
                 update = self.strategy.finish_client(self.model, client, start, state, self.trainable_mask)
                 finite = _all_finite(update.uploads) and (update.state is None or _all_finite(update.state))
             if finite:
-                accumulate_(model_acc, state, labels.shape[0])
+                weight = labels.shape[0]
+                if self.dp is not None:  # clipped, weight 1: the sensitivity bound of fl/dp.py
+                    state, weight = self.dp.clip(start, state), 1
+                accumulate_(model_acc, state, weight)
                 if math.isfinite(loss):  # a one-sample client takes no step and has no loss
-                    parts["loss"] += labels.shape[0] * loss
+                    parts["loss"] += weight * loss
                 self._add_uploads(upload_parts, update.uploads)
                 if self.client_state_layout.numel:
                     new_state = update.state if update.state is not None else client.state
@@ -273,8 +278,8 @@ class FederatedTrainer:
             if self.client_states is not None:  # each client's slot: its new state, zeros from every other rank
                 for slot, cid in enumerate(clients):
                     self.client_states.put(cid, round_index, parts["client_states"][slot])
-            new = self.strategy.server_update(start, mean_from_sum(model_acc), self.trainable_mask,
-                                              self.upload_layout.views(uploads))
+            mean = mean_from_sum(model_acc) if self.dp is None else self.dp.noisy_mean(model_acc, round_index)
+            new = self.strategy.server_update(start, mean, self.trainable_mask, self.upload_layout.views(uploads))
             self.set_global_flat(new)
             status = DIVERGED_NOWHERE if _finite(self.model) else DIVERGED_IN_GLOBAL_UPDATE
             if status == DIVERGED_NOWHERE:

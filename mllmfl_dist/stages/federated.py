@@ -25,6 +25,7 @@ from mllmfl_dist.core.progress import evaluation_line, show_bars
 from mllmfl_dist.data.describe import describe_data, partition_record
 from mllmfl_dist.fl.client import LocalTraining
 from mllmfl_dist.fl.client_state import ClientStateStore
+from mllmfl_dist.fl.dp import CentralDP, PrivacyLedger
 from mllmfl_dist.fl.evaluate import evaluate_on_splits, imbalance_warning
 from mllmfl_dist.fl.strategies import StrategyContext, build_strategy, strategy_class
 from mllmfl_dist.fl.trainer import FederatedTrainer, RoundStats
@@ -53,8 +54,17 @@ class FederatedStage:
         # Rank 0 keeps every client's state (strategies with per-client state only; fl/client_state.py).
         store = (ClientStateStore(self.paths.client_state, int(cfg.federated.client_state_mb * 2**20))
                  if runtime.is_server else None)
-        self.trainer = FederatedTrainer(cfg.federated, cfg.run.seed, local, runtime, self.data, model, self.strategy,
-                                        client_states=store)
+        # Central DP: rank 0 adds the noise and accounts the rounds; every host clips its clients' updates.
+        fed = cfg.federated
+        self.privacy = (PrivacyLedger(cfg.dp, fed.num_clients, fed.clients_per_round, fed.rounds)
+                        if cfg.dp.enabled and runtime.is_server else None)
+        if self.privacy is not None:
+            log.info("central DP: clip norm %g, noise multiplier %.4g, %s accountant at delta %g",
+                     cfg.dp.clip_norm, self.privacy.noise_multiplier, cfg.dp.accountant, cfg.dp.delta)
+        dp = (CentralDP.of_module(model, cfg.dp.clip_norm, self.privacy.noise_multiplier if self.privacy else 0.0,
+                                  cfg.run.seed) if cfg.dp.enabled else None)
+        self.trainer = FederatedTrainer(fed, cfg.run.seed, local, runtime, self.data, model, self.strategy,
+                                        client_states=store, dp=dp)
         # Rank 0 runs the alignment; every rank names its settings when it makes the model non-finite.
         self.trainer.server_hook_hints = alignment_hints(cfg.align) if cfg.align.every else []
         self.alignment: AlignmentHook | None = None
@@ -192,6 +202,7 @@ class FederatedStage:
         round_record = {"round": round_index, "seconds": stats.seconds, "end_time": time.time(),
                         "bytes_all_reduced": stats.bytes_all_reduced, "bytes_broadcast": stats.bytes_broadcast,
                         "train_loss": stats.train_loss, **stats.server,
+                        **({"dp_epsilon": self.privacy.epsilon(round_index)} if self.privacy else {}),
                         **({"align_loss": aligned["align_loss"]} if "align_loss" in aligned else {})}
         self.rounds_log.append(round_record)
         self.tracker.log(round_record, prefix="round/", step=round_index, skip=("round", "end_time"))
@@ -200,10 +211,11 @@ class FederatedStage:
             model = self.strategy.evaluation_model(self.trainer.model)
             report = evaluate_on_splits(self.data, model, cfg.eval.batch_size, self.runtime.device)
             self.last_eval = {"round": round_index, **report, "round_seconds": stats.seconds,
-                              "bytes_all_reduced": stats.bytes_all_reduced, **aligned}
+                              "bytes_all_reduced": stats.bytes_all_reduced, **aligned,
+                              **({"dp_epsilon": round_record["dp_epsilon"]} if self.privacy else {})}
             self.metrics.append(self.last_eval)
             self.tracker.log(self.last_eval, prefix="eval/", step=round_index, class_names=self.data.class_names,
-                             skip=("round", "round_seconds", "bytes_all_reduced", "align_loss"))
+                             skip=("round", "round_seconds", "bytes_all_reduced", "align_loss", "dp_epsilon"))
             bar.set_postfix(balanced_acc=f"{report['acc']:.4f}",
                             **({"val_acc": f"{report['val_acc']:.4f}"} if "val_acc" in report else {}))
             if not bars:
@@ -248,6 +260,10 @@ class FederatedStage:
                    "backend": runtime.backend, "peak_rss_mb_max_rank": peak_rss_mb,
                    "class_names": list(data.class_names), "train_class_counts": data.train_class_counts(),
                    "strategy_models": [dataclasses.asdict(m) for m in models], **self.strategy.setup_summary()}
+        if self.privacy is not None:
+            summary["dp"] = {"epsilon": self.privacy.epsilon(cfg.federated.rounds), "delta": cfg.dp.delta,
+                             "noise_multiplier": self.privacy.noise_multiplier, "clip_norm": cfg.dp.clip_norm,
+                             "accountant": cfg.dp.accountant}
         if cfg.align.every and self.paths.alignment_set.is_file():
             try:
                 summary["alignment"] = json.loads(self.paths.alignment_set.read_text())

@@ -91,7 +91,7 @@ def _federated_summary(records: list[dict], fed_summary: dict | None) -> dict:
         out["align_loss"] = last["align_loss"]
     out["evaluations"] = len(records)
     if fed_summary:
-        for k in ("rounds", "world_size"):
+        for k in ("rounds", "world_size", "dp"):
             if k in fed_summary:
                 out[k] = fed_summary[k]
     return out
@@ -203,6 +203,11 @@ def report_markdown(summary: dict) -> str:
                       f"{alignment.get('server_labeled_images')} with server-held labels; teacher "
                       f"{alignment.get('teacher')}" + (f", whose accuracy on the set's labels is {teacher_acc:.3f}"
                                                         if isinstance(teacher_acc, float) else "") + "."]
+        dp = fed.get("dp")
+        if isinstance(dp, dict):
+            lines += ["", f"Central DP (DP-FedAvg): ({dp.get('epsilon', float('nan')):.3g}, {dp.get('delta')})-DP "
+                      f"at the client level after {fed.get('rounds')} rounds ({dp.get('accountant')} accountant; "
+                      f"clip norm {dp.get('clip_norm')}, noise multiplier {dp.get('noise_multiplier', 0):.4g})."]
         lines += teacher_lines(fed)
     if summary.get("models"):
         lines += ["", "## Models", "", "| role | model | provenance | model card |", "|---|---|---|---|"]

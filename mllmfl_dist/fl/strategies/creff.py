@@ -43,6 +43,7 @@ class CReFF(FedAvg):
     """
 
     name = "creff"
+    dp_compatible = False  # its class gradients are uploaded unclipped and without noise
     sections = {"creff": CreffConfig}
 
     def __init__(self, args: StrategyArgs, creff: CreffConfig):
