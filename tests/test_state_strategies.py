@@ -51,11 +51,12 @@ def unflat(vector) -> np.ndarray:
     return np.concatenate([v[:4].reshape(2, 2), v[4:, None]], axis=1)
 
 
-def local_training(strategy, theta: np.ndarray, data, steps: int, momentum: float = 0.0) -> torch.Tensor:
+def local_training(strategy, theta: np.ndarray, data, steps: int, momentum: float = 0.0,
+                   weight_decay: float = 0.0) -> torch.Tensor:
     """``steps`` full-batch SGD steps on the strategy's local loss (as train_client takes them)."""
     model = model_at(theta)
     global_params = [p.detach().clone() for p in model.parameters()]
-    optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=momentum)
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=momentum, weight_decay=weight_decay)
     x, y = torch.from_numpy(data[0][:, :2]), torch.from_numpy(data[1])
     for _ in range(steps):
         loss = strategy.local_loss(model, model(x), y, global_params)
@@ -106,6 +107,37 @@ def test_scaffold_step_on_two_clients_equals_the_paper_by_hand():
     strategy.process_uploads(None, sums, 1)
     expected_c = c + (unflat(new_states[0]) - c1 + unflat(new_states[1])) / 5  # c += sum delta_c_i / N
     np.testing.assert_allclose(unflat(strategy.control.double()), expected_c, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("momentum, weight_decay", [(0.9, 0.0), (0.5, 0.1), (0.0, 0.1)])
+def test_scaffold_control_variate_with_local_momentum_and_weight_decay_is_the_mean_gradient_by_hand(
+        momentum, weight_decay):
+    """Two local steps of heavy-ball SGD, by hand: b1 = d0, y1 = x - lr d0; b2 = mu d0 + d1, y2 = y1 - lr b2, with
+    d_s = g(y_s) + lambda y_s + c - c_i. So x - y2 = lr ((1 + mu) d0 + d1) and option II's c_i+ must be the
+    weighted mean ((1 + mu) (g(x) + lambda x) + g(y1) + lambda y1) / (2 + mu): the correction c - c_i cancels
+    exactly (dividing by K = 2 would leave mu / 2 of it)."""
+    strategy = Scaffold(StrategyArgs(fed(momentum=momentum, weight_decay=weight_decay), seed=0))
+    c, c1 = GEN.normal(size=(2, 3)) * 0.1, GEN.normal(size=(2, 3)) * 0.1
+    strategy.receive_state({"control": flat(c).float()})
+    c, state = unflat(flat(c).float().double()), {"control": flat(c1).float()}
+    c1 = unflat(flat(c1).float().double())
+    data = CLIENTS[0]
+    client = ClientContext(0, 1, len(data[1]), 2, state)
+    strategy.start_client(model_at(X0), client)
+    y = local_training(strategy, X0, data, 2, momentum=momentum, weight_decay=weight_decay)
+    update = strategy.finish_client(None, client, flat(X0), y, MASK)
+
+    def regularised(theta):
+        return ce_grad(theta, data[0], data[1]) + weight_decay * theta
+
+    d0 = regularised(X0) + c - c1
+    y1 = X0 - LR * d0
+    d1 = regularised(y1) + c - c1
+    y2 = y1 - LR * (momentum * d0 + d1)
+    np.testing.assert_allclose(unflat(y), y2, rtol=1e-5, atol=1e-6)
+    expected = ((1 + momentum) * regularised(X0) + regularised(y1)) / (2 + momentum)
+    np.testing.assert_allclose(unflat(update.state["control"]), expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(unflat(update.uploads["delta_control"]), expected - c1, rtol=1e-5, atol=1e-6)
 
 
 def test_feddyn_step_on_two_clients_equals_the_paper_by_hand():

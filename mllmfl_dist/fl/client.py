@@ -43,6 +43,17 @@ def local_steps(num_samples: int, spec: LocalTraining) -> int:
     return spec.epochs * ((full if spec.batch_size >= 2 else 0) + (1 if rest >= 2 else 0))
 
 
+def normalizing_weight(steps: int, momentum: float) -> float:
+    """``||a||_1`` of ``steps`` local SGD steps with momentum ``rho`` (heavy ball, no dampening, as
+    :func:`train_client` takes them): the update is ``lr * sum_s a_s g_s`` with ``a_s = (1 - rho^(steps - s + 1))
+    / (1 - rho)``, whose sum is ``steps`` without momentum, else ``(steps - rho (1 - rho^steps) / (1 - rho)) /
+    (1 - rho)`` (FedNova, Wang et al. NeurIPS 2020, Section 4 / Appendix on momentum SGD). Weight decay adds to
+    each ``g_s`` and leaves the ``a_s`` as they are."""
+    if momentum == 0.0:
+        return float(steps)
+    return (steps - momentum * (1.0 - momentum**steps) / (1.0 - momentum)) / (1.0 - momentum)
+
+
 def train_client(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, spec: LocalTraining,
                  generator: torch.Generator, strategy: Strategy,
                  global_params: Sequence[torch.Tensor] = (), device: torch.device | str = "cpu",

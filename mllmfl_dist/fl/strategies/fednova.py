@@ -5,17 +5,9 @@ from __future__ import annotations
 
 import torch
 
+from mllmfl_dist.fl.client import normalizing_weight
 from mllmfl_dist.fl.strategies.base import ClientContext, ClientUpdate, Strategy
 from mllmfl_dist.fl.strategies.scaffold import trainable_numel
-
-
-def normalizing_weight(steps: int, momentum: float) -> float:
-    """``||a_i||_1`` of a client's ``steps`` local SGD steps with momentum ``rho`` (FedNova, Section 4 / Appendix
-    on momentum SGD): ``steps`` without momentum, else ``(steps - rho (1 - rho^steps) / (1 - rho)) / (1 - rho)``
-    (each gradient's weight in the update, summed over the steps)."""
-    if momentum == 0.0:
-        return float(steps)
-    return (steps - momentum * (1.0 - momentum**steps) / (1.0 - momentum)) / (1.0 - momentum)
 
 
 class FedNova(Strategy):

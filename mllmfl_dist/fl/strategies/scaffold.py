@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mllmfl_dist.fl.client import normalizing_weight
 from mllmfl_dist.fl.strategies.base import ClientContext, ClientUpdate, StrategyArgs, Tensors
 from mllmfl_dist.fl.strategies.fedavg import FedAvg
 
@@ -29,9 +30,16 @@ class Scaffold(FedAvg):
     Every client ``i`` keeps its control variate ``c_i`` (per-client state, zeros before its first round); the
     server keeps ``c`` (broadcast every round). Local SGD steps along ``g(y) + c - c_i`` (the loss gets the term
     ``<c - c_i, y>``, whose gradient is that correction, so local momentum and weight decay apply to it as to the
-    gradient). After ``K`` local steps of learning rate ``eta`` (``federated.lr``):
+    gradient). After ``K`` local steps of learning rate ``eta`` (``federated.lr``) and momentum ``rho``
+    (``federated.momentum``):
 
-    - ``c_i+ = c_i - c + (x - y_i) / (K eta)`` (option II), uploaded as ``delta_c_i = c_i+ - c_i``;
+    - ``c_i+ = c_i - c + (x - y_i) / (||a||_1 eta)`` (option II), uploaded as ``delta_c_i = c_i+ - c_i``, with
+      ``||a||_1`` the summed weight of the steps' gradients in ``x - y_i``
+      (:func:`mllmfl_dist.fl.client.normalizing_weight`; ``K`` without momentum, the paper's case). So ``c_i+``
+      is exactly the weighted mean of the gradients taken, the constant correction cancelling, as option II
+      intends; dividing by ``K`` under momentum would leave a share of ``c - c_i`` in it. Weight decay ``lambda``
+      adds ``lambda y`` to each gradient: ``c_i+`` then estimates the gradient of the regularised local loss,
+      the objective local SGD minimises, with the same normalisation;
     - the server: ``x <- x + eta_g (mean_i y_i - x)`` (``eta_g = federated.server_lr``, default 1; the mean is the
       trainer's, weighted by sample counts, where the paper weighs clients equally) and
       ``c <- c + (1 / N) sum_i delta_c_i`` (``N = federated.num_clients``).
@@ -78,7 +86,8 @@ class Scaffold(FedAvg):
         if client.local_steps == 0:
             return ClientUpdate({}, {"control": c_i})
         delta_model = (start - trained)[trainable_mask]
-        new_c_i = c_i - c + delta_model / (client.local_steps * self.args.federated.lr)
+        steps = normalizing_weight(client.local_steps, self.args.federated.momentum)
+        new_c_i = c_i - c + delta_model / (steps * self.args.federated.lr)
         return ClientUpdate({"delta_control": new_c_i - c_i}, {"control": new_c_i})
 
     # -- on the server ---------------------------------------------------------------------------------------
