@@ -153,3 +153,110 @@ def test_one_and_three_processes_end_with_the_same_model_with_dp_on(tmp_path):
     assert metrics[-1]["dp_epsilon"] == eps[-1]
     summary = json.loads((one / "summary.json").read_text())
     assert summary["dp"]["epsilon"] == pytest.approx(eps[-1]) and summary["dp"]["noise_multiplier"] == 0.5
+
+
+def cli_federate(tmp_path, *sets: str) -> subprocess.CompletedProcess:
+    argv = [sys.executable, "-m", "mllmfl_dist", "federate", str(SMOKE), "--set", f"run.root={tmp_path}",
+            "--set", "log.progress=false", "--set", "log.tensorboard=false"]
+    for item in sets:
+        argv += ["--set", item]
+    return subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
+def assert_one_line_exit_2(result: subprocess.CompletedProcess, *words: str) -> None:
+    assert result.returncode == 2, result.stderr[-3000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert all(w in lines[0] for w in words), lines[0]
+
+
+def test_dp_with_feddyn_is_one_line_and_exit_2_from_the_cli(tmp_path):
+    # FedDyn's server step sums the clients' raw deltas: outside the clipped, noised mean.
+    assert_one_line_exit_2(cli_federate(tmp_path, "dp.enabled=true", "federated.strategy=feddyn"),
+                           "dp.enabled", "'feddyn'")
+    assert not (tmp_path / "smoke").exists()
+
+
+def test_a_plugin_overriding_a_dp_sensitive_hook_without_declaring_dp_compatible_is_refused():
+    from mllmfl_dist.core.plugins import register_strategy, unregister_strategy
+    from mllmfl_dist.fl.strategies import FedAvg
+
+    class Undeclared(FedAvg):  # inherits FedAvg's dp_compatible = True, which does not vouch for its own step
+        name = "undeclared_step"
+
+        def server_update(self, current, client_mean, trainable_mask, sums):
+            return client_mean.clone()
+
+    class Declared(Undeclared):
+        name = "declared_step"
+        dp_compatible = True
+
+    class StateOnly(FedAvg):
+        name = "state_only"
+
+        def client_state_shapes(self, model):
+            return {"x": (1,)}
+
+    class LossOnly(FedAvg):  # a local objective of its own: inside the guarantee
+        name = "loss_only"
+
+        def local_loss(self, model, logits, labels, global_params, inputs=None):
+            return super().local_loss(model, logits, labels, global_params, inputs)
+
+    for cls in (Undeclared, Declared, StateOnly, LossOnly):
+        register_strategy(cls)
+    try:
+        with pytest.raises(ConfigError, match=r"'undeclared_step'.*overrides server_update.*dp_compatible") as err:
+            load_config(SMOKE, ["dp.enabled=true", "federated.strategy=undeclared_step"], check_run_dir=False)
+        assert "\n" not in str(err.value)
+        with pytest.raises(ConfigError, match=r"'state_only'.*overrides client_state_shapes"):
+            load_config(SMOKE, ["dp.enabled=true", "federated.strategy=state_only"], check_run_dir=False)
+        for name in ("declared_step", "loss_only", "fedavg", "fedprox", "fedadam"):
+            load_config(SMOKE, ["dp.enabled=true", f"federated.strategy={name}"], check_run_dir=False)
+        load_config(SMOKE, ["federated.strategy=undeclared_step"], check_run_dir=False)  # without DP: fine
+        for name in ("scaffold", "fednova", "feddyn", "creff"):
+            with pytest.raises(ConfigError, match=f"'{name}'"):
+                load_config(SMOKE, ["dp.enabled=true", f"federated.strategy={name}"], check_run_dir=False)
+    finally:
+        for cls in (Undeclared, Declared, StateOnly, LossOnly):
+            unregister_strategy(cls.name)
+
+
+@pytest.mark.parametrize("sets, words", [
+    (["dp.noise_multiplier=0"], ["dp.noise_multiplier", "dp.target_epsilon"]),
+    (["dp.noise_multiplier=0", "dp.accountant=pld"], ["dp.noise_multiplier"]),
+    (["dp.target_epsilon=0.001"], ["dp.target_epsilon = 0.001", "federated.rounds", "dp.delta"]),
+    (["dp.target_epsilon=1e9", "federated.rounds=2"], ["dp.target_epsilon", "dp.noise_multiplier instead"]),
+])
+def test_dp_settings_no_accountant_can_run_are_one_line_and_exit_2_without_a_traceback(tmp_path, sets, words):
+    """rdp with z = 0 divided by zero and an unreachable target raised brentq's ValueError, on rank 0 alone."""
+    assert_one_line_exit_2(cli_federate(tmp_path, "dp.enabled=true", *sets), *words)
+    assert not (tmp_path / "smoke" / "federated" / "checkpoint.pt").exists()
+
+
+def test_dp_adds_no_noise_to_frozen_parameters_and_they_stay_bit_identical():
+    from mllmfl_dist.fl.aggregation import accumulate_, new_accumulator
+    from mllmfl_dist.fl.strategies import FedAvg, StrategyArgs
+    from mllmfl_dist.config import FederatedConfig
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 3))
+    model[0].requires_grad_(False)  # a frozen first layer
+    layout = FlatLayout.of_module(model)
+    central = dp.CentralDP.of_module(model, clip_norm=1.0, noise_multiplier=2.0, seed=3)
+    start = layout.flatten(model.state_dict())
+    frozen = torch.zeros(layout.numel, dtype=torch.bool)
+    for key in ("0.weight", "0.bias"):
+        i = layout.keys.index(key)
+        frozen[layout.offsets[i]:layout.offsets[i + 1]] = True
+    acc = new_accumulator(layout.numel)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(3):  # three clients: only what they train (and the BatchNorm statistics) moves
+        state = start.clone()
+        state[~frozen] += torch.randn(int((~frozen).sum()), dtype=torch.float64, generator=gen)
+        accumulate_(acc, central.clip(start, state), 1)
+    mean = central.noisy_mean(acc, 1)
+    new = FedAvg(StrategyArgs(FederatedConfig(), 0)).server_update(start, mean, layout.trainable_mask, {})
+    assert torch.equal(new[frozen], start[frozen])
+    views = layout.views(new - start)
+    assert float(views["2.weight"].abs().min()) > 0 and float(views["1.running_mean"].abs().min()) > 0

@@ -7,7 +7,8 @@ BatchNorm's running mean and variance included) is clipped as ONE vector to L2 n
 ``N(0, (z C)^2 I)`` once to the all-reduced sum, from a generator seeded by (seed, round); the mean
 ``start + (sum + noise) / K`` goes to the strategy's server step as usual. Integer buffers (BatchNorm's
 ``num_batches_tracked``, a step count that would reveal the client's sample count; BatchNorm with a momentum
-never reads it) get no update while DP is on. Clamping the noisy running variances at 0 is post-processing.
+never reads it) and frozen parameters (``requires_grad`` False, which no client moves) get no update and no noise
+while DP is on. Clamping the noisy running variances at 0 is post-processing.
 
 Accounting: one event per round, matching :func:`mllmfl_dist.fl.sampling.sample_clients` (K of N clients, fixed
 size, without replacement, q = K / N), under replace-one adjacency (N is public). Replacing one client moves the
@@ -25,12 +26,15 @@ replace-one sensitivity).
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Collection
 from typing import Any
 
 import torch
 
 from mllmfl_dist.config.schema import DpConfig
+from mllmfl_dist.core.errors import ConfigError
 from mllmfl_dist.core.seeds import TAG_DP_NOISE, generator
 from mllmfl_dist.fl.aggregation import FlatLayout
 
@@ -66,19 +70,26 @@ def gaussian_noise(numel: int, std: float, seed: int, round_index: int) -> torch
 class CentralDP:
     """The trainer's side of DP-FedAvg: :meth:`clip` on a client host, :meth:`noisy_mean` on rank 0."""
 
-    def __init__(self, layout: FlatLayout, clip_norm: float, noise_multiplier: float, seed: int):
+    def __init__(self, layout: FlatLayout, clip_norm: float, noise_multiplier: float, seed: int,
+                 frozen: Collection[str] = ()):
+        """``frozen``: keys of ``layout`` that are parameters no client trains (``requires_grad`` False). They
+        get no update and no noise: nothing moves them, so noise would only corrupt them (and the mean of K
+        copies of a value is that value, so they stay bit-identical)."""
         self.clip_norm, self.noise_multiplier, self.seed = clip_norm, noise_multiplier, seed
         mask = torch.zeros(layout.numel, dtype=torch.bool)
         nonneg = torch.zeros(layout.numel, dtype=torch.bool)
+        frozen = set(frozen)
         for i, key in enumerate(layout.keys):
             span = slice(layout.offsets[i], layout.offsets[i + 1])
-            mask[span] = layout.dtypes[i].is_floating_point
+            mask[span] = layout.dtypes[i].is_floating_point and key not in frozen
             nonneg[span] = key.endswith("running_var")
         self.update_mask, self.nonneg_mask = mask, nonneg
 
     @classmethod
     def of_module(cls, module: torch.nn.Module, clip_norm: float, noise_multiplier: float, seed: int) -> CentralDP:
-        return cls(FlatLayout.of_module(module), clip_norm, noise_multiplier, seed)
+        """Over ``module``'s state dict: its trainable parameters and float buffers (BatchNorm statistics)."""
+        frozen = [name for name, p in module.named_parameters(remove_duplicate=False) if not p.requires_grad]
+        return cls(FlatLayout.of_module(module), clip_norm, noise_multiplier, seed, frozen)
 
     def clip(self, start: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
         """A client's state with its update clipped (:func:`clip_update`); the weight it then takes is 1."""
@@ -134,16 +145,61 @@ def epsilon(num_clients: int, clients_per_round: int, noise_multiplier: float, r
     return float(acc.get_epsilon(delta))
 
 
+def check_settings(cfg: DpConfig, num_clients: int, clients_per_round: int, rounds: int) -> None:
+    """ConfigError (one line) for DP settings no accountant can run: without ``dp.target_epsilon``, a noise
+    multiplier below the calibration bracket (0 divides by zero in the accountants; a few hundredths already
+    give an epsilon in the tens of thousands, and the PLD grid of a smaller one exhausts memory); with it, a
+    target below the epsilon of the most noise searched (cheap: one accountant call). A target above the
+    epsilon of the least noise searched is refused by :func:`calibrate_noise_multiplier`. Run by the config
+    loader on every rank, before any process group exists."""
+    if not cfg.enabled:
+        return
+    low, high = CALIBRATION_BRACKET
+    if cfg.target_epsilon <= 0:
+        if cfg.noise_multiplier < low:
+            raise ConfigError(f"dp.noise_multiplier = {cfg.noise_multiplier:g} is not allowed with dp.enabled = "
+                              f"true; it must be >= {low:g} (or give dp.target_epsilon > 0 to derive it)")
+        return
+    smallest = epsilon(num_clients, clients_per_round, high, rounds, cfg.delta, cfg.accountant)
+    if cfg.target_epsilon < smallest:
+        raise ConfigError(f"dp.target_epsilon = {cfg.target_epsilon:g} cannot be reached: even noise multiplier "
+                          f"{high:g} gives epsilon {smallest:.4g} after federated.rounds = {rounds} rounds of "
+                          f"{clients_per_round} of {num_clients} clients at dp.delta = {cfg.delta:g}; raise "
+                          f"dp.target_epsilon or dp.delta, or lower federated.rounds or federated.clients_per_round")
+
+
+@functools.lru_cache(maxsize=8)
 def calibrate_noise_multiplier(cfg: DpConfig, num_clients: int, clients_per_round: int, rounds: int) -> float:
     """The smallest noise multiplier (to 1e-3) whose epsilon after ``rounds`` rounds is at most
-    ``cfg.target_epsilon`` (dp-accounting's ``calibrate_dp_mechanism``, a bisection)."""
+    ``cfg.target_epsilon`` (dp-accounting's ``calibrate_dp_mechanism``, a bisection over
+    :data:`CALIBRATION_BRACKET`). Deterministic, so every rank may run it and reach the same verdict; cached,
+    since the stage and the ledger ask for it in one process. ConfigError when the target lies outside what the
+    bracket reaches."""
     from dp_accounting import mechanism_calibration as mc
 
     low, high = CALIBRATION_BRACKET
-    return float(mc.calibrate_dp_mechanism(
-        lambda: new_accountant(cfg.accountant),
-        lambda z: dp_event(num_clients, clients_per_round, z, cfg.accountant, rounds),
-        cfg.target_epsilon, cfg.delta, mc.ExplicitBracketInterval(low, high), tol=1e-3))
+    try:
+        return float(mc.calibrate_dp_mechanism(
+            lambda: new_accountant(cfg.accountant),
+            lambda z: dp_event(num_clients, clients_per_round, z, cfg.accountant, rounds),
+            cfg.target_epsilon, cfg.delta, mc.ExplicitBracketInterval(low, high), tol=1e-3))
+    except ValueError:  # brentq: the target is not between the epsilons of the bracket's ends
+        smallest = epsilon(num_clients, clients_per_round, high, rounds, cfg.delta, cfg.accountant)
+        if cfg.target_epsilon < smallest:
+            where = f"below {smallest:.4g}, the epsilon of noise multiplier {high:g}; raise it"
+        else:
+            where = (f"above the epsilon of noise multiplier {low:g}, the least noise searched; set "
+                     f"dp.target_epsilon = 0 and give dp.noise_multiplier instead")
+        raise ConfigError(f"dp.target_epsilon = {cfg.target_epsilon:g} cannot be reached after federated.rounds "
+                          f"= {rounds} rounds of {clients_per_round} of {num_clients} clients at dp.delta = "
+                          f"{cfg.delta:g}: it is {where}") from None
+
+
+def noise_multiplier_of(cfg: DpConfig, num_clients: int, clients_per_round: int, rounds: int) -> float:
+    """The run's noise multiplier: ``dp.noise_multiplier``, or calibrated to ``dp.target_epsilon`` (> 0)."""
+    if cfg.target_epsilon > 0:
+        return calibrate_noise_multiplier(cfg, num_clients, clients_per_round, rounds)
+    return cfg.noise_multiplier
 
 
 class PrivacyLedger:
@@ -153,8 +209,7 @@ class PrivacyLedger:
 
     def __init__(self, cfg: DpConfig, num_clients: int, clients_per_round: int, rounds: int):
         self.cfg, self.num_clients, self.clients_per_round = cfg, num_clients, clients_per_round
-        self.noise_multiplier = (calibrate_noise_multiplier(cfg, num_clients, clients_per_round, rounds)
-                                 if cfg.target_epsilon > 0 else cfg.noise_multiplier)
+        self.noise_multiplier = noise_multiplier_of(cfg, num_clients, clients_per_round, rounds)
         self._accountant = new_accountant(cfg.accountant)
         self._one_round_rdp = None
         self._rounds = 0

@@ -25,7 +25,7 @@ from mllmfl_dist.core.progress import evaluation_line, show_bars
 from mllmfl_dist.data.describe import describe_data, partition_record
 from mllmfl_dist.fl.client import LocalTraining
 from mllmfl_dist.fl.client_state import ClientStateStore
-from mllmfl_dist.fl.dp import CentralDP, PrivacyLedger
+from mllmfl_dist.fl.dp import CentralDP, PrivacyLedger, noise_multiplier_of
 from mllmfl_dist.fl.evaluate import evaluate_on_splits, imbalance_warning
 from mllmfl_dist.fl.strategies import StrategyContext, build_strategy, strategy_class
 from mllmfl_dist.fl.trainer import FederatedTrainer, RoundStats
@@ -47,6 +47,11 @@ def run_federated(cfg: Config, runtime: dist.Runtime) -> dict[str, Any]:
 class FederatedStage:
     def __init__(self, cfg: Config, runtime: dist.Runtime):
         self.cfg, self.runtime, self.paths = cfg, runtime, cfg.paths
+        fed = cfg.federated
+        # Central DP's noise multiplier, calibrated on every rank (deterministic) before any collective of the
+        # stage, so a target it cannot reach stops every rank with the same line instead of rank 0 alone.
+        noise_multiplier = (noise_multiplier_of(cfg.dp, fed.num_clients, fed.clients_per_round, fed.rounds)
+                            if cfg.dp.enabled else 0.0)
         self.data = build_data(cfg, runtime)
         self.strategy = build_strategy(cfg)
         model = build_fl_model(cfg.model, self.data, cfg.run.seed, self.strategy.projection_dim)
@@ -55,14 +60,13 @@ class FederatedStage:
         store = (ClientStateStore(self.paths.client_state, int(cfg.federated.client_state_mb * 2**20))
                  if runtime.is_server else None)
         # Central DP: rank 0 adds the noise and accounts the rounds; every host clips its clients' updates.
-        fed = cfg.federated
         self.privacy = (PrivacyLedger(cfg.dp, fed.num_clients, fed.clients_per_round, fed.rounds)
                         if cfg.dp.enabled and runtime.is_server else None)
         if self.privacy is not None:
             log.info("central DP: clip norm %g, noise multiplier %.4g, %s accountant at delta %g",
                      cfg.dp.clip_norm, self.privacy.noise_multiplier, cfg.dp.accountant, cfg.dp.delta)
-        dp = (CentralDP.of_module(model, cfg.dp.clip_norm, self.privacy.noise_multiplier if self.privacy else 0.0,
-                                  cfg.run.seed) if cfg.dp.enabled else None)
+        dp = (CentralDP.of_module(model, cfg.dp.clip_norm, noise_multiplier, cfg.run.seed) if cfg.dp.enabled
+              else None)
         self.trainer = FederatedTrainer(fed, cfg.run.seed, local, runtime, self.data, model, self.strategy,
                                         client_states=store, dp=dp)
         # Rank 0 runs the alignment; every rank names its settings when it makes the model non-finite.

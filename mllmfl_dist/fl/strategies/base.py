@@ -124,10 +124,34 @@ class ClientUpdate:
     state: Tensors | None = None
 
 
+# The hooks through which a strategy sends, keeps or uses more than the clipped, noised model mean: a strategy
+# that overrides one is outside central DP's guarantee unless it (or a subclass of the overriding class) declares
+# ``dp_compatible`` itself.
+DP_SENSITIVE_HOOKS = ("upload_shapes", "client_state_shapes", "server_update", "process_uploads")
+
+
+def dp_refusal(cls: type) -> str | None:
+    """Why central DP (:mod:`mllmfl_dist.fl.dp`) cannot run with strategy class ``cls`` (None: it can): it
+    declares ``dp_compatible = False``, or it overrides one of :data:`DP_SENSITIVE_HOOKS` below the class whose
+    ``dp_compatible`` it inherits (a plug-in subclassing FedAvg and replacing ``server_update`` has not said
+    whether that step stays inside the guarantee, so it is taken as not)."""
+    mro = cls.__mro__
+    declared = next((k for k in mro if "dp_compatible" in vars(k)), Strategy)
+    if not declared.dp_compatible:
+        return "its uploads go beyond the clipped model update, outside the privacy guarantee"
+    for hook in DP_SENSITIVE_HOOKS:
+        owner = next((k for k in mro if hook in vars(k)), Strategy)
+        if owner is not Strategy and (declared is Strategy or not issubclass(declared, owner)):
+            return (f"{owner.__qualname__} overrides {hook} without declaring dp_compatible (set dp_compatible = "
+                    f"True on it only if that hook adds nothing outside the clipped, noised model mean)")
+    return None
+
+
 class Strategy:
     name: ClassVar[str] = "base"
     # Whether the strategy uploads nothing but the model update, so central DP's clipping and noise cover all it
-    # sends (SCAFFOLD's control deltas and FedNova's step counts are not covered).
+    # sends (SCAFFOLD's control deltas and FedNova's step counts are not covered). Only a class's own declaration
+    # vouches for the hooks it overrides: see :func:`dp_refusal`.
     dp_compatible: ClassVar[bool] = True
     # The config sections this strategy reads: {section name: frozen dataclass}; each is passed to the
     # constructor under its name, and is part of the resume check of a run with this strategy.

@@ -62,6 +62,7 @@ class FedAvg(Strategy):
     """Federated averaging (McMahan et al., 2017), with the server step as a server optimizer."""
 
     name = "fedavg"
+    dp_compatible = True  # its server step sees only the clients' (clipped, noised) mean
 
     def __init__(self, args: StrategyArgs, server_momentum: float = 0.0):
         super().__init__(args)

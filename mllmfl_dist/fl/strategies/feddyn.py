@@ -27,6 +27,8 @@ class FedDyn(Strategy):
     """
 
     name = "feddyn"
+    # Its server step sums the clients' raw deltas (and keeps their per-client gradients): unclipped, no noise.
+    dp_compatible = False
     sections = {"feddyn": FedDynConfig}
     reads_global_params = True
 
