@@ -169,3 +169,48 @@ def test_open_clip_table_read_without_importing_open_clip_matches_open_clip():
     import open_clip
 
     assert done.stdout.split() == [open_clip.get_pretrained_cfg("ViT-B-32", "openai")["hf_hub"], "False"]
+
+
+def test_the_federate_estimate_counts_the_client_state_slots_the_trainer_allocates():
+    """SCAFFOLD's per-client state rides in the round's all_reduce (float64) and broadcast (float32, kept as a copy
+    by every rank), and rank 0's store holds entries: the estimate grows by exactly those bytes over fedavg's."""
+    from test_client_state import smoke_trainer
+
+    sets = ["federated.strategy=scaffold", "federated.local_epochs=1"]
+    cfg = load_config(REPO / "configs" / "smoke.toml", sets, check_run_dir=False)
+    trainer = smoke_trainer(*sets)
+    reduce = {k: s for k, s in zip(trainer.round_layout.keys, trainer.round_layout.shapes)}
+    broadcast = {k: s for k, s in zip(trainer.broadcast_layout.keys, trainer.broadcast_layout.shapes)}
+    slots = sum(int(np.prod(reduce[k])) * 8 + int(np.prod(broadcast[k])) * 4 * 2
+                for k in ("client_states", "client_state_present"))
+    width = trainer.client_state_layout.numel
+    expected = slots + min(int(cfg.federated.client_state_mb * 2**20), cfg.federated.num_clients * width * 4)
+
+    shape = check_footprint.data_shape(cfg)
+    assert check_footprint.client_state_width(cfg, *shape) == width
+    fl, _, _, activations = check_footprint.fl_model_size(cfg, *shape)
+    fedavg_total = check_footprint.federate_memory(cfg, fl, activations, 1)
+    fedavg = load_config(REPO / "configs" / "smoke.toml", ["federated.local_epochs=1"], check_run_dir=False)
+    assert check_footprint.client_state_width(fedavg, *shape) == 0
+
+    def too_big(config, have: int) -> bool:
+        out = Findings()
+        check.check_memory(config, ["federate"], check.World(1, 1, 1, have, "nccl", "given"), out)
+        return bool(out.too_big)
+
+    assert not too_big(fedavg, fedavg_total)
+    assert too_big(cfg, fedavg_total + expected - 1) and not too_big(cfg, fedavg_total + expected)
+
+
+def test_client_state_slots_count_against_the_round_buffers_limit(monkeypatch):
+    """A limit SCAFFOLD's uploads fit but its K x width state slots do not is refused at once, naming them."""
+    from test_client_state import smoke_trainer
+
+    from mllmfl_dist.config import ConfigError
+    from mllmfl_dist.fl import trainer as trainer_module
+
+    uploads = smoke_trainer("federated.strategy=scaffold").upload_layout.numel * 8
+    monkeypatch.setattr(trainer_module, "MAX_UPLOAD_BYTES", uploads + 64)
+    smoke_trainer("federated.strategy=fednova")  # uploads as wide (and two counts), no client state: fits
+    with pytest.raises(ConfigError, match=r"'scaffold'.*client state 6 x \d+ float64"):
+        smoke_trainer("federated.strategy=scaffold")

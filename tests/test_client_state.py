@@ -93,3 +93,57 @@ def test_a_memory_only_store_keeps_everything_in_memory():
         store.put(client, 1, entry(client, 1))
     assert store.memory_used == 3 * WIDTH * 4 and store.disk_bytes() == 0
     assert torch.equal(store.get(2), entry(2, 1).float())
+
+
+def smoke_trainer(*sets: str):
+    """A single-process FederatedTrainer on configs/smoke.toml (one local epoch) with these overrides."""
+    from pathlib import Path
+
+    from mllmfl_dist.config import load_config
+    from mllmfl_dist.core import dist
+    from mllmfl_dist.fl.client import LocalTraining
+    from mllmfl_dist.fl.strategies import build_strategy
+    from mllmfl_dist.fl.trainer import FederatedTrainer
+    from mllmfl_dist.stages.inputs import build_data, build_fl_model
+
+    smoke = Path(__file__).resolve().parents[1] / "configs" / "smoke.toml"
+    cfg = load_config(smoke, ["federated.local_epochs=1", *sets], check_run_dir=False)
+    runtime = dist.Runtime(0, 1, 0, "none", torch.device("cpu"), False)
+    data = build_data(cfg, runtime)
+    strategy = build_strategy(cfg)
+    model = build_fl_model(cfg.model, data, cfg.run.seed, strategy.projection_dim)
+    local = LocalTraining.of(cfg.federated, cfg.data, data.mean, data.std)
+    return FederatedTrainer(cfg.federated, cfg.run.seed, local, runtime, data, model, strategy)
+
+
+def test_a_client_whose_strategy_returns_no_state_gets_no_entry_in_the_store():
+    """Only clients that hold state have entries: before, a client returning None was stored as zeros."""
+    from mllmfl_dist.core.plugins import register_strategy, unregister_strategy
+    from mllmfl_dist.fl.sampling import sample_clients
+    from mllmfl_dist.fl.strategies import ClientUpdate, FedAvg
+
+    class EvenClientsKeepState(FedAvg):
+        name = "even_clients_keep_state"
+
+        def client_state_shapes(self, model):
+            return {"s": (3,)}
+
+        def finish_client(self, model, client, start, trained, trainable_mask):
+            keep = client.client_id % 2 == 0
+            return ClientUpdate({}, {"s": torch.full((3,), client.client_id + 1.0)} if keep else None)
+
+    register_strategy(EvenClientsKeepState)
+    try:
+        trainer = smoke_trainer("federated.strategy=even_clients_keep_state")
+        trainer.broadcast_global()
+        for round_index in (1, 2):
+            trainer.run_round(round_index)
+    finally:
+        unregister_strategy("even_clients_keep_state")
+    sampled = set(sample_clients(0, 1, 20, 6)) | set(sample_clients(0, 2, 20, 6))
+    store = trainer.client_states
+    assert {c for c in range(20) if c in store} == {c for c in sampled if c % 2 == 0}
+    assert any(c % 2 for c in sampled)  # the round did sample clients that keep none
+    for c in sampled:
+        if c % 2 == 0:
+            assert torch.equal(store.get(c), torch.full((3,), c + 1.0))

@@ -155,9 +155,11 @@ def check_memory(cfg, stages: list[str], world: World, out: Findings) -> dict[st
         hosts = world.ranks if world.ranks == 1 or cfg.dist.server_hosts_clients else world.ranks - 1
         clip = models.get("clip2fl") if cfg.federated.strategy == "clip2fl" else None
         extra = (clip.bytes_at(4) or 0) if clip else 0
-        total = fp.federate_memory(cfg, fl, activations, hosts, extra)
+        state = fp.client_state_bytes(cfg, fp.client_state_width(cfg, classes, channels, side))
+        total = fp.federate_memory(cfg, fl, activations, hosts, extra + state)
+        kept = f", client state {state / 2**20:.1f} MiB" if state else ""
         rows.append(fp.StageMemory("federate", total, total, f"{cfg.model.arch} ({fl / 1e6:.2f} M params), "
-                                   f"per-client updates, activations of batch {cfg.federated.batch_size}"))
+                                   f"per-client updates{kept}, activations of batch {cfg.federated.batch_size}"))
         if cfg.align.every > 0 and "teacher" in models:
             weights = models["teacher"].bytes_at(4)
             rows.append(fp.StageMemory("align (rank 0)", weights, weights, f"{cfg.align.teacher} teacher at "

@@ -16,7 +16,8 @@ measurements:
   need no saved inputs for their gradients;
 * the FL model: parameters, gradients, SGD momentum, the global model and the flat all-reduce buffer (4 bytes
   each) plus one update per client a rank trains in a round, and its activations for one batch (the sum of
-  every module's output size, counted by a forward pass on the ``meta`` device, kept twice for backward).
+  every module's output size, counted by a forward pass on the ``meta`` device, kept twice for backward); with
+  per-client state (SCAFFOLD, FedDyn), the round's state slots and rank 0's in-memory store.
 """
 
 from __future__ import annotations
@@ -126,6 +127,36 @@ class StageMemory:
     sure: int | None
     total: int | None
     parts: str
+
+
+def client_state_width(cfg, classes: int, channels: int, side: int) -> int:
+    """Entries of one client's state (the strategy's ``client_state_shapes`` on the config's FL model, built on
+    the ``meta`` device); 0 for a strategy that keeps none, which is then not built."""
+    import torch
+
+    from mllmfl_dist.fl.strategies import Strategy, build_strategy, strategy_class
+    from mllmfl_dist.models.fl_models import build_model
+
+    if strategy_class(cfg.federated.strategy).client_state_shapes is Strategy.client_state_shapes:
+        return 0
+    with torch.device("meta"):
+        model = build_model(cfg.model.arch, channels, classes, cfg.model.width_scale)
+    shapes = build_strategy(cfg).client_state_shapes(model)
+    return sum(math.prod(shape) for shape in shapes.values())
+
+
+def client_state_bytes(cfg, width: int) -> int:
+    """Per rank, for a client state of ``width`` entries: the round's slots in the all_reduce and the broadcast
+    (:func:`mllmfl_dist.fl.trainer.client_state_slot_bytes`) plus the copy of the broadcast's a rank keeps, and
+    on rank 0 the store's in-memory entries (every client's, up to ``federated.client_state_mb``)."""
+    from mllmfl_dist.fl.trainer import client_state_slot_bytes
+
+    if not width:
+        return 0
+    fed = cfg.federated
+    reduce, broadcast = client_state_slot_bytes(width, fed.clients_per_round)
+    store = min(int(fed.client_state_mb * 2**20), fed.num_clients * width * 4)
+    return reduce + 2 * broadcast + store
 
 
 def federate_memory(cfg, params: int, activations: int, client_hosts: int, extra: int = 0) -> int:

@@ -37,8 +37,9 @@ from mllmfl_dist.fl.sampling import assign_clients, sample_clients
 from mllmfl_dist.fl.strategies import ClientContext, Strategy
 from mllmfl_dist.models import FLModel
 
-# A strategy's uploads above this (per round, per rank, float64) are refused: CReFF's class gradients grow as
-# classes^2 x feature width (ImageNet-LT with ResNet-50: 1000 x 1000 x 2049 entries, 16 GB).
+# A strategy's uploads and per-client state slots above this (per round, per rank) are refused: CReFF's class
+# gradients grow as classes^2 x feature width (ImageNet-LT with ResNet-50: 1000 x 1000 x 2049 entries, 16 GB),
+# SCAFFOLD's slots as clients per round x parameters.
 MAX_UPLOAD_BYTES = 2 * 2**30
 # Where a round went non-finite; the broadcast carries the index, so every rank stops with one message.
 DIVERGED_NOWHERE = "nowhere"
@@ -57,15 +58,30 @@ class ServerHook(Protocol):
         """``key = value`` settings to look at when the hook made the model non-finite."""
 
 
-def check_upload_size(strategy: str, layout: FlatLayout) -> None:
-    """Refuse uploads that would not fit a round's all_reduce buffer, naming the tensors and their shapes."""
-    size = layout.numel * 8
+def client_state_slot_bytes(width: int, clients_per_round: int) -> tuple[int, int]:
+    """Bytes the per-client state slots add to a round's (all_reduce, broadcast) buffers, for a state of
+    ``width`` entries: K slots of float64 and K presence flags in the all_reduce, K slots of float32 and K flags
+    in the broadcast (see :class:`FederatedTrainer`); nothing when the strategy keeps no client state."""
+    if not width:
+        return 0, 0
+    return clients_per_round * (width + 1) * 8, clients_per_round * (width + 1) * 4
+
+
+def check_upload_size(strategy: str, layout: FlatLayout, state_width: int = 0, clients_per_round: int = 0) -> None:
+    """Refuse uploads (``layout``, float64 per rank) and per-client state slots (``state_width`` entries for each
+    of ``clients_per_round`` clients, in the all_reduce and the broadcast) that would not fit a round's buffers,
+    naming the tensors and their shapes."""
+    state_reduce, state_broadcast = client_state_slot_bytes(state_width, clients_per_round)
+    size = layout.numel * 8 + state_reduce + state_broadcast
     if size > MAX_UPLOAD_BYTES:
-        tensors = ", ".join(f"{name} {' x '.join(map(str, shape))}" for name, shape in zip(layout.keys, layout.shapes))
+        tensors = [f"{name} {' x '.join(map(str, shape))} float64" for name, shape in zip(layout.keys, layout.shapes)]
+        if state_width:
+            tensors.append(f"client state {clients_per_round} x {state_width} float64 in the all_reduce and "
+                           f"float32 in the broadcast")
         raise ConfigError(
-            f"federated.strategy = {strategy!r} would add {size / 2**30:.1f} GiB per round to the all_reduce "
-            f"({tensors} float64 entries); the limit is {MAX_UPLOAD_BYTES / 2**30:.0f} GiB. Use a task with fewer "
-            f"classes or a smaller model (model.width_scale, model.arch)")
+            f"federated.strategy = {strategy!r} would add {size / 2**30:.1f} GiB per round to the all_reduce and "
+            f"broadcast ({', '.join(tensors)}); the limit is {MAX_UPLOAD_BYTES / 2**30:.0f} GiB. Use a task with "
+            f"fewer classes, a smaller model (model.width_scale, model.arch) or fewer federated.clients_per_round")
 
 
 def divergence_message(round_index: int, what: str, hints: Sequence[str]) -> str:
@@ -112,7 +128,6 @@ class FederatedTrainer:
         self.layout = FlatLayout.of_module(self.model)
         self.trainable_mask = self.layout.trainable_mask.to(runtime.device)
         self.upload_layout = FlatLayout.of_shapes(strategy.upload_shapes(self.model), torch.float64)
-        check_upload_size(strategy.name, self.upload_layout)
         if self.upload_layout.numel and not (_overrides(strategy, "client_upload")
                                              or _overrides(strategy, "finish_client")):
             raise ConfigError(f"strategy {strategy.name!r} declares uploads ({', '.join(self.upload_layout.keys)}) "
@@ -120,11 +135,13 @@ class FederatedTrainer:
         # Per-client state: its layout, and rank 0's store (memory only when the caller gives none).
         self.client_state_layout = FlatLayout.of_shapes(strategy.client_state_shapes(self.model), torch.float32)
         width, k = self.client_state_layout.numel, federated.clients_per_round
+        check_upload_size(strategy.name, self.upload_layout, width, k)
         self.client_states = None
         if width and runtime.is_server:
             self.client_states = client_states if client_states is not None else ClientStateStore(None, 0)
         self._incoming: tuple[int, torch.Tensor, torch.Tensor] | None = None  # (round, states [K, S], present [K])
-        extra_round = {"client_states": (k, width)} if width else {}
+        # A slot's flag says that its client returned state (a client whose strategy returned none gets no entry).
+        extra_round = {"client_states": (k, width), "client_state_present": (k,)} if width else {}
         extra_broadcast = {"client_states": (k, width), "client_state_present": (k,)} if width else {}
         state = strategy.broadcast_state(self.model)
         self.state_layout = FlatLayout.of_shapes({k: tuple(v.shape) for k, v in state.items()}, torch.float32)
@@ -265,6 +282,7 @@ class FederatedTrainer:
                     new_state = update.state if update.state is not None else client.state
                     if new_state is not None:
                         self.client_state_layout.flatten(new_state, out=parts["client_states"][slot])
+                        parts["client_state_present"][slot] = 1.0
             else:  # kept out of the sum; every rank stops after the all_reduce
                 diverged[slot] = 1
 
@@ -277,7 +295,8 @@ class FederatedTrainer:
         if self.runtime.is_server:
             if self.client_states is not None:  # each client's slot: its new state, zeros from every other rank
                 for slot, cid in enumerate(clients):
-                    self.client_states.put(cid, round_index, parts["client_states"][slot])
+                    if parts["client_state_present"][slot] > 0:
+                        self.client_states.put(cid, round_index, parts["client_states"][slot])
             mean = mean_from_sum(model_acc) if self.dp is None else self.dp.noisy_mean(model_acc, round_index)
             new = self.strategy.server_update(start, mean, self.trainable_mask, self.upload_layout.views(uploads))
             self.set_global_flat(new)

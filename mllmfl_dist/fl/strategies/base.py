@@ -118,7 +118,7 @@ class ClientContext:
 class ClientUpdate:
     """What :meth:`Strategy.finish_client` returns: ``uploads``, summands of some of :meth:`Strategy.upload_shapes`
     added to the round's all_reduce; ``state``, the client's new entry of :meth:`Strategy.client_state_shapes`
-    (None: its entry stays as it was, zeros if it had none)."""
+    (None: its entry stays as it was, and a client that had none gets none)."""
 
     uploads: Tensors = field(default_factory=dict)
     state: Tensors | None = None
