@@ -48,7 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _setup_logging()
     try:
         if args.command == "shards":
-            from mllmfl_dist import shards_cli
+            from mllmfl_dist.commands import shards as shards_cli
 
             return shards_cli.run(args)
         if args.command == "report":
@@ -111,8 +111,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _tiny_models(args) -> int:
     import torch
 
-    from mllmfl_dist.models.standin_settings import StandinSettings
-    from mllmfl_dist.models.tiny import MODEL_CARD, build_tiny_models
+    from mllmfl_dist.standins.standin_settings import StandinSettings
+    from mllmfl_dist.standins.tiny import MODEL_CARD, build_tiny_models
     from mllmfl_dist.stages.deepspeed_setup import cpu_accelerator_env
 
     # transformers may import DeepSpeed, which would guess the accelerator and warn about it.

@@ -1,7 +1,7 @@
 """``check CONFIG``: what a run of the config will use, and whether it is there, in one table, in seconds.
 
 Loads no weights and imports neither transformers, DeepSpeed nor open_clip: models are resolved to their files
-(:mod:`mllmfl_dist.models.model_files`), data and shards are looked up (:mod:`.check_inputs`), the run
+(:mod:`mllmfl_dist.mllm.model_files`), data and shards are looked up (:mod:`.check_inputs`), the run
 directory and the world go through the start-up checks of :mod:`mllmfl_dist.core.preflight`, and the memory
 per rank of each stage and the disk the run writes are estimated (:mod:`.check_footprint`). Exit 0 when
 everything is there; otherwise one line per missing thing after the table, and exit 2.

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mllmfl_dist.models.model_files import ModelFiles, find_hf_model, find_open_clip
+from mllmfl_dist.mllm.model_files import ModelFiles, find_hf_model, find_open_clip
 
 
 @dataclass

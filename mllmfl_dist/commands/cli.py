@@ -111,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--nproc-per-node", type=int,
                        help="ranks per node (default: as launched, else the config's torchrun line)")
     check.add_argument("--gpus-per-node", type=int, help="GPUs per node (default: those visible here)")
-    from mllmfl_dist import shards_cli
+    from mllmfl_dist.commands import shards as shards_cli
     from mllmfl_dist.commands import probe
 
     probe.add_arguments(add("probe", "linear-probe accuracy of frozen backbones on the config's data"))

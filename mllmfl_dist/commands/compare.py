@@ -4,7 +4,7 @@ A method is a base strategy plus, optionally, stages of the MLLM-assisted method
 ``<strategy>[+dwp[llava]][+align[<teacher>]]``:
 
 - a strategy name (``fedavg``, ``fedavgm``, ``fedprox``, ``creff``, ``clip2fl``, or a plugin's,
-  :mod:`mllmfl_dist.core.plugins`): the strategy from a randomly initialised backbone, alignment off;
+  :mod:`mllmfl_dist.config.plugins`): the strategy from a randomly initialised backbone, alignment off;
 - ``+dwp[llava]``: the backbone comes from Dynamic Weighted Pretraining against the LLaVA (``[annotate]`` /
   ``[pretrain]``), run once per seed in ``<run dir>/compare/stage1/seed<k>/`` and shared by every +dwp row;
 - ``+align[none|clip|llava|uniform]``: global alignment as ``[align]`` describes it (``every = 1`` where the

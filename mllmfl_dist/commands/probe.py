@@ -90,7 +90,7 @@ def backbone_featurizer(spec: str, cfg: Config, data, device):
     from mllmfl_dist.stages.inputs import build_fl_model
 
     if spec.startswith("clip:"):
-        from mllmfl_dist.models.clip_teacher import load_clip
+        from mllmfl_dist.mllm.clip_teacher import load_clip
 
         model, pretrained = _clip_spec(expand_user(spec[len("clip:"):]))  # the shell expands no ~ after clip:
         clip, preprocess, _ = load_clip(model, pretrained, device=device)

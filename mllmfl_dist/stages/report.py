@@ -294,7 +294,7 @@ def write_report(run_dir: Path) -> dict:
 def _strategy_models(config: dict) -> list[dict[str, Any]]:
     """The models the run's strategy names in its sections, rebuilt from ``config.toml``'s values (runs whose
     federated summary predates ``strategy_models``); none where the strategy or its sections cannot be had."""
-    from mllmfl_dist.core.plugins import strategy_class
+    from mllmfl_dist.config.plugins import strategy_class
 
     try:
         cls = strategy_class(str((config.get("federated") or {}).get("strategy", "")))

@@ -2,7 +2,7 @@
 
 Every stage (annotation, Dynamic Weighted Pretraining, alignment) loads LLaVA with `load_llava`, from a hub id
 such as `llava-hf/llava-1.5-7b-hf` or from a local directory; the tiny random model the tests and the offline
-default use (`mllmfl_dist.models.tiny.build_tiny_models`) is saved to disk and loaded back through this same
+default use (`mllmfl_dist.standins.tiny.build_tiny_models`) is saved to disk and loaded back through this same
 `from_pretrained` path.
 
 - `load_llava(model, dtype=, device=, device_map=)` -> `(LlavaForConditionalGeneration, LlavaProcessor)`,
@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from mllmfl_dist.core.errors import ModelLoadError
-from mllmfl_dist.models.model_files import looks_like_local_path
+from mllmfl_dist.mllm.model_files import looks_like_local_path
 
 __all__ = [
     "ModelLoadError",

@@ -6,7 +6,7 @@ instruction mix derived from its captions.
   never read: the corpus stands in for web data.
 - `instruction_pairs(captions, seed)` -> `(image_index, prompt, answer)` triples, LLaVA's recipe at toy
   scale: every caption gives a "describe" pair (a description request -> the caption), and a caption that
-  names a garment category (`mllmfl_dist.data.web_captions.named_category`, the caption parser standing in
+  names a garment category (`mllmfl_dist.standins.web_captions.named_category`, the caption parser standing in
   for the language model LLaVA derives its instruction data with) also gives a question pair (a question
   about the object -> the category name). A caption that names no category gives no question pair.
 
@@ -95,7 +95,7 @@ def instruction_pairs(captions: Sequence[str], seed: int) -> list[tuple[int, str
     category, its question pair (answer: the category name of `web_captions.CATEGORY_NAMES`). Requests are
     drawn uniformly from `DESCRIBE_REQUESTS` / `QUESTION_REQUESTS` with `numpy.random.default_rng(seed)`.
     Order: all pairs of image 0, then image 1, ..."""
-    from mllmfl_dist.data.web_captions import CATEGORY_NAMES, named_category
+    from mllmfl_dist.standins.web_captions import CATEGORY_NAMES, named_category
 
     rng = np.random.default_rng(seed)
     pairs: list[tuple[int, str, str]] = []

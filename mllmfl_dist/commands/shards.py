@@ -13,7 +13,7 @@ Every sample gets a ``.json`` with where it came from (folder path, or source, s
 Labeled output also gets ``classes.json`` next to the shards. The output is deterministic.
 
 ``add_arguments(parser)`` and ``run(args)`` plug into the package CLI; ``main(argv)`` runs it alone
-(``python -m mllmfl_dist.shards_cli``).
+(``python -m mllmfl_dist.commands.shards``).
 """
 
 from __future__ import annotations

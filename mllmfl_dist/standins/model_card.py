@@ -49,11 +49,11 @@ def measure_standins(clip_dir: str | Path, llava_dir: str | Path, test_shards: s
     from mllmfl_dist.data.labeled_shards import resolve_pattern
     from mllmfl_dist.data.images import to_pil
     from mllmfl_dist.data.shards import read_labeled_shards
-    from mllmfl_dist.data.web_captions import named_category
-    from mllmfl_dist.models.clip_teacher import load_clip
-    from mllmfl_dist.models.mllm import load_llava
-    from mllmfl_dist.models.teachers import clip_teacher_logits, llava_answer_loglik
-    from mllmfl_dist.models.captioning import Generation, caption_batch
+    from mllmfl_dist.standins.web_captions import named_category
+    from mllmfl_dist.mllm.clip_teacher import load_clip
+    from mllmfl_dist.mllm.llava import load_llava
+    from mllmfl_dist.mllm.teachers import clip_teacher_logits, llava_answer_loglik
+    from mllmfl_dist.mllm.captioning import Generation, caption_batch
 
     images, labels, _ = read_labeled_shards(resolve_pattern(test_shards, "test shards"))
     keep = select_per_class(labels, per_class)

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from mllmfl_dist.models.standin_settings import StandinSettings
+from mllmfl_dist.standins.standin_settings import StandinSettings
 
 __all__ = ["CARD_TEST_SHARDS", "corpus_identity", "build_trained"]
 
@@ -37,7 +37,7 @@ CARD_TEST_SHARDS = "shards/fmnist_lt/test-*.tar.gz"  # the shipped balanced test
 def corpus_identity(pattern: str) -> dict:
     """`{"pattern", "shards", "sha256"}` of a corpus: its shard file names and one sha256 over their bytes
     (so a rebuilt, byte-identical corpus has the same identity). Raises DataError when nothing matches."""
-    from mllmfl_dist.models.standin_data import corpus_shards
+    from mllmfl_dist.standins.standin_data import corpus_shards
 
     paths = corpus_shards(pattern)
     digest = hashlib.sha256()
@@ -52,11 +52,11 @@ def build_trained(dirs: dict[str, Path], corpus: str, settings: StandinSettings,
     directories); returns the model card (a JSON-serialisable dict). See the module docstring."""
     from mllmfl_dist.data.labeled_shards import resolve_pattern
     from mllmfl_dist.data.shards import read_classes
-    from mllmfl_dist.models.clip_train import save_open_clip, train_clip
-    from mllmfl_dist.models.llava_train import train_llava
-    from mllmfl_dist.models.model_card import measure_standins
-    from mllmfl_dist.models.standin_data import read_caption_corpus
-    from mllmfl_dist.models.tiny import CLIP_CONFIG, CLIP_PREPROCESS, save_llava
+    from mllmfl_dist.standins.clip_train import save_open_clip, train_clip
+    from mllmfl_dist.standins.llava_train import train_llava
+    from mllmfl_dist.standins.model_card import measure_standins
+    from mllmfl_dist.standins.standin_data import read_caption_corpus
+    from mllmfl_dist.standins.tiny import CLIP_CONFIG, CLIP_PREPROCESS, save_llava
 
     threads = torch.get_num_threads()
     torch.set_num_threads(settings.threads)

@@ -6,7 +6,7 @@
   tower, `vision_feature_layer=-2`, `vision_feature_select_strategy="default"`, two-layer GELU projector,
   Llama language model), with a real byte-level BPE tokenizer (built with the `tokenizers` library from a
   small caption vocabulary) and a `LlavaProcessor`. `LlavaForConditionalGeneration.from_pretrained(dir)` and
-  `AutoProcessor.from_pretrained(dir)` load it; `mllmfl_dist.models.mllm.load_llava(dir)` is the project's
+  `AutoProcessor.from_pretrained(dir)` load it; `mllmfl_dist.mllm.llava.load_llava(dir)` is the project's
   loading path.
 - `<directory>/clip/`: an open_clip CLIP (small ViT + small text transformer, open_clip's own BPE tokenizer,
   which ships inside the open_clip package) as `open_clip_config.json` + `open_clip_model.safetensors`;
@@ -14,7 +14,7 @@
 
 Without `train`, weights are random but seeded (a build is deterministic, takes seconds, and carries no
 knowledge: for unit tests). With `train=<corpus>` the same layout holds models trained on a captioned corpus
-(`mllmfl_dist.models.trained`: a contrastive CLIP, and a LLaVA on its frozen tower) plus
+(`mllmfl_dist.standins.trained`: a contrastive CLIP, and a LLaVA on its frozen tower) plus
 `<directory>/model_card.json`. Nothing touches the network.
 
 A manifest (`tiny_models.json`, with `"trained": false` or `true`) is written last and lists every file of
@@ -292,7 +292,7 @@ def _identity(train: str | None, settings) -> dict:
     version, corpus bytes (sha256) and training settings."""
     if train is None:
         return {"version": TINY_VERSION, "trained": False}
-    from mllmfl_dist.models.trained import corpus_identity
+    from mllmfl_dist.standins.trained import corpus_identity
 
     return {"version": TRAINED_VERSION, "trained": True, "corpus_sha256": corpus_identity(train)["sha256"],
             "settings": dataclasses.asdict(settings)}
@@ -318,7 +318,7 @@ def build_tiny_models(directory: str | os.PathLike, *, train: str | None = None,
 
     train: None builds random, seeded models in a second (for fast tests). A shard pattern of a captioned
     corpus (e.g. `shards/fmnist_web`) trains knowledge-bearing stand-ins on it instead
-    (`mllmfl_dist.models.trained`, minutes on a CPU) and writes `<directory>/model_card.json` with what they
+    (`mllmfl_dist.standins.trained`, minutes on a CPU) and writes `<directory>/model_card.json` with what they
     measured. settings: a `StandinSettings` for the trained build (default: the shipped one). progress: tqdm
     bars on stderr while training (pass False on ranks other than 0).
 
@@ -329,7 +329,7 @@ def build_tiny_models(directory: str | os.PathLike, *, train: str | None = None,
     at once (ranks of one job) serialise on a lock file; the later ones find the build done. Raises DataError
     when the corpus pattern matches nothing.
     """
-    from mllmfl_dist.models.standin_settings import StandinSettings
+    from mllmfl_dist.standins.standin_settings import StandinSettings
 
     directory = Path(directory)
     settings = StandinSettings() if settings is None else settings
@@ -361,7 +361,7 @@ def _build(directory: Path, paths: dict[str, Path], identity: dict, train: str |
             _build_llava(tmps["llava"])
             _build_clip(tmps["clip"])
         else:
-            from mllmfl_dist.models.trained import build_trained
+            from mllmfl_dist.standins.trained import build_trained
 
             card = build_trained(tmps, train, settings, progress=progress)
         for name, tmp in tmps.items():

@@ -19,8 +19,8 @@ import math
 import torch
 from torch import nn
 
-from mllmfl_dist.models.fl_models import FLModel
-from mllmfl_dist.models.mllm import project_visual_tokens
+from mllmfl_dist.fl.models import FLModel
+from mllmfl_dist.mllm.llava import project_visual_tokens
 
 IGNORE_INDEX = -100  # label of positions without loss (prompt, image tokens, padding)
 
