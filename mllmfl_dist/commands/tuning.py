@@ -29,9 +29,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from mllmfl_dist.config import Config, ConfigError
+from mllmfl_dist.config import Config, ConfigError, plugins
 from mllmfl_dist.config.loader import parse_override
-from mllmfl_dist.core import plugins
 from mllmfl_dist.commands.seed_statistics import last_mean
 
 # Keys every strategy reads (its local training and its server step).

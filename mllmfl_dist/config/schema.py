@@ -17,10 +17,11 @@ from typing import Any
 
 import tomli_w
 
+from mllmfl_dist.config import plugins
 from mllmfl_dist.config.fields import (at_least, checked, choice, fraction, image_prompt, minutes, non_negative,
                                        path_setting, positive, unit_interval)
 from mllmfl_dist.config.values import valid_index_range
-from mllmfl_dist.core import plugins, preflight
+from mllmfl_dist.core import preflight
 from mllmfl_dist.core.errors import ConfigError
 from mllmfl_dist.core.layout import RunLayout
 
