@@ -29,8 +29,8 @@ import torch
 from mllmfl_dist.core import dist
 from mllmfl_dist.config import ConfigError, DeepSpeedConfig, PretrainConfig, load_config
 from mllmfl_dist.data import DataError
-from mllmfl_dist.stages.pretrain.dwp import (IGNORE_INDEX, alpha_at, llava_forward_with_visual_features,
-                                            mix_visual_tokens)
+from mllmfl_dist.mllm.llava import IGNORE_INDEX, llava_forward_with_visual_features
+from mllmfl_dist.stages.pretrain.dwp import alpha_at, mix_visual_tokens
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPT = PretrainConfig().prompt

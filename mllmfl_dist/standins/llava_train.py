@@ -13,7 +13,7 @@
 Sequences are `prompt + " " + answer + </s>` with the processor's `<image>` expansion; the loss is the model's
 own next-token cross-entropy on the answer and `</s>` only (the prompt is masked, as in LLaVA). The frozen
 tower's features are computed once (for each image and its horizontal mirror, a random one of the two per
-step) and put into the `<image>` positions as LLaVA's forward does (`dwp.visual_inputs_embeds`);
+step) and put into the `<image>` positions as LLaVA's forward does (`mllm.llava.visual_inputs_embeds`);
 `answer_loss` is the model's own loss computed at the answer positions only (tested equal). Deterministic
 for a seed and thread count.
 """
@@ -25,7 +25,7 @@ from collections.abc import Sequence
 import torch
 from tqdm import tqdm
 
-from mllmfl_dist.stages.pretrain.dwp import IGNORE_INDEX, visual_inputs_embeds
+from mllmfl_dist.mllm.llava import IGNORE_INDEX, visual_inputs_embeds
 from mllmfl_dist.standins.standin_settings import StandinSettings
 
 __all__ = ["train_llava", "answer_loss", "collate_answers", "encode_answer", "tokenizer_texts"]

@@ -14,11 +14,11 @@ from mllmfl_dist.core import dist
 from mllmfl_dist.core.errors import TrainingDivergedError
 from mllmfl_dist.core.seeds import TAG_ADAPTER_INIT, derive_seed
 from mllmfl_dist.fl.strategies import build_strategy
+from mllmfl_dist.mllm.llava import llava_forward_with_visual_features
 from mllmfl_dist.stages.pretrain.dwp import (
     DWPStudent,
     TokenAdapter,
     caption_token_count,
-    llava_forward_with_visual_features,
     mix_visual_tokens,
 )
 from mllmfl_dist.stages.inputs import build_data, build_fl_model
