@@ -20,7 +20,7 @@ def python_exe() -> str:
 def tiny_models(tmp_path_factory) -> dict:
     """The tiny random LLaVA and open_clip models, built once per test session and loaded by every
     test through the real from_pretrained / create_model path."""
-    from mllmfl_dist.standins.tiny import build_tiny_models
+    from mllmfl_dist.standins.build import build_tiny_models
 
     return build_tiny_models(tmp_path_factory.mktemp("tiny_models"))
 

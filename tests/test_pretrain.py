@@ -60,7 +60,7 @@ def tiny(tmp_path_factory) -> dict[str, Path]:
 
     from mllmfl_dist.data.shards import write_shards
     from mllmfl_dist.mllm.llava import load_llava
-    from mllmfl_dist.standins.tiny import build_tiny_models
+    from mllmfl_dist.standins.build import build_tiny_models
 
     root = tmp_path_factory.mktemp("dwp")
     built = build_tiny_models(root / "models")

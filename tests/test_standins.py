@@ -14,7 +14,7 @@ from mllmfl_dist.data.images import to_pil
 from mllmfl_dist.data.shards import read_labeled_shards
 from mllmfl_dist.standins.web_captions import named_category
 from mllmfl_dist.standins.standin_settings import StandinSettings
-from mllmfl_dist.standins.tiny import MANIFEST, MODEL_CARD, build_tiny_models
+from mllmfl_dist.standins.build import MANIFEST, MODEL_CARD, build_tiny_models
 
 CORPUS = "shards/fmnist_web"
 TEST_SHARDS = "shards/fmnist_lt/test-*.tar.gz"

@@ -148,7 +148,8 @@ def test_the_uniform_teachers_alignment_loss_is_label_smoothing_at_beta(temperat
 
 
 def test_compare_takes_the_uniform_teacher_without_a_model():
-    from mllmfl_dist.commands.compare import Method, method_config, parse_method
+    from mllmfl_dist.commands.compare import method_config
+    from mllmfl_dist.commands.compare_methods import Method, parse_method
 
     cfg = load_config(SMOKE)
     method = parse_method("fedavg+align[uniform]", cfg)

@@ -18,7 +18,7 @@ from mllmfl_dist.mllm.llava import (
     project_visual_tokens,
     vision_grid,
 )
-from mllmfl_dist.standins.tiny import MANIFEST, build_tiny_models
+from mllmfl_dist.standins.build import MANIFEST, build_tiny_models
 
 PROMPT = "USER: <image>\nDescribe the image. ASSISTANT:"
 

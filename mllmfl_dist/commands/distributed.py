@@ -11,8 +11,8 @@ from contextlib import ExitStack
 import torch
 import torchvision  # noqa: F401 - before any process group starts its threads (load_libraries says why)
 
-from mllmfl_dist.commands.compare import (check_methods, compare_dir, compare_options, default_methods, parse_methods,
-                                          parse_seeds, run_compare)
+from mllmfl_dist.commands.compare import check_methods, compare_dir, compare_options, parse_seeds, run_compare
+from mllmfl_dist.commands.compare_methods import default_methods, parse_methods
 from mllmfl_dist.commands.compare_table import results_markdown
 from mllmfl_dist.commands.pipeline import planned_stages, run_pipeline
 from mllmfl_dist.commands.sweep import mean_std_line, seed_configs, seed_line

@@ -10,7 +10,7 @@ import torch
 from mllmfl_dist.core.launch import env_rank
 from mllmfl_dist.stages.deepspeed_setup import cpu_accelerator_env
 from mllmfl_dist.standins.standin_settings import StandinSettings
-from mllmfl_dist.standins.tiny import MODEL_CARD, build_tiny_models
+from mllmfl_dist.standins.build import MODEL_CARD, build_tiny_models
 
 
 def run(args) -> int:

@@ -2,7 +2,7 @@
 
 Every stage (annotation, Dynamic Weighted Pretraining, alignment) loads LLaVA with `load_llava`, from a hub id
 such as `llava-hf/llava-1.5-7b-hf` or from a local directory; the tiny random model the tests and the offline
-default use (`mllmfl_dist.standins.tiny.build_tiny_models`) is saved to disk and loaded back through this same
+default use (`mllmfl_dist.standins.build.build_tiny_models`) is saved to disk and loaded back through this same
 `from_pretrained` path.
 
 - `load_llava(model, dtype=, device=, device_map=)` -> `(LlavaForConditionalGeneration, LlavaProcessor)`,

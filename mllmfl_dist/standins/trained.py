@@ -1,6 +1,6 @@
 """The knowledge-bearing MLLM stand-ins: a CLIP and a LLaVA trained here on a captioned corpus.
 
-`python -m mllmfl_dist tiny-models DIR --train shards/fmnist_web` (`tiny.build_tiny_models(DIR, train=...)`,
+`python -m mllmfl_dist tiny-models DIR --train shards/fmnist_web` (`build.build_tiny_models(DIR, train=...)`,
 which owns the caching: a finished directory is reused, a half-written one rebuilt, concurrent builds
 serialise) calls `build_trained(dirs, corpus, settings)`, which
 
