@@ -28,6 +28,7 @@ from mllmfl_dist.commands import check_footprint as fp
 from mllmfl_dist.commands.check_inputs import Findings, Row, find_data, find_models, find_stage_shards
 from mllmfl_dist.core import preflight
 from mllmfl_dist.core.errors import ConfigError
+from mllmfl_dist.core.resources import resolve_path
 
 COMMAND_STAGES = {"annotate": ["annotate"], "pretrain": ["pretrain"], "federate": ["federate"]}
 LAUNCH_LINE = re.compile(r"--nproc[_-]per[_-]node[ =](\d+)")
@@ -52,7 +53,7 @@ class World:
 
 
 def stages_for(cfg, command: str) -> list[str]:
-    from mllmfl_dist.commands.pipeline import planned_stages
+    from mllmfl_dist.commands.pipeline import planned_stages  # imports every stage: only for run, compare
 
     return COMMAND_STAGES.get(command) or planned_stages(cfg)
 
@@ -97,8 +98,6 @@ def planned_world(cfg, config_path: str, nnodes: int | None = None, nproc: int |
 
 
 def _head(path: str) -> list[str]:
-    from mllmfl_dist.core.resources import resolve_path
-
     try:
         with open(resolve_path(path)) as handle:
             return [handle.readline() for _ in range(3)]

@@ -39,6 +39,7 @@ from mllmfl_dist.fl.strategies import build_strategy, strategy_class, strategy_n
 from mllmfl_dist.commands import tuning
 from mllmfl_dist.commands.compare_methods import Method
 from mllmfl_dist.commands.compare_table import run_row, write_results
+from mllmfl_dist.commands.pipeline import run_pipeline, run_stage1
 
 log = logging.getLogger(__name__)
 
@@ -202,8 +203,6 @@ def _run_jobs(cfg: Config, runtime: dist.Runtime, jobs: list[tuple[Method, dict[
               what: str) -> None:
     """Run each (method, setting, seed, config) in order, each +dwp one after its stage 1 (annotation, DWP:
     run once per seed and stage-1 setting, shared by the +dwp rows)."""
-    from mllmfl_dist.commands.pipeline import run_pipeline, run_stage1
-
     stage1_done: set[Path] = set()
     for done, (method, setting, seed, method_cfg) in enumerate(jobs, start=1):
         if method.dwp:

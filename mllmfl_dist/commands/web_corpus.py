@@ -26,6 +26,11 @@ from typing import Any
 import numpy as np
 
 from mllmfl_dist.data.base import DataError
+from mllmfl_dist.data.shards import expand_shards, iter_samples, write_shards
+from mllmfl_dist.data.images import encode_png
+from mllmfl_dist.standins.web_captions import make_caption, reversed_tail_counts
+from mllmfl_dist.data.sources import load_fashion_mnist
+from mllmfl_dist.commands.shards import parse_indices
 
 USAGE_ERROR = 2
 
@@ -66,8 +71,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def excluded_indices(patterns: Sequence[str], split: str) -> set[int]:
     """Indices of ``split`` that the ``.json`` of the samples of the shards of ``patterns`` name."""
-    from mllmfl_dist.data.shards import expand_shards, iter_samples
-
     found: set[int] = set()
     for pattern in patterns:
         for path in expand_shards(pattern):
@@ -95,9 +98,6 @@ def select_corpus(labels: np.ndarray, start: int, stop: int, excluded: set[int],
 def corpus_samples(images, labels: np.ndarray, chosen: np.ndarray, seed: int, wrong_fraction: float,
                    no_class_fraction: float) -> Iterator[dict[str, Any]]:
     """The writer's sample dicts (image PNG, caption, provenance) of the ``chosen`` training images."""
-    from mllmfl_dist.data.images import encode_png
-    from mllmfl_dist.standins.web_captions import make_caption
-
     for i in chosen.tolist():
         rng = np.random.default_rng([seed, i])
         caption, _, kind = make_caption(rng, int(labels[i]), wrong_fraction, no_class_fraction)
@@ -107,11 +107,6 @@ def corpus_samples(images, labels: np.ndarray, chosen: np.ndarray, seed: int, wr
 
 def build_corpus(args: argparse.Namespace) -> str:
     """Write the corpus of ``args``; returns a short report (samples, MB, per-class counts, caption kinds)."""
-    from mllmfl_dist.data.shards import iter_samples, write_shards
-    from mllmfl_dist.data.sources import load_fashion_mnist
-    from mllmfl_dist.standins.web_captions import reversed_tail_counts
-    from mllmfl_dist.commands.shards import parse_indices
-
     for name in ("wrong_fraction", "no_class_fraction"):
         value = getattr(args, name)
         if not 0 <= value <= 1:

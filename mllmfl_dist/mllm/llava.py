@@ -24,6 +24,7 @@ import torch
 
 from mllmfl_dist.core.errors import ModelLoadError
 from mllmfl_dist.mllm.model_files import looks_like_local_path
+from mllmfl_dist.core.checkpoint import unreadable_reason
 
 __all__ = [
     "ModelLoadError",
@@ -181,8 +182,6 @@ def unloadable_weights(folder: Path) -> str | None:
     """The first weights file in ``folder`` that cannot be read safely, and why (None when all can): a pickle
     holding more than tensors (which ``weights_only`` loading refuses, so it runs nothing), an empty, cut or
     corrupt file. Only asked after a load failed, to name the file in the message."""
-    from mllmfl_dist.core.checkpoint import unreadable_reason
-
     for file in sorted(p for p in Path(folder).iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES)):
         try:
             if file.name.endswith(".safetensors"):

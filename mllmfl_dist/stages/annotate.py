@@ -36,6 +36,7 @@ from mllmfl_dist.data.shards import (ShardError, expand_shards, iter_samples,
                                      write_shard)
 from mllmfl_dist.core.seeds import TAG_ANNOTATE, derive_seed
 from mllmfl_dist.core.progress import show_bars
+from mllmfl_dist.mllm.llava import load_llava, vision_side
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +113,6 @@ def run_annotate(cfg: Config, runtime: dist.Runtime, *, progress: bool = True) -
 
     if todo:
         out.mkdir(parents=True, exist_ok=True)
-        from mllmfl_dist.mllm.llava import load_llava, vision_side
 
         model, processor = load_llava(acfg.model, dtype=acfg.dtype, device=runtime.device,
                                       device_map=acfg.device_map)

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from mllmfl_dist.core.checkpoint import write_text_atomic
-from mllmfl_dist.standins.tiny import CLIP_PREPROCESS, IMAGE_TOKEN, LM_HEAD_SCALE, SEED, save_llava
+from mllmfl_dist.standins.tiny import CLIP_PREPROCESS, IMAGE_TOKEN, LM_HEAD_SCALE, SEED, _tokenizer_corpus, save_llava
 
 # --- llava-1.5-7b-hf's geometry (kept) ---------------------------------------------------------------------
 LLAVA_IMAGE_SIZE = 336
@@ -66,8 +66,6 @@ def build_llama_tokenizer():
     ``<pad>`` = 32001 (padding on the left, for batched generation)."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import LlamaTokenizer
-
-    from mllmfl_dist.standins.tiny import _tokenizer_corpus
 
     learner = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
     learner.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=True)

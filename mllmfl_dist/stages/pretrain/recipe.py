@@ -51,6 +51,7 @@ from mllmfl_dist.stages.pretrain.resume import (
     save_checkpoint,
     tag_dirs,
 )
+from mllmfl_dist.mllm.llava import load_llava, vision_side
 
 log = logging.getLogger(__name__)
 
@@ -102,8 +103,6 @@ def run_pretrain(cfg: Config, runtime: dist.Runtime, *, progress: bool = True,
 
     prepare_deepspeed(runtime.device, pcfg.deepspeed.cpu_comm)  # before the import: nothing to JIT-compile
     import deepspeed
-
-    from mllmfl_dist.mllm.llava import load_llava, vision_side
 
     check_precision(pcfg.deepspeed.precision)
     samples, skipped = load_captioned(shards_pattern(cfg), ImageBounds.of(pcfg, "pretrain"))
