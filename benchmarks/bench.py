@@ -78,8 +78,8 @@ def bench_annotation(config: str, images: int, overrides: Sequence[str] = ()) ->
     """Captioning throughput at batch size 1 against the configured batch size, on the same images."""
     from mllmfl_dist.data.images import decode_image
     from mllmfl_dist.data.shards import expand_shards, iter_samples
-    from mllmfl_dist.models.mllm import load_llava
-    from mllmfl_dist.models.captioning import Generation, caption_batch
+    from mllmfl_dist.mllm.llava import load_llava
+    from mllmfl_dist.mllm.captioning import Generation, caption_batch
 
     cfg = load_config(config, overrides)
     torch.set_num_threads(cfg.dist.threads)

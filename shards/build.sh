@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
 ROOT=${FMNIST_ROOT:-}
-shards() { "$PYTHON" -m mllmfl_dist.shards_cli --from-source fashion_mnist --root "$ROOT" --overwrite "$@"; }
+shards() { "$PYTHON" -m mllmfl_dist.commands.shards --from-source fashion_mnist --root "$ROOT" --overwrite "$@"; }
 
 # Unlabeled pool for the MLLM stages: the last 512 training images (indices 59488..59999).
 shards --split train --indices 59488:60000 --no-labels --out shards/pool --prefix pool --max-count 128
@@ -20,6 +20,6 @@ shards --split train --indices 50000:59488 --per-class 20 --out shards/fmnist_al
 # Web-like image-text corpus for training the MLLM stand-ins (no labels): Fashion-MNIST train images among
 # indices 50000..59487 that are not in fmnist_align, a reversed long-tail class mix, alt-text-like captions
 # (10% name a wrong class, 10% no class), seed 0. See shards/README.md.
-"$PYTHON" -m mllmfl_dist.web_corpus_cli --root "$ROOT" --overwrite --indices 50000:59488 \
+"$PYTHON" -m mllmfl_dist.commands.web_corpus --root "$ROOT" --overwrite --indices 50000:59488 \
   --exclude 'shards/fmnist_align/align-*.tar.gz' --n-max 950 --mix-factor 0.4 --wrong-fraction 0.1 \
   --no-class-fraction 0.1 --seed 0 --out shards/fmnist_web --prefix web --max-count 1000

@@ -20,7 +20,7 @@ def python_exe() -> str:
 def tiny_models(tmp_path_factory) -> dict:
     """The tiny random LLaVA and open_clip models, built once per test session and loaded by every
     test through the real from_pretrained / create_model path."""
-    from mllmfl_dist.models.tiny import build_tiny_models
+    from mllmfl_dist.standins.build import build_tiny_models
 
     return build_tiny_models(tmp_path_factory.mktemp("tiny_models"))
 
@@ -97,9 +97,9 @@ def small_disk(tmp_path):
 
 @pytest.fixture(scope="session")
 def miniatures(tmp_path_factory) -> dict:
-    """The shape-faithful miniatures (mllmfl_dist/models/miniature.py): llava-1.5-7b-hf's geometry and
+    """The shape-faithful miniatures (mllmfl_dist/standins/miniature.py): llava-1.5-7b-hf's geometry and
     open_clip ViT-B-32's at toy width and depth, built once per test session."""
-    from mllmfl_dist.models.miniature import build_llava15_miniature, build_vitb32_miniature
+    from mllmfl_dist.standins.miniature import build_llava15_miniature, build_vitb32_miniature
 
     root = tmp_path_factory.mktemp("miniatures")
     return {"llava": build_llava15_miniature(root / "llava"), "clip": build_vitb32_miniature(root / "clip")}

@@ -9,7 +9,7 @@ from mllmfl_dist.fl.aggregation import FlatLayout, accumulate_, mean_from_sum, n
 from mllmfl_dist.core.seeds import derive_seed
 from mllmfl_dist.fl.sampling import assign_clients, sample_clients
 from mllmfl_dist.fl.strategies import FedAvg, FedAvgM, FedProx, StrategyArgs, build_strategy
-from mllmfl_dist.models import build_model
+from mllmfl_dist.fl.models import build_model
 
 
 def _client_states(num, seed=0):

@@ -20,7 +20,7 @@ from mllmfl_dist.config import ConfigError, DataConfig, PartitionConfig, load_co
 from mllmfl_dist.data import DataError, build_client_data
 from mllmfl_dist.data.shards import write_classes, write_shards
 from mllmfl_dist.data.sources import FASHION_MNIST_FILES, load_fashion_mnist
-from mllmfl_dist.models.mllm import ModelLoadError
+from mllmfl_dist.mllm.llava import ModelLoadError
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "configs" / "smoke.toml"
@@ -52,7 +52,7 @@ def test_a_llava_directory_with_a_planted_pytorch_model_bin_is_refused_by_name(t
     (llava / "model.safetensors").unlink()
     marker = tmp_path / "MARKER"
     (llava / "pytorch_model.bin").write_bytes(pickle.dumps({"lm_head.weight": Planted(marker)}, protocol=2))
-    from mllmfl_dist.models.mllm import load_llava
+    from mllmfl_dist.mllm.llava import load_llava
 
     with pytest.raises(ModelLoadError, match="pytorch_model.bin holds objects other than tensors") as err:
         load_llava(str(llava))
@@ -68,7 +68,7 @@ def test_a_llava_directory_with_a_planted_pytorch_model_bin_is_refused_by_name(t
 
 
 def test_a_cut_llava_safetensors_file_is_named(tiny_models, tmp_path):
-    from mllmfl_dist.models.mllm import load_llava
+    from mllmfl_dist.mllm.llava import load_llava
 
     llava = tmp_path / "llava"
     shutil.copytree(tiny_models["llava"], llava)
@@ -79,7 +79,7 @@ def test_a_cut_llava_safetensors_file_is_named(tiny_models, tmp_path):
 
 
 def test_an_open_clip_local_dir_with_a_planted_weights_file_is_refused_by_name(tiny_models, tmp_path):
-    from mllmfl_dist.models.clip_teacher import load_clip
+    from mllmfl_dist.mllm.clip_teacher import load_clip
 
     clip = tmp_path / "clip"
     shutil.copytree(tiny_models["clip"], clip)
@@ -127,7 +127,7 @@ def test_evaluate_with_a_file_that_is_no_checkpoint_says_so(tmp_path, capsys, co
 def test_a_planted_alignment_teacher_cache_is_recomputed_not_run(tiny_models, tmp_path, caplog):
     from PIL import Image
 
-    from mllmfl_dist.models.teachers import teacher_cache_key, teacher_cache_path, teacher_distributions
+    from mllmfl_dist.mllm.teachers import teacher_cache_key, teacher_cache_path, teacher_distributions
 
     images = [Image.fromarray(np.full((8, 8, 3), v, np.uint8)) for v in (0, 128, 255)]
     classes = ["cat", "dog"]

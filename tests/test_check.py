@@ -18,7 +18,7 @@ from mllmfl_dist.__main__ import main
 from mllmfl_dist.commands import check, check_footprint
 from mllmfl_dist.commands.check_inputs import Findings
 from mllmfl_dist.config import load_config
-from mllmfl_dist.models import model_files
+from mllmfl_dist.mllm import model_files
 
 LLAVA = "llava-hf/llava-1.5-7b-hf"
 
@@ -142,8 +142,8 @@ def test_world_as_launched_refuses_more_nccl_ranks_than_gpus():
 
 @pytest.mark.parametrize("arch,scale,channels", [("resnet8", 4, 3), ("resnet8", 1, 1), ("resnet50", 1, 3)])
 def test_estimated_parameter_counts_are_the_models_own(arch, scale, channels):
-    from mllmfl_dist.models.dwp import TokenAdapter
-    from mllmfl_dist.models.fl_models import build_model
+    from mllmfl_dist.stages.pretrain.dwp import TokenAdapter
+    from mllmfl_dist.fl.models import build_model
 
     cfg = load_config(REPO / "configs" / "smoke.toml", [f"model.arch={arch}", f"model.width_scale={scale}"],
                       check_run_dir=False)
@@ -163,7 +163,7 @@ def test_zero_stages_split_the_state_as_the_paper_counts():
 
 
 def test_open_clip_table_read_without_importing_open_clip_matches_open_clip():
-    code = ("import sys; from mllmfl_dist.models.model_files import open_clip_pretrained as p; "
+    code = ("import sys; from mllmfl_dist.mllm.model_files import open_clip_pretrained as p; "
             "print(p('ViT-B-32', 'openai')['hf_hub']); print('open_clip' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=REPO)
     import open_clip

@@ -54,7 +54,7 @@ def test_the_cli_catches_the_classes_the_modules_raise() -> None:
     from mllmfl_dist import config, data
     from mllmfl_dist.core import dist, errors
     from mllmfl_dist.fl import trainer
-    from mllmfl_dist.models import mllm
+    from mllmfl_dist.mllm import llava as mllm
 
     assert config.ConfigError is errors.ConfigError
     assert data.DataError is errors.DataError

@@ -10,7 +10,8 @@ import pytest
 from launchers import FAST, SMOKE, cli
 
 from mllmfl_dist.config import ConfigError, load_config
-from mllmfl_dist.commands.compare import Method, method_config, parse_method, parse_methods
+from mllmfl_dist.commands.compare import method_config
+from mllmfl_dist.commands.compare_methods import Method, parse_method, parse_methods
 from mllmfl_dist.commands.compare_table import results_markdown
 
 

@@ -11,7 +11,8 @@ import pytest
 
 from launchers import FAST, SMOKE, cli
 
-from mllmfl_dist.commands.compare import Method, method_config, row_root, tune_root
+from mllmfl_dist.commands.compare import method_config, row_root, tune_root
+from mllmfl_dist.commands.compare_methods import Method
 from mllmfl_dist.commands.compare_table import results_csv, results_markdown, summarize
 from mllmfl_dist.commands.seed_statistics import (first_round_reaching, last_mean, paired_difference, spread,
                                                   t_quantile)

@@ -1,4 +1,4 @@
-"""Differentiable Siamese Augmentation (mllmfl_dist.data.dsa): each operation's effect, zero strength as the
+"""Differentiable Siamese Augmentation (mllmfl_dist.fl.strategies.dsa): each operation's effect, zero strength as the
 identity, one draw shared by the whole batch, and the released mode 'S'."""
 
 import math
@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from mllmfl_dist.config import ConfigError, load_config
-from mllmfl_dist.data.dsa import DSA_OPERATIONS
-from mllmfl_dist.data import dsa
+from mllmfl_dist.fl.strategies.dsa import DSA_OPERATIONS
+from mllmfl_dist.fl.strategies import dsa
 
 SMOKE = "configs/smoke.toml"
 

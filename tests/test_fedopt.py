@@ -7,7 +7,7 @@ import torch
 
 from launchers import SMOKE, cli, final_model, max_abs_difference, torchrun
 
-from mllmfl_dist.commands.compare import Method
+from mllmfl_dist.commands.compare_methods import Method
 from mllmfl_dist.commands.tuning import method_grid, parse_tune, reads, TuneSpec
 from mllmfl_dist.config import ConfigError, load_config
 from mllmfl_dist.fl.aggregation import weighted_mean

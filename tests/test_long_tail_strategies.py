@@ -50,8 +50,8 @@ def test_creff_resumed_after_round_one_equals_a_straight_run(tmp_path, capsys):
 
 
 def test_clip2fl_runs_the_teacher_once_per_sample_and_never_again(tmp_path, tiny_models, monkeypatch, capsys):
-    import mllmfl_dist.models.clip_teacher as clip_teacher
-    import mllmfl_dist.models.teachers as teachers
+    import mllmfl_dist.mllm.clip_teacher as clip_teacher
+    import mllmfl_dist.mllm.teachers as teachers
 
     seen = {"rows": 0, "loads": 0}
     real_logits, real_load = teachers.clip_teacher_logits, clip_teacher.load_clip
@@ -90,7 +90,7 @@ def test_clip2fl_runs_the_teacher_once_per_sample_and_never_again(tmp_path, tiny
     # The teacher ran at the tiny CLIP's own learned scale, and the summary says how good and sure it was (also
     # after a rerun of the complete run, which runs no teacher pass).
     assert cli("federate", str(SMOKE), sets=[*sets, "federated.rounds=3"]) == 0
-    from mllmfl_dist.models.clip_teacher import load_clip
+    from mllmfl_dist.mllm.clip_teacher import load_clip
 
     own = float(load_clip(f"local-dir:{tiny_models['clip']}")[0].logit_scale.detach().exp())
     teacher = json.loads((out / "summary.json").read_text())["clip2fl_teacher"]

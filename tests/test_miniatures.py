@@ -14,8 +14,8 @@ from paper_data import write_cifar
 from PIL import Image
 
 from mllmfl_dist.data import DataError
-from mllmfl_dist.models.miniature import IMAGE_TOKEN_ID, PAD_TOKEN_ID
-from mllmfl_dist.models.mllm import ModelLoadError, load_llava, vision_grid
+from mllmfl_dist.standins.miniature import IMAGE_TOKEN_ID, PAD_TOKEN_ID
+from mllmfl_dist.mllm.llava import ModelLoadError, load_llava, vision_grid
 
 
 def test_the_llava_miniature_has_llava15_geometry_through_from_pretrained(miniatures):

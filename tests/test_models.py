@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from mllmfl_dist.models import build_model
+from mllmfl_dist.fl.models import build_model
 
 
 @pytest.mark.parametrize("channels, scale, size, dim", [(1, 1, 28, 64), (3, 4, 32, 256), (5, 2, 16, 128)])

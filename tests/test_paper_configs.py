@@ -19,7 +19,7 @@ from test_imagenet_lt import write_imagenet_lt_tree
 
 from mllmfl_dist.config import load_config
 from mllmfl_dist.data.longtail import longtail_counts
-from mllmfl_dist.models.miniature import IMAGE_TOKEN_ID, LLAVA_IMAGE_SIZE
+from mllmfl_dist.standins.miniature import IMAGE_TOKEN_ID, LLAVA_IMAGE_SIZE
 
 REPO = Path(__file__).resolve().parents[1]
 RUNNER = REPO / "tests" / "cifar_md5_main.py"

@@ -29,7 +29,8 @@ import torch
 from mllmfl_dist.core import dist
 from mllmfl_dist.config import ConfigError, DeepSpeedConfig, PretrainConfig, load_config
 from mllmfl_dist.data import DataError
-from mllmfl_dist.models.dwp import IGNORE_INDEX, alpha_at, llava_forward_with_visual_features, mix_visual_tokens
+from mllmfl_dist.mllm.llava import IGNORE_INDEX, llava_forward_with_visual_features
+from mllmfl_dist.stages.pretrain.dwp import alpha_at, mix_visual_tokens
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPT = PretrainConfig().prompt
@@ -58,8 +59,8 @@ def tiny(tmp_path_factory) -> dict[str, Path]:
     from PIL import Image
 
     from mllmfl_dist.data.shards import write_shards
-    from mllmfl_dist.models.mllm import load_llava
-    from mllmfl_dist.models.tiny import build_tiny_models
+    from mllmfl_dist.mllm.llava import load_llava
+    from mllmfl_dist.standins.build import build_tiny_models
 
     root = tmp_path_factory.mktemp("dwp")
     built = build_tiny_models(root / "models")
@@ -220,7 +221,7 @@ def test_micro_batches_are_disjoint_over_ranks_and_a_function_of_seed_and_step()
 
 
 def test_alpha0_path_is_the_models_own_forward(tiny):
-    from mllmfl_dist.models.mllm import clip_visual_features, load_llava
+    from mllmfl_dist.mllm.llava import clip_visual_features, load_llava
     from mllmfl_dist.stages.pretrain import BatchBuilder, FLInput, load_captioned
 
     llava, processor = load_llava(str(tiny["llava"]), dtype="float32", device="cpu", device_map="")
@@ -398,7 +399,7 @@ def test_resume_from_the_deepspeed_checkpoint_and_skip_a_finished_run(tiny, tmp_
 
 
 def test_user_errors_are_one_line(tiny, tmp_path):
-    from mllmfl_dist.models.mllm import ModelLoadError
+    from mllmfl_dist.mllm.llava import ModelLoadError
     from mllmfl_dist.stages.pretrain import run_pretrain
 
     runtime = single_runtime()
@@ -532,7 +533,7 @@ def test_a_resume_against_another_llava_geometry_is_refused_naming_both_shapes(t
     """The DeepSpeed checkpoint's adapter sits on the tiny LLaVA's 4x4 grid; the same model path now holding
     llava-1.5's geometry (24x24) is refused in one line before DeepSpeed loads (whose size mismatch is a traceback)."""
     from mllmfl_dist.__main__ import main
-    from mllmfl_dist.models.miniature import build_llava15_miniature
+    from mllmfl_dist.standins.miniature import build_llava15_miniature
 
     model = tmp_path / "llava"
     shutil.copytree(tiny["llava"], model)

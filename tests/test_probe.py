@@ -77,7 +77,7 @@ def test_a_bad_spec_is_one_line_and_exit_2(tmp_path, capsys):
 
 
 def test_a_backbone_of_another_model_is_refused(tmp_path, capsys):
-    from mllmfl_dist.models import build_model
+    from mllmfl_dist.fl.models import build_model
 
     wide = tmp_path / "backbone.pt"
     torch.save(build_model("resnet8", 3, 10, width_scale=2).backbone_state_dict(), wide)
@@ -123,7 +123,7 @@ def test_a_validation_split_is_scored_when_the_data_has_one():
 
 
 def test_the_clip_image_tower_is_probed_and_a_missing_one_is_one_line(tiny_models, tmp_path, capsys):
-    from mllmfl_dist.models.clip_teacher import clip_embed_dim
+    from mllmfl_dist.mllm.clip_teacher import clip_embed_dim
 
     spec = f"clip:local-dir:{tiny_models['clip']}"
     sets = ["--set", "data.server_holdout_per_class=3", "--set", "data.test_per_class=5", "--set",

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mllmfl_dist import shards_cli
+from mllmfl_dist.commands import shards as shards_command
 from mllmfl_dist.config import DataConfig, PartitionConfig
 from mllmfl_dist.data import DataError, build_client_data, longtail_counts
 from mllmfl_dist.data.shards import (
@@ -219,7 +219,7 @@ def test_cli_packs_a_folder_with_labels_from_subfolders(tmp_path: Path, capsys) 
     (src / "ant" / "notes.txt").write_text("not an image")
     (src / "ant" / "broken.png").write_bytes(b"not a png")
     out = tmp_path / "out"
-    rc = shards_cli.main(["--from-folder", str(src), "--labels-from-subfolders", "--out", str(out),
+    rc = shards_command.main(["--from-folder", str(src), "--labels-from-subfolders", "--out", str(out),
                           "--max-count", "2"])
     assert rc == 0
     report = capsys.readouterr().out
@@ -243,7 +243,7 @@ def test_cli_folder_without_labels_and_mixed_modes(tmp_path: Path) -> None:
     _png(src / "rgb.png", 4, mode="RGB")
     Image.new("RGBA", (8, 8), (1, 2, 3, 4)).save(src / "alpha.png")
     Image.new("RGB", (8, 8), (200, 100, 0)).save(src / "photo.jpg", quality=95)
-    rc = shards_cli.main(["--from-folder", str(src), "--out", str(tmp_path / "o"), "--no-compress"])
+    rc = shards_command.main(["--from-folder", str(src), "--out", str(tmp_path / "o"), "--no-compress"])
     assert rc == 0 and not (tmp_path / "o" / "classes.json").exists()
     (path,) = expand_shards(str(tmp_path / "o" / "images-*.tar"))
     samples = {s["key"]: s for s in iter_samples(path)}
@@ -256,7 +256,7 @@ def test_cli_folder_without_labels_and_mixed_modes(tmp_path: Path) -> None:
 
 def test_cli_packs_a_data_source(tmp_path: Path, capsys) -> None:
     out = tmp_path / "syn"
-    rc = shards_cli.main(["--from-source", "synthetic", "--split", "train", "--per-class", "5",
+    rc = shards_command.main(["--from-source", "synthetic", "--split", "train", "--per-class", "5",
                           "--out", str(out), "--max-count", "16"])
     assert rc == 0
     paths = expand_shards(str(out / "train-*.tar.gz"))
@@ -274,7 +274,7 @@ def test_cli_packs_a_data_source(tmp_path: Path, capsys) -> None:
     assert keys[0] == f"synthetic_train_{index[0]:06d}"
     # long tail with the package's rule, and unlabeled output
     capsys.readouterr()
-    rc = shards_cli.main(["--from-source", "synthetic", "--split", "test", "--imb-factor", "0.1", "--no-labels",
+    rc = shards_command.main(["--from-source", "synthetic", "--split", "test", "--imb-factor", "0.1", "--no-labels",
                           "--out", str(tmp_path / "lt"), "--max-count", "1000"])
     assert rc == 0
     samples = [s for p in expand_shards(str(tmp_path / "lt")) for s in iter_samples(p)]
@@ -299,16 +299,16 @@ def test_cli_user_errors_exit_2(tmp_path: Path, capsys, argv: list[str], message
     (tmp_path / "empty").mkdir()
     _png(tmp_path / "loose" / "x.png", 1)
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv] + ["--out", str(tmp_path / "out")]
-    assert shards_cli.main(argv) == 2
+    assert shards_command.main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("mllmfl_dist: error:") and message in err and err.count("\n") == 1
 
 
 def test_cli_refuses_to_overwrite_without_the_flag(tmp_path: Path, capsys) -> None:
     argv = ["--from-source", "synthetic", "--split", "test", "--per-class", "2", "--out", str(tmp_path)]
-    assert shards_cli.main(argv) == 0
-    assert shards_cli.main(argv) == 2 and "--overwrite" in capsys.readouterr().err
-    assert shards_cli.main(argv + ["--overwrite"]) == 0
+    assert shards_command.main(argv) == 0
+    assert shards_command.main(argv) == 2 and "--overwrite" in capsys.readouterr().err
+    assert shards_command.main(argv + ["--overwrite"]) == 0
 
 
 # ----------------------------------------------------------------------- shards as client data

@@ -12,9 +12,9 @@ import torch
 from mllmfl_dist.data.labeled_shards import resolve_pattern
 from mllmfl_dist.data.images import to_pil
 from mllmfl_dist.data.shards import read_labeled_shards
-from mllmfl_dist.data.web_captions import named_category
-from mllmfl_dist.models.standin_settings import StandinSettings
-from mllmfl_dist.models.tiny import MANIFEST, MODEL_CARD, build_tiny_models
+from mllmfl_dist.standins.web_captions import named_category
+from mllmfl_dist.standins.standin_settings import StandinSettings
+from mllmfl_dist.standins.build import MANIFEST, MODEL_CARD, build_tiny_models
 
 CORPUS = "shards/fmnist_web"
 TEST_SHARDS = "shards/fmnist_lt/test-*.tar.gz"
@@ -67,7 +67,7 @@ def test_trained_models_load_through_the_real_paths(standins):
 
 
 def test_model_card_is_recomputed_from_the_saved_weights(standins):
-    from mllmfl_dist.models.model_card import measure_standins
+    from mllmfl_dist.standins.model_card import measure_standins
 
     paths, card = standins
     measured = card["measured"]
@@ -80,7 +80,7 @@ def test_model_card_is_recomputed_from_the_saved_weights(standins):
 
 def test_annotation_names_the_garment(standins):
     from mllmfl_dist.config import AnnotateConfig
-    from mllmfl_dist.models.mllm import load_llava
+    from mllmfl_dist.mllm.llava import load_llava
     from mllmfl_dist.stages.annotate import Generation, caption_batch
 
     paths, _ = standins
@@ -95,8 +95,8 @@ def test_annotation_names_the_garment(standins):
 
 
 def test_llava_tower_is_the_clip_image_tower(standins):
-    from mllmfl_dist.models.clip_teacher import load_clip
-    from mllmfl_dist.models.mllm import llava_inner, load_llava
+    from mllmfl_dist.mllm.clip_teacher import load_clip
+    from mllmfl_dist.mllm.llava import llava_inner, load_llava
 
     paths, _ = standins
     clip, _, _ = load_clip(f"local-dir:{paths['clip']}")
@@ -123,9 +123,9 @@ def test_reuse_rebuild_and_the_random_build_manifest(standins, tmp_path):
 
 
 def test_clip_training_is_deterministic():
-    from mllmfl_dist.models.clip_train import train_clip
-    from mllmfl_dist.models.standin_data import read_caption_corpus
-    from mllmfl_dist.models.tiny import CLIP_CONFIG, CLIP_PREPROCESS
+    from mllmfl_dist.standins.clip_train import train_clip
+    from mllmfl_dist.standins.standin_data import read_caption_corpus
+    from mllmfl_dist.standins.tiny import CLIP_CONFIG, CLIP_PREPROCESS
 
     images, captions = read_caption_corpus(CORPUS, limit=96)
     runs = [train_clip(images, captions, CLIP_CONFIG, CLIP_PREPROCESS, epochs=1, batch_size=32, lr=1e-3,
@@ -134,8 +134,8 @@ def test_clip_training_is_deterministic():
 
 
 def test_answer_tokens_are_the_processors(standins):
-    from mllmfl_dist.models.llava_train import encode_answer
-    from mllmfl_dist.models.mllm import load_llava
+    from mllmfl_dist.standins.llava_train import encode_answer
+    from mllmfl_dist.mllm.llava import load_llava
 
     paths, _ = standins
     _, processor = load_llava(str(paths["llava"]))
@@ -157,8 +157,8 @@ def test_missing_corpus_is_a_clear_cli_error(tmp_path, capsys):
 
 
 def test_answer_loss_is_the_models_own_loss(tiny_models):
-    from mllmfl_dist.models.llava_train import answer_loss, collate_answers, encode_answer
-    from mllmfl_dist.models.mllm import clip_visual_features, load_llava
+    from mllmfl_dist.standins.llava_train import answer_loss, collate_answers, encode_answer
+    from mllmfl_dist.mllm.llava import clip_visual_features, load_llava
 
     model, processor = load_llava(str(tiny_models["llava"]))
     gen = torch.Generator().manual_seed(1)
@@ -185,8 +185,8 @@ def test_answer_loss_is_the_models_own_loss(tiny_models):
 def test_open_clip_tower_converts_to_the_same_function(quick_gelu):
     import open_clip
 
-    from mllmfl_dist.models.clip_to_hf import convert_visual
-    from mllmfl_dist.models.tiny import CLIP_CONFIG
+    from mllmfl_dist.standins.clip_to_hf import convert_visual
+    from mllmfl_dist.standins.tiny import CLIP_CONFIG
 
     torch.manual_seed(3)
     visual = open_clip.CLIP(**CLIP_CONFIG, quick_gelu=quick_gelu).visual.eval()

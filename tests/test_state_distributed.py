@@ -24,7 +24,7 @@ COMMON = ["dist.threads=1", "log.progress=false", "log.tensorboard=false", "fede
 # client states reached the store (and, with a budget of 0, its files), before that round's checkpoint.
 DRIVER = '''
 import os, signal, sys
-from mllmfl_dist.core.plugins import register_strategy
+from mllmfl_dist.config.plugins import register_strategy
 from mllmfl_dist.fl.strategies.scaffold import Scaffold
 
 class KilledScaffold(Scaffold):

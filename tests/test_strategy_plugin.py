@@ -107,7 +107,7 @@ def test_a_strategy_may_not_declare_a_built_in_section_with_another_dataclass():
 
     from mllmfl_dist.config.strategy_sections import CreffConfig
     from mllmfl_dist.core.errors import ConfigError
-    from mllmfl_dist.core.plugins import register_strategy, strategy_sections, unregister_strategy
+    from mllmfl_dist.config.plugins import register_strategy, strategy_sections, unregister_strategy
     from mllmfl_dist.fl.strategies import FedAvg
 
     @dataclass(frozen=True)
@@ -139,7 +139,7 @@ def test_the_readme_plugin_with_per_client_state_keeps_each_clients_control_vari
 
     from launchers import cli
 
-    from mllmfl_dist.core.plugins import register_strategy, unregister_strategy
+    from mllmfl_dist.config.plugins import register_strategy, unregister_strategy
 
     monkeypatch.syspath_prepend(str(REPO / "examples" / "drift_control"))
     from drift_control import DriftControl

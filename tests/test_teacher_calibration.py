@@ -13,7 +13,7 @@ from launchers import SMOKE
 
 from mllmfl_dist.config import ConfigError, load_config
 from mllmfl_dist.fl.strategies import build_strategy
-from mllmfl_dist.models.teacher_diagnostics import teacher_diagnostics
+from mllmfl_dist.mllm.teacher_diagnostics import teacher_diagnostics
 
 CLASSES = ["cat", "dog", "car"]
 
@@ -24,9 +24,9 @@ def _images(n, seed=0):
 
 
 def test_the_clip_teachers_logit_scale_is_the_loaded_models_own_unless_a_number_is_set(tiny_models, tmp_path):
-    from mllmfl_dist.models.clip_teacher import load_clip, resolve_logit_scale, zero_shot_classifier, \
+    from mllmfl_dist.mllm.clip_teacher import load_clip, resolve_logit_scale, zero_shot_classifier, \
         zero_shot_logits
-    from mllmfl_dist.models.teachers import teacher_cache_key, teacher_distributions
+    from mllmfl_dist.mllm.teachers import teacher_cache_key, teacher_distributions
 
     spec = f"local-dir:{tiny_models['clip']}"
     clip, preprocess, tokenizer = load_clip(spec)
@@ -148,7 +148,8 @@ def test_the_uniform_teachers_alignment_loss_is_label_smoothing_at_beta(temperat
 
 
 def test_compare_takes_the_uniform_teacher_without_a_model():
-    from mllmfl_dist.commands.compare import Method, method_config, parse_method
+    from mllmfl_dist.commands.compare import method_config
+    from mllmfl_dist.commands.compare_methods import Method, parse_method
 
     cfg = load_config(SMOKE)
     method = parse_method("fedavg+align[uniform]", cfg)

@@ -6,10 +6,10 @@ import pytest
 import torch
 from PIL import Image
 
-import mllmfl_dist.models.teachers as teachers
+import mllmfl_dist.mllm.teachers as teachers
 from mllmfl_dist.config import ConfigError
-from mllmfl_dist.models.mllm import load_llava
-from mllmfl_dist.models.teachers import llava_answer_loglik, teacher_cache_key, teacher_distributions
+from mllmfl_dist.mllm.llava import load_llava
+from mllmfl_dist.mllm.teachers import llava_answer_loglik, teacher_cache_key, teacher_distributions
 
 # Class names of different token lengths, so the batched (left-padded) path is exercised.
 CLASSES = ["cat", "ankle boot", "zebrafish tank", "dog"]

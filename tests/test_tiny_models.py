@@ -10,15 +10,15 @@ import pytest
 import torch
 from PIL import Image
 
-from mllmfl_dist.models.clip_teacher import load_clip, zero_shot_classifier, zero_shot_logits
-from mllmfl_dist.models.mllm import (
+from mllmfl_dist.mllm.clip_teacher import load_clip, zero_shot_classifier, zero_shot_logits
+from mllmfl_dist.mllm.llava import (
     ModelLoadError,
     clip_visual_features,
     load_llava,
     project_visual_tokens,
     vision_grid,
 )
-from mllmfl_dist.models.tiny import MANIFEST, build_tiny_models
+from mllmfl_dist.standins.build import MANIFEST, build_tiny_models
 
 PROMPT = "USER: <image>\nDescribe the image. ASSISTANT:"
 

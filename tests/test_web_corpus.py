@@ -11,9 +11,9 @@ import pytest
 
 from mllmfl_dist.data.base import DataError
 from mllmfl_dist.data.shards import expand_shards, iter_samples
-from mllmfl_dist.data.web_captions import (ADJECTIVES, CATEGORY_NAMES, NO_CLASS_CAPTIONS, SYNONYMS, TEMPLATES,
+from mllmfl_dist.standins.web_captions import (ADJECTIVES, CATEGORY_NAMES, NO_CLASS_CAPTIONS, SYNONYMS, TEMPLATES,
                                            make_caption, named_category, reversed_tail_counts)
-from mllmfl_dist.models.standin_data import instruction_pairs, llava_prompt
+from mllmfl_dist.standins.standin_data import instruction_pairs, llava_prompt
 
 SHIPPED = Path(__file__).resolve().parents[1] / "shards"
 WEB = SHIPPED / "fmnist_web"
@@ -130,7 +130,7 @@ def test_shipped_corpus_captions_and_class_mix_match_the_raw_labels():
 
 
 def test_rebuilding_the_corpus_gives_the_shipped_bytes(tmp_path):
-    from mllmfl_dist.web_corpus_cli import main
+    from mllmfl_dist.commands.web_corpus import main
 
     fashion_mnist()
     assert main([*BUILD_ARGS, "--out", str(tmp_path / "web")]) == 0
@@ -142,7 +142,7 @@ def test_rebuilding_the_corpus_gives_the_shipped_bytes(tmp_path):
 
 
 def test_corpus_cli_user_errors(tmp_path, capsys):
-    from mllmfl_dist.web_corpus_cli import main
+    from mllmfl_dist.commands.web_corpus import main
 
     fashion_mnist()
     assert main(["--out", str(tmp_path), "--wrong-fraction", "0.7", "--no-class-fraction", "0.5"]) == 2

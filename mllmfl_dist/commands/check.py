@@ -1,7 +1,7 @@
 """``check CONFIG``: what a run of the config will use, and whether it is there, in one table, in seconds.
 
 Loads no weights and imports neither transformers, DeepSpeed nor open_clip: models are resolved to their files
-(:mod:`mllmfl_dist.models.model_files`), data and shards are looked up (:mod:`.check_inputs`), the run
+(:mod:`mllmfl_dist.mllm.model_files`), data and shards are looked up (:mod:`.check_inputs`), the run
 directory and the world go through the start-up checks of :mod:`mllmfl_dist.core.preflight`, and the memory
 per rank of each stage and the disk the run writes are estimated (:mod:`.check_footprint`). Exit 0 when
 everything is there; otherwise one line per missing thing after the table, and exit 2.
@@ -28,6 +28,7 @@ from mllmfl_dist.commands import check_footprint as fp
 from mllmfl_dist.commands.check_inputs import Findings, Row, find_data, find_models, find_stage_shards
 from mllmfl_dist.core import preflight
 from mllmfl_dist.core.errors import ConfigError
+from mllmfl_dist.core.resources import resolve_path
 
 COMMAND_STAGES = {"annotate": ["annotate"], "pretrain": ["pretrain"], "federate": ["federate"]}
 LAUNCH_LINE = re.compile(r"--nproc[_-]per[_-]node[ =](\d+)")
@@ -52,7 +53,7 @@ class World:
 
 
 def stages_for(cfg, command: str) -> list[str]:
-    from mllmfl_dist.commands.pipeline import planned_stages
+    from mllmfl_dist.commands.pipeline import planned_stages  # imports every stage: only for run, compare
 
     return COMMAND_STAGES.get(command) or planned_stages(cfg)
 
@@ -97,8 +98,6 @@ def planned_world(cfg, config_path: str, nnodes: int | None = None, nproc: int |
 
 
 def _head(path: str) -> list[str]:
-    from mllmfl_dist.core.resources import resolve_path
-
     try:
         with open(resolve_path(path)) as handle:
             return [handle.readline() for _ in range(3)]

@@ -1,10 +1,10 @@
 """Estimates, before anything loads, of the peak memory per rank of each stage of a run and of what it writes to disk.
 
-They are arithmetic on the config and on the models' files (:mod:`mllmfl_dist.models.model_files`), not
+They are arithmetic on the config and on the models' files (:mod:`mllmfl_dist.mllm.model_files`), not
 measurements:
 
 * weights: parameter count x bytes per parameter at the stage's dtype (annotation: ``annotate.dtype``; DWP:
-  ``pretrain.deepspeed.precision``; the LLaVA teacher: float32, as ``models/teachers.py`` loads it);
+  ``pretrain.deepspeed.precision``; the LLaVA teacher: float32, as ``mllm/teachers.py`` loads it);
 * generation's KV cache: 2 x layers x key/value width x tokens x batch x beams x bytes;
 * DWP's trainable state under ZeRO (Rajbhandari et al. 2020, "ZeRO: Memory Optimizations Toward Training
   Trillion Parameter Models", sec. 3 and 5): parameters and gradients at 2 bytes with bf16/fp16 (4 with fp32),
@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from mllmfl_dist.models.model_files import DTYPE_BYTES, TORCH_DTYPE_BYTES, ModelFiles
+from mllmfl_dist.mllm.model_files import DTYPE_BYTES, TORCH_DTYPE_BYTES, ModelFiles
 
 GiB = 2 ** 30
 PROMPT_TOKENS = 40  # the caption / class prompt around <image>, tokenised (the default prompts: ~20-30)
@@ -81,7 +81,7 @@ def fl_model_size(cfg, classes: int, channels: int, side: int) -> tuple[int, int
     FL model, built on the ``meta`` device (no memory, no initialisation cost)."""
     import torch
 
-    from mllmfl_dist.models.fl_models import build_model
+    from mllmfl_dist.fl.models import build_model
 
     with torch.device("meta"):
         model = build_model(cfg.model.arch, channels, classes, cfg.model.width_scale).eval()
@@ -97,7 +97,7 @@ def fl_model_size(cfg, classes: int, channels: int, side: int) -> tuple[int, int
 
 
 def adapter_params(map_channels: int, geometry: LlavaGeometry) -> int:
-    """DWP's TokenAdapter (models/dwp.py): two linear layers to the vision width, and a position embedding per
+    """DWP's TokenAdapter (stages/pretrain/dwp.py): two linear layers to the vision width, and a position embedding per
     image token."""
     width = geometry.vision_width
     return map_channels * width + width + width * width + width + geometry.image_tokens * width

@@ -8,7 +8,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mllmfl_dist.models.model_files import ModelFiles, find_hf_model, find_open_clip
+from mllmfl_dist.mllm.model_files import ModelFiles, find_hf_model, find_open_clip
+from mllmfl_dist.core.preflight import IMAGENET_LT_LISTS
+
+# data.* (numpy, torch) is imported inside the look-ups of the sources that need it: a config that reads none
+# of them is checked without loading torch for them.
 
 
 @dataclass
@@ -153,8 +157,6 @@ def _find_fashion_mnist(data, out: Findings) -> None:
 
 
 def _find_imagenet_lt(data, out: Findings) -> None:
-    from mllmfl_dist.core.preflight import IMAGENET_LT_LISTS
-
     root = Path(data.root).expanduser()
     lists = Path(data.lists_dir or data.root).expanduser()
     for list_name in IMAGENET_LT_LISTS:

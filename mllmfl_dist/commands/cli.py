@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 
+from mllmfl_dist.commands import probe, shards
+
 DESCRIPTION = """\
 Distributed trainer for MLLM-assisted federated learning on long-tailed, heterogeneous image data.
 
@@ -111,13 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--nproc-per-node", type=int,
                        help="ranks per node (default: as launched, else the config's torchrun line)")
     check.add_argument("--gpus-per-node", type=int, help="GPUs per node (default: those visible here)")
-    from mllmfl_dist import shards_cli
-    from mllmfl_dist.commands import probe
-
     probe.add_arguments(add("probe", "linear-probe accuracy of frozen backbones on the config's data"))
-    shards_cli.add_arguments(commands.add_parser("shards", help="pack images into WebDataset shards",
-                                                 description=shards_cli.DESCRIPTION,
-                                                 formatter_class=argparse.RawDescriptionHelpFormatter))
+    shards.add_arguments(commands.add_parser("shards", help="pack images into WebDataset shards",
+                                             description=shards.DESCRIPTION,
+                                             formatter_class=argparse.RawDescriptionHelpFormatter))
     report = commands.add_parser("report", help="write the report of a run directory (summary, plots, report.md)",
                                  description="Write <RUN_DIR>/report/: summary.json, report.md and the plots, "
                                              "from what the run wrote (any run: federate, run, a compare row).")

@@ -4,7 +4,7 @@ A method is a base strategy plus, optionally, stages of the MLLM-assisted method
 ``<strategy>[+dwp[llava]][+align[<teacher>]]``:
 
 - a strategy name (``fedavg``, ``fedavgm``, ``fedprox``, ``creff``, ``clip2fl``, or a plugin's,
-  :mod:`mllmfl_dist.core.plugins`): the strategy from a randomly initialised backbone, alignment off;
+  :mod:`mllmfl_dist.config.plugins`): the strategy from a randomly initialised backbone, alignment off;
 - ``+dwp[llava]``: the backbone comes from Dynamic Weighted Pretraining against the LLaVA (``[annotate]`` /
   ``[pretrain]``), run once per seed in ``<run dir>/compare/stage1/seed<k>/`` and shared by every +dwp row;
 - ``+align[none|clip|llava|uniform]``: global alignment as ``[align]`` describes it (``every = 1`` where the
@@ -29,88 +29,19 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from mllmfl_dist.config import AlignConfig, Config, ConfigError, validate
-from mllmfl_dist.config.fields import choices_of
+from mllmfl_dist.config import Config, ConfigError, validate
 from mllmfl_dist.core import dist
-from mllmfl_dist.fl.strategies import builtin_strategy_names, strategy_class, strategy_names
+from mllmfl_dist.fl.strategies import build_strategy, strategy_class, strategy_names
 from mllmfl_dist.commands import tuning
+from mllmfl_dist.commands.compare_methods import Method
+from mllmfl_dist.commands.compare_table import run_row, write_results
+from mllmfl_dist.commands.pipeline import run_pipeline, run_stage1
 
 log = logging.getLogger(__name__)
-
-TEACHERS = choices_of(AlignConfig, "teacher")
-FULL_METHOD = "mllm-llava-fl"
-_SPEC = re.compile(r"^(?P<strategy>[a-z][a-z0-9_]*)(?P<dwp>\+dwp\[llava\])?(?:\+align\[(?P<teacher>[a-z]+)\])?$")
-
-
-@dataclasses.dataclass(frozen=True)
-class Method:
-    """One row of the comparison: a base strategy, DWP or not, and the alignment teacher (None: no
-    alignment). ``as_written`` marks the ``config`` method (the config's own settings, not rewritten)."""
-
-    strategy: str
-    dwp: bool = False
-    teacher: str | None = None
-    as_written: bool = False
-
-    @property
-    def name(self) -> str:
-        if self.strategy == "fedavg" and self.dwp and self.teacher == "llava":
-            return FULL_METHOD
-        return self.strategy + ("+dwp[llava]" if self.dwp else "") + (f"+align[{self.teacher}]" if self.teacher else "")
-
-    @property
-    def dirname(self) -> str:
-        """The name without brackets, for a directory a shell need not quote."""
-        return self.name.replace("[", "-").replace("]", "")
-
-
-def method_of_config(cfg: Config) -> Method:
-    """The method a config runs as written."""
-    if cfg.model.pretrained_backbone not in ("", "pretrain"):
-        raise ConfigError(f"compare: the config starts from the backbone file {cfg.model.pretrained_backbone!r}; "
-                          f"a compare row names what ran, so use model.pretrained_backbone = 'pretrain' or ''")
-    return Method(cfg.federated.strategy, cfg.model.pretrained_backbone == "pretrain",
-                  cfg.align.teacher if cfg.align.every else None, as_written=True)
-
-
-def parse_method(text: str, cfg: Config) -> Method:
-    spec = text.strip()
-    if spec == "config":
-        return method_of_config(cfg)
-    if spec == FULL_METHOD:
-        return Method("fedavg", dwp=True, teacher="llava")
-    match = _SPEC.match(spec)
-    names = strategy_names()
-    if not match or match["strategy"] not in names or (match["teacher"] or "none") not in TEACHERS:
-        raise ConfigError(f"compare: unknown method {spec!r}; a method is <strategy>[+dwp[llava]][+align[<teacher>]] "
-                          f"with strategy one of {', '.join(names)} and teacher one of "
-                          f"{', '.join(TEACHERS)} (e.g. fedavg, creff, fedavg+align[none], fedavg+dwp[llava]), or "
-                          f"{FULL_METHOD}, or config (the config as written)")
-    return Method(match["strategy"], bool(match["dwp"]), match["teacher"])
-
-
-def parse_methods(text: str, cfg: Config) -> list[Method]:
-    methods = [parse_method(m, cfg) for m in text.split(",") if m.strip()]
-    if not methods:
-        raise ConfigError(f"--methods {text!r} names no method")
-    names = [m.name for m in methods]
-    twice = sorted({n for n in names if names.count(n) > 1})
-    if twice:
-        raise ConfigError(f"--methods {text!r} names {', '.join(twice)} twice")
-    return methods
-
-
-def default_methods(cfg: Config) -> str:
-    """The built-in strategies, plus the config as written when it runs a stage of the method."""
-    uses_method = cfg.align.every > 0 or cfg.model.pretrained_backbone == "pretrain"
-    baselines = builtin_strategy_names()
-    return ",".join((*baselines, "config") if uses_method else baselines)
-
 
 def parse_seeds(text: str | None, cfg: Config) -> list[int]:
     if not text:
@@ -144,8 +75,6 @@ def compare_options(args: Any, cfg: Config, seeds: Sequence[int]) -> tuple[Any, 
 def check_methods(cfg: Config, methods: list[Method], tune: tuning.TuneSpec | None) -> None:
     """Refuse a bad method, or a model one needs that is not there, for every tuned setting (ConfigError,
     ModelLoadError)."""
-    from mllmfl_dist.fl.strategies import build_strategy
-
     for method in methods:
         for setting in tuning.method_grid(method, tune) if tune else [{}]:
             build_strategy(method_config(cfg, method, setting=setting)).projection_dim(0)  # only its refusal matters
@@ -242,8 +171,6 @@ def run_compare(cfg: Config, runtime: dist.Runtime, methods: list[Method], seeds
     then write the tables and the plot on rank 0 (``last``: evaluations averaged in the last-evaluations
     column; ``target``: balanced test accuracy of the rounds-to-target column). Returns the per-(method,
     seed) rows on rank 0."""
-    from mllmfl_dist.commands.compare_table import run_row, write_results
-
     grids = {m.name: tuning.method_grid(m, tune) if tune else [{}] for m in methods}
     # Every config is checked before anything runs: each tuning run, and each candidate on the reporting seeds.
     tune_jobs = [(m, setting, s, method_config(cfg, m, s, setting, tune_root(cfg, m, setting)))
@@ -276,8 +203,6 @@ def _run_jobs(cfg: Config, runtime: dist.Runtime, jobs: list[tuple[Method, dict[
               what: str) -> None:
     """Run each (method, setting, seed, config) in order, each +dwp one after its stage 1 (annotation, DWP:
     run once per seed and stage-1 setting, shared by the +dwp rows)."""
-    from mllmfl_dist.commands.pipeline import run_pipeline, run_stage1
-
     stage1_done: set[Path] = set()
     for done, (method, setting, seed, method_cfg) in enumerate(jobs, start=1):
         if method.dwp:

@@ -32,7 +32,7 @@ from mllmfl_dist.core.checkpoint import remove_stale_temps, write_text_atomic
 from mllmfl_dist.core.jsonl import read_evaluations, read_jsonl
 from mllmfl_dist.core.layout import RunLayout
 from mllmfl_dist.fl.strategies import strategy_class
-from mllmfl_dist.commands.compare import Method
+from mllmfl_dist.commands.compare_methods import Method
 from mllmfl_dist.commands.seed_statistics import Spread, first_round_reaching, last_mean, paired_difference, spread
 from mllmfl_dist.stages.report_plots import pyplot, save_accuracy_plot
 

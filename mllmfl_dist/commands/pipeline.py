@@ -18,6 +18,10 @@ from typing import Any
 
 from mllmfl_dist.core import dist, run_lock
 from mllmfl_dist.config import Config
+from mllmfl_dist.stages.annotate import run_annotate
+from mllmfl_dist.stages.pretrain import run_pretrain
+from mllmfl_dist.stages.federated import run_federated
+from mllmfl_dist.stages.report import write_report
 
 log = logging.getLogger(__name__)
 
@@ -64,22 +68,14 @@ def _stages(cfg: Config, runtime: dist.Runtime) -> dict[str, Any]:
     summary: dict[str, Any] = {}
     for stage in stages:
         if stage == "annotate":
-            from mllmfl_dist.stages.annotate import run_annotate
-
             run_annotate(cfg, runtime)
         elif stage == "pretrain":
-            from mllmfl_dist.stages.pretrain import run_pretrain
-
             run_pretrain(cfg, runtime)
         elif stage in ("federate", "baseline"):
-            from mllmfl_dist.stages.federated import run_federated
-
             stage_cfg = cfg if stage == "federate" else baseline_config(cfg)
             with run_lock.holding(runtime, stage_cfg.run_dir):
                 run_federated(stage_cfg, runtime)
         elif stage == "report" and runtime.is_server:
-            from mllmfl_dist.stages.report import write_report
-
             # A `report` command on this run may be writing the same folder: wait for it (seconds).
             with run_lock.holding_report(cfg.paths.report, runtime.run_locks.command, wait=True):
                 summary = write_report(cfg.run_dir)
@@ -89,12 +85,8 @@ def _stages(cfg: Config, runtime: dist.Runtime) -> dict[str, Any]:
 
 def run_stage1(cfg: Config, runtime: dist.Runtime) -> Path:
     """Annotation (when DWP reads this run's captions) and DWP alone; returns the backbone's path."""
-    from mllmfl_dist.stages.pretrain import run_pretrain
-
     with run_lock.holding(runtime, cfg.run_dir):
         if not cfg.pretrain.shards:
-            from mllmfl_dist.stages.annotate import run_annotate
-
             run_annotate(cfg, runtime)
         run_pretrain(cfg, runtime)
     return cfg.run_dir / "pretrain" / "backbone.pt"

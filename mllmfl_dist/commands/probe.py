@@ -25,6 +25,10 @@ from pathlib import Path
 from typing import Any
 
 from mllmfl_dist.config import Config, ConfigError
+from mllmfl_dist.core.preflight import expand_user
+
+# The probe's own modules (torch, the stages' data and model) are imported inside the functions that run it:
+# this module adds `probe` to the CLI's parser, and `--help` must answer without torch.
 
 SPEC_FORMS = ("a model_final.pt / checkpoint.pt / backbone.pt path, random:SEED, or clip:MODEL[@PRETRAINED] "
               "(e.g. clip:local-dir:runs/standins/clip)")
@@ -85,12 +89,11 @@ def run_probe(cfg: Config, specs: list[str], train_set: str = "holdout", out: st
 def backbone_featurizer(spec: str, cfg: Config, data, device):
     """(kind, featurizer) of one SPEC; ConfigError (or ModelLoadError for a CLIP model) with one line when the
     SPEC names nothing usable."""
-    from mllmfl_dist.core.preflight import expand_user
     from mllmfl_dist.fl.probe import clip_image_features, pooled_features
     from mllmfl_dist.stages.inputs import build_fl_model
 
     if spec.startswith("clip:"):
-        from mllmfl_dist.models.clip_teacher import load_clip
+        from mllmfl_dist.mllm.clip_teacher import load_clip
 
         model, pretrained = _clip_spec(expand_user(spec[len("clip:"):]))  # the shell expands no ~ after clip:
         clip, preprocess, _ = load_clip(model, pretrained, device=device)

@@ -29,10 +29,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from mllmfl_dist.config import Config, ConfigError
+from mllmfl_dist.config import Config, ConfigError, plugins
 from mllmfl_dist.config.loader import parse_override
-from mllmfl_dist.core import plugins
 from mllmfl_dist.commands.seed_statistics import last_mean
+from mllmfl_dist.core.checkpoint import write_text_atomic
+from mllmfl_dist.core.jsonl import read_evaluations
 
 # Keys every strategy reads (its local training and its server step).
 EVERY_STRATEGY = ("federated.lr", "federated.momentum", "federated.weight_decay", "federated.local_epochs",
@@ -226,9 +227,6 @@ def select_all(out_dir: Path, methods: Sequence[Any], grids: Mapping[str, Sequen
     """Choose every method's configuration from its tuning runs' ``metrics.jsonl`` (``metrics``: (method name,
     config id, tuning seed) -> path; a method with one configuration has no tuning runs and keeps it), write
     ``out_dir/tuning.json`` and return {method name: chosen setting}."""
-    from mllmfl_dist.core.checkpoint import write_text_atomic
-    from mllmfl_dist.core.jsonl import read_evaluations
-
     entries, chosen = {}, {}
     for method in methods:
         settings = grids[method.name]

@@ -22,10 +22,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from mllmfl_dist.config import plugins
 from mllmfl_dist.config.fields import check_section, is_path
 from mllmfl_dist.config.run_name import is_template, resolve_run_name
 from mllmfl_dist.config.schema import CORE_SECTIONS, Config
-from mllmfl_dist.core import plugins, preflight
+from mllmfl_dist.core import preflight
 from mllmfl_dist.core.errors import ConfigError
 from mllmfl_dist.core.resources import resolve_path
 

@@ -12,8 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from mllmfl_dist.config import plugins
 from mllmfl_dist.config.loader import flat_items
-from mllmfl_dist.core import plugins, preflight
+from mllmfl_dist.core import preflight
 from mllmfl_dist.core.errors import ConfigError
 
 

@@ -3,7 +3,7 @@ them, its choices and bounds (:mod:`mllmfl_dist.config.fields`).
 
 The run's own sections are fields of :class:`Config`. The sections a strategy reads (``[creff]``,
 ``[clip2fl]``, a plugin's) are declared by the strategy (``Strategy.sections``) and held in
-``Config.strategy_sections``: they load, check, write and resume like ours (:mod:`mllmfl_dist.core.plugins`).
+``Config.strategy_sections``: they load, check, write and resume like ours (:mod:`mllmfl_dist.config.plugins`).
 Loading and checking: :mod:`mllmfl_dist.config.loader`; what a resume may change: :mod:`mllmfl_dist.config.resume`.
 """
 
@@ -17,10 +17,11 @@ from typing import Any
 
 import tomli_w
 
+from mllmfl_dist.config import plugins
 from mllmfl_dist.config.fields import (at_least, checked, choice, fraction, image_prompt, minutes, non_negative,
                                        path_setting, positive, unit_interval)
 from mllmfl_dist.config.values import valid_index_range
-from mllmfl_dist.core import plugins, preflight
+from mllmfl_dist.core import preflight
 from mllmfl_dist.core.errors import ConfigError
 from mllmfl_dist.core.layout import RunLayout
 
@@ -139,7 +140,7 @@ class FederatedConfig:
     """Defaults: the CIFAR-10-LT setting of CReFF and CLIP2FL (their released options.py), so a config that
     omits a key runs the experiment the papers describe."""
 
-    strategy: str = "fedavg"  # a registered strategy (core/plugins.py): fedavg, fedavgm, fedprox, creff, clip2fl, ...
+    strategy: str = "fedavg"  # a registered strategy (config/plugins.py): fedavg, fedavgm, fedprox, creff, clip2fl, ...
     rounds: int = at_least(200, 1)  # num_rounds
     num_clients: int = at_least(20, 1)
     clients_per_round: int = at_least(8, 1)  # num_online_clients
@@ -355,7 +356,7 @@ class Config:
 
 
 CORE_SECTIONS = tuple(f.name for f in dataclasses.fields(Config) if f.name != "strategy_sections")
-assert set(CORE_SECTIONS) == plugins.RESERVED_SECTIONS, "core/plugins.py must reserve the run's own sections"
+assert set(CORE_SECTIONS) == plugins.RESERVED_SECTIONS, "config/plugins.py must reserve the run's own sections"
 
 
 def default_strategy_sections() -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """The config sections of the built-in strategies (``[creff]``, ``[clip2fl]``, ``[fedopt]``, ``[feddyn]``),
 declared here rather than beside the strategies so that loading and checking a config imports no torch: the
-strategy registry (:mod:`mllmfl_dist.core.plugins`) names these dataclasses without importing the strategies.
+strategy registry (:mod:`mllmfl_dist.config.plugins`) names these dataclasses without importing the strategies.
 A plugin's sections live with the plugin."""
 
 from __future__ import annotations
@@ -9,7 +9,8 @@ from dataclasses import dataclass
 
 from mllmfl_dist.config.fields import at_least, checked, choice, fraction, non_negative, path_setting, positive
 
-# The operations of Differentiable Siamese Augmentation (mllmfl_dist/data/dsa.py), named for creff.dsa_strategy.
+# The operations of Differentiable Siamese Augmentation (mllmfl_dist/fl/strategies/dsa.py), named for
+# creff.dsa_strategy.
 DSA_OPERATIONS = ("color", "crop", "cutout", "flip", "scale", "rotate")
 
 

@@ -14,6 +14,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
@@ -22,7 +23,6 @@ import torch.distributed as torch_dist
 from mllmfl_dist.core.errors import ConfigError, DataError, ModelLoadError, RankLostError
 from mllmfl_dist.core.launch import LaunchEnv, read_launch_env, slurm_rendezvous
 from mllmfl_dist.core.preflight import check_local_ranks, local_world_size
-from mllmfl_dist.core.run_lock import HeldLocks
 from mllmfl_dist.core.waits import Heartbeat, Waiting, WaitSettings, first_line, ranks_text
 
 if TYPE_CHECKING:
@@ -32,6 +32,16 @@ SERVER_RANK = 0
 # Errors a user can fix: one rank's refusal of this kind is raised alike on every rank.
 USER_ERRORS = (ConfigError, DataError, ModelLoadError)
 T = TypeVar("T")
+
+
+@dataclass
+class HeldLocks:
+    """The run directories this job holds, the same on every rank; the open lock files (whose descriptors carry
+    the ``flock``) only on rank 0, which took them. ``command`` names the job in the lock files
+    (:mod:`mllmfl_dist.core.run_lock` takes and releases them)."""
+
+    command: str = ""
+    dirs: dict[Path, Any] = field(default_factory=dict)  # resolved directory -> lock file handle (rank 0) or None
 
 
 @dataclass(frozen=True)

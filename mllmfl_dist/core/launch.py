@@ -23,6 +23,11 @@ class LaunchEnv:
     launcher: str = "none"  # torchrun | slurm | none
 
 
+def env_rank() -> int:
+    """This process's rank as the launcher set it (torchrun's RANK, else Slurm's SLURM_PROCID; 0 alone)."""
+    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+
+
 def read_launch_env(env: dict[str, str] | None = None) -> LaunchEnv:
     """Read torchrun's variables, else those of an srun step with several tasks, else a single process.
 

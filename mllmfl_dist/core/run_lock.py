@@ -10,8 +10,9 @@ the lock file only carries the holder's name (host, pid, command, launch, start)
 Rank 0 takes the lock for the whole job and every rank hears the outcome (:func:`holding`): the ranks of one
 launch, on any node, share it, and a refused launch ends on every rank with the same one-line error (exit 2)
 before anything is written. A process that holds a directory may enter it again (``run``'s stages,
-``compare``'s rows); what it holds lives on the :class:`~mllmfl_dist.core.dist.Runtime` (:class:`HeldLocks`),
-since a second ``flock`` on a new descriptor of the same file would refuse its own process.
+``compare``'s rows); what it holds lives on the :class:`~mllmfl_dist.core.dist.Runtime`
+(:class:`~mllmfl_dist.core.dist.HeldLocks`), since a second ``flock`` on a new descriptor of the same file
+would refuse its own process.
 """
 
 from __future__ import annotations
@@ -23,14 +24,12 @@ import socket
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
+from mllmfl_dist.core import dist
+from mllmfl_dist.core.dist import HeldLocks, Runtime
 from mllmfl_dist.core.errors import ConfigError
 
-if TYPE_CHECKING:
-    from mllmfl_dist.core.dist import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -41,15 +40,6 @@ REPORT_LOCK = "report.lock"  # in its report/ folder
 class RunDirBusyError(ConfigError):
     """Another process holds the lock of the directory this command would write. One line naming the holder
     (host, pid, command, launch, since when); exit code 2, nothing written."""
-
-
-@dataclass
-class HeldLocks:
-    """The run directories this job holds, the same on every rank; the open lock files (whose descriptors carry
-    the ``flock``) only on rank 0, which took them. ``command`` names the job in the lock files."""
-
-    command: str = ""
-    dirs: dict[Path, Any] = field(default_factory=dict)  # resolved directory -> lock file handle (rank 0) or None
 
 
 def launch_text(env: dict[str, str] | None = None) -> str:
@@ -128,8 +118,6 @@ def holding(runtime: Runtime, run_dir: str | Path, command: str | None = None) -
     could, and every rank raises the same :class:`RunDirBusyError` when not. A directory the job already holds
     is entered again without a second lock. ``command`` (default: the job's first) is what the lock file names.
     Call it on every rank alike (it is a collective when the directory is not held yet)."""
-    from mllmfl_dist.core import dist
-
     held: HeldLocks = runtime.run_locks
     key = Path(run_dir).resolve()
     if key in held.dirs:

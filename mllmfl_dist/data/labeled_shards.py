@@ -11,6 +11,7 @@ import torch
 from .base import DataError
 from .images import ImageBounds
 from .shards import CLASSES_FILE, describe_shape, expand_shards, read_classes, read_labeled_shards
+from .sources import LabeledArrays
 
 
 def _repo_root() -> Path:
@@ -45,8 +46,6 @@ def load_labeled_shards(train_pattern: str, test_pattern: str,
     largest label. mean/std are the per-channel statistics of the train images. An image over ``bounds``
     (``data.max_image_*``) is a :class:`DataError` naming the shard and the member.
     """
-    from .sources import LabeledArrays
-
     train_paths = resolve_pattern(train_pattern, train_key)
     test_paths = resolve_pattern(test_pattern, test_key)
     train_images, train_labels, _ = read_labeled_shards(train_paths, bounds)

@@ -32,6 +32,7 @@ from torch import nn
 
 from mllmfl_dist.data import normalize
 from mllmfl_dist.fl.evaluate import accuracy_report
+from mllmfl_dist.data.images import to_pil
 
 PROBE_C = 1.0  # inverse L2 strength of the logistic regression (scikit-learn's default), fixed
 PROBE_MAX_ITER = 1000
@@ -79,8 +80,6 @@ def pooled_features(model: nn.Module, images: torch.Tensor, mean, std, batch_siz
 def clip_image_features(clip, preprocess, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
     """float32 ``[n, embed_dim]``: open_clip's ``encode_image`` of uint8 ``images`` ``[n, C, H, W]``, each through
     the model's own preprocessing (grayscale repeated to RGB, resized and normalised as CLIP expects)."""
-    from mllmfl_dist.data.images import to_pil
-
     param = next(clip.visual.parameters())
     out = []
     for start in range(0, images.shape[0], batch_size):

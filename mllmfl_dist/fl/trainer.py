@@ -35,7 +35,7 @@ from mllmfl_dist.fl.client_state import ClientStateStore
 from mllmfl_dist.fl.dp import CentralDP
 from mllmfl_dist.fl.sampling import assign_clients, sample_clients
 from mllmfl_dist.fl.strategies import ClientContext, Strategy
-from mllmfl_dist.models import FLModel
+from mllmfl_dist.fl.models import FLModel
 
 # A strategy's uploads and per-client state slots above this (per round, per rank) are refused: CReFF's class
 # gradients grow as classes^2 x feature width (ImageNet-LT with ResNet-50: 1000 x 1000 x 2049 entries, 16 GB),

@@ -27,8 +27,8 @@ from mllmfl_dist.core.seeds import TAG_ALIGN, derive_seed
 from mllmfl_dist.data.images import ImageBounds, UnusableImageError, decode_image, model_input, to_pil
 from mllmfl_dist.data.shards import expand_shards, iter_samples, read_labeled_shards
 from mllmfl_dist.fl.losses import distillation_loss, temper
-from mllmfl_dist.models.teacher_diagnostics import teacher_diagnostics
-from mllmfl_dist.models.teachers import teacher_distributions
+from mllmfl_dist.mllm.teacher_diagnostics import teacher_diagnostics
+from mllmfl_dist.mllm.teachers import teacher_distributions
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from mllmfl_dist.core import checkpoint
 from mllmfl_dist.data import ClientData
 from mllmfl_dist.core.jsonl import ACCURACY_KEYS
 from mllmfl_dist.fl.evaluate import evaluate_on_splits
-from mllmfl_dist.models import FLModel
+from mllmfl_dist.fl.models import FLModel
 from mllmfl_dist.stages.align import align_model, build_alignment_set
 
 log = logging.getLogger(__name__)

@@ -31,11 +31,12 @@ from mllmfl_dist.core import dist
 from mllmfl_dist.core.checkpoint import file_identity, remove_stale_temps, same_file, write_text_atomic
 from mllmfl_dist.config import AnnotateConfig, Config, ConfigError
 from mllmfl_dist.data.images import ImageBounds, UnusableImageError, decode_image
-from mllmfl_dist.models.captioning import Generation, caption_batch
+from mllmfl_dist.mllm.captioning import Generation, caption_batch
 from mllmfl_dist.data.shards import (ShardError, expand_shards, iter_samples,
                                      write_shard)
 from mllmfl_dist.core.seeds import TAG_ANNOTATE, derive_seed
 from mllmfl_dist.core.progress import show_bars
+from mllmfl_dist.mllm.llava import load_llava, vision_side
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +113,6 @@ def run_annotate(cfg: Config, runtime: dist.Runtime, *, progress: bool = True) -
 
     if todo:
         out.mkdir(parents=True, exist_ok=True)
-        from mllmfl_dist.models.mllm import load_llava, vision_side
 
         model, processor = load_llava(acfg.model, dtype=acfg.dtype, device=runtime.device,
                                       device_map=acfg.device_map)

@@ -15,7 +15,7 @@ from mllmfl_dist.core.locks import exclusive
 from mllmfl_dist.core.seeds import TAG_MODEL_INIT, derive_seed
 from mllmfl_dist.data import ClientData, DataError, build_client_data
 from mllmfl_dist.data.sources import CIFAR_DEFAULT_ROOT
-from mllmfl_dist.models import FLModel, build_model
+from mllmfl_dist.fl.models import FLModel, build_model
 
 log = logging.getLogger(__name__)
 

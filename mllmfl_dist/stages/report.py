@@ -34,6 +34,7 @@ from mllmfl_dist.core.errors import ConfigError
 from mllmfl_dist.core.jsonl import ACCURACY_KEYS, VAL_ACCURACY_KEYS, read_evaluations
 from mllmfl_dist.core.layout import RunLayout
 from mllmfl_dist.stages import report_plots
+from mllmfl_dist.config.plugins import strategy_class
 
 log = logging.getLogger(__name__)
 
@@ -294,8 +295,6 @@ def write_report(run_dir: Path) -> dict:
 def _strategy_models(config: dict) -> list[dict[str, Any]]:
     """The models the run's strategy names in its sections, rebuilt from ``config.toml``'s values (runs whose
     federated summary predates ``strategy_models``); none where the strategy or its sections cannot be had."""
-    from mllmfl_dist.core.plugins import strategy_class
-
     try:
         cls = strategy_class(str((config.get("federated") or {}).get("strategy", "")))
         sections = {name: options(**(config.get(name) or {})) for name, options in cls.sections.items()}

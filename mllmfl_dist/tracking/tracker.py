@@ -19,6 +19,9 @@ from typing import Any
 from mllmfl_dist.core.checkpoint import write_text_atomic
 from mllmfl_dist.config import Config, ConfigError, LogConfig, flat_items
 from mllmfl_dist.tracking.base import Sink, flatten_scalars
+from mllmfl_dist.tracking.mlflow_sink import MlflowSink, default_tracking_uri
+from mllmfl_dist.tracking.tensorboard_sink import TensorBoardSink
+from mllmfl_dist.tracking.wandb_sink import WandbSink
 
 log = logging.getLogger(__name__)
 
@@ -78,10 +81,6 @@ class Tracker:
 def open_tracker(cfg: Config, stage_dir: Path, *, purge_step: int | None = None) -> Tracker:
     """The sinks of ``cfg.log`` for a stage writing to ``stage_dir`` (rank 0 only), with the config logged.
     ``purge_step``: TensorBoard drops events from that step on (rounds a resumed run redoes)."""
-    from mllmfl_dist.tracking.mlflow_sink import MlflowSink, default_tracking_uri
-    from mllmfl_dist.tracking.tensorboard_sink import TensorBoardSink
-    from mllmfl_dist.tracking.wandb_sink import WandbSink
-
     ids_path = cfg.run_dir / IDS_NAME
     ids = _read_ids(ids_path)
     run_root = Path(cfg.run.root)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from mllmfl_dist.core.plugins import (ENTRY_POINT_GROUP, builtin_strategy_names, register_strategy, strategy_class,
+from mllmfl_dist.config.plugins import (ENTRY_POINT_GROUP, builtin_strategy_names, register_strategy, strategy_class,
                                       strategy_names, unregister_strategy)
 from mllmfl_dist.core.progress import show_bars
 from mllmfl_dist.fl.strategies.base import (ClientContext, ClientUpdate, ModelUse, Strategy, StrategyArgs,

@@ -16,8 +16,8 @@ from mllmfl_dist.fl.strategies.base import ModelUse, StrategyArgs
 from mllmfl_dist.fl.strategies.clip2fl_teacher import TeacherLogits, client_labels, teacher_logits
 from mllmfl_dist.config.strategy_sections import Clip2flConfig, CreffConfig
 from mllmfl_dist.fl.strategies.creff import CReFF
-from mllmfl_dist.models.clip_teacher import clip_embed_dim
-from mllmfl_dist.models.teacher_diagnostics import teacher_diagnostics
+from mllmfl_dist.mllm.clip_teacher import clip_embed_dim
+from mllmfl_dist.mllm.teacher_diagnostics import teacher_diagnostics
 
 log = logging.getLogger(__name__)
 

@@ -30,8 +30,8 @@ from mllmfl_dist.core.cache import content_key, read_cache, write_cache
 from mllmfl_dist.core.errors import ConfigError, ModelLoadError
 from mllmfl_dist.data import ArrayClientData, ClientData
 from mllmfl_dist.data.images import to_pil
-from mllmfl_dist.models import clip_teacher, teachers
-from mllmfl_dist.models.mllm import weights_identity
+from mllmfl_dist.mllm import clip_teacher, teachers
+from mllmfl_dist.mllm.llava import weights_identity
 
 if TYPE_CHECKING:
     from mllmfl_dist.config.strategy_sections import Clip2flConfig

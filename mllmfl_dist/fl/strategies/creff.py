@@ -13,7 +13,7 @@ from torch import nn
 from mllmfl_dist.config.strategy_sections import CreffConfig
 from mllmfl_dist.core.seeds import TAG_CREFF_FEATURES, TAG_CREFF_HEAD_INIT, TAG_CREFF_RETRAIN, generator
 from mllmfl_dist.data import normalize
-from mllmfl_dist.data.dsa import dsa_siamese
+from mllmfl_dist.fl.strategies.dsa import dsa_siamese
 from mllmfl_dist.fl import federated_features as ff
 from mllmfl_dist.fl.strategies.base import StrategyArgs, Tensors
 from mllmfl_dist.fl.strategies.fedavg import FedAvg
@@ -31,7 +31,7 @@ class CReFF(FedAvg):
     - every sampled client, besides local training, computes for each class it holds the gradient of the
       cross-entropy with respect to ``[W~ | b~]`` on features of the round's global backbone (frozen, eval
       mode), averaged over ``creff.batches_per_class`` random batches of ``creff.batch_size`` samples of the
-      class, each augmented by DSA as released (``creff.dsa_strategy``, :mod:`mllmfl_dist.data.dsa`); it
+      class, each augmented by DSA as released (``creff.dsa_strategy``, :mod:`mllmfl_dist.fl.strategies.dsa`); it
       uploads their sums (``class_gradients``, ``[C, C, D + 1]``) and the weights of the server's mean
       (``class_weights``, ``[C]``, ``creff.gradient_mean``), summed by the round's one all_reduce;
     - rank 0 moves the federated features (``features_per_class`` per class at the model's feature width,

@@ -1,8 +1,8 @@
 """Stage 1b: Dynamic Weighted Pretraining (DWP) of the FL backbone against the frozen LLaVA, under DeepSpeed.
 
 What is trained: the FL backbone ``g_fl`` (built exactly as stage 2 builds it, ``build_fl_model``) plus the
-token adapter ``A`` (:mod:`mllmfl_dist.models.dwp`), wrapped together in one DeepSpeed engine. LLaVA (vision
-tower ``g``, projector ``W``, LLM) is loaded with :func:`mllmfl_dist.models.mllm.load_llava`, frozen, and kept
+token adapter ``A`` (:mod:`mllmfl_dist.stages.pretrain.dwp`), wrapped together in one DeepSpeed engine. LLaVA (vision
+tower ``g``, projector ``W``, LLM) is loaded with :func:`mllmfl_dist.mllm.llava.load_llava`, frozen, and kept
 outside the engine. A training micro-batch is a set of captioned images:
 
 - ``x_fl``: the image at the FL model's size and channel count (grayscale ``L`` for one channel, RGB for

@@ -14,9 +14,7 @@ import torch
 from mllmfl_dist.config import ConfigError
 from mllmfl_dist.data import normalize
 from mllmfl_dist.data.images import decode_image, model_input
-from mllmfl_dist.models.dwp import (
-    IGNORE_INDEX,
-)
+from mllmfl_dist.mllm.llava import IGNORE_INDEX
 from mllmfl_dist.stages.pretrain.captions import (
     CaptionedSample,
 )

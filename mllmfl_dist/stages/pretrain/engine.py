@@ -14,11 +14,11 @@ from mllmfl_dist.core import dist
 from mllmfl_dist.core.errors import TrainingDivergedError
 from mllmfl_dist.core.seeds import TAG_ADAPTER_INIT, derive_seed
 from mllmfl_dist.fl.strategies import build_strategy
-from mllmfl_dist.models.dwp import (
+from mllmfl_dist.mllm.llava import clip_visual_features, llava_forward_with_visual_features, vision_grid
+from mllmfl_dist.stages.pretrain.dwp import (
     DWPStudent,
     TokenAdapter,
     caption_token_count,
-    llava_forward_with_visual_features,
     mix_visual_tokens,
 )
 from mllmfl_dist.stages.inputs import build_data, build_fl_model
@@ -33,8 +33,6 @@ log = logging.getLogger(__name__)
 def build_student(cfg: Config, llava, runtime: dist.Runtime | None = None) -> tuple[DWPStudent, FLInput]:
     """``g_fl`` (exactly stage 2's ``build_fl_model``) plus a fresh adapter onto LLaVA's visual-token grid,
     and the FL input transform (size, channels and normalisation of the FL data)."""
-    from mllmfl_dist.models.mllm import vision_grid
-
     data = build_data(cfg, runtime)
     backbone = build_fl_model(cfg.model, data, cfg.run.seed, build_strategy(cfg).projection_dim)
     # DeepSpeed broadcasts parameters as byte views, which channels_last conv weights cannot give; the
@@ -54,8 +52,6 @@ def build_student(cfg: Config, llava, runtime: dist.Runtime | None = None) -> tu
 
 def _visual_tokens(engine, llava, batch: DWPBatch, alpha: float, device: torch.device,
                    training: bool) -> torch.Tensor:
-    from mllmfl_dist.models.mllm import clip_visual_features
-
     fl = None
     if training or alpha > 0.0:
         fl = engine(batch.x_fl.to(device=device, dtype=_module_dtype(engine)))

@@ -13,7 +13,7 @@ from typing import Any
 from mllmfl_dist.config import Config, ConfigError
 from mllmfl_dist.core import checkpoint, dist
 from mllmfl_dist.data.images import ImageBounds
-from mllmfl_dist.models.dwp import (
+from mllmfl_dist.stages.pretrain.dwp import (
     alpha_at,
 )
 from mllmfl_dist.stages.deepspeed_setup import check_precision, deepspeed_config, prepare_deepspeed
@@ -51,6 +51,7 @@ from mllmfl_dist.stages.pretrain.resume import (
     save_checkpoint,
     tag_dirs,
 )
+from mllmfl_dist.mllm.llava import load_llava, vision_side
 
 log = logging.getLogger(__name__)
 
@@ -102,8 +103,6 @@ def run_pretrain(cfg: Config, runtime: dist.Runtime, *, progress: bool = True,
 
     prepare_deepspeed(runtime.device, pcfg.deepspeed.cpu_comm)  # before the import: nothing to JIT-compile
     import deepspeed
-
-    from mllmfl_dist.models.mllm import load_llava, vision_side
 
     check_precision(pcfg.deepspeed.precision)
     samples, skipped = load_captioned(shards_pattern(cfg), ImageBounds.of(pcfg, "pretrain"))

@@ -2,7 +2,7 @@
 
 Every stage (annotation, Dynamic Weighted Pretraining, alignment) loads LLaVA with `load_llava`, from a hub id
 such as `llava-hf/llava-1.5-7b-hf` or from a local directory; the tiny random model the tests and the offline
-default use (`mllmfl_dist.models.tiny.build_tiny_models`) is saved to disk and loaded back through this same
+default use (`mllmfl_dist.standins.build.build_tiny_models`) is saved to disk and loaded back through this same
 `from_pretrained` path.
 
 - `load_llava(model, dtype=, device=, device_map=)` -> `(LlavaForConditionalGeneration, LlavaProcessor)`,
@@ -12,6 +12,8 @@ default use (`mllmfl_dist.models.tiny.build_tiny_models`) is saved to disk and l
 - `clip_visual_features(model, pixel_values)` -> `[B, tokens_per_image, width]`: the vision tower's features
   exactly as LLaVA feeds them to its projector (`g(x_clip)` in DWP).
 - `project_visual_tokens(model, features)`: LLaVA's projector `W` applied to such features.
+- `llava_forward_with_visual_features(llava, features, input_ids, attention_mask, labels)`: LLaVA's forward with
+  such features in place of what its vision tower computes (DWP's mixed tokens, the stand-ins' training).
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from pathlib import Path
 import torch
 
 from mllmfl_dist.core.errors import ModelLoadError
-from mllmfl_dist.models.model_files import looks_like_local_path
+from mllmfl_dist.mllm.model_files import looks_like_local_path
+from mllmfl_dist.core.checkpoint import unreadable_reason
 
 __all__ = [
     "ModelLoadError",
@@ -29,10 +32,14 @@ __all__ = [
     "vision_grid",
     "clip_visual_features",
     "project_visual_tokens",
+    "IGNORE_INDEX",
+    "llava_forward_with_visual_features",
+    "visual_inputs_embeds",
     "llava_inner",
     "looks_like_local_path",
 ]
 
+IGNORE_INDEX = -100  # label of positions without loss (prompt, image tokens, padding)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 
 _HINT = (
@@ -175,8 +182,6 @@ def unloadable_weights(folder: Path) -> str | None:
     """The first weights file in ``folder`` that cannot be read safely, and why (None when all can): a pickle
     holding more than tensors (which ``weights_only`` loading refuses, so it runs nothing), an empty, cut or
     corrupt file. Only asked after a load failed, to name the file in the message."""
-    from mllmfl_dist.core.checkpoint import unreadable_reason
-
     for file in sorted(p for p in Path(folder).iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES)):
         try:
             if file.name.endswith(".safetensors"):
@@ -292,3 +297,34 @@ def project_visual_tokens(model, features: torch.Tensor) -> torch.Tensor:
     projector = llava_inner(model).multi_modal_projector
     param = next(projector.parameters())
     return projector(features.to(device=param.device, dtype=param.dtype))
+
+
+def llava_forward_with_visual_features(llava, visual_features: torch.Tensor, input_ids: torch.Tensor,
+                                       attention_mask: torch.Tensor, labels: torch.Tensor | None = None):
+    """LLaVA's forward with ``visual_features`` ``[B, tokens, width]`` (vision-tower space, before the
+    projector) in place of what its vision tower would compute.
+
+    As ``LlavaModel.forward``: token embeddings of ``input_ids``, the projector ``W`` of the features scattered
+    into the ``<image>`` positions (``masked_scatter``, row-major over the batch), then the language model
+    and head on ``inputs_embeds``; with ``labels`` the model's own shifted next-token cross-entropy (mean
+    over the positions whose label is not -100). Returns the model's output (``.loss``, ``.logits``).
+    """
+    inputs_embeds = visual_inputs_embeds(llava, visual_features, input_ids)
+    return llava(inputs_embeds=inputs_embeds, attention_mask=attention_mask.to(inputs_embeds.device),
+                 labels=None if labels is None else labels.to(inputs_embeds.device))
+
+
+def visual_inputs_embeds(llava, visual_features: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """`[B, L, text_hidden]`: the token embeddings of `input_ids` with the projector `W` of `visual_features`
+    (`[B, tokens, width]`, vision-tower space) scattered into the `<image>` positions, as `LlavaModel.forward`
+    builds its `inputs_embeds`. Raises ValueError when the image-token count does not match the features."""
+    embed = llava.get_input_embeddings()
+    inputs_embeds = embed(input_ids.to(embed.weight.device))
+    projected = project_visual_tokens(llava, visual_features).to(inputs_embeds.dtype)
+    image_token_id = llava.config.image_token_id
+    mask = input_ids.to(inputs_embeds.device) == image_token_id
+    if int(mask.sum()) != projected.shape[0] * projected.shape[1]:
+        raise ValueError(f"the prompts hold {int(mask.sum())} image tokens but there are "
+                         f"{projected.shape[0]} x {projected.shape[1]} visual features; the prompt needs exactly "
+                         f"one image placeholder, expanded by the processor")
+    return inputs_embeds.masked_scatter(mask.unsqueeze(-1), projected)

@@ -6,7 +6,7 @@ instruction mix derived from its captions.
   never read: the corpus stands in for web data.
 - `instruction_pairs(captions, seed)` -> `(image_index, prompt, answer)` triples, LLaVA's recipe at toy
   scale: every caption gives a "describe" pair (a description request -> the caption), and a caption that
-  names a garment category (`mllmfl_dist.data.web_captions.named_category`, the caption parser standing in
+  names a garment category (`mllmfl_dist.standins.web_captions.named_category`, the caption parser standing in
   for the language model LLaVA derives its instruction data with) also gives a question pair (a question
   about the object -> the category name). A caption that names no category gives no question pair.
 
@@ -22,6 +22,10 @@ import numpy as np
 import torch
 
 from mllmfl_dist.data.base import DataError
+from mllmfl_dist.data.labeled_shards import resolve_pattern
+from mllmfl_dist.data.images import CorruptImageError, decode_image, image_to_array
+from mllmfl_dist.data.shards import iter_samples
+from mllmfl_dist.standins.web_captions import CATEGORY_NAMES, named_category
 
 __all__ = ["DESCRIBE_REQUESTS", "QUESTION_REQUESTS", "llava_prompt", "corpus_shards", "read_caption_corpus",
            "instruction_pairs"]
@@ -47,8 +51,6 @@ def llava_prompt(request: str) -> str:
 def corpus_shards(pattern: str) -> list:
     """The shard paths of a corpus pattern (`expand_shards`; a relative pattern is also looked up from the
     repository root). Raises DataError naming the pattern when nothing matches."""
-    from mllmfl_dist.data.labeled_shards import resolve_pattern
-
     try:
         return resolve_pattern(str(pattern), "--train")
     except DataError:
@@ -63,9 +65,6 @@ def read_caption_corpus(pattern: str, limit: int | None = None) -> tuple[torch.T
     limit: keep only the first `limit` captioned samples. Raises DataError for a damaged shard, an image that
     does not decode, images of different sizes, or no captioned sample at all; a sample without `.txt` or
     without an image is skipped."""
-    from mllmfl_dist.data.images import CorruptImageError, decode_image, image_to_array
-    from mllmfl_dist.data.shards import iter_samples
-
     arrays: list[np.ndarray] = []
     captions: list[str] = []
     for path in corpus_shards(pattern):
@@ -95,8 +94,6 @@ def instruction_pairs(captions: Sequence[str], seed: int) -> list[tuple[int, str
     category, its question pair (answer: the category name of `web_captions.CATEGORY_NAMES`). Requests are
     drawn uniformly from `DESCRIBE_REQUESTS` / `QUESTION_REQUESTS` with `numpy.random.default_rng(seed)`.
     Order: all pairs of image 0, then image 1, ..."""
-    from mllmfl_dist.data.web_captions import CATEGORY_NAMES, named_category
-
     rng = np.random.default_rng(seed)
     pairs: list[tuple[int, str, str]] = []
     for i, caption in enumerate(captions):

@@ -1,6 +1,6 @@
-"""``python -m mllmfl_dist.web_corpus_cli``: build the web-like image-text corpus ``shards/fmnist_web/``.
+"""``python -m mllmfl_dist.commands.web_corpus``: build the web-like image-text corpus ``shards/fmnist_web/``.
 
-Fashion-MNIST training images with alt-text-like captions (``mllmfl_dist.data.web_captions``) and no label:
+Fashion-MNIST training images with alt-text-like captions (``mllmfl_dist.standins.web_captions``) and no label:
 the stand-in for the web image-text data the knowledge-bearing CLIP and LLaVA stand-ins are trained on
 (``python -m mllmfl_dist tiny-models DIR --train shards/fmnist_web``).
 
@@ -26,12 +26,18 @@ from typing import Any
 import numpy as np
 
 from mllmfl_dist.data.base import DataError
+from mllmfl_dist.data.shards import expand_shards, iter_samples, write_shards
+from mllmfl_dist.data.images import encode_png
+from mllmfl_dist.standins.web_captions import make_caption, reversed_tail_counts
+from mllmfl_dist.data.sources import load_fashion_mnist
+from mllmfl_dist.commands.shards import parse_indices
 
 USAGE_ERROR = 2
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m mllmfl_dist.web_corpus_cli", description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog="python -m mllmfl_dist.commands.web_corpus",
+                                     description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", default="", help="Fashion-MNIST idx folder (default: the search path)")
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder")
@@ -65,8 +71,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def excluded_indices(patterns: Sequence[str], split: str) -> set[int]:
     """Indices of ``split`` that the ``.json`` of the samples of the shards of ``patterns`` name."""
-    from mllmfl_dist.data.shards import expand_shards, iter_samples
-
     found: set[int] = set()
     for pattern in patterns:
         for path in expand_shards(pattern):
@@ -94,9 +98,6 @@ def select_corpus(labels: np.ndarray, start: int, stop: int, excluded: set[int],
 def corpus_samples(images, labels: np.ndarray, chosen: np.ndarray, seed: int, wrong_fraction: float,
                    no_class_fraction: float) -> Iterator[dict[str, Any]]:
     """The writer's sample dicts (image PNG, caption, provenance) of the ``chosen`` training images."""
-    from mllmfl_dist.data.images import encode_png
-    from mllmfl_dist.data.web_captions import make_caption
-
     for i in chosen.tolist():
         rng = np.random.default_rng([seed, i])
         caption, _, kind = make_caption(rng, int(labels[i]), wrong_fraction, no_class_fraction)
@@ -106,11 +107,6 @@ def corpus_samples(images, labels: np.ndarray, chosen: np.ndarray, seed: int, wr
 
 def build_corpus(args: argparse.Namespace) -> str:
     """Write the corpus of ``args``; returns a short report (samples, MB, per-class counts, caption kinds)."""
-    from mllmfl_dist.data.shards import iter_samples, write_shards
-    from mllmfl_dist.data.sources import load_fashion_mnist
-    from mllmfl_dist.data.web_captions import reversed_tail_counts
-    from mllmfl_dist.shards_cli import parse_indices
-
     for name in ("wrong_fraction", "no_class_fraction"):
         value = getattr(args, name)
         if not 0 <= value <= 1:

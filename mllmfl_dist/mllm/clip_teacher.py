@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from mllmfl_dist.models.mllm import ModelLoadError, _first_line, unloadable_weights
+from mllmfl_dist.mllm.llava import ModelLoadError, _first_line, unloadable_weights
 
 __all__ = ["ModelLoadError", "load_clip", "clip_embed_dim", "resolve_logit_scale", "zero_shot_classifier",
            "zero_shot_logits", "DEFAULT_TEMPLATES"]

@@ -22,6 +22,15 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from mllmfl_dist.config import AlignConfig, AnnotateConfig
+from mllmfl_dist.data.labeled_shards import resolve_pattern
+from mllmfl_dist.data.images import to_pil
+from mllmfl_dist.data.shards import read_labeled_shards
+from mllmfl_dist.standins.web_captions import named_category
+from mllmfl_dist.mllm.clip_teacher import load_clip
+from mllmfl_dist.mllm.llava import load_llava
+from mllmfl_dist.mllm.teachers import clip_teacher_logits, llava_answer_loglik
+from mllmfl_dist.mllm.captioning import Generation, caption_batch
 
 __all__ = ["select_per_class", "measure_standins"]
 
@@ -44,16 +53,6 @@ def measure_standins(clip_dir: str | Path, llava_dir: str | Path, test_shards: s
     `per_class` measures the first `per_class` images of each class only. Raises DataError for missing or
     damaged shards and ModelLoadError for a model that does not load."""
     from tqdm import tqdm
-
-    from mllmfl_dist.config import AlignConfig, AnnotateConfig
-    from mllmfl_dist.data.labeled_shards import resolve_pattern
-    from mllmfl_dist.data.images import to_pil
-    from mllmfl_dist.data.shards import read_labeled_shards
-    from mllmfl_dist.data.web_captions import named_category
-    from mllmfl_dist.models.clip_teacher import load_clip
-    from mllmfl_dist.models.mllm import load_llava
-    from mllmfl_dist.models.teachers import clip_teacher_logits, llava_answer_loglik
-    from mllmfl_dist.models.captioning import Generation, caption_batch
 
     images, labels, _ = read_labeled_shards(resolve_pattern(test_shards, "test shards"))
     keep = select_per_class(labels, per_class)

@@ -7,9 +7,9 @@ mixed visual tokens
     v = alpha(t) * A(g_fl(x_fl)) + (1 - alpha(t)) * g(x_clip)
 
 where ``alpha`` rises from ``alpha_start`` to 1 (:func:`alpha_at`). ``v`` goes through ``W`` into the LLM in
-place of the ``<image>`` tokens (:func:`llava_forward_with_visual_features`), exactly where and how
-``LlavaModel.forward`` puts its own image features (``masked_scatter`` over the image-token positions), so
-with ``alpha = 0`` the loss and logits are the model's own (tested).
+place of the ``<image>`` tokens (:func:`mllmfl_dist.mllm.llava.llava_forward_with_visual_features`),
+exactly where and how ``LlavaModel.forward`` puts its own image features (``masked_scatter`` over the
+image-token positions), so with ``alpha = 0`` the loss and logits are the model's own (tested).
 """
 
 from __future__ import annotations
@@ -19,13 +19,10 @@ import math
 import torch
 from torch import nn
 
-from mllmfl_dist.models.fl_models import FLModel
-from mllmfl_dist.models.mllm import project_visual_tokens
+from mllmfl_dist.fl.models import FLModel
+from mllmfl_dist.mllm.llava import IGNORE_INDEX
 
-IGNORE_INDEX = -100  # label of positions without loss (prompt, image tokens, padding)
-
-__all__ = ["IGNORE_INDEX", "alpha_at", "TokenAdapter", "DWPStudent", "mix_visual_tokens",
-           "llava_forward_with_visual_features", "visual_inputs_embeds", "caption_token_count"]
+__all__ = ["alpha_at", "TokenAdapter", "DWPStudent", "mix_visual_tokens", "caption_token_count"]
 
 
 def alpha_at(step: int, steps: int, alpha_start: float = 0.0, schedule: str = "linear",
@@ -111,37 +108,6 @@ def mix_visual_tokens(fl_tokens: torch.Tensor | None, clip_tokens: torch.Tensor 
     if fl_tokens.shape != clip_tokens.shape:
         raise ValueError(f"FL tokens {tuple(fl_tokens.shape)} and CLIP tokens {tuple(clip_tokens.shape)} differ")
     return alpha * fl_tokens.to(clip_tokens.dtype) + (1.0 - alpha) * clip_tokens
-
-
-def llava_forward_with_visual_features(llava, visual_features: torch.Tensor, input_ids: torch.Tensor,
-                                       attention_mask: torch.Tensor, labels: torch.Tensor | None = None):
-    """LLaVA's forward with ``visual_features`` ``[B, tokens, width]`` (vision-tower space, before the
-    projector) in place of what its vision tower would compute.
-
-    As ``LlavaModel.forward``: token embeddings of ``input_ids``, the projector ``W`` of the features scattered
-    into the ``<image>`` positions (``masked_scatter``, row-major over the batch), then the language model
-    and head on ``inputs_embeds``; with ``labels`` the model's own shifted next-token cross-entropy (mean
-    over the positions whose label is not -100). Returns the model's output (``.loss``, ``.logits``).
-    """
-    inputs_embeds = visual_inputs_embeds(llava, visual_features, input_ids)
-    return llava(inputs_embeds=inputs_embeds, attention_mask=attention_mask.to(inputs_embeds.device),
-                 labels=None if labels is None else labels.to(inputs_embeds.device))
-
-
-def visual_inputs_embeds(llava, visual_features: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-    """`[B, L, text_hidden]`: the token embeddings of `input_ids` with the projector `W` of `visual_features`
-    (`[B, tokens, width]`, vision-tower space) scattered into the `<image>` positions, as `LlavaModel.forward`
-    builds its `inputs_embeds`. Raises ValueError when the image-token count does not match the features."""
-    embed = llava.get_input_embeddings()
-    inputs_embeds = embed(input_ids.to(embed.weight.device))
-    projected = project_visual_tokens(llava, visual_features).to(inputs_embeds.dtype)
-    image_token_id = llava.config.image_token_id
-    mask = input_ids.to(inputs_embeds.device) == image_token_id
-    if int(mask.sum()) != projected.shape[0] * projected.shape[1]:
-        raise ValueError(f"the prompts hold {int(mask.sum())} image tokens but there are "
-                         f"{projected.shape[0]} x {projected.shape[1]} visual features; the prompt needs exactly "
-                         f"one image placeholder, expanded by the processor")
-    return inputs_embeds.masked_scatter(mask.unsqueeze(-1), projected)
 
 
 def caption_token_count(labels: torch.Tensor) -> int:

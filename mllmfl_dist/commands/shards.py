@@ -13,7 +13,7 @@ Every sample gets a ``.json`` with where it came from (folder path, or source, s
 Labeled output also gets ``classes.json`` next to the shards. The output is deterministic.
 
 ``add_arguments(parser)`` and ``run(args)`` plug into the package CLI; ``main(argv)`` runs it alone
-(``python -m mllmfl_dist.shards_cli``).
+(``python -m mllmfl_dist.commands.shards``).
 """
 
 from __future__ import annotations
@@ -30,6 +30,10 @@ if TYPE_CHECKING:
     import numpy as np
 
 from mllmfl_dist.core.errors import DataError
+from mllmfl_dist.config import DataConfig
+
+# The data modules (numpy, torch) are imported inside the functions that use them: this module adds `shards`
+# to the CLI's parser, and `--help` must answer without torch.
 
 USAGE_ERROR = 2
 SOURCES = ("fashion_mnist", "cifar10", "cifar100", "synthetic")
@@ -269,7 +273,6 @@ def _folder_image(path: Path) -> tuple[bytes, str]:
 
 
 def _load_source(args: argparse.Namespace):
-    from mllmfl_dist.config import DataConfig
     from mllmfl_dist.data.sources import load_cifar, load_fashion_mnist
     from mllmfl_dist.data.synthetic import synthetic_arrays
 

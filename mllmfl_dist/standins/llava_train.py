@@ -3,7 +3,7 @@
 `train_llava(clip, clip_cfg, images, captions, settings)` -> `(LlavaForConditionalGeneration, tokenizer, stats)`:
 
 1. **Vision tower**: the contrastively trained CLIP stand-in's image tower, converted to a `CLIPVisionModel`
-   (`mllmfl_dist.models.clip_to_hf`) and frozen, as llava-1.5 uses OpenAI's CLIP ViT frozen.
+   (`mllmfl_dist.standins.clip_to_hf`) and frozen, as llava-1.5 uses OpenAI's CLIP ViT frozen.
 2. **Language model** (a small Llama, `LlamaForCausalLM` inside the LLaVA): first trained alone on the caption
    text (next-token loss), standing in for the pretrained LLM (Vicuna) LLaVA starts from.
 3. **Stage 1, feature alignment**: the projector alone (LM frozen) on "describe" -> caption pairs.
@@ -13,7 +13,7 @@
 Sequences are `prompt + " " + answer + </s>` with the processor's `<image>` expansion; the loss is the model's
 own next-token cross-entropy on the answer and `</s>` only (the prompt is masked, as in LLaVA). The frozen
 tower's features are computed once (for each image and its horizontal mirror, a random one of the two per
-step) and put into the `<image>` positions as LLaVA's forward does (`dwp.visual_inputs_embeds`);
+step) and put into the `<image>` positions as LLaVA's forward does (`mllm.llava.visual_inputs_embeds`);
 `answer_loss` is the model's own loss computed at the answer positions only (tested equal). Deterministic
 for a seed and thread count.
 """
@@ -25,8 +25,14 @@ from collections.abc import Sequence
 import torch
 from tqdm import tqdm
 
-from mllmfl_dist.models.dwp import IGNORE_INDEX, visual_inputs_embeds
-from mllmfl_dist.models.standin_settings import StandinSettings
+from mllmfl_dist.mllm.llava import IGNORE_INDEX, clip_visual_features, llava_inner, visual_inputs_embeds
+from mllmfl_dist.standins.standin_settings import StandinSettings
+from mllmfl_dist.standins.web_captions import CATEGORY_NAMES
+from mllmfl_dist.standins.standin_data import DESCRIBE_REQUESTS, QUESTION_REQUESTS, instruction_pairs, llava_prompt
+from mllmfl_dist.standins.clip_train import cosine_with_warmup
+from mllmfl_dist.data.images import to_pil
+from mllmfl_dist.standins.clip_to_hf import convert_visual
+from mllmfl_dist.standins.tiny import build_llava_tokenizer, llava_config, llava_processor
 
 __all__ = ["train_llava", "answer_loss", "collate_answers", "encode_answer", "tokenizer_texts"]
 
@@ -34,9 +40,6 @@ __all__ = ["train_llava", "answer_loss", "collate_answers", "encode_answer", "to
 def tokenizer_texts(captions: Sequence[str]) -> list[str]:
     """The texts the stand-in's BPE merges are learned from, besides the random build's word list: the
     captions, the instruction requests and the category names (so they get short codes)."""
-    from mllmfl_dist.data.web_captions import CATEGORY_NAMES
-    from mllmfl_dist.models.standin_data import DESCRIBE_REQUESTS, QUESTION_REQUESTS
-
     names = list(CATEGORY_NAMES)
     return list(captions) + list(DESCRIBE_REQUESTS + QUESTION_REQUESTS) + names + [" " + n for n in names]
 
@@ -70,8 +73,6 @@ def answer_loss(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, la
     without the logits of the prompt and image positions, which are most of a sequence and most of the cost
     of a small model. `visual_features` (`[B, tokens, width]`, tower space) fill the `<image>` positions;
     None: a text-only sequence."""
-    from mllmfl_dist.models.mllm import llava_inner
-
     if visual_features is None:
         inputs_embeds = model.get_input_embeddings()(input_ids)
     else:
@@ -88,8 +89,6 @@ def _run_stage(name: str, model, params, rows, features, *, epochs: int, batch_s
                generator: torch.Generator, pad_id: int, progress: bool) -> dict:
     """AdamW with warm-up + cosine over `epochs` passes of `rows` (`(ids, start, image)`; image -1: text
     only). Returns `{"steps", "final_loss"}` (the last step's loss)."""
-    from mllmfl_dist.models.clip_train import cosine_with_warmup
-
     if epochs <= 0:
         return {"steps": 0, "final_loss": None}
     per_epoch = max(1, len(rows) // batch_size)
@@ -124,9 +123,6 @@ def _run_stage(name: str, model, params, rows, features, *, epochs: int, batch_s
 def _tower_features(model, processor, images: torch.Tensor, batch: int = 512) -> torch.Tensor:
     """`[2, N, tokens, width]`: the frozen tower's features (as the projector reads them) of every image and
     of its horizontal mirror, from the processor's own pixel values."""
-    from mllmfl_dist.data.images import to_pil
-    from mllmfl_dist.models.mllm import clip_visual_features
-
     parts = []
     for start in range(0, len(images), batch):
         pil = [to_pil(im).convert("RGB") for im in images[start : start + batch]]
@@ -143,12 +139,6 @@ def train_llava(clip, clip_cfg: dict, images: torch.Tensor, captions: Sequence[s
     images: uint8 `[N, C, H, W]`; captions: N strings. Returns `(model, tokenizer, stats)`, stats holding
     the pair counts and each stage's steps and last loss."""
     from transformers import LlavaForConditionalGeneration
-
-    from mllmfl_dist.data.images import to_pil
-    from mllmfl_dist.models.clip_to_hf import convert_visual
-    from mllmfl_dist.models.mllm import llava_inner
-    from mllmfl_dist.models.standin_data import DESCRIBE_REQUESTS, instruction_pairs, llava_prompt
-    from mllmfl_dist.models.tiny import build_llava_tokenizer, llava_config, llava_processor
 
     vcfg = clip_cfg["vision_cfg"]
     tower = convert_visual(clip.visual, image_size=vcfg["image_size"], patch_size=vcfg["patch_size"])

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 from tqdm import tqdm
+from mllmfl_dist.data.images import to_pil
 
 __all__ = ["preprocess_images", "train_clip", "save_open_clip", "cosine_with_warmup"]
 
@@ -34,8 +35,6 @@ def cosine_with_warmup(step: int, steps: int, warmup: int) -> float:
 def preprocess_images(images: torch.Tensor, transform, batch: int = 512) -> torch.Tensor:
     """float32 `[N, 3, S, S]`: each uint8 `[C, H, W]` image as an RGB PIL image through `transform` (an
     open_clip preprocess)."""
-    from mllmfl_dist.data.images import to_pil
-
     parts = []
     for start in range(0, len(images), batch):
         parts.append(torch.stack([transform(to_pil(im).convert("RGB")) for im in images[start : start + batch]]))

@@ -1,6 +1,6 @@
 """Shape-faithful miniatures of the paper's models: the real geometry, toy width and depth, random weights.
 
-The tiny stand-ins of :mod:`mllmfl_dist.models.tiny` are 32-pixel, patch-8 models; the paper's configs run
+The tiny stand-ins of :mod:`mllmfl_dist.standins.tiny` are 32-pixel, patch-8 models; the paper's configs run
 ``llava-hf/llava-1.5-7b-hf`` and open_clip's ``ViT-B-32``. A shape bug between those and the FL side (DWP's
 adapter onto a 24 x 24 grid, batched generation over 576 image tokens, the teacher's read-out) shows only with
 their geometry, so these builds keep it exactly and shrink only what no shape downstream depends on:
@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from mllmfl_dist.core.checkpoint import write_text_atomic
-from mllmfl_dist.models.tiny import CLIP_PREPROCESS, IMAGE_TOKEN, LM_HEAD_SCALE, SEED, save_llava
+from mllmfl_dist.standins.tiny import CLIP_PREPROCESS, IMAGE_TOKEN, LM_HEAD_SCALE, SEED, _tokenizer_corpus, save_llava
 
 # --- llava-1.5-7b-hf's geometry (kept) ---------------------------------------------------------------------
 LLAVA_IMAGE_SIZE = 336
@@ -66,8 +66,6 @@ def build_llama_tokenizer():
     ``<pad>`` = 32001 (padding on the left, for batched generation)."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import LlamaTokenizer
-
-    from mllmfl_dist.models.tiny import _tokenizer_corpus
 
     learner = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
     learner.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=True)

@@ -38,8 +38,8 @@ import torch
 
 from mllmfl_dist.core import checkpoint
 from mllmfl_dist.config import ConfigError
-from mllmfl_dist.models.clip_teacher import load_clip, resolve_logit_scale, zero_shot_classifier, zero_shot_logits
-from mllmfl_dist.models.mllm import load_llava, weights_identity
+from mllmfl_dist.mllm.clip_teacher import load_clip, resolve_logit_scale, zero_shot_classifier, zero_shot_logits
+from mllmfl_dist.mllm.llava import load_llava, weights_identity
 
 __all__ = [
     "TEACHER_KINDS",
@@ -265,7 +265,7 @@ def teacher_distributions(
         (`align.teacher_score`; see the module docstring).
     temperature: `q = softmax(scores / temperature)`, > 0.
     logit_scale: clip only, the scale of its logits; 0 (`align.clip_logit_scale`'s default) takes the model's
-        own learned scale (:func:`~mllmfl_dist.models.clip_teacher.resolve_logit_scale`).
+        own learned scale (:func:`~mllmfl_dist.mllm.clip_teacher.resolve_logit_scale`).
     cache_dir: where `teacher-<kind>-<key16>.pt` is kept; a hit returns it without loading a model. None: no
         cache.
     device / batch_size: where the teacher runs and about how many sequences (llava) or images (clip) one

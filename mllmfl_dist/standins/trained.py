@@ -1,6 +1,6 @@
 """The knowledge-bearing MLLM stand-ins: a CLIP and a LLaVA trained here on a captioned corpus.
 
-`python -m mllmfl_dist tiny-models DIR --train shards/fmnist_web` (`tiny.build_tiny_models(DIR, train=...)`,
+`python -m mllmfl_dist tiny-models DIR --train shards/fmnist_web` (`build.build_tiny_models(DIR, train=...)`,
 which owns the caching: a finished directory is reused, a half-written one rebuilt, concurrent builds
 serialise) calls `build_trained(dirs, corpus, settings)`, which
 
@@ -27,7 +27,14 @@ from pathlib import Path
 
 import torch
 
-from mllmfl_dist.models.standin_settings import StandinSettings
+from mllmfl_dist.standins.standin_settings import StandinSettings
+from mllmfl_dist.standins.standin_data import corpus_shards, read_caption_corpus
+from mllmfl_dist.data.labeled_shards import resolve_pattern
+from mllmfl_dist.data.shards import read_classes
+from mllmfl_dist.standins.clip_train import save_open_clip, train_clip
+from mllmfl_dist.standins.llava_train import train_llava
+from mllmfl_dist.standins.model_card import measure_standins
+from mllmfl_dist.standins.tiny import CLIP_CONFIG, CLIP_PREPROCESS, save_llava
 
 __all__ = ["CARD_TEST_SHARDS", "corpus_identity", "build_trained"]
 
@@ -37,8 +44,6 @@ CARD_TEST_SHARDS = "shards/fmnist_lt/test-*.tar.gz"  # the shipped balanced test
 def corpus_identity(pattern: str) -> dict:
     """`{"pattern", "shards", "sha256"}` of a corpus: its shard file names and one sha256 over their bytes
     (so a rebuilt, byte-identical corpus has the same identity). Raises DataError when nothing matches."""
-    from mllmfl_dist.models.standin_data import corpus_shards
-
     paths = corpus_shards(pattern)
     digest = hashlib.sha256()
     for path in paths:
@@ -50,14 +55,6 @@ def corpus_identity(pattern: str) -> dict:
 def build_trained(dirs: dict[str, Path], corpus: str, settings: StandinSettings, *, progress: bool = True) -> dict:
     """Train and save the CLIP into `dirs["clip"]` and the LLaVA into `dirs["llava"]` (existing, empty
     directories); returns the model card (a JSON-serialisable dict). See the module docstring."""
-    from mllmfl_dist.data.labeled_shards import resolve_pattern
-    from mllmfl_dist.data.shards import read_classes
-    from mllmfl_dist.models.clip_train import save_open_clip, train_clip
-    from mllmfl_dist.models.llava_train import train_llava
-    from mllmfl_dist.models.model_card import measure_standins
-    from mllmfl_dist.models.standin_data import read_caption_corpus
-    from mllmfl_dist.models.tiny import CLIP_CONFIG, CLIP_PREPROCESS, save_llava
-
     threads = torch.get_num_threads()
     torch.set_num_threads(settings.threads)
     try:
