@@ -21,11 +21,11 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TextIO
 
 from mllmfl_dist.core.errors import ConfigError
 
@@ -52,7 +52,7 @@ class HeldLocks:
     dirs: dict[Path, Any] = field(default_factory=dict)  # resolved directory -> lock file handle (rank 0) or None
 
 
-def launch_text(env: dict[str, str] | None = None) -> str:
+def launch_text(env: Mapping[str, str] | None = None) -> str:
     """The launcher's name for this job: ``torchrun run <id>``, ``slurm job <J> step <S>`` or ``slurm job <J>``;
     empty for a plain process."""
     env = os.environ if env is None else env
@@ -66,7 +66,7 @@ def launch_text(env: dict[str, str] | None = None) -> str:
 
 
 def acquire(lock_file: Path, command: str, *, wait: bool = False,
-            advice: str = "choose another run.name"):
+            advice: str = "choose another run.name") -> TextIO | None:
     """Take the exclusive ``flock`` on ``lock_file`` (created, with its folder) and write this process's name
     into it; returns the open file, whose closing (or this process's end) releases the lock.
 
@@ -105,7 +105,7 @@ def acquire(lock_file: Path, command: str, *, wait: bool = False,
     return handle
 
 
-def _holder(handle) -> str:
+def _holder(handle: TextIO) -> str:
     """The holder's name from its lock file. It writes the name right after taking the lock, so an empty file
     is re-read for a moment (a holder caught between the two)."""
     for _ in range(50):
