@@ -133,4 +133,5 @@ def float32_problem(value: float) -> str | None:
 def choices_of(section: type, name: str) -> tuple[Any, ...]:
     """The choices a field declares (``choices_of(AlignConfig, "teacher")``)."""
     spec = next(f for f in dataclasses.fields(section) if f.name == name)
-    return spec.metadata[CHOICES]
+    choices: tuple[Any, ...] = spec.metadata[CHOICES]
+    return choices

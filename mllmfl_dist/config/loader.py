@@ -68,7 +68,8 @@ def read_toml(path: Path) -> dict[str, Any]:
     """The TOML file at ``path`` as a dict; a UTF-8 byte-order mark (which some editors write) is skipped.
     ConfigError naming the file for text that is not UTF-8 or not TOML."""
     try:
-        return tomllib.loads(path.read_text(encoding="utf-8-sig"))
+        table: dict[str, Any] = tomllib.loads(path.read_text(encoding="utf-8-sig"))
+        return table
     except UnicodeDecodeError as err:
         raise ConfigError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); save it as UTF-8") from None
     except tomllib.TOMLDecodeError as err:
@@ -92,7 +93,8 @@ def section_types() -> dict[str, type]:
 
 def config_from_dict(raw: dict[str, Any]) -> Config:
     types = section_types()
-    core, strategies = {}, {}
+    core: dict[str, Any] = {}
+    strategies: dict[str, Any] = {}
     for name, values in raw.items():
         if name not in types:
             raise ConfigError(f"unknown section [{name}]; allowed: {', '.join(types)}")
@@ -108,7 +110,7 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
     return config
 
 
-def _build(cls: type, values: dict[str, Any], prefix: str):
+def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
     """Instantiate dataclass ``cls`` from a TOML table, recursing into nested tables."""
     hints = typing.get_type_hints(cls)
     kwargs = {}
@@ -127,7 +129,7 @@ def _build(cls: type, values: dict[str, Any], prefix: str):
     return cls(**kwargs)
 
 
-def _check_type(name: str, expected: type, value: Any) -> Any:
+def _check_type(name: str, expected: type[Any], value: Any) -> Any:
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if expected is float and isinstance(value, float) and not math.isfinite(value):
@@ -205,7 +207,7 @@ def validate(config: Config) -> None:
     for name, values in config.strategy_sections.items():
         check_section(f"{name}.", values)
     fed = config.federated
-    strategy = plugins.strategy_class(fed.strategy)  # an unknown name: the names there are
+    strategy: Any = plugins.strategy_class(fed.strategy)  # an unknown name: the names there are
     if fed.clients_per_round > fed.num_clients:
         raise ConfigError(
             f"federated.clients_per_round = {fed.clients_per_round} is not allowed; it must be <= "

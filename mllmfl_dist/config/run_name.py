@@ -8,12 +8,12 @@ defaults and every ``--set`` override, formatted with Python's format spec (``{p
 from __future__ import annotations
 
 import string
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from mllmfl_dist.core.errors import ConfigError
 
-_CONVERSIONS = {"s": str, "r": repr, "a": ascii}
+_CONVERSIONS: dict[str, Callable[[Any], str]] = {"s": str, "r": repr, "a": ascii}
 
 
 def is_template(name: str) -> bool:

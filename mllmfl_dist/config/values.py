@@ -13,12 +13,12 @@ def parse_index_range(text: str) -> slice:
     start, sep, stop = text.strip().partition(":")
     if not sep or ":" in stop:
         raise ValueError(text)
-    bounds = [int(part) if part.strip() else None for part in (start, stop)]
-    if any(b is not None and b < 0 for b in bounds):
+    lo, hi = (int(part) if part.strip() else None for part in (start, stop))
+    if any(b is not None and b < 0 for b in (lo, hi)):
         raise ValueError(text)
-    if None not in bounds and bounds[0] >= bounds[1]:
+    if lo is not None and hi is not None and lo >= hi:
         raise ValueError(text)
-    return slice(*bounds)
+    return slice(lo, hi)
 
 
 def valid_index_range(text: str) -> bool:

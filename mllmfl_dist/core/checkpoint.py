@@ -20,14 +20,17 @@ import os
 import random
 import re
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
 
 from mllmfl_dist.core.errors import ConfigError, DataError
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 # errno values that mean "this output cannot be written here", with the words the message uses.
 _OUTPUT_ERRNOS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "the disk quota is used up",
@@ -54,10 +57,11 @@ def as_output_error(err: BaseException, path: str | Path) -> BaseException:
 
 
 def _output_error(err: OSError, path: Path) -> OutputError | None:
-    reason = _OUTPUT_ERRNOS.get(err.errno or 0)
+    code = err.errno or 0
+    reason = _OUTPUT_ERRNOS.get(code)
     if reason is None:
         return None
-    return OutputError(f"cannot write {path}: {reason} ({errno.errorcode.get(err.errno, err.errno)}); free space "
+    return OutputError(f"cannot write {path}: {reason} ({errno.errorcode.get(code, code)}); free space "
                        f"under {path.parent} (or point run.root elsewhere) and rerun: finished work is kept")
 
 
@@ -82,7 +86,7 @@ class _RecordingWriter:
         self._handle = handle
         self.error: OSError | None = None
 
-    def write(self, data) -> int:
+    def write(self, data: bytes) -> int:
         try:
             return self._handle.write(data)
         except OSError as err:
@@ -113,7 +117,7 @@ def _default_mode() -> int:
 
 
 @contextlib.contextmanager
-def atomic_writer(path: str | Path, mode: str = "wb") -> Iterator[IO]:
+def atomic_writer(path: str | Path, mode: str = "wb") -> Iterator[IO[Any]]:
     """``with atomic_writer(path) as handle: handle.write(...)``: ``path`` is replaced by what was written
     only when the block ends without an error (temporary file, fsync, rename, directory fsync). On an error
     the temporary file is removed and ``path`` is left as it was; a full disk becomes :class:`OutputError`."""
@@ -123,7 +127,7 @@ def atomic_writer(path: str | Path, mode: str = "wb") -> Iterator[IO]:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
     try:
         with output_errors(path):
-            with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as handle:
+            with os.fdopen(fd, mode, encoding=None if "b" in mode else "utf-8") as handle:
                 yield handle
                 handle.flush()
                 os.fsync(handle.fileno())
@@ -141,7 +145,7 @@ def save_atomic(obj: Any, path: str | Path) -> None:
     with atomic_writer(path) as handle:
         recorder = _RecordingWriter(handle)
         try:
-            torch.save(obj, recorder)
+            torch.save(obj, recorder)  # type: ignore[arg-type]  # it writes through write/flush, not a whole IO
         except RuntimeError:
             if recorder.error is not None:
                 raise recorder.error from None  # the disk's error, which atomic_writer reports in one line
@@ -154,7 +158,7 @@ def write_text_atomic(path: str | Path, text: str) -> None:
         handle.write(text if not text or text.endswith("\n") else text + "\n")
 
 
-def savefig_atomic(fig, path: str | Path, **kwargs: Any) -> None:
+def savefig_atomic(fig: Figure, path: str | Path, **kwargs: Any) -> None:
     """``fig.savefig`` (PNG unless ``format`` says otherwise) atomically."""
     kwargs.setdefault("format", "png")
     with atomic_writer(path) as handle:
@@ -225,8 +229,8 @@ def same_file(path: str | Path, identity: Any) -> bool:
 def load(path: str | Path, safe_globals: Iterable[type] = ()) -> Any:
     """``torch.load(weights_only=True)`` on the CPU; ``safe_globals``: the few library classes (besides
     tensors and plain containers) a file may hold."""
-    safe_globals = list(safe_globals)
-    context = torch.serialization.safe_globals(safe_globals) if safe_globals else contextlib.nullcontext()
+    allowed: list[Callable[..., Any] | tuple[Callable[..., Any], str]] = list(safe_globals)
+    context = torch.serialization.safe_globals(allowed) if allowed else contextlib.nullcontext()
     with context:
         return torch.load(path, map_location="cpu", weights_only=True)
 
@@ -262,7 +266,9 @@ def load_or_explain(path: str | Path, what: str, safe_globals: Iterable[type] = 
 
 def rng_state() -> dict[str, Any]:
     """Python, numpy and torch RNG states in types that ``weights_only`` loading accepts."""
-    np_state = np.random.get_state()
+    # the global RandomState's MT19937 tuple (legacy=True is the default; numpy's stub types a call without it
+    # as the dict form)
+    np_state = cast(tuple[Any, ...], np.random.get_state(legacy=True))
     state = {
         "python": random.getstate(),
         "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import torch
 import torch.distributed as torch_dist
@@ -119,7 +119,7 @@ def init_runtime(cfg: DistConfig, env: dict[str, str] | None = None, stop: Any =
                    control, store, waits, heartbeat, stop)
 
 
-def _rendezvous(launch: LaunchEnv, cfg: DistConfig):
+def _rendezvous(launch: LaunchEnv, cfg: DistConfig) -> torch_dist.PrefixStore:
     """The store the process group meets on, once every rank has joined it.
 
     Under torchrun the agent hosts the store (``TORCHELASTIC_USE_AGENT_STORE``) and keeps it across the
@@ -175,7 +175,12 @@ def ensure_process_group(runtime: Runtime) -> None:
         raise RuntimeError("the runtime is distributed but torch.distributed is not initialised")
     backend = "nccl" if runtime.device.type == "cuda" else "gloo"
     torch_dist.init_process_group(backend, store=torch_dist.HashStore(), rank=0, world_size=1)
-    atexit.register(lambda: torch_dist.is_initialized() and torch_dist.destroy_process_group())
+    atexit.register(_destroy_process_group)
+
+
+def _destroy_process_group() -> None:
+    if torch_dist.is_initialized():
+        torch_dist.destroy_process_group()
 
 
 def shutdown(runtime: Runtime) -> None:
@@ -235,7 +240,8 @@ def server_decides(runtime: Runtime, decide: Callable[[], T], what: str, *,
     class with the same one-line message on every rank (``as_error(message)`` when given; an error outside
     :data:`USER_ERRORS` becomes a ConfigError ``"<type>: <message>"``). So a refusal ends all ranks alike
     instead of leaving the others waiting for rank 0."""
-    return _from_server(runtime, decide, what, catch, as_error, share=True)
+    # share=True: every rank holds decide's value, so None here is a None that decide returned
+    return cast(T, _from_server(runtime, decide, what, catch, as_error, share=True))
 
 
 def server_first(runtime: Runtime, act: Callable[[], T], what: str, *,

@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,7 +91,7 @@ def slurm_rendezvous(env: dict[str, str]) -> tuple[str, str]:
     return addr, port
 
 
-def first_to_report(env: dict[str, str] | None = None, marker_dir: str | Path | None = None) -> bool:
+def first_to_report(env: Mapping[str, str] | None = None, marker_dir: str | Path | None = None) -> bool:
     """Whether this process is the first of its node's workers of this launch to report an outcome every rank
     meets alike (a config error, a diverged round, a stop), so that each node prints it once.
 

@@ -18,6 +18,7 @@ import logging
 import signal
 import threading
 from pathlib import Path
+from types import FrameType
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ class StopRequest:
         signal.signal(STOP_SIGNAL, self._handle)
         return True
 
-    def _handle(self, signum: int, _frame) -> None:
+    def _handle(self, signum: int, _frame: FrameType | None) -> None:
         self.reason = signal.Signals(signum).name
 
 

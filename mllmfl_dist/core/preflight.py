@@ -21,9 +21,12 @@ import re
 import unicodedata
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from mllmfl_dist.core.errors import ConfigError
+
+if TYPE_CHECKING:  # config/ builds on core/ at run time; the type alone points back
+    from mllmfl_dist.config.schema import DataConfig
 
 FLOAT32_MAX = 3.4028234663852886e38  # numpy.finfo(numpy.float32).max
 FLOAT32_TINY = 1.1754943508222875e-38  # numpy.finfo(numpy.float32).tiny: the smallest normal number
@@ -204,7 +207,7 @@ def _lines(path: Path) -> int | None:
         return None
 
 
-def data_memory_bytes(data: Any, num_clients: int) -> int | None:
+def data_memory_bytes(data: DataConfig, num_clients: int) -> int | None:
     """Peak bytes one rank needs to hold the data of the ``[data]`` section ``data`` (a DataConfig), or None
     where it cannot be told before loading (fixed-size sources, shards, missing ImageNet-LT lists).
 
@@ -225,7 +228,7 @@ def data_memory_bytes(data: Any, num_clients: int) -> int | None:
         counts = [_lines(lists / name) for name in IMAGENET_LT_LISTS]
         if None in counts or not data.root:
             return None
-        images = sum(counts)
+        images = sum(count for count in counts if count is not None)
         return images * (3 * data.image_size ** 2 + LABEL_BYTES) + num_clients * 1000 * 8
     return None
 
@@ -238,7 +241,7 @@ def physical_memory_bytes() -> int | None:
         return None
 
 
-def check_data_memory(data: Any, num_clients: int, memory: int | None, local_ranks: int = 1) -> None:
+def check_data_memory(data: DataConfig, num_clients: int, memory: int | None, local_ranks: int = 1) -> None:
     """Refuse (ConfigError) data that cannot fit ``memory`` bytes when each of the node's ``local_ranks``
     builds its own copy (:func:`data_memory_bytes`)."""
     need = data_memory_bytes(data, num_clients)
@@ -249,7 +252,7 @@ def check_data_memory(data: Any, num_clients: int, memory: int | None, local_ran
                       f"{_data_shape(data)}) but this machine has {memory / 2 ** 30:.3g} GiB; reduce it")
 
 
-def _data_shape(data: Any) -> str:
+def _data_shape(data: DataConfig) -> str:
     if data.source == "synthetic":
         per = "samples_per_class" if data.synthetic_mode == "array" else "samples_per_client"
         return (f"num_classes {data.num_classes}, {per} {getattr(data, per)}, test_per_class "

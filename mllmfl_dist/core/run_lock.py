@@ -22,9 +22,10 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TextIO
 
 from mllmfl_dist.core import dist
 from mllmfl_dist.core.dist import HeldLocks, Runtime
@@ -42,7 +43,7 @@ class RunDirBusyError(ConfigError):
     (host, pid, command, launch, since when); exit code 2, nothing written."""
 
 
-def launch_text(env: dict[str, str] | None = None) -> str:
+def launch_text(env: Mapping[str, str] | None = None) -> str:
     """The launcher's name for this job: ``torchrun run <id>``, ``slurm job <J> step <S>`` or ``slurm job <J>``;
     empty for a plain process."""
     env = os.environ if env is None else env
@@ -56,7 +57,7 @@ def launch_text(env: dict[str, str] | None = None) -> str:
 
 
 def acquire(lock_file: Path, command: str, *, wait: bool = False,
-            advice: str = "choose another run.name"):
+            advice: str = "choose another run.name") -> TextIO | None:
     """Take the exclusive ``flock`` on ``lock_file`` (created, with its folder) and write this process's name
     into it; returns the open file, whose closing (or this process's end) releases the lock.
 
@@ -95,7 +96,7 @@ def acquire(lock_file: Path, command: str, *, wait: bool = False,
     return handle
 
 
-def _holder(handle) -> str:
+def _holder(handle: TextIO) -> str:
     """The holder's name from its lock file. It writes the name right after taking the lock, so an empty file
     is re-read for a moment (a holder caught between the two)."""
     for _ in range(50):

@@ -17,11 +17,13 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from mllmfl_dist.core.errors import RankLostError
 
 if TYPE_CHECKING:
+    from types import TracebackType
+
     from mllmfl_dist.core.dist import Runtime
 
 STALE_WAITS = 64
@@ -92,12 +94,16 @@ class Waiting:
 
     def missing(self) -> list[int] | None:
         """The ranks that have not reached this wait; None when the store itself is gone."""
+        if self.store is None:  # a single process: no other rank to wait for
+            return []
         try:
             return [r for r in range(self.runtime.world_size) if not self.store.check([self.arrival_key(r)])]
         except RuntimeError:
             return None
 
     def _beats(self) -> list[int] | None:
+        if self.store is None:
+            return None
         try:
             return [int(self.store.add(f"beat/{r}", 0)) for r in range(self.runtime.world_size)]
         except RuntimeError:
@@ -155,7 +161,8 @@ class Waiting:
             return "every rank arrived and is alive (a hung collective?)" if final else "every rank has arrived"
         return "; ".join(parts) + (" (stopped or hung?)" if final else "")
 
-    def __exit__(self, exc_type, exc, tb) -> bool:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> Literal[False]:
         self._done.set()
         if self.store is None or exc is None or isinstance(exc, RankLostError):
             return False

@@ -86,7 +86,7 @@ def run_pretrain(cfg: Config, runtime: dist.Runtime, *, progress: bool = True,
         return metrics
     # Rank 0 picks the checkpoint to resume from and checks its config before any model is loaded (and before
     # DeepSpeed reads a file); every rank hears the verdict, so a refusal ends them all alike.
-    def resume_point() -> str | None:
+    def resume_point() -> tuple[str | None, dict[str, list[int]]]:
         try:
             # Temporary files of saves a killed job cut short (no rank of this job writes there yet).
             checkpoint.remove_stale_temps(out, ds_dir, *tag_dirs(ds_dir).values())
