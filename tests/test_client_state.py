@@ -118,7 +118,7 @@ def smoke_trainer(*sets: str):
 
 def test_a_client_whose_strategy_returns_no_state_gets_no_entry_in_the_store():
     """Only clients that hold state have entries: before, a client returning None was stored as zeros."""
-    from mllmfl_dist.core.plugins import register_strategy, unregister_strategy
+    from mllmfl_dist.config.plugins import register_strategy, unregister_strategy
     from mllmfl_dist.fl.sampling import sample_clients
     from mllmfl_dist.fl.strategies import ClientUpdate, FedAvg
 

@@ -178,7 +178,7 @@ def test_dp_with_feddyn_is_one_line_and_exit_2_from_the_cli(tmp_path):
 
 
 def test_a_plugin_overriding_a_dp_sensitive_hook_without_declaring_dp_compatible_is_refused():
-    from mllmfl_dist.core.plugins import register_strategy, unregister_strategy
+    from mllmfl_dist.config.plugins import register_strategy, unregister_strategy
     from mllmfl_dist.fl.strategies import FedAvg
 
     class Undeclared(FedAvg):  # inherits FedAvg's dp_compatible = True, which does not vouch for its own step

@@ -135,7 +135,7 @@ def client_state_width(cfg, classes: int, channels: int, side: int) -> int:
     import torch
 
     from mllmfl_dist.fl.strategies import Strategy, build_strategy, strategy_class
-    from mllmfl_dist.models.fl_models import build_model
+    from mllmfl_dist.fl.models import build_model
 
     if strategy_class(cfg.federated.strategy).client_state_shapes is Strategy.client_state_shapes:
         return 0
