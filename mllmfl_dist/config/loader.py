@@ -222,14 +222,5 @@ def validate(config: Config) -> None:
         raise ConfigError("data.synthetic_mode = 'on_demand' supports partition.method dirichlet, creff or iid "
                           "without partition.self_balancing or partition.min_partition_size")
     if config.dp.enabled:
-        # Imported here: torch (the strategy's class has imported it already) and dp-accounting, for DP runs only.
-        from mllmfl_dist.fl.dp import check_settings
-        from mllmfl_dist.fl.strategies.base import dp_refusal
-
-        refusal = dp_refusal(strategy)
-        if refusal:
-            raise ConfigError(f"dp.enabled = true is not allowed with federated.strategy = {fed.strategy!r}: "
-                              f"{refusal}")
-        # Here, on every rank, so that no rank meets an accountant's error alone while the others wait for it.
-        check_settings(config.dp, fed.num_clients, fed.clients_per_round, fed.rounds)
+        strategy.check_dp(config)  # the strategy layer's check, reached through the registry (config imports no fl)
     strategy.check_config(config)

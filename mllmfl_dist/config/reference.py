@@ -29,7 +29,7 @@ import tomli_w
 
 from mllmfl_dist.config.fields import CHECK, CHOICES, PATH
 from mllmfl_dist.config.schema import CORE_SECTIONS, Config
-from mllmfl_dist.core import plugins
+from mllmfl_dist.config import plugins
 
 PAGE = Path(__file__).resolve().parents[2] / "docs" / "reference" / "configuration.md"
 COMMAND = "python -m mllmfl_dist.config.reference --write"

@@ -59,6 +59,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import nn
 
+from mllmfl_dist.core.errors import ConfigError
 from mllmfl_dist.config import FederatedConfig
 from mllmfl_dist.core import dist
 from mllmfl_dist.data import ClientData
@@ -166,6 +167,20 @@ class Strategy:
     @classmethod
     def check_config(cls, cfg: Config) -> None:
         """Refuse (ConfigError) a config this strategy cannot run; called when a config naming it loads."""
+
+    @classmethod
+    def check_dp(cls, cfg: Config) -> None:
+        """Refuse (ConfigError, one line) central DP with this strategy (:func:`dp_refusal`) or with settings no
+        accountant can run (:func:`mllmfl_dist.fl.dp.check_settings`). The config loader calls it through the
+        registry's class when ``dp.enabled``, on every rank, so no rank meets an accountant's error alone while
+        the others wait for it."""
+        from mllmfl_dist.fl.dp import check_settings  # dp-accounting is imported for DP runs only
+
+        refusal = dp_refusal(cls)
+        if refusal:
+            raise ConfigError(f"dp.enabled = true is not allowed with federated.strategy = {cls.name!r}: {refusal}")
+        fed = cfg.federated
+        check_settings(cfg.dp, fed.num_clients, fed.clients_per_round, fed.rounds)
 
     @classmethod
     def models(cls, sections: Mapping[str, Any]) -> list[ModelUse]:
