@@ -56,16 +56,19 @@ def field_comments(cls: type) -> dict[str, str]:
                   if token.type == tokenize.COMMENT}
     comments: dict[str, str] = {}
     previous_end = 0  # 1-based last line of the statement before the field
-    for node in ast.parse(source).body[0].body:
+    definition = ast.parse(source).body[0]
+    assert isinstance(definition, ast.ClassDef)
+    for node in definition.body:
+        end = node.end_lineno if node.end_lineno is not None else node.lineno
         if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
-            above = []
+            above: list[str] = []
             for number in range(node.lineno - 1, previous_end, -1):
                 if not lines[number - 1].strip().startswith("#"):
                     break
                 above.insert(0, comment_at[number])
-            beside = [comment_at[n] for n in range(node.lineno, node.end_lineno + 1) if n in comment_at]
+            beside = [comment_at[n] for n in range(node.lineno, end + 1) if n in comment_at]
             comments[node.target.id] = " ".join(part for part in above + beside if part)
-        previous_end = node.end_lineno
+        previous_end = end
     return comments
 
 
@@ -91,7 +94,9 @@ def _with_nested(name: str, cls: type) -> list[tuple[str, type]]:
 
 def _load(path: str) -> type:
     module, _, attribute = path.partition(":")
-    return getattr(importlib.import_module(module), attribute)
+    loaded = getattr(importlib.import_module(module), attribute)
+    assert isinstance(loaded, type), path
+    return loaded
 
 
 def _toml_value(value: Any) -> str:
