@@ -127,5 +127,6 @@ def test_uploads_too_large_for_the_all_reduce_are_refused_naming_their_tensors()
     check_upload_size("creff", FlatLayout.of_shapes({"class_gradients": (MAX_UPLOAD_BYTES // 8,)}))
     # ImageNet-LT classes, ResNet-50 features: CReFF's upload_shapes
     shapes = {"class_gradients": (1000, 1000, 2049), "class_weights": (1000,)}
-    with pytest.raises(ConfigError, match="15.3 GiB .*class_gradients 1000 x 1000 x 2049, class_weights 1000"):
+    named = "class_gradients 1000 x 1000 x 2049 float64, class_weights 1000 float64"
+    with pytest.raises(ConfigError, match=f"15.3 GiB .*{named}"):
         check_upload_size("creff", FlatLayout.of_shapes(shapes))

@@ -5,6 +5,7 @@ resumes, and what a job refuses. Skipped where the local Slurm cannot start (not
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -95,7 +96,8 @@ def test_usr1_stops_at_a_round_requeues_and_resumes_to_the_same_model(local_slur
 
     stopped = int(text.split("preempted: stopped after round ")[1].split()[0])
     assert 2 <= stopped < 10, text
-    assert "on SIGUSR1; checkpoint" in text
+    # Every rank of the step gets the signal, but not necessarily before the same round's all_reduce.
+    assert re.search(r"on SIGUSR1 \(received by [1-3] of 3 ranks\); checkpoint", text), text[-3000:]
     exits = [line for line in text.splitlines() if "Exited with exit code" in line or ": Terminated" in line]
     assert exits and all(line.endswith("exit code 75") for line in exits), exits  # none killed by another
     assert f"the ranks stopped on USR1 (exit 75); requeueing job {job}" in text and "(restart 1)" in text

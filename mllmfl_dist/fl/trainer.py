@@ -107,7 +107,9 @@ class RoundStats:
     bytes_all_reduced: int
     bytes_broadcast: int
     server: dict[str, float]  # the strategy's numbers of the round (rank 0), e.g. CReFF's match_loss
-    stop_requested: bool = False  # some rank was asked to stop (preempt.py): every rank stops after this round
+    # How many ranks were asked to stop (preempt.py); any: every rank stops after this round, and every rank
+    # knows the count, so the line that reports the stop reads the same whichever rank prints it.
+    stop_requests: int = 0
     train_loss: float = float("nan")  # the clients' mean training loss, weighted like the model (n_k; 1 under DP)
 
 
@@ -318,7 +320,7 @@ class FederatedTrainer:
         total_weight = float(model_acc[-1])
         return RoundStats(round_index, self._last_round_end - started, tuple(clients), tuple(mine),
                           acc.numel() * acc.element_size(), bytes_broadcast, server_record,
-                          bool(parts["stop"][0] > 0),
+                          round(float(parts["stop"][0])),
                           float(parts["loss"]) / total_weight if total_weight > 0 else float("nan"))
 
     def _divergence(self, round_index: int, where: str, clients: Sequence[int] = ()) -> str:

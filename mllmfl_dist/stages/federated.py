@@ -73,6 +73,7 @@ class FederatedStage:
         self.trainer.server_hook_hints = alignment_hints(cfg.align) if cfg.align.every else []
         self.alignment: AlignmentHook | None = None
         self.metrics = MetricsLog(self.paths.metrics) if runtime.is_server else None
+        self._stop_requests = 0  # how many ranks asked for the stop that ended the rounds, once one has
         self.rounds_log = MetricsLog(self.paths.rounds) if runtime.is_server else None  # timing and traffic
         self.tracker = Tracker()
         self.last_eval: dict[str, Any] | None = None
@@ -187,10 +188,11 @@ class FederatedStage:
                 stats = self.trainer.run_round(round_index)
                 # The round's all_reduce told every rank whether any was asked to stop, so all stop after the
                 # same round (before rank 0's evaluation, which the hosts would otherwise overlap with the next).
-                stop = round_index < fed.rounds and stats.stop_requested
+                stop = round_index < fed.rounds and stats.stop_requests > 0
                 if server:
                     self._record_round(stats, stop, bar, bars)
                 if stop:
+                    self._stop_requests = stats.stop_requests
                     return round_index
         if server and start_round < fed.rounds:
             seconds = time.perf_counter() - started
@@ -239,8 +241,10 @@ class FederatedStage:
         written; every rank waits for it before any exits (a launcher such as torchrun tears down the others
         as soon as one rank ends), then raises Preempted (rank 0's CLI prints it as the one line that says so)."""
         runtime = self.runtime
-        reason = (runtime.stop.reason if runtime.stop is not None else None) or \
-            f"{preempt.STOP_SIGNAL.name} (received by another rank)"
+        # The same words on every rank: whichever rank prints the line (the first per node to get here),
+        # it names the signal and how many ranks received it, not which rank this one is.
+        size = runtime.world_size
+        reason = f"{preempt.STOP_SIGNAL.name} (received by {self._stop_requests} of {size} rank{'s' * (size > 1)})"
         stopped = preempt.Preempted(round_index, self.cfg.federated.rounds, self.paths.checkpoint, reason)
         dist.stage_barrier(runtime, "the checkpoint of the round the run stops after")
         preempt.exiting()
