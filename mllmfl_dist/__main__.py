@@ -79,8 +79,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return evaluate.run(cfg, args.checkpoint)
         if args.command == "probe":
             from mllmfl_dist.commands.probe import run_probe
+            from mllmfl_dist.commands.seed_statistics import parse_seed_list
 
-            run_probe(cfg, args.backbones, args.train_set, args.out)
+            seeds = parse_seed_list(args.seeds) if args.seeds is not None else None
+            run_probe(cfg, args.backbones, args.train_set, args.out, seeds)
             return 0
         from mllmfl_dist.commands import distributed
 

@@ -136,3 +136,30 @@ def test_the_clip_image_tower_is_probed_and_a_missing_one_is_one_line(tiny_model
     assert main(["probe", SMOKE, *sets, "--backbone", f"clip:local-dir:{tmp_path / 'nope'}"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "local directory not found" in err
+
+
+def test_over_seeds_each_seed_template_is_probed_per_seed_and_summarised(tmp_path, capsys):
+    sets = [a for o in ("data.server_holdout_per_class=5", "data.test_per_class=10", f"run.root={tmp_path}")
+            for a in ("--set", o)]
+    out = tmp_path / "probe.json"
+    assert main(["probe", SMOKE, *sets, "--seeds", "3,1,4", "--backbone", "random:{seed}", "--backbone", "random:9",
+                 "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert [row["backbone"] for row in report["rows"]] == ["random:3", "random:1", "random:4", "random:9"]
+    (entry,) = report["over_seeds"]
+    assert entry["template"] == "random:{seed}" and entry["seeds"] == [3, 1, 4]
+    accs = [row["acc"] for row in report["rows"][:3]]
+    mean = sum(accs) / 3
+    sd = (sum((a - mean) ** 2 for a in accs) / 2) ** 0.5
+    assert entry["acc"]["mean"] == pytest.approx(mean) and entry["acc"]["sd"] == pytest.approx(sd)
+    assert entry["acc"]["ci95"] == pytest.approx(4.302653 * sd / 3 ** 0.5, rel=1e-5)  # t_{0.975, 2}
+    assert "| random:{seed} | 3 |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args, words", [(["--backbone", "random:{seed}"], "give --seeds"),
+                                         (["--seeds", "0,1", "--backbone", "random:0"], "no --backbone holds {seed}"),
+                                         (["--seeds", "0,0", "--backbone", "random:{seed}"], "distinct")])
+def test_seeds_without_a_template_or_a_template_without_seeds_is_one_line(args, words, capsys):
+    assert main(["probe", SMOKE, "--set", "data.server_holdout_per_class=2", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and words in err, err

@@ -40,19 +40,12 @@ from mllmfl_dist.commands import tuning
 from mllmfl_dist.commands.compare_methods import Method
 from mllmfl_dist.commands.compare_table import run_row, write_results
 from mllmfl_dist.commands.pipeline import run_pipeline, run_stage1
+from mllmfl_dist.commands.seed_statistics import parse_seed_list
 
 log = logging.getLogger(__name__)
 
 def parse_seeds(text: str | None, cfg: Config) -> list[int]:
-    if not text:
-        return [cfg.run.seed]
-    try:
-        seeds = [int(s) for s in text.split(",") if s.strip()]
-    except ValueError:
-        seeds = []
-    if not seeds or any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
-        raise ConfigError(f"--seeds {text!r}: expected distinct non-negative integers separated by commas, e.g. 0,1,2")
-    return seeds
+    return parse_seed_list(text) if text else [cfg.run.seed]
 
 
 def compare_options(args: Any, cfg: Config, seeds: Sequence[int]) -> tuple[Any, tuple[int, float | None]]:

@@ -33,6 +33,19 @@ class Spread:
     ci95: float | None
 
 
+def parse_seed_list(text: str, option: str = "--seeds") -> list[int]:
+    """``"0,1,2"`` -> ``[0, 1, 2]``; ConfigError unless distinct non-negative integers separated by commas."""
+    from mllmfl_dist.config import ConfigError
+
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        seeds = []
+    if not seeds or any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"{option} {text!r}: expected distinct non-negative integers separated by commas, e.g. 0,1,2")
+    return seeds
+
+
 def t_quantile(dof: int, confidence: float = CONFIDENCE) -> float:
     """The two-sided Student-t critical value ``t_{(1 + confidence) / 2, dof}`` (e.g. 2.776 for dof 4)."""
     if dof < 1:
