@@ -33,6 +33,14 @@ def test_help_imports_no_heavy_package(argv) -> None:
     assert "mllmfl_dist.config" in modules  # the check sees our own imports
 
 
+def test_the_help_names_every_built_in_strategy() -> None:
+    from mllmfl_dist.commands.cli import build_parser
+    from mllmfl_dist.config.plugins import builtin_strategy_names
+
+    text = " ".join(build_parser().format_help().split())  # the list wraps across lines
+    assert all(f" {name}," in text or f" {name} or a plug-in" in text for name in builtin_strategy_names()), text
+
+
 def test_a_usage_error_exits_2_without_torch() -> None:
     done, modules = imported_modules("federate")  # CONFIG missing
     assert done.returncode == 2 and "CONFIG" in done.stderr.upper()

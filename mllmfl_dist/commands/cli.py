@@ -7,8 +7,10 @@ Kept apart from :mod:`mllmfl_dist.__main__`, which runs the commands, and free o
 from __future__ import annotations
 
 import argparse
+import textwrap
 
 from mllmfl_dist.commands import probe, shards
+from mllmfl_dist.config.plugins import builtin_strategy_names
 
 DESCRIPTION = """\
 Distributed trainer for MLLM-assisted federated learning on long-tailed, heterogeneous image data.
@@ -24,11 +26,7 @@ commands:
                       complete shards.
   pretrain CONFIG     stage 1b: Dynamic Weighted Pretraining of the FL backbone against the frozen MLLM
                       on the captions, under DeepSpeed; writes <run dir>/pretrain/backbone.pt.
-  federate CONFIG     stage 2: federated finetuning (federated.strategy: fedavg, fedavgm, fedprox,
-                      fedadagrad, fedadam, fedyogi, creff, clip2fl) with evaluation,
-                      metrics and checkpoints under <run dir>/federated/ (model.pretrained_backbone =
-                      "pretrain" starts from stage 1b). Rerunning resumes from the last checkpoint; a
-                      finished run is left as it is.
+{federate}
   compare CONFIG --methods fedavg,creff,fedavg+align[none],mllm-llava-fl --seeds 0,1,2
                       each method for each seed on identical data, partition and ranks under
                       <run dir>/compare/<method>/seed<k>/ (resumable one by one), then
@@ -66,8 +64,18 @@ code 75 (what Slurm sends before a time limit with --signal); rerunning resumes.
 """
 
 
+def description() -> str:
+    """The top-level help; the strategy list comes from the registry, so it names every built-in one."""
+    federate = textwrap.fill(
+        f"stage 2: federated finetuning (federated.strategy: {', '.join(builtin_strategy_names())} or a plug-in) "
+        "with evaluation, metrics and checkpoints under <run dir>/federated/ (model.pretrained_backbone = "
+        '"pretrain" starts from stage 1b). Rerunning resumes from the last checkpoint; a finished run is left as '
+        "it is.", width=102, initial_indent="  federate CONFIG     ", subsequent_indent=" " * 22)
+    return DESCRIPTION.replace("{federate}", federate)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m mllmfl_dist", description=DESCRIPTION,
+    parser = argparse.ArgumentParser(prog="python -m mllmfl_dist", description=description(),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
