@@ -262,8 +262,11 @@ def test_a_config_that_is_not_utf8_is_one_line(finished, tmp_path, capsys):
 def test_ctrl_c_ends_a_run_with_one_line_exit_130_and_its_checkpoint_resumes(tmp_path):
     out = tmp_path / "smoke" / "federated"
     argv = [sys.executable, "-m", "mllmfl_dist", "federate", str(SMOKE), *sets(f"run.root={tmp_path}", *QUIET)]
+    # SIGINT back to its default in the child: a suite started in the background by a non-interactive shell
+    # (`launch/test.sh &`) inherits SIGINT ignored, and Python then installs no KeyboardInterrupt handler.
     proc = subprocess.Popen([*argv, "--set", "federated.rounds=500"], cwd=REPO, env=clean_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 300
         while not (out / "rounds.jsonl").exists() or len((out / "rounds.jsonl").read_text().splitlines()) < 2:
