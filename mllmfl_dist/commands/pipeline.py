@@ -4,9 +4,10 @@ Which stages run follows from the config: federated finetuning always; DWP pretr
 finetuning starts from this run's backbone (``model.pretrained_backbone = "pretrain"``); annotation when
 that pretraining reads this run's captions (``pretrain.shards`` empty); alignment inside the round loop
 when ``align.every > 0``; and, when the config runs a stage of the method, FedAvg from scratch on the same
-data and seed in ``<run dir>/baseline/`` (``run.baseline``), for the report. Every stage skips work that is
-complete, so rerunning the same command after an interruption picks up where it stopped, and a finished run
-only rewrites its report.
+data and seed in ``<run dir>/baseline/`` (``run.baseline``), for the report. The stages are objects of one
+protocol (:mod:`mllmfl_dist.stages.protocol`): rank 0 reads each one's status from its markers on disk, a
+complete stage is skipped and any other starts or resumes, so rerunning the same command after an interruption
+picks up where it stopped, and a finished run only rewrites its report.
 """
 
 from __future__ import annotations
@@ -18,10 +19,11 @@ from typing import Any
 
 from mllmfl_dist.core import dist, run_lock
 from mllmfl_dist.config import Config
-from mllmfl_dist.stages.annotate import run_annotate
-from mllmfl_dist.stages.pretrain import run_pretrain
-from mllmfl_dist.stages.federated import run_federated
-from mllmfl_dist.stages.report import write_report
+from mllmfl_dist.stages.annotate import AnnotateStage
+from mllmfl_dist.stages.pretrain.recipe import PretrainStage
+from mllmfl_dist.stages.federated import FederateStage
+from mllmfl_dist.stages.protocol import Stage, drive
+from mllmfl_dist.stages.report import ReportStage
 
 log = logging.getLogger(__name__)
 
@@ -33,17 +35,22 @@ def uses_the_method(cfg: Config) -> bool:
     return cfg.model.pretrained_backbone == "pretrain" or cfg.align.every > 0
 
 
-def planned_stages(cfg: Config) -> list[str]:
-    stages = []
+def plan(cfg: Config) -> list[Stage]:
+    """The stages the config runs, in order (the module docstring says which)."""
+    stages: list[Stage] = []
     if cfg.model.pretrained_backbone == "pretrain":
         if not cfg.pretrain.shards:
-            stages.append("annotate")
-        stages.append("pretrain")
-    stages.append("federate")
+            stages.append(AnnotateStage())
+        stages.append(PretrainStage())
+    stages.append(FederateStage())
     if cfg.run.baseline and uses_the_method(cfg):
-        stages.append("baseline")
-    stages.append("report")
+        stages.append(FederateStage(BASELINE, baseline_config))
+    stages.append(ReportStage())
     return stages
+
+
+def planned_stages(cfg: Config) -> list[str]:
+    return [stage.name for stage in plan(cfg)]
 
 
 def baseline_config(cfg: Config) -> Config:
@@ -63,30 +70,16 @@ def run_pipeline(cfg: Config, runtime: dist.Runtime) -> dict[str, Any]:
 
 
 def _stages(cfg: Config, runtime: dist.Runtime) -> dict[str, Any]:
-    stages = planned_stages(cfg)
-    log.info("run %s: stages %s", cfg.run_dir, " -> ".join(stages))
-    summary: dict[str, Any] = {}
-    for stage in stages:
-        if stage == "annotate":
-            run_annotate(cfg, runtime)
-        elif stage == "pretrain":
-            run_pretrain(cfg, runtime)
-        elif stage in ("federate", "baseline"):
-            stage_cfg = cfg if stage == "federate" else baseline_config(cfg)
-            with run_lock.holding(runtime, stage_cfg.run_dir):
-                run_federated(stage_cfg, runtime)
-        elif stage == "report" and runtime.is_server:
-            # A `report` command on this run may be writing the same folder: wait for it (seconds).
-            with run_lock.holding_report(cfg.paths.report, runtime.run_locks.command, wait=True):
-                summary = write_report(cfg.run_dir)
+    stages = plan(cfg)
+    log.info("run %s: stages %s", cfg.run_dir, " -> ".join(stage.name for stage in stages))
+    results = {stage.name: drive(stage, cfg, runtime) for stage in stages}
     dist.stage_barrier(runtime, "the end of the run (the report)", clients_idle=True)
-    return summary
+    return results.get("report") or {}
 
 
 def run_stage1(cfg: Config, runtime: dist.Runtime) -> Path:
     """Annotation (when DWP reads this run's captions) and DWP alone; returns the backbone's path."""
     with run_lock.holding(runtime, cfg.run_dir):
-        if not cfg.pretrain.shards:
-            run_annotate(cfg, runtime)
-        run_pretrain(cfg, runtime)
+        for stage in ([] if cfg.pretrain.shards else [AnnotateStage()]) + [PretrainStage()]:
+            drive(stage, cfg, runtime)
     return cfg.run_dir / "pretrain" / "backbone.pt"

@@ -28,6 +28,7 @@ import torch
 from tqdm import tqdm
 
 from mllmfl_dist.core import dist
+from mllmfl_dist.core.errors import DataError
 from mllmfl_dist.core.checkpoint import file_identity, remove_stale_temps, same_file, write_text_atomic
 from mllmfl_dist.config import AnnotateConfig, Config, ConfigError
 from mllmfl_dist.data.images import ImageBounds, UnusableImageError, decode_image
@@ -37,6 +38,7 @@ from mllmfl_dist.data.shards import (ShardError, expand_shards, iter_samples,
 from mllmfl_dist.core.seeds import TAG_ANNOTATE, derive_seed
 from mllmfl_dist.core.progress import show_bars
 from mllmfl_dist.mllm.llava import load_llava, vision_side
+from mllmfl_dist.stages.protocol import COMPLETE, FRESH, RESUME, StageStatus
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +53,7 @@ def assign_shards(shards: Sequence[Path], ranks: Sequence[int]) -> dict[int, lis
     return plan
 
 
-def _complete(record_path: Path, shard: Path, settings: dict[str, Any]) -> bool:
+def _complete(record_path: Path, shard: Path, settings: dict[str, Any], *, quiet: bool = False) -> bool:
     """Whether ``shard`` was annotated from this very file (same size and modification time) with the same
     model and settings, and its output is still the file the record describes. A record made with other
     settings is refused rather than silently kept next to a manifest that names the new settings."""
@@ -60,7 +62,8 @@ def _complete(record_path: Path, shard: Path, settings: dict[str, Any]) -> bool:
     try:
         record = json.loads(record_path.read_text())
     except (OSError, ValueError):
-        log.warning("annotate: %s is unreadable; annotating %s again", record_path, shard.name)
+        if not quiet:
+            log.warning("annotate: %s is unreadable; annotating %s again", record_path, shard.name)
         return False
     if not isinstance(record, dict) or record.get("source") != str(shard) or record.get("settings") != settings:
         found = record if isinstance(record, dict) else {}
@@ -72,11 +75,13 @@ def _complete(record_path: Path, shard: Path, settings: dict[str, Any]) -> bool:
         return (shard.stat().st_mtime_ns <= record_path.stat().st_mtime_ns
                 and (output.is_file() or not record.get("captions_out")))
     if not same_file(shard, record["source_file"]):
-        log.info("annotate: %s changed since it was annotated; annotating it again", shard)
+        if not quiet:
+            log.info("annotate: %s changed since it was annotated; annotating it again", shard)
         return False
     if record.get("output_file") is not None and not same_file(output, record["output_file"]):
-        log.warning("annotate: %s is not the file its record describes (lost or cut since); annotating %s again",
-                    output, shard.name)
+        if not quiet:
+            log.warning("annotate: %s is not the file its record describes (lost or cut since); annotating %s "
+                        "again", output, shard.name)
         return False
     return True
 
@@ -218,3 +223,47 @@ def build_manifest(records: list[dict[str, Any]], acfg: AnnotateConfig, working:
         "seconds": seconds,
         "images_per_second": captions / seconds if seconds > 0 else 0.0,
     }
+
+
+class AnnotateStage:
+    """Annotation through the stage protocol (:mod:`mllmfl_dist.stages.protocol`): complete when every configured
+    shard has a ``.done.json`` record that a rerun would keep and ``manifest.json`` sums exactly those shards
+    with the configured model and prompt."""
+
+    name = "annotate"
+
+    def outputs(self, cfg: Config) -> list[Path]:
+        out = cfg.paths.annotate
+        return [out / "manifest.json", *(out / (s.name + DONE_SUFFIX) for s in expand_shards(cfg.annotate.shards))]
+
+    def status(self, cfg: Config) -> StageStatus:
+        acfg, out = cfg.annotate, cfg.paths.annotate
+        try:
+            shards = expand_shards(acfg.shards)
+        except DataError as err:  # the stage refuses it in its own words
+            return StageStatus(FRESH, f"annotate.shards: {err}")
+        if len({s.name for s in shards}) != len(shards):
+            return StageStatus(FRESH, f"{len(shards)} shards, some with the same file name")
+        settings = {"model": acfg.model, **asdict(Generation.from_config(acfg))}
+        try:
+            done = sum(_complete(out / (s.name + DONE_SUFFIX), s, settings, quiet=True) for s in shards)
+        except ConfigError:
+            return StageStatus(RESUME, f"{out}, which holds records of other annotation settings")
+        if done == len(shards) and self._manifest_lists(out / "manifest.json", [s.name for s in shards], acfg):
+            return StageStatus(COMPLETE, f"{done} shards annotated in {out}")
+        if done or (out.is_dir() and any(out.glob("*" + DONE_SUFFIX))):
+            return StageStatus(RESUME, f"{out}: {done} of {len(shards)} shards annotated")
+        return StageStatus(FRESH, f"{len(shards)} shards to annotate into {out}")
+
+    @staticmethod
+    def _manifest_lists(path: Path, names: list[str], acfg: AnnotateConfig) -> bool:
+        try:
+            manifest = json.loads(path.read_text())
+            listed = sorted(entry["shard"] for entry in manifest["shards"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
+        return (listed == sorted(names) and manifest.get("model") == acfg.model
+                and manifest.get("prompt") == acfg.prompt and manifest.get("batch_size") == acfg.batch_size)
+
+    def run(self, cfg: Config, runtime: dist.Runtime) -> dict[str, Any]:
+        return run_annotate(cfg, runtime)

@@ -1,7 +1,8 @@
 """Stage report: final metrics of every stage of a run, the models it used, PNG plots and report.md.
 
-Pure file-in / file-out (no torch, no torch.distributed); the caller runs it on rank 0, and
-``python -m mllmfl_dist report RUN_DIR`` runs it on any finished or interrupted run.
+:func:`write_report` is pure file-in / file-out (no torch, no torch.distributed); :class:`ReportStage` runs it
+on rank 0 as ``run``'s last stage, and ``python -m mllmfl_dist report RUN_DIR`` runs it on any finished or
+interrupted run.
 
 Reads, when present,
   <run>/config.toml                  -> which MLLM / CLIP models the run used (summary["models"])
@@ -29,12 +30,15 @@ from pathlib import Path
 from typing import Any
 
 from mllmfl_dist.config.loader import read_toml
+from mllmfl_dist.config import Config
+from mllmfl_dist.core import dist, run_lock
 from mllmfl_dist.core.checkpoint import remove_stale_temps, write_text_atomic
 from mllmfl_dist.core.errors import ConfigError
 from mllmfl_dist.core.jsonl import ACCURACY_KEYS, VAL_ACCURACY_KEYS, read_evaluations
 from mllmfl_dist.core.layout import RunLayout
 from mllmfl_dist.stages import report_plots
 from mllmfl_dist.config.plugins import strategy_class
+from mllmfl_dist.stages.protocol import FRESH, StageStatus
 
 log = logging.getLogger(__name__)
 
@@ -302,3 +306,25 @@ def _strategy_models(config: dict) -> list[dict[str, Any]]:
     except (ConfigError, TypeError, ValueError) as err:
         log.warning("report: the strategy's models cannot be read from the config (%s)", err)
         return []
+
+
+class ReportStage:
+    """The report through the stage protocol (:mod:`mllmfl_dist.stages.protocol`): never complete, since it sums
+    the other stages' outputs, which a rerun may have extended; rank 0 writes it."""
+
+    name = "report"
+
+    def outputs(self, cfg: Config) -> list[Path]:
+        report = cfg.paths.report
+        return [report / "summary.json", report / "report.md"]
+
+    def status(self, cfg: Config) -> StageStatus:
+        verb = "rewrites" if (cfg.paths.report / "summary.json").is_file() else "writes"
+        return StageStatus(FRESH, f"{verb} {cfg.paths.report} from the stages' outputs")
+
+    def run(self, cfg: Config, runtime: dist.Runtime) -> dict[str, Any]:
+        if not runtime.is_server:
+            return {}
+        # A `report` command on this run may be writing the same folder: wait for it (seconds).
+        with run_lock.holding_report(cfg.paths.report, runtime.run_locks.command, wait=True):
+            return write_report(cfg.run_dir)

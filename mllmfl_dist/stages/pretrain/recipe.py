@@ -1,5 +1,6 @@
-"""The DWP stage from start to end: skip when finished, pick and check the resume point, load LLaVA and
-the data, train under DeepSpeed with checkpoints, write the backbone, the adapter and ``metrics.json``."""
+"""The DWP stage from start to end, in named steps: check the settings, skip when finished, pick and check the
+resume point, load LLaVA and the data, build the DeepSpeed engine, restore the checkpoint, train with
+checkpoints, write the backbone, the adapter and ``metrics.json``; and the stage's protocol object."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import dataclasses
 import json
 import logging
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +53,8 @@ from mllmfl_dist.stages.pretrain.resume import (
     save_checkpoint,
     tag_dirs,
 )
+from mllmfl_dist.stages.pretrain.status import finished, pretrain_outputs, pretrain_status
+from mllmfl_dist.stages.protocol import StageStatus
 from mllmfl_dist.mllm.llava import load_llava, vision_side
 
 log = logging.getLogger(__name__)
@@ -63,8 +67,53 @@ def run_pretrain(cfg: Config, runtime: dist.Runtime, *, progress: bool = True,
     ``stop_at``: end after this global step, with a DeepSpeed checkpoint there and no final outputs, as if
     the job had been stopped (tests; time-sliced jobs). A rerun continues from it.
     """
-    pcfg = cfg.pretrain
-    if pcfg.ranks == "rank0" and runtime.world_size > 1:
+    _check_settings(cfg, runtime)
+    out = stage_dir(cfg)
+    done = _finished_metrics(out, runtime)
+    if done is not None:
+        return done
+    resume_tag, saved_adapter = _resume_point(cfg, runtime, out)
+    dwp = _load(cfg, runtime, out, resume_tag, saved_adapter)
+    _build_engine(dwp)
+    start = _restore(dwp, resume_tag)
+    end = cfg.pretrain.steps if stop_at is None else min(cfg.pretrain.steps, stop_at)
+    report = _train(dwp, start, end, progress)
+    if dwp.engine.global_steps < cfg.pretrain.steps:  # stopped early (stop_at): the checkpoint is the output
+        report.close()
+        dist.stage_barrier(runtime)
+        return {"stopped_at": dwp.engine.global_steps, "loss": dwp.state["loss"]} if runtime.is_server else {}
+    return _finish(dwp, report)
+
+
+@dataclass
+class _DWP:
+    """What the steps of one DWP run share: the settings, the data, the frozen LLaVA, the student and its engine,
+    and the state that rides along in the checkpoints."""
+
+    cfg: Config
+    runtime: dist.Runtime
+    out: Path
+    samples: list[Any]
+    skipped: list[Any]
+    heldout: list[Any]
+    train: list[Any]
+    llava: Any
+    builder: BatchBuilder
+    fl_input: Any
+    student: Any
+    engine: Any = None
+    ds_config: dict[str, Any] = field(default_factory=dict)
+    state: dict[str, Any] = field(default_factory=lambda: {"loss": [], "heldout_loss_alpha1_step0": None,
+                                                           "train_seconds": 0.0, "train_samples": 0})
+
+    @property
+    def ds_dir(self) -> Path:
+        return self.out / DEEPSPEED_DIR
+
+
+def _check_settings(cfg: Config, runtime: dist.Runtime) -> None:
+    """Refuse the ranks DeepSpeed cannot checkpoint and a missing model (ConfigError)."""
+    if cfg.pretrain.ranks == "rank0" and runtime.world_size > 1:
         raise ConfigError(
             f"pretrain.ranks = 'rank0' with {runtime.world_size} processes is not supported: DeepSpeed "
             "synchronises checkpoints over the whole process group (engine.save_checkpoint barriers on every "
@@ -74,18 +123,26 @@ def run_pretrain(cfg: Config, runtime: dist.Runtime, *, progress: bool = True,
         raise ConfigError("pretrain.model and annotate.model are empty; set pretrain.model to a hub id (e.g. "
                           "llava-hf/llava-1.5-7b-hf) or a directory (e.g. one made by "
                           "`python -m mllmfl_dist tiny-models DIR`)")
-    out = stage_dir(cfg)
+
+
+def _finished_metrics(out: Path, runtime: dist.Runtime) -> dict[str, Any] | None:
+    """``metrics.json`` (``{}`` off rank 0) when rank 0 finds the stage finished, else None."""
+    if not dist.server_decides(runtime, lambda: finished(out), "rank 0's check of a finished DWP stage"):
+        return None
+    metrics: dict[str, Any] = {}
+    if runtime.is_server:
+        log.info("%s is complete; nothing to train. Delete it to pretrain again.", out)
+        metrics = json.loads((out / METRICS_NAME).read_text())
+    dist.stage_barrier(runtime)
+    return metrics
+
+
+def _resume_point(cfg: Config, runtime: dist.Runtime, out: Path) -> tuple[str | None, dict[str, list[int]]]:
+    """(tag to resume from or None, the saved adapter's shapes). Rank 0 picks the checkpoint and checks its config
+    before any model is loaded (and before DeepSpeed reads a file); every rank hears the verdict, so a refusal
+    ends them all alike."""
     ds_dir = out / DEEPSPEED_DIR
-    finished = dist.server_decides(runtime, lambda: _finished(out), "rank 0's check of a finished DWP stage")
-    if finished:
-        metrics: dict[str, Any] = {}
-        if runtime.is_server:
-            log.info("%s is complete; nothing to train. Delete it to pretrain again.", out)
-            metrics = json.loads((out / METRICS_NAME).read_text())
-        dist.stage_barrier(runtime)
-        return metrics
-    # Rank 0 picks the checkpoint to resume from and checks its config before any model is loaded (and before
-    # DeepSpeed reads a file); every rank hears the verdict, so a refusal ends them all alike.
+
     def resume_point() -> tuple[str | None, dict[str, list[int]]]:
         try:
             # Temporary files of saves a killed job cut short (no rank of this job writes there yet).
@@ -97,44 +154,55 @@ def run_pretrain(cfg: Config, runtime: dist.Runtime, *, progress: bool = True,
             check_resume(cfg, point.client_state, ds_dir, runtime.world_size)
         return (point.tag, adapter_shapes(point.client_state)) if point else (None, {})
 
-    resume_tag, saved_adapter = dist.server_decides(runtime, resume_point,
-                                                    "rank 0's choice of the DWP checkpoint to resume",
-                                                    catch=(ConfigError,))
+    return dist.server_decides(runtime, resume_point, "rank 0's choice of the DWP checkpoint to resume",
+                               catch=(ConfigError,))
 
+
+def _load(cfg: Config, runtime: dist.Runtime, out: Path, resume_tag: str | None,
+          saved_adapter: dict[str, list[int]]) -> _DWP:
+    """The captioned data, the frozen LLaVA, the student (backbone + adapter) and the batch builder."""
+    pcfg = cfg.pretrain
     prepare_deepspeed(runtime.device, pcfg.deepspeed.cpu_comm)  # before the import: nothing to JIT-compile
-    import deepspeed
+    import deepspeed  # noqa: F401 - imported where it always was, before LLaVA loads
 
     check_precision(pcfg.deepspeed.precision)
     samples, skipped = load_captioned(shards_pattern(cfg), ImageBounds.of(pcfg, "pretrain"))
     heldout, train = split_heldout(samples, pcfg.heldout)
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    device = runtime.device
     llava, processor = load_llava(model_name(cfg), dtype=PRECISION_DTYPES[pcfg.deepspeed.precision],
-                                  device=device, device_map="")
+                                  device=runtime.device, device_map="")
     llava.eval().requires_grad_(False)
     student, fl_input = build_student(cfg, llava, runtime)
     if resume_tag is not None:  # before DeepSpeed's load, whose size mismatch would be a traceback
-        check_adapter_geometry(saved_adapter, student, ds_dir / resume_tag, model_name(cfg))
+        check_adapter_geometry(saved_adapter, student, out / DEEPSPEED_DIR / resume_tag, model_name(cfg))
     builder = BatchBuilder(processor, pcfg.prompt, pcfg.max_caption_tokens, fl_input,
                            side=max(vision_side(llava), fl_input.size))
     # Every rank checks every caption before training, so a bad prompt ends all ranks together instead of
     # one rank mid-run while the others wait in a gradient all-reduce.
     builder.check_captions([sample.caption for sample in samples])
+    return _DWP(cfg, runtime, out, samples, skipped, heldout, train, llava, builder, fl_input, student)
 
-    dist.ensure_process_group(runtime)
-    dp_world, dp_rank = runtime.world_size, runtime.rank
+
+def _build_engine(dwp: _DWP) -> None:
+    """The DeepSpeed engine around the student, every rank a data-parallel rank."""
+    import deepspeed
+
+    dist.ensure_process_group(dwp.runtime)
     # torch's Adam/AdamW through DeepSpeed on every device: nothing to compile (DeepSpeed's fused/CPU Adam is
     # a JIT-built extension: minutes on a CPU, and it needs the CUDA toolkit on a GPU node).
-    ds_config = deepspeed_config(pcfg, dp_world, torch_optimizer=True)
-    student.to(device)
-    engine, _, _, _ = deepspeed.initialize(model=student, model_parameters=list(student.parameters()),
-                                           config=ds_config)
-    match_buffer_dtype(engine.module)
-    install_safe_engine(engine)  # DeepSpeed's loads weights_only, its saves atomic
+    dwp.ds_config = deepspeed_config(dwp.cfg.pretrain, dwp.runtime.world_size, torch_optimizer=True)
+    dwp.student.to(dwp.runtime.device)
+    dwp.engine, _, _, _ = deepspeed.initialize(model=dwp.student, model_parameters=list(dwp.student.parameters()),
+                                               config=dwp.ds_config)
+    match_buffer_dtype(dwp.engine.module)
+    install_safe_engine(dwp.engine)  # DeepSpeed's loads weights_only, its saves atomic
 
-    state: dict[str, Any] = {"loss": [], "heldout_loss_alpha1_step0": None, "train_seconds": 0.0,
-                             "train_samples": 0}
+
+def _restore(dwp: _DWP, resume_tag: str | None) -> int:
+    """Load the checkpoint to resume from (if any) into the engine and the state; the step to start at. The
+    held-out loss at step 0 is measured once, before the first step of a fresh run."""
+    engine, state, ds_dir, pcfg = dwp.engine, dwp.state, dwp.ds_dir, dwp.cfg.pretrain
     if resume_tag is not None:
         path, client_state = engine.load_checkpoint(str(ds_dir), tag=resume_tag)
         if path is None:
@@ -146,16 +214,21 @@ def run_pretrain(cfg: Config, runtime: dist.Runtime, *, progress: bool = True,
     if start > pcfg.steps:
         raise ConfigError(f"{ds_dir} is at step {start}, past pretrain.steps = {pcfg.steps}; raise "
                           "pretrain.steps or delete the directory to start over")
-    if start and runtime.is_server:
+    if start and dwp.runtime.is_server:
         log.info("resuming DWP from %s at step %d", ds_dir, start)
-
-    accum = pcfg.deepspeed.gradient_accumulation_steps
-    batch_size = pcfg.micro_batch_size
     if state["heldout_loss_alpha1_step0"] is None:
-        state["heldout_loss_alpha1_step0"] = heldout_loss(engine, llava, builder, heldout, 1.0, batch_size, device)
+        state["heldout_loss_alpha1_step0"] = heldout_loss(engine, dwp.llava, dwp.builder, dwp.heldout, 1.0,
+                                                          pcfg.micro_batch_size, dwp.runtime.device)
+    return start
 
-    end = pcfg.steps if stop_at is None else min(pcfg.steps, stop_at)
-    report = PretrainReport(cfg, runtime, out, start, state["heldout_loss_alpha1_step0"],
+
+def _train(dwp: _DWP, start: int, end: int, progress: bool) -> PretrainReport:
+    """Steps ``start`` to ``end``, with a DeepSpeed checkpoint every ``checkpoint_every`` steps and at ``end``;
+    returns the open report (the loss log and progress)."""
+    cfg, runtime, engine, state = dwp.cfg, dwp.runtime, dwp.engine, dwp.state
+    pcfg, device, dp_world, dp_rank = cfg.pretrain, runtime.device, runtime.world_size, runtime.rank
+    accum, batch_size = pcfg.deepspeed.gradient_accumulation_steps, pcfg.micro_batch_size
+    report = PretrainReport(cfg, runtime, dwp.out, start, state["heldout_loss_alpha1_step0"],
                             global_batch=batch_size * accum * dp_world, progress=progress)
     engine.train()
     for step in range(start, end):
@@ -163,10 +236,10 @@ def run_pretrain(cfg: Config, runtime: dist.Runtime, *, progress: bool = True,
         began = time.perf_counter()
         losses = []
         for micro in range(accum):
-            idx = micro_batch_indices(len(train), cfg.run.seed, step, micro, micro_batch_size=batch_size,
+            idx = micro_batch_indices(len(dwp.train), cfg.run.seed, step, micro, micro_batch_size=batch_size,
                                       grad_accum=accum, dp_rank=dp_rank, dp_world=dp_world)
-            batch = builder([train[i] for i in idx])
-            loss = lm_output(engine, llava, batch, alpha, device, training=True).loss
+            batch = dwp.builder([dwp.train[i] for i in idx])
+            loss = lm_output(engine, dwp.llava, batch, alpha, device, training=True).loss
             stop_if_non_finite(runtime, loss, engine.global_steps + 1, cfg)
             engine.backward(loss)
             engine.step()
@@ -178,45 +251,21 @@ def run_pretrain(cfg: Config, runtime: dist.Runtime, *, progress: bool = True,
         report.step(record, time.perf_counter() - began)
         done = engine.global_steps
         if done % pcfg.checkpoint_every == 0 or done == end:
-            save_checkpoint(engine, ds_dir, cfg, state, runtime)
+            save_checkpoint(engine, dwp.ds_dir, cfg, state, runtime)
+    return report
 
-    if engine.global_steps < pcfg.steps:  # stopped early (stop_at): the checkpoint is the output
-        report.close()
-        dist.stage_barrier(runtime)
-        return {"stopped_at": engine.global_steps, "loss": state["loss"]} if runtime.is_server else {}
 
-    final_alpha1 = heldout_loss(engine, llava, builder, heldout, 1.0, batch_size, device)
-    final_alpha0 = heldout_loss(engine, llava, builder, heldout, 0.0, batch_size, device)
-    backbone_state, adapter_state = module_states(engine, pcfg.deepspeed.zero_stage)
-    metrics = {}
+def _finish(dwp: _DWP, report: PretrainReport) -> dict[str, Any]:
+    """The final held-out losses (every rank), then on rank 0 the backbone, the adapter and, last (it marks the
+    stage finished), ``metrics.json`` with the outputs' digests; returns the metrics on rank 0."""
+    pcfg, runtime, out = dwp.cfg.pretrain, dwp.runtime, dwp.out
+    args = (dwp.engine, dwp.llava, dwp.builder, dwp.heldout)
+    final_alpha1 = heldout_loss(*args, 1.0, pcfg.micro_batch_size, runtime.device)
+    final_alpha0 = heldout_loss(*args, 0.0, pcfg.micro_batch_size, runtime.device)
+    backbone_state, adapter_state = module_states(dwp.engine, pcfg.deepspeed.zero_stage)
+    metrics: dict[str, Any] = {}
     if runtime.is_server:
-        seconds = state["train_seconds"]
-        metrics = {
-            "loss": state["loss"],
-            "heldout_loss_alpha1_step0": state["heldout_loss_alpha1_step0"],
-            "heldout_loss_alpha1": final_alpha1,
-            "heldout_loss_alpha0": final_alpha0,
-            # linear probe of the backbone (and of its random init) on the server's labelled holdout
-            "probe": dwp_probe(cfg, backbone_state, device),
-            "samples_per_second": state["train_samples"] / seconds if seconds > 0 else 0.0,
-            "train_seconds": seconds,
-            "train_samples": state["train_samples"],
-            "steps": engine.global_steps,
-            "world_size": runtime.world_size,
-            "data_parallel_ranks": dp_world,
-            "global_batch_size": batch_size * accum * dp_world,
-            "captioned_samples": len(samples),
-            "heldout_samples": len(heldout),
-            "train_samples_distinct": len(train),
-            "skipped_samples": len(skipped),
-            "skipped": skipped[:100],
-            "model": model_name(cfg),
-            "shards": shards_pattern(cfg),
-            "fl_input": dataclasses.asdict(fl_input),
-            "deepspeed": {"engine": type(engine).__name__, "optimizer": optimizer_name(engine),
-                          "global_steps": engine.global_steps, "zero_stage": pcfg.deepspeed.zero_stage,
-                          "precision": pcfg.deepspeed.precision, "config": ds_config},
-        }
+        metrics = _metrics(dwp, final_alpha1, final_alpha0, backbone_state)
         checkpoint.save_atomic(backbone_state, out / BACKBONE_NAME)
         checkpoint.save_atomic(adapter_state, out / ADAPTER_NAME)
         # What marks the stage finished: the outputs' digests, so a torn or replaced file is not taken as done.
@@ -230,19 +279,51 @@ def run_pretrain(cfg: Config, runtime: dist.Runtime, *, progress: bool = True,
     return metrics
 
 
-def _finished(out: Path) -> bool:
-    """Whether ``metrics.json`` marks the stage finished and the outputs it records are the files on disk; a
-    torn or replaced ``backbone.pt`` is rewritten from the last DeepSpeed checkpoint instead of being used."""
-    try:
-        metrics = json.loads((out / METRICS_NAME).read_text())
-    except (OSError, ValueError):
-        return False
-    outputs = metrics.get("outputs") if isinstance(metrics, dict) else None
-    if outputs is None:  # written before the outputs were recorded
-        return (out / BACKBONE_NAME).is_file()
-    intact = isinstance(outputs, dict) and all(checkpoint.same_file(out / name, outputs.get(name))
-                                               for name in (BACKBONE_NAME, ADAPTER_NAME))
-    if not intact:
-        log.warning("pretrain: %s or %s is not the file %s recorded (truncated or replaced since); writing them "
-                    "again from the last DeepSpeed checkpoint", BACKBONE_NAME, ADAPTER_NAME, METRICS_NAME)
-    return intact
+def _metrics(dwp: _DWP, final_alpha1: float, final_alpha0: float, backbone_state: dict[str, Any]) -> dict[str, Any]:
+    """``metrics.json``'s content (without the outputs' digests), rank 0."""
+    cfg, runtime, engine, state = dwp.cfg, dwp.runtime, dwp.engine, dwp.state
+    pcfg, dp_world = cfg.pretrain, runtime.world_size
+    global_batch = pcfg.micro_batch_size * pcfg.deepspeed.gradient_accumulation_steps * dp_world
+    seconds = state["train_seconds"]
+    return {
+        "loss": state["loss"],
+        "heldout_loss_alpha1_step0": state["heldout_loss_alpha1_step0"],
+        "heldout_loss_alpha1": final_alpha1,
+        "heldout_loss_alpha0": final_alpha0,
+        # linear probe of the backbone (and of its random init) on the server's labelled holdout
+        "probe": dwp_probe(cfg, backbone_state, runtime.device),
+        "samples_per_second": state["train_samples"] / seconds if seconds > 0 else 0.0,
+        "train_seconds": seconds,
+        "train_samples": state["train_samples"],
+        "steps": engine.global_steps,
+        "world_size": runtime.world_size,
+        "data_parallel_ranks": dp_world,
+        "global_batch_size": global_batch,
+        "captioned_samples": len(dwp.samples),
+        "heldout_samples": len(dwp.heldout),
+        "train_samples_distinct": len(dwp.train),
+        "skipped_samples": len(dwp.skipped),
+        "skipped": dwp.skipped[:100],
+        "model": model_name(cfg),
+        "shards": shards_pattern(cfg),
+        "fl_input": dataclasses.asdict(dwp.fl_input),
+        "deepspeed": {"engine": type(engine).__name__, "optimizer": optimizer_name(engine),
+                      "global_steps": engine.global_steps, "zero_stage": pcfg.deepspeed.zero_stage,
+                      "precision": pcfg.deepspeed.precision, "config": dwp.ds_config},
+    }
+
+
+class PretrainStage:
+    """DWP through the stage protocol (:mod:`mllmfl_dist.stages.protocol`); its markers are described in
+    :mod:`mllmfl_dist.stages.pretrain.status`."""
+
+    name = "pretrain"
+
+    def outputs(self, cfg: Config) -> list[Path]:
+        return pretrain_outputs(cfg)
+
+    def status(self, cfg: Config) -> StageStatus:
+        return pretrain_status(cfg)
+
+    def run(self, cfg: Config, runtime: dist.Runtime) -> dict[str, Any]:
+        return run_pretrain(cfg, runtime)
