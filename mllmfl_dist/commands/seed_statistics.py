@@ -18,6 +18,8 @@ from typing import Any
 
 from scipy.stats import t as student_t
 
+from mllmfl_dist.config import ConfigError
+
 CONFIDENCE = 0.95
 
 
@@ -35,8 +37,6 @@ class Spread:
 
 def parse_seed_list(text: str, option: str = "--seeds") -> list[int]:
     """``"0,1,2"`` -> ``[0, 1, 2]``; ConfigError unless distinct non-negative integers separated by commas."""
-    from mllmfl_dist.config import ConfigError
-
     try:
         seeds = [int(s) for s in text.split(",") if s.strip()]
     except ValueError:
