@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +37,8 @@ from mllmfl_dist.core.preflight import expand_user
 
 # The probe's own modules (torch, the stages' data and model) are imported inside the functions that run it:
 # this module adds `probe` to the CLI's parser, and `--help` must answer without torch.
+
+log = logging.getLogger(__name__)
 
 SEED_FIELD = "{seed}"
 SPEC_FORMS = ("a model_final.pt / checkpoint.pt / backbone.pt path, random:SEED, or clip:MODEL[@PRETRAINED] "
@@ -93,12 +97,15 @@ def run_probe(cfg: Config, specs: list[str], train_set: str = "holdout", out: st
     # loaded again when its turn comes, so only one backbone is in memory at a time.
     kinds = [backbone_featurizer(spec, cfg, data, device)[0] for _, spec, _ in probes]
     rows = []
-    for (template, spec, seed), kind in zip(probes, kinds):
+    for index, ((template, spec, seed), kind) in enumerate(zip(probes, kinds), 1):
         featurize = backbone_featurizer(spec, cfg, data, device)[1]
+        started = time.perf_counter()
         try:
             result = linear_probe(featurize, sets)
         except ValueError as err:
             raise ConfigError(f"probe: --backbone {spec}: {err}") from None
+        log.info("probe %d/%d: %s: balanced acc %.4f (%.0f s)", index, len(probes), spec, result["acc"],
+                 time.perf_counter() - started)
         rows.append({"backbone": spec, "kind": kind, **({"template": template, "seed": seed} if seed is not None
                                                           else {}), **result})
     n_test = len(sets.test[1])
