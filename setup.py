@@ -13,7 +13,10 @@ data_packages = []
 for package, folder in SHIPPED.items():
     data_packages.append(package)
     # Shard sets are one folder deep; *cache folders are local caches (.gitignore), not shipped.
-    data_packages += [f"{package}.{d.name}" for d in sorted((HERE / folder).iterdir())
-                      if d.is_dir() and not d.name.endswith("cache") and not d.name.startswith((".", "_"))]
+    data_packages += [
+        f"{package}.{d.name}"
+        for d in sorted((HERE / folder).iterdir())
+        if d.is_dir() and not d.name.endswith("cache") and not d.name.startswith((".", "_"))
+    ]
 
 setup(packages=[*find_packages(include=["mllmfl_dist", "mllmfl_dist.*"]), *data_packages])

@@ -51,10 +51,16 @@ def torchrun(nproc: int, args: Sequence[str], env: dict[str, str] | None = None)
 
 
 def trainer_run(config: Path, root: Path, name: str, overrides: Sequence[str], nproc: int = 3) -> dict:
-    sets = [f"run.root={root}", f"run.name={name}", "log.progress=false", "log.tensorboard=false",
-            "eval.every=1000", "checkpoint.every=1000", *overrides]
-    launched = torchrun(nproc, ["-m", "mllmfl_dist", "federate", str(config),
-                                *[a for s in sets for a in ("--set", s)]])
+    sets = [
+        f"run.root={root}",
+        f"run.name={name}",
+        "log.progress=false",
+        "log.tensorboard=false",
+        "eval.every=1000",
+        "checkpoint.every=1000",
+        *overrides,
+    ]
+    launched = torchrun(nproc, ["-m", "mllmfl_dist", "federate", str(config), *[a for s in sets for a in ("--set", s)]])
     out = root / name / "federated"
     rounds = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
     summary = json.loads((out / "summary.json").read_text())
@@ -98,24 +104,37 @@ def bench_annotation(config: str, images: int, overrides: Sequence[str] = ()) ->
         for start in range(0, len(pool), batch_size):
             caption_batch(model, processor, pool[start : start + batch_size], generation)
         rates[batch_size] = len(pool) / (time.perf_counter() - started)
-        print(f"batch {batch_size:>3}: {rates[batch_size]:.1f} images/s ({len(pool)} images, "
-              f"{cfg.dist.threads} thread(s), max_new_tokens {generation.max_new_tokens})", flush=True)
+        print(
+            f"batch {batch_size:>3}: {rates[batch_size]:.1f} images/s ({len(pool)} images, "
+            f"{cfg.dist.threads} thread(s), max_new_tokens {generation.max_new_tokens})",
+            flush=True,
+        )
     ratio = rates[cfg.annotate.batch_size] / rates[1]
-    print(f"ratio batch {cfg.annotate.batch_size} / batch 1: {ratio:.2f}x  (target >= 3x: "
-          f"{'met' if ratio >= 3 else 'NOT met'})")
+    print(
+        f"ratio batch {cfg.annotate.batch_size} / batch 1: {ratio:.2f}x  (target >= 3x: "
+        f"{'met' if ratio >= 3 else 'NOT met'})"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python benchmarks/bench.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python benchmarks/bench.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--config", default=str(REPO / "configs" / "fmnist_lt.toml"))
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--synthetic-config", default=str(REPO / "configs" / "smoke.toml"))
-    parser.add_argument("--annotate", metavar="CONFIG",
-                        help="instead: captioning images/s at batch 1 against [annotate] batch_size")
+    parser.add_argument(
+        "--annotate", metavar="CONFIG", help="instead: captioning images/s at batch 1 against [annotate] batch_size"
+    )
     parser.add_argument("--images", type=int, default=64, help="images for --annotate")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="config override for --annotate; repeatable")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="config override for --annotate; repeatable",
+    )
     args = parser.parse_args(argv)
     if args.annotate:
         bench_annotation(args.annotate, args.images, args.overrides)
@@ -128,40 +147,64 @@ def main(argv: Sequence[str] | None = None) -> int:
         trainer = trainer_run(Path(args.config), root, "trainer", [f"federated.rounds={args.rounds}"])
         loop_median = {}
         for channels_last in (False, True):
-            cfg = load_config(args.config, [f"federated.rounds={args.rounds}",
-                                            f"model.channels_last={str(channels_last).lower()}"])
+            cfg = load_config(
+                args.config, [f"federated.rounds={args.rounds}", f"model.channels_last={str(channels_last).lower()}"]
+            )
             _, loop_seconds = reference_rounds(cfg, args.rounds, threads=2)
             loop_median[channels_last] = statistics.median(loop_seconds[1:])
         ratio = trainer["median_round_s"] / loop_median[False]
         startup = trainer["launch_to_round1_s"] - baseline
         trainer_cfg = load_config(args.config, [f"federated.rounds={args.rounds}"])
-        print(f"trainer (torchrun, 3 processes, {trainer_cfg.dist.threads} thread each, channels_last "
-              f"{trainer_cfg.model.channels_last}): median round {trainer['median_round_s']:.3f} s "
-              f"(rounds 2-{args.rounds})")
+        print(
+            f"trainer (torchrun, 3 processes, {trainer_cfg.dist.threads} thread each, channels_last "
+            f"{trainer_cfg.model.channels_last}): median round {trainer['median_round_s']:.3f} s "
+            f"(rounds 2-{args.rounds})"
+        )
         print(f"framework-free loop (1 process, 2 threads, plain NCHW): median round {loop_median[False]:.3f} s")
         print(f"ratio trainer / loop: {ratio:.3f}  (target <= 0.85: {'met' if ratio <= 0.85 else 'NOT met'})")
-        print(f"  for reference, the loop with channels_last too: median round {loop_median[True]:.3f} s; "
-              f"ratio {trainer['median_round_s'] / loop_median[True]:.3f} (process parallelism alone)")
-        print(f"launch to end of round 1: {trainer['launch_to_round1_s']:.2f} s; torchrun + 3x import torch: "
-              f"{baseline:.2f} s; beyond that: {startup:.2f} s  "
-              f"(target <= 5 s: {'met' if startup <= 5 else 'NOT met'})")
+        print(
+            f"  for reference, the loop with channels_last too: median round {loop_median[True]:.3f} s; "
+            f"ratio {trainer['median_round_s'] / loop_median[True]:.3f} (process parallelism alone)"
+        )
+        print(
+            f"launch to end of round 1: {trainer['launch_to_round1_s']:.2f} s; torchrun + 3x import torch: "
+            f"{baseline:.2f} s; beyond that: {startup:.2f} s  "
+            f"(target <= 5 s: {'met' if startup <= 5 else 'NOT met'})"
+        )
         print(f"bytes all-reduced per round: {trainer['bytes_all_reduced']:,}")
         print(f"peak memory (max over ranks): {trainer['peak_rss_mb']:.0f} MB")
 
         print("# synthetic on-demand source, 10 clients per round, 64 samples each", flush=True)
         scale = {}
         for n in (100, 100_000):
-            scale[n] = trainer_run(Path(args.synthetic_config), root, f"clients_{n}", [
-                "data.synthetic_mode=on_demand", "data.samples_per_client=64", "partition.method=iid",
-                f"federated.num_clients={n}", "federated.clients_per_round=10", f"federated.rounds={args.rounds}"])
-            print(f"N = {n:>7,}: median round {scale[n]['median_round_s']:.3f} s, "
-                  f"peak memory {scale[n]['peak_rss_mb']:.0f} MB", flush=True)
+            scale[n] = trainer_run(
+                Path(args.synthetic_config),
+                root,
+                f"clients_{n}",
+                [
+                    "data.synthetic_mode=on_demand",
+                    "data.samples_per_client=64",
+                    "partition.method=iid",
+                    f"federated.num_clients={n}",
+                    "federated.clients_per_round=10",
+                    f"federated.rounds={args.rounds}",
+                ],
+            )
+            print(
+                f"N = {n:>7,}: median round {scale[n]['median_round_s']:.3f} s, "
+                f"peak memory {scale[n]['peak_rss_mb']:.0f} MB",
+                flush=True,
+            )
         time_ratio = scale[100_000]["median_round_s"] / scale[100]["median_round_s"]
         memory_delta = scale[100_000]["peak_rss_mb"] - scale[100]["peak_rss_mb"]
-        print(f"round time ratio N=100,000 / N=100: {time_ratio:.3f}  (target <= 1.1: "
-              f"{'met' if time_ratio <= 1.1 else 'NOT met'})")
-        print(f"extra memory per process at N=100,000: {memory_delta:+.1f} MB  (target <= 50 MB: "
-              f"{'met' if memory_delta <= 50 else 'NOT met'})")
+        print(
+            f"round time ratio N=100,000 / N=100: {time_ratio:.3f}  (target <= 1.1: "
+            f"{'met' if time_ratio <= 1.1 else 'NOT met'})"
+        )
+        print(
+            f"extra memory per process at N=100,000: {memory_delta:+.1f} MB  (target <= 50 MB: "
+            f"{'met' if memory_delta <= 50 else 'NOT met'})"
+        )
     return 0
 
 

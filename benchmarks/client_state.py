@@ -29,20 +29,37 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # this checkout's package, as in the runs it starts
 # Each rank prints its own peak RSS when it exits (the summary keeps only the largest).
-DRIVER = '''
+DRIVER = """
 import atexit, os, resource, sys
 atexit.register(lambda: print(f"PEAK_RSS rank {os.environ.get('RANK', '0')} "
                               f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.1f} MB", file=sys.stderr))
 from mllmfl_dist.__main__ import main
 sys.exit(main(sys.argv[1:]))
-'''
+"""
 
 
 def run(driver: Path, root: Path, name: str, overrides: list[str]) -> dict[int, float]:
-    sets = [f"run.root={root}", f"run.name={name}", "log.progress=false", "log.tensorboard=false", "dist.threads=1",
-            "eval.every=1000", "checkpoint.every=5", *overrides]
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=3", str(driver),
-               "federate", str(REPO / "configs" / "smoke.toml"), *[a for s in sets for a in ("--set", s)]]
+    sets = [
+        f"run.root={root}",
+        f"run.name={name}",
+        "log.progress=false",
+        "log.tensorboard=false",
+        "dist.threads=1",
+        "eval.every=1000",
+        "checkpoint.every=5",
+        *overrides,
+    ]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=3",
+        str(driver),
+        "federate",
+        str(REPO / "configs" / "smoke.toml"),
+        *[a for s in sets for a in ("--set", s)],
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
     if done.returncode != 0:
@@ -51,25 +68,40 @@ def run(driver: Path, root: Path, name: str, overrides: list[str]) -> dict[int, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python benchmarks/client_state.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python benchmarks/client_state.py",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--clients", type=int, default=100_000)
     parser.add_argument("--per-round", type=int, default=100)
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--memory-mb", type=float, default=64.0, help="federated.client_state_mb")
     args = parser.parse_args(argv)
-    common = ["data.synthetic_mode=on_demand", "data.samples_per_client=8", "data.image_size=8",
-              "partition.method=iid", "federated.local_epochs=1", "federated.batch_size=8",
-              f"federated.num_clients={args.clients}", f"federated.clients_per_round={args.per_round}",
-              f"federated.rounds={args.rounds}", f"federated.client_state_mb={args.memory_mb}"]
+    common = [
+        "data.synthetic_mode=on_demand",
+        "data.samples_per_client=8",
+        "data.image_size=8",
+        "partition.method=iid",
+        "federated.local_epochs=1",
+        "federated.batch_size=8",
+        f"federated.num_clients={args.clients}",
+        f"federated.clients_per_round={args.per_round}",
+        f"federated.rounds={args.rounds}",
+        f"federated.client_state_mb={args.memory_mb}",
+    ]
     with tempfile.TemporaryDirectory(prefix="mllmfl_client_state_") as tmp:
         root = Path(tmp)
         driver = root / "driver.py"
         driver.write_text(DRIVER)
-        print(f"# {args.clients:,} clients, {args.per_round} per round, {args.rounds} rounds, 3 processes, "
-              f"store budget {args.memory_mb:g} MB", flush=True)
-        peaks = {name: run(driver, root, name, [*common, f"federated.strategy={name}"])
-                 for name in ("fedavg", "scaffold")}
+        print(
+            f"# {args.clients:,} clients, {args.per_round} per round, {args.rounds} rounds, 3 processes, "
+            f"store budget {args.memory_mb:g} MB",
+            flush=True,
+        )
+        peaks = {
+            name: run(driver, root, name, [*common, f"federated.strategy={name}"]) for name in ("fedavg", "scaffold")
+        }
         store = root / "scaffold" / "federated" / "client_state"
         files = list(store.iterdir())
         disk = sum(f.stat().st_size for f in files)
@@ -85,11 +117,15 @@ def main(argv: list[str] | None = None) -> int:
         for rank in sorted(peaks["scaffold"]):
             bound = peaks["fedavg"][rank] + slots + (args.memory_mb + 200 * seen / 2**20 if rank == 0 else 0)
             extra = (peaks["scaffold"][rank] - peaks["fedavg"][rank]) * 2**20 / (args.per_round * width)
-            print(f"rank {rank}: peak RSS fedavg {peaks['fedavg'][rank]:.0f} MB, scaffold "
-                  f"{peaks['scaffold'][rank]:.0f} MB ({extra:.0f} bytes per state slot entry); bound {bound:.0f} MB: "
-                  f"{'met' if peaks['scaffold'][rank] <= bound else 'NOT met'}")
-        print(f"store: {seen:,} clients seen, {len(files):,} files, {disk / 2**20:.1f} MB on disk "
-              f"({disk / max(seen, 1) / 1024:.0f} KB per client; state {width:,} float32 per client)")
+            print(
+                f"rank {rank}: peak RSS fedavg {peaks['fedavg'][rank]:.0f} MB, scaffold "
+                f"{peaks['scaffold'][rank]:.0f} MB ({extra:.0f} bytes per state slot entry); bound {bound:.0f} MB: "
+                f"{'met' if peaks['scaffold'][rank] <= bound else 'NOT met'}"
+            )
+        print(
+            f"store: {seen:,} clients seen, {len(files):,} files, {disk / 2**20:.1f} MB on disk "
+            f"({disk / max(seen, 1) / 1024:.0f} KB per client; state {width:,} float32 per client)"
+        )
     return 0
 
 

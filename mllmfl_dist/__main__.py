@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 from mllmfl_dist.commands.cli import build_parser
 from mllmfl_dist.core import preempt
+
 # Only light modules at import time: `--help` and argument errors must not wait for torch (seconds);
 # each command imports what it needs.
 from mllmfl_dist.config import load_config
@@ -33,8 +34,11 @@ INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a command ended by C
 def _setup_logging() -> None:
     rank = env_rank()
     # A time on every line: in a SLURM or nohup log it is the only clock there is.
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, datefmt="%Y-%m-%d %H:%M:%S",
-                        format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        datefmt="%Y-%m-%d %H:%M:%S",
+        format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s",
+    )
     quiet_library_bars(rank)
 
 
@@ -61,14 +65,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             return tiny_models.run(args)
         # Only the commands that write a run directory need one that can be made (evaluate and probe read it;
         # check reports it in its table).
-        cfg = load_config(args.config, args.overrides,
-                          check_run_dir=args.command not in ("evaluate", "probe", "check"))
+        cfg = load_config(args.config, args.overrides, check_run_dir=args.command not in ("evaluate", "probe", "check"))
         if args.command in ("check", "run"):
             from mllmfl_dist.commands import check
 
             if args.command == "check":
-                return check.run_check(cfg, args.config, args.for_command, args.nnodes, args.nproc_per_node,
-                                       args.gpus_per_node)
+                return check.run_check(
+                    cfg, args.config, args.for_command, args.nnodes, args.nproc_per_node, args.gpus_per_node
+                )
             check.refuse_missing(cfg, "run")  # before any process group or file: one line per missing thing
         from mllmfl_dist.tracking.tracker import check_trackers  # imports torch: after check has answered
 

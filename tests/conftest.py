@@ -40,8 +40,10 @@ def local_slurm(tmp_path_factory):
     except SlurmUnavailable as err:
         _SLURM_REPORT.append(f"local Slurm unavailable: {err}")
         pytest.skip(f"no local Slurm: {err}")
-    _SLURM_REPORT.append(f"local Slurm: nodes {' '.join(slurm.nodes)} idle {slurm.startup_seconds:.1f} s "
-                         f"after launch/local_slurm.sh start")
+    _SLURM_REPORT.append(
+        f"local Slurm: nodes {' '.join(slurm.nodes)} idle {slurm.startup_seconds:.1f} s "
+        f"after launch/local_slurm.sh start"
+    )
     yield slurm
     slurm.stop()
 
@@ -83,8 +85,9 @@ def small_disk(tmp_path):
     def mount(size: str):
         point = tmp_path / f"disk{len(mounts)}"
         point.mkdir()
-        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(point)],
-                              capture_output=True, text=True)
+        done = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(point)], capture_output=True, text=True
+        )
         if done.returncode != 0:
             pytest.skip(f"cannot mount a small tmpfs to fill up (needs root and mount rights): {done.stderr.strip()}")
         mounts.append(point)

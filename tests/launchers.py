@@ -31,8 +31,13 @@ def sets(*overrides: str) -> list[str]:
 
 
 # Quiet runs with short CReFF server steps, for tests that need CReFF's round rather than its result.
-FAST = ["log.progress=false", "log.tensorboard=false", "creff.match_epochs=10", "creff.crt_epochs=10",
-        "creff.features_per_class=20"]
+FAST = [
+    "log.progress=false",
+    "log.tensorboard=false",
+    "creff.match_epochs=10",
+    "creff.crt_epochs=10",
+    "creff.features_per_class=20",
+]
 
 
 def cli(*argv: str, sets=()) -> int:
@@ -42,13 +47,23 @@ def cli(*argv: str, sets=()) -> int:
     return main([*argv, *[a for s in sets for a in ("--set", s)]])
 
 
-def torchrun(nproc: int, root: Path, *overrides: str, rdzv: list[str] | None = None,
-             timeout: float = 600) -> subprocess.CompletedProcess:
+def torchrun(
+    nproc: int, root: Path, *overrides: str, rdzv: list[str] | None = None, timeout: float = 600
+) -> subprocess.CompletedProcess:
     """``torchrun --standalone --nproc_per_node N -m mllmfl_dist federate configs/smoke.toml --set ...``
     (or, with ``rdzv``, those rendezvous arguments instead of --standalone)."""
-    command = [sys.executable, "-m", "torch.distributed.run", *(rdzv or ["--standalone"]),
-               f"--nproc_per_node={nproc}", "-m", "mllmfl_dist", "federate", str(SMOKE),
-               *sets(f"run.root={root}", *overrides)]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        *(rdzv or ["--standalone"]),
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "mllmfl_dist",
+        "federate",
+        str(SMOKE),
+        *sets(f"run.root={root}", *overrides),
+    ]
     return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=clean_env())
 
 
@@ -83,12 +98,15 @@ class LocalSlurm:
             raise SlurmUnavailable("the local Slurm needs root (slurmd starts jobs as their user)")
         missing = [t for t in ("munged", "slurmctld", "slurmd", "sbatch") if shutil.which(t) is None]
         if missing:
-            raise SlurmUnavailable(f"{', '.join(missing)} not installed (apt-get install slurmctld slurmd "
-                                   f"slurm-client munge; .ci/run does it)")
+            raise SlurmUnavailable(
+                f"{', '.join(missing)} not installed (apt-get install slurmctld slurmd "
+                f"slurm-client munge; .ci/run does it)"
+            )
         started = time.perf_counter()
         try:
-            result = subprocess.run(["bash", str(LOCAL_SLURM), "start", str(directory)], capture_output=True,
-                                    text=True, timeout=timeout)
+            result = subprocess.run(
+                ["bash", str(LOCAL_SLURM), "start", str(directory)], capture_output=True, text=True, timeout=timeout
+            )
         except subprocess.TimeoutExpired:
             subprocess.run(["bash", str(LOCAL_SLURM), "stop", str(directory)], timeout=60)
             raise SlurmUnavailable(f"launch/local_slurm.sh start did not finish within {timeout:.0f} s") from None
@@ -105,8 +123,7 @@ class LocalSlurm:
         return clean_env(SLURM_CONF=str(self.conf), **extra)
 
     def run(self, command: list[str], timeout: float = 60, cwd: Path = REPO, **env: str) -> subprocess.CompletedProcess:
-        return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=timeout,
-                              env=self.env(**env))
+        return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=self.env(**env))
 
     def sbatch(self, options: list[str], script: str, args: list[str], **env: str) -> int:
         """Submit (from the repository, as a user would) and return the job id."""
@@ -119,8 +136,21 @@ class LocalSlurm:
         match = re.search(r"JobState=(\S+)", out)
         return match.group(1) if match else "UNKNOWN"
 
-    def wait(self, job: int, timeout: float = 600, final: tuple[str, ...] = ("COMPLETED", "FAILED",
-             "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE")) -> str:
+    def wait(
+        self,
+        job: int,
+        timeout: float = 600,
+        final: tuple[str, ...] = (
+            "COMPLETED",
+            "FAILED",
+            "CANCELLED",
+            "TIMEOUT",
+            "NODE_FAIL",
+            "OUT_OF_MEMORY",
+            "BOOT_FAIL",
+            "DEADLINE",
+        ),
+    ) -> str:
         """Poll until the job reaches a final state; cancel it and fail when it does not in time."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -138,5 +168,6 @@ class LocalSlurm:
         return [dict(zip(fields.split(","), line.split("|"))) for line in out.splitlines() if line]
 
     def sacct_table(self, job: int) -> str:
-        return self.run(["sacct", "-c", "-j", str(job),
-                         "--format=JobID,JobName,Partition,NNodes,NCPUS,State,ExitCode,Elapsed"]).stdout
+        return self.run(
+            ["sacct", "-c", "-j", str(job), "--format=JobID,JobName,Partition,NNodes,NCPUS,State,ExitCode,Elapsed"]
+        ).stdout

@@ -22,8 +22,14 @@ MD5_ENV = "MLLMFL_TEST_CIFAR_MD5"  # a JSON file of the generated table, read by
 
 CIFAR_LAYOUT = {
     # torchvision's base_folder, train files, test files, meta file and its key, label key
-    "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"],
-                "batches.meta", "label_names", "labels"),
+    "cifar10": (
+        "cifar-10-batches-py",
+        [f"data_batch_{i}" for i in range(1, 6)],
+        ["test_batch"],
+        "batches.meta",
+        "label_names",
+        "labels",
+    ),
     "cifar100": ("cifar-100-python", ["train"], ["test"], "meta", "fine_label_names", "fine_labels"),
 }
 
@@ -53,8 +59,12 @@ def write_cifar(root: Path, name: str, train_counts: list[int], test_per_class: 
         table = []
         for i, chunk in enumerate(np.array_split(labels, len(files))):
             data = rng.integers(0, 256, (len(chunk), 3 * 32 * 32), dtype=np.uint8)  # CHW rows, as the release
-            entry = {"batch_label": f"batch {i}", label_key: [int(c) for c in chunk], "data": data,
-                     "filenames": [f"img_{i}_{j}.png" for j in range(len(chunk))]}
+            entry = {
+                "batch_label": f"batch {i}",
+                label_key: [int(c) for c in chunk],
+                "data": data,
+                "filenames": [f"img_{i}_{j}.png" for j in range(len(chunk))],
+            }
             if name == "cifar100":
                 entry["coarse_labels"] = [int(c) // 5 for c in chunk]
             _dump(folder / files[i], entry)
@@ -66,8 +76,13 @@ def write_cifar(root: Path, name: str, train_counts: list[int], test_per_class: 
     train = split(train_files, train_counts)
     test = split(test_files, [test_per_class] * classes)
     _dump(folder / meta_file, {meta_key: [f"{name}_class_{c}" for c in range(classes)]})
-    return {name: {"train_list": train, "test_list": test,
-                   "meta": {"filename": meta_file, "key": meta_key, "md5": _md5(folder / meta_file)}}}
+    return {
+        name: {
+            "train_list": train,
+            "test_list": test,
+            "meta": {"filename": meta_file, "key": meta_key, "md5": _md5(folder / meta_file)},
+        }
+    }
 
 
 def patch_cifar_md5(table: dict) -> None:

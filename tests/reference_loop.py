@@ -40,8 +40,9 @@ def reference_rounds(cfg: Config, rounds: int, threads: int) -> tuple[dict[str, 
             model.train()
             images, labels = data.client(cid)
             generator = torch.Generator().manual_seed(derive_seed(cfg.run.seed, TAG_CLIENT_TRAINING, round_index, cid))
-            optimizer = torch.optim.SGD(model.parameters(), lr=fed.lr, momentum=fed.momentum,
-                                        weight_decay=fed.weight_decay)
+            optimizer = torch.optim.SGD(
+                model.parameters(), lr=fed.lr, momentum=fed.momentum, weight_decay=fed.weight_decay
+            )
             n = len(labels)
             for _ in range(fed.local_epochs):
                 order = torch.randperm(n, generator=generator)
@@ -50,8 +51,7 @@ def reference_rounds(cfg: Config, rounds: int, threads: int) -> tuple[dict[str, 
                     if len(batch) < 2:
                         continue
                     x = augment_batch(images[batch], generator, aug.crop_padding, aug.hflip, aug.random_crop)
-                    loss = torch.nn.functional.cross_entropy(model(normalize(x, data.mean, data.std)),
-                                                             labels[batch])
+                    loss = torch.nn.functional.cross_entropy(model(normalize(x, data.mean, data.std)), labels[batch])
                     optimizer.zero_grad()
                     loss.backward()
                     optimizer.step()

@@ -79,17 +79,32 @@ def test_alignment_without_teacher_raises_tail_accuracy_of_a_head_biased_model()
     test_images, test_labels = data.test_set()
 
     def report():
-        return evaluate_model(model, test_images, test_labels, num_classes=data.num_classes,
-                              train_class_counts=data.train_class_counts(), mean=data.mean, std=data.std)
+        return evaluate_model(
+            model,
+            test_images,
+            test_labels,
+            num_classes=data.num_classes,
+            train_class_counts=data.train_class_counts(),
+            mean=data.mean,
+            std=data.std,
+        )
 
     before = report()
     # A balanced server-held pool: 20 fresh images per class drawn from the same class prototypes.
     prototypes = make_prototypes(data.num_classes, 3, 16, cfg.run.seed)
     pool_labels = np.repeat(np.arange(data.num_classes), 20)
-    pool = AlignmentSet(render(prototypes, pool_labels, np.random.default_rng(123)),
-                        torch.from_numpy(pool_labels), None, [])
-    stats = align_model(model, pool, AlignConfig(every=1, steps=60, lr=0.05, train="classifier"),
-                        data.mean, data.std, seed=0, round_index=1)
+    pool = AlignmentSet(
+        render(prototypes, pool_labels, np.random.default_rng(123)), torch.from_numpy(pool_labels), None, []
+    )
+    stats = align_model(
+        model,
+        pool,
+        AlignConfig(every=1, steps=60, lr=0.05, train="classifier"),
+        data.mean,
+        data.std,
+        seed=0,
+        round_index=1,
+    )
     after = report()
     tail = [c for c, n in enumerate(data.train_class_counts()) if n <= 20]
     tail_before = np.mean([before["per_class"][c] for c in tail])
@@ -116,14 +131,38 @@ def test_after_alignment_every_rank_holds_the_same_model(tmp_path):
         "federated.FederatedTrainer.broadcast_global = spy\n"
         "federated.run_federated(cfg, runtime)\n"
         "torch.save(captured['model'], f'{sys.argv[2]}/rank{runtime.rank}.pt')\n"
-        "dist.shutdown(runtime)\n")
-    sets = [f"run.root={tmp_path}", "federated.rounds=2", "align.every=1", "align.steps=10", "align.lr=0.5",
-            "align.pool_shards=shards/fmnist_align/*.tar.gz", "log.progress=false", "log.tensorboard=false",
-            "dist.threads=1"]
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=3",
-               str(script), str(SMOKE), str(tmp_path), *sets]
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600,
-                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
+        "dist.shutdown(runtime)\n"
+    )
+    sets = [
+        f"run.root={tmp_path}",
+        "federated.rounds=2",
+        "align.every=1",
+        "align.steps=10",
+        "align.lr=0.5",
+        "align.pool_shards=shards/fmnist_align/*.tar.gz",
+        "log.progress=false",
+        "log.tensorboard=false",
+        "dist.threads=1",
+    ]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=3",
+        str(script),
+        str(SMOKE),
+        str(tmp_path),
+        *sets,
+    ]
+    result = subprocess.run(
+        command,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)},
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     models = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(3)]
     for other in models[1:]:
@@ -137,8 +176,9 @@ def test_after_alignment_every_rank_holds_the_same_model(tmp_path):
 def test_server_holdout_is_disjoint_from_every_client_and_feeds_alignment(tmp_path):
     from mllmfl_dist.stages.align import build_alignment_set
 
-    cfg = load_config(SMOKE, ["data.server_holdout_per_class=5", "align.every=1", "align.source=holdout",
-                              "align.per_class=5"])
+    cfg = load_config(
+        SMOKE, ["data.server_holdout_per_class=5", "align.every=1", "align.source=holdout", "align.per_class=5"]
+    )
     data = build_data(cfg)
     client_indices = np.concatenate([data.client_indices(c) for c in range(data.num_clients)])
     pool_images, pool_labels = data.server_pool()
@@ -152,9 +192,18 @@ def test_server_holdout_is_disjoint_from_every_client_and_feeds_alignment(tmp_pa
 def test_web_images_pseudo_labeled_by_the_teacher(tmp_path, tiny_models):
     from mllmfl_dist.stages.align import build_alignment_set
 
-    cfg = load_config(SMOKE, ["align.every=1", "align.source=web", "align.teacher=clip", "align.per_class=3",
-                              f"align.teacher_model=local-dir:{tiny_models['clip']}", "align.teacher_temperature=0.05",
-                              "align.web_shards=shards/pool/pool-000000.tar.gz"])
+    cfg = load_config(
+        SMOKE,
+        [
+            "align.every=1",
+            "align.source=web",
+            "align.teacher=clip",
+            "align.per_class=3",
+            f"align.teacher_model=local-dir:{tiny_models['clip']}",
+            "align.teacher_temperature=0.05",
+            "align.web_shards=shards/pool/pool-000000.tar.gz",
+        ],
+    )
     data = build_data(cfg)
     aligned = build_alignment_set(cfg, data, cache_dir=tmp_path)
     assert aligned.teacher is not None and aligned.teacher.shape == (len(aligned.labels), data.num_classes)

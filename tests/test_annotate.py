@@ -19,19 +19,28 @@ REPO = Path(__file__).resolve().parents[1]
 
 def make_shards(folder: Path, shards: int, per_shard: int, seed: int = 0) -> str:
     rng = np.random.default_rng(seed)
-    samples = [{"key": f"img{i:04d}", "image": rng.integers(0, 256, (3, 24, 24), dtype=np.uint8),
-                "json": {"index": i}} for i in range(shards * per_shard)]
+    samples = [
+        {"key": f"img{i:04d}", "image": rng.integers(0, 256, (3, 24, 24), dtype=np.uint8), "json": {"index": i}}
+        for i in range(shards * per_shard)
+    ]
     write_shards(samples, str(folder / "web"), max_count=per_shard)
     return str(folder / "web-*.tar.gz")
 
 
 def write_config(tmp_path: Path, model: Path, shards: str, **annotate_keys) -> Path:
-    keys = {"model": str(model), "shards": shards, "ranks": "all", "batch_size": 4, "max_new_tokens": 6,
-            **annotate_keys}
+    keys = {
+        "model": str(model),
+        "shards": shards,
+        "ranks": "all",
+        "batch_size": 4,
+        "max_new_tokens": 6,
+        **annotate_keys,
+    }
     body = "\n".join(f"{k} = {json.dumps(v)}" for k, v in keys.items())
     path = tmp_path / "annotate.toml"
-    path.write_text(f"[run]\nroot = {json.dumps(str(tmp_path / 'runs'))}\n\n[log]\nprogress = false\n\n"
-                    f"[annotate]\n{body}\n")
+    path.write_text(
+        f"[run]\nroot = {json.dumps(str(tmp_path / 'runs'))}\n\n[log]\nprogress = false\n\n[annotate]\n{body}\n"
+    )
     return path
 
 
@@ -74,16 +83,24 @@ def test_corrupt_image_and_truncated_shard_are_skipped_counted_and_named(tmp_pat
     good = [{"key": f"a{i}", "image": rng.integers(0, 256, (3, 24, 24), dtype=np.uint8)} for i in range(4)]
     good.insert(2, {"key": "broken", "image_bytes": b"\x89PNG\r\n\x1a\nnot really a png", "image_ext": "png"})
     write_shards(good, str(tmp_path / "web-a"), max_count=10)
-    cut = write_shards([{"key": f"b{i}", "image": rng.integers(0, 256, (3, 24, 24), dtype=np.uint8)}
-                        for i in range(6)], str(tmp_path / "web-b"), max_count=10, compress=False)[0]
+    cut = write_shards(
+        [{"key": f"b{i}", "image": rng.integers(0, 256, (3, 24, 24), dtype=np.uint8)} for i in range(6)],
+        str(tmp_path / "web-b"),
+        max_count=10,
+        compress=False,
+    )[0]
     cut.write_bytes(cut.read_bytes()[: int(cut.stat().st_size * 0.6)])
-    write_shards([{"key": f"c{i}", "image": rng.integers(0, 256, (3, 24, 24), dtype=np.uint8)} for i in range(3)],
-                 str(tmp_path / "web-c"), max_count=10)
+    write_shards(
+        [{"key": f"c{i}", "image": rng.integers(0, 256, (3, 24, 24), dtype=np.uint8)} for i in range(3)],
+        str(tmp_path / "web-c"),
+        max_count=10,
+    )
 
     cfg = load_config(write_config(tmp_path, tiny_models["llava"], str(tmp_path / "web-*.tar*")))
     manifest = annotate.run_annotate(cfg, single_process())
-    assert manifest["skipped"] == [{"shard": "web-a-000000.tar.gz", "key": "broken",
-                                    "reason": manifest["skipped"][0]["reason"]}]
+    assert manifest["skipped"] == [
+        {"shard": "web-a-000000.tar.gz", "key": "broken", "reason": manifest["skipped"][0]["reason"]}
+    ]
     assert "decode" in manifest["skipped"][0]["reason"]
     assert [d["shard"] for d in manifest["damaged_shards"]] == ["web-b-000000.tar"]
     assert "web-b-000000.tar" in manifest["damaged_shards"][0]["reason"]
@@ -100,10 +117,22 @@ def test_three_gloo_ranks_give_the_same_captions_as_one(tmp_path, tiny_models):
     one = load_config(write_config(tmp_path, tiny_models["llava"], shards), ["run.name=one"])
     annotate.run_annotate(one, single_process())
     config = write_config(tmp_path, tiny_models["llava"], shards)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=3",
-               "-m", "mllmfl_dist", "annotate", str(config), "--set", "run.name=three"]
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=3",
+        "-m",
+        "mllmfl_dist",
+        "annotate",
+        str(config),
+        "--set",
+        "run.name=three",
+    ]
+    result = subprocess.run(
+        command, cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     three_out = tmp_path / "runs" / "three" / "annotate"
     assert captions(three_out) == captions(one.run_dir / "annotate")
@@ -154,8 +183,11 @@ def test_a_lost_output_or_torn_record_is_annotated_again_and_killed_writes_are_c
     first, second = sorted(out.glob("web-*.tar.gz"))
     first.write_bytes(first.read_bytes()[:100])  # the output cut after its record was written
     (out / (second.name + ".done.json")).write_text('{"shard": ')  # a torn record
-    litter = [out / (second.name + ".partial"), out / f".{second.name}.done.json.ab12cd34.tmp",
-              out / ".manifest.json.tmp"]
+    litter = [
+        out / (second.name + ".partial"),
+        out / f".{second.name}.done.json.ab12cd34.tmp",
+        out / ".manifest.json.tmp",
+    ]
     for path in litter:
         path.write_bytes(b"half")  # what a kill during the writes leaves
     annotate.run_annotate(cfg, single_process())

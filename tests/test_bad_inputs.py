@@ -99,8 +99,9 @@ def test_planted_federated_checkpoint_and_backbone_are_refused_by_name(tmp_path,
     sets = ["--set", f"run.root={tmp_path}", "--set", "federated.rounds=1", "--set", "log.progress=false"]
     federated = tmp_path / "smoke" / "federated"
     federated.mkdir(parents=True)
-    torch.save({"config": {}, "round": 0, "model": Planted(marker), "strategy": {}, "rng": {}},
-               federated / "checkpoint.pt")
+    torch.save(
+        {"config": {}, "round": 0, "model": Planted(marker), "strategy": {}, "rng": {}}, federated / "checkpoint.pt"
+    )
     assert main(["federate", str(SMOKE), *sets]) == 2
     line = one_error_line(capsys)
     assert str(federated / "checkpoint.pt") in line and "so it was not loaded" in line
@@ -112,10 +113,15 @@ def test_planted_federated_checkpoint_and_backbone_are_refused_by_name(tmp_path,
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("content, reason", [(b"hello world\n", "is not a PyTorch checkpoint file"),
-                                             (b"", "is empty"),
-                                             (b"PK\x03\x04 cut", "is truncated or corrupt")],
-                         ids=["text", "empty", "cut-zip"])
+@pytest.mark.parametrize(
+    "content, reason",
+    [
+        (b"hello world\n", "is not a PyTorch checkpoint file"),
+        (b"", "is empty"),
+        (b"PK\x03\x04 cut", "is truncated or corrupt"),
+    ],
+    ids=["text", "empty", "cut-zip"],
+)
 def test_evaluate_with_a_file_that_is_no_checkpoint_says_so(tmp_path, capsys, content, reason):
     path = tmp_path / "model.pt"
     path.write_bytes(content)
@@ -163,8 +169,23 @@ def test_fashion_mnist_with_a_corrupt_gzip_stream_is_one_line(tmp_path, capsys):
     path.write_bytes(bytes(raw))
     with pytest.raises(DataError, match=r"t10k-images-idx3-ubyte.gz: cannot read \((zlib\.)?error"):
         load_fashion_mnist(str(tmp_path))
-    assert main(["federate", str(SMOKE), "--set", "data.source=fashion_mnist", "--set", f"data.root={tmp_path}",
-                 "--set", "data.channels=1", "--set", f"run.root={tmp_path}"]) == 2
+    assert (
+        main(
+            [
+                "federate",
+                str(SMOKE),
+                "--set",
+                "data.source=fashion_mnist",
+                "--set",
+                f"data.root={tmp_path}",
+                "--set",
+                "data.channels=1",
+                "--set",
+                f"run.root={tmp_path}",
+            ]
+        )
+        == 2
+    )
     assert "t10k-images-idx3-ubyte.gz" in one_error_line(capsys)
     with pytest.raises(zlib.error):  # what the reader used to let through
         gzip.decompress(bytes(raw))
@@ -190,14 +211,19 @@ def test_a_stray_label_without_classes_json_is_refused_not_a_1000_class_model(tm
     rng = np.random.default_rng(0)
 
     def samples(labels):
-        return [{"key": f"s{i}", "image": rng.integers(0, 256, (1, 8, 8), dtype=np.uint8), "cls": c}
-                for i, c in enumerate(labels)]
+        return [
+            {"key": f"s{i}", "image": rng.integers(0, 256, (1, 8, 8), dtype=np.uint8), "cls": c}
+            for i, c in enumerate(labels)
+        ]
 
     write_shards(samples([0, 1, 2] * 3 + [999]), str(tmp_path / "train"), 100)
     write_shards(samples([0, 1, 2]), str(tmp_path / "test"), 100)
     config = labeled_config(tmp_path / "train", tmp_path / "test")
-    with pytest.raises(DataError, match="labels go up to 999 but 996 of the classes 0..999 have no training "
-                                        r"sample \(3, 4, 5, 6, 7, ...\) and there is no classes.json"):
+    with pytest.raises(
+        DataError,
+        match="labels go up to 999 but 996 of the classes 0..999 have no training "
+        r"sample \(3, 4, 5, 6, 7, ...\) and there is no classes.json",
+    ):
         build_client_data(config, PartitionConfig("iid", 0.5), 2, seed=0)
     # A test label no train sample has is refused the same way.
     write_shards(samples([0, 1, 2] * 3), str(tmp_path / "train"), 100, overwrite=True)
@@ -213,21 +239,27 @@ def test_a_stray_label_without_classes_json_is_refused_not_a_1000_class_model(tm
 
 @pytest.mark.parametrize("key", ["annotate.prompt", "align.prompt", "pretrain.prompt"])
 def test_a_prompt_without_the_image_placeholder_is_refused_before_anything_loads(tmp_path, capsys, key):
-    with pytest.raises(ConfigError, match=rf"{key} = 'Describe it.' is not allowed; it must be a prompt holding "
-                                          r"<image> exactly once"):
+    with pytest.raises(
+        ConfigError,
+        match=rf"{key} = 'Describe it.' is not allowed; it must be a prompt holding "
+        r"<image> exactly once",
+    ):
         load_config(SMOKE, [f"{key}=Describe it."])
     with pytest.raises(ConfigError, match="exactly once"):
         load_config(SMOKE, [f"{key}=<image> and <image>"])
     config = tmp_path / "a.toml"
     section, name = key.split(".")
     bad = f'{name} = "USER: Describe the image. ASSISTANT:"'
-    config.write_text(textwrap.dedent(f"""\
+    config.write_text(
+        textwrap.dedent(f"""\
         [run]
         root = "{tmp_path}"
         [annotate]
-        model = "{tmp_path / 'no-model-needed'}"
+        model = "{tmp_path / "no-model-needed"}"
         shards = "{tmp_path}/*.tar"
-        """) + (f"{bad}\n" if section == "annotate" else f"[{section}]\n{bad}\n"))
+        """)
+        + (f"{bad}\n" if section == "annotate" else f"[{section}]\n{bad}\n")
+    )
     assert main(["annotate", str(config)]) == 2
     assert f"{key} = " in one_error_line(capsys)
 

@@ -32,8 +32,14 @@ def test_paper_config_without_weights_or_data_lists_each_missing_thing_and_loads
     env_cache.mkdir()
     os.environ["HF_HUB_CACHE"] = str(env_cache)  # a cache of our own, empty, whatever this machine holds
     try:
-        done, modules = imported_modules("check", "configs/cifar10_lt.toml", "--set", f"run.root={tmp_path}/runs",
-                                         "--set", f"data.root={tmp_path}/cifar")
+        done, modules = imported_modules(
+            "check",
+            "configs/cifar10_lt.toml",
+            "--set",
+            f"run.root={tmp_path}/runs",
+            "--set",
+            f"data.root={tmp_path}/cifar",
+        )
     finally:
         del os.environ["HF_HUB_CACHE"]
     assert done.returncode == 2, done.stderr[-2000:]
@@ -76,10 +82,16 @@ def write_fake_hub_model(cache, repo_id: str, tensors: dict, config: dict, shard
 
 
 def test_a_hub_model_in_a_fake_cache_is_found_and_its_parameters_counted(tmp_path):
-    tensors = {"a.weight": np.zeros((10, 20), np.float16), "b.bias": np.zeros(5, np.float16),
-               "c.weight": np.zeros((3, 4), np.float16)}
-    config = {"model_type": "llava", "text_config": {"hidden_size": 64, "num_hidden_layers": 2},
-              "vision_config": {"hidden_size": 32, "image_size": 336, "patch_size": 14}}
+    tensors = {
+        "a.weight": np.zeros((10, 20), np.float16),
+        "b.bias": np.zeros(5, np.float16),
+        "c.weight": np.zeros((3, 4), np.float16),
+    }
+    config = {
+        "model_type": "llava",
+        "text_config": {"hidden_size": 64, "num_hidden_layers": 2},
+        "vision_config": {"hidden_size": 32, "image_size": 336, "patch_size": 14},
+    }
     write_fake_hub_model(tmp_path, "org/one", tensors, config)
     write_fake_hub_model(tmp_path, "org/sharded", tensors, config, shards=2)
     for repo in ("org/one", "org/sharded"):
@@ -101,11 +113,21 @@ def test_a_hub_model_in_a_fake_cache_is_found_and_its_parameters_counted(tmp_pat
 
 @pytest.fixture
 def tiny_run_args(tiny_models, tmp_path):
-    return ["configs/tiny_mllm.toml", "--set", f"run.root={tmp_path}", "--set",
-            f"annotate.model={tiny_models['llava']}",
-            "--set", "align.every=1", "--set", "align.teacher=clip", "--set",
-            f"align.teacher_model=local-dir:{tiny_models['clip']}", "--set",
-            "align.pool_shards=shards/fmnist_align/*.tar.gz"]
+    return [
+        "configs/tiny_mllm.toml",
+        "--set",
+        f"run.root={tmp_path}",
+        "--set",
+        f"annotate.model={tiny_models['llava']}",
+        "--set",
+        "align.every=1",
+        "--set",
+        "align.teacher=clip",
+        "--set",
+        f"align.teacher_model=local-dir:{tiny_models['clip']}",
+        "--set",
+        "align.pool_shards=shards/fmnist_align/*.tar.gz",
+    ]
 
 
 def test_tiny_config_with_local_models_passes(tiny_run_args, capsys, monkeypatch):
@@ -145,8 +167,9 @@ def test_estimated_parameter_counts_are_the_models_own(arch, scale, channels):
     from mllmfl_dist.stages.pretrain.dwp import TokenAdapter
     from mllmfl_dist.fl.models import build_model
 
-    cfg = load_config(REPO / "configs" / "smoke.toml", [f"model.arch={arch}", f"model.width_scale={scale}"],
-                      check_run_dir=False)
+    cfg = load_config(
+        REPO / "configs" / "smoke.toml", [f"model.arch={arch}", f"model.width_scale={scale}"], check_run_dir=False
+    )
     params, backbone, map_channels, _ = check_footprint.fl_model_size(cfg, 10, channels, 32)
     model = build_model(arch, channels, 10, scale)
     assert params == sum(p.numel() for p in model.parameters())
@@ -163,8 +186,10 @@ def test_zero_stages_split_the_state_as_the_paper_counts():
 
 
 def test_open_clip_table_read_without_importing_open_clip_matches_open_clip():
-    code = ("import sys; from mllmfl_dist.mllm.model_files import open_clip_pretrained as p; "
-            "print(p('ViT-B-32', 'openai')['hf_hub']); print('open_clip' in sys.modules)")
+    code = (
+        "import sys; from mllmfl_dist.mllm.model_files import open_clip_pretrained as p; "
+        "print(p('ViT-B-32', 'openai')['hf_hub']); print('open_clip' in sys.modules)"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=REPO)
     import open_clip
 
@@ -181,8 +206,10 @@ def test_the_federate_estimate_counts_the_client_state_slots_the_trainer_allocat
     trainer = smoke_trainer(*sets)
     reduce = {k: s for k, s in zip(trainer.round_layout.keys, trainer.round_layout.shapes)}
     broadcast = {k: s for k, s in zip(trainer.broadcast_layout.keys, trainer.broadcast_layout.shapes)}
-    slots = sum(int(np.prod(reduce[k])) * 8 + int(np.prod(broadcast[k])) * 4 * 2
-                for k in ("client_states", "client_state_present"))
+    slots = sum(
+        int(np.prod(reduce[k])) * 8 + int(np.prod(broadcast[k])) * 4 * 2
+        for k in ("client_states", "client_state_present")
+    )
     width = trainer.client_state_layout.numel
     expected = slots + min(int(cfg.federated.client_state_mb * 2**20), cfg.federated.num_clients * width * 4)
 

@@ -13,8 +13,13 @@ HEAVY = ("torch", "torchvision", "numpy", "deepspeed", "transformers", "open_cli
 
 def imported_modules(*argv: str) -> tuple[subprocess.CompletedProcess, set[str]]:
     """Run ``python -X importtime -m mllmfl_dist ARGV`` in the repository; the modules it imported."""
-    done = subprocess.run([sys.executable, "-X", "importtime", "-m", "mllmfl_dist", *argv], cwd=REPO,
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "mllmfl_dist", *argv],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     modules = set()
     for line in done.stderr.splitlines():
         if line.startswith("import time:") and "|" in line:
@@ -47,9 +52,14 @@ def test_a_usage_error_exits_2_without_torch() -> None:
     assert "torch" not in modules
 
 
-@pytest.mark.parametrize("override, words", [("federated.lr=abc", "federated.lr must be a number"),
-                                              ("creff.lr_crt=-1", "creff.lr_crt = -1.0 is not allowed"),
-                                              ("clip2fl.nope=1", "unknown key clip2fl.nope")])
+@pytest.mark.parametrize(
+    "override, words",
+    [
+        ("federated.lr=abc", "federated.lr must be a number"),
+        ("creff.lr_crt=-1", "creff.lr_crt = -1.0 is not allowed"),
+        ("clip2fl.nope=1", "unknown key clip2fl.nope"),
+    ],
+)
 def test_a_config_value_error_exits_2_without_torch(override, words) -> None:
     """A typo in a value or key of the run's or a built-in strategy's section is one line before torch loads
     (the built-in strategies' sections are declared torch-free, config/strategy_sections.py)."""

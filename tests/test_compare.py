@@ -15,7 +15,6 @@ from mllmfl_dist.commands.compare_methods import Method, parse_method, parse_met
 from mllmfl_dist.commands.compare_table import results_markdown
 
 
-
 def test_a_rows_name_says_what_ran():
     cfg = load_config(SMOKE, ["annotate.model=some/llava", "clip2fl.model=local-dir:clip"])
     assert parse_method("fedavg", cfg).name == "fedavg"
@@ -38,9 +37,17 @@ def test_a_rows_name_says_what_ran():
 
 
 def test_a_rows_config_is_the_strategy_with_only_the_stages_it_names():
-    cfg = load_config(SMOKE, ["annotate.model=some/llava", "clip2fl.model=local-dir:clip", "align.every=3",
-                              "align.teacher=llava", "align.teacher_model=other/llava",
-                              "model.pretrained_backbone=pretrain"])
+    cfg = load_config(
+        SMOKE,
+        [
+            "annotate.model=some/llava",
+            "clip2fl.model=local-dir:clip",
+            "align.every=3",
+            "align.teacher=llava",
+            "align.teacher_model=other/llava",
+            "model.pretrained_backbone=pretrain",
+        ],
+    )
     plain = method_config(cfg, parse_method("creff", cfg), seed=4)
     assert (plain.federated.strategy, plain.align.every, plain.model.pretrained_backbone) == ("creff", 0, "")
     assert plain.run.seed == 4 and plain.run_dir.parts[-3:] == ("compare", "creff", "seed4")
@@ -59,8 +66,16 @@ def test_a_rows_config_is_the_strategy_with_only_the_stages_it_names():
 
 
 def test_compare_over_two_seeds_gives_mean_and_std_and_resumes_per_row(tmp_path, tiny_models, capsys):
-    sets = [f"run.root={tmp_path}", "federated.rounds=2", *FAST, f"clip2fl.model=local-dir:{tiny_models['clip']}",
-            "align.source=holdout", "data.server_holdout_per_class=5", "align.per_class=5", "align.steps=5"]
+    sets = [
+        f"run.root={tmp_path}",
+        "federated.rounds=2",
+        *FAST,
+        f"clip2fl.model=local-dir:{tiny_models['clip']}",
+        "align.source=holdout",
+        "data.server_holdout_per_class=5",
+        "align.per_class=5",
+        "align.steps=5",
+    ]
     methods = ["fedavg", "fedprox", "creff", "clip2fl", "fedavg+align[none]"]
     assert cli("compare", str(SMOKE), "--methods", ",".join(methods), "--seeds", "0,1", sets=sets) == 0
     printed = capsys.readouterr().out
@@ -103,10 +118,23 @@ def test_compare_over_two_seeds_gives_mean_and_std_and_resumes_per_row(tmp_path,
 
 
 def test_a_single_seed_table_prints_three_decimals():
-    row = {"method": "fedavg", "seed": 0, "strategy": "fedavg", "pretraining": "none (random init)",
-           "align_teacher": "no alignment", "server_labeled_images": 0, "models": "none", "rounds": 30, "acc": 0.123456,
-           "acc_top1": 0.2, "acc_many": 0.3456789, "acc_medium": None, "acc_few": None, "wall_seconds": 12.34,
-           "bytes_all_reduced_per_round": 1000}
+    row = {
+        "method": "fedavg",
+        "seed": 0,
+        "strategy": "fedavg",
+        "pretraining": "none (random init)",
+        "align_teacher": "no alignment",
+        "server_labeled_images": 0,
+        "models": "none",
+        "rounds": 30,
+        "acc": 0.123456,
+        "acc_top1": 0.2,
+        "acc_many": 0.3456789,
+        "acc_medium": None,
+        "acc_few": None,
+        "wall_seconds": 12.34,
+        "bytes_all_reduced_per_round": 1000,
+    }
     line = results_markdown([row]).splitlines()[2]
     assert "| 0.123 | 0.200 | 0.346 | — | — | 12.3 | none |" in line and "±" not in line
 
@@ -120,8 +148,10 @@ def test_compare_refuses_bad_input_before_running_anything(tmp_path, capsys):
     assert cli("compare", str(SMOKE), "--methods", "clip2fl", sets=sets) == 2
     assert "clip2fl.model" in capsys.readouterr().err
     missing = tmp_path / "no_clip"
-    assert cli("compare", str(SMOKE), "--methods", "fedavg,clip2fl",
-               sets=[*sets, f"clip2fl.model=local-dir:{missing}"]) == 2
+    assert (
+        cli("compare", str(SMOKE), "--methods", "fedavg,clip2fl", sets=[*sets, f"clip2fl.model=local-dir:{missing}"])
+        == 2
+    )
     assert str(missing) in capsys.readouterr().err
     assert cli("compare", str(SMOKE), "--methods", "fedavg", "--seeds", "0,x", sets=sets) == 2
     assert "--seeds" in capsys.readouterr().err

@@ -14,10 +14,16 @@ from launchers import FAST, SMOKE, cli
 from mllmfl_dist.commands.compare import method_config, row_root, tune_root
 from mllmfl_dist.commands.compare_methods import Method
 from mllmfl_dist.commands.compare_table import results_csv, results_markdown, summarize
-from mllmfl_dist.commands.seed_statistics import (first_round_reaching, last_mean, paired_difference, spread,
-                                                  t_quantile)
-from mllmfl_dist.commands.tuning import (TuneSpec, config_id, method_grid, parse_tune, parse_tune_seeds, reads,
-                                         select_config)
+from mllmfl_dist.commands.seed_statistics import first_round_reaching, last_mean, paired_difference, spread, t_quantile
+from mllmfl_dist.commands.tuning import (
+    TuneSpec,
+    config_id,
+    method_grid,
+    parse_tune,
+    parse_tune_seeds,
+    reads,
+    select_config,
+)
 from mllmfl_dist.config import ConfigError, DataConfig, load_config
 
 
@@ -53,9 +59,11 @@ def _records(test: float, val: float | None, rounds: int = 4) -> list[dict]:
 def test_selection_follows_validation_not_test_accuracy():
     settings = [{"federated.lr": 0.01}, {"federated.lr": 0.05}, {"federated.lr": 0.2}]
     # lr 0.2 is best on test, lr 0.05 on validation (averaged over the two tuning seeds).
-    evaluations = [{100: _records(0.50, 0.40), 101: _records(0.52, 0.42)},
-                   {100: _records(0.55, 0.60), 101: _records(0.51, 0.56)},
-                   {100: _records(0.70, 0.30), 101: _records(0.72, 0.70)}]
+    evaluations = [
+        {100: _records(0.50, 0.40), 101: _records(0.52, 0.42)},
+        {100: _records(0.55, 0.60), 101: _records(0.51, 0.56)},
+        {100: _records(0.70, 0.30), 101: _records(0.72, 0.70)},
+    ]
     choice = select_config(settings, evaluations, last=3)
     assert choice["chosen_values"] == {"federated.lr": 0.05} and choice["chosen_index"] == 1
     assert choice["configs"][2]["val_mean"] == pytest.approx(0.50)
@@ -71,9 +79,17 @@ def test_selection_follows_validation_not_test_accuracy():
 
 
 def test_keys_a_method_does_not_read_are_ignored_and_budgets_are_equal():
-    grid = parse_tune(["federated.lr=0.01,0.05", "federated.prox_mu=0.001,0.01,0.1", "federated.server_momentum=0.9",
-                       "creff.match_epochs=50,100", "align.lr=0.001,0.01", "pretrain.steps=10,20",
-                       "federated.local_epochs=1,2"])
+    grid = parse_tune(
+        [
+            "federated.lr=0.01,0.05",
+            "federated.prox_mu=0.001,0.01,0.1",
+            "federated.server_momentum=0.9",
+            "creff.match_epochs=50,100",
+            "align.lr=0.001,0.01",
+            "pretrain.steps=10,20",
+            "federated.local_epochs=1,2",
+        ]
+    )
     assert grid["federated.local_epochs"] == (1, 2) and grid["federated.lr"] == (0.01, 0.05)  # typed as the field
     spec = TuneSpec(grid, budget=3, seeds=(100, 101), last=3, sample_seed=0)
     fedavg, fedprox, fedavgm = Method("fedavg"), Method("fedprox"), Method("fedavgm")
@@ -85,24 +101,32 @@ def test_keys_a_method_does_not_read_are_ignored_and_budgets_are_equal():
     assert reads(Method("clip2fl"), "creff.match_epochs") and not reads(creff, "clip2fl.alpha")
     assert reads(aligned, "align.lr") and reads(Method("fedavg", teacher="llava"), "align.lr")
     assert not reads(fedavg, "align.lr") and not reads(aligned, "pretrain.steps") and reads(dwp, "pretrain.steps")
-    for method, keys in ((fedavg, {"federated.lr", "federated.local_epochs"}),
-                         (fedprox, {"federated.lr", "federated.local_epochs", "federated.prox_mu"}),
-                         (creff, {"federated.lr", "federated.local_epochs", "creff.match_epochs"}),
-                         (aligned, {"federated.lr", "federated.local_epochs", "align.lr"})):
+    for method, keys in (
+        (fedavg, {"federated.lr", "federated.local_epochs"}),
+        (fedprox, {"federated.lr", "federated.local_epochs", "federated.prox_mu"}),
+        (creff, {"federated.lr", "federated.local_epochs", "creff.match_epochs"}),
+        (aligned, {"federated.lr", "federated.local_epochs", "align.lr"}),
+    ):
         settings = method_grid(method, spec)
         assert len(settings) == 3  # every grid has at least 3 configurations: each gets exactly the budget
         assert all(set(s) == keys for s in settings) and len({config_id(s) for s in settings}) == 3
         assert settings == method_grid(method, spec)  # seeded: the same sample every time
     assert method_grid(fedavg, dataclasses.replace(spec, budget=10)) == [
-        {"federated.lr": lr, "federated.local_epochs": e} for lr in (0.01, 0.05) for e in (1, 2)]  # the whole grid
+        {"federated.lr": lr, "federated.local_epochs": e} for lr in (0.01, 0.05) for e in (1, 2)
+    ]  # the whole grid
     assert method_grid(fedavg, TuneSpec({"creff.match_epochs": (5, 6)})) == [{}]
 
 
 def test_tune_options_are_checked():
-    for bad, words in ((["data.imb_factor=0.1,0.01"], "compare tunes"), (["align.teacher=none,clip"], "row's name"),
-                       (["federated.lr=0.1", "federated.lr=0.2"], "twice"), (["federated.lr=0.1,0.1"], "twice"),
-                       (["federated.lr="], "section.key=v1"), (["federated.lr=fast"], "a number"),
-                       (["federated.nothing=1"], "unknown key")):
+    for bad, words in (
+        (["data.imb_factor=0.1,0.01"], "compare tunes"),
+        (["align.teacher=none,clip"], "row's name"),
+        (["federated.lr=0.1", "federated.lr=0.2"], "twice"),
+        (["federated.lr=0.1,0.1"], "twice"),
+        (["federated.lr="], "section.key=v1"),
+        (["federated.lr=fast"], "a number"),
+        (["federated.nothing=1"], "unknown key"),
+    ):
         with pytest.raises(ConfigError, match=words):
             parse_tune(bad)
     assert parse_tune_seeds(None, [0, 1, 2]) == (100, 101) and parse_tune_seeds(None, [100, 5]) == (101, 102)
@@ -125,18 +149,37 @@ def test_a_tuned_setting_runs_in_its_own_folder_with_its_values():
 
 def _row(method: str, seed: int, accs: list[float]) -> dict:
     evaluations = [{"round": r + 1, "acc": a} for r, a in enumerate(accs)]
-    return {"method": method, "seed": seed, "strategy": method, "pretraining": "none (random init)",
-            "align_teacher": "no alignment", "server_labeled_images": 0, "models": "none", "rounds": len(accs),
-            "acc": accs[-1], "acc_top1": accs[-1], "acc_many": None, "acc_medium": None, "acc_few": None,
-            "wall_seconds": 1.0, "bytes_all_reduced_per_round": 10, "acc_last": last_mean(evaluations, "acc", 2),
-            "last_evaluations": 2, "target_acc": 0.5, "rounds_to_target": first_round_reaching(evaluations, 0.5),
-            "tuned": "federated.lr=0.05" if method == "fedprox" else "", "tuned_configs": 3}
+    return {
+        "method": method,
+        "seed": seed,
+        "strategy": method,
+        "pretraining": "none (random init)",
+        "align_teacher": "no alignment",
+        "server_labeled_images": 0,
+        "models": "none",
+        "rounds": len(accs),
+        "acc": accs[-1],
+        "acc_top1": accs[-1],
+        "acc_many": None,
+        "acc_medium": None,
+        "acc_few": None,
+        "wall_seconds": 1.0,
+        "bytes_all_reduced_per_round": 10,
+        "acc_last": last_mean(evaluations, "acc", 2),
+        "last_evaluations": 2,
+        "target_acc": 0.5,
+        "rounds_to_target": first_round_reaching(evaluations, 0.5),
+        "tuned": "federated.lr=0.05" if method == "fedprox" else "",
+        "tuned_configs": 3,
+    }
 
 
 def test_the_table_has_the_intervals_paired_differences_and_rounds_to_target():
     diffs = [0.02, 0.05, 0.01, 0.04, 0.03]
-    rows = [*(_row("fedavg", s, [0.3, 0.5, 0.50]) for s in range(5)),
-            *(_row("fedprox", s, [0.3, 0.4 + d, 0.50 + d]) for s, d in enumerate(diffs))]
+    rows = [
+        *(_row("fedavg", s, [0.3, 0.5, 0.50]) for s in range(5)),
+        *(_row("fedprox", s, [0.3, 0.4 + d, 0.50 + d]) for s, d in enumerate(diffs)),
+    ]
     fedprox = summarize(rows)[1]
     assert fedprox["acc_minus_fedavg_mean"] == pytest.approx(0.03)
     assert fedprox["acc_minus_fedavg_ci95"] == pytest.approx(0.0196324, abs=1e-6)
@@ -162,8 +205,24 @@ def _val_split() -> list[str]:
 
 def test_compare_tune_selects_on_validation_and_resumes_tuning_runs(tmp_path, capsys):
     sets = [f"run.root={tmp_path}", "federated.rounds=2", *FAST, *_val_split()]
-    argv = ["compare", str(SMOKE), "--methods", "fedavg,fedprox", "--seeds", "0", "--tune", "federated.lr=0.01,0.1",
-            "--tune", "federated.prox_mu=0.001,0.1", "--tune-budget", "2", "--tune-seeds", "100", "--target", "0.05"]
+    argv = [
+        "compare",
+        str(SMOKE),
+        "--methods",
+        "fedavg,fedprox",
+        "--seeds",
+        "0",
+        "--tune",
+        "federated.lr=0.01,0.1",
+        "--tune",
+        "federated.prox_mu=0.001,0.1",
+        "--tune-budget",
+        "2",
+        "--tune-seeds",
+        "100",
+        "--target",
+        "0.05",
+    ]
     out = tmp_path / "smoke" / "compare"
     code = cli(*argv, sets=sets)
     if not _val_split():  # before the validation split exists: refused after the tuning runs, naming the key
@@ -186,8 +245,9 @@ def test_compare_tune_selects_on_validation_and_resumes_tuning_runs(tmp_path, ca
         for run in runs:
             records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
             val = 0.9 if run.parts[-3] == val_best[method] else 0.1
-            (run / "metrics.jsonl").write_text("".join(json.dumps({**r, "val_acc": val} if "acc" in r else r) + "\n"
-                                                       for r in records))
+            (run / "metrics.jsonl").write_text(
+                "".join(json.dumps({**r, "val_acc": val} if "acc" in r else r) + "\n" for r in records)
+            )
     trained = {p: p.read_text() for p in out.glob("tune/*/*/seed100/federated/rounds.jsonl")}
     assert cli(*argv, sets=sets) == 0
     assert all(p.read_text() == text for p, text in trained.items())  # the tuning runs were not trained again
@@ -218,8 +278,18 @@ def test_compare_tune_refuses_bad_values_before_running_anything(tmp_path, capsy
     if not _val_split():
         assert not (tmp_path / "smoke").exists()
         return
-    assert cli("compare", str(SMOKE), "--methods", "fedavg", "--tune", "federated.lr=0.1,0.2",
-               sets=[f"run.root={tmp_path}", "data.val_per_class=0"]) == 2
+    assert (
+        cli(
+            "compare",
+            str(SMOKE),
+            "--methods",
+            "fedavg",
+            "--tune",
+            "federated.lr=0.1,0.2",
+            sets=[f"run.root={tmp_path}", "data.val_per_class=0"],
+        )
+        == 2
+    )
     assert "data.val_per_class" in capsys.readouterr().err
     assert not (tmp_path / "smoke").exists()
 
@@ -228,8 +298,11 @@ def test_tuned_values_are_expanded_and_teacher_only_keys_are_not_read_without_th
     from pathlib import Path
 
     assert parse_tune(["clip2fl.model=~/a,~/b"])["clip2fl.model"] == (f"{Path.home()}/a", f"{Path.home()}/b")
-    plain, smoothing, llava = Method("fedavg", teacher="none"), Method("fedavg", teacher="uniform"), \
-        Method("fedavg", teacher="llava")
+    plain, smoothing, llava = (
+        Method("fedavg", teacher="none"),
+        Method("fedavg", teacher="uniform"),
+        Method("fedavg", teacher="llava"),
+    )
     assert reads(plain, "align.lr") and not reads(plain, "align.beta") and not reads(plain, "align.temperature")
     assert reads(smoothing, "align.beta") and not reads(smoothing, "align.teacher_temperature")
     assert reads(llava, "align.teacher_score") and not reads(llava, "align.templates")

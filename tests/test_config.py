@@ -72,22 +72,25 @@ def test_run_name_defaults_to_file_stem_and_resolved_config_round_trips(tmp_path
     assert load_config(again) == cfg
 
 
-@pytest.mark.parametrize("text, overrides, named", [
-    ("[nosuch]\nx = 1\n", [], "[nosuch]"),
-    ("[federated]\nlearning_rate = 0.1\n", [], "federated.learning_rate"),
-    ("[federated]\nrounds = 'ten'\n", [], "federated.rounds"),
-    ("[federated]\nrounds = 2.5\n", [], "federated.rounds"),
-    ("[data]\ndownload = 1\n", [], "data.download"),
-    ("[federated]\nlr = -0.1\n", [], "federated.lr"),
-    ("[data]\nimb_factor = 0.0\n", [], "data.imb_factor"),
-    ("[data]\nimb_factor = 1.5\n", [], "data.imb_factor"),
-    ("[federated]\nnum_clients = 5\nclients_per_round = 6\n", [], "clients_per_round"),
-    ("[federated]\nstrategy = 'fedsgd'\n", [], "federated.strategy"),
-    ("", ["federated.rounds=abc"], "federated.rounds"),
-    ("", ["federated.nosuch=1"], "federated.nosuch"),
-    ("", ["data.download=maybe"], "data.download"),
-    ("", ["justakey"], "section.key=value"),
-])
+@pytest.mark.parametrize(
+    "text, overrides, named",
+    [
+        ("[nosuch]\nx = 1\n", [], "[nosuch]"),
+        ("[federated]\nlearning_rate = 0.1\n", [], "federated.learning_rate"),
+        ("[federated]\nrounds = 'ten'\n", [], "federated.rounds"),
+        ("[federated]\nrounds = 2.5\n", [], "federated.rounds"),
+        ("[data]\ndownload = 1\n", [], "data.download"),
+        ("[federated]\nlr = -0.1\n", [], "federated.lr"),
+        ("[data]\nimb_factor = 0.0\n", [], "data.imb_factor"),
+        ("[data]\nimb_factor = 1.5\n", [], "data.imb_factor"),
+        ("[federated]\nnum_clients = 5\nclients_per_round = 6\n", [], "clients_per_round"),
+        ("[federated]\nstrategy = 'fedsgd'\n", [], "federated.strategy"),
+        ("", ["federated.rounds=abc"], "federated.rounds"),
+        ("", ["federated.nosuch=1"], "federated.nosuch"),
+        ("", ["data.download=maybe"], "data.download"),
+        ("", ["justakey"], "section.key=value"),
+    ],
+)
 def test_bad_config_is_one_message_naming_the_key(tmp_path, text, overrides, named):
     path = tmp_path / "bad.toml"
     path.write_text(text)
@@ -127,8 +130,10 @@ def test_resume_differences_ignore_sections_the_strategy_does_not_read():
     clip_model["clip2fl"]["model"] = "local-dir:clip"
     clip_model["creff"]["crt_epochs"] = 5
     assert resume_differences(base, clip_model) == []
-    for strategy, expected in (("creff", ["creff.crt_epochs: 300 -> 5"]),
-                               ("clip2fl", ["creff.crt_epochs: 300 -> 5", "clip2fl.model: '' -> 'local-dir:clip'"])):
+    for strategy, expected in (
+        ("creff", ["creff.crt_epochs: 300 -> 5"]),
+        ("clip2fl", ["creff.crt_epochs: 300 -> 5", "clip2fl.model: '' -> 'local-dir:clip'"]),
+    ):
         saved = Config().to_dict()
         current = dict(clip_model, federated=dict(clip_model["federated"], strategy=strategy))
         saved["federated"]["strategy"] = strategy
@@ -149,8 +154,14 @@ def test_defaults_are_the_released_cifar10_lt_setting_of_creff_and_clip2fl():
     from mllmfl_dist.fl.strategies.creff import CreffConfig
 
     fed = FederatedConfig()
-    assert (fed.num_clients, fed.clients_per_round, fed.rounds, fed.local_epochs, fed.batch_size, fed.lr) == \
-        (20, 8, 200, 10, 32, 0.1)
+    assert (fed.num_clients, fed.clients_per_round, fed.rounds, fed.local_epochs, fed.batch_size, fed.lr) == (
+        20,
+        8,
+        200,
+        10,
+        32,
+        0.1,
+    )
     assert fed.server_momentum == 0.97 and fed.prox_mu == 0.01
     assert Clip2flConfig().contrast_alpha == 0.001
     assert CreffConfig().dsa_strategy == "color_crop_cutout_flip_scale_rotate"
@@ -166,8 +177,11 @@ def test_the_readme_config_table_names_every_federated_setting_a_config_changes(
     for path in sorted((REPO / "configs").glob("*.toml")):
         row = next((r for r in rows if f"`configs/{path.name}`" in r or f"`{path.name}`" in r), None)
         assert row is not None, f"README's config table has no row for {path.name}"
-        changed = {k: v for k, v in flat_items(load_config(path).to_dict()).items()
-                   if k.startswith("federated.") and v != defaults[k]}
+        changed = {
+            k: v
+            for k, v in flat_items(load_config(path).to_dict()).items()
+            if k.startswith("federated.") and v != defaults[k]
+        }
         cell = row.split("|")[3]
         for key, value in changed.items():
             assert f"{key.split('.')[1]} {value}" in cell, f"{path.name}: {key} = {value} missing from the README"
@@ -199,4 +213,4 @@ def test_set_values_are_checked_and_expanded_as_a_config_file_would_be():
 
     assert parse_override("clip2fl.model=local-dir:~/clip")[1] == f"local-dir:{Path.home()}/clip"
     with pytest.raises(ConfigError, match="64-bit"):
-        parse_override(f"federated.rounds={2 ** 70}")
+        parse_override(f"federated.rounds={2**70}")

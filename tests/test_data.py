@@ -76,10 +76,13 @@ def test_longtail_indices_without_a_seed_keep_the_first_indices_of_each_class() 
     np.testing.assert_array_equal(kept, expected)
 
 
-@pytest.mark.parametrize(("num_classes", "per_class", "imb_factor", "total"),
-                         [(10, 5000, 0.01, 12406), (100, 500, 0.01, 10847), (10, 300, 0.01, 740)])
-def test_seeded_longtail_shuffles_each_class_and_keeps_the_exact_counts(num_classes, per_class, imb_factor,
-                                                                         total) -> None:
+@pytest.mark.parametrize(
+    ("num_classes", "per_class", "imb_factor", "total"),
+    [(10, 5000, 0.01, 12406), (100, 500, 0.01, 10847), (10, 300, 0.01, 740)],
+)
+def test_seeded_longtail_shuffles_each_class_and_keeps_the_exact_counts(
+    num_classes, per_class, imb_factor, total
+) -> None:
     labels = balanced_labels(num_classes, per_class)
     counts = longtail_counts(per_class, num_classes, imb_factor)
     kept = longtail_indices(labels, num_classes, imb_factor, seed=7)
@@ -568,8 +571,9 @@ def test_synthetic_array_is_learnable_by_class_means() -> None:
 
 
 def test_train_indices_restrict_the_clients_and_the_holdout_to_a_slice_of_the_split() -> None:
-    config = DataConfig(source="synthetic", samples_per_class=200, imb_factor=0.1, server_holdout_per_class=3,
-                        train_indices="0:1500")
+    config = DataConfig(
+        source="synthetic", samples_per_class=200, imb_factor=0.1, server_holdout_per_class=3, train_indices="0:1500"
+    )
     data = build_client_data(config, PartitionConfig(), 10, seed=0)
     used = np.concatenate([data.client_indices(c) for c in range(10)])
     assert used.max() < 1500 and data._server_pool.max() < 1500

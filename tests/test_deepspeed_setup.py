@@ -24,41 +24,66 @@ def pretrain_config(**deepspeed) -> PretrainConfig:
 
 
 def test_merge_under_lets_ours_win_and_keeps_the_users_other_keys() -> None:
-    user = {"zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}}, "train_batch_size": 99,
-            "fp16": {"enabled": True, "loss_scale_window": 100}, "aio": {"block_size": 1048576}}
+    user = {
+        "zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}},
+        "train_batch_size": 99,
+        "fp16": {"enabled": True, "loss_scale_window": 100},
+        "aio": {"block_size": 1048576},
+    }
     ours = {"zero_optimization": {"stage": 2}, "train_batch_size": 8, "fp16": {"enabled": False}}
     merged, replaced = merge_under(user, ours)
-    assert merged == {"zero_optimization": {"stage": 2, "offload_param": {"device": "cpu"}}, "train_batch_size": 8,
-                      "fp16": {"enabled": False, "loss_scale_window": 100}, "aio": {"block_size": 1048576}}
+    assert merged == {
+        "zero_optimization": {"stage": 2, "offload_param": {"device": "cpu"}},
+        "train_batch_size": 8,
+        "fp16": {"enabled": False, "loss_scale_window": 100},
+        "aio": {"block_size": 1048576},
+    }
     assert sorted(replaced) == ["fp16.enabled", "train_batch_size", "zero_optimization.stage"]
     assert user["zero_optimization"]["stage"] == 3  # the inputs are left alone
 
 
 def test_config_file_adds_offload_and_zero3_options_under_our_keys(tmp_path, caplog) -> None:
     path = tmp_path / "ds.json"
-    path.write_text(json.dumps({
-        "zero_optimization": {"stage": 1, "offload_optimizer": {"device": "cpu", "pin_memory": True},
-                              "stage3_max_live_parameters": 100000000},
-        "gradient_clipping": 5.0,  # ours is 1.0: ours wins, with a warning
-        "gradient_accumulation_steps": 2,  # the same as ours: no warning
-    }))
+    path.write_text(
+        json.dumps(
+            {
+                "zero_optimization": {
+                    "stage": 1,
+                    "offload_optimizer": {"device": "cpu", "pin_memory": True},
+                    "stage3_max_live_parameters": 100000000,
+                },
+                "gradient_clipping": 5.0,  # ours is 1.0: ours wins, with a warning
+                "gradient_accumulation_steps": 2,  # the same as ours: no warning
+            }
+        )
+    )
     pcfg = pretrain_config(zero_stage=3, config_file=str(path), gradient_accumulation_steps=2)
     with caplog.at_level(logging.WARNING):
         config = deepspeed_config(pcfg, 2)
-    assert config["zero_optimization"] == {"stage": 3, "offload_optimizer": {"device": "cpu", "pin_memory": True},
-                                           "stage3_max_live_parameters": 100000000}
+    assert config["zero_optimization"] == {
+        "stage": 3,
+        "offload_optimizer": {"device": "cpu", "pin_memory": True},
+        "stage3_max_live_parameters": 100000000,
+    }
     assert config["gradient_clipping"] == 1.0 and config["train_batch_size"] == 4 * 2 * 2
-    assert config == {**deepspeed_config(replace(pcfg, deepspeed=replace(pcfg.deepspeed, config_file="")), 2),
-                      "zero_optimization": config["zero_optimization"]}
+    assert config == {
+        **deepspeed_config(replace(pcfg, deepspeed=replace(pcfg.deepspeed, config_file="")), 2),
+        "zero_optimization": config["zero_optimization"],
+    }
     warned = " ".join(r.getMessage() for r in caplog.records)
     assert "gradient_clipping" in warned and "zero_optimization.stage" in warned
     assert "gradient_accumulation_steps" not in warned
 
 
-@pytest.mark.parametrize("content,message", [(None, "no such file"), ("{not json", "not valid JSON"),
-                                             ("[1, 2]", "JSON object"),
-                                             ('{"zero_optimization": {"reduce_bucket_size": "auto"}}',
-                                              'zero_optimization.reduce_bucket_size = "auto"')])
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        (None, "no such file"),
+        ("{not json", "not valid JSON"),
+        ("[1, 2]", "JSON object"),
+        ('{"zero_optimization": {"reduce_bucket_size": "auto"}}', 'zero_optimization.reduce_bucket_size = "auto"'),
+    ],
+)
 def test_a_bad_config_file_is_one_config_error(tmp_path, content, message) -> None:
     path = tmp_path / "ds.json"
     if content is not None:
@@ -97,8 +122,14 @@ def test_deepspeed_starts_without_compiling_and_reads_the_users_file(tmp_path) -
     user.write_text(json.dumps({"zero_optimization": {"reduce_bucket_size": 12345}}))
     extensions = tmp_path / "torch_extensions"
     env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(extensions), "PYTHONPATH": str(REPO), "LOCAL_RANK": "0"}
-    done = subprocess.run([sys.executable, "-c", START, "gloo", str(user)], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-c", START, "gloo", str(user)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["steps"] == 1 and result["reduce_bucket_size"] == 12345

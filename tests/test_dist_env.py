@@ -13,12 +13,24 @@ from mllmfl_dist.core.dist import init_runtime
 from mllmfl_dist.core.launch import first_to_report, read_launch_env, slurm_hostnames, slurm_port, slurm_rendezvous
 
 # What srun puts in a task's environment (the names that matter here), for a step of 8 tasks.
-STEP = {"SLURM_JOB_ID": "4242", "SLURM_STEP_ID": "0", "SLURM_PROCID": "5", "SLURM_LOCALID": "1",
-        "SLURM_NTASKS": "8", "SLURM_STEP_NUM_TASKS": "8", "SLURM_STEP_NODELIST": "gpu[003-004]",
-        "SLURM_JOB_NODELIST": "gpu[003-004]"}
+STEP = {
+    "SLURM_JOB_ID": "4242",
+    "SLURM_STEP_ID": "0",
+    "SLURM_PROCID": "5",
+    "SLURM_LOCALID": "1",
+    "SLURM_NTASKS": "8",
+    "SLURM_STEP_NUM_TASKS": "8",
+    "SLURM_STEP_NODELIST": "gpu[003-004]",
+    "SLURM_JOB_NODELIST": "gpu[003-004]",
+}
 # And what an sbatch script body sees with --ntasks=4 (no step: SLURM_STEP_ID is missing).
-BATCH_BODY = {"SLURM_JOB_ID": "4242", "SLURM_PROCID": "0", "SLURM_NTASKS": "4", "SLURM_LOCALID": "0",
-              "SLURM_JOB_NODELIST": "gpu[003-004]"}
+BATCH_BODY = {
+    "SLURM_JOB_ID": "4242",
+    "SLURM_PROCID": "0",
+    "SLURM_NTASKS": "4",
+    "SLURM_LOCALID": "0",
+    "SLURM_JOB_NODELIST": "gpu[003-004]",
+}
 
 
 def test_torchrun_environment_wins():
@@ -51,9 +63,22 @@ def test_slurm_variables_outside_a_step_are_refused():
 def test_a_batch_script_body_ends_at_once_in_one_line(tmp_path):
     """The process no longer waits 30 minutes for ranks that never come and dies with a DistStoreError."""
     started = time.monotonic()
-    result = subprocess.run([sys.executable, "-m", "mllmfl_dist", "federate", str(REPO / "configs" / "smoke.toml"),
-                             "--set", f"run.root={tmp_path}"], cwd=REPO, capture_output=True, text=True,
-                            timeout=120, env=clean_env(**BATCH_BODY))
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mllmfl_dist",
+            "federate",
+            str(REPO / "configs" / "smoke.toml"),
+            "--set",
+            f"run.root={tmp_path}",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=clean_env(**BATCH_BODY),
+    )
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("mllmfl_dist: error: SLURM_NTASKS=4"), result.stderr
@@ -63,10 +88,26 @@ def test_a_batch_script_body_ends_at_once_in_one_line(tmp_path):
 
 def test_a_step_of_one_task_trains_alone(tmp_path):
     one = {**STEP, "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NTASKS": "1", "SLURM_STEP_NUM_TASKS": "1"}
-    result = subprocess.run([sys.executable, "-m", "mllmfl_dist", "federate", str(REPO / "configs" / "smoke.toml"),
-                             "--set", f"run.root={tmp_path}", "--set", "federated.rounds=1", "--set",
-                             "log.progress=false"], cwd=REPO, capture_output=True, text=True, timeout=300,
-                            env=clean_env(**one))
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mllmfl_dist",
+            "federate",
+            str(REPO / "configs" / "smoke.toml"),
+            "--set",
+            f"run.root={tmp_path}",
+            "--set",
+            "federated.rounds=1",
+            "--set",
+            "log.progress=false",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=clean_env(**one),
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     summary = json.loads((tmp_path / "smoke" / "federated" / "summary.json").read_text())
     assert summary["world_size"] == 1 and summary["backend"] == "none"
@@ -82,7 +123,12 @@ def test_rendezvous_variables_win_and_the_port_follows_the_job():
 def test_node_lists_are_expanded_by_slurm(local_slurm, monkeypatch):
     monkeypatch.setenv("SLURM_CONF", str(local_slurm.conf))
     assert slurm_hostnames("rack[1-2]-node[01-02],gpu7") == [
-        "rack1-node01", "rack1-node02", "rack2-node01", "rack2-node02", "gpu7"]
+        "rack1-node01",
+        "rack1-node02",
+        "rack2-node01",
+        "rack2-node02",
+        "gpu7",
+    ]
     assert slurm_rendezvous({**STEP, "SLURM_STEP_NODELIST": "rack[1-2]-node[01-04]"})[0] == "rack1-node01"
 
 

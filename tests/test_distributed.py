@@ -15,16 +15,34 @@ REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "configs" / "smoke.toml"
 # Augmentation on (crop and flip) so that seeding by (seed, round, client) is exercised, and local
 # momentum so that optimizer state inside a client matters too.
-COMMON = ["dist.threads=1", "data.hflip=true", "federated.momentum=0.5", "federated.num_clients=12",
-          "federated.clients_per_round=5", "log.progress=false", "log.tensorboard=false"]
+COMMON = [
+    "dist.threads=1",
+    "data.hflip=true",
+    "federated.momentum=0.5",
+    "federated.num_clients=12",
+    "federated.clients_per_round=5",
+    "log.progress=false",
+    "log.tensorboard=false",
+]
 
 
 def launch(nproc: int, root: Path, name: str, *overrides: str) -> subprocess.CompletedProcess:
     sets = [f"run.root={root}", f"run.name={name}", *COMMON, *overrides]
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "-m", "mllmfl_dist", "federate", str(SMOKE), *[a for s in sets for a in ("--set", s)]]
-    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "mllmfl_dist",
+        "federate",
+        str(SMOKE),
+        *[a for s in sets for a in ("--set", s)],
+    ]
+    return subprocess.run(
+        command, cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
 
 
 def federate(nproc: int, root: Path, name: str, *overrides: str) -> Path:
@@ -51,6 +69,7 @@ def test_first_round_on_three_processes_equals_single_process_loop(tmp_path):
     assert max_abs_difference(got, expected) <= 1e-6
     # The round really moved the model (the comparison above is not between two untouched inits).
     from mllmfl_dist.stages.inputs import build_data, build_fl_model
+
     init = build_fl_model(cfg.model, build_data(cfg), cfg.run.seed).state_dict()
     assert max_abs_difference(got, init) > 1e-3
     assert max_abs_difference(got, start) == 0.0
@@ -94,8 +113,15 @@ def test_finetuning_starts_from_the_pretrained_backbone_on_every_rank(tmp_path):
     backbone = tmp_path / "backbone.pt"
     torch.save(donor.state_dict(), backbone)  # its classifier entries must be ignored: the head is new
     # One round with a tiny learning rate: the model after it is the backbone plus small steps.
-    out = federate(3, tmp_path, "from_backbone", "federated.rounds=1", "federated.lr=1e-6",
-                   "federated.momentum=0.0", f"model.pretrained_backbone={backbone}")
+    out = federate(
+        3,
+        tmp_path,
+        "from_backbone",
+        "federated.rounds=1",
+        "federated.lr=1e-6",
+        "federated.momentum=0.0",
+        f"model.pretrained_backbone={backbone}",
+    )
     got = final_model(out)
     for key, value in donor.backbone_state_dict().items():
         if value.is_floating_point() and "running" not in key:
@@ -103,8 +129,9 @@ def test_finetuning_starts_from_the_pretrained_backbone_on_every_rank(tmp_path):
     fresh = build_fl_model(cfg.model, build_data(cfg), cfg.run.seed).state_dict()
     assert max_abs_difference({"w": got["classifier.weight"]}, {"w": fresh["classifier.weight"]}) < 1e-3
 
-    missing = launch(3, tmp_path, "no_backbone", "federated.rounds=1",
-                     f"model.pretrained_backbone={tmp_path / 'nope.pt'}")
+    missing = launch(
+        3, tmp_path, "no_backbone", "federated.rounds=1", f"model.pretrained_backbone={tmp_path / 'nope.pt'}"
+    )
     printed = [line for line in missing.stderr.splitlines() if line.startswith("mllmfl_dist: error:")]
     assert missing.returncode != 0 and len(printed) == 1 and "model.pretrained_backbone" in printed[0]
 
@@ -120,8 +147,15 @@ def test_creff_class_gradients_from_three_processes_equal_those_of_one_process(t
     from mllmfl_dist.fl.strategies import build_strategy
     from mllmfl_dist.stages.inputs import build_data, build_fl_model
 
-    sets = ["federated.strategy=creff", "federated.rounds=1", "creff.match_epochs=1", "creff.crt_epochs=2",
-            "creff.batches_per_class=2", "creff.batch_size=8", "creff.gradient_mean=samples"]
+    sets = [
+        "federated.strategy=creff",
+        "federated.rounds=1",
+        "creff.match_epochs=1",
+        "creff.crt_epochs=2",
+        "creff.batches_per_class=2",
+        "creff.batch_size=8",
+        "creff.gradient_mean=samples",
+    ]
     three = torch.load(federate(3, tmp_path, "three", *sets) / "checkpoint.pt", weights_only=True)
     one = torch.load(federate(1, tmp_path, "one", *sets) / "checkpoint.pt", weights_only=True)
     features_three = three["strategy"]["features"]
@@ -134,8 +168,10 @@ def test_creff_class_gradients_from_three_processes_equal_those_of_one_process(t
     strategy = build_strategy(cfg)
     spec = LocalTraining.of(cfg.federated, cfg.data, data.mean, data.std)
     num_classes, dim = data.num_classes, model.feature_dim
-    assert strategy.upload_shapes(model) == {"class_gradients": (num_classes, num_classes, dim + 1),
-                                             "class_weights": (num_classes,)}
+    assert strategy.upload_shapes(model) == {
+        "class_gradients": (num_classes, num_classes, dim + 1),
+        "class_weights": (num_classes,),
+    }
     sums = {"class_gradients": 0, "class_weights": 0}
     clients = sample_clients(cfg.run.seed, 1, cfg.federated.num_clients, cfg.federated.clients_per_round)
     for cid in clients:
@@ -147,13 +183,23 @@ def test_creff_class_gradients_from_three_processes_equal_those_of_one_process(t
     assert sums["class_weights"].tolist() == counts.double().tolist()  # gradient_mean = samples: the class counts
     assert present.tolist() == (counts > 0).tolist()
 
-    start = torch.randn(num_classes, cfg.section("creff").features_per_class, dim,
-                        generator=torch.Generator().manual_seed(derive_seed(cfg.run.seed, TAG_CREFF_FEATURES)))
+    start = torch.randn(
+        num_classes,
+        cfg.section("creff").features_per_class,
+        dim,
+        generator=torch.Generator().manual_seed(derive_seed(cfg.run.seed, TAG_CREFF_FEATURES)),
+    )
     expected = start.clone().requires_grad_(True)
     # Round 1's gradients are taken at the seeded initial classifier, which every rank builds alike.
     head = strategy.head
-    ff.match_federated_features(expected, torch.optim.SGD([expected], lr=cfg.section("creff").lr_feature), real,
-                                present,
-                                head[:, :-1], head[:, -1], 1)
+    ff.match_federated_features(
+        expected,
+        torch.optim.SGD([expected], lr=cfg.section("creff").lr_feature),
+        real,
+        present,
+        head[:, :-1],
+        head[:, -1],
+        1,
+    )
     assert (features_one - expected.detach()).abs().max().item() <= 1e-5
     assert (features_one - start).abs().max().item() > 1e-4  # the step really moved the features

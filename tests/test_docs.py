@@ -19,13 +19,13 @@ REGENERATE = "python -m mllmfl_dist.config.reference --write"
 def test_the_committed_configuration_reference_is_the_schema_s():
     committed = (REPO / "docs" / "reference" / "configuration.md").read_text()
     assert committed == reference.render(), (
-        f"docs/reference/configuration.md differs from the config schema; regenerate it with `{REGENERATE}`")
+        f"docs/reference/configuration.md differs from the config schema; regenerate it with `{REGENERATE}`"
+    )
 
 
 def test_the_reference_has_a_row_for_every_key_with_its_default_and_what_it_allows():
     page = reference.render()
-    tables = {name: text for name, text in
-              (part.split("]`", 1) for part in page.split("\n## `[")[1:])}
+    tables = {name: text for name, text in (part.split("]`", 1) for part in page.split("\n## `[")[1:])}
     for key, value in flat_items(Config().to_dict()).items():
         section, name = key.rsplit(".", 1)
         row = next((line for line in tables[section].splitlines() if line.startswith(f"| `{name}` |")), None)
@@ -53,12 +53,19 @@ def test_comments_above_and_beside_a_field_are_its_description():
 
 
 def test_the_generator_runs_without_torch_and_check_names_the_command(tmp_path):
-    code = ("import sys, mllmfl_dist.config.reference as r; page = r.render(); "
-            "assert 'torch' not in sys.modules, 'torch imported'; print(len(page))")
+    code = (
+        "import sys, mllmfl_dist.config.reference as r; page = r.render(); "
+        "assert 'torch' not in sys.modules, 'torch imported'; print(len(page))"
+    )
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    check = subprocess.run([sys.executable, "-m", "mllmfl_dist.config.reference", "--check"], cwd=REPO,
-                           capture_output=True, text=True, timeout=120)
+    check = subprocess.run(
+        [sys.executable, "-m", "mllmfl_dist.config.reference", "--check"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert check.returncode == 0, check.stderr
 
 
@@ -78,11 +85,17 @@ def test_the_site_builds_strict(tmp_path):
         import material  # noqa: F401  (the Material theme mkdocs.yml names)
         import mkdocs  # noqa: F401
     except ImportError as missing:
-        raise AssertionError(f"{missing.name} is not installed: pip install -e '.[docs]' (launch/test.sh does)") \
-            from None
-    done = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
-                          cwd=REPO, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "NO_MKDOCS_2_WARNING": "1"})
+        raise AssertionError(
+            f"{missing.name} is not installed: pip install -e '.[docs]' (launch/test.sh does)"
+        ) from None
+    done = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "NO_MKDOCS_2_WARNING": "1"},
+    )
     assert done.returncode == 0, done.stderr[-4000:]
     assert (tmp_path / "site" / "reference" / "configuration" / "index.html").is_file()
 
@@ -92,8 +105,14 @@ def test_a_broken_link_or_anchor_fails_the_strict_build(tmp_path):
     shutil.copy(REPO / "mkdocs.yml", tmp_path / "mkdocs.yml")
     with open(tmp_path / "docs" / "index.md", "a") as page:
         page.write("\n[gone](how-to/no-such-page.md), [no anchor](reference/cli.md#no-such-heading)\n")
-    done = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict"], cwd=tmp_path, capture_output=True,
-                          text=True, timeout=300, env={**os.environ, "NO_MKDOCS_2_WARNING": "1"})
+    done = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "NO_MKDOCS_2_WARNING": "1"},
+    )
     assert done.returncode != 0
     assert "no-such-page.md" in done.stderr and "#no-such-heading" in done.stderr, done.stderr[-4000:]
 

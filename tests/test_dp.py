@@ -83,7 +83,8 @@ def test_rdp_and_pld_agree_on_the_same_event_and_rank_as_expected_on_the_trainer
     # without-replacement bound (Wang et al.) is looser still, and never below PLD's dominating pair.
     z, rounds, delta = 4.0, 50, 1e-5
     poisson = dp_accounting.SelfComposedDpEvent(
-        dp_accounting.PoissonSampledDpEvent(0.1, dp_accounting.GaussianDpEvent(z / 2)), rounds)
+        dp_accounting.PoissonSampledDpEvent(0.1, dp_accounting.GaussianDpEvent(z / 2)), rounds
+    )
     rdp_acc = dp_accounting.rdp.RdpAccountant()
     rdp_acc.compose(poisson)
     pld_acc = dp.new_accountant("pld")
@@ -97,8 +98,9 @@ def test_rdp_and_pld_agree_on_the_same_event_and_rank_as_expected_on_the_trainer
 
 
 def test_ledger_epsilon_grows_with_rounds_and_equals_a_fresh_computation():
-    cfg = load_config(SMOKE, ["dp.enabled=true", "dp.noise_multiplier=3.0", "dp.accountant=rdp"],
-                      check_run_dir=False).dp
+    cfg = load_config(
+        SMOKE, ["dp.enabled=true", "dp.noise_multiplier=3.0", "dp.accountant=rdp"], check_run_dir=False
+    ).dp
     ledger = dp.PrivacyLedger(cfg, 20, 8, 5)
     eps = [ledger.epsilon(r) for r in (1, 2, 5)]
     assert eps[0] < eps[1] < eps[2]
@@ -106,8 +108,7 @@ def test_ledger_epsilon_grows_with_rounds_and_equals_a_fresh_computation():
 
 
 def test_target_epsilon_gives_a_noise_multiplier_within_the_target():
-    cfg = load_config(SMOKE, ["dp.enabled=true", "dp.target_epsilon=8.0", "dp.accountant=rdp"],
-                      check_run_dir=False).dp
+    cfg = load_config(SMOKE, ["dp.enabled=true", "dp.target_epsilon=8.0", "dp.accountant=rdp"], check_run_dir=False).dp
     ledger = dp.PrivacyLedger(cfg, 20, 8, 5)
     z = ledger.noise_multiplier
     assert dp.epsilon(20, 8, z, 5, cfg.delta, "rdp") <= 8.0
@@ -124,9 +125,25 @@ def test_bad_dp_values_and_strategies_whose_uploads_leak_are_refused():
 
 
 def test_dp_with_creff_is_one_line_and_exit_2_from_the_cli(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "mllmfl_dist", "federate", str(SMOKE), "--set",
-                             f"run.root={tmp_path}", "--set", "dp.enabled=true", "--set", "federated.strategy=creff"],
-                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mllmfl_dist",
+            "federate",
+            str(SMOKE),
+            "--set",
+            f"run.root={tmp_path}",
+            "--set",
+            "dp.enabled=true",
+            "--set",
+            "federated.strategy=creff",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "dp.enabled" in lines[0] and "'creff'" in lines[0]
@@ -156,8 +173,19 @@ def test_one_and_three_processes_end_with_the_same_model_with_dp_on(tmp_path):
 
 
 def cli_federate(tmp_path, *sets: str) -> subprocess.CompletedProcess:
-    argv = [sys.executable, "-m", "mllmfl_dist", "federate", str(SMOKE), "--set", f"run.root={tmp_path}",
-            "--set", "log.progress=false", "--set", "log.tensorboard=false"]
+    argv = [
+        sys.executable,
+        "-m",
+        "mllmfl_dist",
+        "federate",
+        str(SMOKE),
+        "--set",
+        f"run.root={tmp_path}",
+        "--set",
+        "log.progress=false",
+        "--set",
+        "log.tensorboard=false",
+    ]
     for item in sets:
         argv += ["--set", item]
     return subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=300)
@@ -172,8 +200,9 @@ def assert_one_line_exit_2(result: subprocess.CompletedProcess, *words: str) -> 
 
 def test_dp_with_feddyn_is_one_line_and_exit_2_from_the_cli(tmp_path):
     # FedDyn's server step sums the clients' raw deltas: outside the clipped, noised mean.
-    assert_one_line_exit_2(cli_federate(tmp_path, "dp.enabled=true", "federated.strategy=feddyn"),
-                           "dp.enabled", "'feddyn'")
+    assert_one_line_exit_2(
+        cli_federate(tmp_path, "dp.enabled=true", "federated.strategy=feddyn"), "dp.enabled", "'feddyn'"
+    )
     assert not (tmp_path / "smoke").exists()
 
 
@@ -222,12 +251,15 @@ def test_a_plugin_overriding_a_dp_sensitive_hook_without_declaring_dp_compatible
             unregister_strategy(cls.name)
 
 
-@pytest.mark.parametrize("sets, words", [
-    (["dp.noise_multiplier=0"], ["dp.noise_multiplier", "dp.target_epsilon"]),
-    (["dp.noise_multiplier=0", "dp.accountant=pld"], ["dp.noise_multiplier"]),
-    (["dp.target_epsilon=0.001"], ["dp.target_epsilon = 0.001", "federated.rounds", "dp.delta"]),
-    (["dp.target_epsilon=1e9", "federated.rounds=2"], ["dp.target_epsilon", "dp.noise_multiplier instead"]),
-])
+@pytest.mark.parametrize(
+    "sets, words",
+    [
+        (["dp.noise_multiplier=0"], ["dp.noise_multiplier", "dp.target_epsilon"]),
+        (["dp.noise_multiplier=0", "dp.accountant=pld"], ["dp.noise_multiplier"]),
+        (["dp.target_epsilon=0.001"], ["dp.target_epsilon = 0.001", "federated.rounds", "dp.delta"]),
+        (["dp.target_epsilon=1e9", "federated.rounds=2"], ["dp.target_epsilon", "dp.noise_multiplier instead"]),
+    ],
+)
 def test_dp_settings_no_accountant_can_run_are_one_line_and_exit_2_without_a_traceback(tmp_path, sets, words):
     """rdp with z = 0 divided by zero and an unreachable target raised brentq's ValueError, on rank 0 alone."""
     assert_one_line_exit_2(cli_federate(tmp_path, "dp.enabled=true", *sets), *words)
@@ -248,7 +280,7 @@ def test_dp_adds_no_noise_to_frozen_parameters_and_they_stay_bit_identical():
     frozen = torch.zeros(layout.numel, dtype=torch.bool)
     for key in ("0.weight", "0.bias"):
         i = layout.keys.index(key)
-        frozen[layout.offsets[i]:layout.offsets[i + 1]] = True
+        frozen[layout.offsets[i] : layout.offsets[i + 1]] = True
     acc = new_accumulator(layout.numel)
     gen = torch.Generator().manual_seed(1)
     for _ in range(3):  # three clients: only what they train (and the BatchNorm statistics) moves

@@ -60,8 +60,9 @@ def test_affine_identity_theta_keeps_the_image_and_a_quarter_turn_rotates_it():
     torch.testing.assert_close(dsa.affine(x, dsa.scale_theta(1.0, 1.0)), x, atol=1e-5, rtol=0)
     torch.testing.assert_close(dsa.affine(x, dsa.rotate_theta(0.0)), x, atol=1e-5, rtol=0)
     quarter = dsa.affine(x, dsa.rotate_theta(math.pi / 2))
-    assert torch.allclose(quarter, torch.rot90(x, 1, dims=(2, 3)), atol=1e-4) or \
-        torch.allclose(quarter, torch.rot90(x, -1, dims=(2, 3)), atol=1e-4)
+    assert torch.allclose(quarter, torch.rot90(x, 1, dims=(2, 3)), atol=1e-4) or torch.allclose(
+        quarter, torch.rot90(x, -1, dims=(2, 3)), atol=1e-4
+    )
     # A scale above 1 samples beyond the image at the border (zeros there); the centre stays.
     zoom_out = dsa.affine(torch.ones(1, 1, 8, 8), dsa.scale_theta(1.5, 1.5))
     assert zoom_out[0, 0, 0, 0] < 0.5 and zoom_out[0, 0, 3:5, 3:5].eq(1).all()

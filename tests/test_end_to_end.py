@@ -24,8 +24,16 @@ def test_federate_writes_metrics_model_and_events_then_a_rerun_does_nothing(tmp_
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in records] == [2, 3]  # every 2 rounds, and the last one
     for record in records:
-        assert {"round", "acc", "acc_top1", "acc_many", "acc_medium", "acc_few", "per_class",
-                "round_seconds"} <= record.keys()
+        assert {
+            "round",
+            "acc",
+            "acc_top1",
+            "acc_many",
+            "acc_medium",
+            "acc_few",
+            "per_class",
+            "round_seconds",
+        } <= record.keys()
         assert len(record["per_class"]) == 10 and 0.0 <= record["acc"] <= 1.0
     assert list(out.glob("events.out.tfevents.*")), "TensorBoard events beside metrics.jsonl"
     model = torch.load(out / "model_final.pt", weights_only=True)
@@ -67,8 +75,14 @@ def test_evaluate_rejects_a_model_of_another_shape(tmp_path, capsys):
 
 
 def test_missing_cifar_files_name_the_path_and_the_flag(tmp_path, capsys):
-    code = run_cli("federate", str(REPO / "configs" / "cifar10_lt.toml"),
-                   "--set", f"data.root={tmp_path / 'nocifar'}", "--set", f"run.root={tmp_path}")
+    code = run_cli(
+        "federate",
+        str(REPO / "configs" / "cifar10_lt.toml"),
+        "--set",
+        f"data.root={tmp_path / 'nocifar'}",
+        "--set",
+        f"run.root={tmp_path}",
+    )
     err = capsys.readouterr().err
     assert code == 2
     assert str(tmp_path / "nocifar") in err and "data.download" in err and "Traceback" not in err
@@ -106,8 +120,16 @@ def test_fashion_mnist_lt_rounds_on_real_data_lower_the_test_loss(tmp_path):
 def test_unreadable_backbone_file_is_one_message(tmp_path, capsys):
     garbage = tmp_path / "backbone.pt"
     garbage.write_bytes(b"definitely not a torch file")
-    code = run_cli("federate", str(SMOKE), "--set", f"run.root={tmp_path}", "--set", "federated.rounds=1",
-                   "--set", f"model.pretrained_backbone={garbage}")
+    code = run_cli(
+        "federate",
+        str(SMOKE),
+        "--set",
+        f"run.root={tmp_path}",
+        "--set",
+        "federated.rounds=1",
+        "--set",
+        f"model.pretrained_backbone={garbage}",
+    )
     err = capsys.readouterr().err
     assert code == 2 and "model.pretrained_backbone" in err and str(garbage) in err and "Traceback" not in err
 
@@ -127,14 +149,50 @@ def test_a_torn_last_metrics_line_is_dropped(tmp_path):
 def test_a_moved_and_renamed_run_directory_resumes(tmp_path):
     """Where a run lives is not part of what it computes: run.root and run.name may change on resume."""
     common = ["--set", "log.progress=false", "--set", "log.tensorboard=false"]
-    assert run_cli("federate", str(SMOKE), "--set", f"run.root={tmp_path / 'a'}", "--set", "run.name=first",
-                   "--set", "federated.rounds=2", *common) == 0
+    assert (
+        run_cli(
+            "federate",
+            str(SMOKE),
+            "--set",
+            f"run.root={tmp_path / 'a'}",
+            "--set",
+            "run.name=first",
+            "--set",
+            "federated.rounds=2",
+            *common,
+        )
+        == 0
+    )
     before = (tmp_path / "a" / "first" / "federated" / "rounds.jsonl").read_text()
     (tmp_path / "a" / "first").rename(tmp_path / "moved")
-    assert run_cli("federate", str(SMOKE), "--set", f"run.root={tmp_path}", "--set", "run.name=moved",
-                   "--set", "federated.rounds=3", *common) == 0
-    assert run_cli("federate", str(SMOKE), "--set", f"run.root={tmp_path}", "--set", "run.name=straight",
-                   "--set", "federated.rounds=3", *common) == 0
+    assert (
+        run_cli(
+            "federate",
+            str(SMOKE),
+            "--set",
+            f"run.root={tmp_path}",
+            "--set",
+            "run.name=moved",
+            "--set",
+            "federated.rounds=3",
+            *common,
+        )
+        == 0
+    )
+    assert (
+        run_cli(
+            "federate",
+            str(SMOKE),
+            "--set",
+            f"run.root={tmp_path}",
+            "--set",
+            "run.name=straight",
+            "--set",
+            "federated.rounds=3",
+            *common,
+        )
+        == 0
+    )
     moved = [json.loads(line) for line in (tmp_path / "moved" / "federated" / "rounds.jsonl").open()]
     assert [r["round"] for r in moved] == [1, 2, 3]
     assert (tmp_path / "moved" / "federated" / "rounds.jsonl").read_text().startswith(before)  # 1-2 not redone

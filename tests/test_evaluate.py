@@ -47,11 +47,19 @@ def test_an_imbalanced_test_set_is_named_in_a_warning():
 
 def test_federate_on_a_long_tailed_test_set_reports_balanced_acc_and_warns(tmp_path, caplog, capsys):
     """The issue's reproduction: the shipped LT train shards as the test set."""
-    sets = ["model.pretrained_backbone=", "federated.rounds=2", "eval.every=1", f"data.test_shards={LT_TRAIN}",
-            f"run.root={tmp_path}", "log.progress=false", "log.tensorboard=false"]
+    sets = [
+        "model.pretrained_backbone=",
+        "federated.rounds=2",
+        "eval.every=1",
+        f"data.test_shards={LT_TRAIN}",
+        f"run.root={tmp_path}",
+        "log.progress=false",
+        "log.tensorboard=false",
+    ]
     with caplog.at_level(logging.WARNING):
-        assert main(["federate", str(REPO / "configs" / "tiny_mllm.toml"),
-                     *[a for s in sets for a in ("--set", s)]]) == 0
+        assert (
+            main(["federate", str(REPO / "configs" / "tiny_mllm.toml"), *[a for s in sets for a in ("--set", s)]]) == 0
+        )
     assert any("the test set is imbalanced" in r.getMessage() for r in caplog.records)
     records = [json.loads(line) for line in (tmp_path / "tiny_mllm" / "federated" / "metrics.jsonl").open()]
     for record in records:

@@ -21,11 +21,27 @@ QUIET = ["log.progress=false", "log.tensorboard=false", "dist.threads=1"]
 
 
 def torchrun(root: Path, sets: list[str], *, restarts: int = 0) -> subprocess.Popen:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=3",
-               f"--max-restarts={restarts}", "-m", "mllmfl_dist", "federate", str(SMOKE),
-               *[a for s in [f"run.root={root}", *QUIET, *sets] for a in ("--set", s)]]
-    return subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=3",
+        f"--max-restarts={restarts}",
+        "-m",
+        "mllmfl_dist",
+        "federate",
+        str(SMOKE),
+        *[a for s in [f"run.root={root}", *QUIET, *sets] for a in ("--set", s)],
+    ]
+    return subprocess.Popen(
+        command,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
 
 
 def worker_pid(root: Path, local_rank: int) -> int:
@@ -38,8 +54,11 @@ def worker_pid(root: Path, local_rank: int) -> int:
             environ = (entry / "environ").read_bytes().split(b"\0")
         except OSError:
             continue
-        if f"run.root={root}" in cmdline and "torch.distributed.run" not in cmdline \
-                and f"LOCAL_RANK={local_rank}".encode() in environ:
+        if (
+            f"run.root={root}" in cmdline
+            and "torch.distributed.run" not in cmdline
+            and f"LOCAL_RANK={local_rank}".encode() in environ
+        ):
             return int(entry.name)
     raise AssertionError(f"no worker with LOCAL_RANK={local_rank} under {root}")
 
@@ -71,13 +90,19 @@ def test_a_client_stopped_mid_round_ends_every_rank_naming_it_and_the_timeout_ke
     assert process.returncode != 0
     # Announced while waiting, then one line per waiting rank that names the missing rank and the key. The stop
     # may land before rank 2 reached the all_reduce (not there yet) or inside it (arrived, then silent).
-    assert re.search(r"rank\(s\) 2 (not there yet|arrived but silent for 3 s or more) "
-                     r"\(gives up after dist\.timeout_minutes = 0\.15 min\)", stderr), stderr[-3000:]
+    assert re.search(
+        r"rank\(s\) 2 (not there yet|arrived but silent for 3 s or more) "
+        r"\(gives up after dist\.timeout_minutes = 0\.15 min\)",
+        stderr,
+    ), stderr[-3000:]
     # Ranks 0 and 1 time out together; torchrun may end one of them before it prints, when the other exits.
     lines = errors(stderr)
     assert lines and {line.split(":")[2].strip() for line in lines} <= {"rank 0", "rank 1"}, stderr[-3000:]
-    assert all(re.search(r"rank\(s\) 2 (never arrived|arrived but went silent)", line)
-               and "dist.timeout_minutes = 0.15" in line for line in lines), lines
+    assert all(
+        re.search(r"rank\(s\) 2 (never arrived|arrived but went silent)", line)
+        and "dist.timeout_minutes = 0.15" in line
+        for line in lines
+    ), lines
     assert "all_reduce" in lines[0]
     # torchrun's failure block carries the message (torchelastic's error file), not a traceback.
     assert "traceback : mllmfl_dist: error: rank" in stderr
@@ -102,11 +127,13 @@ def test_a_client_stopped_after_the_last_round_cannot_cost_the_final_model(tmp_p
     assert time.monotonic() - started < 200  # bounded by dist.timeout_minutes, not the 24-hour control timeout
     out = tmp_path / "smoke" / "federated"
     final = torch.load(out / "model_final.pt", weights_only=True)
-    assert torch.equal(final["classifier.weight"],
-                       torch.load(out / "checkpoint.pt", weights_only=True)["model"]["classifier.weight"])
+    assert torch.equal(
+        final["classifier.weight"], torch.load(out / "checkpoint.pt", weights_only=True)["model"]["classifier.weight"]
+    )
     if process.returncode != 0:  # the stop came before rank 2 reached the end
-        missing = [re.search(r"rank\(s\) ([\d, ]+) (never arrived|arrived but went silent)", line)
-                   for line in errors(stderr)]
+        missing = [
+            re.search(r"rank\(s\) ([\d, ]+) (never arrived|arrived but went silent)", line) for line in errors(stderr)
+        ]
         assert any(m and "2" in m.group(1).split(", ") for m in missing), stderr[-2000:]
         assert all("dist.timeout_minutes" in line for line in errors(stderr))
 
@@ -138,17 +165,30 @@ def test_a_config_error_under_torchrun_is_printed_once_first_and_carried_by_the_
     assert "exitcode  : 2" in stderr and "traceback : mllmfl_dist: error: federated.lr must be a finite" in stderr
 
 
-@pytest.mark.parametrize(("sets", "names"), [
-    (["federated.lr=1e6"], ["the local training of client(s)", "federated.lr = 1e+06"]),
-    # server_lr at float32's edge (a larger one is refused at load): local steps at lr 1 move weights by more than
-    # 1, so the float64 server step leaves float32's range when cast back
-    (["federated.strategy=fedavgm", "federated.server_lr=3e38", "federated.lr=1"],
-     ["the server step", "federated.server_lr"]),
-    (["align.every=1", "align.source=holdout", "data.server_holdout_per_class=5", "align.per_class=5",
-      "align.lr=1e38", "align.steps=30"], ["global alignment", "align.lr = 1e+38"]),
-])
-def test_training_that_goes_non_finite_stops_with_one_line_and_keeps_the_last_checkpoint(tmp_path, capsys, sets,
-                                                                                        names):
+@pytest.mark.parametrize(
+    ("sets", "names"),
+    [
+        (["federated.lr=1e6"], ["the local training of client(s)", "federated.lr = 1e+06"]),
+        # server_lr at float32's edge (a larger one is refused at load): local steps at lr 1 move weights by more than
+        # 1, so the float64 server step leaves float32's range when cast back
+        (
+            ["federated.strategy=fedavgm", "federated.server_lr=3e38", "federated.lr=1"],
+            ["the server step", "federated.server_lr"],
+        ),
+        (
+            [
+                "align.every=1",
+                "align.source=holdout",
+                "data.server_holdout_per_class=5",
+                "align.per_class=5",
+                "align.lr=1e38",
+                "align.steps=30",
+            ],
+            ["global alignment", "align.lr = 1e+38"],
+        ),
+    ],
+)
+def test_training_that_goes_non_finite_stops_with_one_line_and_keeps_the_last_checkpoint(tmp_path, capsys, sets, names):
     common = [f"run.root={tmp_path}", *QUIET, "federated.rounds=4"]
     assert main(["federate", str(SMOKE), *[a for s in [*common, *sets] for a in ("--set", s)]]) == 3
     message = capsys.readouterr().err.strip().splitlines()[-1]

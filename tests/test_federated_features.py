@@ -35,8 +35,9 @@ def test_gradient_distance_is_zero_for_identical_gradients_and_positive_otherwis
         return 1 - np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b))
 
     # Each weight row, plus the bias gradient as one more row.
-    expected = sum(one_minus_cos(a, b) for a, b in zip(g[..., :8].reshape(-1, 8).numpy(),
-                                                      other[..., :8].reshape(-1, 8).numpy()))
+    expected = sum(
+        one_minus_cos(a, b) for a, b in zip(g[..., :8].reshape(-1, 8).numpy(), other[..., :8].reshape(-1, 8).numpy())
+    )
     expected += sum(one_minus_cos(g[c, :, 8].numpy(), other[c, :, 8].numpy()) for c in range(3))
     assert ff.gradient_distance(g, other).item() > 0
     np.testing.assert_allclose(ff.gradient_distance(g, other).item(), expected, rtol=1e-4)
@@ -50,8 +51,9 @@ def test_class_gradient_sums_over_clients_give_the_sample_weighted_mean():
     # Client A holds classes 0 and 1 (30 and 5 samples), client B class 1 only (15 samples).
     fa, fb = torch.randn(8, dim), torch.randn(8, dim)
     counts_a, counts_b = torch.tensor([30, 5, 0, 0]), torch.tensor([0, 15, 0, 0])
-    sums = (ff.class_gradient_sums([(0, fa[:4]), (1, fa[4:])], counts_a, weight, bias)
-            + ff.class_gradient_sums([(1, fb[:4]), (1, fb[4:])], counts_b, weight, bias))
+    sums = ff.class_gradient_sums([(0, fa[:4]), (1, fa[4:])], counts_a, weight, bias) + ff.class_gradient_sums(
+        [(1, fb[:4]), (1, fb[4:])], counts_b, weight, bias
+    )
     means, present = ff.mean_class_gradients(sums, (counts_a + counts_b).double())
     assert present.tolist() == [True, True, False, False]
 
@@ -136,8 +138,9 @@ def test_federated_features_beat_the_head_biased_classifier_on_tail_classes():
         x, y = x_train[mask], y_train[mask]
         batches = ff.pick_class_batches(y, num_classes, batch_size=32, batches=2, generator=pick)
         client_counts = torch.bincount(y, minlength=num_classes)
-        sums += ff.class_gradient_sums([(c, x[p]) for c, p in batches], client_counts, biased.weight.detach(),
-                                       biased.bias.detach())
+        sums += ff.class_gradient_sums(
+            [(c, x[p]) for c, p in batches], client_counts, biased.weight.detach(), biased.bias.detach()
+        )
         counts_total += client_counts
     real, present = ff.mean_class_gradients(sums, counts_total)
 
@@ -172,9 +175,11 @@ def test_text_contrast_loss_equals_the_supervised_contrast_over_all_pairs():
         positives = [j for j in others if y[j] == y[i]]
         losses.append(-torch.stack([scores[i, j] - log_norm for j in positives]).mean())
     expected = torch.stack(losses).mean()
-    torch.testing.assert_close(ff.text_contrast_loss(features, text, temperature).double(), expected,
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        ff.text_contrast_loss(features, text, temperature).double(), expected, rtol=1e-5, atol=1e-5
+    )
     # Features on their class's embedding score lower than features on another class's.
     aligned = text[:, None, :].repeat(1, m, 1) * 5
-    assert ff.text_contrast_loss(aligned, text, temperature) < ff.text_contrast_loss(aligned[[1, 2, 3, 0]], text,
-                                                                                      temperature)
+    assert ff.text_contrast_loss(aligned, text, temperature) < ff.text_contrast_loss(
+        aligned[[1, 2, 3, 0]], text, temperature
+    )

@@ -15,8 +15,13 @@ from mllmfl_dist.fl.strategies import build_strategy
 
 # Every knob away from its default, so that a step ignoring one of them fails.
 KNOBS = {"server_lr": 0.5, "eta": 0.2, "beta1": 0.8, "beta2": 0.95, "tau": 0.01}
-SETS = [f"federated.server_lr={KNOBS['server_lr']}", f"fedopt.eta={KNOBS['eta']}", f"fedopt.beta1={KNOBS['beta1']}",
-        f"fedopt.beta2={KNOBS['beta2']}", f"fedopt.tau={KNOBS['tau']}"]
+SETS = [
+    f"federated.server_lr={KNOBS['server_lr']}",
+    f"fedopt.eta={KNOBS['eta']}",
+    f"fedopt.beta1={KNOBS['beta1']}",
+    f"fedopt.beta2={KNOBS['beta2']}",
+    f"fedopt.tau={KNOBS['tau']}",
+]
 MASK = torch.tensor([True, True, True, True, False])  # the last entry is a buffer (BatchNorm statistics)
 
 
@@ -29,8 +34,10 @@ def _rounds() -> tuple[np.ndarray, list[tuple[list[np.ndarray], list[float]]]]:
     entries of the pseudo-gradient are small against the last v and some large, so that FedYogi's sign takes
     both values in both rounds."""
     start = np.array([0.5, -1.0, 2.0, 0.0, 1.0])
-    round1 = ([start + np.array([0.4, -0.2, 0.05, 0.0, 0.3]), start + np.array([0.8, 0.1, -0.05, 0.02, -0.5])],
-              [3.0, 1.0])
+    round1 = (
+        [start + np.array([0.4, -0.2, 0.05, 0.0, 0.3]), start + np.array([0.8, 0.1, -0.05, 0.02, -0.5])],
+        [3.0, 1.0],
+    )
     round2 = ([np.array([0.5, 1.0, 2.0, 0.6, 0.4]), np.array([0.575, 0.6, 2.6, 0.2, 1.2])], [1.0, 2.0])
     return start, [round1, round2]
 
@@ -126,11 +133,13 @@ def test_the_fedopt_section_has_the_paper_defaults_and_checked_bounds(capsys):
     cfg = load_config(SMOKE, ["federated.strategy=fedyogi"])
     fedopt = cfg.section("fedopt")
     assert (fedopt.eta, fedopt.beta1, fedopt.beta2, fedopt.tau) == (0.01, 0.9, 0.99, 1e-3)
-    for bad, words in (("fedopt.beta1=1", "fedopt.beta1 = 1.0 is not allowed"),
-                       ("fedopt.beta2=-0.1", "fedopt.beta2 = -0.1 is not allowed"),
-                       ("fedopt.tau=0", "fedopt.tau = 0.0 is not allowed"),
-                       ("fedopt.eta=0", "fedopt.eta = 0.0 is not allowed"),
-                       ("fedopt.momentum=0.9", "unknown key fedopt.momentum")):
+    for bad, words in (
+        ("fedopt.beta1=1", "fedopt.beta1 = 1.0 is not allowed"),
+        ("fedopt.beta2=-0.1", "fedopt.beta2 = -0.1 is not allowed"),
+        ("fedopt.tau=0", "fedopt.tau = 0.0 is not allowed"),
+        ("fedopt.eta=0", "fedopt.eta = 0.0 is not allowed"),
+        ("fedopt.momentum=0.9", "unknown key fedopt.momentum"),
+    ):
         with pytest.raises(ConfigError, match=words):
             load_config(SMOKE, ["federated.strategy=fedyogi", bad])
     assert cli("federate", str(SMOKE), sets=["federated.strategy=fedadam", "fedopt.tau=-1"]) == 2
@@ -142,17 +151,26 @@ def test_compare_tunes_fedopt_keys_only_for_the_strategies_reading_them():
     grid = parse_tune(["fedopt.eta=0.01,0.1", "fedopt.beta2=0.9,0.99"])
     assert grid["fedopt.eta"] == (0.01, 0.1)
     spec = TuneSpec(grid, budget=4)
-    assert method_grid(Method("fedadam"), spec) == [{"fedopt.eta": e, "fedopt.beta2": b}
-                                                    for e in (0.01, 0.1) for b in (0.9, 0.99)]
+    assert method_grid(Method("fedadam"), spec) == [
+        {"fedopt.eta": e, "fedopt.beta2": b} for e in (0.01, 0.1) for b in (0.9, 0.99)
+    ]
     assert method_grid(Method("fedadagrad"), spec) == [{"fedopt.eta": 0.01}, {"fedopt.eta": 0.1}]  # no beta2
     assert reads(Method("fedyogi"), "fedopt.beta2") and not reads(Method("fedavg"), "fedopt.eta")
     assert method_grid(Method("fedavgm"), spec) == [{}]
 
 
 def test_fedadam_on_one_and_three_processes_and_after_a_resume_ends_with_the_same_model(tmp_path):
-    common = ["federated.strategy=fedadam", "fedopt.eta=0.05", "dist.threads=1",
-              "federated.num_clients=12", "federated.clients_per_round=5", "federated.local_epochs=1", "eval.every=10",
-              "log.progress=false", "log.tensorboard=false"]
+    common = [
+        "federated.strategy=fedadam",
+        "fedopt.eta=0.05",
+        "dist.threads=1",
+        "federated.num_clients=12",
+        "federated.clients_per_round=5",
+        "federated.local_epochs=1",
+        "eval.every=10",
+        "log.progress=false",
+        "log.tensorboard=false",
+    ]
     three = torchrun(3, tmp_path, *common, "run.name=three", "federated.rounds=3")
     assert three.returncode == 0, three.stdout[-3000:] + three.stderr[-3000:]
     common = [f"run.root={tmp_path}", *common]  # torchrun sets it itself

@@ -70,8 +70,11 @@ def grey(seed: int, size: int = 24) -> bytes:
 
 def test_bounds_are_checked_on_the_header_before_decoding():
     bounds = ImageBounds(1_000_000, 20.0, "annotate")
-    with pytest.raises(ImageBoundsError, match=r"20000x1 has aspect ratio 2e\+04, over "
-                                               r"annotate.max_image_aspect_ratio = 20"):
+    with pytest.raises(
+        ImageBoundsError,
+        match=r"20000x1 has aspect ratio 2e\+04, over "
+        r"annotate.max_image_aspect_ratio = 20",
+    ):
         decode_image(thin_png(), bounds)
     large = png(Image.new("RGB", (1100, 1000)))
     with pytest.raises(ImageBoundsError, match=r"1100x1000 = 1100000 pixels is over annotate.max_image_pixels"):
@@ -124,8 +127,10 @@ def test_exif_orientation_is_applied():
 
 
 def test_a_dot_named_member_is_yielded_with_an_error(tmp_path):
-    shard = write_tar(tmp_path / "s-000000.tar", [("a.png", grey(0)), ("a.cls", b"1"), (".hidden", b"x"),
-                                                  ("b.png", grey(1)), ("b.cls", b"2")])
+    shard = write_tar(
+        tmp_path / "s-000000.tar",
+        [("a.png", grey(0)), ("a.cls", b"1"), (".hidden", b"x"), ("b.png", grey(1)), ("b.cls", b"2")],
+    )
     samples = list(iter_samples(shard))
     assert [(s["key"], s["error"] is None) for s in samples] == [(".hidden", False), ("a", True), ("b", True)]
     assert "'.hidden' is not part of a sample: its name starts with a dot" in samples[0]["error"]
@@ -134,11 +139,14 @@ def test_a_dot_named_member_is_yielded_with_an_error(tmp_path):
 # ------------------------------------------------------------------------------------- labelled data
 
 
-@pytest.mark.parametrize("member, data, words", [
-    ("thin.png", thin_png(), "data.max_image_aspect_ratio = 20"),
-    ("large.png", png(Image.new("L", (1100, 1000))), "data.max_image_pixels = 1000000"),
-    (".hidden", b"x", "name starts with a dot"),
-])
+@pytest.mark.parametrize(
+    "member, data, words",
+    [
+        ("thin.png", thin_png(), "data.max_image_aspect_ratio = 20"),
+        ("large.png", png(Image.new("L", (1100, 1000))), "data.max_image_pixels = 1000000"),
+        (".hidden", b"x", "name starts with a dot"),
+    ],
+)
 def test_labelled_shards_refuse_with_one_line_naming_shard_and_member(tmp_path, member, data, words):
     extra = [(member, data)] + ([(member.split(".")[0] + ".cls", b"0")] if member.endswith(".png") else [])
     shard = write_tar(tmp_path / "train-000000.tar", [("a.png", grey(0)), ("a.cls", b"0")] + extra)
@@ -160,18 +168,39 @@ def test_labelled_sixteen_bit_and_rotated_images_arrive_upright_and_scaled(tmp_p
 
 
 def test_a_federated_run_on_a_thin_train_image_exits_2_with_one_line_and_keeps_earlier_outputs(tmp_path):
-    train = write_tar(tmp_path / "train-000000.tar", [("a0.png", grey(0)), ("a0.cls", b"0"), ("thin.png", thin_png()),
-                                                      ("thin.cls", b"1")])
+    train = write_tar(
+        tmp_path / "train-000000.tar",
+        [("a0.png", grey(0)), ("a0.cls", b"0"), ("thin.png", thin_png()), ("thin.cls", b"1")],
+    )
     test = write_tar(tmp_path / "test-000000.tar", [("t0.png", grey(5)), ("t0.cls", b"0")])
     run_dir = tmp_path / "runs" / "hostile"
     run_dir.mkdir(parents=True)
     earlier = run_dir / "metrics.jsonl"
     earlier.write_text('{"round": 1}\n')
-    command = [sys.executable, "-m", "mllmfl_dist", "federate", str(SMOKE), "--set", f"run.root={tmp_path / 'runs'}",
-               "--set", "run.name=hostile", "--set", "data.source=shards", "--set", f"data.train_shards={train}",
-               "--set", f"data.test_shards={test}", "--set", "data.imb_factor=1.0", "--set", "log.progress=false"]
-    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    command = [
+        sys.executable,
+        "-m",
+        "mllmfl_dist",
+        "federate",
+        str(SMOKE),
+        "--set",
+        f"run.root={tmp_path / 'runs'}",
+        "--set",
+        "run.name=hostile",
+        "--set",
+        "data.source=shards",
+        "--set",
+        f"data.train_shards={train}",
+        "--set",
+        f"data.test_shards={test}",
+        "--set",
+        "data.imb_factor=1.0",
+        "--set",
+        "log.progress=false",
+    ]
+    result = subprocess.run(
+        command, cwd=tmp_path, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)}
+    )
     assert result.returncode == 2, result.stderr[-2000:]
     lines = [line for line in result.stderr.splitlines() if "max_image_aspect_ratio" in line]
     assert len(lines) == 1 and str(train) in lines[0] and "'thin'" in lines[0], result.stderr[-2000:]
@@ -186,28 +215,48 @@ def hostile_and_good_shards(folder: Path) -> str:
     data16, _ = grey16()
     rng = np.random.default_rng(3)
     good = [(f"g{i}.png", grey(10 + i)) for i in range(3)]
-    write_tar(folder / "web-a-000000.tar", [good[0], ("thin.png", thin_png()), (".hidden", b"not a sample"),
-                                            ("large.png", png(Image.new("RGB", (1100, 1000)))), good[1],
-                                            ("deep.png", data16), ("turned.jpg", rotated_jpeg()), good[2]])
-    write_shards([{"key": f"b{i}", "image": rng.integers(0, 256, (3, 24, 24), dtype=np.uint8)} for i in range(3)],
-                 str(folder / "web-b"), max_count=10)
+    write_tar(
+        folder / "web-a-000000.tar",
+        [
+            good[0],
+            ("thin.png", thin_png()),
+            (".hidden", b"not a sample"),
+            ("large.png", png(Image.new("RGB", (1100, 1000)))),
+            good[1],
+            ("deep.png", data16),
+            ("turned.jpg", rotated_jpeg()),
+            good[2],
+        ],
+    )
+    write_shards(
+        [{"key": f"b{i}", "image": rng.integers(0, 256, (3, 24, 24), dtype=np.uint8)} for i in range(3)],
+        str(folder / "web-b"),
+        max_count=10,
+    )
     return str(folder / "web-*.tar*")
 
 
-def test_annotation_completes_past_hostile_images_and_a_rerun_captures_nothing_more(tmp_path, tiny_models,
-                                                                                   monkeypatch):
+def test_annotation_completes_past_hostile_images_and_a_rerun_captures_nothing_more(tmp_path, tiny_models, monkeypatch):
     from mllmfl_dist.core import dist
     from mllmfl_dist.config import DistConfig
     from mllmfl_dist.stages import annotate
 
     shards = hostile_and_good_shards(tmp_path)
     config = tmp_path / "annotate.toml"
-    config.write_text(f"[run]\nroot = {json.dumps(str(tmp_path / 'runs'))}\nname = \"hostile\"\n\n"
-                      f"[log]\nprogress = false\n\n[annotate]\nmodel = {json.dumps(str(tiny_models['llava']))}\n"
-                      f"shards = {json.dumps(shards)}\nbatch_size = 4\nmax_new_tokens = 4\n"
-                      "max_image_pixels = 1000000\n")
-    result = subprocess.run([sys.executable, "-m", "mllmfl_dist", "annotate", str(config)], cwd=tmp_path,
-                            capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(REPO)})
+    config.write_text(
+        f'[run]\nroot = {json.dumps(str(tmp_path / "runs"))}\nname = "hostile"\n\n'
+        f"[log]\nprogress = false\n\n[annotate]\nmodel = {json.dumps(str(tiny_models['llava']))}\n"
+        f"shards = {json.dumps(shards)}\nbatch_size = 4\nmax_new_tokens = 4\n"
+        "max_image_pixels = 1000000\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "mllmfl_dist", "annotate", str(config)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     out = tmp_path / "runs" / "hostile" / "annotate"
     manifest = json.loads((out / "manifest.json").read_text())
@@ -235,9 +284,18 @@ def test_annotation_completes_past_hostile_images_and_a_rerun_captures_nothing_m
 def test_dwp_skips_and_counts_captioned_images_over_the_bounds(tmp_path):
     from mllmfl_dist.stages.pretrain import load_captioned
 
-    shard = write_tar(tmp_path / "cap-000000.tar", [
-        ("a.png", grey(0)), ("a.txt", b"a grey square"), ("thin.png", thin_png()), ("thin.txt", b"a line"),
-        (".hidden", b"x"), ("b.png", grey(1)), ("b.txt", b"another square")])
+    shard = write_tar(
+        tmp_path / "cap-000000.tar",
+        [
+            ("a.png", grey(0)),
+            ("a.txt", b"a grey square"),
+            ("thin.png", thin_png()),
+            ("thin.txt", b"a line"),
+            (".hidden", b"x"),
+            ("b.png", grey(1)),
+            ("b.txt", b"another square"),
+        ],
+    )
     samples, skipped = load_captioned(str(shard), ImageBounds(1_000_000, 20.0, "pretrain"))
     assert [s.key for s in samples] == ["a", "b"]
     reasons = {s["key"]: s["reason"] for s in skipped}
@@ -251,15 +309,26 @@ def test_alignment_web_images_skip_and_count_pool_refuses(tmp_path, tiny_models)
     rng = np.random.default_rng(4)
     good = [(f"w{i}.png", png(Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)))) for i in range(6)]
     web = write_tar(tmp_path / "web-000000.tar", good[:3] + [("thin.png", thin_png()), (".hidden", b"x")] + good[3:])
-    cfg = load_config(SMOKE, ["align.every=1", "align.source=web", "align.teacher=clip", "align.per_class=2",
-                              f"align.teacher_model=local-dir:{tiny_models['clip']}", f"align.web_shards={web}"])
+    cfg = load_config(
+        SMOKE,
+        [
+            "align.every=1",
+            "align.source=web",
+            "align.teacher=clip",
+            "align.per_class=2",
+            f"align.teacher_model=local-dir:{tiny_models['clip']}",
+            f"align.web_shards={web}",
+        ],
+    )
     data = build_data(cfg)
     aligned = build_alignment_set(cfg, data, cache_dir=tmp_path)
     assert aligned.skipped == 2 and aligned.describe(cfg.align)["skipped_images"] == 2
     assert 0 < len(aligned.labels) <= 6
 
-    pool = write_tar(tmp_path / "pool-000000.tar", [("p0.png", grey(0, 16)), ("p0.cls", b"0"),
-                                                    ("thin.png", thin_png()), ("thin.cls", b"1")])
+    pool = write_tar(
+        tmp_path / "pool-000000.tar",
+        [("p0.png", grey(0, 16)), ("p0.cls", b"0"), ("thin.png", thin_png()), ("thin.cls", b"1")],
+    )
     cfg = load_config(SMOKE, ["align.every=1", "align.source=pool", f"align.pool_shards={pool}"])
     with pytest.raises(DataError) as err:
         build_alignment_set(cfg, data, cache_dir=tmp_path)

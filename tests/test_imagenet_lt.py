@@ -27,8 +27,9 @@ def _jpeg(path: Path, rng: np.random.Generator, width: int, height: int) -> None
     Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(path, "JPEG")
 
 
-def write_imagenet_lt_tree(root: Path, synsets=SYNSETS, train_counts=TRAIN_COUNTS, test_per_class: int = TEST_PER_CLASS,
-                           seed: int = 0) -> Path:
+def write_imagenet_lt_tree(
+    root: Path, synsets=SYNSETS, train_counts=TRAIN_COUNTS, test_per_class: int = TEST_PER_CLASS, seed: int = 0
+) -> Path:
     """An ImageNet root with small random JPEGs of varying aspect in train/<synset>/ and val/<synset>/, and
     the two OLTR list files (ImageNet_LT_train.txt, ImageNet_LT_test.txt) in it; returns ``root``."""
     rng = np.random.default_rng(seed)
@@ -55,8 +56,7 @@ def fake_imagenet(tmp_path: Path) -> Path:
 
 
 def _data(root: Path, lists_dir: str = "", imb_factor: float = 1.0) -> DataConfig:
-    return DataConfig(source="imagenet_lt", root=str(root), lists_dir=lists_dir, image_size=SIZE,
-                      imb_factor=imb_factor)
+    return DataConfig(source="imagenet_lt", root=str(root), lists_dir=lists_dir, image_size=SIZE, imb_factor=imb_factor)
 
 
 def test_build_client_data_reads_the_lists_and_partitions(fake_imagenet: Path) -> None:
@@ -120,8 +120,9 @@ def test_a_changed_list_rebuilds_the_cache(fake_imagenet: Path, monkeypatch) -> 
     os.utime(train_list, (later, later))
     calls = []
     real = imagenet_lt_module._decode
-    monkeypatch.setattr(imagenet_lt_module, "_decode",
-                        lambda path, size, *bounds: calls.append(path) or real(path, size, *bounds))
+    monkeypatch.setattr(
+        imagenet_lt_module, "_decode", lambda path, size, *bounds: calls.append(path) or real(path, size, *bounds)
+    )
     arrays = load_imagenet_lt(str(fake_imagenet), "", SIZE)
     assert len(calls) == sum(TRAIN_COUNTS) - 1  # train rebuilt; test cache still current
     assert np.bincount(arrays.train_labels).tolist() == [TRAIN_COUNTS[0] - 1, *TRAIN_COUNTS[1:]]
@@ -133,7 +134,8 @@ def test_a_changed_list_rebuilds_the_cache(fake_imagenet: Path, monkeypatch) -> 
 
 def test_class_names_from_the_synset_mapping(fake_imagenet: Path) -> None:
     (fake_imagenet / "LOC_synset_mapping.txt").write_text(
-        f"{SYNSETS[0]} tench, Tinca tinca\n{SYNSETS[1]} goldfish, Carassius auratus\n")
+        f"{SYNSETS[0]} tench, Tinca tinca\n{SYNSETS[1]} goldfish, Carassius auratus\n"
+    )
     names = load_imagenet_lt(str(fake_imagenet), "", SIZE).class_names
     assert names == ("tench", "goldfish", SYNSETS[2])  # an unmapped synset keeps its id
 

@@ -12,7 +12,6 @@ from mllmfl_dist.config import ConfigError, load_config
 from mllmfl_dist.fl.strategies import build_strategy
 
 
-
 def test_creff_resumed_after_round_one_equals_a_straight_run(tmp_path, capsys):
     common = [f"run.root={tmp_path}", "federated.strategy=creff", *FAST]
     assert cli("federate", str(SMOKE), sets=[*common, "run.name=straight", "federated.rounds=2"]) == 0
@@ -39,13 +38,29 @@ def test_creff_resumed_after_round_one_equals_a_straight_run(tmp_path, capsys):
     last = [json.loads(line) for line in (tmp_path / "straight" / "federated" / "metrics.jsonl").open()][-1]
     for name in ("model_final.pt", "checkpoint.pt"):
         capsys.readouterr()
-        assert cli("evaluate", str(SMOKE), "--checkpoint", str(tmp_path / "straight" / "federated" / name),
-                   sets=[*common, "run.name=straight"]) == 0
+        assert (
+            cli(
+                "evaluate",
+                str(SMOKE),
+                "--checkpoint",
+                str(tmp_path / "straight" / "federated" / name),
+                sets=[*common, "run.name=straight"],
+            )
+            == 0
+        )
         assert json.loads(capsys.readouterr().out)["acc"] == pytest.approx(last["acc"]), name
     # ... and refuses a training checkpoint under another strategy (it would evaluate another classifier).
     fedavg_sets = [f"run.root={tmp_path}", "run.name=straight", *FAST]
-    assert cli("evaluate", str(SMOKE), "--checkpoint", str(tmp_path / "straight" / "federated" / "checkpoint.pt"),
-               sets=fedavg_sets) == 2
+    assert (
+        cli(
+            "evaluate",
+            str(SMOKE),
+            "--checkpoint",
+            str(tmp_path / "straight" / "federated" / "checkpoint.pt"),
+            sets=fedavg_sets,
+        )
+        == 2
+    )
     assert "federated.strategy = 'creff'" in capsys.readouterr().err
 
 
@@ -66,8 +81,12 @@ def test_clip2fl_runs_the_teacher_once_per_sample_and_never_again(tmp_path, tiny
 
     monkeypatch.setattr(teachers, "clip_teacher_logits", counting_logits)
     monkeypatch.setattr(clip_teacher, "load_clip", counting_load)
-    sets = [f"run.root={tmp_path}", "federated.strategy=clip2fl", f"clip2fl.model=local-dir:{tiny_models['clip']}",
-            *FAST]
+    sets = [
+        f"run.root={tmp_path}",
+        "federated.strategy=clip2fl",
+        f"clip2fl.model=local-dir:{tiny_models['clip']}",
+        *FAST,
+    ]
     assert cli("federate", str(SMOKE), sets=[*sets, "federated.rounds=2"]) == 0
 
     from mllmfl_dist.stages.inputs import build_data

@@ -22,8 +22,13 @@ def test_the_llava_miniature_has_llava15_geometry_through_from_pretrained(miniat
     llava, processor = load_llava(str(miniatures["llava"]))
     assert vision_grid(llava) == (576, 24, 24, 32)
     config = llava.config
-    assert (config.vision_config.image_size, config.vision_config.patch_size, config.vision_feature_layer,
-            config.vision_feature_select_strategy, config.image_token_id) == (336, 14, -2, "default", 32000)
+    assert (
+        config.vision_config.image_size,
+        config.vision_config.patch_size,
+        config.vision_feature_layer,
+        config.vision_feature_select_strategy,
+        config.image_token_id,
+    ) == (336, 14, -2, "default", 32000)
     saved = json.loads((miniatures["llava"] / "tokenizer_config.json").read_text())
     assert saved["tokenizer_class"] == "LlamaTokenizer"
     assert processor.tokenizer("a cat").input_ids[0] == 1  # <s> prepended, as Llama's
@@ -59,8 +64,9 @@ def test_the_open_clip_miniature_has_vit_b32_geometry(miniatures):
 
 
 @pytest.mark.parametrize("name,classes", [("cifar10", 10), ("cifar100", 100)])
-def test_generated_cifar_pickles_read_through_the_loader_with_only_the_md5_table_patched(tmp_path, monkeypatch,
-                                                                                          name, classes):
+def test_generated_cifar_pickles_read_through_the_loader_with_only_the_md5_table_patched(
+    tmp_path, monkeypatch, name, classes
+):
     import torchvision
 
     from mllmfl_dist.data.sources import load_cifar

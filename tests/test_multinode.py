@@ -24,11 +24,32 @@ def free_port() -> int:
 
 def test_two_torchrun_agents_of_two_ranks_equal_one_node_of_four(smoke_reference, tmp_path):
     port = free_port()
-    agents = [subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node-rank={node}", "--nproc-per-node=2",
-         "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=two-nodes",
-         "-m", "mllmfl_dist", "federate", str(SMOKE), *sets(f"run.root={tmp_path}", ROUNDS4)],
-        cwd=REPO, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for node in (0, 1)]
+    agents = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes=2",
+                f"--node-rank={node}",
+                "--nproc-per-node=2",
+                "--rdzv-backend=c10d",
+                f"--rdzv-endpoint=127.0.0.1:{port}",
+                "--rdzv-id=two-nodes",
+                "-m",
+                "mllmfl_dist",
+                "federate",
+                str(SMOKE),
+                *sets(f"run.root={tmp_path}", ROUNDS4),
+            ],
+            cwd=REPO,
+            env=clean_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for node in (0, 1)
+    ]
     try:
         outputs = [agent.communicate(timeout=600)[0] for agent in agents]
     finally:
@@ -74,11 +95,19 @@ def test_imagenet_lt_cache_is_built_once_by_two_nodes_sharing_it(fake_imagenet, 
     ranks = []
     for rank in range(4):
         node, local = divmod(rank, 2)
-        env = clean_env(RANK=str(rank), WORLD_SIZE="4", LOCAL_RANK=str(local), GROUP_RANK=str(node),
-                        LOCAL_WORLD_SIZE="2")
-        ranks.append(subprocess.Popen([sys.executable, "-c", RANK, str(fake_imagenet), str(start), str(counts),
-                                       str(SIZE)], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True))
+        env = clean_env(
+            RANK=str(rank), WORLD_SIZE="4", LOCAL_RANK=str(local), GROUP_RANK=str(node), LOCAL_WORLD_SIZE="2"
+        )
+        ranks.append(
+            subprocess.Popen(
+                [sys.executable, "-c", RANK, str(fake_imagenet), str(start), str(counts), str(SIZE)],
+                cwd=REPO,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
     deadline = time.monotonic() + 120
     while len(list(counts.glob("ready*"))) < 4 and time.monotonic() < deadline:  # all at the start line
         time.sleep(0.05)

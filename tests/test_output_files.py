@@ -36,16 +36,29 @@ def test_a_failed_atomic_write_keeps_the_old_file_and_leaves_no_temporary_file(t
 
 
 def test_temporary_names_are_recognised_and_nothing_else_is_removed(tmp_path):
-    for name in (".checkpoint.pt.a1b2c3d4.tmp", ".summary.json.tmp", ".accuracy.x_9y8z7w.tmp.png",
-                 "train-000000.tar.gz.partial", "notes.tmp", ".hidden", "checkpoint.pt", "a.tmp.txt"):
+    for name in (
+        ".checkpoint.pt.a1b2c3d4.tmp",
+        ".summary.json.tmp",
+        ".accuracy.x_9y8z7w.tmp.png",
+        "train-000000.tar.gz.partial",
+        "notes.tmp",
+        ".hidden",
+        "checkpoint.pt",
+        "a.tmp.txt",
+    ):
         (tmp_path / name).write_text("x")
     (tmp_path / ".dir.abcdefgh.tmp").mkdir()  # only files are ever removed
     removed = checkpoint.remove_stale_temps(tmp_path, targets=["checkpoint.pt", "summary.json"])
     assert sorted(p.name for p in removed) == [".checkpoint.pt.a1b2c3d4.tmp", ".summary.json.tmp"]
     removed = checkpoint.remove_stale_temps(tmp_path)
     assert sorted(p.name for p in removed) == [".accuracy.x_9y8z7w.tmp.png", "train-000000.tar.gz.partial"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".dir.abcdefgh.tmp", ".hidden", "a.tmp.txt",
-                                                          "checkpoint.pt", "notes.tmp"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        ".dir.abcdefgh.tmp",
+        ".hidden",
+        "a.tmp.txt",
+        "checkpoint.pt",
+        "notes.tmp",
+    ]
 
 
 KILLED_WRITER = """
@@ -65,8 +78,9 @@ def test_a_save_killed_mid_write_leaves_litter_that_the_next_run_removes(tmp_pat
     sets = ["--set", f"run.root={tmp_path}", "--set", "federated.rounds=1", "--set", "log.tensorboard=false"]
     out = tmp_path / "smoke" / "federated"
     out.mkdir(parents=True)
-    proc = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(out / "checkpoint.pt")], cwd=REPO,
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", KILLED_WRITER, str(out / "checkpoint.pt")], cwd=REPO, stdout=subprocess.PIPE, text=True
+    )
     assert proc.stdout.readline().strip() == "writing"
     proc.kill()
     proc.wait(timeout=30)
@@ -92,8 +106,14 @@ def test_a_full_disk_is_one_line_naming_the_path_and_keeps_the_old_file(small_di
         checkpoint.append_text(small_disk / "metrics.jsonl", "y" * 400_000)
     from mllmfl_dist.data.shards import write_shard
 
-    noise = [{"key": f"k{i}", "image_bytes": torch.randint(0, 256, (40_000,), dtype=torch.uint8).numpy().tobytes(),
-              "image_ext": "png"} for i in range(10)]
+    noise = [
+        {
+            "key": f"k{i}",
+            "image_bytes": torch.randint(0, 256, (40_000,), dtype=torch.uint8).numpy().tobytes(),
+            "image_ext": "png",
+        }
+        for i in range(10)
+    ]
     with pytest.raises(OutputError, match=r"web-000000\.tar: no space left"):
         write_shard(noise, small_disk / "web-000000.tar")
     assert sorted(p.name for p in small_disk.iterdir()) == ["metrics.jsonl", "model.pt"]
@@ -102,13 +122,26 @@ def test_a_full_disk_is_one_line_naming_the_path_and_keeps_the_old_file(small_di
 def test_federate_on_a_full_disk_ends_with_one_line_not_a_traceback(small_disk, capsys):
     small_disk = small_disk("256k")
     config = small_disk.parent / "smoke.toml"
-    config.write_text(SMOKE.read_text() + textwrap.dedent("""
+    config.write_text(
+        SMOKE.read_text()
+        + textwrap.dedent("""
         [log]
         tensorboard = false
         progress = false
-        """))
-    rc = main(["federate", str(config), "--set", f"run.root={small_disk}", "--set", "federated.rounds=1",
-               "--set", "model.width_scale=4"])
+        """)
+    )
+    rc = main(
+        [
+            "federate",
+            str(config),
+            "--set",
+            f"run.root={small_disk}",
+            "--set",
+            "federated.rounds=1",
+            "--set",
+            "model.width_scale=4",
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 2
     lines = [line for line in err.splitlines() if line.startswith("mllmfl_dist: error:")]

@@ -78,8 +78,12 @@ def _venv_on_top_of_this_one(where: Path) -> Path:
     """
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(where)], check=True, timeout=300)
     python = where / "bin" / "python"
-    purelib = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                             check=True, capture_output=True, text=True).stdout.strip()
+    purelib = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
     Path(purelib, "outer_site_packages.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     return python
 
@@ -87,25 +91,60 @@ def _venv_on_top_of_this_one(where: Path) -> Path:
 def test_the_wheel_runs_shipped_configs_outside_the_repository(tmp_path) -> None:
     # Built from a copy of the tracked tree: setuptools writes build/ and *.egg-info into the source folder.
     source = tmp_path / "source"
-    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(".git", ".venv", "runs", "build", "dist",
-                                                                  "*.egg-info", "__pycache__", ".pytest_cache"))
+    shutil.copytree(
+        REPO,
+        source,
+        ignore=shutil.ignore_patterns(
+            ".git", ".venv", "runs", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache"
+        ),
+    )
     dist = tmp_path / "dist"
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--quiet",
-                    "-w", str(dist), str(source)], check=True, timeout=600, cwd=tmp_path)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "--quiet",
+            "-w",
+            str(dist),
+            str(source),
+        ],
+        check=True,
+        timeout=600,
+        cwd=tmp_path,
+    )
     (wheel,) = dist.glob("mllmfl_dist-*.whl")
     python = _venv_on_top_of_this_one(tmp_path / "venv")
-    subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "--quiet",
-                    str(wheel)], check=True, timeout=600)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "--quiet", str(wheel)],
+        check=True,
+        timeout=600,
+    )
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
 
     def cli(*argv: str) -> subprocess.CompletedProcess:
-        return subprocess.run([str(python), "-m", "mllmfl_dist", *argv], cwd=elsewhere, env=env,
-                              capture_output=True, text=True, timeout=600)
+        return subprocess.run(
+            [str(python), "-m", "mllmfl_dist", *argv],
+            cwd=elsewhere,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
 
-    where = subprocess.run([str(python), "-c", "import mllmfl_dist; print(mllmfl_dist.__file__)"], cwd=elsewhere,
-                           env=env, capture_output=True, text=True, check=True).stdout.strip()
+    where = subprocess.run(
+        [str(python), "-c", "import mllmfl_dist; print(mllmfl_dist.__file__)"],
+        cwd=elsewhere,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     assert where.startswith(str(tmp_path / "venv")), f"not the wheel: {where}"
 
     quiet = ["--set", "log.progress=false", "--set", "log.tensorboard=false", "--set", "eval.every=1"]
@@ -115,8 +154,17 @@ def test_the_wheel_runs_shipped_configs_outside_the_repository(tmp_path) -> None
     assert (elsewhere / "runs" / "smoke" / "federated" / "model_final.pt").is_file()
 
     # The offline default's client data are the shipped shards (package data): stage 2 alone on them.
-    done = cli("federate", "configs/default.toml", "--set", "federated.rounds=1", "--set",
-               "model.pretrained_backbone=", "--set", "align.every=0", *quiet)
+    done = cli(
+        "federate",
+        "configs/default.toml",
+        "--set",
+        "federated.rounds=1",
+        "--set",
+        "model.pretrained_backbone=",
+        "--set",
+        "align.every=0",
+        *quiet,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert (elsewhere / "runs" / "default" / "federated" / "summary.json").is_file()
     assert not (elsewhere / "configs").exists() and not (elsewhere / "shards").exists()

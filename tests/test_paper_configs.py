@@ -33,8 +33,10 @@ def paper_data(tmp_path_factory) -> dict:
     base = tmp_path_factory.mktemp("paper_data")
     cifar = base / "cifar"
     # The configs keep n_max * 0.01 ** (c / (C - 1)) images of class c: 100 of the head class leaves one of the tail.
-    tables = [write_cifar(cifar, name, longtail_counts(100, classes, 0.01), 1)
-              for name, classes in (("cifar10", 10), ("cifar100", 100))]
+    tables = [
+        write_cifar(cifar, name, longtail_counts(100, classes, 0.01), 1)
+        for name, classes in (("cifar10", 10), ("cifar100", 100))
+    ]
     md5 = write_md5_table(base / "md5.json", *tables)
     imagenet = write_imagenet_lt_tree(base / "imagenet", SYNSETS, (8, 5, 3, 2, 2), 2)
     for i in range(3):  # one shard per rank: annotate.ranks = "all" gives whole shards to ranks
@@ -42,8 +44,7 @@ def paper_data(tmp_path_factory) -> dict:
     # The LLaVA teacher scores every class name for each pool image (100 sequences of ~590 tokens per image on
     # CIFAR-100): two images there keep that path at a bearable cost on a CPU.
     pools = {n: write_pool_shard(base / f"align{n}" / "align-000000.tar", list(range(n))) for n in (2, 5, 10)}
-    return {"cifar": cifar, "imagenet": imagenet, "md5": md5, "web": str(base / "web" / "shard-*.tar"),
-            "pools": pools}
+    return {"cifar": cifar, "imagenet": imagenet, "md5": md5, "web": str(base / "web" / "shard-*.tar"), "pools": pools}
 
 
 def scaled_down(config: str, root: Path, data: dict, llava: Path) -> list[str]:
@@ -51,35 +52,82 @@ def scaled_down(config: str, root: Path, data: dict, llava: Path) -> list[str]:
     code path (source, partition, arch, ZeRO stage, precision, dtype, teacher, strategy) changes."""
     imagenet = config == "imagenet_lt"
     return [
-        f"run.root={root}", f"data.root={data['imagenet'] if imagenet else data['cifar']}",
-        f"annotate.model={llava}", f"annotate.shards={data['web']}", "annotate.batch_size=3",
+        f"run.root={root}",
+        f"data.root={data['imagenet'] if imagenet else data['cifar']}",
+        f"annotate.model={llava}",
+        f"annotate.shards={data['web']}",
+        "annotate.batch_size=3",
         "annotate.max_new_tokens=4",
-        "pretrain.steps=2", "pretrain.micro_batch_size=2", "pretrain.heldout=2", "pretrain.checkpoint_every=1",
+        "pretrain.steps=2",
+        "pretrain.micro_batch_size=2",
+        "pretrain.heldout=2",
+        "pretrain.checkpoint_every=1",
         "pretrain.deepspeed.warmup_steps=1",
-        "federated.rounds=1", "federated.num_clients=4", "federated.clients_per_round=3",
-        "federated.local_epochs=1", "federated.batch_size=8", "eval.every=1", "checkpoint.every=1",
-        f"align.pool_shards={data['pools'][POOL_CLASSES[config]]}", "align.per_class=1", "align.steps=2",
-        f"align.teacher_model={llava}", "log.progress=false", "log.tensorboard=false",
+        "federated.rounds=1",
+        "federated.num_clients=4",
+        "federated.clients_per_round=3",
+        "federated.local_epochs=1",
+        "federated.batch_size=8",
+        "eval.every=1",
+        "checkpoint.every=1",
+        f"align.pool_shards={data['pools'][POOL_CLASSES[config]]}",
+        "align.per_class=1",
+        "align.steps=2",
+        f"align.teacher_model={llava}",
+        "log.progress=false",
+        "log.tensorboard=false",
     ]
 
 
 # cifar10_lt runs in every suite; the other two (about 5 min each on the 2-core VM) are marked slow and left to
 # `launch/test.sh -m slow`, so the default suite stays within its time budget.
-@pytest.mark.parametrize("config", ["cifar10_lt", pytest.param("cifar100_lt", marks=pytest.mark.slow),
-                                    pytest.param("imagenet_lt", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "config",
+    [
+        "cifar10_lt",
+        pytest.param("cifar100_lt", marks=pytest.mark.slow),
+        pytest.param("imagenet_lt", marks=pytest.mark.slow),
+    ],
+)
 def test_paper_config_runs_end_to_end_on_the_miniatures(config, tmp_path, miniatures, paper_data):
     path = REPO / "configs" / f"{config}.toml"
     overrides = scaled_down(config, tmp_path, paper_data, miniatures["llava"])
     cfg = load_config(path, overrides)
     real = load_config(path)
-    assert (cfg.pretrain.deepspeed.zero_stage, cfg.pretrain.deepspeed.precision, cfg.partition.method,
-            cfg.model.arch, cfg.align.teacher, cfg.annotate.dtype) == \
-        (real.pretrain.deepspeed.zero_stage, real.pretrain.deepspeed.precision, real.partition.method,
-         real.model.arch, real.align.teacher, real.annotate.dtype)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=3", str(RUNNER),
-               "run", str(path), *sets(*overrides)]
-    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600,
-                          env=clean_env(**{MD5_ENV: str(paper_data["md5"])}))
+    assert (
+        cfg.pretrain.deepspeed.zero_stage,
+        cfg.pretrain.deepspeed.precision,
+        cfg.partition.method,
+        cfg.model.arch,
+        cfg.align.teacher,
+        cfg.annotate.dtype,
+    ) == (
+        real.pretrain.deepspeed.zero_stage,
+        real.pretrain.deepspeed.precision,
+        real.partition.method,
+        real.model.arch,
+        real.align.teacher,
+        real.annotate.dtype,
+    )
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=3",
+        str(RUNNER),
+        "run",
+        str(path),
+        *sets(*overrides),
+    ]
+    done = subprocess.run(
+        command,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=clean_env(**{MD5_ENV: str(paper_data["md5"])}),
+    )
     assert done.returncode == 0, (done.stdout[-2000:], done.stderr[-6000:])
 
     run_dir = cfg.run_dir
@@ -99,4 +147,3 @@ def test_paper_config_runs_end_to_end_on_the_miniatures(config, tmp_path, miniat
     assert list((run_dir / "align").glob("teacher-llava-*.pt")), "the LLaVA teacher scored the pool"
     assert (run_dir / "report" / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
     assert IMAGE_TOKEN_ID == 32000
-

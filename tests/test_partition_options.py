@@ -18,8 +18,15 @@ def long_tailed_labels(num_classes: int = 10, head: int = 300, imb_factor: float
     return np.random.default_rng(7).permutation(labels)  # classes interleaved, as in a real dataset
 
 
-def flwr_dirichlet_reference(labels: np.ndarray, num_classes: int, num_clients: int, alpha: float, seed: int,
-                             self_balancing: bool, min_partition_size: int) -> list[np.ndarray]:
+def flwr_dirichlet_reference(
+    labels: np.ndarray,
+    num_classes: int,
+    num_clients: int,
+    alpha: float,
+    seed: int,
+    self_balancing: bool,
+    min_partition_size: int,
+) -> list[np.ndarray]:
     """flwr-datasets 0.6's DirichletPartitioner._determine_partition_id_to_indices_if_needed, transcribed
     (dicts of lists, per-class np.split at int(cumsum * n)), with two documented differences: the class's
     samples are shuffled before the cut, and the generator is the trainer's (seed, tag) stream."""
@@ -51,8 +58,9 @@ def flwr_dirichlet_reference(labels: np.ndarray, num_classes: int, num_clients: 
 def test_dirichlet_options_match_flwr_datasets_algorithm(self_balancing: bool, min_size: int, seed: int) -> None:
     labels = long_tailed_labels()
     expected = flwr_dirichlet_reference(labels, 10, 30, 0.5, seed, self_balancing, min_size)
-    got = partition_indices(labels, 10, 30, "dirichlet", 0.5, seed, self_balancing=self_balancing,
-                            min_partition_size=min_size)
+    got = partition_indices(
+        labels, 10, 30, "dirichlet", 0.5, seed, self_balancing=self_balancing, min_partition_size=min_size
+    )
     assert len(got) == 30
     for mine, theirs in zip(got, expected):
         np.testing.assert_array_equal(mine, theirs)
@@ -75,8 +83,9 @@ def test_min_partition_size_redraws_where_the_default_moves_samples() -> None:
     assert min(len(p) for p in first) == 0, "the setting must leave a client empty on the first draw"
     default = partition_indices(labels, 10, 100, "dirichlet", 0.5, 0)
     redrawn = partition_indices(labels, 10, 100, "dirichlet", 0.5, 0, min_partition_size=1)
-    np.testing.assert_array_equal(np.concatenate(redrawn), np.concatenate(
-        flwr_dirichlet_reference(labels, 10, 100, 0.5, 0, False, 1)))
+    np.testing.assert_array_equal(
+        np.concatenate(redrawn), np.concatenate(flwr_dirichlet_reference(labels, 10, 100, 0.5, 0, False, 1))
+    )
     assert min(len(p) for p in default) >= 1 and min(len(p) for p in redrawn) >= 1
     assert any(not np.array_equal(a, b) for a, b in zip(default, redrawn))
 
@@ -100,8 +109,9 @@ def test_unreachable_min_partition_size_is_a_data_error_naming_the_keys() -> Non
         partition_indices(labels, 10, 10, "dirichlet", 0.5, 0, min_partition_size=11)
 
 
-def mcmahan_shards_reference(labels: np.ndarray, num_clients: int, shards_per_client: int,
-                             seed: int) -> list[np.ndarray]:
+def mcmahan_shards_reference(
+    labels: np.ndarray, num_clients: int, shards_per_client: int, seed: int
+) -> list[np.ndarray]:
     """McMahan et al.'s pathological split written out: sort by label, cut into equal consecutive shards (the
     first total % shards one larger), client i takes the i-th run of shards_per_client of a permutation."""
     order = sorted(range(len(labels)), key=lambda i: (labels[i], i))
@@ -143,9 +153,15 @@ def test_too_many_shards_is_a_data_error() -> None:
 
 
 def test_partition_keys_are_config_keys(repo) -> None:
-    cfg = load_config(repo / "configs" / "smoke.toml", ["partition.method=shards", "partition.shards_per_client=3",
-                                                        "partition.self_balancing=true",
-                                                        "partition.min_partition_size=2"])
+    cfg = load_config(
+        repo / "configs" / "smoke.toml",
+        [
+            "partition.method=shards",
+            "partition.shards_per_client=3",
+            "partition.self_balancing=true",
+            "partition.min_partition_size=2",
+        ],
+    )
     assert (cfg.partition.method, cfg.partition.shards_per_client) == ("shards", 3)
     assert cfg.partition.self_balancing and cfg.partition.min_partition_size == 2
     with pytest.raises(ConfigError, match="shards_per_client"):

@@ -13,8 +13,11 @@ DEFAULT = REPO / "configs" / "default.toml"
 
 def test_planned_stages_follow_from_the_config():
     assert planned_stages(load_config(DEFAULT)) == ["annotate", "pretrain", "federate", "baseline", "report"]
-    assert planned_stages(load_config(DEFAULT, ["pretrain.shards=x/*.tar", "run.baseline=false"])) == \
-        ["pretrain", "federate", "report"]
+    assert planned_stages(load_config(DEFAULT, ["pretrain.shards=x/*.tar", "run.baseline=false"])) == [
+        "pretrain",
+        "federate",
+        "report",
+    ]
     assert planned_stages(load_config(DEFAULT, ["model.pretrained_backbone="])) == ["federate", "baseline", "report"]
     plain = ["model.pretrained_backbone=", "align.every=0"]  # no stage of the method: nothing to compare with
     assert planned_stages(load_config(DEFAULT, plain)) == ["federate", "report"]
@@ -29,10 +32,20 @@ def test_the_baseline_is_fedavg_from_scratch_on_the_same_data_and_seed():
 
 
 def test_run_finishes_on_the_tiny_models_and_a_rerun_redoes_nothing(tmp_path, tiny_models, capsys):
-    sets = [f"run.root={tmp_path}", f"annotate.model={tiny_models['llava']}",
-            "annotate.shards=shards/pool/pool-000000.tar.gz", "annotate.max_new_tokens=8",
-            "pretrain.steps=6", "pretrain.heldout=8", "pretrain.checkpoint_every=3", "federated.rounds=2",
-            "eval.every=1", f"align.teacher_model={tiny_models['llava']}", "align.steps=3", "log.progress=false"]
+    sets = [
+        f"run.root={tmp_path}",
+        f"annotate.model={tiny_models['llava']}",
+        "annotate.shards=shards/pool/pool-000000.tar.gz",
+        "annotate.max_new_tokens=8",
+        "pretrain.steps=6",
+        "pretrain.heldout=8",
+        "pretrain.checkpoint_every=3",
+        "federated.rounds=2",
+        "eval.every=1",
+        f"align.teacher_model={tiny_models['llava']}",
+        "align.steps=3",
+        "log.progress=false",
+    ]
     argv = ["run", str(DEFAULT), *[a for s in sets for a in ("--set", s)]]
     assert main(argv) == 0
     run_dir = tmp_path / "default"
@@ -46,8 +59,12 @@ def test_run_finishes_on_the_tiny_models_and_a_rerun_redoes_nothing(tmp_path, ti
         assert (run_dir / "report" / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert list((run_dir / "align").glob("teacher-llava-*.pt")), "teacher distributions cached"
 
-    watched = [run_dir / "annotate" / "pool-000000.tar.gz", run_dir / "pretrain" / "backbone.pt",
-               run_dir / "federated" / "checkpoint.pt", run_dir / "baseline" / "federated" / "checkpoint.pt"]
+    watched = [
+        run_dir / "annotate" / "pool-000000.tar.gz",
+        run_dir / "pretrain" / "backbone.pt",
+        run_dir / "federated" / "checkpoint.pt",
+        run_dir / "baseline" / "federated" / "checkpoint.pt",
+    ]
     stamps = [p.stat().st_mtime_ns for p in watched]
     rounds = (run_dir / "federated" / "rounds.jsonl").read_text()
     assert main(argv) == 0

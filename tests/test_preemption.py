@@ -30,10 +30,25 @@ def local_rank(pid: int) -> int | None:
 def test_usr1_to_one_client_host_stops_all_ranks_after_one_round_with_a_checkpoint(tmp_path):
     out = tmp_path / "smoke" / "federated"
     # checkpoint.every far beyond the run: the checkpoint at the stop is the stop's own.
-    agent = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=3",
-                              "-m", "mllmfl_dist", "federate", str(SMOKE),
-                              *sets(f"run.root={tmp_path}", "checkpoint.every=100", "log.progress=false")],
-                             cwd=REPO, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    agent = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=3",
+            "-m",
+            "mllmfl_dist",
+            "federate",
+            str(SMOKE),
+            *sets(f"run.root={tmp_path}", "checkpoint.every=100", "log.progress=false"),
+        ],
+        cwd=REPO,
+        env=clean_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 300
         while not (out / "rounds.jsonl").exists() or len((out / "rounds.jsonl").read_text().splitlines()) < 2:
@@ -54,5 +69,6 @@ def test_usr1_to_one_client_host_stops_all_ranks_after_one_round_with_a_checkpoi
     state = torch.load(out / "checkpoint.pt", weights_only=True)
     assert state["round"] == stopped
     assert [json.loads(r)["round"] for r in (out / "metrics.jsonl").read_text().splitlines()] == list(
-        range(1, stopped + 1))
+        range(1, stopped + 1)
+    )
     assert not (out / "model_final.pt").exists()  # a stopped run is not a finished one

@@ -71,28 +71,47 @@ def tiny(tmp_path_factory) -> dict[str, Path]:
     captions: list[str] = []
     with torch.no_grad():
         for start in range(0, NUM_IMAGES, 16):
-            pil = [Image.fromarray(a.transpose(1, 2, 0)) for a in images[start:start + 16]]
+            pil = [Image.fromarray(a.transpose(1, 2, 0)) for a in images[start : start + 16]]
             inputs = processor(images=pil, text=[PROMPT] * len(pil), return_tensors="pt", padding=True)
-            out = llava.generate(**inputs, max_new_tokens=10, do_sample=False, suppress_tokens=suppress,
-                                 pad_token_id=processor.tokenizer.pad_token_id)
-            new = out[:, inputs["input_ids"].shape[1]:]
+            out = llava.generate(
+                **inputs,
+                max_new_tokens=10,
+                do_sample=False,
+                suppress_tokens=suppress,
+                pad_token_id=processor.tokenizer.pad_token_id,
+            )
+            new = out[:, inputs["input_ids"].shape[1] :]
             captions += [c.strip() for c in processor.batch_decode(new, skip_special_tokens=True)]
     assert len(set(captions)) >= NUM_PATTERNS  # captions depend on the image
-    samples = [{"key": f"img{i:04d}", "image": images[i], "txt": captions[i], "cls": i % NUM_PATTERNS}
-               for i in range(NUM_IMAGES)]
+    samples = [
+        {"key": f"img{i:04d}", "image": images[i], "txt": captions[i], "cls": i % NUM_PATTERNS}
+        for i in range(NUM_IMAGES)
+    ]
     write_shards(samples, str(root / "annotated" / "cap"), 16)
     # A shard without captions (and one sample with an empty caption): skipped, not trained on.
-    write_shards([{"key": "plain0", "image": images[0]}, {"key": "empty1", "image": images[1], "txt": "  "}],
-                 str(root / "annotated" / "zz-plain"), 16)
+    write_shards(
+        [{"key": "plain0", "image": images[0]}, {"key": "empty1", "image": images[1], "txt": "  "}],
+        str(root / "annotated" / "zz-plain"),
+        16,
+    )
     return {"root": root, "llava": built["llava"], "shards": root / "annotated" / "*.tar.gz"}
 
 
-def write_config(path: Path, tiny: dict[str, Path], name: str, *, steps: int = 60, lr: float = 3e-3,
-                 checkpoint_every: int = 20, extra: str = "") -> Path:
-    text = textwrap.dedent(f"""\
+def write_config(
+    path: Path,
+    tiny: dict[str, Path],
+    name: str,
+    *,
+    steps: int = 60,
+    lr: float = 3e-3,
+    checkpoint_every: int = 20,
+    extra: str = "",
+) -> Path:
+    text = (
+        textwrap.dedent(f"""\
         [run]
         name = "{name}"
-        root = "{path / 'runs'}"
+        root = "{path / "runs"}"
         seed = 0
 
         [data]
@@ -108,8 +127,8 @@ def write_config(path: Path, tiny: dict[str, Path], name: str, *, steps: int = 6
         tensorboard = false
 
         [pretrain]
-        model = "{tiny['llava']}"
-        shards = "{tiny['shards']}"
+        model = "{tiny["llava"]}"
+        shards = "{tiny["shards"]}"
         steps = {steps}
         micro_batch_size = 8
         heldout = {HELDOUT}
@@ -121,7 +140,9 @@ def write_config(path: Path, tiny: dict[str, Path], name: str, *, steps: int = 6
         lr = {lr}
         warmup_steps = 0
         scheduler = "WarmupCosineLR"
-        """) + extra
+        """)
+        + extra
+    )
     config = path / f"{name}.toml"
     config.write_text(text)
     return config
@@ -171,9 +192,21 @@ def test_alpha_schedule_linear_cosine_and_clamp():
 def test_deepspeed_config_maps_the_toml_fields():
     from mllmfl_dist.stages.pretrain import deepspeed_config
 
-    pcfg = PretrainConfig(steps=300, micro_batch_size=4, deepspeed=DeepSpeedConfig(
-        zero_stage=2, precision="bf16", gradient_accumulation_steps=3, optimizer="AdamW", lr=2e-4,
-        weight_decay=0.05, scheduler="WarmupCosineLR", warmup_steps=30, gradient_clipping=0.5))
+    pcfg = PretrainConfig(
+        steps=300,
+        micro_batch_size=4,
+        deepspeed=DeepSpeedConfig(
+            zero_stage=2,
+            precision="bf16",
+            gradient_accumulation_steps=3,
+            optimizer="AdamW",
+            lr=2e-4,
+            weight_decay=0.05,
+            scheduler="WarmupCosineLR",
+            warmup_steps=30,
+            gradient_clipping=0.5,
+        ),
+    )
     config = deepspeed_config(pcfg, 4)
     assert config["train_micro_batch_size_per_gpu"] == 4
     assert config["gradient_accumulation_steps"] == 3
@@ -187,14 +220,16 @@ def test_deepspeed_config_maps_the_toml_fields():
     assert config["gradient_clipping"] == 0.5
     assert config["steps_per_print"] > 10**6
     # On the CPU: torch's Adam/AdamW through DeepSpeed (no compiled op); "Adam" is Adam, not AdamW.
-    adam = PretrainConfig(deepspeed=DeepSpeedConfig(optimizer="Adam", precision="fp16", scheduler="WarmupLR",
-                                                    warmup_steps=0, lr=0.01))
+    adam = PretrainConfig(
+        deepspeed=DeepSpeedConfig(optimizer="Adam", precision="fp16", scheduler="WarmupLR", warmup_steps=0, lr=0.01)
+    )
     config = deepspeed_config(adam, 1, torch_optimizer=True)
-    assert config["optimizer"]["params"] == {"lr": 0.01, "weight_decay": 0.0, "adam_w_mode": False,
-                                             "torch_adam": True}
+    assert config["optimizer"]["params"] == {"lr": 0.01, "weight_decay": 0.0, "adam_w_mode": False, "torch_adam": True}
     assert config["fp16"] == {"enabled": True} and config["bf16"] == {"enabled": False}
-    assert config["scheduler"] == {"type": "WarmupLR", "params": {
-        "warmup_min_lr": 0.01, "warmup_max_lr": 0.01, "warmup_num_steps": 1, "warmup_type": "linear"}}
+    assert config["scheduler"] == {
+        "type": "WarmupLR",
+        "params": {"warmup_min_lr": 0.01, "warmup_max_lr": 0.01, "warmup_num_steps": 1, "warmup_type": "linear"},
+    }
     sgd = PretrainConfig(deepspeed=DeepSpeedConfig(optimizer="SGD", scheduler="none"))
     config = deepspeed_config(sgd, 2, torch_optimizer=True)
     assert config["optimizer"] == {"type": "SGD", "params": {"lr": 1e-3, "weight_decay": 0.0}}
@@ -207,11 +242,15 @@ def test_micro_batches_are_disjoint_over_ranks_and_a_function_of_seed_and_step()
     kw = {"micro_batch_size": 4, "grad_accum": 2, "dp_world": 3}
     n = 100
     for step in (0, 3, 7):  # 24 samples a step: step 4 straddles the first epoch's end
-        seen = [i for r in range(3) for j in range(2)
-                for i in micro_batch_indices(n, 5, step, j, dp_rank=r, **kw)]
+        seen = [i for r in range(3) for j in range(2) for i in micro_batch_indices(n, 5, step, j, dp_rank=r, **kw)]
         assert len(seen) == len(set(seen)) == 24
-    epoch = [i for step in range(4) for r in range(3) for j in range(2)
-             for i in micro_batch_indices(n, 5, step, j, dp_rank=r, **kw)]
+    epoch = [
+        i
+        for step in range(4)
+        for r in range(3)
+        for j in range(2)
+        for i in micro_batch_indices(n, 5, step, j, dp_rank=r, **kw)
+    ]
     assert len(set(epoch)) == 96  # no sample twice within an epoch
     assert micro_batch_indices(n, 5, 3, 1, dp_rank=2, **kw) == micro_batch_indices(n, 5, 3, 1, dp_rank=2, **kw)
     assert micro_batch_indices(n, 5, 0, 0, dp_rank=0, **kw) != micro_batch_indices(n, 6, 0, 0, dp_rank=0, **kw)
@@ -244,14 +283,20 @@ def test_alpha0_path_is_the_models_own_forward(tiny):
         assert int((ids == image_id).sum()) == 16 and (labels[ids == image_id] == IGNORE_INDEX).all()
 
     with torch.no_grad():
-        own = llava(input_ids=batch.input_ids, pixel_values=batch.pixel_values,
-                    attention_mask=batch.attention_mask, labels=batch.labels)
+        own = llava(
+            input_ids=batch.input_ids,
+            pixel_values=batch.pixel_values,
+            attention_mask=batch.attention_mask,
+            labels=batch.labels,
+        )
         clip = clip_visual_features(llava, batch.pixel_values)
         fl = torch.randn_like(clip) * 5
-        mine = llava_forward_with_visual_features(llava, mix_visual_tokens(fl, clip, 0.0), batch.input_ids,
-                                                  batch.attention_mask, batch.labels)
-        other = llava_forward_with_visual_features(llava, mix_visual_tokens(fl, clip, 0.5), batch.input_ids,
-                                                   batch.attention_mask, batch.labels)
+        mine = llava_forward_with_visual_features(
+            llava, mix_visual_tokens(fl, clip, 0.0), batch.input_ids, batch.attention_mask, batch.labels
+        )
+        other = llava_forward_with_visual_features(
+            llava, mix_visual_tokens(fl, clip, 0.5), batch.input_ids, batch.attention_mask, batch.labels
+        )
     assert torch.equal(mine.logits, own.logits)
     assert mine.loss.item() == own.loss.item()
     assert abs(other.loss.item() - own.loss.item()) > 1e-3  # the visual tokens matter
@@ -299,10 +344,15 @@ def test_training_steps_go_through_the_deepspeed_engine(trained):
 
 def test_dwp_lowers_the_heldout_loss_of_the_fl_features(trained):
     cfg, metrics, _ = trained
-    step0, final, clip = (metrics["heldout_loss_alpha1_step0"], metrics["heldout_loss_alpha1"],
-                          metrics["heldout_loss_alpha0"])
-    print(f"held-out LM loss: FL features {step0:.3f} -> {final:.3f}; CLIP features {clip:.3f}; "
-          f"{metrics['samples_per_second']:.1f} samples/s")
+    step0, final, clip = (
+        metrics["heldout_loss_alpha1_step0"],
+        metrics["heldout_loss_alpha1"],
+        metrics["heldout_loss_alpha0"],
+    )
+    print(
+        f"held-out LM loss: FL features {step0:.3f} -> {final:.3f}; CLIP features {clip:.3f}; "
+        f"{metrics['samples_per_second']:.1f} samples/s"
+    )
     assert final < 0.7 * step0
     assert final < clip + 0.5  # the LLM reads the FL features about as well as CLIP's
     losses = metrics["loss"]
@@ -325,9 +375,23 @@ def test_metrics_hold_the_linear_probe_of_the_backbone_and_of_its_random_init(tr
     assert json.loads((cfg.run_dir / "pretrain" / "metrics.json").read_text())["probe"] == probe
     print(f"DWP probe: backbone {probe['dwp']['acc']:.3f}, random init {probe['random_init']['acc']:.3f}")
     out = cfg.run_dir / "probe.json"
-    assert main(["probe", str(cfg.run_dir.parent.parent / "dwp.toml"), "--set", "data.server_holdout_per_class=10",
-                 "--backbone", str(cfg.run_dir / "pretrain" / "backbone.pt"), "--backbone", f"random:{cfg.run.seed}",
-                 "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "probe",
+                str(cfg.run_dir.parent.parent / "dwp.toml"),
+                "--set",
+                "data.server_holdout_per_class=10",
+                "--backbone",
+                str(cfg.run_dir / "pretrain" / "backbone.pt"),
+                "--backbone",
+                f"random:{cfg.run.seed}",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     rows = json.loads(out.read_text())["rows"]
     for row, name in zip(rows, ("dwp", "random_init")):
         assert probe[name]["n_test"] == row["n_test"] == 500 and probe[name]["n_train"] == 100
@@ -339,9 +403,11 @@ def test_without_a_labelled_set_the_probe_is_skipped_with_the_reason(tiny, tmp_p
     from mllmfl_dist.stages.pretrain.probe import dwp_probe
 
     cfg = load_config(write_config(tmp_path, tiny, "nolabels"))
-    assert dwp_probe(cfg, {}) == {"skipped": "no labelled set to probe on (the probe trains on the server holdout, "
-                                             "which is empty: set data.server_holdout_per_class > 0 (an array data "
-                                             "source))"}
+    assert dwp_probe(cfg, {}) == {
+        "skipped": "no labelled set to probe on (the probe trains on the server holdout, "
+        "which is empty: set data.server_holdout_per_class > 0 (an array data "
+        "source))"
+    }
 
 
 def test_outputs_load_into_a_fresh_fl_model(trained):
@@ -413,8 +479,9 @@ def test_user_errors_are_one_line(tiny, tmp_path):
     with pytest.raises(DataError, match="annotate"):
         run_pretrain(cfg, runtime, progress=False)
     # shards without captions
-    cfg = load_config(write_config(tmp_path, tiny, "e3"),
-                      [f"pretrain.shards={tiny['root'] / 'annotated' / 'zz-plain-*.tar.gz'}"])
+    cfg = load_config(
+        write_config(tmp_path, tiny, "e3"), [f"pretrain.shards={tiny['root'] / 'annotated' / 'zz-plain-*.tar.gz'}"]
+    )
     with pytest.raises(DataError, match="no captioned samples"):
         run_pretrain(cfg, runtime, progress=False)
     # no model
@@ -488,11 +555,26 @@ def test_two_gloo_processes_train_data_parallel(tiny, tmp_path):
     port = str(free_port())
     procs = []
     for rank in range(2):
-        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank),
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-        procs.append(subprocess.Popen([sys.executable, str(tmp_path / "worker.py"), str(config), str(tmp_path)],
-                                      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                      text=True))
+        env = {
+            **os.environ,
+            "RANK": str(rank),
+            "WORLD_SIZE": "2",
+            "LOCAL_RANK": str(rank),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": port,
+            "OMP_NUM_THREADS": "1",
+            "PYTHONPATH": str(REPO),
+        }
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, str(tmp_path / "worker.py"), str(config), str(tmp_path)],
+                cwd=REPO,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
     outputs = [p.communicate(timeout=400)[0] for p in procs]
     for p, output in zip(procs, outputs):
         assert p.returncode == 0, output[-3000:]
@@ -505,8 +587,10 @@ def test_two_gloo_processes_train_data_parallel(tiny, tmp_path):
     assert metrics["world_size"] == 2 and metrics["global_batch_size"] == 16 and metrics["steps"] == 20
     assert metrics["train_samples"] == 20 * 16
     assert metrics["heldout_loss_alpha1"] < metrics["heldout_loss_alpha1_step0"]
-    print(f"2 processes: {metrics['samples_per_second']:.1f} samples/s; held-out loss "
-          f"{metrics['heldout_loss_alpha1_step0']:.3f} -> {metrics['heldout_loss_alpha1']:.3f}")
+    print(
+        f"2 processes: {metrics['samples_per_second']:.1f} samples/s; held-out loss "
+        f"{metrics['heldout_loss_alpha1_step0']:.3f} -> {metrics['heldout_loss_alpha1']:.3f}"
+    )
     assert (Path(load_config(config).run_dir) / "pretrain" / "backbone.pt").is_file()
 
 
@@ -524,7 +608,8 @@ def test_the_dwp_loss_curve_and_held_out_losses_reach_tensorboard(tiny, tmp_path
     assert [v for _, v in scalars["pretrain/loss"]] == pytest.approx([r["loss"] for r in metrics["loss"]], rel=1e-6)
     assert [s for s, _ in scalars["pretrain/alpha"]] == [1, 2, 3, 4]
     assert [v for _, v in scalars["pretrain/heldout_loss_alpha1"]] == pytest.approx(
-        [metrics["heldout_loss_alpha1_step0"], metrics["heldout_loss_alpha1"]], rel=1e-6)
+        [metrics["heldout_loss_alpha1_step0"], metrics["heldout_loss_alpha1"]], rel=1e-6
+    )
     assert [s for s, _ in scalars["pretrain/heldout_loss_alpha1"]] == [0, 4]
     assert scalars["pretrain/heldout_loss_alpha0"] == [(4, pytest.approx(metrics["heldout_loss_alpha0"], rel=1e-6))]
 

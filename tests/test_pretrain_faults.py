@@ -58,8 +58,14 @@ def setup(tiny_models, tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("dwp_faults")
     rng = np.random.default_rng(0)
     words = ["red", "blue", "cat", "dog", "small", "big"]
-    samples = [{"key": f"k{i:03d}", "image": rng.integers(0, 256, (3, 32, 32), dtype=np.uint8),
-                "txt": f"a {words[i % 6]} {words[(i + 2) % 6]}"} for i in range(28)]
+    samples = [
+        {
+            "key": f"k{i:03d}",
+            "image": rng.integers(0, 256, (3, 32, 32), dtype=np.uint8),
+            "txt": f"a {words[i % 6]} {words[(i + 2) % 6]}",
+        }
+        for i in range(28)
+    ]
     write_shards(samples, str(root / "shards" / "cap"), 14)
     return {"root": root, "llava": tiny_models["llava"], "shards": root / "shards" / "*.tar.gz"}
 
@@ -67,10 +73,11 @@ def setup(tiny_models, tmp_path_factory) -> dict:
 def write_config(setup: dict, folder: Path, name: str = "dwp", extra: str = "") -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{name}.toml"
-    path.write_text(textwrap.dedent(f"""\
+    path.write_text(
+        textwrap.dedent(f"""\
         [run]
         name = "{name}"
-        root = "{folder / 'runs'}"
+        root = "{folder / "runs"}"
 
         [data]
         source = "synthetic"
@@ -82,14 +89,16 @@ def write_config(setup: dict, folder: Path, name: str = "dwp", extra: str = "") 
         tensorboard = false
 
         [pretrain]
-        model = "{setup['llava']}"
-        shards = "{setup['shards']}"
+        model = "{setup["llava"]}"
+        shards = "{setup["shards"]}"
         steps = {STEPS}
         micro_batch_size = 4
         heldout = 4
         checkpoint_every = 2
         max_caption_tokens = 8
-        """) + extra)
+        """)
+        + extra
+    )
     return path
 
 
@@ -160,8 +169,9 @@ def test_fp16s_dynamic_loss_scaler_loads_with_weights_only_too(tmp_path):
 
     from mllmfl_dist.stages.pretrain.resume import deepspeed_safe_globals
 
-    scaler = DynamicLossScaler(init_scale=2**16, scale_window=1000, min_scale=1, delayed_shift=2,
-                               consecutive_hysteresis=False)
+    scaler = DynamicLossScaler(
+        init_scale=2**16, scale_window=1000, min_scale=1, delayed_shift=2, consecutive_hysteresis=False
+    )
     torch.save({"optimizer_state_dict": {"loss_scaler": scaler}}, tmp_path / "optim_states.pt")
     loaded = checkpoint.load(tmp_path / "optim_states.pt", deepspeed_safe_globals())["optimizer_state_dict"]
     assert isinstance(loaded["loss_scaler"], DynamicLossScaler) and vars(loaded["loss_scaler"]) == vars(scaler)
@@ -215,8 +225,7 @@ def test_latest_must_name_a_tag_inside_the_checkpoint_directory(runs, tmp_path):
 # ---------------------------------------------------------------------------------- damage and litter
 
 
-def test_an_empty_newest_checkpoint_falls_back_to_the_previous_one_and_equals_a_straight_run(runs, tmp_path,
-                                                                                              caplog):
+def test_an_empty_newest_checkpoint_falls_back_to_the_previous_one_and_equals_a_straight_run(runs, tmp_path, caplog):
     config, out = copy_of_stopped(runs, tmp_path)
     ds_dir = out / "deepspeed"
     (ds_dir / "global_step4" / "mp_rank_00_model_states.pt").write_bytes(b"")  # a power loss
@@ -230,8 +239,12 @@ def test_an_empty_newest_checkpoint_falls_back_to_the_previous_one_and_equals_a_
     straight = torch.load(runs["straight"] / "backbone.pt", weights_only=True)
     resumed = torch.load(out / "backbone.pt", weights_only=True)
     assert straight.keys() == resumed.keys() and all(torch.equal(straight[k], resumed[k]) for k in straight)
-    assert sorted(p.name for p in ds_dir.iterdir()) == ["global_step4", "global_step4.damaged", "global_step6",
-                                                        "latest"]
+    assert sorted(p.name for p in ds_dir.iterdir()) == [
+        "global_step4",
+        "global_step4.damaged",
+        "global_step6",
+        "latest",
+    ]
     assert not any(p.exists() for p in litter)
 
 
@@ -297,10 +310,14 @@ def test_a_full_disk_during_a_deepspeed_save_is_one_line(setup, tmp_path, capsys
 def test_a_dwp_loss_that_goes_non_finite_stops_before_its_step_and_keeps_the_checkpoints(setup, tmp_path):
     from mllmfl_dist.fl.trainer import TrainingDivergedError
 
-    config = write_config(setup, tmp_path, extra="\n[pretrain.deepspeed]\nlr = 1e30\ngradient_clipping = 0.0\n"
-                                                 "scheduler = \"none\"\n")
-    with pytest.raises(TrainingDivergedError, match=r"DWP step \d+: the language-model loss went non-finite.*"
-                                                    r"pretrain.deepspeed.lr = 1e\+30"):
+    config = write_config(
+        setup, tmp_path, extra='\n[pretrain.deepspeed]\nlr = 1e30\ngradient_clipping = 0.0\nscheduler = "none"\n'
+    )
+    with pytest.raises(
+        TrainingDivergedError,
+        match=r"DWP step \d+: the language-model loss went non-finite.*"
+        r"pretrain.deepspeed.lr = 1e\+30",
+    ):
         pretrain(config)
     out = load_config(config).run_dir / "pretrain"
     assert not (out / "backbone.pt").exists()

@@ -18,9 +18,16 @@ SMOKE = str(REPO / "configs" / "smoke.toml")
 # probes at 1.000 there, like a trained one. One-channel 8x8 images of 100 classes leave the class mostly in
 # the coarse spatial pattern, which random pooled features keep only in part (measured: random init 0.849,
 # 25 SGD steps 0.993).
-HARD = ["data.channels=1", "data.image_size=8", "data.num_classes=100", "data.samples_per_class=30",
-        "data.imb_factor=1.0", "data.test_per_class=10", "data.server_holdout_per_class=5",
-        "data.random_crop=false"]
+HARD = [
+    "data.channels=1",
+    "data.image_size=8",
+    "data.num_classes=100",
+    "data.samples_per_class=30",
+    "data.imb_factor=1.0",
+    "data.test_per_class=10",
+    "data.server_holdout_per_class=5",
+    "data.random_crop=false",
+]
 MARGIN = 0.05  # balanced-accuracy points the trained backbone must gain over the random init
 
 
@@ -68,8 +75,11 @@ def test_the_probe_separates_a_trained_backbone_from_a_random_one(tmp_path, caps
 
 def test_a_bad_spec_is_one_line_and_exit_2(tmp_path, capsys):
     sets = ["--set", "data.server_holdout_per_class=2", "--set", f"run.root={tmp_path}"]
-    for spec, words in [(str(tmp_path / "missing.pt"), "no such file"), ("random:x", "random:SEED needs"),
-                        (str(REPO / "README.md"), "--backbone")]:
+    for spec, words in [
+        (str(tmp_path / "missing.pt"), "no such file"),
+        ("random:x", "random:SEED needs"),
+        (str(REPO / "README.md"), "--backbone"),
+    ]:
         assert main(["probe", SMOKE, *sets, "--backbone", "random:0", "--backbone", spec]) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and words in err, err
@@ -117,8 +127,15 @@ def test_a_validation_split_is_scored_when_the_data_has_one():
     model = build_fl_model(cfg.model, data, 0)
     result = linear_probe(lambda images: pooled_features(model, images, data.mean, data.std), sets)
     assert result["val_acc"] == result["acc"] and result["val_acc_top1"] == result["acc_top1"]
-    table = probe_markdown({"train_set": sets.train_name, "test_set": "t", "val_set": "v", "recipe": "r",
-                            "rows": [{"backbone": "random:0", "kind": "random init", **result}]})
+    table = probe_markdown(
+        {
+            "train_set": sets.train_name,
+            "test_set": "t",
+            "val_set": "v",
+            "recipe": "r",
+            "rows": [{"backbone": "random:0", "kind": "random init", **result}],
+        }
+    )
     assert "| val acc |" in table and f"| {result['val_acc']:.4f} |" in table
 
 
@@ -126,11 +143,17 @@ def test_the_clip_image_tower_is_probed_and_a_missing_one_is_one_line(tiny_model
     from mllmfl_dist.mllm.clip_teacher import clip_embed_dim
 
     spec = f"clip:local-dir:{tiny_models['clip']}"
-    sets = ["--set", "data.server_holdout_per_class=3", "--set", "data.test_per_class=5", "--set",
-            f"run.root={tmp_path}"]
+    sets = [
+        "--set",
+        "data.server_holdout_per_class=3",
+        "--set",
+        "data.test_per_class=5",
+        "--set",
+        f"run.root={tmp_path}",
+    ]
     assert main(["probe", SMOKE, *sets, "--backbone", spec]) == 0
     (row,) = json.loads((tmp_path / "smoke" / "probe" / "probe.json").read_text())["rows"]
-    assert row["kind"] == "clip image tower" and row["feature_dim"] == clip_embed_dim(spec[len("clip:"):])
+    assert row["kind"] == "clip image tower" and row["feature_dim"] == clip_embed_dim(spec[len("clip:") :])
     assert row["n_train"] == 30 and row["n_test"] == 50 and 0.0 <= row["acc"] <= 1.0
     capsys.readouterr()
     assert main(["probe", SMOKE, *sets, "--backbone", f"clip:local-dir:{tmp_path / 'nope'}"]) == 2
@@ -139,11 +162,30 @@ def test_the_clip_image_tower_is_probed_and_a_missing_one_is_one_line(tiny_model
 
 
 def test_over_seeds_each_seed_template_is_probed_per_seed_and_summarised(tmp_path, capsys):
-    sets = [a for o in ("data.server_holdout_per_class=5", "data.test_per_class=10", f"run.root={tmp_path}")
-            for a in ("--set", o)]
+    sets = [
+        a
+        for o in ("data.server_holdout_per_class=5", "data.test_per_class=10", f"run.root={tmp_path}")
+        for a in ("--set", o)
+    ]
     out = tmp_path / "probe.json"
-    assert main(["probe", SMOKE, *sets, "--seeds", "3,1,4", "--backbone", "random:{seed}", "--backbone", "random:9",
-                 "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "probe",
+                SMOKE,
+                *sets,
+                "--seeds",
+                "3,1,4",
+                "--backbone",
+                "random:{seed}",
+                "--backbone",
+                "random:9",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     report = json.loads(out.read_text())
     assert [row["backbone"] for row in report["rows"]] == ["random:3", "random:1", "random:4", "random:9"]
     (entry,) = report["over_seeds"]
@@ -152,13 +194,18 @@ def test_over_seeds_each_seed_template_is_probed_per_seed_and_summarised(tmp_pat
     mean = sum(accs) / 3
     sd = (sum((a - mean) ** 2 for a in accs) / 2) ** 0.5
     assert entry["acc"]["mean"] == pytest.approx(mean) and entry["acc"]["sd"] == pytest.approx(sd)
-    assert entry["acc"]["ci95"] == pytest.approx(4.302653 * sd / 3 ** 0.5, rel=1e-5)  # t_{0.975, 2}
+    assert entry["acc"]["ci95"] == pytest.approx(4.302653 * sd / 3**0.5, rel=1e-5)  # t_{0.975, 2}
     assert "| random:{seed} | 3 |" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("args, words", [(["--backbone", "random:{seed}"], "give --seeds"),
-                                         (["--seeds", "0,1", "--backbone", "random:0"], "no --backbone holds {seed}"),
-                                         (["--seeds", "0,0", "--backbone", "random:{seed}"], "distinct")])
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--backbone", "random:{seed}"], "give --seeds"),
+        (["--seeds", "0,1", "--backbone", "random:0"], "no --backbone holds {seed}"),
+        (["--seeds", "0,0", "--backbone", "random:{seed}"], "distinct"),
+    ],
+)
 def test_seeds_without_a_template_or_a_template_without_seeds_is_one_line(args, words, capsys):
     assert main(["probe", SMOKE, "--set", "data.server_holdout_per_class=2", *args]) == 2
     err = capsys.readouterr().err.strip()

@@ -12,8 +12,16 @@ PLOTS = ("accuracy.png", "per_class.png", "groups.png")
 
 
 def _rec(rnd, acc, many, medium, few, per_class, before=None, align_loss=None):
-    r = {"round": rnd, "acc": acc, "per_class": per_class, "acc_many": many, "acc_medium": medium,
-         "acc_few": few, "round_seconds": 0.5, "bytes_all_reduced": 1000}
+    r = {
+        "round": rnd,
+        "acc": acc,
+        "per_class": per_class,
+        "acc_many": many,
+        "acc_medium": medium,
+        "acc_few": few,
+        "round_seconds": 0.5,
+        "bytes_all_reduced": 1000,
+    }
     if before is not None:
         r["before_align"] = before
         r["align_loss"] = align_loss
@@ -28,8 +36,9 @@ def _write_federated(run, records, torn_tail=False, summary=True):
         text += '{"round": 99, "acc": 0.'
     (fed / "metrics.jsonl").write_text(text)
     if summary:
-        (fed / "summary.json").write_text(json.dumps(
-            {"rounds": records[-1]["round"], "final": records[-1], "world_size": 3, "backend": "gloo"}))
+        (fed / "summary.json").write_text(
+            json.dumps({"rounds": records[-1]["round"], "final": records[-1], "world_size": 3, "backend": "gloo"})
+        )
 
 
 def _assert_pngs(report):
@@ -44,28 +53,60 @@ def _assert_pngs(report):
 def full_run(tmp_path):
     run = tmp_path / "run"
     (run / "annotate").mkdir(parents=True)
-    (run / "annotate" / "manifest.json").write_text(json.dumps({
-        "model": "m", "images_in": 512, "captions_out": 509,
-        "skipped": [{"shard": "a.tar", "key": "k1", "reason": "corrupt"},
+    (run / "annotate" / "manifest.json").write_text(
+        json.dumps(
+            {
+                "model": "m",
+                "images_in": 512,
+                "captions_out": 509,
+                "skipped": [
+                    {"shard": "a.tar", "key": "k1", "reason": "corrupt"},
                     {"shard": "a.tar", "key": "k2", "reason": "corrupt"},
-                    {"shard": "b.tar", "key": "k3", "reason": "corrupt"}],
-        "damaged_shards": [{"shard": "c.tar", "error": "truncated"}],
-        "seconds": 1.5, "images_per_second": 343.9}))
+                    {"shard": "b.tar", "key": "k3", "reason": "corrupt"},
+                ],
+                "damaged_shards": [{"shard": "c.tar", "error": "truncated"}],
+                "seconds": 1.5,
+                "images_per_second": 343.9,
+            }
+        )
+    )
     (run / "pretrain").mkdir()
-    (run / "pretrain" / "metrics.json").write_text(json.dumps({
-        "loss": [{"step": 1, "loss": 7.0, "alpha": 0.0}, {"step": 2, "loss": 6.0, "alpha": 1.0}],
-        "heldout_loss_alpha1_step0": 11.14, "heldout_loss_alpha1": 6.24, "heldout_loss_alpha0": 6.39,
-        "samples_per_second": 200.8, "steps": 60, "world_size": 3}))
+    (run / "pretrain" / "metrics.json").write_text(
+        json.dumps(
+            {
+                "loss": [{"step": 1, "loss": 7.0, "alpha": 0.0}, {"step": 2, "loss": 6.0, "alpha": 1.0}],
+                "heldout_loss_alpha1_step0": 11.14,
+                "heldout_loss_alpha1": 6.24,
+                "heldout_loss_alpha0": 6.39,
+                "samples_per_second": 200.8,
+                "steps": 60,
+                "world_size": 3,
+            }
+        )
+    )
     pc = [0.1 * i for i in range(10)]
     records = [
         _rec(2, 0.10, 0.30, 0.0, None, pc),  # an early evaluation without alignment
-        _rec(4, 0.25, 0.50, 0.2, 0.05, pc,
-             before={"acc": 0.15, "acc_many": 0.4, "acc_medium": 0.1, "acc_few": 0.0, "per_class": pc},
-             align_loss=2.2),
-        _rec(6, 0.45, 0.33, 0.58, 0.45, pc[::-1],
-             before={"acc": 0.13, "acc_many": 0.33, "acc_medium": 0.08, "acc_few": 0.005,
-                     "per_class": pc},
-             align_loss=1.9),
+        _rec(
+            4,
+            0.25,
+            0.50,
+            0.2,
+            0.05,
+            pc,
+            before={"acc": 0.15, "acc_many": 0.4, "acc_medium": 0.1, "acc_few": 0.0, "per_class": pc},
+            align_loss=2.2,
+        ),
+        _rec(
+            6,
+            0.45,
+            0.33,
+            0.58,
+            0.45,
+            pc[::-1],
+            before={"acc": 0.13, "acc_many": 0.33, "acc_medium": 0.08, "acc_few": 0.005, "per_class": pc},
+            align_loss=1.9,
+        ),
     ]
     _write_federated(run, records, torn_tail=True)
     return run
@@ -76,10 +117,20 @@ def test_full_run(full_run):
     report = full_run / "report"
     assert json.loads((report / "summary.json").read_text()) == s
 
-    assert s["annotate"] == {"images_in": 512, "captions_out": 509, "skipped": 3, "damaged_shards": 1,
-                             "images_per_second": 343.9}
-    assert s["pretrain"] == {"heldout_loss_alpha1_step0": 11.14, "heldout_loss_alpha1": 6.24,
-                             "heldout_loss_alpha0": 6.39, "samples_per_second": 200.8, "steps": 60}
+    assert s["annotate"] == {
+        "images_in": 512,
+        "captions_out": 509,
+        "skipped": 3,
+        "damaged_shards": 1,
+        "images_per_second": 343.9,
+    }
+    assert s["pretrain"] == {
+        "heldout_loss_alpha1_step0": 11.14,
+        "heldout_loss_alpha1": 6.24,
+        "heldout_loss_alpha0": 6.39,
+        "samples_per_second": 200.8,
+        "steps": 60,
+    }
     fed = s["federated"]
     assert fed["round"] == 6  # the torn last line is dropped
     assert (fed["acc"], fed["acc_many"], fed["acc_medium"], fed["acc_few"]) == (0.45, 0.33, 0.58, 0.45)
@@ -99,8 +150,11 @@ def test_full_run(full_run):
 def test_federated_only_without_alignment(tmp_path):
     run = tmp_path / "run"
     pc = [1.0, 0.5, 0.0]
-    _write_federated(run, [_rec(1, 0.2, 0.4, None, None, pc), _rec(2, 0.3, 0.5, None, 0.1, pc),
-                           _rec(3, 0.5, 0.6, None, 0.2, pc)], summary=False)
+    _write_federated(
+        run,
+        [_rec(1, 0.2, 0.4, None, None, pc), _rec(2, 0.3, 0.5, None, 0.1, pc), _rec(3, 0.5, 0.6, None, 0.2, pc)],
+        summary=False,
+    )
     s = write_report(run)
     assert "annotate" not in s and "pretrain" not in s
     fed = s["federated"]
@@ -141,8 +195,15 @@ def test_the_report_sets_the_method_beside_its_baseline_chance_and_the_models_it
     summary["class_names"] = names
     trained, random_build = tmp_path / "standins" / "llava", tmp_path / "tiny" / "clip"
     # What the federated stage records of the models its strategy named (CLIP2FL's CLIP).
-    summary["strategy_models"] = [{"role": "CLIP2FL's CLIP", "key": "clip2fl.model",
-                                   "model": f"local-dir:{random_build}", "pretrained": "", "kind": "clip"}]
+    summary["strategy_models"] = [
+        {
+            "role": "CLIP2FL's CLIP",
+            "key": "clip2fl.model",
+            "model": f"local-dir:{random_build}",
+            "pretrained": "",
+            "kind": "clip",
+        }
+    ]
     (full_run / "federated" / "summary.json").write_text(json.dumps(summary))
     (full_run / "federated" / "partition.json").write_text(json.dumps({"class_counts": [[5, 0, 3] + [1] * 7] * 4}))
     trained.mkdir(parents=True)
@@ -153,7 +214,8 @@ def test_the_report_sets_the_method_beside_its_baseline_chance_and_the_models_it
     (full_run / "config.toml").write_text(
         f'[model]\npretrained_backbone = "pretrain"\n[annotate]\nmodel = "{trained}"\n[pretrain]\nshards = ""\n'
         f'[align]\nevery = 1\nteacher = "llava"\nteacher_model = "{trained}"\n'
-        f'[federated]\nstrategy = "clip2fl"\n[clip2fl]\nmodel = "local-dir:{random_build}"\n')
+        f'[federated]\nstrategy = "clip2fl"\n[clip2fl]\nmodel = "local-dir:{random_build}"\n'
+    )
 
     assert main(["report", str(full_run)]) == 0
     assert "report.md" in capsys.readouterr().out
@@ -178,8 +240,15 @@ def test_the_report_reads_a_strategys_models_from_the_config_of_a_run_older_than
     from mllmfl_dist.stages.report import _strategy_models
 
     config = {"federated": {"strategy": "clip2fl"}, "clip2fl": {"model": "local-dir:/somewhere/clip"}}
-    assert _strategy_models(config) == [{"role": "CLIP2FL's CLIP", "key": "clip2fl.model",
-                                         "model": "local-dir:/somewhere/clip", "pretrained": "", "kind": "clip"}]
+    assert _strategy_models(config) == [
+        {
+            "role": "CLIP2FL's CLIP",
+            "key": "clip2fl.model",
+            "model": "local-dir:/somewhere/clip",
+            "pretrained": "",
+            "kind": "clip",
+        }
+    ]
     assert _strategy_models({"federated": {"strategy": "fedavg"}}) == []
     assert _strategy_models({"federated": {"strategy": "no_such_strategy"}}) == []  # warned, not raised
     assert _strategy_models({"federated": {"strategy": "creff"}, "creff": {"no_such_key": 1}}) == []

@@ -23,8 +23,14 @@ def federate(root: Path, nproc: int | None = None) -> subprocess.Popen:
     one plain process."""
     launcher = [] if nproc is None else ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     python = [sys.executable, *launcher, "-m", "mllmfl_dist"] if launcher else [sys.executable, "-m", "mllmfl_dist"]
-    return subprocess.Popen([*python, "federate", str(SMOKE), *sets(f"run.root={root}", *QUIET)], cwd=REPO,
-                            env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [*python, "federate", str(SMOKE), *sets(f"run.root={root}", *QUIET)],
+        cwd=REPO,
+        env=clean_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def holder_pid(lock: Path, *jobs: subprocess.Popen) -> int:
@@ -57,8 +63,7 @@ def error_lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.startswith("mllmfl_dist: error:")]
 
 
-def test_two_torchrun_launches_on_one_run_dir_the_second_exits_2_and_the_first_is_untouched(tmp_path,
-                                                                                           smoke_reference):
+def test_two_torchrun_launches_on_one_run_dir_the_second_exits_2_and_the_first_is_untouched(tmp_path, smoke_reference):
     run_dir = tmp_path / "smoke"
     jobs = [federate(tmp_path, nproc=2), federate(tmp_path, nproc=2)]  # started together
     try:
@@ -89,10 +94,18 @@ def test_two_torchrun_launches_on_one_run_dir_the_second_exits_2_and_the_first_i
 
 def hold_report_lock(report_dir: Path) -> subprocess.Popen:
     """Another process holding ``report_dir`` as a ``report`` does while it writes, until its stdin closes."""
-    code = ("import sys; from mllmfl_dist.core.run_lock import holding_report\n"
-            "with holding_report(sys.argv[1], 'report'):\n    print('held', flush=True); sys.stdin.read()")
-    helper = subprocess.Popen([sys.executable, "-c", code, str(report_dir)], cwd=REPO, env=clean_env(),
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    code = (
+        "import sys; from mllmfl_dist.core.run_lock import holding_report\n"
+        "with holding_report(sys.argv[1], 'report'):\n    print('held', flush=True); sys.stdin.read()"
+    )
+    helper = subprocess.Popen(
+        [sys.executable, "-c", code, str(report_dir)],
+        cwd=REPO,
+        env=clean_env(),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert helper.stdout.readline() == "held\n"
     return helper
 

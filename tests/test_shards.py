@@ -28,15 +28,30 @@ from mllmfl_dist.data.shards import (
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = REPO / "shards"
-FMNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
-                  "Ankle boot"]
+FMNIST_CLASSES = [
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]
 
 
 def make_samples(n: int, channels: int = 1, size: int = 12, seed: int = 0) -> list[dict]:
     rng = np.random.default_rng(seed)
     return [
-        {"key": f"sample_{i:04d}", "image": rng.integers(0, 256, (channels, size, size), dtype=np.uint8),
-         "cls": i % 3, "txt": f"a caption, number {i} – ünïcode", "json": {"index": i, "source": "test"}}
+        {
+            "key": f"sample_{i:04d}",
+            "image": rng.integers(0, 256, (channels, size, size), dtype=np.uint8),
+            "cls": i % 3,
+            "txt": f"a caption, number {i} – ünïcode",
+            "json": {"index": i, "source": "test"},
+        }
         for i in range(n)
     ]
 
@@ -103,8 +118,9 @@ def test_writer_keeps_given_image_bytes_and_rejects_bad_keys(tmp_path: Path) -> 
     with pytest.raises(ValueError, match="without '.'"):
         write_shards([{"key": "a.b", "image": np.zeros((4, 4), np.uint8)}], str(tmp_path / "k"), 5)
     with pytest.raises(ValueError, match="duplicate"):
-        write_shards([{"key": f"a{i % 3}", "image": np.zeros((4, 4), np.uint8)} for i in range(4)],
-                     str(tmp_path / "d"), 2)
+        write_shards(
+            [{"key": f"a{i % 3}", "image": np.zeros((4, 4), np.uint8)} for i in range(4)], str(tmp_path / "d"), 2
+        )
     assert not list(tmp_path.glob("d-*"))  # a failed write leaves no shard and no .partial file
 
 
@@ -179,9 +195,14 @@ def test_not_a_shard_and_missing_shard(tmp_path: Path) -> None:
 
 def test_corrupt_image_bytes_raise_on_decode(tmp_path: Path) -> None:
     good = make_samples(1)[0]["image"]
-    (path,) = write_shards([{"key": "good", "image": good},
-                            {"key": "bad", "image_bytes": b"\x89PNG\r\n\x1a\n garbage", "image_ext": "png", "cls": 1}],
-                           str(tmp_path / "c"), max_count=4)
+    (path,) = write_shards(
+        [
+            {"key": "good", "image": good},
+            {"key": "bad", "image_bytes": b"\x89PNG\r\n\x1a\n garbage", "image_ext": "png", "cls": 1},
+        ],
+        str(tmp_path / "c"),
+        max_count=4,
+    )
     samples = list(iter_samples(path))  # the shard itself is fine
     assert np.array_equal(image_to_array(decode_image(samples[0]["image_bytes"])), good)
     with pytest.raises(CorruptImageError, match="cannot decode image"):
@@ -219,8 +240,9 @@ def test_cli_packs_a_folder_with_labels_from_subfolders(tmp_path: Path, capsys) 
     (src / "ant" / "notes.txt").write_text("not an image")
     (src / "ant" / "broken.png").write_bytes(b"not a png")
     out = tmp_path / "out"
-    rc = shards_command.main(["--from-folder", str(src), "--labels-from-subfolders", "--out", str(out),
-                          "--max-count", "2"])
+    rc = shards_command.main(
+        ["--from-folder", str(src), "--labels-from-subfolders", "--out", str(out), "--max-count", "2"]
+    )
     assert rc == 0
     report = capsys.readouterr().out
     assert "wrote 6 samples to 3 shards" in report and "skipped 1 unreadable image: ant/broken.png" in report
@@ -256,8 +278,9 @@ def test_cli_folder_without_labels_and_mixed_modes(tmp_path: Path) -> None:
 
 def test_cli_packs_a_data_source(tmp_path: Path, capsys) -> None:
     out = tmp_path / "syn"
-    rc = shards_command.main(["--from-source", "synthetic", "--split", "train", "--per-class", "5",
-                          "--out", str(out), "--max-count", "16"])
+    rc = shards_command.main(
+        ["--from-source", "synthetic", "--split", "train", "--per-class", "5", "--out", str(out), "--max-count", "16"]
+    )
     assert rc == 0
     paths = expand_shards(str(out / "train-*.tar.gz"))
     assert [len(list(iter_samples(p))) for p in paths] == [16, 16, 16, 2]
@@ -274,8 +297,21 @@ def test_cli_packs_a_data_source(tmp_path: Path, capsys) -> None:
     assert keys[0] == f"synthetic_train_{index[0]:06d}"
     # long tail with the package's rule, and unlabeled output
     capsys.readouterr()
-    rc = shards_command.main(["--from-source", "synthetic", "--split", "test", "--imb-factor", "0.1", "--no-labels",
-                          "--out", str(tmp_path / "lt"), "--max-count", "1000"])
+    rc = shards_command.main(
+        [
+            "--from-source",
+            "synthetic",
+            "--split",
+            "test",
+            "--imb-factor",
+            "0.1",
+            "--no-labels",
+            "--out",
+            str(tmp_path / "lt"),
+            "--max-count",
+            "1000",
+        ]
+    )
     assert rc == 0
     samples = [s for p in expand_shards(str(tmp_path / "lt")) for s in iter_samples(p)]
     assert len(samples) == sum(longtail_counts(50, 10, 0.1)) and all(s["cls"] is None for s in samples)
@@ -315,8 +351,12 @@ def test_cli_refuses_to_overwrite_without_the_flag(tmp_path: Path, capsys) -> No
 
 
 def shards_config(**overrides) -> DataConfig:
-    values = dict(source="shards", train_shards=str(SHIPPED / "fmnist_lt" / "train-*.tar.gz"),
-                  test_shards=str(SHIPPED / "fmnist_lt" / "test-{000000..000001}.tar.gz"), imb_factor=1.0)
+    values = dict(
+        source="shards",
+        train_shards=str(SHIPPED / "fmnist_lt" / "train-*.tar.gz"),
+        test_shards=str(SHIPPED / "fmnist_lt" / "test-{000000..000001}.tar.gz"),
+        imb_factor=1.0,
+    )
     values.update(overrides)
     return DataConfig(**values)
 
@@ -349,8 +389,11 @@ def test_shipped_shards_hold_the_real_fashion_mnist_pixels() -> None:
         fmnist = load_fashion_mnist("")
     except DataError:
         pytest.skip("Fashion-MNIST raw files not installed (apt-get install dataset-fashion-mnist)")
-    for pattern, split in (("fmnist_lt/train-*.tar.gz", "train"), ("fmnist_lt/test-*.tar.gz", "test"),
-                           ("fmnist_align/align-*.tar.gz", "train")):
+    for pattern, split in (
+        ("fmnist_lt/train-*.tar.gz", "train"),
+        ("fmnist_lt/test-*.tar.gz", "test"),
+        ("fmnist_align/align-*.tar.gz", "train"),
+    ):
         paths = expand_shards(str(SHIPPED / pattern))
         index = [s["json"]["index"] for p in paths for s in iter_samples(p)]
         images, labels, _ = read_labeled_shards(paths)

@@ -32,8 +32,17 @@ def rounds_done(root: Path) -> int:
 
 def test_local_slurm_runs_tasks_on_two_nodes(local_slurm):
     assert len(local_slurm.nodes) == 2, f"one node only: {local_slurm.nodes}"
-    result = local_slurm.run(["srun", "--nodes=2", "--ntasks=3", "--ntasks-per-node=2", "bash", "-c",
-                              "echo $SLURM_PROCID $SLURMD_NODENAME $SLURM_LOCALID"])
+    result = local_slurm.run(
+        [
+            "srun",
+            "--nodes=2",
+            "--ntasks=3",
+            "--ntasks-per-node=2",
+            "bash",
+            "-c",
+            "echo $SLURM_PROCID $SLURMD_NODENAME $SLURM_LOCALID",
+        ]
+    )
     assert result.returncode == 0, result.stderr
     placed = sorted(line.split() for line in result.stdout.splitlines())
     assert placed == [["0", "127.0.0.1", "0"], ["1", "127.0.0.1", "1"], ["2", "127.0.0.2", "0"]]
@@ -41,8 +50,12 @@ def test_local_slurm_runs_tasks_on_two_nodes(local_slurm):
 
 def test_sbatch_runs_federate_to_the_end_like_torchrun(local_slurm, smoke_reference, tmp_path):
     log = tmp_path / "job.out"
-    job = local_slurm.sbatch([f"--output={log}", *SRUN_STYLE], "launch/slurm.sbatch",
-                             ["configs/smoke.toml", "--set", f"run.root={tmp_path}"], MLLMFL_COMMAND="federate")
+    job = local_slurm.sbatch(
+        [f"--output={log}", *SRUN_STYLE],
+        "launch/slurm.sbatch",
+        ["configs/smoke.toml", "--set", f"run.root={tmp_path}"],
+        MLLMFL_COMMAND="federate",
+    )
     state = local_slurm.wait(job)
     print(local_slurm.sacct_table(job))
     assert state == "COMPLETED", read(log)[-3000:]
@@ -56,21 +69,37 @@ def test_sbatch_runs_federate_to_the_end_like_torchrun(local_slurm, smoke_refere
 
 def test_sbatch_gives_each_rank_its_cpus_as_threads(local_slurm, tmp_path):
     log = tmp_path / "job.out"
-    job = local_slurm.sbatch([f"--output={log}", "--nodes=1", "--ntasks-per-node=1", "--cpus-per-task=3",
-                              "--gpus-per-node=0"], "launch/slurm.sbatch",
-                             ["configs/smoke.toml", *[a for s in (f"run.root={tmp_path}", "federated.rounds=1",
-                                                                 "federated.num_clients=2",
-                                                                 "federated.clients_per_round=1")
-                                                      for a in ("--set", s)]], MLLMFL_COMMAND="federate")
+    job = local_slurm.sbatch(
+        [f"--output={log}", "--nodes=1", "--ntasks-per-node=1", "--cpus-per-task=3", "--gpus-per-node=0"],
+        "launch/slurm.sbatch",
+        [
+            "configs/smoke.toml",
+            *[
+                a
+                for s in (
+                    f"run.root={tmp_path}",
+                    "federated.rounds=1",
+                    "federated.num_clients=2",
+                    "federated.clients_per_round=1",
+                )
+                for a in ("--set", s)
+            ],
+        ],
+        MLLMFL_COMMAND="federate",
+    )
     assert local_slurm.wait(job) == "COMPLETED", read(log)[-3000:]
     assert "threads = 3" in (tmp_path / "smoke" / "config.toml").read_text()
 
 
 def test_sbatch_torchrun_style_two_nodes_equals_one_node(local_slurm, smoke_reference, tmp_path):
     log = tmp_path / "job.out"
-    job = local_slurm.sbatch([f"--output={log}", *TORCHRUN_STYLE], "launch/slurm_torchrun.sbatch",
-                             ["configs/smoke.toml", "--set", f"run.root={tmp_path}", "--set", ROUNDS4],
-                             MLLMFL_COMMAND="federate", MLLMFL_NPROC_PER_NODE="2")
+    job = local_slurm.sbatch(
+        [f"--output={log}", *TORCHRUN_STYLE],
+        "launch/slurm_torchrun.sbatch",
+        ["configs/smoke.toml", "--set", f"run.root={tmp_path}", "--set", ROUNDS4],
+        MLLMFL_COMMAND="federate",
+        MLLMFL_NPROC_PER_NODE="2",
+    )
     assert local_slurm.wait(job) == "COMPLETED", read(log)[-3000:]
     assert "on 127.0.0.[1-2]" in read(log)
     summary = json.loads((tmp_path / "smoke" / "federated" / "summary.json").read_text())
@@ -80,8 +109,12 @@ def test_sbatch_torchrun_style_two_nodes_equals_one_node(local_slurm, smoke_refe
 
 def test_usr1_stops_at_a_round_requeues_and_resumes_to_the_same_model(local_slurm, smoke_reference, tmp_path):
     log = tmp_path / "job.out"
-    job = local_slurm.sbatch([f"--output={log}", *SRUN_STYLE], "launch/slurm.sbatch",
-                             ["configs/smoke.toml", "--set", f"run.root={tmp_path}"], MLLMFL_COMMAND="federate")
+    job = local_slurm.sbatch(
+        [f"--output={log}", *SRUN_STYLE],
+        "launch/slurm.sbatch",
+        ["configs/smoke.toml", "--set", f"run.root={tmp_path}"],
+        MLLMFL_COMMAND="federate",
+    )
     deadline = time.monotonic() + 300
     while rounds_done(tmp_path) < 2:  # training has started: every rank holds its handler
         assert time.monotonic() < deadline and local_slurm.state(job) in ("PENDING", "RUNNING"), read(log)
@@ -113,8 +146,23 @@ def test_srun_alone_finds_rank_0_from_the_node_list(local_slurm, tmp_path):
     """srun without the scripts and without MASTER_ADDR / MASTER_PORT: dist.py expands the step's node list
     with scontrol and derives the port from the job id."""
     result = local_slurm.run(
-        ["srun", "--nodes=2", "--ntasks=3", "--ntasks-per-node=2", sys.executable, "-m", "mllmfl_dist", "federate",
-         "configs/smoke.toml", "--set", f"run.root={tmp_path}", "--set", "federated.rounds=1"], timeout=300)
+        [
+            "srun",
+            "--nodes=2",
+            "--ntasks=3",
+            "--ntasks-per-node=2",
+            sys.executable,
+            "-m",
+            "mllmfl_dist",
+            "federate",
+            "configs/smoke.toml",
+            "--set",
+            f"run.root={tmp_path}",
+            "--set",
+            "federated.rounds=1",
+        ],
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((tmp_path / "smoke" / "federated" / "summary.json").read_text())["world_size"] == 3
 
@@ -122,8 +170,11 @@ def test_srun_alone_finds_rank_0_from_the_node_list(local_slurm, tmp_path):
 def test_a_batch_script_body_refuses_in_one_line(local_slurm, tmp_path):
     """python -m mllmfl_dist in an sbatch body with 3 tasks (no srun) would wait for ranks that never come."""
     log = tmp_path / "job.out"
-    job = local_slurm.sbatch([f"--output={log}", "--ntasks=3", "--ntasks-per-node=3"],
-                             "--wrap", [f"{sys.executable} -m mllmfl_dist federate configs/smoke.toml"])
+    job = local_slurm.sbatch(
+        [f"--output={log}", "--ntasks=3", "--ntasks-per-node=3"],
+        "--wrap",
+        [f"{sys.executable} -m mllmfl_dist federate configs/smoke.toml"],
+    )
     assert local_slurm.wait(job, timeout=120) == "FAILED"
     lines = [line for line in read(log).splitlines() if line.strip()]
     assert len(lines) == 1 and "SLURM_NTASKS=3 but this process was not started by srun" in lines[0], lines
@@ -132,8 +183,12 @@ def test_a_batch_script_body_refuses_in_one_line(local_slurm, tmp_path):
 
 def test_a_job_without_venv_ends_in_one_line(local_slurm, tmp_path):
     log = tmp_path / "job.out"
-    job = local_slurm.sbatch([f"--output={log}", *ONE_TASK], "launch/slurm.sbatch",
-                             ["configs/smoke.toml"], MLLMFL_VENV=str(tmp_path / "no-venv"))
+    job = local_slurm.sbatch(
+        [f"--output={log}", *ONE_TASK],
+        "launch/slurm.sbatch",
+        ["configs/smoke.toml"],
+        MLLMFL_VENV=str(tmp_path / "no-venv"),
+    )
     assert local_slurm.wait(job, timeout=120) == "FAILED"
     lines = read(log).splitlines()
     assert len(lines) == 1 and "no virtual environment at" in lines[0] and "launch/venv.sh" in lines[0], lines
@@ -141,8 +196,17 @@ def test_a_job_without_venv_ends_in_one_line(local_slurm, tmp_path):
 
 def test_submitting_from_outside_the_repository_ends_in_one_line(local_slurm, tmp_path):
     log = tmp_path / "job.out"
-    result = local_slurm.run(["sbatch", "--parsable", f"--output={log}", *ONE_TASK,
-                              str(REPO / "launch" / "slurm.sbatch"), "configs/smoke.toml"], cwd=tmp_path)
+    result = local_slurm.run(
+        [
+            "sbatch",
+            "--parsable",
+            f"--output={log}",
+            *ONE_TASK,
+            str(REPO / "launch" / "slurm.sbatch"),
+            "configs/smoke.toml",
+        ],
+        cwd=tmp_path,
+    )
     job = int(result.stdout.strip())
     assert local_slurm.wait(job, timeout=120) == "FAILED"
     lines = read(log).splitlines()
@@ -159,9 +223,11 @@ def test_scripts_ask_for_a_warning_signal_and_requeue(script):
 def test_a_job_missing_a_model_fails_before_any_rank_starts(local_slurm, tmp_path):
     """The sbatch scripts run `check` for the job's world first: one line per missing thing, exit 2."""
     log = tmp_path / "job.out"
-    job = local_slurm.sbatch([f"--output={log}", *SRUN_STYLE], "launch/slurm.sbatch",
-                             ["configs/tiny_mllm.toml", "--set", f"run.root={tmp_path}", "--set",
-                              f"annotate.model={tmp_path}/no-llava"])
+    job = local_slurm.sbatch(
+        [f"--output={log}", *SRUN_STYLE],
+        "launch/slurm.sbatch",
+        ["configs/tiny_mllm.toml", "--set", f"run.root={tmp_path}", "--set", f"annotate.model={tmp_path}/no-llava"],
+    )
     assert local_slurm.wait(job, timeout=180) == "FAILED"
     text = read(log)
     assert f"missing: model '{tmp_path}/no-llava': no directory" in text, text[-3000:]

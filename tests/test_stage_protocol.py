@@ -35,10 +35,18 @@ def test_the_plan_is_stage_objects_named_as_before():
 
 def test_annotate_status_fresh_partial_complete(tmp_path, tiny_models):
     rng = np.random.default_rng(0)
-    write_shards([{"key": f"img{i:04d}", "image": rng.integers(0, 256, (3, 24, 24), dtype=np.uint8)}
-                  for i in range(6)], str(tmp_path / "web"), max_count=3)
-    keys = [f"run.root={tmp_path / 'runs'}", f"annotate.model={tiny_models['llava']}", "annotate.max_new_tokens=4",
-            "annotate.batch_size=3", *QUIET]
+    write_shards(
+        [{"key": f"img{i:04d}", "image": rng.integers(0, 256, (3, 24, 24), dtype=np.uint8)} for i in range(6)],
+        str(tmp_path / "web"),
+        max_count=3,
+    )
+    keys = [
+        f"run.root={tmp_path / 'runs'}",
+        f"annotate.model={tiny_models['llava']}",
+        "annotate.max_new_tokens=4",
+        "annotate.batch_size=3",
+        *QUIET,
+    ]
     cfg = load_config(DEFAULT, [*keys, f"annotate.shards={tmp_path}/web-*.tar.gz"])
     first = load_config(DEFAULT, [*keys, f"annotate.shards={tmp_path}/web-000000.tar.gz"])
     stage, runtime = AnnotateStage(), dist.init_runtime(DistConfig(threads=1), env={})
@@ -50,8 +58,12 @@ def test_annotate_status_fresh_partial_complete(tmp_path, tiny_models):
     run_annotate(cfg, runtime, progress=False)
     assert stage.status(cfg).complete and all(p.is_file() for p in stage.outputs(cfg))
     # the same records under other generation settings: not complete (annotate refuses them when it runs)
-    assert stage.status(load_config(DEFAULT, [*keys, f"annotate.shards={tmp_path}/web-*.tar.gz",
-                                              "annotate.max_new_tokens=5"])).state == "resume"
+    assert (
+        stage.status(
+            load_config(DEFAULT, [*keys, f"annotate.shards={tmp_path}/web-*.tar.gz", "annotate.max_new_tokens=5"])
+        ).state
+        == "resume"
+    )
     (cfg.paths.annotate / "manifest.json").unlink()  # written last: without it the stage is not complete
     assert stage.status(cfg).state == "resume"
 
@@ -72,15 +84,25 @@ def test_pretrain_status_reads_the_digests_and_deepspeed_tags(tmp_path):
         checkpoint.save_atomic({"w": np.arange(3)}, out / name)
     outputs = {name: checkpoint.file_identity(out / name, digest=True) for name in ("backbone.pt", "adapter.pt")}
     (out / "metrics.json").write_text(json.dumps({"steps": 6, "outputs": outputs}))
-    assert stage.status(cfg).complete and stage.outputs(cfg) == [out / "backbone.pt", out / "adapter.pt",
-                                                                 out / "metrics.json"]
+    assert stage.status(cfg).complete and stage.outputs(cfg) == [
+        out / "backbone.pt",
+        out / "adapter.pt",
+        out / "metrics.json",
+    ]
     checkpoint.save_atomic({"w": np.arange(4)}, out / "adapter.pt")  # replaced since: rewritten from the tags
     assert stage.status(cfg).state == "resume"
 
 
 def test_federate_and_baseline_status_fresh_partial_complete(tmp_path):
-    keys = [f"run.root={tmp_path}", "federated.rounds=2", "federated.num_clients=4", "federated.clients_per_round=2",
-            "data.samples_per_class=20", "data.test_per_class=5", *QUIET]
+    keys = [
+        f"run.root={tmp_path}",
+        "federated.rounds=2",
+        "federated.num_clients=4",
+        "federated.clients_per_round=2",
+        "data.samples_per_class=20",
+        "data.test_per_class=5",
+        *QUIET,
+    ]
     cfg = load_config(SMOKE, keys)
     stage, baseline = FederateStage(), FederateStage("baseline", baseline_config)
     assert stage.status(cfg).state == "fresh" and baseline.status(cfg).state == "fresh"
@@ -97,8 +119,15 @@ def test_federate_and_baseline_status_fresh_partial_complete(tmp_path):
 
 
 def test_run_skips_complete_stages_and_a_rerun_rewrites_only_the_report(tmp_path, caplog):
-    keys = [f"run.root={tmp_path}", "federated.rounds=2", "federated.num_clients=4", "federated.clients_per_round=2",
-            "data.samples_per_class=20", "data.test_per_class=5", *QUIET]
+    keys = [
+        f"run.root={tmp_path}",
+        "federated.rounds=2",
+        "federated.num_clients=4",
+        "federated.clients_per_round=2",
+        "data.samples_per_class=20",
+        "data.test_per_class=5",
+        *QUIET,
+    ]
     argv = ["run", str(SMOKE), *sets(*keys)]
     with caplog.at_level(logging.INFO, logger="mllmfl_dist"):
         assert main(argv) == 0

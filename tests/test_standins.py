@@ -71,8 +71,13 @@ def test_model_card_is_recomputed_from_the_saved_weights(standins):
 
     paths, card = standins
     measured = card["measured"]
-    again = measure_standins(paths["clip"], paths["llava"], TEST_SHARDS, measured["class_names"],
-                             per_class=card["settings"]["card_per_class"])
+    again = measure_standins(
+        paths["clip"],
+        paths["llava"],
+        TEST_SHARDS,
+        measured["class_names"],
+        per_class=card["settings"]["card_per_class"],
+    )
     for key in ("clip_zero_shot_acc", "llava_caption_acc", "llava_teacher_acc", "n_images"):
         assert again[key] == measured[key], key
     assert again["llava_teacher_acc_by_score"] == measured["llava_teacher_acc_by_score"]
@@ -88,8 +93,9 @@ def test_annotation_names_the_garment(standins):
     # Three images of each class, past the first 20 per class the card measured.
     picks = [int(torch.nonzero(labels == c).flatten()[k]) for c in range(10) for k in (20, 21, 22)]
     model, processor = load_llava(str(paths["llava"]))
-    captions = caption_batch(model, processor, [to_pil(images[i]).convert("RGB") for i in picks],
-                             Generation.from_config(AnnotateConfig()))
+    captions = caption_batch(
+        model, processor, [to_pil(images[i]).convert("RGB") for i in picks], Generation.from_config(AnnotateConfig())
+    )
     right = sum(named_category(text) == int(labels[i]) for text, i in zip(captions, picks))
     assert right > len(picks) // 2, list(zip(captions, labels[picks].tolist()))  # most of them
 
@@ -128,8 +134,21 @@ def test_clip_training_is_deterministic():
     from mllmfl_dist.standins.tiny import CLIP_CONFIG, CLIP_PREPROCESS
 
     images, captions = read_caption_corpus(CORPUS, limit=96)
-    runs = [train_clip(images, captions, CLIP_CONFIG, CLIP_PREPROCESS, epochs=1, batch_size=32, lr=1e-3,
-                       weight_decay=0.1, seed=5, progress=False)[0].state_dict() for _ in range(2)]
+    runs = [
+        train_clip(
+            images,
+            captions,
+            CLIP_CONFIG,
+            CLIP_PREPROCESS,
+            epochs=1,
+            batch_size=32,
+            lr=1e-3,
+            weight_decay=0.1,
+            seed=5,
+            progress=False,
+        )[0].state_dict()
+        for _ in range(2)
+    ]
     assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
 
 
@@ -165,8 +184,14 @@ def test_answer_loss_is_the_models_own_loss(tiny_models):
     images = [to_pil(torch.randint(0, 256, (3, 28, 28), generator=gen, dtype=torch.uint8)) for _ in range(3)]
     prompts = ["USER: <image>\nDescribe the image. ASSISTANT:", "USER: <image>\nWhat is it? ASSISTANT:"] * 2
     answers = ["black trainers for sale", "Ankle boot", "T-shirt/top"]
-    rows = [encode_answer(processor, processor(images=[images[i]], text=[prompts[i]], return_tensors="pt")
-                          ["input_ids"][0].tolist(), answers[i]) for i in range(3)]
+    rows = [
+        encode_answer(
+            processor,
+            processor(images=[images[i]], text=[prompts[i]], return_tensors="pt")["input_ids"][0].tolist(),
+            answers[i],
+        )
+        for i in range(3)
+    ]
     input_ids, attention, labels = collate_answers(rows, processor.tokenizer.pad_token_id)
     assert (attention == 0).any()  # rows of different lengths: right padding is exercised
     pixels = processor.image_processor(images, return_tensors="pt")["pixel_values"]
@@ -176,9 +201,12 @@ def test_answer_loss_is_the_models_own_loss(tiny_models):
         torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
         text = [(processor.tokenizer(a)["input_ids"] + [processor.tokenizer.eos_token_id], 1) for a in answers]
         input_ids, attention, labels = collate_answers(text, processor.tokenizer.pad_token_id)
-        torch.testing.assert_close(answer_loss(model, input_ids, attention, labels),
-                                   model(input_ids=input_ids, attention_mask=attention, labels=labels).loss,
-                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            answer_loss(model, input_ids, attention, labels),
+            model(input_ids=input_ids, attention_mask=attention, labels=labels).loss,
+            atol=1e-5,
+            rtol=1e-5,
+        )
 
 
 @pytest.mark.parametrize("quick_gelu", [False, True])

@@ -49,8 +49,9 @@ def refused(capsys, argv: list[str], words: str, code: int = 2) -> str:
     return lines[0]
 
 
-def refused_beside(capsys, finished, words: str, *overrides: str, command: str = "federate", config=SMOKE,
-                   extra: tuple[str, ...] = ()) -> str:
+def refused_beside(
+    capsys, finished, words: str, *overrides: str, command: str = "federate", config=SMOKE, extra: tuple[str, ...] = ()
+) -> str:
     """A refused federate with the finished run's run.root; the finished run keeps every byte."""
     root, before = finished
     line = refused(capsys, [command, str(config), *extra, *sets(f"run.root={root}", *QUIET, *overrides)], words)
@@ -62,8 +63,11 @@ def refused_beside(capsys, finished, words: str, *overrides: str, command: str =
 
 
 def test_more_local_ranks_than_gpus_is_refused_under_nccl_only():
-    with pytest.raises(ConfigError, match=r"4 ranks on this node but 2 visible GPU\(s\).*--nproc_per_node.*"
-                                          r"CUDA_VISIBLE_DEVICES.*dist.backend = \"gloo\""):
+    with pytest.raises(
+        ConfigError,
+        match=r"4 ranks on this node but 2 visible GPU\(s\).*--nproc_per_node.*"
+        r"CUDA_VISIBLE_DEVICES.*dist.backend = \"gloo\"",
+    ):
         preflight.check_local_ranks(4, 2, "nccl")
     preflight.check_local_ranks(2, 2, "nccl")
     preflight.check_local_ranks(4, 2, "gloo")  # gloo ranks may share a GPU, or use none
@@ -84,8 +88,14 @@ def test_four_ranks_on_a_two_gpu_node_stop_before_the_process_group(finished, mo
     # The only fake here: the GPU count of this CPU machine (torch.cuda.device_count), as the issue allows.
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    for key, value in {"RANK": "0", "WORLD_SIZE": "4", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "4",
-                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}.items():  # port 1: nothing may connect
+    for key, value in {
+        "RANK": "0",
+        "WORLD_SIZE": "4",
+        "LOCAL_RANK": "0",
+        "LOCAL_WORLD_SIZE": "4",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": "1",
+    }.items():  # port 1: nothing may connect
         monkeypatch.setenv(key, value)
     monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
     import torch.distributed as torch_dist
@@ -112,22 +122,36 @@ def one_setting(key: str, value) -> dict:
 
 
 def path_settings() -> list[str]:
-    return [f"{section}.{f.name}" for section, cls in section_types().items() for f in dataclasses.fields(cls)
-            if f.metadata.get(PATH)] + ["pretrain.deepspeed.config_file"]
+    return [
+        f"{section}.{f.name}"
+        for section, cls in section_types().items()
+        for f in dataclasses.fields(cls)
+        if f.metadata.get(PATH)
+    ] + ["pretrain.deepspeed.config_file"]
 
 
 def test_every_path_setting_expands_the_home_folder():
     settings = path_settings()
-    assert {"run.root", "data.root", "data.lists_dir", "data.train_shards", "model.pretrained_backbone",
-            "log.mlflow_uri", "align.teacher_model", "clip2fl.model", "pretrain.deepspeed.config_file"} <= set(settings)
+    assert {
+        "run.root",
+        "data.root",
+        "data.lists_dir",
+        "data.train_shards",
+        "model.pretrained_backbone",
+        "log.mlflow_uri",
+        "align.teacher_model",
+        "clip2fl.model",
+        "pretrain.deepspeed.config_file",
+    } <= set(settings)
     home = os.path.expanduser("~")
     for key in settings:
         section, *table, name = key.split(".")
         value = config_from_dict(one_setting(key, "~/x")).to_dict()[section]
         value = value[table[0]][name] if table else value[name]
         assert value == f"{home}/x", key
-    cfg = config_from_dict({"run": {"name": "t"}, "align": {"teacher_model": "local-dir:~/clip"},
-                            "log": {"mlflow_uri": "file:~/ml"}})
+    cfg = config_from_dict(
+        {"run": {"name": "t"}, "align": {"teacher_model": "local-dir:~/clip"}, "log": {"mlflow_uri": "file:~/ml"}}
+    )
     assert (cfg.align.teacher_model, cfg.log.mlflow_uri) == (f"local-dir:{home}/clip", f"file:{home}/ml")
 
 
@@ -145,8 +169,9 @@ def test_an_empty_run_root_is_refused_and_nothing_lands_in_the_working_directory
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("where, words", [("file", "is a file, not a folder"),
-                                          ("file/below", "on the way to it, is a file")])
+@pytest.mark.parametrize(
+    "where, words", [("file", "is a file, not a folder"), ("file/below", "on the way to it, is a file")]
+)
 def test_a_run_root_that_is_or_goes_through_a_file_is_refused(finished, where, words, capsys):
     root, before = finished
     blocker = root / "file"
@@ -166,8 +191,15 @@ def test_a_run_root_in_a_read_only_folder_is_refused(tmp_path, capsys):
     assert list(locked.iterdir()) == []
 
 
-@pytest.mark.parametrize("name, words", [("n" * 300, "at most 255 bytes"), ("a\nb", "control characters"),
-                                         ("a\x1b[2Jb", "control characters"), ("ü" * 130, "at most 255 bytes")])
+@pytest.mark.parametrize(
+    "name, words",
+    [
+        ("n" * 300, "at most 255 bytes"),
+        ("a\nb", "control characters"),
+        ("a\x1b[2Jb", "control characters"),
+        ("ü" * 130, "at most 255 bytes"),
+    ],
+)
 def test_a_run_name_too_long_or_with_control_characters_is_refused(finished, name, words, capsys):
     refused_beside(capsys, finished, words, f"run.name={name}")
 
@@ -182,20 +214,27 @@ def test_a_seed_suffix_that_takes_the_name_over_name_max_is_refused(finished, ca
 
 
 def test_an_input_path_with_a_newline_is_refused(finished, capsys):
-    refused_beside(capsys, finished, "data.root = 'a\\nb' is not allowed; it holds control characters",
-                   "data.root=a\nb")
+    refused_beside(
+        capsys, finished, "data.root = 'a\\nb' is not allowed; it holds control characters", "data.root=a\nb"
+    )
 
 
 # ---------------------------------------------------------------------------------------------- 3. numbers
 
 
 def float_settings() -> list[tuple[str, str]]:
-    return [(section, f.name) for section, cls in section_types().items() for f in dataclasses.fields(cls)
-            if f.type in ("float", float)]
+    return [
+        (section, f.name)
+        for section, cls in section_types().items()
+        for f in dataclasses.fields(cls)
+        if f.type in ("float", float)
+    ]
 
 
-@pytest.mark.parametrize("value, words", [(1e39, "overflows float32"), (-1e39, "overflows float32"),
-                                          (1e-39, "below float32's smallest normal")])
+@pytest.mark.parametrize(
+    "value, words",
+    [(1e39, "overflows float32"), (-1e39, "overflows float32"), (1e-39, "below float32's smallest normal")],
+)
 def test_every_float_setting_must_fit_float32(value, words):
     settings = float_settings()
     assert ("federated", "lr") in settings and ("creff", "lr_crt") in settings and len(settings) > 20
@@ -207,17 +246,21 @@ def test_every_float_setting_must_fit_float32(value, words):
 def test_lr_finite_in_the_toml_but_infinite_in_float32_is_refused(finished, tmp_path, capsys):
     config = tmp_path / "lr.toml"
     config.write_text(SMOKE.read_text().replace("lr = 0.05", "lr = 1e39"))
-    refused_beside(capsys, finished, "federated.lr = 1e+39 is not allowed; it overflows float32",
-                   "run.name=smoke", config=config)
+    refused_beside(
+        capsys, finished, "federated.lr = 1e+39 is not allowed; it overflows float32", "run.name=smoke", config=config
+    )
     refused_beside(capsys, finished, "overflows float32", "federated.lr=1e39")
 
 
-@pytest.mark.parametrize("override, words", [
-    ("federated.rounds=123456789012345678901234567890", "must fit a 64-bit integer"),
-    ("dist.timeout_minutes=1e20", "a number of minutes in (0, 1e+08]"),
-    ("data.samples_per_class=10000000000", "the data needs about"),
-    ("data.num_classes=1000000000", "the data needs about"),
-])
+@pytest.mark.parametrize(
+    "override, words",
+    [
+        ("federated.rounds=123456789012345678901234567890", "must fit a 64-bit integer"),
+        ("dist.timeout_minutes=1e20", "a number of minutes in (0, 1e+08]"),
+        ("data.samples_per_class=10000000000", "the data needs about"),
+        ("data.num_classes=1000000000", "the data needs about"),
+    ],
+)
 def test_numbers_too_large_for_the_machine_are_refused(finished, override, words, capsys):
     refused_beside(capsys, finished, words, override)
 
@@ -264,9 +307,15 @@ def test_ctrl_c_ends_a_run_with_one_line_exit_130_and_its_checkpoint_resumes(tmp
     argv = [sys.executable, "-m", "mllmfl_dist", "federate", str(SMOKE), *sets(f"run.root={tmp_path}", *QUIET)]
     # SIGINT back to its default in the child: a suite started in the background by a non-interactive shell
     # (`launch/test.sh &`) inherits SIGINT ignored, and Python then installs no KeyboardInterrupt handler.
-    proc = subprocess.Popen([*argv, "--set", "federated.rounds=500"], cwd=REPO, env=clean_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    proc = subprocess.Popen(
+        [*argv, "--set", "federated.rounds=500"],
+        cwd=REPO,
+        env=clean_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     try:
         deadline = time.monotonic() + 300
         while not (out / "rounds.jsonl").exists() or len((out / "rounds.jsonl").read_text().splitlines()) < 2:
@@ -279,13 +328,21 @@ def test_ctrl_c_ends_a_run_with_one_line_exit_130_and_its_checkpoint_resumes(tmp
     assert proc.returncode == 130, stderr[-3000:]
     assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr[-3000:]
     lines = [line for line in stderr.splitlines() if line.startswith("mllmfl_dist:")]
-    assert lines == [f"mllmfl_dist: interrupted (SIGINT) during federate {SMOKE}; checkpoints already written are "
-                     f"kept: rerun the same command to resume from the last one"]
+    assert lines == [
+        f"mllmfl_dist: interrupted (SIGINT) during federate {SMOKE}; checkpoints already written are "
+        f"kept: rerun the same command to resume from the last one"
+    ]
     saved = torch.load(out / "checkpoint.pt", weights_only=True)["round"]
     assert saved >= 1  # rounds.jsonl had 2 rounds; the second one's checkpoint may not have been written yet
     # The same command (one round more than the checkpoint, to stay short) resumes from it.
-    done = subprocess.run([*argv, "--set", f"federated.rounds={saved + 1}"], cwd=REPO, env=clean_env(),
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [*argv, "--set", f"federated.rounds={saved + 1}"],
+        cwd=REPO,
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"rounds {saved + 1}-{saved + 1} done" in done.stderr, done.stderr[-3000:]  # resumed, not restarted
     assert torch.load(out / "checkpoint.pt", weights_only=True)["round"] == saved + 1

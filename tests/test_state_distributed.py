@@ -16,13 +16,22 @@ import torch
 from launchers import REPO, SMOKE, clean_env, max_abs_difference, sets
 
 # Local momentum so SCAFFOLD's correction goes through it; every client state entry spills to disk at once.
-COMMON = ["dist.threads=1", "log.progress=false", "log.tensorboard=false", "federated.momentum=0.5",
-          "federated.num_clients=12", "federated.clients_per_round=5", "federated.local_epochs=1",
-          "federated.rounds=5", "checkpoint.every=2", "federated.client_state_mb=0"]
+COMMON = [
+    "dist.threads=1",
+    "log.progress=false",
+    "log.tensorboard=false",
+    "federated.momentum=0.5",
+    "federated.num_clients=12",
+    "federated.clients_per_round=5",
+    "federated.local_epochs=1",
+    "federated.rounds=5",
+    "checkpoint.every=2",
+    "federated.client_state_mb=0",
+]
 
 # A SCAFFOLD that SIGKILLs its own process on rank 0 inside round KILL_AT_ROUND's server step: after the round's
 # client states reached the store (and, with a budget of 0, its files), before that round's checkpoint.
-DRIVER = '''
+DRIVER = """
 import os, signal, sys
 from mllmfl_dist.config.plugins import register_strategy
 from mllmfl_dist.fl.strategies.scaffold import Scaffold
@@ -38,16 +47,25 @@ class KilledScaffold(Scaffold):
 register_strategy(KilledScaffold)
 from mllmfl_dist.__main__ import main
 sys.exit(main(sys.argv[1:]))
-'''
+"""
 
 
 def federate(driver: Path, nproc: int, root: Path, name: str, **env: str) -> subprocess.CompletedProcess:
-    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-                if nproc > 1 else [sys.executable])
-    command = [*launcher, str(driver), "federate", str(SMOKE),
-               *sets(f"run.root={root}", f"run.name={name}", "federated.strategy=scaffold_killed", *COMMON)]
-    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900,
-                          env=clean_env(PYTHONPATH=str(REPO), **env))
+    launcher = (
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+        if nproc > 1
+        else [sys.executable]
+    )
+    command = [
+        *launcher,
+        str(driver),
+        "federate",
+        str(SMOKE),
+        *sets(f"run.root={root}", f"run.name={name}", "federated.strategy=scaffold_killed", *COMMON),
+    ]
+    return subprocess.run(
+        command, cwd=REPO, capture_output=True, text=True, timeout=900, env=clean_env(PYTHONPATH=str(REPO), **env)
+    )
 
 
 def final(root: Path, name: str) -> dict[str, torch.Tensor]:
@@ -86,7 +104,8 @@ def test_scaffold_on_one_and_three_processes_ends_with_the_same_model(straight, 
 
 
 def test_a_run_killed_after_a_round_without_checkpoint_resumes_reading_client_state_as_of_its_checkpoint(
-        straight, tmp_path):
+    straight, tmp_path
+):
     driver, root = straight
     killed = federate(driver, 1, tmp_path, "killed", KILL_AT_ROUND="4")
     assert killed.returncode != 0

@@ -51,8 +51,9 @@ def unflat(vector) -> np.ndarray:
     return np.concatenate([v[:4].reshape(2, 2), v[4:, None]], axis=1)
 
 
-def local_training(strategy, theta: np.ndarray, data, steps: int, momentum: float = 0.0,
-                   weight_decay: float = 0.0) -> torch.Tensor:
+def local_training(
+    strategy, theta: np.ndarray, data, steps: int, momentum: float = 0.0, weight_decay: float = 0.0
+) -> torch.Tensor:
     """``steps`` full-batch SGD steps on the strategy's local loss (as train_client takes them)."""
     model = model_at(theta)
     global_params = [p.detach().clone() for p in model.parameters()]
@@ -111,7 +112,8 @@ def test_scaffold_step_on_two_clients_equals_the_paper_by_hand():
 
 @pytest.mark.parametrize("momentum, weight_decay", [(0.9, 0.0), (0.5, 0.1), (0.0, 0.1)])
 def test_scaffold_control_variate_with_local_momentum_and_weight_decay_is_the_mean_gradient_by_hand(
-        momentum, weight_decay):
+    momentum, weight_decay
+):
     """Two local steps of heavy-ball SGD, by hand: b1 = d0, y1 = x - lr d0; b2 = mu d0 + d1, y2 = y1 - lr b2, with
     d_s = g(y_s) + lambda y_s + c - c_i. So x - y2 = lr ((1 + mu) d0 + d1) and option II's c_i+ must be the
     weighted mean ((1 + mu) (g(x) + lambda x) + g(y1) + lambda y1) / (2 + mu): the correction c - c_i cancels
@@ -164,8 +166,9 @@ def test_feddyn_step_on_two_clients_equals_the_paper_by_hand():
         for _ in range(K):  # gradient of L_k(theta) - <g_k, theta> + alpha/2 ||theta - theta^{t-1}||^2
             expected_y -= LR * (ce_grad(expected_y, data[0], data[1]) - g + alpha * (expected_y - X0))
         np.testing.assert_allclose(unflat(y), expected_y, rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(unflat(update.state["gradient"]), g - alpha * (expected_y - X0), rtol=1e-5,
-                                   atol=1e-6)
+        np.testing.assert_allclose(
+            unflat(update.state["gradient"]), g - alpha * (expected_y - X0), rtol=1e-5, atol=1e-6
+        )
 
     new = strategy.server_update(flat(X0), weighted_mean(trained, [4, 2]), MASK, sums)
     deltas = [unflat(t) - X0 for t in trained]
@@ -184,8 +187,14 @@ def test_fednova_normalises_by_local_steps_with_momentum_as_in_the_paper():
 
     strategy = FedNova(StrategyArgs(fed(momentum=rho, server_lr=0.8), seed=0))
     steps = [3, 1]
-    trained, sums = [], {"normalized_update": torch.zeros(6, dtype=torch.float64),
-                         "tau": torch.zeros(1, dtype=torch.float64), "weight": torch.zeros(1, dtype=torch.float64)}
+    trained, sums = (
+        [],
+        {
+            "normalized_update": torch.zeros(6, dtype=torch.float64),
+            "tau": torch.zeros(1, dtype=torch.float64),
+            "weight": torch.zeros(1, dtype=torch.float64),
+        },
+    )
     for k, (data, K) in enumerate(zip(CLIENTS, steps)):
         client = ClientContext(k, 1, len(data[1]), K, None)
         y = local_training(strategy, X0, data, K, momentum=rho)
@@ -207,14 +216,18 @@ def by_momentum(steps: int, rho: float) -> float:
 
 def test_fednova_with_equal_steps_and_no_momentum_is_fedavg():
     strategy = FedNova(StrategyArgs(fed(), seed=0))
-    sums = {"normalized_update": torch.zeros(6, dtype=torch.float64), "tau": torch.zeros(1, dtype=torch.float64),
-            "weight": torch.zeros(1, dtype=torch.float64)}
+    sums = {
+        "normalized_update": torch.zeros(6, dtype=torch.float64),
+        "tau": torch.zeros(1, dtype=torch.float64),
+        "weight": torch.zeros(1, dtype=torch.float64),
+    }
     trained = []
     for k, data in enumerate(CLIENTS):
         y = local_training(strategy, X0, data, 2)
         trained.append(y)
-        for name, t in strategy.finish_client(None, ClientContext(k, 1, len(data[1]), 2), flat(X0), y,
-                                              MASK).uploads.items():
+        for name, t in strategy.finish_client(
+            None, ClientContext(k, 1, len(data[1]), 2), flat(X0), y, MASK
+        ).uploads.items():
             sums[name] += t
     mean = weighted_mean(trained, [4, 2])
     torch.testing.assert_close(strategy.server_update(flat(X0), mean, MASK, sums), mean, rtol=1e-12, atol=1e-12)

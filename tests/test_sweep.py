@@ -16,8 +16,15 @@ SMOKE = REPO / "configs" / "smoke.toml"
 
 
 def test_run_name_template_is_resolved_after_the_overrides() -> None:
-    cfg = load_config(SMOKE, ["run.name={federated.strategy}-a{partition.alpha}-s{run.seed}", "run.seed=2",
-                              "federated.strategy=fedprox", "partition.alpha=0.1"])
+    cfg = load_config(
+        SMOKE,
+        [
+            "run.name={federated.strategy}-a{partition.alpha}-s{run.seed}",
+            "run.seed=2",
+            "federated.strategy=fedprox",
+            "partition.alpha=0.1",
+        ],
+    )
     assert cfg.run.name == "fedprox-a0.1-s2" and cfg.run_dir == Path("runs/fedprox-a0.1-s2")
     cfg = load_config(SMOKE, ["run.name=lr{federated.lr:.0e}-{pretrain.deepspeed.zero_stage}"])
     assert cfg.run.name == "lr5e-02-0"
@@ -25,11 +32,16 @@ def test_run_name_template_is_resolved_after_the_overrides() -> None:
     assert 'name = "fedavg"' in load_config(SMOKE, ["run.name={federated.strategy}"]).to_toml()
 
 
-@pytest.mark.parametrize("template,message", [("{federated.nope}", "{federated.nope} is not a config key"),
-                                              ("{run.name}x", "{run.name} is not a config key"),
-                                              ("x{federated.lr:d}", "cannot format {federated.lr}"),
-                                              ("{oops", "not a valid template"),
-                                              ("{data.train_shards}", "non-empty name")])
+@pytest.mark.parametrize(
+    "template,message",
+    [
+        ("{federated.nope}", "{federated.nope} is not a config key"),
+        ("{run.name}x", "{run.name} is not a config key"),
+        ("x{federated.lr:d}", "cannot format {federated.lr}"),
+        ("{oops", "not a valid template"),
+        ("{data.train_shards}", "non-empty name"),
+    ],
+)
 def test_a_bad_template_is_one_clear_config_error(template, message, capsys) -> None:
     with pytest.raises(ConfigError, match="run.name") as err:
         load_config(SMOKE, [f"run.name={template}"])
@@ -44,8 +56,16 @@ def finals_of(run_dir: Path) -> dict:
 
 
 def test_federate_seeds_runs_each_seed_in_its_own_directory_and_reports_mean_and_std(tmp_path, capsys) -> None:
-    sets = ["--set", f"run.root={tmp_path}", "--set", "federated.rounds=1", "--set", "log.progress=false",
-            "--set", "log.tensorboard=false"]
+    sets = [
+        "--set",
+        f"run.root={tmp_path}",
+        "--set",
+        "federated.rounds=1",
+        "--set",
+        "log.progress=false",
+        "--set",
+        "log.tensorboard=false",
+    ]
     assert main(["federate", str(SMOKE), "--seeds", "0,1", *sets]) == 0
     out = capsys.readouterr().out
     finals = [finals_of(tmp_path / f"smoke-seed{seed}") for seed in (0, 1)]
@@ -54,8 +74,9 @@ def test_federate_seeds_runs_each_seed_in_its_own_directory_and_reports_mean_and
         assert f"in {tmp_path / f'smoke-seed{seed}'}" in out
     accs = [f["acc"] for f in finals]
     assert f"mean +- std over 2 seeds: acc {statistics.fmean(accs):.4f} +- {statistics.stdev(accs):.4f}" in out
-    partitions = [json.loads((tmp_path / f"smoke-seed{seed}" / "federated" / "partition.json").read_text())
-                  for seed in (0, 1)]
+    partitions = [
+        json.loads((tmp_path / f"smoke-seed{seed}" / "federated" / "partition.json").read_text()) for seed in (0, 1)
+    ]
     assert [p["seed"] for p in partitions] == [0, 1] and partitions[0]["class_counts"] != partitions[1]["class_counts"]
 
     # With {run.seed} in the name the directories are the template's.
@@ -65,8 +86,18 @@ def test_federate_seeds_runs_each_seed_in_its_own_directory_and_reports_mean_and
 
 
 def test_run_seeds_gives_each_seed_its_report(tmp_path, capsys) -> None:
-    sets = ["--set", f"run.root={tmp_path}", "--set", "federated.rounds=1", "--set", "log.progress=false",
-            "--set", "log.tensorboard=false", "--set", "run.name=r{run.seed}"]
+    sets = [
+        "--set",
+        f"run.root={tmp_path}",
+        "--set",
+        "federated.rounds=1",
+        "--set",
+        "log.progress=false",
+        "--set",
+        "log.tensorboard=false",
+        "--set",
+        "run.name=r{run.seed}",
+    ]
     assert main(["run", str(SMOKE), "--seeds", "4,5", *sets]) == 0
     out = capsys.readouterr().out
     for seed in (4, 5):

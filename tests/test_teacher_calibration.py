@@ -24,8 +24,7 @@ def _images(n, seed=0):
 
 
 def test_the_clip_teachers_logit_scale_is_the_loaded_models_own_unless_a_number_is_set(tiny_models, tmp_path):
-    from mllmfl_dist.mllm.clip_teacher import load_clip, resolve_logit_scale, zero_shot_classifier, \
-        zero_shot_logits
+    from mllmfl_dist.mllm.clip_teacher import load_clip, resolve_logit_scale, zero_shot_classifier, zero_shot_logits
     from mllmfl_dist.mllm.teachers import teacher_cache_key, teacher_distributions
 
     spec = f"local-dir:{tiny_models['clip']}"
@@ -36,19 +35,21 @@ def test_the_clip_teachers_logit_scale_is_the_loaded_models_own_unless_a_number_
 
     images = _images(4)
     x = torch.stack([preprocess(im) for im in images])
-    cosine = zero_shot_logits(clip, tokenizer, x, CLASSES, logit_scale=1.0,
-                              classifier=zero_shot_classifier(clip, tokenizer, CLASSES))
+    cosine = zero_shot_logits(
+        clip, tokenizer, x, CLASSES, logit_scale=1.0, classifier=zero_shot_classifier(clip, tokenizer, CLASSES)
+    )
     details = {}
-    q = teacher_distributions("clip", images, CLASSES, model=spec, temperature=2.0, cache_dir=tmp_path,
-                              details=details)
+    q = teacher_distributions("clip", images, CLASSES, model=spec, temperature=2.0, cache_dir=tmp_path, details=details)
     assert details["logit_scale"] == pytest.approx(own)
     torch.testing.assert_close(q, torch.softmax(own * cosine / 2.0, dim=1), rtol=1e-5, atol=1e-6)
-    set_q = teacher_distributions("clip", images, CLASSES, model=spec, temperature=2.0, logit_scale=7.5,
-                                  cache_dir=tmp_path)
+    set_q = teacher_distributions(
+        "clip", images, CLASSES, model=spec, temperature=2.0, logit_scale=7.5, cache_dir=tmp_path
+    )
     torch.testing.assert_close(set_q, torch.softmax(7.5 * cosine / 2.0, dim=1), rtol=1e-5, atol=1e-6)
     # The cache keys on the scale: two files, and a hit reports the scale it was computed at.
-    assert teacher_cache_key("clip", images, CLASSES, model=spec) != \
-        teacher_cache_key("clip", images, CLASSES, model=spec, logit_scale=7.5)
+    assert teacher_cache_key("clip", images, CLASSES, model=spec) != teacher_cache_key(
+        "clip", images, CLASSES, model=spec, logit_scale=7.5
+    )
     assert len(list(tmp_path.glob("teacher-clip-*.pt"))) == 2
     again = {}
     teacher_distributions("clip", images, CLASSES, model=spec, temperature=2.0, cache_dir=tmp_path, details=again)
@@ -116,8 +117,12 @@ def test_teacher_diagnostics_match_a_hand_computation():
     q = torch.tensor([[0.7, 0.2, 0.1], [1.0, 0.0, 0.0], [1 / 3, 1 / 3, 1 / 3], [0.1, 0.6, 0.3]])
     labels = torch.tensor([0, 1, 2, 1])
     stats = teacher_diagnostics(q, labels)
-    entropy = [-(0.7 * math.log(0.7) + 0.2 * math.log(0.2) + 0.1 * math.log(0.1)), 0.0, math.log(3),
-               -(0.1 * math.log(0.1) + 0.6 * math.log(0.6) + 0.3 * math.log(0.3))]
+    entropy = [
+        -(0.7 * math.log(0.7) + 0.2 * math.log(0.2) + 0.1 * math.log(0.1)),
+        0.0,
+        math.log(3),
+        -(0.1 * math.log(0.1) + 0.6 * math.log(0.6) + 0.3 * math.log(0.3)),
+    ]
     # argmax: 0 (right), 0 (wrong), 0 (first of a tie; wrong), 1 (right)
     assert stats["accuracy"] == pytest.approx(0.5)
     assert stats["mean_entropy_nats"] == pytest.approx(sum(entropy) / 4)
@@ -172,12 +177,29 @@ def test_the_uniform_teacher_cannot_pseudo_label_web_images(tmp_path):
 def test_the_report_shows_the_teachers_accuracy_and_entropy():
     from mllmfl_dist.stages.report import report_markdown
 
-    fed = {"round": 3, "acc": 0.5, "clip2fl_teacher": {"samples": 90, "logit_scale": 14.2857, "temperature": 3.0,
-                                                       "accuracy": 0.25, "mean_entropy_nats": 0.01,
-                                                       "max_entropy_nats": 2.302585, "mean_top_probability": 0.99},
-           "alignment": {"images": 200, "source": "holdout", "server_labeled_images": 200, "teacher": "uniform",
-                         "teacher_accuracy": 0.1, "teacher_mean_entropy_nats": 2.302585,
-                         "teacher_max_entropy_nats": 2.302585, "teacher_mean_top_probability": 0.1}}
+    fed = {
+        "round": 3,
+        "acc": 0.5,
+        "clip2fl_teacher": {
+            "samples": 90,
+            "logit_scale": 14.2857,
+            "temperature": 3.0,
+            "accuracy": 0.25,
+            "mean_entropy_nats": 0.01,
+            "max_entropy_nats": 2.302585,
+            "mean_top_probability": 0.99,
+        },
+        "alignment": {
+            "images": 200,
+            "source": "holdout",
+            "server_labeled_images": 200,
+            "teacher": "uniform",
+            "teacher_accuracy": 0.1,
+            "teacher_mean_entropy_nats": 2.302585,
+            "teacher_max_entropy_nats": 2.302585,
+            "teacher_mean_top_probability": 0.1,
+        },
+    }
     text = report_markdown({"run_dir": "r", "federated": fed})
     assert "| CLIP2FL, clients' 90 samples, scale 14.286, T 3.0 | 0.250 | 0.010 | 2.303 | 0.990 |" in text
     assert "| alignment (uniform), its 200 images | 0.100 | 2.303 | 2.303 | 0.100 |" in text

@@ -83,8 +83,9 @@ def test_cache_key_changes():
     assert key != teacher_cache_key("llava", images, CLASSES, **{**base, "model": "m2"})
     assert key != teacher_cache_key("llava", images, CLASSES, **{**base, "score": "mean"})
     # clip ignores the llava score
-    assert (teacher_cache_key("clip", images, CLASSES, **base)
-            == teacher_cache_key("clip", images, CLASSES, **{**base, "score": "mean"}))
+    assert teacher_cache_key("clip", images, CLASSES, **base) == teacher_cache_key(
+        "clip", images, CLASSES, **{**base, "score": "mean"}
+    )
 
 
 def test_cache_key_changes_when_local_weights_are_replaced(tiny_models, tmp_path):
@@ -119,8 +120,9 @@ def test_llava_score_is_answer_loglik(tiny_models):
     manual = torch.stack(manual)
     assert manual.max() < 0
     torch.testing.assert_close(batched[0], manual, atol=1e-4, rtol=1e-5)
-    q = teacher_distributions("llava", [image], CLASSES, model=str(tiny_models["llava"]), prompt=PROMPT,
-                              temperature=2.0)
+    q = teacher_distributions(
+        "llava", [image], CLASSES, model=str(tiny_models["llava"]), prompt=PROMPT, temperature=2.0
+    )
     torch.testing.assert_close(q[0], torch.softmax(manual / 2.0, dim=-1), atol=1e-5, rtol=1e-4)
     # The length-normalised score is the mean over the answer's tokens; the names differ in token count,
     # so it is not the sum scaled by one constant.
@@ -128,8 +130,9 @@ def test_llava_score_is_answer_loglik(tiny_models):
     assert len(set(lengths.tolist())) > 1
     mean = llava_answer_loglik(llava, processor, [image], CLASSES, PROMPT, batch_size=3, score="mean")
     torch.testing.assert_close(mean[0], manual / lengths, atol=1e-4, rtol=1e-5)
-    q_mean = teacher_distributions("llava", [image], CLASSES, model=str(tiny_models["llava"]), prompt=PROMPT,
-                                   temperature=2.0, score="mean")
+    q_mean = teacher_distributions(
+        "llava", [image], CLASSES, model=str(tiny_models["llava"]), prompt=PROMPT, temperature=2.0, score="mean"
+    )
     torch.testing.assert_close(q_mean[0], torch.softmax(manual / lengths / 2.0, dim=-1), atol=1e-5, rtol=1e-4)
     with pytest.raises(ValueError, match="score"):
         llava_answer_loglik(llava, processor, [image], CLASSES, PROMPT, score="max")

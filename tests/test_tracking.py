@@ -19,12 +19,24 @@ SMOKE = REPO / "configs" / "smoke.toml"
 
 
 def test_flatten_scalars_spreads_nested_values_and_skips_what_is_not_a_number() -> None:
-    record = {"round": 3, "acc": 0.5, "acc_few": None, "flag": True, "name": "x", "per_class": [0.25, float("nan")],
-              "before_align": {"acc": 0.4, "per_class": [0.1, 0.2]}}
+    record = {
+        "round": 3,
+        "acc": 0.5,
+        "acc_few": None,
+        "flag": True,
+        "name": "x",
+        "per_class": [0.25, float("nan")],
+        "before_align": {"acc": 0.4, "per_class": [0.1, 0.2]},
+    }
     got = flatten_scalars(record, "eval/", ["T-shirt/top", "Trouser"])
-    assert got == {"eval/round": 3.0, "eval/acc": 0.5, "eval/per_class/T-shirt_top": 0.25,
-                   "eval/before_align/acc": 0.4, "eval/before_align/per_class/T-shirt_top": 0.1,
-                   "eval/before_align/per_class/Trouser": 0.2}
+    assert got == {
+        "eval/round": 3.0,
+        "eval/acc": 0.5,
+        "eval/per_class/T-shirt_top": 0.25,
+        "eval/before_align/acc": 0.4,
+        "eval/before_align/per_class/T-shirt_top": 0.1,
+        "eval/before_align/per_class/Trouser": 0.2,
+    }
 
 
 def wandb_history(run_dir: Path) -> list[dict]:
@@ -51,8 +63,12 @@ def wandb_history(run_dir: Path) -> list[dict]:
                 record = wandb_internal_pb2.Record()
                 record.ParseFromString(pending)
                 if record.WhichOneof("record_type") == "history":
-                    rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
-                                 for item in record.history.item})
+                    rows.append(
+                        {
+                            item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                            for item in record.history.item
+                        }
+                    )
     return rows
 
 
@@ -82,10 +98,20 @@ def test_federate_logs_to_tensorboard_wandb_offline_and_mlflow(tmp_path, monkeyp
     pytest.importorskip("mlflow")
     monkeypatch.setenv("WANDB_MODE", "offline")  # no network; log.wandb_mode says the same
     monkeypatch.setenv("WANDB_SILENT", "true")
-    sets = [f"run.root={tmp_path}", "federated.rounds=2", "eval.every=1", "log.progress=false",
-            "log.wandb=true", "log.wandb_mode=offline", "log.mlflow=true",
-            # alignment on a held-out set: before/after-alignment accuracy and align_loss
-            "align.every=1", "align.source=holdout", "data.server_holdout_per_class=5", "align.steps=2"]
+    sets = [
+        f"run.root={tmp_path}",
+        "federated.rounds=2",
+        "eval.every=1",
+        "log.progress=false",
+        "log.wandb=true",
+        "log.wandb_mode=offline",
+        "log.mlflow=true",
+        # alignment on a held-out set: before/after-alignment accuracy and align_loss
+        "align.every=1",
+        "align.source=holdout",
+        "data.server_holdout_per_class=5",
+        "align.steps=2",
+    ]
     argv = ["federate", str(SMOKE)]
     for item in sets:
         argv += ["--set", item]
@@ -98,8 +124,16 @@ def test_federate_logs_to_tensorboard_wandb_offline_and_mlflow(tmp_path, monkeyp
     assert [sum(col) for col in zip(*partition["class_counts"])] == partition["train_class_counts"]
 
     scalars = tensorboard_scalars(run_dir / "federated")
-    for tag in ("eval/acc", "eval/acc_many", "eval/per_class/class_0", "eval/before_align/acc", "round/seconds",
-                "round/bytes_all_reduced", "round/train_loss", "round/align_loss"):
+    for tag in (
+        "eval/acc",
+        "eval/acc_many",
+        "eval/per_class/class_0",
+        "eval/before_align/acc",
+        "round/seconds",
+        "round/bytes_all_reduced",
+        "round/train_loss",
+        "round/align_loss",
+    ):
         assert [step for step, _ in scalars[tag]] == [1, 2], tag
     records = [json.loads(line) for line in (run_dir / "federated" / "metrics.jsonl").read_text().splitlines()]
     hparams, config_text = tensorboard_config(run_dir / "federated")
@@ -137,8 +171,20 @@ def test_federate_logs_to_tensorboard_wandb_offline_and_mlflow(tmp_path, monkeyp
 
 def test_a_tracker_that_cannot_start_is_reported_and_the_run_goes_on(tmp_path, caplog) -> None:
     pytest.importorskip("mlflow")
-    argv = ["federate", str(SMOKE), "--set", f"run.root={tmp_path}", "--set", "federated.rounds=1",
-            "--set", "log.progress=false", "--set", "log.mlflow=true", "--set", "log.mlflow_uri=nosuchscheme://x"]
+    argv = [
+        "federate",
+        str(SMOKE),
+        "--set",
+        f"run.root={tmp_path}",
+        "--set",
+        "federated.rounds=1",
+        "--set",
+        "log.progress=false",
+        "--set",
+        "log.mlflow=true",
+        "--set",
+        "log.mlflow_uri=nosuchscheme://x",
+    ]
     with caplog.at_level(logging.WARNING):
         assert main(argv) == 0
     assert any("mlflow could not start" in r.getMessage() for r in caplog.records)

@@ -12,8 +12,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def run_mypy(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mypy", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=1200)
+    return subprocess.run([sys.executable, "-m", "mypy", *args], cwd=cwd, capture_output=True, text=True, timeout=1200)
 
 
 def test_the_package_type_checks() -> None:
@@ -31,8 +30,14 @@ def test_strict_applies_to_core_and_config_only(tmp_path: Path) -> None:
         (folder / "__init__.py").write_text("")
         if package:
             (folder / "untyped.py").write_text("def twice(x):\n    return 2 * x\n")
-    done = run_mypy("--config-file", str(REPO / "pyproject.toml"), "--cache-dir", str(tmp_path / "cache"),
-                    "mllmfl_dist", cwd=tmp_path)
+    done = run_mypy(
+        "--config-file",
+        str(REPO / "pyproject.toml"),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "mllmfl_dist",
+        cwd=tmp_path,
+    )
     out = done.stdout
     assert done.returncode == 1, out + done.stderr
     for package in ("core", "config"):

@@ -23,8 +23,14 @@ from mllmfl_dist.stages.report import report_markdown
 SMOKE = Path(__file__).resolve().parents[1] / "configs" / "smoke.toml"
 FMNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
 # Synthetic, long-tailed, a window of the split kept out (like the shipped server-side sets), a holdout.
-CONFIG = DataConfig(source="synthetic", samples_per_class=120, imb_factor=0.1, server_holdout_per_class=4,
-                    train_indices="0:1100", image_size=8)
+CONFIG = DataConfig(
+    source="synthetic",
+    samples_per_class=120,
+    imb_factor=0.1,
+    server_holdout_per_class=4,
+    train_indices="0:1100",
+    image_size=8,
+)
 PARTITION = PartitionConfig(alpha=0.5)
 CLIENTS = 12
 
@@ -80,11 +86,30 @@ def test_a_too_large_val_split_and_an_overlapping_one_are_refused() -> None:
     images, labels = data._images, data._labels
     clients = [data.client_indices(c) for c in range(CLIENTS)]
     with pytest.raises(ValueError, match="validation split overlaps the clients"):
-        ArrayClientData(images, labels, clients, *data.test_set(), 10, data.class_names, data.mean, data.std,
-                        val_indices=clients[0][:1])
+        ArrayClientData(
+            images,
+            labels,
+            clients,
+            *data.test_set(),
+            10,
+            data.class_names,
+            data.mean,
+            data.std,
+            val_indices=clients[0][:1],
+        )
     with pytest.raises(ValueError, match="validation split overlaps the server pool"):
-        ArrayClientData(images, labels, clients, *data.test_set(), 10, data.class_names, data.mean, data.std,
-                        server_pool=data._server_pool, val_indices=data._server_pool[:1])
+        ArrayClientData(
+            images,
+            labels,
+            clients,
+            *data.test_set(),
+            10,
+            data.class_names,
+            data.mean,
+            data.std,
+            server_pool=data._server_pool,
+            val_indices=data._server_pool[:1],
+        )
 
 
 def test_on_demand_synthetic_clients_refuse_a_val_split_and_a_fraction() -> None:
@@ -112,8 +137,14 @@ def test_train_fraction_keeps_the_fraction_of_each_class_seeded_and_nested() -> 
     assert not np.array_equal(np.sort(all_client_indices(other_seed)), np.sort(all_client_indices(quarter)))
     tenth = build_client_data(dataclasses.replace(config, train_fraction=0.1), PARTITION, 4, seed=1)
     assert np.isin(all_client_indices(tenth), all_client_indices(quarter)).all()  # a smaller fraction: a subset
-    assert min(build_client_data(dataclasses.replace(config, train_fraction=0.01), PARTITION, 4,
-                                 seed=1).train_class_counts()) == 1  # every class keeps an image
+    assert (
+        min(
+            build_client_data(
+                dataclasses.replace(config, train_fraction=0.01), PARTITION, 4, seed=1
+            ).train_class_counts()
+        )
+        == 1
+    )  # every class keeps an image
 
 
 def test_fraction_counts_round_half_up_and_keep_one_image_of_every_present_class() -> None:
@@ -128,8 +159,9 @@ def test_too_small_a_fraction_for_the_clients_is_one_line() -> None:
 
 @pytest.mark.skipif(not FMNIST.exists(), reason="needs Debian's dataset-fashion-mnist")
 def test_fashion_mnist_val_is_drawn_from_the_usable_range_before_the_holdout() -> None:
-    config = DataConfig(source="fashion_mnist", train_indices="0:50000", server_holdout_per_class=20,
-                        imb_factor=0.01, val_per_class=100)
+    config = DataConfig(
+        source="fashion_mnist", train_indices="0:50000", server_holdout_per_class=20, imb_factor=0.01, val_per_class=100
+    )
     data = build_client_data(config, PartitionConfig(), 100, seed=0)
     val, pool = data.val_indices(), data._server_pool
     assert len(val) == 1000 and val.max() < 50000 and pool.max() < 50000  # shipped sets are 50000-59999
@@ -143,8 +175,20 @@ def test_fashion_mnist_val_is_drawn_from_the_usable_range_before_the_holdout() -
 
 
 def test_metrics_summary_report_and_evaluate_show_val_beside_test(tmp_path, capsys) -> None:
-    sets = ["--set", f"run.root={tmp_path}", "--set", "federated.rounds=2", "--set", "eval.every=1",
-            "--set", "data.val_per_class=10", "--set", "log.tensorboard=false", "--set", "log.progress=false"]
+    sets = [
+        "--set",
+        f"run.root={tmp_path}",
+        "--set",
+        "federated.rounds=2",
+        "--set",
+        "eval.every=1",
+        "--set",
+        "data.val_per_class=10",
+        "--set",
+        "log.tensorboard=false",
+        "--set",
+        "log.progress=false",
+    ]
     assert main(["federate", str(SMOKE), *sets]) == 0
     out = tmp_path / "smoke" / "federated"
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -178,19 +222,39 @@ def test_the_evaluation_line_and_the_report_table_show_val_only_where_there_is_o
     record = {"round": 4, "acc": 0.5, "acc_many": 0.6, "acc_medium": None, "acc_few": 0.1}
     assert "val" not in evaluation_line(record, 10, 1.0)
     assert "acc 0.5000 (many 0.6000, medium -, few 0.1000), val acc 0.4321, 1.00 s/round" in evaluation_line(
-        {**record, "val_acc": 0.4321}, 10, 1.0)
+        {**record, "val_acc": 0.4321}, 10, 1.0
+    )
     plain = report_markdown({"run_dir": "r", "federated": {"round": 4, "acc": 0.5}})
     assert "val" not in plain
-    both = report_markdown({"run_dir": "r", "federated": {"round": 4, "acc": 0.5, "val_acc": 0.25,
-                                                          "val_acc_top1": 0.25}})
+    both = report_markdown(
+        {"run_dir": "r", "federated": {"round": 4, "acc": 0.5, "val_acc": 0.25, "val_acc_top1": 0.25}}
+    )
     assert "| method, round 4 | 0.500 | — | — | — | — | 0.250 | 0.250 |" in both
 
 
 def test_an_aligned_round_records_val_before_and_after_alignment(tmp_path) -> None:
-    sets = ["--set", f"run.root={tmp_path}", "--set", "federated.rounds=1", "--set", "log.tensorboard=false",
-            "--set", "data.val_per_class=5", "--set", "data.server_holdout_per_class=5", "--set", "align.every=1",
-            "--set", "align.source=holdout", "--set", "align.per_class=5", "--set", "align.steps=5",
-            "--set", "align.lr=0.5"]
+    sets = [
+        "--set",
+        f"run.root={tmp_path}",
+        "--set",
+        "federated.rounds=1",
+        "--set",
+        "log.tensorboard=false",
+        "--set",
+        "data.val_per_class=5",
+        "--set",
+        "data.server_holdout_per_class=5",
+        "--set",
+        "align.every=1",
+        "--set",
+        "align.source=holdout",
+        "--set",
+        "align.per_class=5",
+        "--set",
+        "align.steps=5",
+        "--set",
+        "align.lr=0.5",
+    ]
     assert main(["federate", str(SMOKE), *sets]) == 0
     record = json.loads((tmp_path / "smoke" / "federated" / "metrics.jsonl").read_text().splitlines()[-1])
     assert {"acc", "val_acc", "val_acc_top1"} <= record["before_align"].keys()

@@ -19,8 +19,16 @@ MINUTES = (SILENT_SECONDS + 1.5) / 60  # long enough for two heartbeat samples S
 
 
 def rank(store, r: int, world: int = 3) -> Runtime:
-    return Runtime(r, world, r, "gloo", torch.device("cpu"), False, store=store,
-                   waits=WaitSettings(round_minutes=MINUTES, report_seconds=0.5))
+    return Runtime(
+        r,
+        world,
+        r,
+        "gloo",
+        torch.device("cpu"),
+        False,
+        store=store,
+        waits=WaitSettings(round_minutes=MINUTES, report_seconds=0.5),
+    )
 
 
 def wait_on_rank0(store, caplog) -> str:
@@ -62,8 +70,11 @@ def test_a_rank_that_never_arrived_is_named_once_whatever_its_heartbeat(caplog):
 def test_a_broken_wait_names_the_ranks_gone_and_not_the_timeout():
     store = torch_dist.HashStore()
     store.set("wait/1/1", "1")
-    with pytest.raises(RankLostError, match=r"^rank 0: the broadcast broke after 0 s: rank\(s\) 2 dropped out "
-                                            r"\(killed or crashed\?\): Connection reset by peer$"):
+    with pytest.raises(
+        RankLostError,
+        match=r"^rank 0: the broadcast broke after 0 s: rank\(s\) 2 dropped out "
+        r"\(killed or crashed\?\): Connection reset by peer$",
+    ):
         with Waiting(rank(store, 0), "the broadcast", "dist.timeout_minutes", MINUTES):
             raise torch_dist.DistError("Connection reset by peer")
 

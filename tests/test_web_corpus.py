@@ -11,16 +11,41 @@ import pytest
 
 from mllmfl_dist.data.base import DataError
 from mllmfl_dist.data.shards import expand_shards, iter_samples
-from mllmfl_dist.standins.web_captions import (ADJECTIVES, CATEGORY_NAMES, NO_CLASS_CAPTIONS, SYNONYMS, TEMPLATES,
-                                           make_caption, named_category, reversed_tail_counts)
+from mllmfl_dist.standins.web_captions import (
+    ADJECTIVES,
+    CATEGORY_NAMES,
+    NO_CLASS_CAPTIONS,
+    SYNONYMS,
+    TEMPLATES,
+    make_caption,
+    named_category,
+    reversed_tail_counts,
+)
 from mllmfl_dist.standins.standin_data import instruction_pairs, llava_prompt
 
 SHIPPED = Path(__file__).resolve().parents[1] / "shards"
 WEB = SHIPPED / "fmnist_web"
 # The arguments shards/build.sh passes (its last command).
-BUILD_ARGS = ["--indices", "50000:59488", "--exclude", str(SHIPPED / "fmnist_align" / "align-*.tar.gz"),
-              "--n-max", "950", "--mix-factor", "0.4", "--wrong-fraction", "0.1", "--no-class-fraction", "0.1",
-              "--seed", "0", "--prefix", "web", "--max-count", "1000"]
+BUILD_ARGS = [
+    "--indices",
+    "50000:59488",
+    "--exclude",
+    str(SHIPPED / "fmnist_align" / "align-*.tar.gz"),
+    "--n-max",
+    "950",
+    "--mix-factor",
+    "0.4",
+    "--wrong-fraction",
+    "0.1",
+    "--no-class-fraction",
+    "0.1",
+    "--seed",
+    "0",
+    "--prefix",
+    "web",
+    "--max-count",
+    "1000",
+]
 
 
 def fashion_mnist():
@@ -125,8 +150,9 @@ def test_shipped_corpus_captions_and_class_mix_match_the_raw_labels():
     assert counts == reversed_tail_counts(950, 0.4)  # the head is the clients' tail class (9)
     for s in samples:
         named, label = named_category(s["txt"]), int(labels[s["json"]["index"]])
-        assert {"true_class": named == label, "wrong_class": named not in (None, label),
-                "no_class": named is None}[s["json"]["caption"]], s["txt"]
+        assert {"true_class": named == label, "wrong_class": named not in (None, label), "no_class": named is None}[
+            s["json"]["caption"]
+        ], s["txt"]
 
 
 def test_rebuilding_the_corpus_gives_the_shipped_bytes(tmp_path):

@@ -61,22 +61,33 @@ def stages_for(cfg, command: str) -> list[str]:
 def gpu_memory_bytes() -> int | None:
     """The smallest visible GPU's memory (``nvidia-smi``; no CUDA context is made), None without one."""
     try:
-        result = subprocess.run(["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
-                                capture_output=True, text=True, timeout=20)
+        result = subprocess.run(
+            ["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
     except (OSError, subprocess.TimeoutExpired):
         return None
     sizes = [int(v) for v in result.stdout.split() if v.isdigit()]
     visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
     if visible and all(v.isdigit() for v in visible.split(",")):
         sizes = [sizes[int(v)] for v in visible.split(",") if int(v) < len(sizes)]
-    return min(sizes) * 2 ** 20 if result.returncode == 0 and sizes else None
+    return min(sizes) * 2**20 if result.returncode == 0 and sizes else None
 
 
-def planned_world(cfg, config_path: str, nnodes: int | None = None, nproc: int | None = None,
-                  gpus: int | None = None, env: dict[str, str] | None = None) -> World:
+def planned_world(
+    cfg,
+    config_path: str,
+    nnodes: int | None = None,
+    nproc: int | None = None,
+    gpus: int | None = None,
+    env: dict[str, str] | None = None,
+) -> World:
     env = dict(os.environ if env is None else env)
-    launched = ("RANK" in env and "WORLD_SIZE" in env) or ("SLURM_STEP_ID" in env and
-                                                          int(env.get("SLURM_STEP_NUM_TASKS", "1") or 1) > 1)
+    launched = ("RANK" in env and "WORLD_SIZE" in env) or (
+        "SLURM_STEP_ID" in env and int(env.get("SLURM_STEP_NUM_TASKS", "1") or 1) > 1
+    )
     if launched:
         ranks = int(env.get("WORLD_SIZE") or env.get("SLURM_STEP_NUM_TASKS"))
         per_node = preflight.local_world_size(env)
@@ -110,8 +121,13 @@ def check_world(world: World, out: Findings) -> None:
     if world.backend == "nccl" and world.gpus == 0:
         problem = "dist.backend = 'nccl' needs CUDA GPUs and none are visible; use 'gloo' or 'auto'"
     gpu = f", {fp.gib(world.gpu_bytes)} each" if world.gpu_bytes else ""
-    out.add("world", world.how, problem, f"{world.ranks} rank(s) on {world.nodes} node(s), {world.per_node} per "
-            f"node; {world.gpus} GPU(s) per node{gpu}; backend {world.backend}")
+    out.add(
+        "world",
+        world.how,
+        problem,
+        f"{world.ranks} rank(s) on {world.nodes} node(s), {world.per_node} per "
+        f"node; {world.gpus} GPU(s) per node{gpu}; backend {world.backend}",
+    )
 
 
 def check_memory(cfg, stages: list[str], world: World, out: Findings) -> dict[str, int]:
@@ -130,10 +146,23 @@ def check_memory(cfg, stages: list[str], world: World, out: Findings) -> dict[st
         if weights is not None and info.config:
             geo = fp.LlavaGeometry.from_config(info.config)
             tokens = geo.image_tokens + fp.PROMPT_TOKENS + cfg.annotate.max_new_tokens
-            cache = (2 * geo.layers * geo.kv_hidden * tokens * cfg.annotate.batch_size * cfg.annotate.num_beams
-                     * (element or 2))
-        rows.append(fp.StageMemory("annotate", weights, None if cache is None else weights + cache,
-                                   f"MLLM at {cfg.annotate.dtype} + KV cache of batch {cfg.annotate.batch_size}"))
+            cache = (
+                2
+                * geo.layers
+                * geo.kv_hidden
+                * tokens
+                * cfg.annotate.batch_size
+                * cfg.annotate.num_beams
+                * (element or 2)
+            )
+        rows.append(
+            fp.StageMemory(
+                "annotate",
+                weights,
+                None if cache is None else weights + cache,
+                f"MLLM at {cfg.annotate.dtype} + KV cache of batch {cfg.annotate.batch_size}",
+            )
+        )
     if "pretrain" in stages and "pretrain" in models:
         ds, info = cfg.pretrain.deepspeed, models["pretrain"]
         element = fp.PRECISION_BYTES[ds.precision]
@@ -142,14 +171,22 @@ def check_memory(cfg, stages: list[str], world: World, out: Findings) -> dict[st
             geo = fp.LlavaGeometry.from_config(info.config)
             sizes["trainable"] = backbone + fp.adapter_params(map_channels, geo)
             dp = world.ranks if cfg.pretrain.ranks == "all" else 1
-            sure = info.params * element + fp.zero_bytes(sizes["trainable"], ds.precision, ds.optimizer,
-                                                          ds.zero_stage, dp)
+            sure = info.params * element + fp.zero_bytes(
+                sizes["trainable"], ds.precision, ds.optimizer, ds.zero_stage, dp
+            )
             tokens = geo.image_tokens + fp.PROMPT_TOKENS + cfg.pretrain.max_caption_tokens
             total = sure + fp.llm_activations(geo, tokens, cfg.pretrain.micro_batch_size, element)
         trainable = f"{sizes['trainable'] / 1e6:.1f} M" if sizes["trainable"] else "?"
-        rows.append(fp.StageMemory("pretrain", sure, total, f"frozen MLLM at {ds.precision} + DWP's "
-                                   f"{trainable} trainable under ZeRO-{ds.zero_stage} + "
-                                   f"LLM activations of micro-batch {cfg.pretrain.micro_batch_size}"))
+        rows.append(
+            fp.StageMemory(
+                "pretrain",
+                sure,
+                total,
+                f"frozen MLLM at {ds.precision} + DWP's "
+                f"{trainable} trainable under ZeRO-{ds.zero_stage} + "
+                f"LLM activations of micro-batch {cfg.pretrain.micro_batch_size}",
+            )
+        )
     if "federate" in stages:
         hosts = world.ranks if world.ranks == 1 or cfg.dist.server_hosts_clients else world.ranks - 1
         clip = models.get("clip2fl") if cfg.federated.strategy == "clip2fl" else None
@@ -157,12 +194,18 @@ def check_memory(cfg, stages: list[str], world: World, out: Findings) -> dict[st
         state = fp.client_state_bytes(cfg, fp.client_state_width(cfg, classes, channels, side))
         total = fp.federate_memory(cfg, fl, activations, hosts, extra + state)
         kept = f", client state {state / 2**20:.1f} MiB" if state else ""
-        rows.append(fp.StageMemory("federate", total, total, f"{cfg.model.arch} ({fl / 1e6:.2f} M params), "
-                                   f"per-client updates{kept}, activations of batch {cfg.federated.batch_size}"))
+        rows.append(
+            fp.StageMemory(
+                "federate",
+                total,
+                total,
+                f"{cfg.model.arch} ({fl / 1e6:.2f} M params), "
+                f"per-client updates{kept}, activations of batch {cfg.federated.batch_size}",
+            )
+        )
         if cfg.align.every > 0 and "teacher" in models:
             weights = models["teacher"].bytes_at(4)
-            rows.append(fp.StageMemory("align (rank 0)", weights, weights, f"{cfg.align.teacher} teacher at "
-                                       "float32"))
+            rows.append(fp.StageMemory("align (rank 0)", weights, weights, f"{cfg.align.teacher} teacher at float32"))
     device = "GPU" if world.backend == "nccl" else "host RAM"
     for row in rows:
         shared = world.backend != "nccl" and not row.stage.startswith("align")
@@ -170,11 +213,15 @@ def check_memory(cfg, stages: list[str], world: World, out: Findings) -> dict[st
         detail = f"~{fp.gib(row.total)} per rank ({row.parts}); {device} per rank {fp.gib(have)}"
         problem = None
         if have and row.sure is not None and row.sure > have:
-            problem = (f"{row.stage}: its weights and training state alone need about {fp.gib(row.sure)} per rank, "
-                       f"over the {fp.gib(have)} of {device} a rank has ({row.parts})")
+            problem = (
+                f"{row.stage}: its weights and training state alone need about {fp.gib(row.sure)} per rank, "
+                f"over the {fp.gib(have)} of {device} a rank has ({row.parts})"
+            )
         elif have and row.total is not None and row.total > have:
-            out.warnings.append(f"{row.stage}: estimated peak {fp.gib(row.total)} per rank may not fit the "
-                                f"{fp.gib(have)} of {device} a rank has ({row.parts})")
+            out.warnings.append(
+                f"{row.stage}: estimated peak {fp.gib(row.total)} per rank may not fit the "
+                f"{fp.gib(have)} of {device} a rank has ({row.parts})"
+            )
         out.rows.append(Row("memory", row.stage, "TOO BIG" if problem else "estimate", problem or detail))
         if problem:
             out.too_big.append(problem)
@@ -216,9 +263,14 @@ def gather(cfg, command: str, world: World | None) -> Findings:
     backbone = cfg.model.pretrained_backbone
     if backbone and (backbone != "pretrain" or "pretrain" not in stages):
         path = cfg.paths.backbone if backbone == "pretrain" else Path(backbone).expanduser()
-        out.add("model", f"model.pretrained_backbone {backbone}", None if path.is_file() else
-                f"model.pretrained_backbone: {path} not found; run pretrain first, or set it to a backbone file",
-                str(path))
+        out.add(
+            "model",
+            f"model.pretrained_backbone {backbone}",
+            None
+            if path.is_file()
+            else f"model.pretrained_backbone: {path} not found; run pretrain first, or set it to a backbone file",
+            str(path),
+        )
     if world is not None:
         check_world(world, out)
         sizes = check_memory(cfg, stages, world, out)
@@ -229,12 +281,12 @@ def gather(cfg, command: str, world: World | None) -> Findings:
 def table(rows) -> str:
     widths = [max(len(getattr(r, key)) for r in rows) for key in ("group", "name", "status")]
     widths = [min(width, cap) for width, cap in zip(widths, (8, 60, 7))]
-    return "\n".join(f"{r.group:<{widths[0]}}  {r.name:<{widths[1]}}  {r.status:<{widths[2]}}  {r.detail}"
-                     for r in rows)
+    return "\n".join(
+        f"{r.group:<{widths[0]}}  {r.name:<{widths[1]}}  {r.status:<{widths[2]}}  {r.detail}" for r in rows
+    )
 
 
-def run_check(cfg, config_path: str, command: str, nnodes: int | None, nproc: int | None,
-              gpus: int | None) -> int:
+def run_check(cfg, config_path: str, command: str, nnodes: int | None, nproc: int | None, gpus: int | None) -> int:
     """Print the table (rank 0) and the missing things (local rank 0 of each node); 0 or 2."""
     world = planned_world(cfg, config_path, nnodes, nproc, gpus)
     out = gather(cfg, command, world)
@@ -258,5 +310,7 @@ def refuse_missing(cfg, command: str) -> None:
     out = gather(cfg, command, None)
     if out.missing:
         lines = "\n".join(f"missing: {line}" for line in out.missing)
-        raise ConfigError(f"{len(out.missing)} thing(s) the run needs are missing (`python -m mllmfl_dist check "
-                          f"CONFIG` shows all it uses):\n{lines}")
+        raise ConfigError(
+            f"{len(out.missing)} thing(s) the run needs are missing (`python -m mllmfl_dist check "
+            f"CONFIG` shows all it uses):\n{lines}"
+        )

@@ -27,15 +27,19 @@ from dataclasses import dataclass
 
 from mllmfl_dist.mllm.model_files import DTYPE_BYTES, TORCH_DTYPE_BYTES, ModelFiles
 
-GiB = 2 ** 30
+GiB = 2**30
 PROMPT_TOKENS = 40  # the caption / class prompt around <image>, tokenised (the default prompts: ~20-30)
 # transformers' defaults where a LLaVA config.json leaves a key out (llava-1.5-7b-hf's text_config does).
 LLAMA_DEFAULTS = {"hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32}
 CLIP_VISION_DEFAULTS = {"hidden_size": 768, "image_size": 224, "patch_size": 32}
 PRECISION_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 # (classes, channels, side) of the fixed-size sources; the others read them from [data].
-SOURCE_SHAPES = {"cifar10": (10, 3, 32), "cifar100": (100, 3, 32), "fashion_mnist": (10, 1, 28),
-                 "imagenet_lt": (1000, 3, None)}
+SOURCE_SHAPES = {
+    "cifar10": (10, 3, 32),
+    "cifar100": (100, 3, 32),
+    "fashion_mnist": (10, 1, 28),
+    "imagenet_lt": (1000, 3, None),
+}
 
 
 @dataclass(frozen=True)
@@ -58,8 +62,14 @@ class LlavaGeometry:
         kv_heads = text.get("num_key_value_heads") or heads
         grid = (vision["image_size"] // vision["patch_size"]) ** 2
         cls_token = 1 if config.get("vision_feature_select_strategy", "default") == "full" else 0
-        return cls(text["num_hidden_layers"], text["hidden_size"], heads, text["hidden_size"] * kv_heads // heads,
-                   grid + cls_token, vision["hidden_size"])
+        return cls(
+            text["num_hidden_layers"],
+            text["hidden_size"],
+            heads,
+            text["hidden_size"] * kv_heads // heads,
+            grid + cls_token,
+            vision["hidden_size"],
+        )
 
 
 def dtype_bytes(name: str, model: ModelFiles) -> int | None:
@@ -86,8 +96,11 @@ def fl_model_size(cfg, classes: int, channels: int, side: int) -> tuple[int, int
     with torch.device("meta"):
         model = build_model(cfg.model.arch, channels, classes, cfg.model.width_scale).eval()
         outputs = []
-        hooks = [m.register_forward_hook(lambda _m, _i, out: outputs.append(out.numel()))
-                 for m in model.modules() if not list(m.children())]
+        hooks = [
+            m.register_forward_hook(lambda _m, _i, out: outputs.append(out.numel()))
+            for m in model.modules()
+            if not list(m.children())
+        ]
         model(torch.empty(1, channels, side, side))
         for hook in hooks:
             hook.remove()

@@ -46,7 +46,7 @@ def _size(info: ModelFiles) -> str:
         return ""
     params = f"{info.params / 1e9:.3g} B params" if info.params else "parameters unknown (.bin weights)"
     dtypes = "/".join(d.lower() for d in info.dtypes) or "dtype unknown"
-    weight = f", {info.weight_bytes / 2 ** 30:.2f} GiB" if info.weight_bytes else ""
+    weight = f", {info.weight_bytes / 2**30:.2f} GiB" if info.weight_bytes else ""
     return f"{params}, {dtypes}{weight}; {info.where}"
 
 
@@ -57,12 +57,26 @@ def model_roles(cfg, stages: list[str], command: str) -> list[tuple[str, str, st
         roles.append(("annotate", "annotate.model", "llava", cfg.annotate.model, "annotate" in stages))
     if cfg.pretrain.model or "pretrain" in stages:
         name = cfg.pretrain.model or cfg.annotate.model
-        roles.append(("pretrain", "pretrain.model" if cfg.pretrain.model else "pretrain.model (= annotate.model)",
-                      "llava", name, "pretrain" in stages))
+        roles.append(
+            (
+                "pretrain",
+                "pretrain.model" if cfg.pretrain.model else "pretrain.model (= annotate.model)",
+                "llava",
+                name,
+                "pretrain" in stages,
+            )
+        )
     if cfg.align.teacher in ("llava", "clip"):
         kind = "llava" if cfg.align.teacher == "llava" else "open_clip"
-        roles.append(("teacher", f"align.teacher_model ({cfg.align.teacher})", kind, cfg.align.teacher_model,
-                      cfg.align.every > 0 and "federate" in stages))
+        roles.append(
+            (
+                "teacher",
+                f"align.teacher_model ({cfg.align.teacher})",
+                kind,
+                cfg.align.teacher_model,
+                cfg.align.every > 0 and "federate" in stages,
+            )
+        )
     clip2fl = cfg.strategy_sections.get("clip2fl")
     if clip2fl is not None and clip2fl.model:
         used = cfg.federated.strategy == "clip2fl" and "federate" in stages or command == "compare"
@@ -75,8 +89,13 @@ def find_models(cfg, stages: list[str], command: str, out: Findings) -> None:
     groups: dict[tuple[str, str, str], list[tuple[str, str, bool]]] = {}
     for role, setting, kind, name, used in model_roles(cfg, stages, command):
         if not name:
-            out.add("model", setting, f"{setting} is empty but the {role} stage needs a model" if used else "",
-                    "", counts=used)
+            out.add(
+                "model",
+                setting,
+                f"{setting} is empty but the {role} stage needs a model" if used else "",
+                "",
+                counts=used,
+            )
             continue
         pretrained = ""
         if kind == "open_clip":
@@ -88,8 +107,13 @@ def find_models(cfg, stages: list[str], command: str, out: Findings) -> None:
         used = any(u for _, _, u in roles)
         label = f"{', '.join(s for _, s, _ in roles)}: {name}" + (f" ({pretrained})" if pretrained else "")
         unused = "" if used else f"not loaded by {command}; "
-        out.add("model", label, info.problem if used or info.problem is None else unused + info.problem,
-                unused + _size(info), counts=used)
+        out.add(
+            "model",
+            label,
+            info.problem if used or info.problem is None else unused + info.problem,
+            unused + _size(info),
+            counts=used,
+        )
 
 
 # ---------------------------------------------------------------------------------------------------- data
@@ -128,14 +152,24 @@ def _find_cifar(data, out: Findings) -> None:
         out.add("data", f"data.source {data.source}", None, f"{len(names)} files in {folder} (MD5s checked at load)")
         return
     if data.download:
-        out.add("data", f"data.source {data.source}", None, f"{len(missing)} of {len(names)} files not in {folder}: "
-                f"downloaded at start (data.download = true)")
+        out.add(
+            "data",
+            f"data.source {data.source}",
+            None,
+            f"{len(missing)} of {len(names)} files not in {folder}: downloaded at start (data.download = true)",
+        )
         return
-    fix = ("get them once with `python -c \"import torchvision; torchvision.datasets."
-           f"{dataset.__name__}('{folder.parent}', download=True)\"` or --set data.download=true, or set data.root")
+    fix = (
+        'get them once with `python -c "import torchvision; torchvision.datasets.'
+        f"{dataset.__name__}('{folder.parent}', download=True)\"` or --set data.download=true, or set data.root"
+    )
     if len(missing) == len(names):
-        out.add("data", f"data.source {data.source}", f"{title} files not found: no {', '.join(names)} in {folder}; "
-                f"{fix}", "")
+        out.add(
+            "data",
+            f"data.source {data.source}",
+            f"{title} files not found: no {', '.join(names)} in {folder}; {fix}",
+            "",
+        )
         return
     for name in missing:
         out.add("data", f"data.source {data.source}", f"{title} file {folder / name} not found; {fix}", "")
@@ -145,15 +179,21 @@ def _find_fashion_mnist(data, out: Findings) -> None:
     from mllmfl_dist.data.sources import FASHION_MNIST_DIRS, FASHION_MNIST_FILES
 
     folders = [Path(data.root).expanduser()] if data.root else [Path(d).expanduser() for d in FASHION_MNIST_DIRS]
-    options = {f: [n for n in FASHION_MNIST_FILES if not ((f / n).is_file() or (f / f"{n}.gz").is_file())]
-               for f in folders}
+    options = {
+        f: [n for n in FASHION_MNIST_FILES if not ((f / n).is_file() or (f / f"{n}.gz").is_file())] for f in folders
+    }
     best = min(folders, key=lambda f: len(options[f]))
     if not options[best]:
         out.add("data", "data.source fashion_mnist", None, f"4 idx files in {best}")
         return
     for name in options[best]:
-        out.add("data", "data.source fashion_mnist", f"Fashion-MNIST file {name}(.gz) not found in "
-                f"{' or '.join(map(str, folders))}; `apt-get install dataset-fashion-mnist` or set data.root", "")
+        out.add(
+            "data",
+            "data.source fashion_mnist",
+            f"Fashion-MNIST file {name}(.gz) not found in "
+            f"{' or '.join(map(str, folders))}; `apt-get install dataset-fashion-mnist` or set data.root",
+            "",
+        )
 
 
 def _find_imagenet_lt(data, out: Findings) -> None:
@@ -162,15 +202,23 @@ def _find_imagenet_lt(data, out: Findings) -> None:
     for list_name in IMAGENET_LT_LISTS:
         path = lists / list_name
         if not path.is_file():
-            out.add("data", f"imagenet_lt {list_name}", f"ImageNet-LT list {path} not found; put the OLTR lists "
-                    f"in data.lists_dir (\"\" = data.root)", "")
+            out.add(
+                "data",
+                f"imagenet_lt {list_name}",
+                f'ImageNet-LT list {path} not found; put the OLTR lists in data.lists_dir ("" = data.root)',
+                "",
+            )
             continue
-        entries = [line.rsplit(None, 1)[0] for line in path.read_text(errors="replace").splitlines()
-                   if line.strip()]
+        entries = [line.rsplit(None, 1)[0] for line in path.read_text(errors="replace").splitlines() if line.strip()]
         absent = [entry for entry in entries if not (root / entry).is_file()]
         if absent:
-            out.add("data", f"imagenet_lt {list_name}", f"{len(absent)} of {len(entries)} images of {path} not "
-                    f"under data.root {root} (first: {absent[0]}); put ImageNet there (val/ sorted into synsets)", "")
+            out.add(
+                "data",
+                f"imagenet_lt {list_name}",
+                f"{len(absent)} of {len(entries)} images of {path} not "
+                f"under data.root {root} (first: {absent[0]}); put ImageNet there (val/ sorted into synsets)",
+                "",
+            )
         else:
             out.add("data", f"imagenet_lt {list_name}", None, f"{len(entries)} images, all under {root}")
 
@@ -189,8 +237,12 @@ def find_shards(setting: str, pattern: str, out: Findings, *, needed: bool = Tru
         out.add("shards", f"{setting} {pattern}", f"{setting}: {err}", "", counts=needed)
         return []
     size = sum(p.stat().st_size for p in found)
-    out.add("shards", f"{setting} {pattern}", None, f"{len(found)} shard(s), {size / 2 ** 20:.1f} MiB"
-            + (f"; {note}" if note else ""))
+    out.add(
+        "shards",
+        f"{setting} {pattern}",
+        None,
+        f"{len(found)} shard(s), {size / 2**20:.1f} MiB" + (f"; {note}" if note else ""),
+    )
     return found
 
 
@@ -198,17 +250,27 @@ def find_stage_shards(cfg, stages: list[str], out: Findings) -> int:
     """The stages' shard patterns; returns the bytes of annotate's input shards (what annotation rewrites)."""
     written = 0
     if "annotate" in stages:
-        written = sum(p.stat().st_size for p in find_shards("annotate.shards", cfg.annotate.shards, out,
-                                                            note="annotation captions them"))
+        written = sum(
+            p.stat().st_size
+            for p in find_shards("annotate.shards", cfg.annotate.shards, out, note="annotation captions them")
+        )
     if "pretrain" in stages and cfg.pretrain.shards:
         find_shards("pretrain.shards", cfg.pretrain.shards, out, note="DWP trains on them")
     if cfg.align.every > 0 and "federate" in stages:
         if cfg.align.source == "pool":
-            find_shards("align.pool_shards", cfg.align.pool_shards, out,
-                        note=f"the alignment pool ({cfg.align.per_class} images per class)")
+            find_shards(
+                "align.pool_shards",
+                cfg.align.pool_shards,
+                out,
+                note=f"the alignment pool ({cfg.align.per_class} images per class)",
+            )
         elif cfg.align.source == "web":
             find_shards("align.web_shards", cfg.align.web_shards, out, note="pseudo-labelled by the teacher")
         else:
-            out.add("shards", "align.source holdout", None,
-                    f"data.server_holdout_per_class = {cfg.data.server_holdout_per_class} images per class")
+            out.add(
+                "shards",
+                "align.source holdout",
+                None,
+                f"data.server_holdout_per_class = {cfg.data.server_holdout_per_class} images per class",
+            )
     return written

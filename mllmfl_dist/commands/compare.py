@@ -44,6 +44,7 @@ from mllmfl_dist.commands.seed_statistics import parse_seed_list
 
 log = logging.getLogger(__name__)
 
+
 def parse_seeds(text: str | None, cfg: Config) -> list[int]:
     return parse_seed_list(text) if text else [cfg.run.seed]
 
@@ -58,8 +59,13 @@ def compare_options(args: Any, cfg: Config, seeds: Sequence[int]) -> tuple[Any, 
     tune = None
     if args.tune:
         tuning.check_validation(cfg)
-        tune = tuning.TuneSpec(tuning.parse_tune(args.tune), args.tune_budget,
-                               tuning.parse_tune_seeds(args.tune_seeds, seeds), args.tune_last, cfg.run.seed)
+        tune = tuning.TuneSpec(
+            tuning.parse_tune(args.tune),
+            args.tune_budget,
+            tuning.parse_tune_seeds(args.tune_seeds, seeds),
+            args.tune_last,
+            cfg.run.seed,
+        )
     elif args.tune_seeds:
         raise ConfigError("--tune-seeds without --tune: name the keys to tune with --tune KEY=V1,V2")
     return tune, (args.last, args.target)
@@ -86,47 +92,71 @@ def _teacher_model(cfg: Config, teacher: str) -> tuple[str, str]:
     if teacher == "llava":
         model, pretrained, keys = cfg.annotate.model or cfg.pretrain.model, "", "annotate.model"
     else:  # a model of this kind that a strategy's section names (clip2fl.model)
-        named = [use for name in strategy_names() for use in strategy_class(name).models(cfg.strategy_sections)
-                 if use.kind == teacher]
+        named = [
+            use
+            for name in strategy_names()
+            for use in strategy_class(name).models(cfg.strategy_sections)
+            if use.kind == teacher
+        ]
         found = next((use for use in named if use.model), None)
         model, pretrained = (found.model, found.pretrained) if found else ("", "")
         keys = " or ".join(dict.fromkeys(use.key for use in named)) or f"a {teacher} model of a strategy"
     if not model:
-        raise ConfigError(f"compare: align[{teacher}] needs a {teacher} model; set align.teacher_model (with "
-                          f"align.teacher = '{teacher}') or {keys}")
+        raise ConfigError(
+            f"compare: align[{teacher}] needs a {teacher} model; set align.teacher_model (with "
+            f"align.teacher = '{teacher}') or {keys}"
+        )
     return model, pretrained
 
 
-def method_config(cfg: Config, method: Method, seed: int | None = None, setting: Mapping[str, Any] | None = None,
-                  root: Path | None = None) -> Config:
+def method_config(
+    cfg: Config,
+    method: Method,
+    seed: int | None = None,
+    setting: Mapping[str, Any] | None = None,
+    root: Path | None = None,
+) -> Config:
     """The config of one (method, seed) of the comparison (see the module docstring), with ``setting``
     ({section.key: value}, a tuned configuration) applied, in ``root``/seed<k> (default: the row's folder)."""
     seed = cfg.run.seed if seed is None else seed
     setting = dict(setting or {})
     cfg = tuning.apply_setting(cfg, setting)
     root = root or row_root(cfg, method, setting)
-    run = dataclasses.replace(cfg.run, root=str(root), name=f"seed{seed}", seed=seed,
-                              baseline=False)  # the fedavg row is the baseline
+    run = dataclasses.replace(
+        cfg.run, root=str(root), name=f"seed{seed}", seed=seed, baseline=False
+    )  # the fedavg row is the baseline
     backbone = str(stage1_config(cfg, seed, setting).paths.backbone) if method.dwp else ""
     if method.as_written:
-        method_cfg = dataclasses.replace(cfg, run=run, model=dataclasses.replace(cfg.model,
-                                                                                 pretrained_backbone=backbone))
+        method_cfg = dataclasses.replace(
+            cfg, run=run, model=dataclasses.replace(cfg.model, pretrained_backbone=backbone)
+        )
     else:
         if method.teacher is None:
             align = dataclasses.replace(cfg.align, every=0)
         else:
             teacher_model, clip_pretrained = _teacher_model(cfg, method.teacher)
-            align = dataclasses.replace(cfg.align, every=cfg.align.every or 1, teacher=method.teacher,
-                                        teacher_model=teacher_model, clip_pretrained=clip_pretrained)
+            align = dataclasses.replace(
+                cfg.align,
+                every=cfg.align.every or 1,
+                teacher=method.teacher,
+                teacher_model=teacher_model,
+                clip_pretrained=clip_pretrained,
+            )
         method_cfg = dataclasses.replace(
-            cfg, run=run, align=align, federated=dataclasses.replace(cfg.federated, strategy=method.strategy),
-            model=dataclasses.replace(cfg.model, pretrained_backbone=backbone))
+            cfg,
+            run=run,
+            align=align,
+            federated=dataclasses.replace(cfg.federated, strategy=method.strategy),
+            model=dataclasses.replace(cfg.model, pretrained_backbone=backbone),
+        )
     for name, options in strategy_class(method.strategy).sections.items():  # a strategy registered after loading
         if name not in method_cfg.strategy_sections:
             method_cfg = method_cfg.with_section(name, options())
     if method.dwp and not (method_cfg.annotate.model or method_cfg.pretrain.model):
-        raise ConfigError(f"compare: method {method.name} pretrains with DWP, which needs the LLaVA in "
-                          f"annotate.model (or pretrain.model)")
+        raise ConfigError(
+            f"compare: method {method.name} pretrains with DWP, which needs the LLaVA in "
+            f"annotate.model (or pretrain.model)"
+        )
     try:
         validate(method_cfg)
     except ConfigError as err:
@@ -152,48 +182,77 @@ def stage1_config(cfg: Config, seed: int, setting: Mapping[str, Any] | None = No
     ``<run dir>/compare/stage1/seed<k>/`` (``stage1-<config id>/`` for tuned pretrain/annotate keys)."""
     part = tuning.stage1_part(setting or {})
     folder = f"stage1-{tuning.config_id(part)}" if part else "stage1"
-    run = dataclasses.replace(cfg.run, root=str(compare_dir(cfg) / folder), name=f"seed{seed}", seed=seed,
-                              baseline=False)
+    run = dataclasses.replace(
+        cfg.run, root=str(compare_dir(cfg) / folder), name=f"seed{seed}", seed=seed, baseline=False
+    )
     return dataclasses.replace(cfg, run=run, model=dataclasses.replace(cfg.model, pretrained_backbone="pretrain"))
 
 
-def run_compare(cfg: Config, runtime: dist.Runtime, methods: list[Method], seeds: list[int],
-                tune: tuning.TuneSpec | None = None, last: int = 3,
-                target: float | None = None) -> list[dict[str, Any]]:
+def run_compare(
+    cfg: Config,
+    runtime: dist.Runtime,
+    methods: list[Method],
+    seeds: list[int],
+    tune: tuning.TuneSpec | None = None,
+    last: int = 3,
+    target: float | None = None,
+) -> list[dict[str, Any]]:
     """Run (or resume, or skip when complete) every method for every seed, after its tuning runs with ``tune``,
     then write the tables and the plot on rank 0 (``last``: evaluations averaged in the last-evaluations
     column; ``target``: balanced test accuracy of the rounds-to-target column). Returns the per-(method,
     seed) rows on rank 0."""
     grids = {m.name: tuning.method_grid(m, tune) if tune else [{}] for m in methods}
     # Every config is checked before anything runs: each tuning run, and each candidate on the reporting seeds.
-    tune_jobs = [(m, setting, s, method_config(cfg, m, s, setting, tune_root(cfg, m, setting)))
-                 for s in (tune.seeds if tune else ()) for m in methods if len(grids[m.name]) > 1
-                 for setting in grids[m.name]]
-    candidates = {(m.name, tuning.config_id(setting), s): method_config(cfg, m, s, setting)
-                  for m in methods for setting in grids[m.name] for s in seeds}
+    tune_jobs = [
+        (m, setting, s, method_config(cfg, m, s, setting, tune_root(cfg, m, setting)))
+        for s in (tune.seeds if tune else ())
+        for m in methods
+        if len(grids[m.name]) > 1
+        for setting in grids[m.name]
+    ]
+    candidates = {
+        (m.name, tuning.config_id(setting), s): method_config(cfg, m, s, setting)
+        for m in methods
+        for setting in grids[m.name]
+        for s in seeds
+    }
     _run_jobs(cfg, runtime, tune_jobs, "tuning")
     chosen = {m.name: grids[m.name][0] for m in methods}
     if tune:
         paths = {(m.name, tuning.config_id(setting), s): job_cfg.paths.metrics for m, setting, s, job_cfg in tune_jobs}
         chosen = dist.server_decides(
-            runtime, lambda: tuning.select_all(compare_dir(cfg), methods, grids, tune, paths),
-            "the configurations chosen on validation accuracy (tuning.json)")
+            runtime,
+            lambda: tuning.select_all(compare_dir(cfg), methods, grids, tune, paths),
+            "the configurations chosen on validation accuracy (tuning.json)",
+        )
     configs = {(m.name, s): candidates[(m.name, tuning.config_id(chosen[m.name]), s)] for s in seeds for m in methods}
     # seed by seed, so a complete table of the first seed exists early
     _run_jobs(cfg, runtime, [(m, chosen[m.name], s, configs[(m.name, s)]) for s in seeds for m in methods], "")
     rows: list[dict[str, Any]] = []
     if runtime.is_server:
-        rows = [{**run_row(m, s, configs[(m.name, s)], last, target),
-                 "tuned": tuning.describe(chosen[m.name]) if tune else "",
-                 "tuned_configs": len(grids[m.name]) if tune else None} for m in methods for s in seeds]
-        write_results(compare_dir(cfg), rows, {m.name: [configs[(m.name, s)].run_dir for s in seeds] for m in methods},
-                      cfg, runtime)
+        rows = [
+            {
+                **run_row(m, s, configs[(m.name, s)], last, target),
+                "tuned": tuning.describe(chosen[m.name]) if tune else "",
+                "tuned_configs": len(grids[m.name]) if tune else None,
+            }
+            for m in methods
+            for s in seeds
+        ]
+        write_results(
+            compare_dir(cfg),
+            rows,
+            {m.name: [configs[(m.name, s)].run_dir for s in seeds] for m in methods},
+            cfg,
+            runtime,
+        )
     dist.stage_barrier(runtime, "the end of the comparison (its tables)", clients_idle=True)
     return rows
 
 
-def _run_jobs(cfg: Config, runtime: dist.Runtime, jobs: list[tuple[Method, dict[str, Any], int, Config]],
-              what: str) -> None:
+def _run_jobs(
+    cfg: Config, runtime: dist.Runtime, jobs: list[tuple[Method, dict[str, Any], int, Config]], what: str
+) -> None:
     """Run each (method, setting, seed, config) in order, each +dwp one after its stage 1 (annotation, DWP:
     run once per seed and stage-1 setting, shared by the +dwp rows)."""
     stage1_done: set[Path] = set()
@@ -205,6 +264,14 @@ def _run_jobs(cfg: Config, runtime: dist.Runtime, jobs: list[tuple[Method, dict[
                 run_stage1(stage1, runtime)
                 stage1_done.add(stage1.run_dir)
         tuned = f" ({tuning.describe(setting)})" if setting else ""
-        log.info("compare: %s%d/%d: %s%s, seed %d -> %s", f"{what} " if what else "", done, len(jobs), method.name,
-                 tuned, seed, method_cfg.run_dir)
+        log.info(
+            "compare: %s%d/%d: %s%s, seed %d -> %s",
+            f"{what} " if what else "",
+            done,
+            len(jobs),
+            method.name,
+            tuned,
+            seed,
+            method_cfg.run_dir,
+        )
         run_pipeline(method_cfg, runtime)

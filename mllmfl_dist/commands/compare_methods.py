@@ -42,10 +42,16 @@ class Method:
 def method_of_config(cfg: Config) -> Method:
     """The method a config runs as written."""
     if cfg.model.pretrained_backbone not in ("", "pretrain"):
-        raise ConfigError(f"compare: the config starts from the backbone file {cfg.model.pretrained_backbone!r}; "
-                          f"a compare row names what ran, so use model.pretrained_backbone = 'pretrain' or ''")
-    return Method(cfg.federated.strategy, cfg.model.pretrained_backbone == "pretrain",
-                  cfg.align.teacher if cfg.align.every else None, as_written=True)
+        raise ConfigError(
+            f"compare: the config starts from the backbone file {cfg.model.pretrained_backbone!r}; "
+            f"a compare row names what ran, so use model.pretrained_backbone = 'pretrain' or ''"
+        )
+    return Method(
+        cfg.federated.strategy,
+        cfg.model.pretrained_backbone == "pretrain",
+        cfg.align.teacher if cfg.align.every else None,
+        as_written=True,
+    )
 
 
 def parse_method(text: str, cfg: Config) -> Method:
@@ -57,10 +63,12 @@ def parse_method(text: str, cfg: Config) -> Method:
     match = _SPEC.match(spec)
     names = strategy_names()
     if not match or match["strategy"] not in names or (match["teacher"] or "none") not in TEACHERS:
-        raise ConfigError(f"compare: unknown method {spec!r}; a method is <strategy>[+dwp[llava]][+align[<teacher>]] "
-                          f"with strategy one of {', '.join(names)} and teacher one of "
-                          f"{', '.join(TEACHERS)} (e.g. fedavg, creff, fedavg+align[none], fedavg+dwp[llava]), or "
-                          f"{FULL_METHOD}, or config (the config as written)")
+        raise ConfigError(
+            f"compare: unknown method {spec!r}; a method is <strategy>[+dwp[llava]][+align[<teacher>]] "
+            f"with strategy one of {', '.join(names)} and teacher one of "
+            f"{', '.join(TEACHERS)} (e.g. fedavg, creff, fedavg+align[none], fedavg+dwp[llava]), or "
+            f"{FULL_METHOD}, or config (the config as written)"
+        )
     return Method(match["strategy"], bool(match["dwp"]), match["teacher"])
 
 

@@ -38,8 +38,15 @@ def run(cfg, args: argparse.Namespace, stop: preempt.StopRequest) -> int:
     return run_stage(cfg, args.command, stop)
 
 
-def run_stage(cfg, command: str, stop: preempt.StopRequest, methods: Sequence = (), seeds: Sequence[int] = (),
-              sweep: Sequence = (), compare_options: tuple = (None, 3, None)) -> int:
+def run_stage(
+    cfg,
+    command: str,
+    stop: preempt.StopRequest,
+    methods: Sequence = (),
+    seeds: Sequence[int] = (),
+    sweep: Sequence = (),
+    compare_options: tuple = (None, 3, None),
+) -> int:
     """Run ``command`` on this job's ranks; ``sweep``: the per-seed configs of ``federate/run --seeds``;
     ``compare_options``: compare's (TuneSpec or None, last, target)."""
     load_libraries(cfg, command, any(getattr(m, "dwp", False) for m in methods))
@@ -62,19 +69,22 @@ def run_stage(cfg, command: str, stop: preempt.StopRequest, methods: Sequence = 
             rows = run_compare(cfg, runtime, list(methods), list(seeds), *compare_options)
             if runtime.is_server:
                 print(results_markdown(rows), end="")
-                print(f"compare: results.md, results.csv, results_per_seed.csv and accuracy.png in "
-                      f"{compare_dir(cfg)}")
+                print(f"compare: results.md, results.csv, results_per_seed.csv and accuracy.png in {compare_dir(cfg)}")
         elif command == "annotate":
             manifest = run_annotate(cfg, runtime)
             if runtime.is_server:
-                print(f"annotate: {manifest['captions_out']} captions from {manifest['images_in']} images, "
-                      f"{len(manifest['skipped'])} skipped, {len(manifest['damaged_shards'])} damaged shards; "
-                      f"{manifest['images_per_second']:.1f} images/s")
+                print(
+                    f"annotate: {manifest['captions_out']} captions from {manifest['images_in']} images, "
+                    f"{len(manifest['skipped'])} skipped, {len(manifest['damaged_shards'])} damaged shards; "
+                    f"{manifest['images_per_second']:.1f} images/s"
+                )
         elif command == "pretrain":
             metrics = run_pretrain(cfg, runtime)
             if runtime.is_server and metrics:
-                print(f"pretrain: held-out LM loss with FL features {metrics['heldout_loss_alpha1_step0']:.3f} "
-                      f"-> {metrics['heldout_loss_alpha1']:.3f} (CLIP features: {metrics['heldout_loss_alpha0']:.3f})")
+                print(
+                    f"pretrain: held-out LM loss with FL features {metrics['heldout_loss_alpha1_step0']:.3f} "
+                    f"-> {metrics['heldout_loss_alpha1']:.3f} (CLIP features: {metrics['heldout_loss_alpha0']:.3f})"
+                )
         else:
             raise AssertionError(f"unhandled command {command}")
     finally:
@@ -107,11 +117,14 @@ def federate_or_run(cfg, command: str, runtime) -> dict:
     if command == "federate":
         final = run_federated(cfg, runtime)
         if runtime.is_server and final:
-            groups = ", ".join(f"{g} {final[f'acc_{g}']:.4f}" for g in ("many", "medium", "few")
-                               if final.get(f"acc_{g}") is not None)
+            groups = ", ".join(
+                f"{g} {final[f'acc_{g}']:.4f}" for g in ("many", "medium", "few") if final.get(f"acc_{g}") is not None
+            )
             val = f"; val balanced acc {final['val_acc']:.4f}" if final.get("val_acc") is not None else ""
-            print(f"round {final['round']}: balanced acc {final['acc']:.4f} (top-1 {final['acc_top1']:.4f}; "
-                  f"{groups}){val}")
+            print(
+                f"round {final['round']}: balanced acc {final['acc']:.4f} (top-1 {final['acc_top1']:.4f}; "
+                f"{groups}){val}"
+            )
         return final or {}
     summary = run_pipeline(cfg, runtime)
     final = summary.get("federated", {}) if runtime.is_server else {}

@@ -25,8 +25,10 @@ def run(cfg, checkpoint_path: str) -> int:
     if "model" in state and isinstance(state["model"], dict):
         saved_strategy = (state.get("config") or {}).get("federated", {}).get("strategy")
         if saved_strategy not in (None, cfg.federated.strategy):
-            raise ConfigError(f"--checkpoint {path} was trained with federated.strategy = {saved_strategy!r}; "
-                              f"evaluate it with that strategy (--set federated.strategy={saved_strategy})")
+            raise ConfigError(
+                f"--checkpoint {path} was trained with federated.strategy = {saved_strategy!r}; "
+                f"evaluate it with that strategy (--set federated.strategy={saved_strategy})"
+            )
         # "server_optimizer": what checkpoints called the strategy's state before it was called "strategy"
         server_state = state.get("strategy", state.get("server_optimizer"))
         state = state["model"]
@@ -40,8 +42,10 @@ def run(cfg, checkpoint_path: str) -> int:
             strategy.load_state_dict(server_state)
             model = strategy.evaluation_model(model)
     except (RuntimeError, KeyError, TypeError) as err:
-        raise ConfigError(f"--checkpoint {path} does not fit the config's model ({cfg.model.arch}) and "
-                          f"federated.strategy ({cfg.federated.strategy}): {str(err).splitlines()[0]}") from None
+        raise ConfigError(
+            f"--checkpoint {path} does not fit the config's model ({cfg.model.arch}) and "
+            f"federated.strategy ({cfg.federated.strategy}): {str(err).splitlines()[0]}"
+        ) from None
     imbalance = imbalance_warning(data.test_set()[1], data.class_names)
     if imbalance:
         logging.getLogger("mllmfl_dist").warning("%s", imbalance)

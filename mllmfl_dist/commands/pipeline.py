@@ -57,9 +57,12 @@ def baseline_config(cfg: Config) -> Config:
     """FedAvg from a randomly initialised backbone without alignment, on the same data, partition, seed and
     ranks, in ``<run dir>/baseline/``: the curve the report sets beside the method."""
     return dataclasses.replace(
-        cfg, run=dataclasses.replace(cfg.run, root=str(cfg.run_dir), name=BASELINE, baseline=False),
+        cfg,
+        run=dataclasses.replace(cfg.run, root=str(cfg.run_dir), name=BASELINE, baseline=False),
         federated=dataclasses.replace(cfg.federated, strategy="fedavg"),
-        model=dataclasses.replace(cfg.model, pretrained_backbone=""), align=dataclasses.replace(cfg.align, every=0))
+        model=dataclasses.replace(cfg.model, pretrained_backbone=""),
+        align=dataclasses.replace(cfg.align, every=0),
+    )
 
 
 def run_pipeline(cfg: Config, runtime: dist.Runtime) -> dict[str, Any]:

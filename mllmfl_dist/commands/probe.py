@@ -41,22 +41,42 @@ from mllmfl_dist.core.preflight import expand_user
 log = logging.getLogger(__name__)
 
 SEED_FIELD = "{seed}"
-SPEC_FORMS = ("a model_final.pt / checkpoint.pt / backbone.pt path, random:SEED, or clip:MODEL[@PRETRAINED] "
-              "(e.g. clip:local-dir:runs/standins/clip)")
+SPEC_FORMS = (
+    "a model_final.pt / checkpoint.pt / backbone.pt path, random:SEED, or clip:MODEL[@PRETRAINED] "
+    "(e.g. clip:local-dir:runs/standins/clip)"
+)
 TRAIN_SETS = ("holdout", "clients")
 
 
 def add_arguments(sub: argparse.ArgumentParser) -> None:
-    sub.add_argument("--backbone", dest="backbones", action="append", required=True, metavar="SPEC",
-                     help=f"a backbone to probe (repeatable): {SPEC_FORMS}")
-    sub.add_argument("--train-set", choices=TRAIN_SETS, default="holdout",
-                     help="the probe's labelled train images: holdout = the server's class-balanced holdout "
-                          "(data.server_holdout_per_class, default), clients = every client's images (long-tailed)")
-    sub.add_argument("--seeds", default=None, metavar="LIST",
-                     help="probe every SPEC holding {seed} once per seed of LIST (e.g. 0,1,2,3,4) and report its "
-                          "mean, sd and 95%% t interval over them")
-    sub.add_argument("--out", default=None, metavar="PATH.json",
-                     help="where the JSON goes (the markdown beside it); default <run dir>/probe/probe.json")
+    sub.add_argument(
+        "--backbone",
+        dest="backbones",
+        action="append",
+        required=True,
+        metavar="SPEC",
+        help=f"a backbone to probe (repeatable): {SPEC_FORMS}",
+    )
+    sub.add_argument(
+        "--train-set",
+        choices=TRAIN_SETS,
+        default="holdout",
+        help="the probe's labelled train images: holdout = the server's class-balanced holdout "
+        "(data.server_holdout_per_class, default), clients = every client's images (long-tailed)",
+    )
+    sub.add_argument(
+        "--seeds",
+        default=None,
+        metavar="LIST",
+        help="probe every SPEC holding {seed} once per seed of LIST (e.g. 0,1,2,3,4) and report its "
+        "mean, sd and 95%% t interval over them",
+    )
+    sub.add_argument(
+        "--out",
+        default=None,
+        metavar="PATH.json",
+        help="where the JSON goes (the markdown beside it); default <run dir>/probe/probe.json",
+    )
 
 
 def expand_seeds(specs: list[str], seeds: list[int] | None) -> list[tuple[str, str, int | None]]:
@@ -68,12 +88,16 @@ def expand_seeds(specs: list[str], seeds: list[int] | None) -> list[tuple[str, s
         raise ConfigError(f"--backbone {marked[0]} holds {SEED_FIELD}: give --seeds (e.g. --seeds 0,1,2,3,4)")
     if seeds and not marked:
         raise ConfigError(f"--seeds is given but no --backbone holds {SEED_FIELD} (e.g. random:{SEED_FIELD})")
-    return [(spec, spec.replace(SEED_FIELD, str(seed)), seed) for spec in specs
-            for seed in (seeds if SEED_FIELD in spec and seeds else [None])]
+    return [
+        (spec, spec.replace(SEED_FIELD, str(seed)), seed)
+        for spec in specs
+        for seed in (seeds if SEED_FIELD in spec and seeds else [None])
+    ]
 
 
-def run_probe(cfg: Config, specs: list[str], train_set: str = "holdout", out: str | None = None,
-              seeds: list[int] | None = None) -> dict[str, Any]:
+def run_probe(
+    cfg: Config, specs: list[str], train_set: str = "holdout", out: str | None = None, seeds: list[int] | None = None
+) -> dict[str, Any]:
     """Probe every SPEC (each SPEC holding ``{seed}`` once per seed of ``seeds``) on the config's data; write
     the JSON and the markdown, print the table; returns the JSON content. Raises ConfigError (a bad SPEC, an
     empty train set) before any probe runs."""
@@ -104,17 +128,34 @@ def run_probe(cfg: Config, specs: list[str], train_set: str = "holdout", out: st
             result = linear_probe(featurize, sets)
         except ValueError as err:
             raise ConfigError(f"probe: --backbone {spec}: {err}") from None
-        log.info("probe %d/%d: %s: balanced acc %.4f (%.0f s)", index, len(probes), spec, result["acc"],
-                 time.perf_counter() - started)
-        rows.append({"backbone": spec, "kind": kind, **({"template": template, "seed": seed} if seed is not None
-                                                          else {}), **result})
+        log.info(
+            "probe %d/%d: %s: balanced acc %.4f (%.0f s)",
+            index,
+            len(probes),
+            spec,
+            result["acc"],
+            time.perf_counter() - started,
+        )
+        rows.append(
+            {
+                "backbone": spec,
+                "kind": kind,
+                **({"template": template, "seed": seed} if seed is not None else {}),
+                **result,
+            }
+        )
     n_test = len(sets.test[1])
-    report = {"run_dir": str(cfg.run_dir), "data": cfg.data.source, "train_set": sets.train_name,
-              "test_set": f"balanced test set ({n_test} images)",
-              "val_set": f"validation set ({len(sets.val[1])} images)" if sets.val is not None and len(sets.val[1])
-              else None,
-              "recipe": RECIPE, "device": str(device), "rows": rows,
-              **({"seeds": seeds, "over_seeds": over_seeds(rows)} if seeds else {})}
+    report = {
+        "run_dir": str(cfg.run_dir),
+        "data": cfg.data.source,
+        "train_set": sets.train_name,
+        "test_set": f"balanced test set ({n_test} images)",
+        "val_set": f"validation set ({len(sets.val[1])} images)" if sets.val is not None and len(sets.val[1]) else None,
+        "recipe": RECIPE,
+        "device": str(device),
+        "rows": rows,
+        **({"seeds": seeds, "over_seeds": over_seeds(rows)} if seeds else {}),
+    }
     json_path = Path(out) if out else cfg.run_dir / "probe" / "probe.json"
     markdown = probe_markdown(report)
     checkpoint.write_text_atomic(json_path, json.dumps(report, indent=2))
@@ -133,11 +174,11 @@ def backbone_featurizer(spec: str, cfg: Config, data, device):
     if spec.startswith("clip:"):
         from mllmfl_dist.mllm.clip_teacher import load_clip
 
-        model, pretrained = _clip_spec(expand_user(spec[len("clip:"):]))  # the shell expands no ~ after clip:
+        model, pretrained = _clip_spec(expand_user(spec[len("clip:") :]))  # the shell expands no ~ after clip:
         clip, preprocess, _ = load_clip(model, pretrained, device=device)
         return "clip image tower", lambda images: clip_image_features(clip, preprocess, images)
     if spec.startswith("random:"):
-        seed = spec[len("random:"):]
+        seed = spec[len("random:") :]
         if not seed.isdigit():
             raise ConfigError(f"--backbone {spec}: random:SEED needs a non-negative integer seed, e.g. random:0")
         model, kind = build_fl_model(cfg.model, data, int(seed)), f"random init (seed {int(seed)})"
@@ -175,8 +216,10 @@ def _load_file(spec: str, cfg: Config, data):
     try:
         model.load_backbone_state_dict(state)
     except (ValueError, RuntimeError) as err:
-        raise ConfigError(f"--backbone {spec} does not fit the config's model ({cfg.model.arch}, width_scale "
-                          f"{cfg.model.width_scale}): {str(err).splitlines()[0]}") from None
+        raise ConfigError(
+            f"--backbone {spec} does not fit the config's model ({cfg.model.arch}, width_scale "
+            f"{cfg.model.width_scale}): {str(err).splitlines()[0]}"
+        ) from None
     return model, kind
 
 
@@ -213,18 +256,34 @@ def probe_markdown(report: dict[str, Any]) -> str:
     """The table of a probe report: one row per backbone."""
     val = any("val_acc" in row for row in report["rows"])
     columns = ["backbone", "features", "probe acc (balanced)", "top-1", *(["val acc"] if val else []), "train acc"]
-    lines = [f"Linear probe: trained on the {report['train_set']}, scored on the {report['test_set']}"
-             + (f" and the {report['val_set']}" if report.get("val_set") else "") + ".",
-             f"Recipe: {report['recipe']}.", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines = [
+        f"Linear probe: trained on the {report['train_set']}, scored on the {report['test_set']}"
+        + (f" and the {report['val_set']}" if report.get("val_set") else "")
+        + ".",
+        f"Recipe: {report['recipe']}.",
+        "",
+        "| " + " | ".join(columns) + " |",
+        "|" + "---|" * len(columns),
+    ]
     for row in report["rows"]:
         flag = "" if row["converged"] else " (lbfgs not converged)"
-        lines.append(f"| {row['backbone']} | {row['kind']}, {row['feature_dim']}-d{flag} | {_fmt(row['acc'])} | "
-                     f"{_fmt(row['acc_top1'])} |" + (f" {_fmt(row.get('val_acc'))} |" if val else "")
-                     + f" {_fmt(row['train_acc'])} |")
+        lines.append(
+            f"| {row['backbone']} | {row['kind']}, {row['feature_dim']}-d{flag} | {_fmt(row['acc'])} | "
+            f"{_fmt(row['acc_top1'])} |"
+            + (f" {_fmt(row.get('val_acc'))} |" if val else "")
+            + f" {_fmt(row['train_acc'])} |"
+        )
     if report.get("over_seeds"):
-        lines += ["", f"Over seeds {', '.join(map(str, report['seeds']))} (mean +- sample sd, 95% Student-t interval):",
-                  "", "| backbone | n | probe acc (balanced) | val acc |", "|---|---|---|---|"]
+        lines += [
+            "",
+            f"Over seeds {', '.join(map(str, report['seeds']))} (mean +- sample sd, 95% Student-t interval):",
+            "",
+            "| backbone | n | probe acc (balanced) | val acc |",
+            "|---|---|---|---|",
+        ]
         for entry in report["over_seeds"]:
-            lines.append(f"| {entry['template']} | {len(entry['seeds'])} | {_spread_cell(entry['acc'])} | "
-                         f"{_spread_cell(entry['val_acc'])} |")
+            lines.append(
+                f"| {entry['template']} | {len(entry['seeds'])} | {_spread_cell(entry['acc'])} | "
+                f"{_spread_cell(entry['val_acc'])} |"
+            )
     return "\n".join(lines) + "\n"

@@ -12,8 +12,10 @@ def run(run_dir: str) -> int:
     layout = RunLayout(run_dir)
     path = layout.root
     if not layout.holds_a_run():
-        raise ConfigError(f"report: {path} holds no run (no federated/, annotate/ or pretrain/ folder); give "
-                          f"<run.root>/<run.name>, e.g. runs/fmnist_lt (a compare row: runs/X/compare/fedavg/seed0)")
+        raise ConfigError(
+            f"report: {path} holds no run (no federated/, annotate/ or pretrain/ folder); give "
+            f"<run.root>/<run.name>, e.g. runs/fmnist_lt (a compare row: runs/X/compare/fedavg/seed0)"
+        )
     read_run_config(path)  # a config.toml that cannot be read is refused before the lock makes report/
     with holding_report(layout.report, "report"):
         summary = write_report(path)

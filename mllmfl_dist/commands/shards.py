@@ -54,40 +54,64 @@ examples:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of the ``shards`` command, added to ``parser``."""
     inputs = parser.add_mutually_exclusive_group(required=True)
-    inputs.add_argument("--from-folder", metavar="DIR",
-                        help="pack every .png/.jpg/.jpeg/.webp under DIR (recursively)")
+    inputs.add_argument("--from-folder", metavar="DIR", help="pack every .png/.jpg/.jpeg/.webp under DIR (recursively)")
     inputs.add_argument("--from-source", choices=SOURCES, help="pack a data source of the package")
     out = parser.add_argument_group("output")
-    out.add_argument("--out", required=True, metavar="DIR|PATTERN",
-                     help="output folder (shards <prefix>-000000.tar.gz, ...), or a file pattern with one "
-                          "integer field such as out/train-%%06d.tar.gz (its suffix decides compression)")
+    out.add_argument(
+        "--out",
+        required=True,
+        metavar="DIR|PATTERN",
+        help="output folder (shards <prefix>-000000.tar.gz, ...), or a file pattern with one "
+        "integer field such as out/train-%%06d.tar.gz (its suffix decides compression)",
+    )
     out.add_argument("--prefix", help="shard name prefix inside --out DIR (default: the split, or 'images')")
-    out.add_argument("--max-count", type=int, default=DEFAULT_MAX_COUNT, metavar="N",
-                     help=f"samples per shard (default {DEFAULT_MAX_COUNT})")
+    out.add_argument(
+        "--max-count",
+        type=int,
+        default=DEFAULT_MAX_COUNT,
+        metavar="N",
+        help=f"samples per shard (default {DEFAULT_MAX_COUNT})",
+    )
     out.add_argument("--no-compress", action="store_true", help="write plain .tar instead of .tar.gz")
-    out.add_argument("--overwrite", action="store_true",
-                     help="replace shards (and classes.json) already there for this prefix")
+    out.add_argument(
+        "--overwrite", action="store_true", help="replace shards (and classes.json) already there for this prefix"
+    )
     folder = parser.add_argument_group("--from-folder options")
-    folder.add_argument("--labels-from-subfolders", action="store_true",
-                        help="one top-level subfolder per class: write .cls (sorted subfolder index) and classes.json")
+    folder.add_argument(
+        "--labels-from-subfolders",
+        action="store_true",
+        help="one top-level subfolder per class: write .cls (sorted subfolder index) and classes.json",
+    )
     source = parser.add_argument_group("--from-source options")
     source.add_argument("--split", choices=("train", "test"), help="which split of the source (required)")
     source.add_argument("--root", default="", help="the source's data folder (default: its search path)")
     source.add_argument("--download", action="store_true", help="let torchvision download CIFAR")
     source.add_argument("--seed", type=int, default=0, help="seed of the synthetic source (default 0)")
-    source.add_argument("--indices", metavar="START:STOP",
-                        help="only samples with START <= index < STOP (either end may be left out)")
-    source.add_argument("--per-class", type=int, metavar="N",
-                        help="keep the first N samples of each class (in index order) of the selected range")
-    source.add_argument("--imb-factor", type=float, metavar="F",
-                        help="long tail: class c keeps int(n_max * F ** (c / (C - 1))) of its first samples, "
-                             "n_max the largest class count after --per-class")
+    source.add_argument(
+        "--indices", metavar="START:STOP", help="only samples with START <= index < STOP (either end may be left out)"
+    )
+    source.add_argument(
+        "--per-class",
+        type=int,
+        metavar="N",
+        help="keep the first N samples of each class (in index order) of the selected range",
+    )
+    source.add_argument(
+        "--imb-factor",
+        type=float,
+        metavar="F",
+        help="long tail: class c keeps int(n_max * F ** (c / (C - 1))) of its first samples, "
+        "n_max the largest class count after --per-class",
+    )
     source.add_argument("--no-labels", action="store_true", help="write no .cls, no class in .json, no classes.json")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m mllmfl_dist shards", description=DESCRIPTION,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m mllmfl_dist shards",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_arguments(parser)
     return parser
 
@@ -135,8 +159,9 @@ def pack(args: argparse.Namespace) -> str:
     if class_names is not None:
         old = read_classes(folder) if (folder / CLASSES_FILE).is_file() else None
         if old is not None and old != list(class_names) and not args.overwrite:
-            raise DataError(f"{folder / CLASSES_FILE} lists other classes ({len(old)}); "
-                            "write to another --out or pass --overwrite")
+            raise DataError(
+                f"{folder / CLASSES_FILE} lists other classes ({len(old)}); write to another --out or pass --overwrite"
+            )
     paths = write_shards(samples, pattern, args.max_count, compress, overwrite=args.overwrite)
     lines = []
     if class_names is not None:
@@ -144,14 +169,19 @@ def pack(args: argparse.Namespace) -> str:
     counts = _count_written(paths, class_names)
     total = sum(counts.values()) if class_names is not None else counts["all"]
     size = sum(p.stat().st_size for p in paths)
-    lines.append(f"wrote {total} samples to {len(paths)} shard{'s' if len(paths) != 1 else ''} "
-                 f"({size / 1e6:.2f} MB): {paths[0]}" + (f" .. {paths[-1].name}" if len(paths) > 1 else ""))
+    lines.append(
+        f"wrote {total} samples to {len(paths)} shard{'s' if len(paths) != 1 else ''} "
+        f"({size / 1e6:.2f} MB): {paths[0]}" + (f" .. {paths[-1].name}" if len(paths) > 1 else "")
+    )
     if class_names is not None:
         lines.append("per class: " + ", ".join(f"{c}={counts.get(i, 0)}" for i, c in enumerate(class_names)))
         lines.append(f"classes: {folder / CLASSES_FILE}")
     if skipped:
-        lines.append(f"skipped {len(skipped)} unreadable image{'s' if len(skipped) != 1 else ''}: "
-                     + ", ".join(skipped[:5]) + (" ..." if len(skipped) > 5 else ""))
+        lines.append(
+            f"skipped {len(skipped)} unreadable image{'s' if len(skipped) != 1 else ''}: "
+            + ", ".join(skipped[:5])
+            + (" ..." if len(skipped) > 5 else "")
+        )
     return "\n".join(lines)
 
 
@@ -204,9 +234,13 @@ def _folder_samples(root: Path, labeled: bool) -> tuple[Iterator[dict[str, Any]]
     if not root.is_dir():
         raise DataError(f"--from-folder {root}: no such folder")
     files = sorted(
-        (p for p in root.rglob("*")
-         if p.is_file() and p.suffix.lower() in FOLDER_EXTS
-         and not any(part.startswith(".") for part in p.relative_to(root).parts)),
+        (
+            p
+            for p in root.rglob("*")
+            if p.is_file()
+            and p.suffix.lower() in FOLDER_EXTS
+            and not any(part.startswith(".") for part in p.relative_to(root).parts)
+        ),
         key=lambda p: p.relative_to(root).as_posix(),
     )
     if not files:
@@ -216,8 +250,10 @@ def _folder_samples(root: Path, labeled: bool) -> tuple[Iterator[dict[str, Any]]
         top = [p.relative_to(root).parts for p in files]
         loose = [p for p, parts in zip(files, top) if len(parts) == 1]
         if loose:
-            raise DataError(f"--labels-from-subfolders: {loose[0]} is not inside a class subfolder of {root} "
-                            f"({len(loose)} such images)")
+            raise DataError(
+                f"--labels-from-subfolders: {loose[0]} is not inside a class subfolder of {root} "
+                f"({len(loose)} such images)"
+            )
         class_names = sorted({parts[0] for parts in top})
     keys: dict[str, Path] = {}
     for path in files:
@@ -299,8 +335,9 @@ def parse_indices(text: str | None, total: int) -> tuple[int, int]:
     return start, stop
 
 
-def select_indices(labels: np.ndarray, num_classes: int, start: int, stop: int,
-                   per_class: int | None, imb_factor: float | None) -> np.ndarray:
+def select_indices(
+    labels: np.ndarray, num_classes: int, start: int, stop: int, per_class: int | None, imb_factor: float | None
+) -> np.ndarray:
     """Sorted indices of the samples to pack: the range, then the first ``per_class`` of each class, then
     the package's long tail (:func:`~mllmfl_dist.data.longtail_indices`)."""
     import numpy as np
@@ -346,8 +383,12 @@ def _source_samples(args: argparse.Namespace) -> tuple[Iterator[dict[str, Any]],
 
         for i in chosen.tolist():
             meta: dict[str, Any] = {"source": args.from_source, "split": args.split, "index": i}
-            sample: dict[str, Any] = {"key": f"{args.from_source}_{args.split}_{i:0{width}d}",
-                                      "image_bytes": encode_png(images[i]), "image_ext": "png", "json": meta}
+            sample: dict[str, Any] = {
+                "key": f"{args.from_source}_{args.split}_{i:0{width}d}",
+                "image_bytes": encode_png(images[i]),
+                "image_ext": "png",
+                "json": meta,
+            }
             if labeled:
                 sample["cls"] = int(labels[i])
                 meta["class"] = arrays.class_names[int(labels[i])]

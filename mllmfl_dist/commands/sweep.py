@@ -23,8 +23,10 @@ GROUPS = ("many", "medium", "few")
 def seed_configs(path: str | Path, overrides: Sequence[str], seeds: Sequence[int]) -> list[Config]:
     configs = [load_config(path, [*overrides, f"run.seed={seed}"]) for seed in seeds]
     if len(seeds) > 1 and len({cfg.run.name for cfg in configs}) == 1:
-        configs = [dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, name=f"{cfg.run.name}-seed{cfg.run.seed}"))
-                   for cfg in configs]
+        configs = [
+            dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, name=f"{cfg.run.name}-seed{cfg.run.seed}"))
+            for cfg in configs
+        ]
         for cfg in configs:  # the suffix may take the name over the file system's limit
             preflight.check_run_dir(cfg.run.root, cfg.run.name)
     return configs
@@ -38,8 +40,10 @@ def seed_line(cfg: Config, final: Mapping[str, Any]) -> str:
     """``seed 1: balanced acc 0.4123 (top-1 0.4200; many 0.5000, medium 0.2000) after round 10 in runs/x-seed1``"""
     if not final:
         return f"seed {cfg.run.seed}: no evaluation (in {cfg.run_dir})"
-    return (f"seed {cfg.run.seed}: balanced acc {final['acc']:.4f} (top-1 {final.get('acc_top1', float('nan')):.4f}; "
-            f"{_groups(final)}) after round {final.get('round')} in {cfg.run_dir}")
+    return (
+        f"seed {cfg.run.seed}: balanced acc {final['acc']:.4f} (top-1 {final.get('acc_top1', float('nan')):.4f}; "
+        f"{_groups(final)}) after round {final.get('round')} in {cfg.run_dir}"
+    )
 
 
 def mean_std_line(finals: Sequence[Mapping[str, Any]]) -> str:

@@ -17,15 +17,18 @@ def run(args) -> int:
     # transformers may import DeepSpeed, which would guess the accelerator and warn about it.
     cpu_accelerator_env(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     rank = env_rank()
-    paths = build_tiny_models(args.directory, train=args.train, settings=StandinSettings(seed=args.seed),
-                              progress=rank == 0)
+    paths = build_tiny_models(
+        args.directory, train=args.train, settings=StandinSettings(seed=args.seed), progress=rank == 0
+    )
     for name, path in paths.items():
         print(f"{name}: {path}")
     if args.train is not None:
         card = json.loads((paths["llava"].parent / MODEL_CARD).read_text())
         measured = card["measured"]
-        print(f"model card: {paths['llava'].parent / MODEL_CARD}: CLIP zero-shot {measured['clip_zero_shot_acc']:.3f}, "
-              f"LLaVA captions naming the class {measured['llava_caption_acc']:.3f}, LLaVA teacher "
-              f"{measured['llava_teacher_acc']:.3f} ({measured['n_images']} test images); "
-              f"trained in {card['train_seconds']:.0f} s")
+        print(
+            f"model card: {paths['llava'].parent / MODEL_CARD}: CLIP zero-shot {measured['clip_zero_shot_acc']:.3f}, "
+            f"LLaVA captions naming the class {measured['llava_caption_acc']:.3f}, LLaVA teacher "
+            f"{measured['llava_teacher_acc']:.3f} ({measured['n_images']} test images); "
+            f"trained in {card['train_seconds']:.0f} s"
+        )
     return 0

@@ -36,8 +36,14 @@ from mllmfl_dist.core.checkpoint import write_text_atomic
 from mllmfl_dist.core.jsonl import read_evaluations
 
 # Keys every strategy reads (its local training and its server step).
-EVERY_STRATEGY = ("federated.lr", "federated.momentum", "federated.weight_decay", "federated.local_epochs",
-                  "federated.batch_size", "federated.server_lr")
+EVERY_STRATEGY = (
+    "federated.lr",
+    "federated.momentum",
+    "federated.weight_decay",
+    "federated.local_epochs",
+    "federated.batch_size",
+    "federated.server_lr",
+)
 ONE_STRATEGY = {"federated.server_momentum": "fedavgm", "federated.prox_mu": "fedprox"}
 # Keys of a strategy section that some strategies declaring it do not read (FedAdagrad has no second-moment decay),
 # so a grid over them would give those strategies duplicate configurations.
@@ -47,9 +53,15 @@ NOT_READ_BY = {"fedopt.beta2": ("fedadagrad",)}
 ROW_SETS = ("align.teacher", "align.teacher_model", "align.clip_pretrained")
 STAGE1_SECTIONS = ("pretrain", "annotate")
 # align keys only some teachers read: a grid over them would give a row that ignores them duplicate configurations
-TEACHER_KEYS = {"align.beta": ("llava", "clip", "uniform"), "align.temperature": ("llava", "clip", "uniform"),
-                "align.teacher_temperature": ("llava", "clip"), "align.teacher_score": ("llava",),
-                "align.prompt": ("llava",), "align.templates": ("clip",), "align.clip_logit_scale": ("clip",)}
+TEACHER_KEYS = {
+    "align.beta": ("llava", "clip", "uniform"),
+    "align.temperature": ("llava", "clip", "uniform"),
+    "align.teacher_temperature": ("llava", "clip"),
+    "align.teacher_score": ("llava",),
+    "align.prompt": ("llava",),
+    "align.templates": ("clip",),
+    "align.clip_logit_scale": ("clip",),
+}
 DEFAULT_TUNE_SEEDS = (100, 101)
 VAL_KEY = "val_acc"
 
@@ -70,8 +82,12 @@ class TuneSpec:
 
 def _tunable(key: str) -> bool:
     section = key.split(".", 1)[0]
-    return (key in EVERY_STRATEGY or key in ONE_STRATEGY or section in ("align", *STAGE1_SECTIONS)
-            or section in plugins.strategy_sections())
+    return (
+        key in EVERY_STRATEGY
+        or key in ONE_STRATEGY
+        or section in ("align", *STAGE1_SECTIONS)
+        or section in plugins.strategy_sections()
+    )
 
 
 def parse_tune(texts: Sequence[str]) -> dict[str, tuple[Any, ...]]:
@@ -94,10 +110,12 @@ def parse_tune(texts: Sequence[str]) -> dict[str, tuple[Any, ...]]:
         except ConfigError as err:
             raise ConfigError(f"--tune {text!r}: {err}") from None
         if not _tunable(key):
-            raise ConfigError(f"--tune {key}: compare tunes {', '.join(EVERY_STRATEGY)}, federated.server_momentum "
-                              f"(fedavgm), federated.prox_mu (fedprox), a strategy's section "
-                              f"({', '.join(f'{s}.*' for s in plugins.strategy_sections())}), align.* (+align rows) "
-                              f"and pretrain.* / annotate.* (+dwp rows)")
+            raise ConfigError(
+                f"--tune {key}: compare tunes {', '.join(EVERY_STRATEGY)}, federated.server_momentum "
+                f"(fedavgm), federated.prox_mu (fedprox), a strategy's section "
+                f"({', '.join(f'{s}.*' for s in plugins.strategy_sections())}), align.* (+align rows) "
+                f"and pretrain.* / annotate.* (+dwp rows)"
+            )
         if len(set(map(repr, values))) != len(values):
             raise ConfigError(f"--tune {text!r} names a value twice")
         grid[key] = values
@@ -108,8 +126,11 @@ def parse_tune_seeds(text: str | None, reporting: Sequence[int]) -> tuple[int, .
     """``--tune-seeds`` (distinct non-negative integers, none a reporting seed), or by default the first two
     seeds from 100 on that are not reporting seeds."""
     if not text:
-        return tuple(itertools.islice((s for s in itertools.count(DEFAULT_TUNE_SEEDS[0]) if s not in reporting),
-                                      len(DEFAULT_TUNE_SEEDS)))
+        return tuple(
+            itertools.islice(
+                (s for s in itertools.count(DEFAULT_TUNE_SEEDS[0]) if s not in reporting), len(DEFAULT_TUNE_SEEDS)
+            )
+        )
     try:
         seeds = tuple(int(s) for s in text.split(",") if s.strip())
     except ValueError:
@@ -118,8 +139,10 @@ def parse_tune_seeds(text: str | None, reporting: Sequence[int]) -> tuple[int, .
         raise ConfigError(f"--tune-seeds {text!r}: expected distinct non-negative integers separated by commas")
     shared = sorted(set(seeds) & set(reporting))
     if shared:
-        raise ConfigError(f"--tune-seeds {text!r}: seed(s) {', '.join(map(str, shared))} are also reporting seeds "
-                          f"(--seeds); a choice made on a seed would then be reported on it")
+        raise ConfigError(
+            f"--tune-seeds {text!r}: seed(s) {', '.join(map(str, shared))} are also reporting seeds "
+            f"(--seeds); a choice made on a seed would then be reported on it"
+        )
     return seeds
 
 
@@ -193,37 +216,62 @@ def val_score(evaluations: Sequence[Mapping[str, Any]], last: int, where: Path |
         raise ConfigError(f"compare --tune: {where} holds no evaluation to select on")
     score = last_mean(evaluations, VAL_KEY, last)
     if score is None:
-        raise ConfigError(f"compare --tune selects on validation accuracy, but {where} has no {VAL_KEY}: set "
-                          f"data.val_per_class > 0 (a validation split carved from the training split)")
+        raise ConfigError(
+            f"compare --tune selects on validation accuracy, but {where} has no {VAL_KEY}: set "
+            f"data.val_per_class > 0 (a validation split carved from the training split)"
+        )
     return score
 
 
-def select_config(settings: Sequence[Mapping[str, Any]], evaluations: Sequence[Mapping[int, Sequence[dict]]],
-                  last: int, where: Sequence[Mapping[int, Path]] | None = None) -> dict[str, Any]:
+def select_config(
+    settings: Sequence[Mapping[str, Any]],
+    evaluations: Sequence[Mapping[int, Sequence[dict]]],
+    last: int,
+    where: Sequence[Mapping[int, Path]] | None = None,
+) -> dict[str, Any]:
     """The choice among ``settings`` (grid order) given, per setting, ``{tuning seed: its evaluation
     records}``: the highest mean over seeds of :func:`val_score`, the earliest on a tie. Returns the
     ``tuning.json`` entry of one method: every configuration's id, values, per-seed and mean val scores, and
     the chosen one's index, id and values."""
     configs = []
     for i, (setting, by_seed) in enumerate(zip(settings, evaluations)):
-        scores = {seed: val_score(records, last, where[i][seed] if where else f"configuration {i}, seed {seed}")
-                  for seed, records in by_seed.items()}
-        configs.append({"id": config_id(setting), "values": dict(setting), "val_by_seed": scores,
-                        "val_mean": statistics.fmean(scores.values())})
+        scores = {
+            seed: val_score(records, last, where[i][seed] if where else f"configuration {i}, seed {seed}")
+            for seed, records in by_seed.items()
+        }
+        configs.append(
+            {
+                "id": config_id(setting),
+                "values": dict(setting),
+                "val_by_seed": scores,
+                "val_mean": statistics.fmean(scores.values()),
+            }
+        )
     best = max(range(len(configs)), key=lambda i: (configs[i]["val_mean"], -i))
-    return {"configs": configs, "chosen_index": best, "chosen": configs[best]["id"],
-            "chosen_values": configs[best]["values"]}
+    return {
+        "configs": configs,
+        "chosen_index": best,
+        "chosen": configs[best]["id"],
+        "chosen_values": configs[best]["values"],
+    }
 
 
 def check_validation(cfg: Config) -> None:
     """Refuse ``--tune`` before anything runs when the config has no validation split to select on."""
     if getattr(cfg.data, "val_per_class", None) == 0:
-        raise ConfigError("compare --tune selects on validation accuracy and the config has no validation split: "
-                          "set data.val_per_class > 0")
+        raise ConfigError(
+            "compare --tune selects on validation accuracy and the config has no validation split: "
+            "set data.val_per_class > 0"
+        )
 
 
-def select_all(out_dir: Path, methods: Sequence[Any], grids: Mapping[str, Sequence[Setting]], spec: TuneSpec,
-               metrics: Mapping[tuple[str, str, int], Path]) -> dict[str, Setting]:
+def select_all(
+    out_dir: Path,
+    methods: Sequence[Any],
+    grids: Mapping[str, Sequence[Setting]],
+    spec: TuneSpec,
+    metrics: Mapping[tuple[str, str, int], Path],
+) -> dict[str, Setting]:
     """Choose every method's configuration from its tuning runs' ``metrics.jsonl`` (``metrics``: (method name,
     config id, tuning seed) -> path; a method with one configuration has no tuning runs and keeps it), write
     ``out_dir/tuning.json`` and return {method name: chosen setting}."""
@@ -231,12 +279,21 @@ def select_all(out_dir: Path, methods: Sequence[Any], grids: Mapping[str, Sequen
     for method in methods:
         settings = grids[method.name]
         keys = [k for k in spec.grid if reads(method, k)]
-        entry: dict[str, Any] = {"keys": keys, "grid_size": math.prod(len(spec.grid[k]) for k in keys),
-                                 "tried": len(settings)}
+        entry: dict[str, Any] = {
+            "keys": keys,
+            "grid_size": math.prod(len(spec.grid[k]) for k in keys),
+            "tried": len(settings),
+        }
         if len(settings) == 1:
-            entry.update({"configs": [{"id": config_id(settings[0]), "values": settings[0]}], "chosen_index": 0,
-                          "chosen": config_id(settings[0]), "chosen_values": settings[0],
-                          "note": "one configuration: nothing to select, no tuning runs"})
+            entry.update(
+                {
+                    "configs": [{"id": config_id(settings[0]), "values": settings[0]}],
+                    "chosen_index": 0,
+                    "chosen": config_id(settings[0]),
+                    "chosen_values": settings[0],
+                    "note": "one configuration: nothing to select, no tuning runs",
+                }
+            )
         else:
             where = [{s: metrics[(method.name, config_id(setting), s)] for s in spec.seeds} for setting in settings]
             evaluations = [{s: read_evaluations(path) for s, path in by_seed.items()} for by_seed in where]
@@ -244,9 +301,21 @@ def select_all(out_dir: Path, methods: Sequence[Any], grids: Mapping[str, Sequen
         entries[method.name] = entry
         chosen[method.name] = dict(settings[entry["chosen_index"]])
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out_dir / "tuning.json", json.dumps({
-        "selection": f"highest mean {VAL_KEY} (balanced accuracy on the validation split) over the last {spec.last} "
-                     f"evaluations, averaged over the tuning seeds; a tie goes to the earlier configuration",
-        "tune_seeds": list(spec.seeds), "last": spec.last, "budget": spec.budget, "sample_seed": spec.sample_seed,
-        "grid": {k: list(v) for k, v in spec.grid.items()}, "methods": entries}, indent=2) + "\n")
+    write_text_atomic(
+        out_dir / "tuning.json",
+        json.dumps(
+            {
+                "selection": f"highest mean {VAL_KEY} (balanced accuracy on the validation split) over the last "
+                f"{spec.last} evaluations, averaged over the tuning seeds; a tie goes to the earlier configuration",
+                "tune_seeds": list(spec.seeds),
+                "last": spec.last,
+                "budget": spec.budget,
+                "sample_seed": spec.sample_seed,
+                "grid": {k: list(v) for k, v in spec.grid.items()},
+                "methods": entries,
+            },
+            indent=2,
+        )
+        + "\n",
+    )
     return chosen

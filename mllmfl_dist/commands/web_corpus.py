@@ -36,23 +36,46 @@ USAGE_ERROR = 2
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m mllmfl_dist.commands.web_corpus",
-                                     description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m mllmfl_dist.commands.web_corpus",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--root", default="", help="Fashion-MNIST idx folder (default: the search path)")
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder")
     parser.add_argument("--prefix", default="web", help="shard name prefix (default %(default)s)")
-    parser.add_argument("--indices", default="50000:59488", metavar="START:STOP",
-                        help="training-split index range to draw from (default %(default)s)")
-    parser.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
-                        help="shards whose .json (split, index) samples are left out; repeatable")
+    parser.add_argument(
+        "--indices",
+        default="50000:59488",
+        metavar="START:STOP",
+        help="training-split index range to draw from (default %(default)s)",
+    )
+    parser.add_argument(
+        "--exclude",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="shards whose .json (split, index) samples are left out; repeatable",
+    )
     parser.add_argument("--n-max", type=int, default=950, help="images of the head class (default %(default)s)")
-    parser.add_argument("--mix-factor", type=float, default=0.4,
-                        help="tail / head ratio of the reversed class mix (default %(default)s)")
-    parser.add_argument("--wrong-fraction", type=float, default=0.1,
-                        help="fraction of captions naming a wrong class (default %(default)s)")
-    parser.add_argument("--no-class-fraction", type=float, default=0.1,
-                        help="fraction of captions naming no class (default %(default)s)")
+    parser.add_argument(
+        "--mix-factor",
+        type=float,
+        default=0.4,
+        help="tail / head ratio of the reversed class mix (default %(default)s)",
+    )
+    parser.add_argument(
+        "--wrong-fraction",
+        type=float,
+        default=0.1,
+        help="fraction of captions naming a wrong class (default %(default)s)",
+    )
+    parser.add_argument(
+        "--no-class-fraction",
+        type=float,
+        default=0.1,
+        help="fraction of captions naming no class (default %(default)s)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="caption seed (default %(default)s)")
     parser.add_argument("--max-count", type=int, default=1000, help="samples per shard (default %(default)s)")
     parser.add_argument("--overwrite", action="store_true", help="replace shards already there for this prefix")
@@ -89,20 +112,27 @@ def select_corpus(labels: np.ndarray, start: int, stop: int, excluded: set[int],
     for c, n in enumerate(counts):
         members = candidates[labels[candidates] == c]
         if len(members) < n:
-            raise DataError(f"class {c} has {len(members)} eligible images in {start}:{stop}, {n} wanted; "
-                            "lower --n-max")
+            raise DataError(
+                f"class {c} has {len(members)} eligible images in {start}:{stop}, {n} wanted; lower --n-max"
+            )
         chosen.append(members[:n])
     return np.sort(np.concatenate(chosen))
 
 
-def corpus_samples(images, labels: np.ndarray, chosen: np.ndarray, seed: int, wrong_fraction: float,
-                   no_class_fraction: float) -> Iterator[dict[str, Any]]:
+def corpus_samples(
+    images, labels: np.ndarray, chosen: np.ndarray, seed: int, wrong_fraction: float, no_class_fraction: float
+) -> Iterator[dict[str, Any]]:
     """The writer's sample dicts (image PNG, caption, provenance) of the ``chosen`` training images."""
     for i in chosen.tolist():
         rng = np.random.default_rng([seed, i])
         caption, _, kind = make_caption(rng, int(labels[i]), wrong_fraction, no_class_fraction)
-        yield {"key": f"fashion_mnist_train_{i:06d}", "image_bytes": encode_png(images[i]), "image_ext": "png",
-               "txt": caption, "json": {"source": "fashion_mnist", "split": "train", "index": i, "caption": kind}}
+        yield {
+            "key": f"fashion_mnist_train_{i:06d}",
+            "image_bytes": encode_png(images[i]),
+            "image_ext": "png",
+            "txt": caption,
+            "json": {"source": "fashion_mnist", "split": "train", "index": i, "caption": kind},
+        }
 
 
 def build_corpus(args: argparse.Namespace) -> str:
@@ -120,8 +150,9 @@ def build_corpus(args: argparse.Namespace) -> str:
     start, stop = parse_indices(args.indices, len(labels))
     counts = reversed_tail_counts(args.n_max, args.mix_factor, len(arrays.class_names))
     chosen = select_corpus(labels, start, stop, excluded_indices(args.exclude, "train"), counts)
-    samples = corpus_samples(arrays.train_images, labels, chosen, args.seed, args.wrong_fraction,
-                             args.no_class_fraction)
+    samples = corpus_samples(
+        arrays.train_images, labels, chosen, args.seed, args.wrong_fraction, args.no_class_fraction
+    )
     paths = write_shards(samples, str(Path(args.out) / args.prefix), args.max_count, overwrite=args.overwrite)
     kinds: dict[str, int] = {}
     for path in paths:
@@ -129,9 +160,13 @@ def build_corpus(args: argparse.Namespace) -> str:
             kind = sample["json"]["caption"]
             kinds[kind] = kinds.get(kind, 0) + 1
     size = sum(p.stat().st_size for p in paths)
-    return (f"wrote {len(chosen)} samples to {len(paths)} shards ({size / 1e6:.2f} MB): {paths[0]} .. "
-            f"{paths[-1].name}\nper class: " + ", ".join(f"{c}={n}" for c, n in zip(arrays.class_names, counts))
-            + "\ncaptions: " + ", ".join(f"{k}={v}" for k, v in sorted(kinds.items())))
+    return (
+        f"wrote {len(chosen)} samples to {len(paths)} shards ({size / 1e6:.2f} MB): {paths[0]} .. "
+        f"{paths[-1].name}\nper class: "
+        + ", ".join(f"{c}={n}" for c, n in zip(arrays.class_names, counts))
+        + "\ncaptions: "
+        + ", ".join(f"{k}={v}" for k, v in sorted(kinds.items()))
+    )
 
 
 if __name__ == "__main__":

@@ -83,9 +83,12 @@ def unit_interval(default: float) -> Any:
 def image_prompt(default: str) -> Any:
     """A prompt sent with an image: LLaVA's processor puts its visual tokens where ``<image>`` stands, and fails
     only after the model has loaded when it is missing or doubled."""
-    return checked(default, lambda v: v.count("<image>") == 1,
-                   "a prompt holding <image> exactly once (where the image's tokens go), e.g. "
-                   "'USER: <image>\\nDescribe the image. ASSISTANT:'")
+    return checked(
+        default,
+        lambda v: v.count("<image>") == 1,
+        "a prompt holding <image> exactly once (where the image's tokens go), e.g. "
+        "'USER: <image>\\nDescribe the image. ASSISTANT:'",
+    )
 
 
 def check_section(prefix: str, values: Any) -> None:
@@ -101,8 +104,9 @@ def check_section(prefix: str, values: Any) -> None:
         if spec.metadata.get(PATH) and (problem := preflight.path_text_problem(value)):
             raise ConfigError(f"{key} = {value!r} is not allowed; {problem}")
         if CHOICES in spec.metadata and value not in spec.metadata[CHOICES]:
-            raise ConfigError(f"{key} = {value!r} is not allowed; choose one of: "
-                              f"{', '.join(map(str, spec.metadata[CHOICES]))}")
+            raise ConfigError(
+                f"{key} = {value!r} is not allowed; choose one of: {', '.join(map(str, spec.metadata[CHOICES]))}"
+            )
         if CHECK in spec.metadata:
             predicate, allowed = spec.metadata[CHECK]
             if not predicate(value):
@@ -125,8 +129,10 @@ def float32_problem(value: float) -> str | None:
     if magnitude > preflight.FLOAT32_MAX:
         return f"it overflows float32 (largest {preflight.FLOAT32_MAX:.4g}), the precision training runs in"
     if 0 < magnitude < preflight.FLOAT32_TINY:
-        return (f"it is below float32's smallest normal number ({preflight.FLOAT32_TINY:.4g}), the precision "
-                f"training runs in; use 0 or a larger value")
+        return (
+            f"it is below float32's smallest normal number ({preflight.FLOAT32_TINY:.4g}), the precision "
+            f"training runs in; use 0 or a larger value"
+        )
     return None
 
 

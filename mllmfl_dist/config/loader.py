@@ -35,7 +35,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-INT64_MIN, INT64_MAX = -(2 ** 63), 2 ** 63 - 1
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
 def load_config(path: str | Path, overrides: Sequence[str] = (), *, check_run_dir: bool = True) -> Config:
@@ -81,8 +81,9 @@ def check_machine(config: Config, check_run_dir: bool = True) -> None:
     (:func:`preflight.check_run_dir`) and data that fits its memory on each of the node's ranks."""
     if check_run_dir:
         preflight.check_run_dir(config.run.root, config.run.name)
-    preflight.check_data_memory(config.data, config.federated.num_clients, preflight.physical_memory_bytes(),
-                                preflight.local_world_size())
+    preflight.check_data_memory(
+        config.data, config.federated.num_clients, preflight.physical_memory_bytes(), preflight.local_world_size()
+    )
 
 
 def section_types() -> dict[str, type]:
@@ -160,8 +161,9 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     for depth, key in enumerate(keys[1:], start=1):
         hints = typing.get_type_hints(cls)
         if key not in hints:
-            raise ConfigError(f"unknown key {'.'.join(keys[: depth + 1])} in --set {item!r}; allowed: "
-                              f"{', '.join(hints)}")
+            raise ConfigError(
+                f"unknown key {'.'.join(keys[: depth + 1])} in --set {item!r}; allowed: {', '.join(hints)}"
+            )
         parent, cls = cls, hints[key]
     if dataclasses.is_dataclass(cls):
         raise ConfigError(f"--set {item!r} names a table; set one of its keys")
@@ -216,11 +218,14 @@ def validate(config: Config) -> None:
     if config.data.source != "synthetic" and config.data.synthetic_mode != "array":
         raise ConfigError("data.synthetic_mode = 'on_demand' is only allowed with data.source = 'synthetic'")
     part = config.partition
-    if config.data.synthetic_mode == "on_demand" and (part.method == "shards" or part.self_balancing
-                                                      or part.min_partition_size):
+    if config.data.synthetic_mode == "on_demand" and (
+        part.method == "shards" or part.self_balancing or part.min_partition_size
+    ):
         # On-demand clients draw their own label mix; there is no whole training set to cut.
-        raise ConfigError("data.synthetic_mode = 'on_demand' supports partition.method dirichlet, creff or iid "
-                          "without partition.self_balancing or partition.min_partition_size")
+        raise ConfigError(
+            "data.synthetic_mode = 'on_demand' supports partition.method dirichlet, creff or iid "
+            "without partition.self_balancing or partition.min_partition_size"
+        )
     if config.dp.enabled:
         strategy.check_dp(config)  # the strategy layer's check, reached through the registry (config imports no fl)
     strategy.check_config(config)

@@ -56,8 +56,23 @@ BUILTIN_SECTIONS = {
 }
 NAME = re.compile(r"[a-z][a-z0-9_]*")
 # Section names a strategy may not claim: the run's own sections (config/schema.py keeps them in step).
-RESERVED_SECTIONS = frozenset({"run", "dist", "data", "partition", "model", "federated", "eval", "checkpoint", "log",
-                               "annotate", "pretrain", "align", "dp"})
+RESERVED_SECTIONS = frozenset(
+    {
+        "run",
+        "dist",
+        "data",
+        "partition",
+        "model",
+        "federated",
+        "eval",
+        "checkpoint",
+        "log",
+        "annotate",
+        "pretrain",
+        "align",
+        "dp",
+    }
+)
 
 _classes: dict[str, type] = {}  # every strategy loaded or registered so far, by name
 _broken: dict[str, str] = {}  # entry points that failed to load: name -> why
@@ -70,28 +85,38 @@ def register_strategy(cls: type) -> type:
     another strategy declares with a different dataclass, is a ConfigError."""
     name = getattr(cls, "name", None)
     if not isinstance(name, str) or not NAME.fullmatch(name):
-        raise ConfigError(f"strategy {cls.__module__}.{cls.__qualname__}: its name must be lowercase letters, "
-                          f"digits and '_' (starting with a letter), got {name!r}")
+        raise ConfigError(
+            f"strategy {cls.__module__}.{cls.__qualname__}: its name must be lowercase letters, "
+            f"digits and '_' (starting with a letter), got {name!r}"
+        )
     known = _classes.get(name)
     if known is not None and known is not cls:
-        raise ConfigError(f"strategy name {name!r} is taken by {known.__module__}.{known.__qualname__}; give "
-                          f"{cls.__module__}.{cls.__qualname__} another name")
+        raise ConfigError(
+            f"strategy name {name!r} is taken by {known.__module__}.{known.__qualname__}; give "
+            f"{cls.__module__}.{cls.__qualname__} another name"
+        )
     if name in BUILTIN_STRATEGIES and known is None and _path(cls) != BUILTIN_STRATEGIES[name]:
         raise ConfigError(f"strategy name {name!r} is a built-in strategy's; give {cls.__qualname__} another name")
     sections = dict(getattr(cls, "sections", {}) or {})
     for section, options in sections.items():
         if section in RESERVED_SECTIONS or not NAME.fullmatch(section):
-            raise ConfigError(f"strategy {name!r}: section [{section}] is not a name it can use (one of the run's "
-                              f"own sections, or not lowercase letters, digits and '_')")
+            raise ConfigError(
+                f"strategy {name!r}: section [{section}] is not a name it can use (one of the run's "
+                f"own sections, or not lowercase letters, digits and '_')"
+            )
         builtin = BUILTIN_SECTIONS.get(section)
         if builtin is not None and _load(builtin) is not options:
-            raise ConfigError(f"strategy {name!r} declares section [{section}] with {options.__qualname__}, but "
-                              f"the built-in strategies declare it with {builtin}")
+            raise ConfigError(
+                f"strategy {name!r} declares section [{section}] with {options.__qualname__}, but "
+                f"the built-in strategies declare it with {builtin}"
+            )
         for other in _classes.values():
             theirs = (getattr(other, "sections", {}) or {}).get(section)
             if theirs is not None and theirs is not options:
-                raise ConfigError(f"strategy {name!r} declares section [{section}] with {options.__qualname__}, "
-                                  f"but {other.name!r} declares it with {theirs.__qualname__}")
+                raise ConfigError(
+                    f"strategy {name!r} declares section [{section}] with {options.__qualname__}, "
+                    f"but {other.name!r} declares it with {theirs.__qualname__}"
+                )
     _classes[name] = cls
     return cls
 
@@ -108,11 +133,12 @@ def strategy_class(name: str) -> type:
     if name not in _classes:
         _read_entry_points()
     if name in _broken:
-        raise ConfigError(f"federated.strategy = {name!r}: its plugin (entry point {name!r} of group "
-                          f"{ENTRY_POINT_GROUP}) cannot be loaded: {_broken[name]}")
+        raise ConfigError(
+            f"federated.strategy = {name!r}: its plugin (entry point {name!r} of group "
+            f"{ENTRY_POINT_GROUP}) cannot be loaded: {_broken[name]}"
+        )
     if name not in _classes:
-        raise ConfigError(f"federated.strategy = {name!r} is not allowed; choose one of: "
-                          f"{', '.join(strategy_names())}")
+        raise ConfigError(f"federated.strategy = {name!r} is not allowed; choose one of: {', '.join(strategy_names())}")
     return _classes[name]
 
 

@@ -51,9 +51,11 @@ def field_comments(cls: type) -> dict[str, str]:
     joined into one text per field name."""
     source = textwrap.dedent("".join(inspect.getsourcelines(cls)[0]))  # a class defined inside a function
     lines = source.splitlines()
-    comment_at = {token.start[0]: token.string.lstrip("#").strip()
-                  for token in tokenize.generate_tokens(io.StringIO(source).readline)
-                  if token.type == tokenize.COMMENT}
+    comment_at = {
+        token.start[0]: token.string.lstrip("#").strip()
+        for token in tokenize.generate_tokens(io.StringIO(source).readline)
+        if token.type == tokenize.COMMENT
+    }
     comments: dict[str, str] = {}
     previous_end = 0  # 1-based last line of the statement before the field
     definition = ast.parse(source).body[0]
@@ -87,8 +89,9 @@ def sections() -> list[tuple[str, type]]:
 
 def _with_nested(name: str, cls: type) -> list[tuple[str, type]]:
     hints = typing.get_type_hints(cls)
-    nested = [(f"{name}.{f.name}", hints[f.name]) for f in dataclasses.fields(cls)
-              if dataclasses.is_dataclass(hints[f.name])]
+    nested = [
+        (f"{name}.{f.name}", hints[f.name]) for f in dataclasses.fields(cls) if dataclasses.is_dataclass(hints[f.name])
+    ]
     return [(name, cls), *nested]
 
 
@@ -101,7 +104,7 @@ def _load(path: str) -> type:
 
 def _toml_value(value: Any) -> str:
     """``value`` as TOML writes it (``"rank0"``, ``true``, ``1e-05``)."""
-    return tomli_w.dumps({"v": value}).strip()[len("v = "):]
+    return tomli_w.dumps({"v": value}).strip()[len("v = ") :]
 
 
 def _cell(text: str) -> str:
@@ -134,8 +137,10 @@ def section_table(name: str, cls: type) -> str:
             allowed = _cell(spec.metadata[CHECK][1])
         else:
             allowed = ""
-        rows.append(f"| `{spec.name}` | {type_name} | {_code(_toml_value(spec.default))} | {allowed} | "
-                    f"{_cell(comments.get(spec.name, ''))} |")
+        rows.append(
+            f"| `{spec.name}` | {type_name} | {_code(_toml_value(spec.default))} | {allowed} | "
+            f"{_cell(comments.get(spec.name, ''))} |"
+        )
     return "\n".join(rows) + "\n"
 
 

@@ -37,32 +37,65 @@ class ResumePolicy:
 
 # Federated finetuning: everything but where the run lives (a moved or renamed run directory resumes), how
 # long it runs, how it reports, timeouts and stage 1 (the checkpoint already holds what stage 1 produced).
-FEDERATED = ResumePolicy(None, ("run.root", "run.name", "run.baseline", "federated.rounds", "data.root",
-                                "data.download", "dist.backend", "dist.timeout_minutes",
-                                "dist.control_timeout_minutes", "dist.init_timeout_minutes",
-                                "dist.wait_report_seconds", "eval.", "checkpoint.", "log.", "federated.client_state_mb",
-                                "clip2fl.teacher_batch_size", "annotate.", "pretrain."))
+FEDERATED = ResumePolicy(
+    None,
+    (
+        "run.root",
+        "run.name",
+        "run.baseline",
+        "federated.rounds",
+        "data.root",
+        "data.download",
+        "dist.backend",
+        "dist.timeout_minutes",
+        "dist.control_timeout_minutes",
+        "dist.init_timeout_minutes",
+        "dist.wait_report_seconds",
+        "eval.",
+        "checkpoint.",
+        "log.",
+        "federated.client_state_mb",
+        "clip2fl.teacher_batch_size",
+        "annotate.",
+        "pretrain.",
+    ),
+)
 
 # DWP: its own section and the settings outside it that shape the FL backbone, its input or the data order.
 # (Not pretrain.steps: the alpha ramp and the cosine LR schedule are laid out over it.)
-PRETRAIN = ResumePolicy(("pretrain.", "run.seed", "model.arch", "model.width_scale", "model.in_channels",
-                         "data.source", "data.channels", "data.image_size"),
-                        ("pretrain.checkpoint_every", "pretrain.model", "pretrain.shards", "pretrain.ranks",
-                         "pretrain.deepspeed.cpu_comm"))
+PRETRAIN = ResumePolicy(
+    (
+        "pretrain.",
+        "run.seed",
+        "model.arch",
+        "model.width_scale",
+        "model.in_channels",
+        "data.source",
+        "data.channels",
+        "data.image_size",
+    ),
+    ("pretrain.checkpoint_every", "pretrain.model", "pretrain.shards", "pretrain.ranks", "pretrain.deepspeed.cpu_comm"),
+)
 
 
 # Keys added after configs were first saved, with the behaviour a config saved before them had: a resume of
 # such a run compares against these, so a new key's non-default value is not taken silently.
 # clip2fl.projection_dim was, before the key, the CLIP's embedding width, which no number here names: -1
 # makes any value a difference.
-IMPLIED_BEFORE_ADDED = {"data.val_per_class": 0, "data.train_fraction": 1.0, "align.clip_logit_scale": 100.0,
-                        "clip2fl.projection_dim": -1, "dp.enabled": False}
+IMPLIED_BEFORE_ADDED = {
+    "data.val_per_class": 0,
+    "data.train_fraction": 1.0,
+    "align.clip_logit_scale": 100.0,
+    "clip2fl.projection_dim": -1,
+    "dp.enabled": False,
+}
 # Sections added whole after configs were first saved (a saved config lacks the table, not just the key).
 SECTIONS_ADDED = ("dp",)
 
 
-def differences(saved: dict[str, Any], current: dict[str, Any], policy: ResumePolicy,
-                unread: tuple[str, ...] = ()) -> list[str]:
+def differences(
+    saved: dict[str, Any], current: dict[str, Any], policy: ResumePolicy, unread: tuple[str, ...] = ()
+) -> list[str]:
     """``key: old -> new`` for every key both configs hold that differs where ``policy`` compares it (keys
     under ``unread`` are skipped: sections this run does not read); a key the saved config predates is
     compared with the behaviour it had then (:data:`IMPLIED_BEFORE_ADDED`)."""
@@ -103,5 +136,7 @@ def resume_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[s
 def refuse_changed_config(where: Any, diffs: list[str], start_over: str) -> None:
     """The one refusal every stage gives: ConfigError naming ``where`` and the differences."""
     if diffs:
-        raise ConfigError(f"{where} was written with a different config ({'; '.join(diffs)}); resume with the same "
-                          f"settings, or {start_over} to start over")
+        raise ConfigError(
+            f"{where} was written with a different config ({'; '.join(diffs)}); resume with the same "
+            f"settings, or {start_over} to start over"
+        )

@@ -28,8 +28,10 @@ def resolve_run_name(template: str, values: Mapping[str, Any]) -> str:
     try:
         parts = list(string.Formatter().parse(template))
     except ValueError as err:
-        raise ConfigError(f"run.name = {template!r} is not a valid template ({err}); write fields as "
-                          "{section.key} and a literal brace as {{ or }}") from None
+        raise ConfigError(
+            f"run.name = {template!r} is not a valid template ({err}); write fields as "
+            "{section.key} and a literal brace as {{ or }}"
+        ) from None
     out = []
     for literal, field, spec, conversion in parts:
         out.append(literal)
@@ -37,14 +39,17 @@ def resolve_run_name(template: str, values: Mapping[str, Any]) -> str:
             continue
         if field == "run.name" or field not in values:
             known = ", ".join(k for k in ("federated.strategy", "partition.alpha", "run.seed") if k in values)
-            raise ConfigError(f"run.name = {template!r}: {{{field}}} is not a config key it can use; fields are "
-                              f"section.key names of the config, e.g. {known}")
+            raise ConfigError(
+                f"run.name = {template!r}: {{{field}}} is not a config key it can use; fields are "
+                f"section.key names of the config, e.g. {known}"
+            )
         value = values[field]
         if conversion:
             value = _CONVERSIONS[conversion](value)
         try:
             out.append(format(value, spec or ""))
         except (ValueError, TypeError) as err:
-            raise ConfigError(f"run.name = {template!r}: cannot format {{{field}}} = {value!r} with "
-                              f"{spec!r} ({err})") from None
+            raise ConfigError(
+                f"run.name = {template!r}: cannot format {{{field}}} = {value!r} with {spec!r} ({err})"
+            ) from None
     return "".join(out)

@@ -18,8 +18,18 @@ from typing import Any
 import tomli_w
 
 from mllmfl_dist.config import plugins
-from mllmfl_dist.config.fields import (at_least, checked, choice, fraction, image_prompt, minutes, non_negative,
-                                       path_setting, positive, unit_interval)
+from mllmfl_dist.config.fields import (
+    at_least,
+    checked,
+    choice,
+    fraction,
+    image_prompt,
+    minutes,
+    non_negative,
+    path_setting,
+    positive,
+    unit_interval,
+)
 from mllmfl_dist.config.values import valid_index_range
 from mllmfl_dist.core import preflight
 from mllmfl_dist.core.errors import ConfigError
@@ -44,8 +54,11 @@ def _max_image_aspect_ratio() -> Any:
 @dataclass(frozen=True)
 class RunConfig:
     # empty: the config file's stem; may be a template over config values: "{federated.strategy}-s{run.seed}"
-    name: str = checked("", lambda v: preflight.run_name_problem(v) is None,
-                        "a non-empty name without '/' or control characters, at most 255 bytes")
+    name: str = checked(
+        "",
+        lambda v: preflight.run_name_problem(v) is None,
+        "a non-empty name without '/' or control characters, at most 255 bytes",
+    )
     root: str = path_setting("runs")  # outputs go to <root>/<name>/
     seed: int = at_least(0, 0)
     # `run` with a stage of the method (DWP or alignment) also runs FedAvg from scratch on the same data and
@@ -97,8 +110,12 @@ class DataConfig:
     # Python-style "start:stop" slice of the source's training split that the run may use at all (""  = all
     # of it), before the server holdout and the long tail: keeps server-side sets such as the shipped web
     # corpus and alignment pool (Fashion-MNIST train indices 50000-59999) out of every client's data.
-    train_indices: str = checked("", valid_index_range, 'a "start:stop" range of non-negative integers, '
-                                 'start < stop (either may be omitted), or "" for the whole split')
+    train_indices: str = checked(
+        "",
+        valid_index_range,
+        'a "start:stop" range of non-negative integers, '
+        'start < stop (either may be omitted), or "" for the whole split',
+    )
     # imagenet_lt only: folder with ImageNet_LT_train.txt / ImageNet_LT_test.txt ("" = data.root); images
     # are decoded once, resized to data.image_size and cached as uint8 under <root>/.mllmfl_cache
     lists_dir: str = path_setting("")
@@ -334,8 +351,9 @@ class Config:
         try:
             return self.strategy_sections[name]
         except KeyError:
-            raise ConfigError(f"no strategy declares a config section [{name}]; known: "
-                              f"{', '.join(self.strategy_sections) or 'none'}") from None
+            raise ConfigError(
+                f"no strategy declares a config section [{name}]; known: {', '.join(self.strategy_sections) or 'none'}"
+            ) from None
 
     def with_section(self, name: str, value: Any) -> Config:
         return dataclasses.replace(self, strategy_sections={**self.strategy_sections, name: value})

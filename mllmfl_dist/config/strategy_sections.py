@@ -29,9 +29,11 @@ class CreffConfig:
     batches_per_class: int = at_least(10, 1)  # batches per class a client averages its class gradient over
     # Differentiable Siamese Augmentation of each of those batches, as released: one of these '_'-separated
     # operations per batch, the same parameters for every image of the batch ("none": no augmentation).
-    dsa_strategy: str = checked("color_crop_cutout_flip_scale_rotate",
-                                lambda v: all(op in DSA_OPERATIONS for op in dsa_operations(v)),
-                                f"'none' or operations from {', '.join(DSA_OPERATIONS)} joined by '_'")
+    dsa_strategy: str = checked(
+        "color_crop_cutout_flip_scale_rotate",
+        lambda v: all(op in DSA_OPERATIONS for op in dsa_operations(v)),
+        f"'none' or operations from {', '.join(DSA_OPERATIONS)} joined by '_'",
+    )
     # The server's mean of a class's gradients over the clients holding it: "clients" (each counts once, as
     # in the released code) or "samples" (weighted by the client's count of the class)
     gradient_mean: str = choice("clients", ("clients", "samples"))

@@ -33,9 +33,12 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 # errno values that mean "this output cannot be written here", with the words the message uses.
-_OUTPUT_ERRNOS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "the disk quota is used up",
-                  errno.EROFS: "the file system is read-only", errno.EFBIG: "the file is too large for the "
-                  "file system or the process's file size limit"}
+_OUTPUT_ERRNOS = {
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "the disk quota is used up",
+    errno.EROFS: "the file system is read-only",
+    errno.EFBIG: "the file is too large for the file system or the process's file size limit",
+}
 TEMP_SUFFIX = ".tmp"
 # What this module's temporary files are called (``.<name>.<mkstemp's 8 characters>.tmp``, ``.tmp.png`` from
 # an earlier report writer, ``.<name>.tmp`` from an earlier write_text_atomic) and the shard writer's
@@ -61,8 +64,10 @@ def _output_error(err: OSError, path: Path) -> OutputError | None:
     reason = _OUTPUT_ERRNOS.get(code)
     if reason is None:
         return None
-    return OutputError(f"cannot write {path}: {reason} ({errno.errorcode.get(code, code)}); free space "
-                       f"under {path.parent} (or point run.root elsewhere) and rerun: finished work is kept")
+    return OutputError(
+        f"cannot write {path}: {reason} ({errno.errorcode.get(code, code)}); free space "
+        f"under {path.parent} (or point run.root elsewhere) and rerun: finished work is kept"
+    )
 
 
 @contextlib.contextmanager
@@ -248,8 +253,10 @@ def unreadable_reason(path: str | Path, err: BaseException) -> str:
     if size == 0:
         return "is empty (0 bytes: a write cut off by a crash or a full disk)"
     if "weights only load failed" in str(err).lower() or "weights_only" in str(err):
-        return ("holds objects other than tensors and plain containers, which only a full unpickler would build "
-                "(and that can run code from the file), so it was not loaded")
+        return (
+            "holds objects other than tensors and plain containers, which only a full unpickler would build "
+            "(and that can run code from the file), so it was not loaded"
+        )
     if head[:2] != b"PK" and head[:1] != b"\x80":  # a zip archive (torch.save) or a legacy pickle
         return "is not a PyTorch checkpoint file"
     return f"is truncated or corrupt ({detail})"
@@ -271,8 +278,12 @@ def rng_state() -> dict[str, Any]:
     np_state = cast(tuple[Any, ...], np.random.get_state(legacy=True))
     state = {
         "python": random.getstate(),
-        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "numpy": {
+            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -284,8 +295,9 @@ def set_rng_state(state: dict[str, Any]) -> None:
     py = state["python"]
     random.setstate((py[0], tuple(py[1]), py[2]))
     npy = state["numpy"]
-    np.random.set_state(("MT19937", npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
-                         npy["cached_gaussian"]))
+    np.random.set_state(
+        ("MT19937", npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"], npy["cached_gaussian"])
+    )
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

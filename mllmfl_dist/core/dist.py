@@ -115,8 +115,19 @@ def init_runtime(cfg: DistConfig, env: dict[str, str] | None = None, stop: Any =
         )
     control = torch_dist.new_group(backend="gloo", timeout=timedelta(minutes=cfg.control_timeout_minutes))
     heartbeat = Heartbeat(store, launch.rank) if store is not None else None
-    return Runtime(launch.rank, launch.world_size, launch.local_rank, backend, device, cfg.server_hosts_clients,
-                   control, store, waits, heartbeat, stop)
+    return Runtime(
+        launch.rank,
+        launch.world_size,
+        launch.local_rank,
+        backend,
+        device,
+        cfg.server_hosts_clients,
+        control,
+        store,
+        waits,
+        heartbeat,
+        stop,
+    )
 
 
 def _rendezvous(launch: LaunchEnv, cfg: DistConfig) -> torch_dist.PrefixStore:
@@ -132,12 +143,21 @@ def _rendezvous(launch: LaunchEnv, cfg: DistConfig) -> torch_dist.PrefixStore:
     agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
     timeout = timedelta(minutes=cfg.init_timeout_minutes)
     try:
-        base = torch_dist.TCPStore(host, port, launch.world_size, is_master=not agent and launch.rank == 0,
-                                   timeout=timeout, wait_for_workers=False, multi_tenant=True)
+        base = torch_dist.TCPStore(
+            host,
+            port,
+            launch.world_size,
+            is_master=not agent and launch.rank == 0,
+            timeout=timeout,
+            wait_for_workers=False,
+            multi_tenant=True,
+        )
     except (RuntimeError, torch_dist.DistError) as err:
-        raise RankLostError(f"rank {launch.rank}: cannot reach the rendezvous store at {host}:{port} within "
-                            f"dist.init_timeout_minutes = {cfg.init_timeout_minutes:g} ({first_line(err)}); is "
-                            f"rank 0 running, and are MASTER_ADDR / MASTER_PORT right?") from None
+        raise RankLostError(
+            f"rank {launch.rank}: cannot reach the rendezvous store at {host}:{port} within "
+            f"dist.init_timeout_minutes = {cfg.init_timeout_minutes:g} ({first_line(err)}); is "
+            f"rank 0 running, and are MASTER_ADDR / MASTER_PORT right?"
+        ) from None
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     store = torch_dist.PrefixStore(f"mllmfl/attempt{attempt}", base)
     keys = [f"joined/{r}" for r in range(launch.world_size)]
@@ -149,7 +169,8 @@ def _rendezvous(launch: LaunchEnv, cfg: DistConfig) -> torch_dist.PrefixStore:
         raise RankLostError(
             f"rank {launch.rank}: {launch.world_size} ranks were expected ({launch.launcher}), but rank(s) "
             f"{ranks_text(missing)} did not join within dist.init_timeout_minutes = {cfg.init_timeout_minutes:g}; "
-            f"were they started (one srun step with all tasks, or torchrun on every node)?") from None
+            f"were they started (one srun step with all tasks, or torchrun on every node)?"
+        ) from None
     return store
 
 
@@ -198,8 +219,9 @@ def all_reduce_sum_(runtime: Runtime, flat: torch.Tensor, what: str = "the round
     return flat
 
 
-def broadcast_from_server_(runtime: Runtime, flat: torch.Tensor,
-                           what: str = "rank 0's broadcast of the global model") -> torch.Tensor:
+def broadcast_from_server_(
+    runtime: Runtime, flat: torch.Tensor, what: str = "rank 0's broadcast of the global model"
+) -> torch.Tensor:
     """Overwrite ``flat`` on every rank with rank 0's copy, in place."""
     if runtime.distributed:
         with _round_wait(runtime, what):
@@ -207,8 +229,7 @@ def broadcast_from_server_(runtime: Runtime, flat: torch.Tensor,
     return flat
 
 
-def stage_barrier(runtime: Runtime, what: str = "the end of the stage", *,
-                  clients_idle: bool = False) -> None:
+def stage_barrier(runtime: Runtime, what: str = "the end of the stage", *, clients_idle: bool = False) -> None:
     """Wait for every rank (between stages), on the rendezvous store, each rank with the timeout of what it
     waits for: a rank waiting for work that may take hours (another rank's annotation or DWP, rank 0's
     server-side stages) waits up to ``dist.control_timeout_minutes``; with ``clients_idle`` (the client
@@ -218,8 +239,9 @@ def stage_barrier(runtime: Runtime, what: str = "the end of the stage", *,
     short = clients_idle and runtime.is_server
     waiting = _round_wait(runtime, what) if short else _control_wait(runtime, what)
     with waiting:
-        runtime.store.wait([waiting.arrival_key(r) for r in range(runtime.world_size)],
-                           timedelta(minutes=waiting.minutes))
+        runtime.store.wait(
+            [waiting.arrival_key(r) for r in range(runtime.world_size)], timedelta(minutes=waiting.minutes)
+        )
 
 
 def broadcast_object(runtime: Runtime, obj: Any, what: str = "a value from rank 0") -> Any:
@@ -232,9 +254,14 @@ def broadcast_object(runtime: Runtime, obj: Any, what: str = "a value from rank 
     return box[0]
 
 
-def server_decides(runtime: Runtime, decide: Callable[[], T], what: str, *,
-                   catch: tuple[type[BaseException], ...] = USER_ERRORS,
-                   as_error: Callable[[str], Exception] | None = None) -> T:
+def server_decides(
+    runtime: Runtime,
+    decide: Callable[[], T],
+    what: str,
+    *,
+    catch: tuple[type[BaseException], ...] = USER_ERRORS,
+    as_error: Callable[[str], Exception] | None = None,
+) -> T:
     """Rank 0 runs ``decide`` (it reads a checkpoint, a cache, the data) and every rank gets its result (small
     and picklable), or every rank raises its failure: an error of ``catch`` on rank 0 becomes the same error
     class with the same one-line message on every rank (``as_error(message)`` when given; an error outside
@@ -244,15 +271,22 @@ def server_decides(runtime: Runtime, decide: Callable[[], T], what: str, *,
     return cast(T, _from_server(runtime, decide, what, catch, as_error, share=True))
 
 
-def server_first(runtime: Runtime, act: Callable[[], T], what: str, *,
-                 catch: tuple[type[BaseException], ...] = USER_ERRORS) -> T | None:
+def server_first(
+    runtime: Runtime, act: Callable[[], T], what: str, *, catch: tuple[type[BaseException], ...] = USER_ERRORS
+) -> T | None:
     """Rank 0 runs ``act`` before the others do their part: its value stays on rank 0 (None elsewhere) and only
     whether it failed reaches every rank, which then raises its error as :func:`server_decides` does."""
     return _from_server(runtime, act, what, catch, None, share=False)
 
 
-def _from_server(runtime: Runtime, action: Callable[[], T], what: str, catch: tuple[type[BaseException], ...],
-                 as_error: Callable[[str], Exception] | None, share: bool) -> T | None:
+def _from_server(
+    runtime: Runtime,
+    action: Callable[[], T],
+    what: str,
+    catch: tuple[type[BaseException], ...],
+    as_error: Callable[[str], Exception] | None,
+    share: bool,
+) -> T | None:
     value, failure = None, None
     if runtime.is_server:
         try:
@@ -286,8 +320,9 @@ def broadcast_control_(runtime: Runtime, tensor: torch.Tensor, what: str = "data
     return tensor
 
 
-def all_reduce_control_(runtime: Runtime, tensor: torch.Tensor,
-                        what: str = "work split over the ranks") -> torch.Tensor:
+def all_reduce_control_(
+    runtime: Runtime, tensor: torch.Tensor, what: str = "work split over the ranks"
+) -> torch.Tensor:
     """Sum a CPU ``tensor`` over ranks, in place, over the control group (one-off work split over ranks)."""
     if runtime.distributed:
         with _control_wait(runtime, what):

@@ -39,9 +39,7 @@ def read_launch_env(env: dict[str, str] | None = None) -> LaunchEnv:
     """
     env = dict(os.environ if env is None else env)
     if "RANK" in env and "WORLD_SIZE" in env:
-        return LaunchEnv(
-            int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)), "torchrun"
-        )
+        return LaunchEnv(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)), "torchrun")
     in_step = "SLURM_STEP_ID" in env and "SLURM_PROCID" in env
     tasks = int(env.get("SLURM_STEP_NUM_TASKS" if in_step else "SLURM_NTASKS", "1") or 1)
     if in_step and tasks > 1:
@@ -51,7 +49,8 @@ def read_launch_env(env: dict[str, str] | None = None) -> LaunchEnv:
             f"SLURM_NTASKS={tasks} but this process was not started by srun (no SLURM_STEP_ID: it runs in an "
             f"sbatch script body or an salloc shell), so no other rank would join it; start the ranks with "
             f"`srun python -m mllmfl_dist ...` (see launch/slurm.sbatch), or run one process with "
-            f"`srun --ntasks=1 python -m mllmfl_dist ...`")
+            f"`srun --ntasks=1 python -m mllmfl_dist ...`"
+        )
     return LaunchEnv()
 
 
@@ -59,16 +58,18 @@ def slurm_hostnames(nodelist: str) -> list[str]:
     """The host names of a Slurm node list (``gpu[003-005],rack[1-2]-n[01-02]``), expanded by Slurm's own
     ``scontrol show hostnames``; ConfigError naming MASTER_ADDR when it cannot run."""
     try:
-        result = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
-                                timeout=60)
+        result = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.TimeoutExpired) as err:
-        raise ConfigError(f"cannot expand the Slurm node list {nodelist!r} with `scontrol show hostnames` "
-                          f"({err}); set MASTER_ADDR to the host of rank 0") from None
+        raise ConfigError(
+            f"cannot expand the Slurm node list {nodelist!r} with `scontrol show hostnames` "
+            f"({err}); set MASTER_ADDR to the host of rank 0"
+        ) from None
     hosts = result.stdout.split()
     if result.returncode != 0 or not hosts:
         detail = (result.stderr.strip().splitlines() or ["no output"])[-1]
-        raise ConfigError(f"`scontrol show hostnames {nodelist}` failed ({detail}); set MASTER_ADDR to the host "
-                          f"of rank 0")
+        raise ConfigError(
+            f"`scontrol show hostnames {nodelist}` failed ({detail}); set MASTER_ADDR to the host of rank 0"
+        )
     return hosts
 
 
@@ -85,8 +86,10 @@ def slurm_port(job_id: int) -> int:
 def slurm_rendezvous(env: dict[str, str]) -> tuple[str, str]:
     """``(MASTER_ADDR, MASTER_PORT)`` for ranks started by srun: the variables when set (the sbatch scripts
     set both), else the first host of the step (where srun places task 0) and the job's port."""
-    addr = env.get("MASTER_ADDR") or slurm_hostnames(
-        env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or "localhost")[0]
+    addr = (
+        env.get("MASTER_ADDR")
+        or slurm_hostnames(env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or "localhost")[0]
+    )
     port = env.get("MASTER_PORT") or str(slurm_port(int(env.get("SLURM_JOB_ID", "0") or 0)))
     return addr, port
 

@@ -31,8 +31,7 @@ def exclusive(path: str | Path) -> Iterator[bool]:
         path.parent.mkdir(parents=True, exist_ok=True)
         handle = open(path, "a")
     except OSError as err:
-        log.warning("cannot create the lock file %s (%s); processes sharing it may do the same work at once",
-                    path, err)
+        log.warning("cannot create the lock file %s (%s); processes sharing it may do the same work at once", path, err)
         yield False
         return
     with handle:

@@ -27,6 +27,7 @@ STOP_SIGNAL = signal.SIGUSR1
 # preempted run is. The Slurm scripts requeue on it.
 PREEMPTED_EXIT = 75
 
+
 class Preempted(Exception):
     """Raised on every rank after a stop at a round boundary, once rank 0's checkpoint is on disk."""
 
@@ -34,7 +35,8 @@ class Preempted(Exception):
         self.round_index, self.rounds, self.checkpoint, self.reason = round_index, rounds, checkpoint, reason
         super().__init__(
             f"preempted: stopped after round {round_index} of {rounds} on {reason}; checkpoint {checkpoint}; "
-            f"rerun the same command to resume from round {round_index + 1}")
+            f"rerun the same command to resume from round {round_index + 1}"
+        )
 
 
 class StopRequest:

@@ -51,8 +51,8 @@ IMAGENET_LT_LISTS = ("ImageNet_LT_train.txt", "ImageNet_LT_test.txt")
 def expand_user(value: str) -> str:
     """``~`` or ``~user`` at the start of ``value``, or after ``local-dir:`` / ``file:``, expanded."""
     for prefix in PATH_PREFIXES:
-        if value.startswith(prefix) and value[len(prefix):].startswith("~"):
-            return prefix + os.path.expanduser(value[len(prefix):])
+        if value.startswith(prefix) and value[len(prefix) :].startswith("~"):
+            return prefix + os.path.expanduser(value[len(prefix) :])
     return os.path.expanduser(value) if value.startswith("~") else value
 
 
@@ -72,8 +72,10 @@ def path_text_problem(text: str, name_max: int = NAME_MAX, path_max: int = PATH_
         return f"it is {len(encoded)} bytes long; paths end below {path_max} bytes (PATH_MAX)"
     longest = max(encoded.split(b"/"), key=len, default=b"")
     if len(longest) > name_max:
-        return (f"a name in it is {len(longest)} bytes long ({os.fsdecode(longest[:24])}...); the file system "
-                f"takes at most {name_max} (NAME_MAX)")
+        return (
+            f"a name in it is {len(longest)} bytes long ({os.fsdecode(longest[:24])}...); the file system "
+            f"takes at most {name_max} (NAME_MAX)"
+        )
     return None
 
 
@@ -99,8 +101,10 @@ def check_run_dir(root: str, name: str) -> Path:
     that is read-only, names over the file system's NAME_MAX or a path over PATH_MAX. Only looks (stat,
     access, pathconf); creates nothing. Returns the absolute run directory."""
     if not root.strip():
-        raise ConfigError("run.root = '' is not allowed: outputs would go straight into the working directory; "
-                          "set a folder, e.g. run.root = \"runs\" (or \".\" to mean the working directory)")
+        raise ConfigError(
+            "run.root = '' is not allowed: outputs would go straight into the working directory; "
+            'set a folder, e.g. run.root = "runs" (or "." to mean the working directory)'
+        )
     run_dir = Path(os.path.abspath(Path(root) / name))
     existing = run_dir
     # os.path.exists, not Path.exists: a name over NAME_MAX makes stat fail with ENAMETOOLONG, checked below
@@ -108,21 +112,29 @@ def check_run_dir(root: str, name: str) -> Path:
         existing = existing.parent
     if not existing.is_dir():
         what = "run.root" if existing == Path(os.path.abspath(root)) else f"{existing}, on the way to it,"
-        raise ConfigError(f"run.root = {root!r}: {what} is a file, not a folder, so the run directory {run_dir} "
-                          f"cannot be made; point run.root at a folder")
+        raise ConfigError(
+            f"run.root = {root!r}: {what} is a file, not a folder, so the run directory {run_dir} "
+            f"cannot be made; point run.root at a folder"
+        )
     if not os.access(existing, os.W_OK | os.X_OK) or _read_only(existing):
-        raise ConfigError(f"run.root = {root!r}: {existing} is not writable, so the run directory {run_dir} "
-                          f"cannot be {'written' if existing == run_dir else 'made'}; point run.root elsewhere")
+        raise ConfigError(
+            f"run.root = {root!r}: {existing} is not writable, so the run directory {run_dir} "
+            f"cannot be {'written' if existing == run_dir else 'made'}; point run.root elsewhere"
+        )
     name_max = _limit(existing, "PC_NAME_MAX", NAME_MAX)
     for part in run_dir.relative_to(existing).parts:
         if len(os.fsencode(part)) > name_max:
-            raise ConfigError(f"run.root / run.name: {part[:24]!r}... is {len(os.fsencode(part))} bytes; the file "
-                              f"system at {existing} takes names of at most {name_max} bytes; shorten it")
+            raise ConfigError(
+                f"run.root / run.name: {part[:24]!r}... is {len(os.fsencode(part))} bytes; the file "
+                f"system at {existing} takes names of at most {name_max} bytes; shorten it"
+            )
     path_max = _limit(existing, "PC_PATH_MAX", PATH_MAX)
     if len(os.fsencode(str(run_dir))) + RUN_DIR_DEPTH_BYTES >= path_max:
-        raise ConfigError(f"run.root / run.name: the run directory is {len(os.fsencode(str(run_dir)))} bytes long "
-                          f"and its files go up to {RUN_DIR_DEPTH_BYTES} bytes deeper, over PATH_MAX ({path_max}); "
-                          f"use a shorter run.root or run.name")
+        raise ConfigError(
+            f"run.root / run.name: the run directory is {len(os.fsencode(str(run_dir)))} bytes long "
+            f"and its files go up to {RUN_DIR_DEPTH_BYTES} bytes deeper, over PATH_MAX ({path_max}); "
+            f"use a shorter run.root or run.name"
+        )
     return run_dir
 
 
@@ -183,10 +195,12 @@ def local_ranks_problem(local_ranks: int, device_count: int, backend: str) -> st
     a GPU or none)."""
     if backend != "nccl" or local_ranks <= device_count:
         return None
-    return (f"{local_ranks} ranks on this node but {device_count} visible GPU(s), and dist.backend "
-            f"'nccl' needs a GPU per rank; start at most {device_count} per node (torchrun "
-            f"--nproc_per_node / srun --ntasks-per-node), make more GPUs visible (CUDA_VISIBLE_DEVICES), "
-            f"or set dist.backend = \"gloo\"")
+    return (
+        f"{local_ranks} ranks on this node but {device_count} visible GPU(s), and dist.backend "
+        f"'nccl' needs a GPU per rank; start at most {device_count} per node (torchrun "
+        f"--nproc_per_node / srun --ntasks-per-node), make more GPUs visible (CUDA_VISIBLE_DEVICES), "
+        f'or set dist.backend = "gloo"'
+    )
 
 
 def check_local_ranks(local_ranks: int, device_count: int, backend: str) -> None:
@@ -216,7 +230,7 @@ def data_memory_bytes(data: DataConfig, num_clients: int) -> int | None:
     on_demand: the test array and one client's samples. imagenet_lt: the uint8 cache of every listed image
     (3 * image_size^2 bytes each). Each adds the int64 labels and, for the partition, a num_clients x
     num_classes table of float64."""
-    pixels = data.channels * data.image_size ** 2
+    pixels = data.channels * data.image_size**2
     if data.source == "synthetic":
         test = data.num_classes * data.test_per_class
         train = data.num_classes * data.samples_per_class if data.synthetic_mode == "array" else data.samples_per_client
@@ -229,7 +243,7 @@ def data_memory_bytes(data: DataConfig, num_clients: int) -> int | None:
         if None in counts or not data.root:
             return None
         images = sum(count for count in counts if count is not None)
-        return images * (3 * data.image_size ** 2 + LABEL_BYTES) + num_clients * 1000 * 8
+        return images * (3 * data.image_size**2 + LABEL_BYTES) + num_clients * 1000 * 8
     return None
 
 
@@ -248,15 +262,19 @@ def check_data_memory(data: DataConfig, num_clients: int, memory: int | None, lo
     if need is None or memory is None or need * local_ranks <= memory:
         return
     ranks = f" x {local_ranks} ranks on this node" if local_ranks > 1 else ""
-    raise ConfigError(f"the data needs about {need / 2 ** 30:.3g} GiB{ranks} (data.source = {data.source!r}, "
-                      f"{_data_shape(data)}) but this machine has {memory / 2 ** 30:.3g} GiB; reduce it")
+    raise ConfigError(
+        f"the data needs about {need / 2**30:.3g} GiB{ranks} (data.source = {data.source!r}, "
+        f"{_data_shape(data)}) but this machine has {memory / 2**30:.3g} GiB; reduce it"
+    )
 
 
 def _data_shape(data: DataConfig) -> str:
     if data.source == "synthetic":
         per = "samples_per_class" if data.synthetic_mode == "array" else "samples_per_client"
-        return (f"num_classes {data.num_classes}, {per} {getattr(data, per)}, test_per_class "
-                f"{data.test_per_class}, channels {data.channels}, image_size {data.image_size}")
+        return (
+            f"num_classes {data.num_classes}, {per} {getattr(data, per)}, test_per_class "
+            f"{data.test_per_class}, channels {data.channels}, image_size {data.image_size}"
+        )
     return f"image_size {data.image_size}"
 
 
@@ -265,5 +283,7 @@ def _data_shape(data: DataConfig) -> str:
 
 def interrupted_message(what: str) -> str:
     """The one line for a command (``what``: "federate configs/x.toml") stopped by Ctrl-C (SIGINT)."""
-    return (f"interrupted (SIGINT) during {what}; checkpoints already written are kept: rerun the same command to "
-            f"resume from the last one")
+    return (
+        f"interrupted (SIGINT) during {what}; checkpoints already written are kept: rerun the same command to "
+        f"resume from the last one"
+    )

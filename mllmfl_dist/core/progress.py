@@ -44,9 +44,11 @@ def evaluation_line(record: Mapping[str, Any], rounds: int, seconds_per_round: f
     the run has a validation split), plus the accuracy before alignment when the round aligned. ``acc`` is the
     balanced test accuracy, ``val acc`` the balanced validation accuracy."""
     val = f"val acc {record['val_acc']:.4f}, " if record.get("val_acc") is not None else ""
-    line = (f"round {record['round']}/{rounds}: acc {record['acc']:.4f} (many {_accuracy(record.get('acc_many'))}, "
-            f"medium {_accuracy(record.get('acc_medium'))}, few {_accuracy(record.get('acc_few'))}), {val}"
-            f"{seconds_per_round:.2f} s/round")
+    line = (
+        f"round {record['round']}/{rounds}: acc {record['acc']:.4f} (many {_accuracy(record.get('acc_many'))}, "
+        f"medium {_accuracy(record.get('acc_medium'))}, few {_accuracy(record.get('acc_few'))}), {val}"
+        f"{seconds_per_round:.2f} s/round"
+    )
     before = record.get("before_align")
     if isinstance(before, Mapping) and before.get("acc") is not None:
         line += f"; before alignment acc {before['acc']:.4f}"

@@ -56,8 +56,9 @@ def launch_text(env: Mapping[str, str] | None = None) -> str:
     return ", ".join(parts)
 
 
-def acquire(lock_file: Path, command: str, *, wait: bool = False,
-            advice: str = "choose another run.name") -> TextIO | None:
+def acquire(
+    lock_file: Path, command: str, *, wait: bool = False, advice: str = "choose another run.name"
+) -> TextIO | None:
     """Take the exclusive ``flock`` on ``lock_file`` (created, with its folder) and write this process's name
     into it; returns the open file, whose closing (or this process's end) releases the lock.
 
@@ -70,23 +71,34 @@ def acquire(lock_file: Path, command: str, *, wait: bool = False,
         lock_file.parent.mkdir(parents=True, exist_ok=True)
         handle = open(lock_file, "a+")
     except OSError as err:
-        log.warning("cannot create the lock file %s (%s); another job writing there would not be stopped",
-                    lock_file, err)
+        log.warning(
+            "cannot create the lock file %s (%s); another job writing there would not be stopped", lock_file, err
+        )
         return None
     try:
         fcntl.flock(handle, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         holder = _holder(handle)
         handle.close()
-        raise RunDirBusyError(f"{lock_file.parent} is in use by {holder}; nothing was written. Wait for it to end "
-                              f"(a killed holder frees it at once), or {advice}") from None
+        raise RunDirBusyError(
+            f"{lock_file.parent} is in use by {holder}; nothing was written. Wait for it to end "
+            f"(a killed holder frees it at once), or {advice}"
+        ) from None
     except OSError as err:
         handle.close()
-        log.warning("cannot lock %s (%s: this file system has no flock); another job writing there would not "
-                    "be stopped", lock_file, err)
+        log.warning(
+            "cannot lock %s (%s: this file system has no flock); another job writing there would not be stopped",
+            lock_file,
+            err,
+        )
         return None
-    record = {"command": command, "host": socket.gethostname(), "pid": os.getpid(), "launch": launch_text(),
-              "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+    record = {
+        "command": command,
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "launch": launch_text(),
+        "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
     try:
         handle.truncate(0)
         handle.write(json.dumps(record) + "\n")
@@ -125,8 +137,12 @@ def holding(runtime: Runtime, run_dir: str | Path, command: str | None = None) -
         yield
         return
     held.command = held.command or command or "mllmfl_dist"
-    handle = dist.server_first(runtime, lambda: acquire(key / RUN_LOCK, command or held.command),
-                               f"rank 0's lock on {key}", catch=(RunDirBusyError,))
+    handle = dist.server_first(
+        runtime,
+        lambda: acquire(key / RUN_LOCK, command or held.command),
+        f"rank 0's lock on {key}",
+        catch=(RunDirBusyError,),
+    )
     held.dirs[key] = handle
     try:
         yield

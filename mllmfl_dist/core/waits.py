@@ -137,13 +137,22 @@ class Waiting:
             if now >= sample_from and now - sampled >= SILENT_SECONDS:
                 fresh = self._beats()
                 if beats is not None and fresh is not None:  # ranks not there yet are told apart in _who
-                    self.silent = [r for r, (a, b) in enumerate(zip(beats, fresh, strict=True))
-                                   if a == b and r != self.runtime.rank]
+                    self.silent = [
+                        r
+                        for r, (a, b) in enumerate(zip(beats, fresh, strict=True))
+                        if a == b and r != self.runtime.rank
+                    ]
                 sampled, beats = now, fresh
             if now >= report_at:
-                log.warning("rank %d: waiting %.0f s for %s; %s (gives up after %s = %g min)", self.runtime.rank,
-                            now - self.started, self.what, self._who(self.missing(), final=False), self.key,
-                            self.minutes)
+                log.warning(
+                    "rank %d: waiting %.0f s for %s; %s (gives up after %s = %g min)",
+                    self.runtime.rank,
+                    now - self.started,
+                    self.what,
+                    self._who(self.missing(), final=False),
+                    self.key,
+                    self.minutes,
+                )
                 interval *= 2
                 report_at = now + interval
 
@@ -155,14 +164,17 @@ class Waiting:
         if missing:
             parts.append(f"rank(s) {ranks_text(missing)} {'never arrived' if final else 'not there yet'}")
         if silent:
-            parts.append(f"rank(s) {ranks_text(silent)} arrived but "
-                         f"{'went silent' if final else f'silent for {SILENT_SECONDS:g} s or more'}")
+            parts.append(
+                f"rank(s) {ranks_text(silent)} arrived but "
+                f"{'went silent' if final else f'silent for {SILENT_SECONDS:g} s or more'}"
+            )
         if not parts:
             return "every rank arrived and is alive (a hung collective?)" if final else "every rank has arrived"
         return "; ".join(parts) + (" (stopped or hung?)" if final else "")
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> Literal[False]:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> Literal[False]:
         self._done.set()
         if self.store is None or exc is None or isinstance(exc, RankLostError):
             return False
@@ -173,7 +185,11 @@ class Waiting:
         me = f"rank {self.runtime.rank}"
         if waited < 0.9 * self.minutes:  # not a timeout: a connection broke
             gone = None if missing is None else sorted(set(missing) | set(self.silent))
-            raise RankLostError(f"{me}: {self.what} broke after {waited * 60:.0f} s: rank(s) {ranks_text(gone)} "
-                                f"dropped out (killed or crashed?): {first_line(exc)}") from None
-        raise RankLostError(f"{me}: gave up on {self.what} after {waited:.1f} min ({self.key} = {self.minutes:g}); "
-                            f"{self._who(missing, final=True)}") from None
+            raise RankLostError(
+                f"{me}: {self.what} broke after {waited * 60:.0f} s: rank(s) {ranks_text(gone)} "
+                f"dropped out (killed or crashed?): {first_line(exc)}"
+            ) from None
+        raise RankLostError(
+            f"{me}: gave up on {self.what} after {waited:.1f} min ({self.key} = {self.minutes:g}); "
+            f"{self._who(missing, final=True)}"
+        ) from None

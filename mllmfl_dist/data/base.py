@@ -47,8 +47,10 @@ class ClientData(abc.ABC):
     def val_set(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The validation split (``data.val_per_class`` images per class from the training split, never a
         client's): images uint8 ``[n, C, H, W]`` and labels int64 ``[n]``; empty (n = 0) without one."""
-        return (torch.zeros((0, self.in_channels, self.image_size, self.image_size), dtype=torch.uint8),
-                torch.zeros(0, dtype=torch.int64))
+        return (
+            torch.zeros((0, self.in_channels, self.image_size, self.image_size), dtype=torch.uint8),
+            torch.zeros(0, dtype=torch.int64),
+        )
 
     def client_class_counts(self) -> np.ndarray | None:
         """``[num_clients, num_classes]`` int64 samples of each class per client; None where clients are

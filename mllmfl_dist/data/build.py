@@ -42,8 +42,10 @@ def build_client_data(data: DataConfig, partition: PartitionConfig, num_clients:
         # Generated clients hold no fixed images to carve a split or a fraction from.
         for key, value, off in (("val_per_class", data.val_per_class, 0), ("train_fraction", data.train_fraction, 1)):
             if value != off:
-                raise DataError(f"data.{key} = {value:g} needs fixed training images; data.synthetic_mode = "
-                                f"'on_demand' has none: set data.{key} = {off} or data.synthetic_mode = 'array'")
+                raise DataError(
+                    f"data.{key} = {value:g} needs fixed training images; data.synthetic_mode = "
+                    f"'on_demand' has none: set data.{key} = {off} or data.synthetic_mode = 'array'"
+                )
         return SyntheticOnDemand(data, partition, num_clients, seed)
     arrays = _load_arrays(data, seed)
     num_classes = len(arrays.class_names)
@@ -53,28 +55,46 @@ def build_client_data(data: DataConfig, partition: PartitionConfig, num_clients:
     remaining = np.setdiff1d(usable, holdout)
     # Validation images come next, before the long tail, so the split is balanced (and the holdout is the
     # same images with or without it); with val_per_class = 0 nothing moves.
-    val = remaining[_holdout_indices(arrays.train_labels[remaining], num_classes, data.val_per_class,
-                                     "data.val_per_class")]
+    val = remaining[
+        _holdout_indices(arrays.train_labels[remaining], num_classes, data.val_per_class, "data.val_per_class")
+    ]
     remaining = np.setdiff1d(remaining, val)
     if data.source in LONGTAILED_SOURCES:
         if data.imb_factor < 1:
-            log.info("data.imb_factor = %g is ignored: the %s train list is long-tailed already",
-                     data.imb_factor, data.source)
+            log.info(
+                "data.imb_factor = %g is ignored: the %s train list is long-tailed already",
+                data.imb_factor,
+                data.source,
+            )
         kept = remaining
     else:
-        kept = remaining[longtail_indices(arrays.train_labels[remaining], num_classes, data.imb_factor,
-                                          seed=derive_seed(seed, TAG_LONGTAIL))]
+        kept = remaining[
+            longtail_indices(
+                arrays.train_labels[remaining], num_classes, data.imb_factor, seed=derive_seed(seed, TAG_LONGTAIL)
+            )
+        ]
         empty = [c for c, n in enumerate(np.bincount(arrays.train_labels[kept], minlength=num_classes)) if n == 0]
         if empty:
-            raise DataError(f"data.imb_factor = {data.imb_factor:g} leaves class(es) {empty} with no training "
-                            f"samples; raise data.imb_factor (or add data)")
+            raise DataError(
+                f"data.imb_factor = {data.imb_factor:g} leaves class(es) {empty} with no training "
+                f"samples; raise data.imb_factor (or add data)"
+            )
     if data.train_fraction < 1:
-        kept = kept[fraction_indices(arrays.train_labels[kept], num_classes, data.train_fraction,
-                                     seed=derive_seed(seed, TAG_TRAIN_FRACTION))]
+        kept = kept[
+            fraction_indices(
+                arrays.train_labels[kept], num_classes, data.train_fraction, seed=derive_seed(seed, TAG_TRAIN_FRACTION)
+            )
+        ]
         log.info("data.train_fraction = %g: the clients hold %d training images", data.train_fraction, len(kept))
     parts = partition_indices(
-        arrays.train_labels[kept], num_classes, num_clients, partition.method, partition.alpha, seed,
-        self_balancing=partition.self_balancing, min_partition_size=partition.min_partition_size,
+        arrays.train_labels[kept],
+        num_classes,
+        num_clients,
+        partition.method,
+        partition.alpha,
+        seed,
+        self_balancing=partition.self_balancing,
+        min_partition_size=partition.min_partition_size,
         shards_per_client=partition.shards_per_client,
     )
     return ArrayClientData(
@@ -102,8 +122,9 @@ def _usable_indices(text: str, total: int) -> np.ndarray:
     return np.arange(total, dtype=np.int64)[window]
 
 
-def _holdout_indices(labels: np.ndarray, num_classes: int, per_class: int,
-                     key: str = "data.server_holdout_per_class") -> np.ndarray:
+def _holdout_indices(
+    labels: np.ndarray, num_classes: int, per_class: int, key: str = "data.server_holdout_per_class"
+) -> np.ndarray:
     """The last ``per_class`` training images of each class (sorted): the server's holdout, and (drawn from
     what the holdout left) the validation split; ``key`` is the setting a DataError names."""
     if per_class == 0:
@@ -133,5 +154,3 @@ def _load_arrays(data: DataConfig, seed: int) -> LabeledArrays:
         # Labeled WebDataset shards (shards/README.md); already long-tailed sets use imb_factor = 1.0.
         return load_labeled_shards(data.train_shards, data.test_shards, bounds=ImageBounds.of(data, "data"))
     raise DataError(f"data.source = {data.source!r} is not known; choose one of: {', '.join(SOURCES)}")
-
-

@@ -12,8 +12,7 @@ from .base import ClientData
 
 
 def client_sizes(data: ClientData) -> np.ndarray:
-    return np.fromiter((data.client_size(c) for c in range(data.num_clients)), dtype=np.int64,
-                       count=data.num_clients)
+    return np.fromiter((data.client_size(c) for c in range(data.num_clients)), dtype=np.int64, count=data.num_clients)
 
 
 def describe_data(cfg: Config, data: ClientData) -> str:
@@ -22,16 +21,22 @@ def describe_data(cfg: Config, data: ClientData) -> str:
     counts = data.train_class_counts()
     sizes = client_sizes(data)
     part = cfg.partition
-    how = {"dirichlet": f"dirichlet alpha {part.alpha:g}" + (", self-balancing" if part.self_balancing else "")
-                        + (f", min size {part.min_partition_size}" if part.min_partition_size else ""),
-           "creff": f"creff alpha {part.alpha:g}", "iid": "iid",
-           "shards": f"shards, {part.shards_per_client} per client"}[part.method]
+    how = {
+        "dirichlet": f"dirichlet alpha {part.alpha:g}"
+        + (", self-balancing" if part.self_balancing else "")
+        + (f", min size {part.min_partition_size}" if part.min_partition_size else ""),
+        "creff": f"creff alpha {part.alpha:g}",
+        "iid": "iid",
+        "shards": f"shards, {part.shards_per_client} per client",
+    }[part.method]
     val_images = len(data.val_set()[1])
     val = f", {val_images} validation images" if val_images else ""
     shown = " ".join(map(str, counts)) if len(counts) <= 20 else f"max {max(counts)}, min {min(counts)}"
-    return (f"data: {cfg.data.source}, {data.num_classes} classes, {sum(counts)} training images (per class "
-            f"{shown}), {len(data.test_set()[1])} test images{val}; {data.num_clients} clients ({how}) of "
-            f"{sizes.min()}/{int(np.median(sizes))}/{sizes.max()} images (min/median/max)")
+    return (
+        f"data: {cfg.data.source}, {data.num_classes} classes, {sum(counts)} training images (per class "
+        f"{shown}), {len(data.test_set()[1])} test images{val}; {data.num_clients} clients ({how}) of "
+        f"{sizes.min()}/{int(np.median(sizes))}/{sizes.max()} images (min/median/max)"
+    )
 
 
 def partition_record(cfg: Config, data: ClientData) -> dict[str, Any]:
@@ -39,10 +44,13 @@ def partition_record(cfg: Config, data: ClientData) -> dict[str, Any]:
     (``null`` where clients are generated on demand and hold no fixed samples), and the class names."""
     counts = data.client_class_counts()
     return {
-        "partition": {"method": cfg.partition.method, "alpha": cfg.partition.alpha,
-                      "self_balancing": cfg.partition.self_balancing,
-                      "min_partition_size": cfg.partition.min_partition_size,
-                      "shards_per_client": cfg.partition.shards_per_client},
+        "partition": {
+            "method": cfg.partition.method,
+            "alpha": cfg.partition.alpha,
+            "self_balancing": cfg.partition.self_balancing,
+            "min_partition_size": cfg.partition.min_partition_size,
+            "shards_per_client": cfg.partition.shards_per_client,
+        },
         "seed": cfg.run.seed,
         "num_clients": data.num_clients,
         "class_names": list(data.class_names),

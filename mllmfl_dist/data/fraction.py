@@ -25,6 +25,8 @@ def fraction_indices(labels: np.ndarray, num_classes: int, fraction: float, seed
         raise ValueError(f"fraction must lie in (0, 1], got {fraction}")
     labels = np.asarray(labels)
     counts = fraction_counts(np.bincount(labels, minlength=num_classes), fraction)
-    keep = [np.random.default_rng([seed, c]).permutation(np.flatnonzero(labels == c))[:count]
-            for c, count in enumerate(counts)]
+    keep = [
+        np.random.default_rng([seed, c]).permutation(np.flatnonzero(labels == c))[:count]
+        for c, count in enumerate(counts)
+    ]
     return np.sort(np.concatenate(keep)).astype(np.int64)

@@ -66,8 +66,9 @@ def load_imagenet_lt(root: str, lists_dir: str, image_size: int, bounds: ImageBo
         raise DataError("data.root is empty; set it to the ImageNet root (the folder holding train/ and val/)")
     root_path = Path(root).expanduser()
     if not root_path.is_dir():
-        raise DataError(f"ImageNet root {root_path} does not exist; set data.root to the folder holding train/ "
-                        "and val/")
+        raise DataError(
+            f"ImageNet root {root_path} does not exist; set data.root to the folder holding train/ and val/"
+        )
     lists_path = Path(lists_dir).expanduser() if lists_dir else root_path
     entries = {split: _read_list(lists_path / name, lists_dir) for split, name in LIST_FILES.items()}
 
@@ -77,19 +78,25 @@ def load_imagenet_lt(root: str, lists_dir: str, image_size: int, bounds: ImageBo
     if len(empty):
         # A stray large label would otherwise make a model with that many classes, most of them empty.
         at = entries["train"][2][int(np.argmax(train_labels))]
-        raise DataError(f"{lists_path / LIST_FILES['train']}: labels go up to {num_classes - 1} (line {at}) but "
-                        f"{len(empty)} classes below that have no image (first: {int(empty[0])}); number the "
-                        "classes 0..C-1")
+        raise DataError(
+            f"{lists_path / LIST_FILES['train']}: labels go up to {num_classes - 1} (line {at}) but "
+            f"{len(empty)} classes below that have no image (first: {int(empty[0])}); number the "
+            "classes 0..C-1"
+        )
     _, test_labels, test_lines = entries["test"]
     if test_labels.max() >= num_classes:
         bad = int(np.argmax(test_labels >= num_classes))
-        raise DataError(f"{lists_path / LIST_FILES['test']} line {test_lines[bad]}: label {int(test_labels[bad])} "
-                        f"is out of range; the train list has labels 0..{num_classes - 1}")
+        raise DataError(
+            f"{lists_path / LIST_FILES['test']} line {test_lines[bad]}: label {int(test_labels[bad])} "
+            f"is out of range; the train list has labels 0..{num_classes - 1}"
+        )
     class_names = _class_names(entries["train"][0], train_labels, num_classes)
     class_names = _readable_names(class_names, [lists_path / SYNSET_MAPPING, root_path / SYNSET_MAPPING])
 
-    images = {split: _cached_split(root_path, split, lists_path / LIST_FILES[split], *entries[split], image_size,
-                                   bounds) for split in LIST_FILES}
+    images = {
+        split: _cached_split(root_path, split, lists_path / LIST_FILES[split], *entries[split], image_size, bounds)
+        for split in LIST_FILES
+    }
     return LabeledArrays(
         train_images=images["train"],
         train_labels=train_labels,
@@ -105,16 +112,20 @@ def _read_list(path: Path, lists_dir: str) -> tuple[list[str], np.ndarray, list[
     """``(relative paths, int64 labels, line numbers)`` of a list file; labels must be integers >= 0."""
     if not path.is_file():
         where = repr(lists_dir) if lists_dir else "'' (= data.root)"
-        raise DataError(f"ImageNet-LT list file {path} not found; put {LIST_FILES['train']} and "
-                        f"{LIST_FILES['test']} in data.lists_dir (now {where})")
+        raise DataError(
+            f"ImageNet-LT list file {path} not found; put {LIST_FILES['train']} and "
+            f"{LIST_FILES['test']} in data.lists_dir (now {where})"
+        )
     paths: list[str] = []
     labels: list[int] = []
     lines: list[int] = []
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
-        raise DataError(f"ImageNet-LT list file {path} is not UTF-8 text ({err.reason} at byte {err.start}); "
-                        "replace it with the OLTR list") from None
+        raise DataError(
+            f"ImageNet-LT list file {path} is not UTF-8 text ({err.reason} at byte {err.start}); "
+            "replace it with the OLTR list"
+        ) from None
     for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
@@ -124,11 +135,14 @@ def _read_list(path: Path, lists_dir: str) -> tuple[list[str], np.ndarray, list[
         except ValueError:
             label = -1
         if label < 0:
-            raise DataError(f"{path} line {number}: expected 'relative/path.JPEG label' with a label >= 0, "
-                            f"got {line.strip()!r}")
+            raise DataError(
+                f"{path} line {number}: expected 'relative/path.JPEG label' with a label >= 0, got {line.strip()!r}"
+            )
         if Path(parts[0]).is_absolute() or ".." in Path(parts[0]).parts:
-            raise DataError(f"{path} line {number}: {parts[0]!r} is not a path inside data.root (absolute or with "
-                            "'..'); list images relative to the ImageNet root")
+            raise DataError(
+                f"{path} line {number}: {parts[0]!r} is not a path inside data.root (absolute or with "
+                "'..'); list images relative to the ImageNet root"
+            )
         paths.append(parts[0])
         labels.append(label)
         lines.append(number)
@@ -180,8 +194,9 @@ def _entry_paths(folder: Path, split: str, size: int) -> tuple[Path, Path, Path]
     return folder / f"{stem}.npy", folder / f"{stem}_labels.npy", folder / f"{stem}.json"
 
 
-def _load_entry(folder: Path, split: str, size: int, list_file: Path, digest: str,
-                labels: np.ndarray) -> torch.Tensor | None:
+def _load_entry(
+    folder: Path, split: str, size: int, list_file: Path, digest: str, labels: np.ndarray
+) -> torch.Tensor | None:
     """The cached images of ``split`` in ``folder`` if the entry is complete and current, else None."""
     images_path, labels_path, meta_path = _entry_paths(folder, split, size)
     try:
@@ -200,8 +215,16 @@ def _load_entry(folder: Path, split: str, size: int, list_file: Path, digest: st
     return torch.from_numpy(images)
 
 
-def _cached_split(root: Path, split: str, list_file: Path, paths: list[str], labels: np.ndarray,
-                  lines: list[int], size: int, bounds: ImageBounds | None = None) -> torch.Tensor:
+def _cached_split(
+    root: Path,
+    split: str,
+    list_file: Path,
+    paths: list[str],
+    labels: np.ndarray,
+    lines: list[int],
+    size: int,
+    bounds: ImageBounds | None = None,
+) -> torch.Tensor:
     digest = _list_digest(list_file)
     folders = _cache_dirs(root)
     for folder in folders:
@@ -217,14 +240,16 @@ def _cached_split(root: Path, split: str, list_file: Path, paths: list[str], lab
             # (gigabytes each for the train split).
             for entry_file in _entry_paths(folder, split, size):
                 for stale in folder.glob(entry_file.name + ".tmp*"):
-                    if stale.name[len(entry_file.name) + 4:].isdigit():
+                    if stale.name[len(entry_file.name) + 4 :].isdigit():
                         stale.unlink(missing_ok=True)
             with output_errors(folder):
                 _build_entry(folder, root, split, list_file, digest, paths, labels, lines, size, bounds)
             cached = _load_entry(folder, split, size, list_file, digest, labels)
     if cached is None:
-        raise DataError(f"the ImageNet-LT cache in {folder} could not be read back after writing it; delete the "
-                        f"folder and run again")
+        raise DataError(
+            f"the ImageNet-LT cache in {folder} could not be read back after writing it; delete the "
+            f"folder and run again"
+        )
     return cached
 
 
@@ -236,22 +261,35 @@ def _writable(folders: list[Path]) -> Path:
             continue
         if os.access(folder, os.W_OK):
             if folder != folders[0]:
-                log.warning("ImageNet-LT: %s is not writable; caching the decoded images in %s",
-                            folders[0], folder)
+                log.warning("ImageNet-LT: %s is not writable; caching the decoded images in %s", folders[0], folder)
             return folder
-    raise DataError(f"no writable folder for the ImageNet-LT cache (tried {', '.join(str(f) for f in folders)}); "
-                    "make data.root writable")
+    raise DataError(
+        f"no writable folder for the ImageNet-LT cache (tried {', '.join(str(f) for f in folders)}); "
+        "make data.root writable"
+    )
 
 
-def _build_entry(folder: Path, root: Path, split: str, list_file: Path, digest: str, paths: list[str],
-                 labels: np.ndarray, lines: list[int], size: int, bounds: ImageBounds | None = None) -> None:
+def _build_entry(
+    folder: Path,
+    root: Path,
+    split: str,
+    list_file: Path,
+    digest: str,
+    paths: list[str],
+    labels: np.ndarray,
+    lines: list[int],
+    size: int,
+    bounds: ImageBounds | None = None,
+) -> None:
     from tqdm import tqdm
 
     files = [root / p for p in paths]
     for file, line in zip(files, lines):
         if not file.is_file():
-            raise DataError(f"{file} (listed in {list_file} line {line}) does not exist; check data.root "
-                            f"({root}) and the ImageNet folders")
+            raise DataError(
+                f"{file} (listed in {list_file} line {line}) does not exist; check data.root "
+                f"({root}) and the ImageNet folders"
+            )
     images_path, labels_path, meta_path = _entry_paths(folder, split, size)
     suffix = unique_suffix()
     tmp = [p.with_name(p.name + suffix) for p in (images_path, labels_path, meta_path)]
@@ -260,15 +298,17 @@ def _build_entry(folder: Path, root: Path, split: str, list_file: Path, digest: 
         out = np.lib.format.open_memmap(tmp[0], mode="w+", dtype=np.uint8, shape=(len(files), 3, size, size))
         with ThreadPoolExecutor(DECODE_THREADS) as pool:
             decoded = pool.map(lambda file: _decode(file, size, bounds), files)
-            for i, image in enumerate(tqdm(decoded, total=len(files), desc=f"ImageNet-LT {split} {size}px",
-                                           unit="img", mininterval=2.0)):
+            for i, image in enumerate(
+                tqdm(decoded, total=len(files), desc=f"ImageNet-LT {split} {size}px", unit="img", mininterval=2.0)
+            ):
                 out[i] = image
         out.flush()
         del out
         with open(tmp[1], "wb") as f:
             np.save(f, labels)
-        tmp[2].write_text(json.dumps({"list_file": str(list_file), "list_sha256": digest,
-                                      "shape": [len(files), 3, size, size]}))
+        tmp[2].write_text(
+            json.dumps({"list_file": str(list_file), "list_sha256": digest, "shape": [len(files), 3, size, size]})
+        )
         # "Newer than the list" by construction, even when the list's mtime is ahead of this clock (NFS skew).
         stamp = max(time.time(), list_file.stat().st_mtime)
         for path in tmp:

@@ -61,13 +61,17 @@ class ImageBounds:
     def check(self, width: int, height: int) -> None:
         """:class:`ImageBoundsError` naming the size and the config key when ``width x height`` is over a bound."""
         if width * height > self.max_pixels:
-            raise ImageBoundsError(f"image of {width}x{height} = {width * height} pixels is over "
-                                   f"{self.section}.max_image_pixels = {self.max_pixels}; not decoded")
+            raise ImageBoundsError(
+                f"image of {width}x{height} = {width * height} pixels is over "
+                f"{self.section}.max_image_pixels = {self.max_pixels}; not decoded"
+            )
         ratio = max(width, height) / max(min(width, height), 1)
         if ratio > self.max_aspect_ratio:
-            raise ImageBoundsError(f"image of {width}x{height} has aspect ratio {ratio:.4g}, over "
-                                   f"{self.section}.max_image_aspect_ratio = {self.max_aspect_ratio:g} (resizing "
-                                   "its short side to a model's input would cost too much); not decoded")
+            raise ImageBoundsError(
+                f"image of {width}x{height} has aspect ratio {ratio:.4g}, over "
+                f"{self.section}.max_image_aspect_ratio = {self.max_aspect_ratio:g} (resizing "
+                "its short side to a model's input would cost too much); not decoded"
+            )
 
 
 def decode_image(data: bytes | str | Path, bounds: ImageBounds | None = None, *, side: int | None = None):
@@ -121,12 +125,16 @@ def to_8bit(image):
     array = np.asarray(image)
     if image.mode == "F":
         if not (np.isfinite(array).all() and array.min() >= 0.0 and array.max() <= 1.0):
-            raise UnusableImageError(f"float image (mode F) with values in [{array.min():g}, {array.max():g}], "
-                                     "not [0, 1]: its scale to 8 bits is unknown")
+            raise UnusableImageError(
+                f"float image (mode F) with values in [{array.min():g}, {array.max():g}], "
+                "not [0, 1]: its scale to 8 bits is unknown"
+            )
         return Image.fromarray(np.rint(array * 255.0).astype(np.uint8), mode="L")
     if array.size and (array.min() < 0 or array.max() > 65535):
-        raise UnusableImageError(f"32-bit integer image (mode I) with values in [{array.min()}, {array.max()}], "
-                                 "not 0..65535: its scale to 8 bits is unknown")
+        raise UnusableImageError(
+            f"32-bit integer image (mode I) with values in [{array.min()}, {array.max()}], "
+            "not 0..65535: its scale to 8 bits is unknown"
+        )
     return Image.fromarray(((array.astype(np.uint32) + 128) // 257).astype(np.uint8), mode="L")
 
 

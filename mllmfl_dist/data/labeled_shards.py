@@ -22,8 +22,9 @@ def resolve_pattern(pattern: str, key: str) -> list[Path]:
     """:func:`expand_shards` for the config key ``key``; a relative pattern that matches nothing from the
     working directory is tried from the repository root, where the shipped ``shards/`` lives."""
     if not pattern.strip():
-        raise DataError(f"{key} is empty; set it to a shard pattern such as "
-                        f"shards/fmnist_lt/train-*.tar.gz (--set {key}=PATTERN)")
+        raise DataError(
+            f"{key} is empty; set it to a shard pattern such as shards/fmnist_lt/train-*.tar.gz (--set {key}=PATTERN)"
+        )
     try:
         return expand_shards(pattern)
     except DataError as err:
@@ -37,9 +38,13 @@ def resolve_pattern(pattern: str, key: str) -> list[Path]:
     raise DataError(f"{key} = {pattern!r}: {first}; set {key} (--set {key}=PATTERN) to existing shards")
 
 
-def load_labeled_shards(train_pattern: str, test_pattern: str,
-                        train_key: str = "data.train_shards", test_key: str = "data.test_shards",
-                        bounds: ImageBounds | None = None):
+def load_labeled_shards(
+    train_pattern: str,
+    test_pattern: str,
+    train_key: str = "data.train_shards",
+    test_key: str = "data.test_shards",
+    bounds: ImageBounds | None = None,
+):
     """Labeled train and test shards as :class:`~mllmfl_dist.data.sources.LabeledArrays`.
 
     Class names come from ``classes.json`` beside the first train shard, else ``class_<i>`` up to the
@@ -51,8 +56,10 @@ def load_labeled_shards(train_pattern: str, test_pattern: str,
     train_images, train_labels, _ = read_labeled_shards(train_paths, bounds)
     test_images, test_labels, _ = read_labeled_shards(test_paths, bounds)
     if train_images.shape[1:] != test_images.shape[1:]:
-        raise DataError(f"{test_key}: test images are {describe_shape(tuple(test_images.shape[1:]))}, the train "
-                        f"images ({train_key}) {describe_shape(tuple(train_images.shape[1:]))}")
+        raise DataError(
+            f"{test_key}: test images are {describe_shape(tuple(test_images.shape[1:]))}, the train "
+            f"images ({train_key}) {describe_shape(tuple(train_images.shape[1:]))}"
+        )
     largest = int(max(train_labels.max(), test_labels.max()))
     names = read_classes(train_paths[0].parent)
     if names is None:
@@ -61,14 +68,18 @@ def load_labeled_shards(train_pattern: str, test_pattern: str,
         empty = sorted(set(range(largest + 1)) - set(train_labels.unique().tolist()))
         if empty:
             shown = ", ".join(map(str, empty[:5])) + (", ..." if len(empty) > 5 else "")
-            raise DataError(f"{train_key}: labels go up to {largest} but {len(empty)} of the classes 0..{largest} "
-                            f"have no training sample ({shown}) and there is no {CLASSES_FILE} beside "
-                            f"{train_paths[0]}; number the classes 0..C-1, or write {CLASSES_FILE} (a JSON list of "
-                            "the C class names) there")
+            raise DataError(
+                f"{train_key}: labels go up to {largest} but {len(empty)} of the classes 0..{largest} "
+                f"have no training sample ({shown}) and there is no {CLASSES_FILE} beside "
+                f"{train_paths[0]}; number the classes 0..C-1, or write {CLASSES_FILE} (a JSON list of "
+                "the C class names) there"
+            )
         names = [f"class_{c}" for c in range(largest + 1)]
     elif largest >= len(names):
-        raise DataError(f"{train_key}: label {largest} is out of range for the {len(names)} classes of "
-                        f"{train_paths[0].parent / CLASSES_FILE}")
+        raise DataError(
+            f"{train_key}: label {largest} is out of range for the {len(names)} classes of "
+            f"{train_paths[0].parent / CLASSES_FILE}"
+        )
     mean, std = channel_stats(train_images)
     return LabeledArrays(
         train_images=train_images,

@@ -15,8 +15,7 @@ def longtail_counts(n_max: int, num_classes: int, imb_factor: float) -> list[int
     return [int(n_max * imb_factor ** (c / (num_classes - 1.0))) for c in range(num_classes)]
 
 
-def longtail_indices(labels: np.ndarray, num_classes: int, imb_factor: float,
-                     seed: int | None = None) -> np.ndarray:
+def longtail_indices(labels: np.ndarray, num_classes: int, imb_factor: float, seed: int | None = None) -> np.ndarray:
     """Sorted indices of the long-tailed subset of a balanced labeled set.
 
     ``n_max`` is the largest class count of ``labels``; class ``c`` keeps ``count[c]`` of its indices (all

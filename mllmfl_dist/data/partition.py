@@ -56,8 +56,16 @@ _CREFF_BLOCK = 1 << 22
 
 
 def partition_indices(
-    labels: np.ndarray, num_classes: int, num_clients: int, method: str, alpha: float, seed: int, *,
-    self_balancing: bool = False, min_partition_size: int = 0, shards_per_client: int = 2,
+    labels: np.ndarray,
+    num_classes: int,
+    num_clients: int,
+    method: str,
+    alpha: float,
+    seed: int,
+    *,
+    self_balancing: bool = False,
+    min_partition_size: int = 0,
+    shards_per_client: int = 2,
 ) -> list[np.ndarray]:
     """Indices (into ``labels``) of each client's samples, ascending within a client.
 
@@ -81,11 +89,14 @@ def partition_indices(
         )
     if method == "dirichlet":
         if min_partition_size * num_clients > len(labels):
-            raise DataError(f"partition.min_partition_size = {min_partition_size} needs {min_partition_size} x "
-                            f"{num_clients} clients = {min_partition_size * num_clients} training samples, there are "
-                            f"{len(labels)}; lower it or federated.num_clients")
-        client_of = _dirichlet_clients(labels, num_classes, num_clients, alpha, seed, self_balancing,
-                                       min_partition_size)
+            raise DataError(
+                f"partition.min_partition_size = {min_partition_size} needs {min_partition_size} x "
+                f"{num_clients} clients = {min_partition_size * num_clients} training samples, there are "
+                f"{len(labels)}; lower it or federated.num_clients"
+            )
+        client_of = _dirichlet_clients(
+            labels, num_classes, num_clients, alpha, seed, self_balancing, min_partition_size
+        )
     elif method == "shards":
         client_of = _shard_clients(labels, num_clients, shards_per_client, seed)
     elif method == "creff":
@@ -115,8 +126,15 @@ def _iid_clients(num_samples: int, num_clients: int, seed: int) -> np.ndarray:
     return client_of
 
 
-def _dirichlet_clients(labels: np.ndarray, num_classes: int, num_clients: int, alpha: float, seed: int,
-                       self_balancing: bool = False, min_size: int = 0) -> np.ndarray:
+def _dirichlet_clients(
+    labels: np.ndarray,
+    num_classes: int,
+    num_clients: int,
+    alpha: float,
+    seed: int,
+    self_balancing: bool = False,
+    min_size: int = 0,
+) -> np.ndarray:
     """Plain per-class Dirichlet: each class is cut among the clients by proportions ~ Dir(alpha), classes
     in order; with ``self_balancing`` a client above the average size gets no share of later classes; all
     classes are drawn again until every client holds ``min_size`` samples (at most ``_DIRICHLET_DRAWS``
@@ -144,10 +162,12 @@ def _dirichlet_clients(labels: np.ndarray, num_classes: int, num_clients: int, a
         if sizes.min() >= min_size:
             break
     else:
-        raise DataError(f"dirichlet partition: after {_DIRICHLET_DRAWS} draws a client still holds "
-                        f"{int(sizes.min())} < partition.min_partition_size = {min_size} samples; raise "
-                        f"partition.alpha (now {alpha}) or lower partition.min_partition_size or "
-                        f"federated.num_clients")
+        raise DataError(
+            f"dirichlet partition: after {_DIRICHLET_DRAWS} draws a client still holds "
+            f"{int(sizes.min())} < partition.min_partition_size = {min_size} samples; raise "
+            f"partition.alpha (now {alpha}) or lower partition.min_partition_size or "
+            f"federated.num_clients"
+        )
     _fill_empty_clients(client_of, num_clients, rng)
     return client_of
 
@@ -157,9 +177,11 @@ def _shard_clients(labels: np.ndarray, num_clients: int, shards_per_client: int,
     consecutive shards (sizes within one), each client ``shards_per_client`` of them at random."""
     num_shards = num_clients * shards_per_client
     if num_shards > len(labels):
-        raise DataError(f"partition.method = 'shards': {num_clients} clients x partition.shards_per_client = "
-                        f"{shards_per_client} shards need at least {num_shards} training samples, there are "
-                        f"{len(labels)}; lower partition.shards_per_client or federated.num_clients")
+        raise DataError(
+            f"partition.method = 'shards': {num_clients} clients x partition.shards_per_client = "
+            f"{shards_per_client} shards need at least {num_shards} training samples, there are "
+            f"{len(labels)}; lower partition.shards_per_client or federated.num_clients"
+        )
     rng = np.random.default_rng([seed, TAG_SHARDS])
     by_label = np.argsort(labels, kind="stable")
     shard_of_position = np.repeat(np.arange(num_shards), _equal_sizes(len(labels), num_shards))

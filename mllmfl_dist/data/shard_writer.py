@@ -108,10 +108,12 @@ class _ShardFile:
         self.partial = path.with_name(path.name + PARTIAL_SUFFIX)
         self._raw = open(self.partial, "wb")
         # filename="" and mtime=0 keep the gzip header free of anything that changes between rebuilds.
-        self._gz = (gzip.GzipFile(filename="", mode="wb", fileobj=self._raw, compresslevel=9, mtime=0)
-                    if compress else None)
-        self.writer = webdataset.TarWriter(self._gz or self._raw, compress=False, encoder=False, mtime=_MTIME,
-                                           user=_USER, group=_USER, mode=_MODE)
+        self._gz = (
+            gzip.GzipFile(filename="", mode="wb", fileobj=self._raw, compresslevel=9, mtime=0) if compress else None
+        )
+        self.writer = webdataset.TarWriter(
+            self._gz or self._raw, compress=False, encoder=False, mtime=_MTIME, user=_USER, group=_USER, mode=_MODE
+        )
 
     def close(self) -> None:
         self.writer.close()  # ends the tar stream; the file objects were passed in, so they stay open
@@ -155,8 +157,9 @@ def write_shards(
     pattern = shard_pattern(pattern, compress)
     old = existing_shards(pattern)
     if old and not overwrite:
-        raise DataError(f"{old[0]} (and {len(old) - 1} more) already exist for {pattern}; "
-                        "remove them or pass --overwrite")
+        raise DataError(
+            f"{old[0]} (and {len(old) - 1} more) already exist for {pattern}; remove them or pass --overwrite"
+        )
     for path in old + existing_shards(pattern + PARTIAL_SUFFIX):  # .partial: left by a killed writer
         path.unlink()
     Path(os.path.dirname(pattern) or ".").mkdir(parents=True, exist_ok=True)

@@ -39,11 +39,20 @@ import torch
 
 from ..core.resources import shipped_pattern
 from .base import DataError
+
 # The writer lives in its own module; its names stay importable from here.
 from .images import CorruptImageError, ImageBounds, UnusableImageError, decode_image, image_to_array  # noqa: F401
-from .shard_writer import (CLASSES_FILE, IMAGE_EXTS, SHARD_SUFFIXES, existing_shards,  # noqa: F401
-                           shard_pattern, unsafe_member_name, write_classes, write_shard, write_shards)
-
+from .shard_writer import (  # noqa: F401
+    CLASSES_FILE,
+    IMAGE_EXTS,
+    SHARD_SUFFIXES,
+    existing_shards,
+    shard_pattern,
+    unsafe_member_name,
+    write_classes,
+    write_shard,
+    write_shards,
+)
 
 
 class ShardError(DataError):
@@ -108,8 +117,16 @@ def _split_name(name: str) -> tuple[str, str] | None:
 
 
 def _parse_sample(key: str, members: dict[str, bytes]) -> dict[str, Any]:
-    sample: dict[str, Any] = {"key": key, "image_bytes": None, "image_ext": None, "cls": None, "txt": None,
-                              "json": None, "extra": {}, "error": None}
+    sample: dict[str, Any] = {
+        "key": key,
+        "image_bytes": None,
+        "image_ext": None,
+        "cls": None,
+        "txt": None,
+        "json": None,
+        "extra": {},
+        "error": None,
+    }
     if unsafe_member_name(key):
         # Never passed on: annotation would copy the name into its own shards, and extracting those writes
         # outside the target folder.
@@ -146,8 +163,16 @@ def _parse_sample(key: str, members: dict[str, bytes]) -> dict[str, Any]:
 def _stray_member(name: str) -> dict[str, Any]:
     base = name.rpartition("/")[2]
     why = "starts with a dot (a hidden file)" if base.startswith(".") else "has no extension"
-    return {"key": name, "image_bytes": None, "image_ext": None, "cls": None, "txt": None, "json": None,
-            "extra": {}, "error": f"member {name!r} is not part of a sample: its name {why}"}
+    return {
+        "key": name,
+        "image_bytes": None,
+        "image_ext": None,
+        "cls": None,
+        "txt": None,
+        "json": None,
+        "extra": {},
+        "error": f"member {name!r} is not part of a sample: its name {why}",
+    }
 
 
 def iter_samples(path: str | Path) -> Iterator[dict[str, Any]]:
@@ -215,8 +240,9 @@ def iter_samples(path: str | Path) -> Iterator[dict[str, Any]]:
     except (tarfile.TarError, EOFError, zlib.error, OSError) as err:
         where = f"after sample {last_key!r}" if last_key is not None else "before its first sample"
         detail = " ".join(str(err).split())  # tarfile's "could not be opened" lists methods on lines
-        raise ShardError(f"shard {path} is damaged {where} ({type(err).__name__}: {detail}); "
-                         "rebuild or re-download it") from None
+        raise ShardError(
+            f"shard {path} is damaged {where} ({type(err).__name__}: {detail}); rebuild or re-download it"
+        ) from None
 
 
 class _RecordingReader(io.RawIOBase):
@@ -262,8 +288,10 @@ def _open_shard(path: Path) -> _RecordingReader:
     return _RecordingReader(path)
 
 
-def read_labeled_shards(paths: str | Path | Sequence[str | Path], bounds: ImageBounds | None = None,
-                        ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+def read_labeled_shards(
+    paths: str | Path | Sequence[str | Path],
+    bounds: ImageBounds | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """Images uint8 ``[N, C, H, W]``, labels int64 ``[N]`` and keys of every sample of ``paths`` (a list of
     shards, or a pattern for :func:`expand_shards`), in shard order.
 
@@ -299,8 +327,10 @@ def read_labeled_shards(paths: str | Path | Sequence[str | Path], bounds: ImageB
             if shape is None:
                 shape = array.shape
             elif array.shape != shape:
-                raise DataError(f"{where}: image is {describe_shape(array.shape)}, the first one "
-                                f"{describe_shape(shape)}; all images must share size and channels")
+                raise DataError(
+                    f"{where}: image is {describe_shape(array.shape)}, the first one "
+                    f"{describe_shape(shape)}; all images must share size and channels"
+                )
             seen[key] = path
             arrays.append(array)
             labels.append(sample["cls"])

@@ -59,10 +59,12 @@ def load_fashion_mnist(root: str) -> LabeledArrays:
         missing = [name for name, path in zip(FASHION_MNIST_FILES, found[folder]) if path is None]
         if len(missing) < len(FASHION_MNIST_FILES):
             files = " and ".join(f"{m}(.gz)" for m in missing)
-            raise DataError(f"Fashion-MNIST file{'s' if len(missing) > 1 else ''} {files} not found in {folder} "
-                            f"(the other files are there); restore {'them' if len(missing) > 1 else 'it'} "
-                            "(`apt-get install --reinstall dataset-fashion-mnist`) or set data.root to a folder "
-                            "that holds all four")
+            raise DataError(
+                f"Fashion-MNIST file{'s' if len(missing) > 1 else ''} {files} not found in {folder} "
+                f"(the other files are there); restore {'them' if len(missing) > 1 else 'it'} "
+                "(`apt-get install --reinstall dataset-fashion-mnist`) or set data.root to a folder "
+                "that holds all four"
+            )
         raise DataError(
             f"Fashion-MNIST files ({FASHION_MNIST_FILES[0]}.gz and the other three) not found in "
             f"{' or '.join(str(f) for f in folders)}; set data.root (--set data.root=DIR) to their folder, "
@@ -96,8 +98,9 @@ def _read_idx(path: Path) -> np.ndarray:
         with gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb") as f:
             raw = f.read()
     except (OSError, EOFError, zlib.error) as err:  # zlib.error: a corrupt deflate stream inside the .gz
-        raise DataError(f"{path}: cannot read ({type(err).__name__}: {err}); re-install or re-download the "
-                        "file") from None
+        raise DataError(
+            f"{path}: cannot read ({type(err).__name__}: {err}); re-install or re-download the file"
+        ) from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
         raise DataError(f"{path}: not a uint8 idx file; re-install or re-download the file")
     ndim = raw[3]

@@ -13,8 +13,7 @@ import numpy as np
 import torch
 
 from ..config import DataConfig, PartitionConfig
-from ..core.seeds import (TAG_SYNTHETIC_CLIENT, TAG_SYNTHETIC_PROTOTYPES, TAG_SYNTHETIC_TEST,
-                          TAG_SYNTHETIC_TRAIN)
+from ..core.seeds import TAG_SYNTHETIC_CLIENT, TAG_SYNTHETIC_PROTOTYPES, TAG_SYNTHETIC_TEST, TAG_SYNTHETIC_TRAIN
 from .base import ClientData, DataError
 from .longtail import longtail_counts
 from .partition import METHODS

@@ -44,11 +44,13 @@ class FlatLayout:
 
     def views(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
         """Each entry of ``flat`` as a view of its shape: writing into a view writes into ``flat``."""
-        return {key: flat[self.offsets[i] : self.offsets[i + 1]].view(self.shapes[i])
-                for i, key in enumerate(self.keys)}
+        return {
+            key: flat[self.offsets[i] : self.offsets[i + 1]].view(self.shapes[i]) for i, key in enumerate(self.keys)
+        }
 
-    def flatten(self, state: Mapping[str, torch.Tensor], out: torch.Tensor | None = None,
-                dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    def flatten(
+        self, state: Mapping[str, torch.Tensor], out: torch.Tensor | None = None, dtype: torch.dtype = torch.float64
+    ) -> torch.Tensor:
         if out is None:
             device = state[self.keys[0]].device
             out = torch.empty(self.numel, dtype=dtype, device=device)
@@ -67,8 +69,7 @@ class FlatLayout:
                 target.copy_(piece.round())
 
     def unflatten(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
-        state = {k: torch.empty(s, dtype=d, device=flat.device)
-                 for k, s, d in zip(self.keys, self.shapes, self.dtypes)}
+        state = {k: torch.empty(s, dtype=d, device=flat.device) for k, s, d in zip(self.keys, self.shapes, self.dtypes)}
         self.unflatten_into(flat, state)
         return state
 

@@ -33,8 +33,18 @@ class LocalTraining:
 
     @classmethod
     def of(cls, fed: FederatedConfig, data: DataConfig, mean: Sequence[float], std: Sequence[float]) -> LocalTraining:
-        return cls(fed.local_epochs, fed.batch_size, fed.lr, fed.momentum, fed.weight_decay,
-                   data.random_crop, data.crop_padding, data.hflip, tuple(mean), tuple(std))
+        return cls(
+            fed.local_epochs,
+            fed.batch_size,
+            fed.lr,
+            fed.momentum,
+            fed.weight_decay,
+            data.random_crop,
+            data.crop_padding,
+            data.hflip,
+            tuple(mean),
+            tuple(std),
+        )
 
 
 def local_steps(num_samples: int, spec: LocalTraining) -> int:
@@ -54,10 +64,17 @@ def normalizing_weight(steps: int, momentum: float) -> float:
     return (steps - momentum * (1.0 - momentum**steps) / (1.0 - momentum)) / (1.0 - momentum)
 
 
-def train_client(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, spec: LocalTraining,
-                 generator: torch.Generator, strategy: Strategy,
-                 global_params: Sequence[torch.Tensor] = (), device: torch.device | str = "cpu",
-                 inputs: torch.Tensor | None = None) -> float:
+def train_client(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    spec: LocalTraining,
+    generator: torch.Generator,
+    strategy: Strategy,
+    global_params: Sequence[torch.Tensor] = (),
+    device: torch.device | str = "cpu",
+    inputs: torch.Tensor | None = None,
+) -> float:
     """Train ``model`` in place on one client's uint8 images (``inputs``: optional per-sample rows, such as
     teacher logits, that the strategy's loss reads batch by batch). Returns the training loss (the
     strategy's, e.g. with FedProx's term) averaged over every sample of every local step, NaN if no step ran.
@@ -68,8 +85,7 @@ def train_client(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, s
     small images), so a one-sample client returns the global model, with its weight of 1.
     """
     model.train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=spec.lr, momentum=spec.momentum,
-                                weight_decay=spec.weight_decay)
+    optimizer = torch.optim.SGD(model.parameters(), lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay)
     images = images.to(device)
     labels = labels.to(device)
     inputs = inputs.to(device) if inputs is not None else None
@@ -85,8 +101,9 @@ def train_client(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, s
                 continue
             x = augment_batch(images[batch], generator, spec.crop_padding, spec.hflip, spec.random_crop)
             x = normalize(x, spec.mean, spec.std)
-            loss = strategy.local_loss(model, model(x), labels[batch], global_params,
-                                       inputs[batch] if inputs is not None else None)
+            loss = strategy.local_loss(
+                model, model(x), labels[batch], global_params, inputs[batch] if inputs is not None else None
+            )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -102,8 +102,10 @@ class ClientStateStore:
         self._superseded = []
         self._committed = dict(self._latest)
         clients = sorted(self._latest)
-        return {"clients": torch.tensor(clients, dtype=torch.int64),
-                "rounds": torch.tensor([self._latest[c] for c in clients], dtype=torch.int64)}
+        return {
+            "clients": torch.tensor(clients, dtype=torch.int64),
+            "rounds": torch.tensor([self._latest[c] for c in clients], dtype=torch.int64),
+        }
 
     def saved(self) -> None:
         """The checkpoint holding the last :meth:`commit`'s index is on disk: remove what only older ones read."""
@@ -135,9 +137,11 @@ class ClientStateStore:
                 os.unlink(entry.path)
         missing = [c for c, r in self._latest.items() if not self._path(c, r).is_file()]
         if missing:
-            raise FileNotFoundError(f"{self.directory} lacks the state of {len(missing)} client(s) the checkpoint "
-                                    f"names (e.g. {self._path(missing[0], self._latest[missing[0]]).name}); it "
-                                    f"cannot be resumed")
+            raise FileNotFoundError(
+                f"{self.directory} lacks the state of {len(missing)} client(s) the checkpoint "
+                f"names (e.g. {self._path(missing[0], self._latest[missing[0]]).name}); it "
+                f"cannot be resumed"
+            )
 
     # -- what it costs -----------------------------------------------------------------------------------------------
     @property

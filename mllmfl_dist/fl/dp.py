@@ -46,8 +46,9 @@ PLD_DISCRETIZATION = 1e-3
 CALIBRATION_BRACKET = (0.05, 1000.0)  # noise multipliers searched for dp.target_epsilon
 
 
-def clip_update(start: torch.Tensor, state: torch.Tensor, clip_norm: float,
-                update_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
+def clip_update(
+    start: torch.Tensor, state: torch.Tensor, clip_norm: float, update_mask: torch.Tensor | None = None
+) -> tuple[torch.Tensor, float]:
     """``start + delta * min(1, C / ||delta||)`` with ``delta = state - start`` (flat float64 ``[numel]``),
     entries outside ``update_mask`` (bool ``[numel]``; None: all) held at ``start``; returns it and
     ``||delta||`` before clipping."""
@@ -70,8 +71,9 @@ def gaussian_noise(numel: int, std: float, seed: int, round_index: int) -> torch
 class CentralDP:
     """The trainer's side of DP-FedAvg: :meth:`clip` on a client host, :meth:`noisy_mean` on rank 0."""
 
-    def __init__(self, layout: FlatLayout, clip_norm: float, noise_multiplier: float, seed: int,
-                 frozen: Collection[str] = ()):
+    def __init__(
+        self, layout: FlatLayout, clip_norm: float, noise_multiplier: float, seed: int, frozen: Collection[str] = ()
+    ):
         """``frozen``: keys of ``layout`` that are parameters no client trains (``requires_grad`` False). They
         get no update and no noise: nothing moves them, so noise would only corrupt them (and the mean of K
         copies of a value is that value, so they stay bit-identical)."""
@@ -103,8 +105,9 @@ class CentralDP:
         if count <= 0:
             raise RuntimeError("no client contributed this round")
         total = acc[:-1].clone()
-        noise = gaussian_noise(int(self.update_mask.sum()), self.noise_multiplier * self.clip_norm, self.seed,
-                               round_index)
+        noise = gaussian_noise(
+            int(self.update_mask.sum()), self.noise_multiplier * self.clip_norm, self.seed, round_index
+        )
         mask = self.update_mask.to(total.device)
         total[mask] += noise.to(total.device)
         mean = total / count
@@ -113,8 +116,9 @@ class CentralDP:
         return mean
 
 
-def dp_event(num_clients: int, clients_per_round: int, noise_multiplier: float, accountant: str,
-             rounds: int = 1) -> Any:
+def dp_event(
+    num_clients: int, clients_per_round: int, noise_multiplier: float, accountant: str, rounds: int = 1
+) -> Any:
     """The dp-accounting event of ``rounds`` rounds (see the module docstring for why ``z / 2``)."""
     import dp_accounting
 
@@ -131,14 +135,18 @@ def new_accountant(accountant: str) -> Any:
     from dp_accounting import pld, rdp
 
     if accountant == "rdp":
-        return rdp.RdpAccountant(orders=list(RDP_ORDERS),
-                                 neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
-    return pld.PLDAccountant(neighboring_relation=dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE,
-                             value_discretization_interval=PLD_DISCRETIZATION)
+        return rdp.RdpAccountant(
+            orders=list(RDP_ORDERS), neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE
+        )
+    return pld.PLDAccountant(
+        neighboring_relation=dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE,
+        value_discretization_interval=PLD_DISCRETIZATION,
+    )
 
 
-def epsilon(num_clients: int, clients_per_round: int, noise_multiplier: float, rounds: int, delta: float,
-            accountant: str) -> float:
+def epsilon(
+    num_clients: int, clients_per_round: int, noise_multiplier: float, rounds: int, delta: float, accountant: str
+) -> float:
     """Epsilon at ``delta`` after ``rounds`` rounds of the trainer's DP-FedAvg."""
     acc = new_accountant(accountant)
     acc.compose(dp_event(num_clients, clients_per_round, noise_multiplier, accountant, rounds))
@@ -157,15 +165,19 @@ def check_settings(cfg: DpConfig, num_clients: int, clients_per_round: int, roun
     low, high = CALIBRATION_BRACKET
     if cfg.target_epsilon <= 0:
         if cfg.noise_multiplier < low:
-            raise ConfigError(f"dp.noise_multiplier = {cfg.noise_multiplier:g} is not allowed with dp.enabled = "
-                              f"true; it must be >= {low:g} (or give dp.target_epsilon > 0 to derive it)")
+            raise ConfigError(
+                f"dp.noise_multiplier = {cfg.noise_multiplier:g} is not allowed with dp.enabled = "
+                f"true; it must be >= {low:g} (or give dp.target_epsilon > 0 to derive it)"
+            )
         return
     smallest = epsilon(num_clients, clients_per_round, high, rounds, cfg.delta, cfg.accountant)
     if cfg.target_epsilon < smallest:
-        raise ConfigError(f"dp.target_epsilon = {cfg.target_epsilon:g} cannot be reached: even noise multiplier "
-                          f"{high:g} gives epsilon {smallest:.4g} after federated.rounds = {rounds} rounds of "
-                          f"{clients_per_round} of {num_clients} clients at dp.delta = {cfg.delta:g}; raise "
-                          f"dp.target_epsilon or dp.delta, or lower federated.rounds or federated.clients_per_round")
+        raise ConfigError(
+            f"dp.target_epsilon = {cfg.target_epsilon:g} cannot be reached: even noise multiplier "
+            f"{high:g} gives epsilon {smallest:.4g} after federated.rounds = {rounds} rounds of "
+            f"{clients_per_round} of {num_clients} clients at dp.delta = {cfg.delta:g}; raise "
+            f"dp.target_epsilon or dp.delta, or lower federated.rounds or federated.clients_per_round"
+        )
 
 
 @functools.lru_cache(maxsize=8)
@@ -179,20 +191,30 @@ def calibrate_noise_multiplier(cfg: DpConfig, num_clients: int, clients_per_roun
 
     low, high = CALIBRATION_BRACKET
     try:
-        return float(mc.calibrate_dp_mechanism(
-            lambda: new_accountant(cfg.accountant),
-            lambda z: dp_event(num_clients, clients_per_round, z, cfg.accountant, rounds),
-            cfg.target_epsilon, cfg.delta, mc.ExplicitBracketInterval(low, high), tol=1e-3))
+        return float(
+            mc.calibrate_dp_mechanism(
+                lambda: new_accountant(cfg.accountant),
+                lambda z: dp_event(num_clients, clients_per_round, z, cfg.accountant, rounds),
+                cfg.target_epsilon,
+                cfg.delta,
+                mc.ExplicitBracketInterval(low, high),
+                tol=1e-3,
+            )
+        )
     except ValueError:  # brentq: the target is not between the epsilons of the bracket's ends
         smallest = epsilon(num_clients, clients_per_round, high, rounds, cfg.delta, cfg.accountant)
         if cfg.target_epsilon < smallest:
             where = f"below {smallest:.4g}, the epsilon of noise multiplier {high:g}; raise it"
         else:
-            where = (f"above the epsilon of noise multiplier {low:g}, the least noise searched; set "
-                     f"dp.target_epsilon = 0 and give dp.noise_multiplier instead")
-        raise ConfigError(f"dp.target_epsilon = {cfg.target_epsilon:g} cannot be reached after federated.rounds "
-                          f"= {rounds} rounds of {clients_per_round} of {num_clients} clients at dp.delta = "
-                          f"{cfg.delta:g}: it is {where}") from None
+            where = (
+                f"above the epsilon of noise multiplier {low:g}, the least noise searched; set "
+                f"dp.target_epsilon = 0 and give dp.noise_multiplier instead"
+            )
+        raise ConfigError(
+            f"dp.target_epsilon = {cfg.target_epsilon:g} cannot be reached after federated.rounds "
+            f"= {rounds} rounds of {clients_per_round} of {num_clients} clients at dp.delta = "
+            f"{cfg.delta:g}: it is {where}"
+        ) from None
 
 
 def noise_multiplier_of(cfg: DpConfig, num_clients: int, clients_per_round: int, rounds: int) -> float:
@@ -221,15 +243,19 @@ class PrivacyLedger:
             from dp_accounting.rdp.rdp_privacy_accountant import compute_epsilon
 
             if self._one_round_rdp is None:
-                self._accountant.compose(dp_event(self.num_clients, self.clients_per_round,
-                                                  self.noise_multiplier, "rdp"))
+                self._accountant.compose(
+                    dp_event(self.num_clients, self.clients_per_round, self.noise_multiplier, "rdp")
+                )
                 self._one_round_rdp = self._accountant.rdp
             return float(compute_epsilon(RDP_ORDERS, self._one_round_rdp * round_index, cfg.delta)[0])
         if round_index < self._rounds:
             self._accountant, self._rounds = new_accountant("pld"), 0
         if round_index > self._rounds:
-            self._accountant.compose(dp_event(self.num_clients, self.clients_per_round, self.noise_multiplier,
-                                              "pld", round_index - self._rounds))
+            self._accountant.compose(
+                dp_event(
+                    self.num_clients, self.clients_per_round, self.noise_multiplier, "pld", round_index - self._rounds
+                )
+            )
             self._rounds = round_index
         value = float(self._accountant.get_epsilon(cfg.delta))
         return value if math.isfinite(value) else float("inf")

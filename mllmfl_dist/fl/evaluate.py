@@ -29,8 +29,9 @@ def class_groups(train_class_counts: Sequence[int]) -> dict[str, list[int]]:
     return groups
 
 
-def accuracy_report(predictions: torch.Tensor, labels: torch.Tensor, num_classes: int,
-                    train_class_counts: Sequence[int]) -> dict[str, Any]:
+def accuracy_report(
+    predictions: torch.Tensor, labels: torch.Tensor, num_classes: int, train_class_counts: Sequence[int]
+) -> dict[str, Any]:
     """Accuracy of ``predictions`` against ``labels`` (int64 ``[N]`` each):
 
     - ``acc``: balanced accuracy, the mean of the per-class accuracies over the classes present in the test
@@ -44,8 +45,11 @@ def accuracy_report(predictions: torch.Tensor, labels: torch.Tensor, num_classes
     totals = torch.bincount(labels, minlength=num_classes).to(torch.float64)
     per_class = [float(h / t) if t > 0 else None for h, t in zip(hits, totals)]
     present = [a for a in per_class if a is not None]
-    report: dict[str, Any] = {"acc": sum(present) / len(present), "acc_top1": float(correct.mean()),
-                              "per_class": per_class}
+    report: dict[str, Any] = {
+        "acc": sum(present) / len(present),
+        "acc_top1": float(correct.mean()),
+        "per_class": per_class,
+    }
     for name, classes in class_groups(train_class_counts).items():
         values = [per_class[c] for c in classes if per_class[c] is not None]
         report[f"acc_{name}"] = sum(values) / len(values) if values else None
@@ -63,15 +67,23 @@ def imbalance_warning(labels: torch.Tensor, class_names: Sequence[str]) -> str |
     low, high = min(range(len(counts)), key=counts.__getitem__), max(range(len(counts)), key=counts.__getitem__)
     if counts[high] - counts[low] <= IMBALANCE_TOLERANCE * counts[high]:
         return None
-    return (f"the test set is imbalanced: {counts[low]} images of class {low} ({class_names[low]}) against "
-            f"{counts[high]} of class {high} ({class_names[high]}); acc is the balanced accuracy (the mean of "
-            f"the per-class accuracies over the {sum(c > 0 for c in counts)} classes present), acc_top1 the "
-            f"plain top-1 accuracy")
+    return (
+        f"the test set is imbalanced: {counts[low]} images of class {low} ({class_names[low]}) against "
+        f"{counts[high]} of class {high} ({class_names[high]}); acc is the balanced accuracy (the mean of "
+        f"the per-class accuracies over the {sum(c > 0 for c in counts)} classes present), acc_top1 the "
+        f"plain top-1 accuracy"
+    )
 
 
 @torch.no_grad()
-def predict(model: nn.Module, images: torch.Tensor, mean: Sequence[float], std: Sequence[float],
-            batch_size: int, device: torch.device | str = "cpu") -> torch.Tensor:
+def predict(
+    model: nn.Module,
+    images: torch.Tensor,
+    mean: Sequence[float],
+    std: Sequence[float],
+    batch_size: int,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
     was_training = model.training
     model.eval()
     out = []
@@ -82,9 +94,18 @@ def predict(model: nn.Module, images: torch.Tensor, mean: Sequence[float], std: 
     return torch.cat(out)
 
 
-def evaluate_model(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, num_classes: int,
-                   train_class_counts: Sequence[int], mean: Sequence[float], std: Sequence[float],
-                   batch_size: int = 500, device: torch.device | str = "cpu") -> dict[str, Any]:
+def evaluate_model(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    num_classes: int,
+    train_class_counts: Sequence[int],
+    mean: Sequence[float],
+    std: Sequence[float],
+    batch_size: int = 500,
+    device: torch.device | str = "cpu",
+) -> dict[str, Any]:
     predictions = predict(model, images, mean, std, batch_size, device)
     return accuracy_report(predictions, labels, num_classes, train_class_counts)
 
@@ -92,9 +113,17 @@ def evaluate_model(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
 def evaluate_on_test_set(data, model: nn.Module, batch_size: int, device: torch.device | str) -> dict[str, Any]:
     """:func:`evaluate_model` on ``data``'s test set (a ClientData), with its class counts and normalisation."""
     images, labels = data.test_set()
-    return evaluate_model(model, images, labels, num_classes=data.num_classes,
-                          train_class_counts=data.train_class_counts(), mean=data.mean, std=data.std,
-                          batch_size=batch_size, device=device)
+    return evaluate_model(
+        model,
+        images,
+        labels,
+        num_classes=data.num_classes,
+        train_class_counts=data.train_class_counts(),
+        mean=data.mean,
+        std=data.std,
+        batch_size=batch_size,
+        device=device,
+    )
 
 
 def evaluate_on_val_set(data, model: nn.Module, batch_size: int, device: torch.device | str) -> dict[str, Any]:
@@ -103,14 +132,24 @@ def evaluate_on_val_set(data, model: nn.Module, batch_size: int, device: torch.d
     images, labels = data.val_set()
     if not len(labels):
         return {}
-    report = evaluate_model(model, images, labels, num_classes=data.num_classes,
-                            train_class_counts=data.train_class_counts(), mean=data.mean, std=data.std,
-                            batch_size=batch_size, device=device)
+    report = evaluate_model(
+        model,
+        images,
+        labels,
+        num_classes=data.num_classes,
+        train_class_counts=data.train_class_counts(),
+        mean=data.mean,
+        std=data.std,
+        batch_size=batch_size,
+        device=device,
+    )
     return {f"val_{key}": report[key] for key in ACCURACY_KEYS}  # per_class stays the test set's
 
 
 def evaluate_on_splits(data, model: nn.Module, batch_size: int, device: torch.device | str) -> dict[str, Any]:
     """:func:`evaluate_on_test_set`'s report (``acc``, ``acc_top1``, ``per_class``, groups) with
     :func:`evaluate_on_val_set`'s keys beside it: what every evaluation of a run records."""
-    return {**evaluate_on_test_set(data, model, batch_size, device),
-            **evaluate_on_val_set(data, model, batch_size, device)}
+    return {
+        **evaluate_on_test_set(data, model, batch_size, device),
+        **evaluate_on_val_set(data, model, batch_size, device),
+    }

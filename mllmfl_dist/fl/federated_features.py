@@ -28,8 +28,9 @@ from torch import nn
 COSINE_EPS = 1e-6
 
 
-def linear_ce_gradients(features: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                        classes: torch.Tensor | None = None) -> torch.Tensor:
+def linear_ce_gradients(
+    features: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, classes: torch.Tensor | None = None
+) -> torch.Tensor:
     """``[K, C, D + 1]``: for each group k, d mean-CE / d [W | b] over ``features[k]``, all labeled
     ``classes[k]`` (default: k, one group per class).
 
@@ -59,8 +60,9 @@ def gradient_distance(real: torch.Tensor, synthetic: torch.Tensor) -> torch.Tens
     return rows + _one_minus_cos(real[..., -1], synthetic[..., -1]).sum()
 
 
-def pick_class_batches(labels: torch.Tensor, num_classes: int, *, batch_size: int, batches: int,
-                       generator: torch.Generator) -> list[tuple[int, torch.Tensor]]:
+def pick_class_batches(
+    labels: torch.Tensor, num_classes: int, *, batch_size: int, batches: int, generator: torch.Generator
+) -> list[tuple[int, torch.Tensor]]:
     """For each class a client holds, ``batches`` random batches of up to ``batch_size`` of its sample
     positions: ``[(class, positions), ...]``, drawn from ``generator`` only."""
     picked = []
@@ -75,8 +77,9 @@ def pick_class_batches(labels: torch.Tensor, num_classes: int, *, batch_size: in
 
 
 @torch.no_grad()
-def class_gradient_sums(batches: list[tuple[int, torch.Tensor]], weights: torch.Tensor, weight: torch.Tensor,
-                        bias: torch.Tensor) -> torch.Tensor:
+def class_gradient_sums(
+    batches: list[tuple[int, torch.Tensor]], weights: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
+) -> torch.Tensor:
     """One client's contribution to the round's sum: ``[C, C, D + 1]`` float64 holding ``w_c * g_c`` for
     each class c it holds, ``g_c`` the classifier gradient averaged over that class's batches of features
     (``(class, features [m, D])``, taken under the frozen global backbone). Summed over clients and divided
@@ -101,9 +104,16 @@ def mean_class_gradients(sums: torch.Tensor, weights: torch.Tensor) -> tuple[tor
     return means.float(), present
 
 
-def match_federated_features(features: torch.Tensor, optimizer: torch.optim.Optimizer, real: torch.Tensor,
-                             present: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, steps: int,
-                             extra_loss: Callable[[torch.Tensor], torch.Tensor] | None = None) -> float:
+def match_federated_features(
+    features: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    real: torch.Tensor,
+    present: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    steps: int,
+    extra_loss: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> float:
     """``steps`` optimizer steps on ``features`` ``[C, m, D]`` (a leaf the optimizer owns) so that the
     gradients they produce under the frozen classifier ``(weight, bias)`` match ``real`` on the classes
     present; returns the last loss. ``extra_loss(features)`` is added when given (CLIP2FL's contrast)."""
@@ -143,8 +153,9 @@ def text_contrast_loss(features: torch.Tensor, text_embeddings: torch.Tensor, te
 
 
 @torch.no_grad()
-def retrain_classifier(features: torch.Tensor, *, epochs: int, lr: float, batch_size: int,
-                       generator: torch.Generator) -> nn.Linear:
+def retrain_classifier(
+    features: torch.Tensor, *, epochs: int, lr: float, batch_size: int, generator: torch.Generator
+) -> nn.Linear:
     """A fresh ``nn.Linear(D, C)`` trained by plain SGD for ``epochs`` passes over the federated features
     ``[C, m, D]`` (labels: their class), in random batches of ``batch_size``; initial weights and order
     come from ``generator`` only. The steps use the closed-form cross-entropy gradient of a linear layer

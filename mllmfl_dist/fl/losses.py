@@ -6,8 +6,9 @@ import torch
 from torch import nn
 
 
-def distillation_loss(logits: torch.Tensor, labels: torch.Tensor, teacher: torch.Tensor | None, weight: float,
-                      temperature: float) -> torch.Tensor:
+def distillation_loss(
+    logits: torch.Tensor, labels: torch.Tensor, teacher: torch.Tensor | None, weight: float, temperature: float
+) -> torch.Tensor:
     """``CE(y, p) + weight * T^2 * KL(q_T || softmax(logits / T))``, the standard distillation loss (Hinton et
     al., 2015), with ``q_T`` the teacher's distribution *already tempered* (rows summing to 1; e.g.
     ``softmax(teacher_logits / T)``); just the cross-entropy without a teacher or with weight 0.

@@ -82,9 +82,7 @@ class _BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(planes)
         self.shortcut = nn.Identity()
         if stride != 1 or in_planes != planes:
-            self.shortcut = nn.Sequential(
-                nn.Conv2d(in_planes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes)
-            )
+            self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = torch.relu(self.bn1(self.conv1(x)))
@@ -132,8 +130,9 @@ class ResNet50(FLModel):
         return self.body(self._as_input(x))
 
 
-def build_model(arch: str, in_channels: int, num_classes: int, width_scale: int = 1,
-                channels_last: bool = False) -> FLModel:
+def build_model(
+    arch: str, in_channels: int, num_classes: int, width_scale: int = 1, channels_last: bool = False
+) -> FLModel:
     if arch == "resnet8":
         model: FLModel = ResNet8(in_channels, num_classes, width_scale)
     elif arch == "resnet50":

@@ -37,8 +37,10 @@ from mllmfl_dist.data.images import to_pil
 PROBE_C = 1.0  # inverse L2 strength of the logistic regression (scikit-learn's default), fixed
 PROBE_MAX_ITER = 1000
 FEATURE_BATCH = 256
-RECIPE = (f"logistic regression (scikit-learn lbfgs, L2, C={PROBE_C:g}, max_iter={PROBE_MAX_ITER}) on standardised "
-          f"pooled features; BatchNorm in eval mode with the backbone's own running statistics")
+RECIPE = (
+    f"logistic regression (scikit-learn lbfgs, L2, C={PROBE_C:g}, max_iter={PROBE_MAX_ITER}) on standardised "
+    f"pooled features; BatchNorm in eval mode with the backbone's own running statistics"
+)
 
 # uint8 images [n, C, H, W] -> float32 features [n, D]
 Featurizer = Callable[[torch.Tensor], torch.Tensor]
@@ -59,8 +61,14 @@ class ProbeSets:
 
 
 @torch.no_grad()
-def pooled_features(model: nn.Module, images: torch.Tensor, mean, std, batch_size: int = FEATURE_BATCH,
-                    device: torch.device | str = "cpu") -> torch.Tensor:
+def pooled_features(
+    model: nn.Module,
+    images: torch.Tensor,
+    mean,
+    std,
+    batch_size: int = FEATURE_BATCH,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
     """float32 ``[n, map_channels]``: the average-pooled ``model.feature_map`` of uint8 ``images``
     ``[n, C, H, W]`` normalised with ``mean``/``std``, in eval mode (the model's mode is restored)."""
     was_training = model.training
@@ -130,8 +138,12 @@ def linear_probe(featurize: Featurizer, sets: ProbeSets) -> dict[str, Any]:
         result.update(val_acc=val["acc"], val_acc_top1=val["acc_top1"])
     result["train_acc"] = _score(pipe, train_x, sets.train[1], sets)["acc"]
     result.update({k: test[k] for k in ("acc_many", "acc_medium", "acc_few", "per_class")})
-    result.update(feature_dim=int(train_x.shape[1]), n_train=int(train_x.shape[0]), n_test=int(test_x.shape[0]),
-                  converged=converged)
+    result.update(
+        feature_dim=int(train_x.shape[1]),
+        n_train=int(train_x.shape[0]),
+        n_test=int(test_x.shape[0]),
+        converged=converged,
+    )
     return result
 
 
@@ -154,8 +166,10 @@ def probe_sets(data, train_set: str = "holdout", test_per_class: int | None = No
     if train_set == "holdout":
         pool = data.server_pool() if hasattr(data, "server_pool") else None
         if pool is None or not len(pool[1]):
-            raise ValueError("the probe trains on the server holdout, which is empty: set "
-                             "data.server_holdout_per_class > 0 (an array data source)")
+            raise ValueError(
+                "the probe trains on the server holdout, which is empty: set "
+                "data.server_holdout_per_class > 0 (an array data source)"
+            )
         train, name = pool, f"server holdout ({len(pool[1])} images)"
     elif train_set == "clients":
         parts = [data.client(c) for c in range(data.num_clients)]

@@ -42,8 +42,17 @@ def second_moment(rule: str, v: torch.Tensor, delta: torch.Tensor, beta2: float)
     raise ValueError(f"unknown adaptive rule {rule!r}; expected one of {', '.join(RULES)}")
 
 
-def adaptive_step(rule: str, x: torch.Tensor, delta: torch.Tensor, m: torch.Tensor, v: torch.Tensor, eta: float,
-                  beta1: float, beta2: float, tau: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def adaptive_step(
+    rule: str,
+    x: torch.Tensor,
+    delta: torch.Tensor,
+    m: torch.Tensor,
+    v: torch.Tensor,
+    eta: float,
+    beta1: float,
+    beta2: float,
+    tau: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One server step of Algorithm 2: returns new tensors ``(x_{t+1}, m_t, v_t)`` (all of ``x``'s shape)."""
     m = beta1 * m + (1 - beta1) * delta
     v = second_moment(rule, v, delta, beta2)
@@ -73,8 +82,7 @@ class AdaptiveServerOptimizer:
             self.m = torch.zeros_like(x)
             self.v = torch.full_like(x, self.tau**2)
         m, v = self.m.to(x.device), self.v.to(x.device)
-        weights, self.m, self.v = adaptive_step(self.rule, x, delta, m, v, self.lr, self.beta1, self.beta2,
-                                                self.tau)
+        weights, self.m, self.v = adaptive_step(self.rule, x, delta, m, v, self.lr, self.beta1, self.beta2, self.tau)
         self.steps += 1
         new = client_mean.clone()
         new[trainable_mask] = weights
@@ -85,8 +93,12 @@ class AdaptiveServerOptimizer:
         before the first step."""
         if self.m is None or self.v is None:
             return {}
-        return {"rule": self.rule, "m": self.m.detach().cpu().clone(), "v": self.v.detach().cpu().clone(),
-                "steps": self.steps}
+        return {
+            "rule": self.rule,
+            "m": self.m.detach().cpu().clone(),
+            "v": self.v.detach().cpu().clone(),
+            "steps": self.steps,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` (an empty dict: nothing saved yet). ValueError when it holds another

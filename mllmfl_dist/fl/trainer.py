@@ -76,12 +76,15 @@ def check_upload_size(strategy: str, layout: FlatLayout, state_width: int = 0, c
     if size > MAX_UPLOAD_BYTES:
         tensors = [f"{name} {' x '.join(map(str, shape))} float64" for name, shape in zip(layout.keys, layout.shapes)]
         if state_width:
-            tensors.append(f"client state {clients_per_round} x {state_width} float64 in the all_reduce and "
-                           f"float32 in the broadcast")
+            tensors.append(
+                f"client state {clients_per_round} x {state_width} float64 in the all_reduce and "
+                f"float32 in the broadcast"
+            )
         raise ConfigError(
             f"federated.strategy = {strategy!r} would add {size / 2**30:.1f} GiB per round to the all_reduce and "
             f"broadcast ({', '.join(tensors)}); the limit is {MAX_UPLOAD_BYTES / 2**30:.0f} GiB. Use a task with "
-            f"fewer classes, a smaller model (model.width_scale, model.arch) or fewer federated.clients_per_round")
+            f"fewer classes, a smaller model (model.width_scale, model.arch) or fewer federated.clients_per_round"
+        )
 
 
 def divergence_message(round_index: int, what: str, hints: Sequence[str]) -> str:
@@ -118,9 +121,19 @@ def _overrides(strategy: Strategy, hook: str) -> bool:
 
 
 class FederatedTrainer:
-    def __init__(self, federated: FederatedConfig, seed: int, local: LocalTraining, runtime: dist.Runtime,
-                 data: ClientData, model: FLModel, strategy: Strategy, server_hook: ServerHook | None = None,
-                 client_states: ClientStateStore | None = None, dp: CentralDP | None = None):
+    def __init__(
+        self,
+        federated: FederatedConfig,
+        seed: int,
+        local: LocalTraining,
+        runtime: dist.Runtime,
+        data: ClientData,
+        model: FLModel,
+        strategy: Strategy,
+        server_hook: ServerHook | None = None,
+        client_states: ClientStateStore | None = None,
+        dp: CentralDP | None = None,
+    ):
         self.federated, self.seed, self.local = federated, seed, local
         self.dp = dp  # central DP (fl/dp.py): clipped updates of weight 1, noise on rank 0
         self.runtime = runtime
@@ -130,10 +143,13 @@ class FederatedTrainer:
         self.layout = FlatLayout.of_module(self.model)
         self.trainable_mask = self.layout.trainable_mask.to(runtime.device)
         self.upload_layout = FlatLayout.of_shapes(strategy.upload_shapes(self.model), torch.float64)
-        if self.upload_layout.numel and not (_overrides(strategy, "client_upload")
-                                             or _overrides(strategy, "finish_client")):
-            raise ConfigError(f"strategy {strategy.name!r} declares uploads ({', '.join(self.upload_layout.keys)}) "
-                              f"but computes them in neither client_upload nor finish_client")
+        if self.upload_layout.numel and not (
+            _overrides(strategy, "client_upload") or _overrides(strategy, "finish_client")
+        ):
+            raise ConfigError(
+                f"strategy {strategy.name!r} declares uploads ({', '.join(self.upload_layout.keys)}) "
+                f"but computes them in neither client_upload nor finish_client"
+            )
         # Per-client state: its layout, and rank 0's store (memory only when the caller gives none).
         self.client_state_layout = FlatLayout.of_shapes(strategy.client_state_shapes(self.model), torch.float32)
         width, k = self.client_state_layout.numel, federated.clients_per_round
@@ -148,13 +164,20 @@ class FederatedTrainer:
         state = strategy.broadcast_state(self.model)
         self.state_layout = FlatLayout.of_shapes({k: tuple(v.shape) for k, v in state.items()}, torch.float32)
         # The round's two buffers, laid out once (described where they are filled, in run_round and _broadcast).
-        self.round_layout = FlatLayout.of_shapes({"model": (self.layout.numel + 1,),
-                                                  "uploads": (self.upload_layout.numel,),
-                                                  "diverged": (federated.clients_per_round,), "stop": (1,),
-                                                  "loss": (1,), **extra_round})
-        self.broadcast_layout = FlatLayout.of_shapes({"model": (self.layout.numel,),
-                                                      "state": (self.state_layout.numel,), "status": (1,),
-                                                      **extra_broadcast}, torch.float32)
+        self.round_layout = FlatLayout.of_shapes(
+            {
+                "model": (self.layout.numel + 1,),
+                "uploads": (self.upload_layout.numel,),
+                "diverged": (federated.clients_per_round,),
+                "stop": (1,),
+                "loss": (1,),
+                **extra_round,
+            }
+        )
+        self.broadcast_layout = FlatLayout.of_shapes(
+            {"model": (self.layout.numel,), "state": (self.state_layout.numel,), "status": (1,), **extra_broadcast},
+            torch.float32,
+        )
         # Rank 0 only, after the server step and before the broadcast (global alignment plugs in here).
         self.server_hook = server_hook
         self.server_hook_hints: list[str] = []  # what to look at when the hook diverged, on the ranks without it
@@ -173,12 +196,14 @@ class FederatedTrainer:
     def broadcast_global(self) -> int:
         """Make every rank hold rank 0's global model (and the strategy's server state, after it in the same
         buffer); returns the bytes broadcast."""
-        sent, status = self._broadcast(DIVERGED_NOWHERE, "rank 0's broadcast of the model to start from",
-                                       self.rounds_done + 1)
+        sent, status = self._broadcast(
+            DIVERGED_NOWHERE, "rank 0's broadcast of the model to start from", self.rounds_done + 1
+        )
         if status != DIVERGED_NOWHERE:
             raise TrainingDivergedError(
                 f"the global model to start round {self.rounds_done + 1} from is non-finite (a checkpoint or "
-                f"backbone written by a run that diverged?); start over with another run.name")
+                f"backbone written by a run that diverged?); start over with another run.name"
+            )
         return sent
 
     def _broadcast(self, status: str, what: str, next_round: int) -> tuple[int, str]:
@@ -203,8 +228,7 @@ class FederatedTrainer:
             if self.state_layout.numel:
                 self.strategy.receive_state(self.state_layout.views(parts["state"]))
             if self.client_state_layout.numel:
-                self._incoming = (next_round, parts["client_states"].clone(),
-                                  parts["client_state_present"].clone())
+                self._incoming = (next_round, parts["client_states"].clone(), parts["client_state_present"].clone())
         return flat.numel() * flat.element_size(), status
 
     def _fill_client_states(self, states: torch.Tensor, present: torch.Tensor, round_index: int) -> None:
@@ -259,14 +283,27 @@ class FederatedTrainer:
             slot = clients.index(cid)
             client = self._client_context(round_index, slot, cid, labels.shape[0])
             if self.upload_layout.numel:
-                upload = self.strategy.client_upload(self.model, images, labels, self.local,
-                                                     generator(seed, TAG_CLIENT_UPLOAD, round_index, cid),
-                                                     self.runtime.device)
+                upload = self.strategy.client_upload(
+                    self.model,
+                    images,
+                    labels,
+                    self.local,
+                    generator(seed, TAG_CLIENT_UPLOAD, round_index, cid),
+                    self.runtime.device,
+                )
                 self._add_uploads(upload_parts, upload)
             self.strategy.start_client(self.model, client)
-            loss = train_client(self.model, images, labels, self.local,
-                                generator(seed, TAG_CLIENT_TRAINING, round_index, cid), self.strategy,
-                                global_params, self.runtime.device, self.strategy.local_loss_inputs(self.data, cid))
+            loss = train_client(
+                self.model,
+                images,
+                labels,
+                self.local,
+                generator(seed, TAG_CLIENT_TRAINING, round_index, cid),
+                self.strategy,
+                global_params,
+                self.runtime.device,
+                self.strategy.local_loss_inputs(self.data, cid),
+            )
             state = self.global_flat(torch.float64)
             finite = bool(torch.isfinite(state).all())
             if finite:
@@ -304,33 +341,47 @@ class FederatedTrainer:
             self.set_global_flat(new)
             status = DIVERGED_NOWHERE if _finite(self.model) else DIVERGED_IN_GLOBAL_UPDATE
             if status == DIVERGED_NOWHERE:
-                server_record = self.strategy.process_uploads(self.model, self.upload_layout.views(uploads),
-                                                              round_index)
+                server_record = self.strategy.process_uploads(
+                    self.model, self.upload_layout.views(uploads), round_index
+                )
                 if self.state_layout.numel and not _all_finite(self.strategy.broadcast_state(self.model)):
                     status = DIVERGED_IN_UPLOADS
             if self.server_hook is not None and status == DIVERGED_NOWHERE:
                 self.server_hook(self.model, round_index)
                 status = DIVERGED_NOWHERE if _finite(self.model) else DIVERGED_IN_SERVER_HOOK
-        bytes_broadcast, status = self._broadcast(status, f"rank 0's broadcast of round {round_index}'s model",
-                                                  round_index + 1)
+        bytes_broadcast, status = self._broadcast(
+            status, f"rank 0's broadcast of round {round_index}'s model", round_index + 1
+        )
         if status != DIVERGED_NOWHERE:
             raise TrainingDivergedError(self._divergence(round_index, status))
         self.rounds_done = round_index
         self._last_round_end = time.perf_counter()
         total_weight = float(model_acc[-1])
-        return RoundStats(round_index, self._last_round_end - started, tuple(clients), tuple(mine),
-                          acc.numel() * acc.element_size(), bytes_broadcast, server_record,
-                          round(float(parts["stop"][0])),
-                          float(parts["loss"]) / total_weight if total_weight > 0 else float("nan"))
+        return RoundStats(
+            round_index,
+            self._last_round_end - started,
+            tuple(clients),
+            tuple(mine),
+            acc.numel() * acc.element_size(),
+            bytes_broadcast,
+            server_record,
+            round(float(parts["stop"][0])),
+            float(parts["loss"]) / total_weight if total_weight > 0 else float("nan"),
+        )
 
     def _divergence(self, round_index: int, where: str, clients: Sequence[int] = ()) -> str:
         fed, name = self.federated, self.strategy.name
         if where == "clients":
-            what = (f"the local training of client(s) {', '.join(map(str, clients))} went non-finite (NaN or inf "
-                    f"weights)")
-            hints = [f"federated.lr = {fed.lr:g}", f"federated.momentum = {fed.momentum:g}",
-                     f"federated.weight_decay = {fed.weight_decay:g}", f"federated.batch_size = {fed.batch_size}",
-                     *self.strategy.divergence_hints("clients")]
+            what = (
+                f"the local training of client(s) {', '.join(map(str, clients))} went non-finite (NaN or inf weights)"
+            )
+            hints = [
+                f"federated.lr = {fed.lr:g}",
+                f"federated.momentum = {fed.momentum:g}",
+                f"federated.weight_decay = {fed.weight_decay:g}",
+                f"federated.batch_size = {fed.batch_size}",
+                *self.strategy.divergence_hints("clients"),
+            ]
         elif where == DIVERGED_IN_GLOBAL_UPDATE:
             what = "the server step made the global model non-finite"
             hints = self.strategy.divergence_hints("global_update")
@@ -346,8 +397,9 @@ class FederatedTrainer:
     def _add_uploads(parts: dict[str, torch.Tensor], upload: dict[str, torch.Tensor]) -> None:
         for name, tensor in upload.items():
             if name not in parts:
-                raise KeyError(f"an upload named {name!r} is not among the strategy's upload_shapes "
-                               f"({', '.join(parts) or 'none'})")
+                raise KeyError(
+                    f"an upload named {name!r} is not among the strategy's upload_shapes ({', '.join(parts) or 'none'})"
+                )
             parts[name] += tensor.reshape(parts[name].shape).to(parts[name].device, torch.float64)
 
     # -- checkpoints -----------------------------------------------------------------------------

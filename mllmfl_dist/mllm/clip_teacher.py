@@ -16,8 +16,15 @@ import torch.nn.functional as F
 
 from mllmfl_dist.mllm.llava import ModelLoadError, _first_line, unloadable_weights
 
-__all__ = ["ModelLoadError", "load_clip", "clip_embed_dim", "resolve_logit_scale", "zero_shot_classifier",
-           "zero_shot_logits", "DEFAULT_TEMPLATES"]
+__all__ = [
+    "ModelLoadError",
+    "load_clip",
+    "clip_embed_dim",
+    "resolve_logit_scale",
+    "zero_shot_classifier",
+    "zero_shot_logits",
+    "DEFAULT_TEMPLATES",
+]
 
 DEFAULT_TEMPLATES: tuple[str, ...] = ("a photo of a {}.",)
 LOCAL_DIR = "local-dir:"
@@ -69,7 +76,7 @@ def _local_weight_folders(model: str, pretrained: str) -> list[Path]:
     """Folders whose weights files a failed load may have read (``local-dir:DIR``; ``pretrained`` a file)."""
     folders = []
     if model.startswith(LOCAL_DIR):
-        folders.append(Path(model[len(LOCAL_DIR):]).expanduser())
+        folders.append(Path(model[len(LOCAL_DIR) :]).expanduser())
     if pretrained and Path(pretrained).expanduser().is_file():
         folders.append(Path(pretrained).expanduser().parent)
     return folders
@@ -94,16 +101,18 @@ def clip_embed_dim(model: str, pretrained: str = "") -> int:
     if ":" not in model:
         config = open_clip.get_model_config(model.replace("/", "-"))
         if config is None:
-            raise ModelLoadError(f"CLIP model {model!r}: not an open_clip architecture (see "
-                                 f"open_clip.list_models()); {_HINT}")
+            raise ModelLoadError(
+                f"CLIP model {model!r}: not an open_clip architecture (see open_clip.list_models()); {_HINT}"
+            )
         return int(config["embed_dim"])
     clip, _, tokenizer = load_clip(model, pretrained)
     try:
         with torch.no_grad():
             return int(clip.encode_text(tokenizer(["a photo"])).shape[-1])
     except Exception as exc:  # noqa: BLE001 - any model that cannot embed a text is unusable here
-        raise ModelLoadError(f"CLIP model {model!r}: cannot embed a text to find its width "
-                             f"({_first_line(exc)})") from None
+        raise ModelLoadError(
+            f"CLIP model {model!r}: cannot embed a text to find its width ({_first_line(exc)})"
+        ) from None
 
 
 def resolve_logit_scale(model, setting: float = 0.0) -> float:
@@ -116,8 +125,10 @@ def resolve_logit_scale(model, setting: float = 0.0) -> float:
         return float(setting)
     learned = getattr(model, "logit_scale", None)
     if not isinstance(learned, torch.Tensor):
-        raise ModelLoadError(f"the CLIP model ({type(model).__name__}) has no learned logit_scale; set the "
-                             f"teacher's logit scale to a number > 0")
+        raise ModelLoadError(
+            f"the CLIP model ({type(model).__name__}) has no learned logit_scale; set the "
+            f"teacher's logit scale to a number > 0"
+        )
     return float(learned.detach().float().exp().item())
 
 

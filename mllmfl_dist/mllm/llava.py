@@ -48,8 +48,6 @@ _HINT = (
 )
 
 
-
-
 def _first_line(exc: BaseException, limit: int = 240) -> str:
     """`Type: first line of the message`, shortened to `limit` characters, for one-line error messages."""
     text = str(exc).strip()
@@ -92,8 +90,9 @@ def load_llava(
         if not path.is_dir():
             raise ModelLoadError(f"LLaVA model {model!r}: local directory not found; {_HINT}")
         if not (path / "config.json").is_file():
-            raise ModelLoadError(f"LLaVA model {model!r}: the directory has no config.json (not a "
-                                 f"save_pretrained directory); {_HINT}")
+            raise ModelLoadError(
+                f"LLaVA model {model!r}: the directory has no config.json (not a save_pretrained directory); {_HINT}"
+            )
         source = str(path)
     else:
         source = model
@@ -142,9 +141,11 @@ def check_processor_geometry(processor, model, name: str) -> None:
     tower = (vc.image_size, vc.image_size) if isinstance(vc.image_size, int) else tuple(vc.image_size)
     side = _processor_side(getattr(processor, "image_processor", None))
     if side is not None and side != tower:
-        raise ModelLoadError(f"LLaVA model {name!r}: the processor makes {side[0]}x{side[1]} images but the vision "
-                             f"tower takes {tower[0]}x{tower[1]} (preprocessor crop_size/size against "
-                             f"vision_config.image_size); use the processor saved with the model")
+        raise ModelLoadError(
+            f"LLaVA model {name!r}: the processor makes {side[0]}x{side[1]} images but the vision "
+            f"tower takes {tower[0]}x{tower[1]} (preprocessor crop_size/size against "
+            f"vision_config.image_size); use the processor saved with the model"
+        )
     patch = getattr(processor, "patch_size", None)
     if side is None or not patch:
         return
@@ -153,10 +154,12 @@ def check_processor_geometry(processor, model, name: str) -> None:
     if getattr(processor, "vision_feature_select_strategy", None) == "default":
         expanded -= 1
     if expanded != tokens:
-        raise ModelLoadError(f"LLaVA model {name!r}: the processor expands <image> to {expanded} tokens "
-                             f"({side[0] // patch}x{side[1] // patch} patches of {patch} px) but the vision tower "
-                             f"gives {tokens} visual tokens ({grid_h}x{grid_w} patches of {vc.patch_size} px); use "
-                             f"the processor saved with the model")
+        raise ModelLoadError(
+            f"LLaVA model {name!r}: the processor expands <image> to {expanded} tokens "
+            f"({side[0] // patch}x{side[1] // patch} patches of {patch} px) but the vision tower "
+            f"gives {tokens} visual tokens ({grid_h}x{grid_w} patches of {vc.patch_size} px); use "
+            f"the processor saved with the model"
+        )
 
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
@@ -168,7 +171,7 @@ def weights_identity(model: str, pretrained: str = "") -> list[list]:
     or open_clip's ``local-dir:DIR``, and a ``pretrained`` checkpoint file; [] for a hub model. A cache keyed
     on it is not reused after the weights are replaced in place."""
     model = str(model)
-    local = model[len(LOCAL_DIR_PREFIX):] if model.startswith(LOCAL_DIR_PREFIX) else model
+    local = model[len(LOCAL_DIR_PREFIX) :] if model.startswith(LOCAL_DIR_PREFIX) else model
     folder = Path(local).expanduser()
     files = []
     if (model.startswith(LOCAL_DIR_PREFIX) or looks_like_local_path(local)) and folder.is_dir():
@@ -299,8 +302,13 @@ def project_visual_tokens(model, features: torch.Tensor) -> torch.Tensor:
     return projector(features.to(device=param.device, dtype=param.dtype))
 
 
-def llava_forward_with_visual_features(llava, visual_features: torch.Tensor, input_ids: torch.Tensor,
-                                       attention_mask: torch.Tensor, labels: torch.Tensor | None = None):
+def llava_forward_with_visual_features(
+    llava,
+    visual_features: torch.Tensor,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    labels: torch.Tensor | None = None,
+):
     """LLaVA's forward with ``visual_features`` ``[B, tokens, width]`` (vision-tower space, before the
     projector) in place of what its vision tower would compute.
 
@@ -310,8 +318,11 @@ def llava_forward_with_visual_features(llava, visual_features: torch.Tensor, inp
     over the positions whose label is not -100). Returns the model's output (``.loss``, ``.logits``).
     """
     inputs_embeds = visual_inputs_embeds(llava, visual_features, input_ids)
-    return llava(inputs_embeds=inputs_embeds, attention_mask=attention_mask.to(inputs_embeds.device),
-                 labels=None if labels is None else labels.to(inputs_embeds.device))
+    return llava(
+        inputs_embeds=inputs_embeds,
+        attention_mask=attention_mask.to(inputs_embeds.device),
+        labels=None if labels is None else labels.to(inputs_embeds.device),
+    )
 
 
 def visual_inputs_embeds(llava, visual_features: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
@@ -324,7 +335,9 @@ def visual_inputs_embeds(llava, visual_features: torch.Tensor, input_ids: torch.
     image_token_id = llava.config.image_token_id
     mask = input_ids.to(inputs_embeds.device) == image_token_id
     if int(mask.sum()) != projected.shape[0] * projected.shape[1]:
-        raise ValueError(f"the prompts hold {int(mask.sum())} image tokens but there are "
-                         f"{projected.shape[0]} x {projected.shape[1]} visual features; the prompt needs exactly "
-                         f"one image placeholder, expanded by the processor")
+        raise ValueError(
+            f"the prompts hold {int(mask.sum())} image tokens but there are "
+            f"{projected.shape[0]} x {projected.shape[1]} visual features; the prompt needs exactly "
+            f"one image placeholder, expanded by the processor"
+        )
     return inputs_embeds.masked_scatter(mask.unsqueeze(-1), projected)

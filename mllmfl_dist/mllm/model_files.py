@@ -25,8 +25,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 # Bytes per element of the safetensors dtypes (the format's names).
-DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-               "F8_E4M3": 1, "F8_E5M2": 1}
+DTYPE_BYTES = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+}
 TORCH_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
 MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit on a header
 OPEN_CLIP_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
@@ -89,8 +101,11 @@ def hub_snapshot(repo_id: str, cache: Path | None = None) -> Path | None:
         snapshot = repo / "snapshots" / ref.read_text().strip()
         if snapshot.is_dir():
             return snapshot
-    snapshots = sorted((repo / "snapshots").glob("*"), key=lambda p: p.stat().st_mtime, reverse=True) \
-        if (repo / "snapshots").is_dir() else []
+    snapshots = (
+        sorted((repo / "snapshots").glob("*"), key=lambda p: p.stat().st_mtime, reverse=True)
+        if (repo / "snapshots").is_dir()
+        else []
+    )
     for snapshot in snapshots:
         if any((snapshot / name).is_file() for name in ("config.json", "open_clip_config.json")):
             return snapshot
@@ -120,8 +135,10 @@ def read_weights(folder: Path, files: list[str], info: ModelFiles) -> None:
     dtypes, total = set(), 0
     missing = [name for name in files if not (folder / name).is_file()]
     if missing:
-        info.problem = (f"{len(missing)} of {len(files)} weight files missing in {folder} ({missing[0]}, ...): an "
-                        f"interrupted download; download it again")
+        info.problem = (
+            f"{len(missing)} of {len(files)} weight files missing in {folder} ({missing[0]}, ...): an "
+            f"interrupted download; download it again"
+        )
         return
     for name in files:
         path = folder / name
@@ -166,17 +183,21 @@ def find_hf_model(name: str, kind: str = "llava", cache: Path | None = None) -> 
         folder = Path(name).expanduser()
         info.where = str(folder)
         if not (folder / "config.json").is_file():
-            info.problem = (f"model {name!r}: {'no config.json in' if folder.is_dir() else 'no directory'} "
-                            f"{folder}; point it at a save_pretrained directory")
+            info.problem = (
+                f"model {name!r}: {'no config.json in' if folder.is_dir() else 'no directory'} "
+                f"{folder}; point it at a save_pretrained directory"
+            )
             return info
     else:
         cache = cache or hf_cache_dir()
         snapshot = hub_snapshot(name, cache)
         info.where = str(snapshot) if snapshot else f"{cache} (not cached)"
         if snapshot is None or not (snapshot / "config.json").is_file():
-            info.problem = (f"model {name!r} is not in the Hugging Face cache {cache}; download it once with "
-                            f"`huggingface-cli download {name}` (or set HF_HOME / HF_HUB_CACHE to the cache "
-                            f"that holds it)")
+            info.problem = (
+                f"model {name!r} is not in the Hugging Face cache {cache}; download it once with "
+                f"`huggingface-cli download {name}` (or set HF_HOME / HF_HUB_CACHE to the cache "
+                f"that holds it)"
+            )
             return info
         folder = snapshot
     try:
@@ -208,9 +229,11 @@ def open_clip_pretrained(arch: str, tag: str) -> dict | None:
             continue
         target, value = node.targets[0].id, node.value
         if isinstance(value, ast.Call) and getattr(value.func, "id", "") == "dict":
-            tables[target] = {kw.arg: {k.arg: k.value.value for k in kw.value.keywords
-                                       if isinstance(k.value, ast.Constant)}
-                              for kw in value.keywords if kw.arg and isinstance(kw.value, ast.Call)}
+            tables[target] = {
+                kw.arg: {k.arg: k.value.value for k in kw.value.keywords if isinstance(k.value, ast.Constant)}
+                for kw in value.keywords
+                if kw.arg and isinstance(kw.value, ast.Call)
+            }
         elif isinstance(value, ast.Dict):
             for key, item in zip(value.keys, value.values):
                 if isinstance(key, ast.Constant) and isinstance(item, ast.Name):
@@ -226,13 +249,16 @@ def find_open_clip(model: str, pretrained: str = "", cache: Path | None = None) 
     cache = cache or hf_cache_dir()
     if model.startswith((LOCAL_DIR, HF_HUB)):
         if model.startswith(LOCAL_DIR):
-            folder: Path | None = Path(model[len(LOCAL_DIR):]).expanduser()
+            folder: Path | None = Path(model[len(LOCAL_DIR) :]).expanduser()
         else:
-            folder = hub_snapshot(model[len(HF_HUB):], cache)
+            folder = hub_snapshot(model[len(HF_HUB) :], cache)
         info.where = str(folder) if folder else f"{cache} (not cached)"
         if folder is None or not (folder / "open_clip_config.json").is_file():
-            fix = (f"download it once with `huggingface-cli download {model[len(HF_HUB):]}`"
-                   if model.startswith(HF_HUB) else "point it at a folder with open_clip_config.json and weights")
+            fix = (
+                f"download it once with `huggingface-cli download {model[len(HF_HUB) :]}`"
+                if model.startswith(HF_HUB)
+                else "point it at a folder with open_clip_config.json and weights"
+            )
             info.problem = f"open_clip model {model!r}: no open_clip_config.json in {info.where}; {fix}"
             return info
         weights = [name for name in OPEN_CLIP_WEIGHTS if (folder / name).is_file()]
@@ -248,8 +274,10 @@ def find_open_clip(model: str, pretrained: str = "", cache: Path | None = None) 
     entry = open_clip_pretrained(model, pretrained)
     if entry is None:
         info.where = "open_clip's pretrained table"
-        info.problem = (f"open_clip model {model!r} with pretrained {pretrained!r}: not in the installed open_clip's "
-                        f"pretrained table (or open_clip is not installed); see open_clip.list_pretrained()")
+        info.problem = (
+            f"open_clip model {model!r} with pretrained {pretrained!r}: not in the installed open_clip's "
+            f"pretrained table (or open_clip is not installed); see open_clip.list_pretrained()"
+        )
         return info
     looked = []
     if entry.get("hf_hub"):
@@ -269,6 +297,8 @@ def find_open_clip(model: str, pretrained: str = "", cache: Path | None = None) 
         looked.append(str(legacy))
     info.where = " or ".join(looked)
     fetch = f"`huggingface-cli download {entry['hf_hub'].strip('/')}`" if entry.get("hf_hub") else entry.get("url")
-    info.problem = (f"open_clip model {model!r} with pretrained {pretrained!r} is not on this machine (looked in "
-                    f"{info.where}); download it once with {fetch}")
+    info.problem = (
+        f"open_clip model {model!r} with pretrained {pretrained!r} is not on this machine (looked in "
+        f"{info.where}); download it once with {fetch}"
+    )
     return info

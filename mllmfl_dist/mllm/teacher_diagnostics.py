@@ -25,7 +25,10 @@ def teacher_diagnostics(q: torch.Tensor, labels: torch.Tensor | None = None) -> 
         if labels.shape != (q.shape[0],):
             raise ValueError(f"labels have shape {tuple(labels.shape)}, q has {q.shape[0]} rows")
         accuracy = float((q.argmax(dim=1) == labels.to(q.device)).double().mean())
-    return {"samples": int(q.shape[0]), "accuracy": accuracy,
-            "mean_entropy_nats": float(torch.special.entr(q).sum(dim=1).mean()),
-            "max_entropy_nats": math.log(q.shape[1]),
-            "mean_top_probability": float(q.max(dim=1).values.mean())}
+    return {
+        "samples": int(q.shape[0]),
+        "accuracy": accuracy,
+        "mean_entropy_nats": float(torch.special.entr(q).sum(dim=1).mean()),
+        "max_entropy_nats": math.log(q.shape[1]),
+        "mean_top_probability": float(q.max(dim=1).values.mean()),
+    }

@@ -218,9 +218,18 @@ def llava_answer_loglik(
 
 
 @torch.no_grad()
-def clip_teacher_logits(clip, preprocess, tokenizer, images: Sequence, class_names: Sequence[str],
-                        templates: str | Sequence[str] = ("a photo of a {}.",), *, batch_size: int = 16,
-                        logit_scale: float = 100.0, classifier: torch.Tensor | None = None) -> torch.Tensor:
+def clip_teacher_logits(
+    clip,
+    preprocess,
+    tokenizer,
+    images: Sequence,
+    class_names: Sequence[str],
+    templates: str | Sequence[str] = ("a photo of a {}.",),
+    *,
+    batch_size: int = 16,
+    logit_scale: float = 100.0,
+    classifier: torch.Tensor | None = None,
+) -> torch.Tensor:
     """`[N, C]` float32 open_clip zero-shot logits (the text classifier computed once, or `classifier`)."""
     if not images or not class_names:
         raise ValueError("images and class_names must be non-empty")
@@ -231,8 +240,11 @@ def clip_teacher_logits(clip, preprocess, tokenizer, images: Sequence, class_nam
     step = max(1, int(batch_size))
     for i0 in range(0, len(images), step):
         x = torch.stack([preprocess(_rgb(im)) for im in images[i0 : i0 + step]])
-        parts.append(zero_shot_logits(clip, tokenizer, x, class_names, templates, logit_scale,
-                                      classifier=classifier).float().cpu())
+        parts.append(
+            zero_shot_logits(clip, tokenizer, x, class_names, templates, logit_scale, classifier=classifier)
+            .float()
+            .cpu()
+        )
     return torch.cat(parts)
 
 
@@ -273,8 +285,10 @@ def teacher_distributions(
     details: when given, receives what the teacher resolved: ``details["logit_scale"]`` (clip).
     """
     if kind not in TEACHER_KINDS:
-        raise ValueError(f"teacher kind must be one of {list(TEACHER_KINDS)}, got {kind!r} "
-                         f"('none' means plain cross-entropy; the caller asks for no teacher then)")
+        raise ValueError(
+            f"teacher kind must be one of {list(TEACHER_KINDS)}, got {kind!r} "
+            f"('none' means plain cross-entropy; the caller asks for no teacher then)"
+        )
     if not str(model).strip():
         needs = "a LLaVA hub id or directory" if kind == "llava" else "an open_clip name or local-dir:DIR"
         raise ConfigError(f"align.teacher_model is empty; the {kind} teacher needs a model ({needs})")
@@ -294,16 +308,28 @@ def teacher_distributions(
 
     path = None
     if cache_dir is not None:
-        key = teacher_cache_key(kind, images, class_names, model=model, clip_pretrained=clip_pretrained,
-                                prompt=prompt, templates=templates, temperature=temperature, score=score,
-                                logit_scale=logit_scale)
+        key = teacher_cache_key(
+            kind,
+            images,
+            class_names,
+            model=model,
+            clip_pretrained=clip_pretrained,
+            prompt=prompt,
+            templates=templates,
+            temperature=temperature,
+            score=score,
+            logit_scale=logit_scale,
+        )
         path = teacher_cache_path(cache_dir, kind, key)
         if path.is_file():
             try:
                 stored = checkpoint.load(path)
                 q = stored.get("q") if isinstance(stored, dict) else None
-                if (isinstance(q, torch.Tensor) and stored.get("key") == key
-                        and tuple(q.shape) == (len(images), len(class_names))):
+                if (
+                    isinstance(q, torch.Tensor)
+                    and stored.get("key") == key
+                    and tuple(q.shape) == (len(images), len(class_names))
+                ):
                     if details is not None and stored.get("logit_scale") is not None:
                         details["logit_scale"] = float(stored["logit_scale"])
                     return q.float()
@@ -314,21 +340,22 @@ def teacher_distributions(
     scale = None
     if kind == "llava":
         llava, processor = load_llava(str(model), device=device)
-        scores = llava_answer_loglik(llava, processor, images, class_names, prompt, batch_size=batch_size,
-                                     score=score)
+        scores = llava_answer_loglik(llava, processor, images, class_names, prompt, batch_size=batch_size, score=score)
         del llava
     else:
         clip, preprocess, tokenizer = load_clip(str(model), clip_pretrained, device=device)
         scale = resolve_logit_scale(clip, logit_scale)
         log.info("clip teacher: logit scale %.4g (%s)", scale, "set" if logit_scale > 0 else "the model's own")
-        scores = clip_teacher_logits(clip, preprocess, tokenizer, images, class_names, templates,
-                                     batch_size=batch_size, logit_scale=scale)
+        scores = clip_teacher_logits(
+            clip, preprocess, tokenizer, images, class_names, templates, batch_size=batch_size, logit_scale=scale
+        )
         del clip
     q = torch.softmax(scores.float() / float(temperature), dim=-1).contiguous()
     if details is not None and scale is not None:
         details["logit_scale"] = scale
 
     if path is not None:
-        checkpoint.save_atomic({"q": q, "key": key, "kind": kind, "class_names": class_names, "logit_scale": scale},
-                               path)
+        checkpoint.save_atomic(
+            {"q": q, "key": key, "kind": kind, "class_names": class_names, "logit_scale": scale}, path
+        )
     return q

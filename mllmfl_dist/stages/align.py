@@ -56,18 +56,25 @@ class AlignmentSet:
         stats = {}
         if self.teacher is not None:
             stats = teacher_diagnostics(self.teacher, self.labels if self.labeled else None)
-        return {"source": acfg.source, "teacher": acfg.teacher, "teacher_model": acfg.teacher_model,
-                "images": int(self.labels.shape[0]),
-                "server_labeled_images": int(self.labels.shape[0]) if self.labeled else 0,
-                "short_classes": list(self.short_classes), "teacher_accuracy": stats.get("accuracy"),
-                "teacher_mean_entropy_nats": stats.get("mean_entropy_nats"),
-                "teacher_max_entropy_nats": stats.get("max_entropy_nats"),
-                "teacher_mean_top_probability": stats.get("mean_top_probability"),
-                "teacher_logit_scale": self.teacher_logit_scale, "skipped_images": self.skipped}
+        return {
+            "source": acfg.source,
+            "teacher": acfg.teacher,
+            "teacher_model": acfg.teacher_model,
+            "images": int(self.labels.shape[0]),
+            "server_labeled_images": int(self.labels.shape[0]) if self.labeled else 0,
+            "short_classes": list(self.short_classes),
+            "teacher_accuracy": stats.get("accuracy"),
+            "teacher_mean_entropy_nats": stats.get("mean_entropy_nats"),
+            "teacher_max_entropy_nats": stats.get("max_entropy_nats"),
+            "teacher_mean_top_probability": stats.get("mean_top_probability"),
+            "teacher_logit_scale": self.teacher_logit_scale,
+            "skipped_images": self.skipped,
+        }
 
 
-def alignment_loss(logits: torch.Tensor, labels: torch.Tensor, teacher: torch.Tensor | None, beta: float,
-                   temperature: float) -> torch.Tensor:
+def alignment_loss(
+    logits: torch.Tensor, labels: torch.Tensor, teacher: torch.Tensor | None, beta: float, temperature: float
+) -> torch.Tensor:
     """The paper's alignment loss ``CE(y, p) + beta * KL(q || p)`` at T = 1 (MLLM-LLaVA-FL, Eq. of stage 3);
     for T != 1 both sides are tempered as in standard distillation: ``CE(y, p) + beta * T^2 *
     KL(q_T || p_T)``, ``p_T = softmax(logits / T)``, ``q_T`` proportional to ``q^(1/T)``. Just the
@@ -76,8 +83,9 @@ def alignment_loss(logits: torch.Tensor, labels: torch.Tensor, teacher: torch.Te
     return distillation_loss(logits, labels, tempered, beta, temperature)
 
 
-def take_per_class(labels: np.ndarray, num_classes: int, k: int,
-                   score: np.ndarray | None = None) -> tuple[np.ndarray, list[int]]:
+def take_per_class(
+    labels: np.ndarray, num_classes: int, k: int, score: np.ndarray | None = None
+) -> tuple[np.ndarray, list[int]]:
     """Indices of k samples per class (the first k, or the k highest ``score``), and the short classes."""
     chosen, short = [], []
     for c in range(num_classes):
@@ -90,8 +98,17 @@ def take_per_class(labels: np.ndarray, num_classes: int, k: int,
     return np.sort(np.concatenate(chosen)), short
 
 
-def align_model(model: nn.Module, data: AlignmentSet, acfg: AlignConfig, mean, std, *, seed: int, round_index: int,
-                device: torch.device | str = "cpu") -> dict[str, float]:
+def align_model(
+    model: nn.Module,
+    data: AlignmentSet,
+    acfg: AlignConfig,
+    mean,
+    std,
+    *,
+    seed: int,
+    round_index: int,
+    device: torch.device | str = "cpu",
+) -> dict[str, float]:
     """``acfg.steps`` SGD steps of the alignment loss on ``model`` (in place); returns the mean loss."""
     params = list(model.classifier.parameters()) if acfg.train == "classifier" else list(model.parameters())
     trainable = {id(p) for p in params}
@@ -113,8 +130,13 @@ def align_model(model: nn.Module, data: AlignmentSet, acfg: AlignConfig, mean, s
                 order, position = torch.randperm(n, generator=generator), 0
             batch = order[position : position + acfg.batch_size]
             position += acfg.batch_size
-            loss = alignment_loss(model(images[batch]), labels[batch],
-                                  teacher[batch] if teacher is not None else None, acfg.beta, acfg.temperature)
+            loss = alignment_loss(
+                model(images[batch]),
+                labels[batch],
+                teacher[batch] if teacher is not None else None,
+                acfg.beta,
+                acfg.temperature,
+            )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -136,8 +158,9 @@ def build_alignment_set(cfg: Config, data: ClientData, cache_dir, device: torch.
 
     if acfg.source == "holdout":
         if not hasattr(data, "server_pool") or not len(data.server_pool()[1]):
-            raise ConfigError("align.source = 'holdout' needs data.server_holdout_per_class > 0 (and an array "
-                              "data source)")
+            raise ConfigError(
+                "align.source = 'holdout' needs data.server_holdout_per_class > 0 (and an array data source)"
+            )
         images, labels = data.server_pool()
         keep, short = take_per_class(labels.numpy(), data.num_classes, acfg.per_class)
         pil = [to_pil(im) for im in images[keep]]
@@ -145,12 +168,15 @@ def build_alignment_set(cfg: Config, data: ClientData, cache_dir, device: torch.
         teacher = _teacher(cfg, pil, data, cache_dir, device, details)
     elif acfg.source == "pool":
         if not acfg.pool_shards:
-            raise ConfigError("align.pool_shards is empty; name the labeled server-held pool (e.g. "
-                              "shards/fmnist_align/*.tar.gz) or set align.source = 'web'")
+            raise ConfigError(
+                "align.pool_shards is empty; name the labeled server-held pool (e.g. "
+                "shards/fmnist_align/*.tar.gz) or set align.source = 'web'"
+            )
         images, labels, _ = read_labeled_shards(expand_shards(acfg.pool_shards), ImageBounds.of(acfg, "align"))
         if labels.max() >= data.num_classes:
-            raise ConfigError(f"align.pool_shards has labels up to {int(labels.max())}; the task has "
-                              f"{data.num_classes} classes")
+            raise ConfigError(
+                f"align.pool_shards has labels up to {int(labels.max())}; the task has {data.num_classes} classes"
+            )
         pil = [to_pil(im) for im in images]
         keep, short = take_per_class(labels.numpy(), data.num_classes, acfg.per_class)
         pil = [pil[i] for i in keep]
@@ -158,8 +184,10 @@ def build_alignment_set(cfg: Config, data: ClientData, cache_dir, device: torch.
         teacher = _teacher(cfg, pil, data, cache_dir, device, details)
     else:
         if acfg.teacher in ("none", "uniform"):
-            raise ConfigError(f"align.source = 'web' needs a teacher to pseudo-label the images (align.teacher = "
-                              f"'{acfg.teacher}' cannot); set align.teacher to llava or clip")
+            raise ConfigError(
+                f"align.source = 'web' needs a teacher to pseudo-label the images (align.teacher = "
+                f"'{acfg.teacher}' cannot); set align.teacher to llava or clip"
+            )
         if not acfg.web_shards:
             raise ConfigError("align.web_shards is empty; name the unlabeled shards to pseudo-label")
         pil, skipped = _web_images(acfg, max(size, TEACHER_SIDE))
@@ -172,8 +200,15 @@ def build_alignment_set(cfg: Config, data: ClientData, cache_dir, device: torch.
     if short:
         log.warning("alignment set: classes %s have fewer than %d images", short, acfg.per_class)
     images = torch.stack([torch.from_numpy(model_input(im, size, channels)) for im in pil])
-    return AlignmentSet(images, labels.long(), teacher, short, labeled=acfg.source != "web", skipped=skipped,
-                        teacher_logit_scale=details.get("logit_scale"))
+    return AlignmentSet(
+        images,
+        labels.long(),
+        teacher,
+        short,
+        labeled=acfg.source != "web",
+        skipped=skipped,
+        teacher_logit_scale=details.get("logit_scale"),
+    )
 
 
 def _web_images(acfg: AlignConfig, side: int) -> tuple[list[Any], int]:
@@ -190,23 +225,38 @@ def _web_images(acfg: AlignConfig, side: int) -> tuple[list[Any], int]:
             except UnusableImageError as err:
                 skipped.append(f"{shard.name}:{sample['key']} ({err})")
     if skipped:
-        log.warning("alignment set: %d web sample(s) skipped: %s%s", len(skipped), "; ".join(skipped[:5]),
-                    " ..." if len(skipped) > 5 else "")
+        log.warning(
+            "alignment set: %d web sample(s) skipped: %s%s",
+            len(skipped),
+            "; ".join(skipped[:5]),
+            " ..." if len(skipped) > 5 else "",
+        )
     return pil, len(skipped)
 
 
-def _teacher(cfg: Config, pil: list[Any], data: ClientData, cache_dir, device,
-             details: dict[str, Any]) -> torch.Tensor | None:
+def _teacher(
+    cfg: Config, pil: list[Any], data: ClientData, cache_dir, device, details: dict[str, Any]
+) -> torch.Tensor | None:
     acfg = cfg.align
     if acfg.teacher == "none":
         return None
     if acfg.teacher == "uniform":
         return uniform_teacher(len(pil), data.num_classes)
     return teacher_distributions(
-        acfg.teacher, [im.convert("RGB") for im in pil], data.class_names, model=acfg.teacher_model,
-        clip_pretrained=acfg.clip_pretrained, prompt=acfg.prompt,
-        templates=acfg.templates, temperature=acfg.teacher_temperature, score=acfg.teacher_score,
-        logit_scale=acfg.clip_logit_scale, cache_dir=cache_dir, device=device, details=details)
+        acfg.teacher,
+        [im.convert("RGB") for im in pil],
+        data.class_names,
+        model=acfg.teacher_model,
+        clip_pretrained=acfg.clip_pretrained,
+        prompt=acfg.prompt,
+        templates=acfg.templates,
+        temperature=acfg.teacher_temperature,
+        score=acfg.teacher_score,
+        logit_scale=acfg.clip_logit_scale,
+        cache_dir=cache_dir,
+        device=device,
+        details=details,
+    )
 
 
 def uniform_teacher(images: int, num_classes: int) -> torch.Tensor:

@@ -34,13 +34,19 @@ class AlignmentHook:
         checkpoint.write_text_atomic(cfg.paths.alignment_set, json.dumps(described, indent=2))
         accuracy, entropy = described["teacher_accuracy"], described["teacher_mean_entropy_nats"]
         scale = described["teacher_logit_scale"]
-        log.info("alignment set: %d images, %d with server-held labels (%s teacher%s%s%s)", described["images"],
-                 described["server_labeled_images"], cfg.align.teacher,
-                 "" if scale is None else f" at logit scale {scale:.4g}",
-                 "" if accuracy is None else f", accuracy {accuracy:.3f} on the set's labels",
-                 "" if entropy is None else f", mean entropy {entropy:.3f} nats (uniform: "
-                 f"{described['teacher_max_entropy_nats']:.3f}), mean top probability "
-                 f"{described['teacher_mean_top_probability']:.3f}")
+        log.info(
+            "alignment set: %d images, %d with server-held labels (%s teacher%s%s%s)",
+            described["images"],
+            described["server_labeled_images"],
+            cfg.align.teacher,
+            "" if scale is None else f" at logit scale {scale:.4g}",
+            "" if accuracy is None else f", accuracy {accuracy:.3f} on the set's labels",
+            ""
+            if entropy is None
+            else f", mean entropy {entropy:.3f} nats (uniform: "
+            f"{described['teacher_max_entropy_nats']:.3f}), mean top probability "
+            f"{described['teacher_mean_top_probability']:.3f}",
+        )
         self.described = described
 
     def __call__(self, model: FLModel, round_index: int) -> None:
@@ -49,10 +55,21 @@ class AlignmentHook:
         record: dict[str, Any] = {}
         if round_index % self.cfg.eval.every == 0 or round_index == self.cfg.federated.rounds:
             before = evaluate_on_splits(self.data, model, self.cfg.eval.batch_size, self.device)
-            record["before_align"] = {k: before[k] for k in (*ACCURACY_KEYS, "per_class", "val_acc", "val_acc_top1")
-                                      if k in before}
-        record.update(align_model(model, self.set, self.cfg.align, self.data.mean, self.data.std,
-                                  seed=self.cfg.run.seed, round_index=round_index, device=self.device))
+            record["before_align"] = {
+                k: before[k] for k in (*ACCURACY_KEYS, "per_class", "val_acc", "val_acc_top1") if k in before
+            }
+        record.update(
+            align_model(
+                model,
+                self.set,
+                self.cfg.align,
+                self.data.mean,
+                self.data.std,
+                seed=self.cfg.run.seed,
+                round_index=round_index,
+                device=self.device,
+            )
+        )
         self._records[round_index] = record
 
     def divergence_hints(self) -> list[str]:

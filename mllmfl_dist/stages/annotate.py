@@ -33,8 +33,7 @@ from mllmfl_dist.core.checkpoint import file_identity, remove_stale_temps, same_
 from mllmfl_dist.config import AnnotateConfig, Config, ConfigError
 from mllmfl_dist.data.images import ImageBounds, UnusableImageError, decode_image
 from mllmfl_dist.mllm.captioning import Generation, caption_batch
-from mllmfl_dist.data.shards import (ShardError, expand_shards, iter_samples,
-                                     write_shard)
+from mllmfl_dist.data.shards import ShardError, expand_shards, iter_samples, write_shard
 from mllmfl_dist.core.seeds import TAG_ANNOTATE, derive_seed
 from mllmfl_dist.core.progress import show_bars
 from mllmfl_dist.mllm.llava import load_llava, vision_side
@@ -67,21 +66,27 @@ def _complete(record_path: Path, shard: Path, settings: dict[str, Any], *, quiet
         return False
     if not isinstance(record, dict) or record.get("source") != str(shard) or record.get("settings") != settings:
         found = record if isinstance(record, dict) else {}
-        raise ConfigError(f"{record_path.parent} holds captions of {found.get('source')} made with other "
-                          f"annotation settings ({found.get('settings')}); use another run.name or delete "
-                          f"{record_path.parent} to annotate again")
+        raise ConfigError(
+            f"{record_path.parent} holds captions of {found.get('source')} made with other "
+            f"annotation settings ({found.get('settings')}); use another run.name or delete "
+            f"{record_path.parent} to annotate again"
+        )
     output = record_path.parent / shard.name
     if "source_file" not in record:  # an earlier version's record: trust it unless the input is newer
-        return (shard.stat().st_mtime_ns <= record_path.stat().st_mtime_ns
-                and (output.is_file() or not record.get("captions_out")))
+        return shard.stat().st_mtime_ns <= record_path.stat().st_mtime_ns and (
+            output.is_file() or not record.get("captions_out")
+        )
     if not same_file(shard, record["source_file"]):
         if not quiet:
             log.info("annotate: %s changed since it was annotated; annotating it again", shard)
         return False
     if record.get("output_file") is not None and not same_file(output, record["output_file"]):
         if not quiet:
-            log.warning("annotate: %s is not the file its record describes (lost or cut since); annotating %s "
-                        "again", output, shard.name)
+            log.warning(
+                "annotate: %s is not the file its record describes (lost or cut since); annotating %s again",
+                output,
+                shard.name,
+            )
         return False
     return True
 
@@ -90,21 +95,28 @@ def run_annotate(cfg: Config, runtime: dist.Runtime, *, progress: bool = True) -
     """Annotate the configured shards (skipping complete ones); returns the manifest on rank 0."""
     acfg = cfg.annotate
     if not acfg.model:
-        raise ConfigError("annotate.model is empty; set it to a hub id (e.g. llava-hf/llava-1.5-7b-hf) or a "
-                          "directory (e.g. one made by `python -m mllmfl_dist tiny-models DIR`)")
+        raise ConfigError(
+            "annotate.model is empty; set it to a hub id (e.g. llava-hf/llava-1.5-7b-hf) or a "
+            "directory (e.g. one made by `python -m mllmfl_dist tiny-models DIR`)"
+        )
     if not acfg.shards:
         raise ConfigError("annotate.shards is empty; set it to a glob or brace pattern of WebDataset shards")
     out = cfg.run_dir / "annotate"
     shards = expand_shards(acfg.shards)
     names = [s.name for s in shards]
     if len(set(names)) != len(names):
-        raise ConfigError(f"annotate.shards matches shards with the same file name in different folders; "
-                          f"outputs would collide: {acfg.shards}")
+        raise ConfigError(
+            f"annotate.shards matches shards with the same file name in different folders; "
+            f"outputs would collide: {acfg.shards}"
+        )
     working = [0] if acfg.ranks == "rank0" else list(range(runtime.world_size))
     mine = assign_shards(shards, working).get(runtime.rank, [])
     # Temporary files of this rank's own outputs that a killed job left (no other rank writes those).
-    remove_stale_temps(out, targets=[name for s in mine for name in (s.name, s.name + DONE_SUFFIX)]
-                       + (["manifest.json"] if runtime.is_server else []))
+    remove_stale_temps(
+        out,
+        targets=[name for s in mine for name in (s.name, s.name + DONE_SUFFIX)]
+        + (["manifest.json"] if runtime.is_server else []),
+    )
     settings = {"model": acfg.model, **asdict(Generation.from_config(acfg))}
     refusal, todo = None, []
     try:
@@ -119,18 +131,22 @@ def run_annotate(cfg: Config, runtime: dist.Runtime, *, progress: bool = True) -
     if todo:
         out.mkdir(parents=True, exist_ok=True)
 
-        model, processor = load_llava(acfg.model, dtype=acfg.dtype, device=runtime.device,
-                                      device_map=acfg.device_map)
+        model, processor = load_llava(acfg.model, dtype=acfg.dtype, device=runtime.device, device_map=acfg.device_map)
         model.eval()
         generation = Generation.from_config(acfg)
-        bar = tqdm(desc=f"annotate (rank {runtime.rank})", unit="img", dynamic_ncols=True,
-                   disable=not (progress and runtime.is_server and show_bars(cfg.log)))
+        bar = tqdm(
+            desc=f"annotate (rank {runtime.rank})",
+            unit="img",
+            dynamic_ncols=True,
+            disable=not (progress and runtime.is_server and show_bars(cfg.log)),
+        )
         for shard in todo:
             # Sampled decoding draws from torch's generator: seed it per shard so captions do not depend
             # on which rank annotates the shard or on what it annotated before.
             torch.manual_seed(derive_seed(cfg.run.seed, TAG_ANNOTATE, shards.index(shard)))
-            record = _annotate_shard(shard, out, model, processor, generation, acfg, bar, runtime.rank,
-                                     vision_side(model))
+            record = _annotate_shard(
+                shard, out, model, processor, generation, acfg, bar, runtime.rank, vision_side(model)
+            )
             write_text_atomic(out / (shard.name + DONE_SUFFIX), json.dumps({**record, "settings": settings}, indent=2))
         bar.close()
     elif mine:
@@ -148,8 +164,9 @@ def run_annotate(cfg: Config, runtime: dist.Runtime, *, progress: bool = True) -
     return manifest
 
 
-def _annotate_shard(shard: Path, out: Path, model, processor, generation: Generation, acfg: AnnotateConfig,
-                    bar, rank: int, side: int) -> dict[str, Any]:
+def _annotate_shard(
+    shard: Path, out: Path, model, processor, generation: Generation, acfg: AnnotateConfig, bar, rank: int, side: int
+) -> dict[str, Any]:
     started = time.perf_counter()
     source_file = file_identity(shard)  # before reading: a change while we read shows at the next run
     skipped: list[dict[str, Any]] = []
@@ -163,9 +180,16 @@ def _annotate_shard(shard: Path, out: Path, model, processor, generation: Genera
     def flush() -> None:
         captions = caption_batch(model, processor, [image for _, image in pending], generation)
         for (sample, _), caption in zip(pending, captions):
-            written.append({"key": sample["key"], "image_bytes": sample["image_bytes"],
-                            "image_ext": sample["image_ext"], "cls": sample["cls"], "txt": caption,
-                            "json": {**(sample["json"] or {}), "annotation": meta}})
+            written.append(
+                {
+                    "key": sample["key"],
+                    "image_bytes": sample["image_bytes"],
+                    "image_ext": sample["image_ext"],
+                    "cls": sample["cls"],
+                    "txt": caption,
+                    "json": {**(sample["json"] or {}), "annotation": meta},
+                }
+            )
         bar.update(len(pending))
         pending.clear()
 
@@ -173,8 +197,9 @@ def _annotate_shard(shard: Path, out: Path, model, processor, generation: Genera
         for sample in iter_samples(shard):
             images_in += 1
             if sample.get("error") or sample.get("image_bytes") is None:
-                skipped.append({"shard": shard.name, "key": sample["key"],
-                                "reason": sample.get("error") or "no image member"})
+                skipped.append(
+                    {"shard": shard.name, "key": sample["key"], "reason": sample.get("error") or "no image member"}
+                )
                 continue
             try:
                 image = decode_image(sample["image_bytes"], bounds, side=side).convert("RGB")
@@ -195,9 +220,18 @@ def _annotate_shard(shard: Path, out: Path, model, processor, generation: Genera
     else:
         output.unlink(missing_ok=True)  # captions of an earlier version of this input must not outlive it
     seconds = time.perf_counter() - started
-    return {"shard": shard.name, "source": str(shard), "rank": rank, "images_in": images_in,
-            "captions_out": len(written), "skipped": skipped, "damaged": truncated, "seconds": seconds,
-            "source_file": source_file, "output_file": file_identity(output) if written else None}
+    return {
+        "shard": shard.name,
+        "source": str(shard),
+        "rank": rank,
+        "images_in": images_in,
+        "captions_out": len(written),
+        "skipped": skipped,
+        "damaged": truncated,
+        "seconds": seconds,
+        "source_file": source_file,
+        "output_file": file_identity(output) if written else None,
+    }
 
 
 def build_manifest(records: list[dict[str, Any]], acfg: AnnotateConfig, working: Sequence[int]) -> dict[str, Any]:
@@ -262,8 +296,12 @@ class AnnotateStage:
             listed = sorted(entry["shard"] for entry in manifest["shards"])
         except (OSError, ValueError, KeyError, TypeError):
             return False
-        return (listed == sorted(names) and manifest.get("model") == acfg.model
-                and manifest.get("prompt") == acfg.prompt and manifest.get("batch_size") == acfg.batch_size)
+        return (
+            listed == sorted(names)
+            and manifest.get("model") == acfg.model
+            and manifest.get("prompt") == acfg.prompt
+            and manifest.get("batch_size") == acfg.batch_size
+        )
 
     def run(self, cfg: Config, runtime: dist.Runtime) -> dict[str, Any]:
         return run_annotate(cfg, runtime)

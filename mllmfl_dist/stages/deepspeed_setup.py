@@ -96,13 +96,25 @@ def deepspeed_config(pcfg: PretrainConfig, world_size: int, *, torch_optimizer: 
     }
     warmup = max(1, ds.warmup_steps)
     if ds.scheduler == "WarmupLR":
-        config["scheduler"] = {"type": "WarmupLR", "params": {
-            "warmup_min_lr": 0.0 if ds.warmup_steps else ds.lr, "warmup_max_lr": ds.lr,
-            "warmup_num_steps": warmup, "warmup_type": "linear"}}
+        config["scheduler"] = {
+            "type": "WarmupLR",
+            "params": {
+                "warmup_min_lr": 0.0 if ds.warmup_steps else ds.lr,
+                "warmup_max_lr": ds.lr,
+                "warmup_num_steps": warmup,
+                "warmup_type": "linear",
+            },
+        }
     elif ds.scheduler == "WarmupCosineLR":
-        config["scheduler"] = {"type": "WarmupCosineLR", "params": {
-            "total_num_steps": pcfg.steps, "warmup_num_steps": warmup,
-            "warmup_min_ratio": 0.0 if ds.warmup_steps else 1.0, "warmup_type": "linear"}}
+        config["scheduler"] = {
+            "type": "WarmupCosineLR",
+            "params": {
+                "total_num_steps": pcfg.steps,
+                "warmup_num_steps": warmup,
+                "warmup_min_ratio": 0.0 if ds.warmup_steps else 1.0,
+                "warmup_type": "linear",
+            },
+        }
     elif ds.scheduler != "none":
         raise ValueError(f"unknown scheduler {ds.scheduler!r}")
     return with_user_config(pcfg, config)
@@ -115,8 +127,10 @@ def check_precision(precision: str) -> None:
     supported = {"fp32": True, "bf16": accelerator.is_bf16_supported(), "fp16": accelerator.is_fp16_supported()}
     if not supported[precision]:
         allowed = ", ".join(k for k, ok in supported.items() if ok)
-        raise ConfigError(f"pretrain.deepspeed.precision = {precision!r} is not supported by DeepSpeed on this "
-                          f"device ({accelerator.device_name()}); choose one of: {allowed}")
+        raise ConfigError(
+            f"pretrain.deepspeed.precision = {precision!r} is not supported by DeepSpeed on this "
+            f"device ({accelerator.device_name()}); choose one of: {allowed}"
+        )
 
 
 def load_user_config(path: str) -> dict[str, Any]:
@@ -133,8 +147,10 @@ def load_user_config(path: str) -> dict[str, Any]:
         raise ConfigError(f"pretrain.deepspeed.config_file = {path!r}: must hold a JSON object of DeepSpeed keys")
     auto = [key for key, value in _leaves(data) if value == "auto"]
     if auto:
-        raise ConfigError(f"pretrain.deepspeed.config_file = {path!r}: {', '.join(auto)} = \"auto\"; DeepSpeed "
-                          "does not resolve \"auto\" (the HF Trainer does): give a value or drop the key")
+        raise ConfigError(
+            f'pretrain.deepspeed.config_file = {path!r}: {", ".join(auto)} = "auto"; DeepSpeed '
+            'does not resolve "auto" (the HF Trainer does): give a value or drop the key'
+        )
     return data
 
 
@@ -162,8 +178,11 @@ def with_user_config(pcfg: PretrainConfig, ours: dict[str, Any]) -> dict[str, An
         return ours
     merged, replaced = merge_under(load_user_config(path), ours)
     if replaced:
-        log.warning("pretrain.deepspeed.config_file %s: [pretrain.deepspeed] sets %s; the file's values are not "
-                    "used", path, ", ".join(replaced))
+        log.warning(
+            "pretrain.deepspeed.config_file %s: [pretrain.deepspeed] sets %s; the file's values are not used",
+            path,
+            ", ".join(replaced),
+        )
     return merged
 
 

@@ -54,25 +54,37 @@ class FederatedStage:
         fed = cfg.federated
         # Central DP's noise multiplier, calibrated on every rank (deterministic) before any collective of the
         # stage, so a target it cannot reach stops every rank with the same line instead of rank 0 alone.
-        noise_multiplier = (noise_multiplier_of(cfg.dp, fed.num_clients, fed.clients_per_round, fed.rounds)
-                            if cfg.dp.enabled else 0.0)
+        noise_multiplier = (
+            noise_multiplier_of(cfg.dp, fed.num_clients, fed.clients_per_round, fed.rounds) if cfg.dp.enabled else 0.0
+        )
         self.data = build_data(cfg, runtime)
         self.strategy = build_strategy(cfg)
         model = build_fl_model(cfg.model, self.data, cfg.run.seed, self.strategy.projection_dim)
         local = LocalTraining.of(cfg.federated, cfg.data, self.data.mean, self.data.std)
         # Rank 0 keeps every client's state (strategies with per-client state only; fl/client_state.py).
-        store = (ClientStateStore(self.paths.client_state, int(cfg.federated.client_state_mb * 2**20))
-                 if runtime.is_server else None)
+        store = (
+            ClientStateStore(self.paths.client_state, int(cfg.federated.client_state_mb * 2**20))
+            if runtime.is_server
+            else None
+        )
         # Central DP: rank 0 adds the noise and accounts the rounds; every host clips its clients' updates.
-        self.privacy = (PrivacyLedger(cfg.dp, fed.num_clients, fed.clients_per_round, fed.rounds)
-                        if cfg.dp.enabled and runtime.is_server else None)
+        self.privacy = (
+            PrivacyLedger(cfg.dp, fed.num_clients, fed.clients_per_round, fed.rounds)
+            if cfg.dp.enabled and runtime.is_server
+            else None
+        )
         if self.privacy is not None:
-            log.info("central DP: clip norm %g, noise multiplier %.4g, %s accountant at delta %g",
-                     cfg.dp.clip_norm, self.privacy.noise_multiplier, cfg.dp.accountant, cfg.dp.delta)
-        dp = (CentralDP.of_module(model, cfg.dp.clip_norm, noise_multiplier, cfg.run.seed) if cfg.dp.enabled
-              else None)
-        self.trainer = FederatedTrainer(fed, cfg.run.seed, local, runtime, self.data, model, self.strategy,
-                                        client_states=store, dp=dp)
+            log.info(
+                "central DP: clip norm %g, noise multiplier %.4g, %s accountant at delta %g",
+                cfg.dp.clip_norm,
+                self.privacy.noise_multiplier,
+                cfg.dp.accountant,
+                cfg.dp.delta,
+            )
+        dp = CentralDP.of_module(model, cfg.dp.clip_norm, noise_multiplier, cfg.run.seed) if cfg.dp.enabled else None
+        self.trainer = FederatedTrainer(
+            fed, cfg.run.seed, local, runtime, self.data, model, self.strategy, client_states=store, dp=dp
+        )
         # Rank 0 runs the alignment; every rank names its settings when it makes the model non-finite.
         self.trainer.server_hook_hints = alignment_hints(cfg.align) if cfg.align.every else []
         self.alignment: AlignmentHook | None = None
@@ -86,8 +98,11 @@ class FederatedStage:
     def run(self) -> dict[str, Any]:
         runtime, fed = self.runtime, self.cfg.federated
         start_round = dist.server_decides(
-            runtime, self._start, "rank 0's resume verdict (checkpoint, alignment set, teacher)",
-            catch=(ConfigError, DataError, ModelLoadError, ValueError, OSError))
+            runtime,
+            self._start,
+            "rank 0's resume verdict (checkpoint, alignment set, teacher)",
+            catch=(ConfigError, DataError, ModelLoadError, ValueError, OSError),
+        )
         self.trainer.rounds_done = start_round
         self.trainer.broadcast_global()
         if start_round < fed.rounds:
@@ -134,11 +149,16 @@ class FederatedStage:
         state = checkpoint.load_or_explain(path, "checkpoint")
         if not set(CHECKPOINT_KEYS) <= set(state) or not {"strategy", "server_optimizer"} & set(state):
             raise ConfigError(f"{path} is not a federated checkpoint of this trainer; move it away to start over")
-        refuse_changed_config(path, resume_differences(state["config"], self.cfg.to_dict()),
-                              f"choose another run.name / delete {self.paths.federated}")
+        refuse_changed_config(
+            path,
+            resume_differences(state["config"], self.cfg.to_dict()),
+            f"choose another run.name / delete {self.paths.federated}",
+        )
         if state["round"] > self.cfg.federated.rounds:
-            raise ConfigError(f"{path} is at round {state['round']}, past federated.rounds = "
-                              f"{self.cfg.federated.rounds}; raise federated.rounds or choose another run.name")
+            raise ConfigError(
+                f"{path} is at round {state['round']}, past federated.rounds = "
+                f"{self.cfg.federated.rounds}; raise federated.rounds or choose another run.name"
+            )
         return state
 
     def _open_records(self, start_round: int) -> None:
@@ -154,13 +174,22 @@ class FederatedStage:
         checkpoint.write_text_atomic(self.paths.partition, json.dumps(partition_record(cfg, data)))
         if start_round < fed.rounds:
             self.tracker = open_tracker(cfg, self.paths.federated, purge_step=start_round + 1)
-            log.info("federated: rounds %d-%d, %s, %d of %d clients per round on %d client host(s); %s",
-                     start_round + 1, fed.rounds, fed.strategy, fed.clients_per_round, fed.num_clients,
-                     len(self.runtime.client_hosts),
-                     f"trackers: {', '.join(self.tracker.names)}" if self.tracker.names else "no tracker")
+            log.info(
+                "federated: rounds %d-%d, %s, %d of %d clients per round on %d client host(s); %s",
+                start_round + 1,
+                fed.rounds,
+                fed.strategy,
+                fed.clients_per_round,
+                fed.num_clients,
+                len(self.runtime.client_hosts),
+                f"trackers: {', '.join(self.tracker.names)}" if self.tracker.names else "no tracker",
+            )
         elif start_round == fed.rounds:
-            log.info("%s is complete (round %d); nothing to train. Delete it or raise federated.rounds to "
-                     "train more.", self.paths.federated, start_round)
+            log.info(
+                "%s is complete (round %d); nothing to train. Delete it or raise federated.rounds to train more.",
+                self.paths.federated,
+                start_round,
+            )
         if 0 < start_round < fed.rounds:
             log.info("resuming %s from round %d", self.paths.federated, start_round)
         records = self.metrics.records()
@@ -171,8 +200,9 @@ class FederatedStage:
         (CLIP2FL's on the clients' samples; the alignment teacher's on its set, also in alignment_set.json)."""
         record = dict(self.strategy.setup_summary())
         if self.alignment is not None and self.alignment.set.teacher is not None:
-            record["align_teacher"] = {k.removeprefix("teacher_"): v for k, v in self.alignment.described.items()
-                                       if k.startswith("teacher_")}
+            record["align_teacher"] = {
+                k.removeprefix("teacher_"): v for k, v in self.alignment.described.items() if k.startswith("teacher_")
+            }
         if record:
             self.tracker.log(record, prefix="teacher/", step=start_round)
 
@@ -184,8 +214,9 @@ class FederatedStage:
         bars = server and show_bars(self.cfg.log)
         started, self._since_eval = time.perf_counter(), []
         # The bar closes (ends its line) however the loop ends, so an error line is not printed onto it.
-        with tqdm(total=fed.rounds, initial=start_round, desc="federated", unit="round", disable=not bars,
-                  dynamic_ncols=True) as bar:
+        with tqdm(
+            total=fed.rounds, initial=start_round, desc="federated", unit="round", disable=not bars, dynamic_ncols=True
+        ) as bar:
             if self.last_eval:
                 bar.set_postfix(balanced_acc=f"{self.last_eval['acc']:.4f}")
             for round_index in range(start_round + 1, fed.rounds + 1):
@@ -200,8 +231,13 @@ class FederatedStage:
                     return round_index
         if server and start_round < fed.rounds:
             seconds = time.perf_counter() - started
-            log.info("federated: rounds %d-%d done in %.1f s (%.2f s/round)", start_round + 1, fed.rounds, seconds,
-                     seconds / (fed.rounds - start_round))
+            log.info(
+                "federated: rounds %d-%d done in %.1f s (%.2f s/round)",
+                start_round + 1,
+                fed.rounds,
+                seconds,
+                seconds / (fed.rounds - start_round),
+            )
         return 0
 
     def _record_round(self, stats: RoundStats, stop: bool, bar: tqdm, bars: bool) -> None:
@@ -209,34 +245,58 @@ class FederatedStage:
         cfg, round_index = self.cfg, stats.round
         last_round = round_index == cfg.federated.rounds
         aligned = self.alignment.pop_round(round_index) if self.alignment is not None else {}
-        round_record = {"round": round_index, "seconds": stats.seconds, "end_time": time.time(),
-                        "bytes_all_reduced": stats.bytes_all_reduced, "bytes_broadcast": stats.bytes_broadcast,
-                        "train_loss": stats.train_loss, **stats.server,
-                        **({"dp_epsilon": self.privacy.epsilon(round_index)} if self.privacy else {}),
-                        **({"align_loss": aligned["align_loss"]} if "align_loss" in aligned else {})}
+        round_record = {
+            "round": round_index,
+            "seconds": stats.seconds,
+            "end_time": time.time(),
+            "bytes_all_reduced": stats.bytes_all_reduced,
+            "bytes_broadcast": stats.bytes_broadcast,
+            "train_loss": stats.train_loss,
+            **stats.server,
+            **({"dp_epsilon": self.privacy.epsilon(round_index)} if self.privacy else {}),
+            **({"align_loss": aligned["align_loss"]} if "align_loss" in aligned else {}),
+        }
         self.rounds_log.append(round_record)
         self.tracker.log(round_record, prefix="round/", step=round_index, skip=("round", "end_time"))
         self._since_eval.append(stats.seconds)
         if round_index % cfg.eval.every == 0 or last_round:
             model = self.strategy.evaluation_model(self.trainer.model)
             report = evaluate_on_splits(self.data, model, cfg.eval.batch_size, self.runtime.device)
-            self.last_eval = {"round": round_index, **report, "round_seconds": stats.seconds,
-                              "bytes_all_reduced": stats.bytes_all_reduced, **aligned,
-                              **({"dp_epsilon": round_record["dp_epsilon"]} if self.privacy else {})}
+            self.last_eval = {
+                "round": round_index,
+                **report,
+                "round_seconds": stats.seconds,
+                "bytes_all_reduced": stats.bytes_all_reduced,
+                **aligned,
+                **({"dp_epsilon": round_record["dp_epsilon"]} if self.privacy else {}),
+            }
             self.metrics.append(self.last_eval)
-            self.tracker.log(self.last_eval, prefix="eval/", step=round_index, class_names=self.data.class_names,
-                             skip=("round", "round_seconds", "bytes_all_reduced", "align_loss", "dp_epsilon"))
-            bar.set_postfix(balanced_acc=f"{report['acc']:.4f}",
-                            **({"val_acc": f"{report['val_acc']:.4f}"} if "val_acc" in report else {}))
+            self.tracker.log(
+                self.last_eval,
+                prefix="eval/",
+                step=round_index,
+                class_names=self.data.class_names,
+                skip=("round", "round_seconds", "bytes_all_reduced", "align_loss", "dp_epsilon"),
+            )
+            bar.set_postfix(
+                balanced_acc=f"{report['acc']:.4f}",
+                **({"val_acc": f"{report['val_acc']:.4f}"} if "val_acc" in report else {}),
+            )
             if not bars:
-                log.info("%s", evaluation_line(self.last_eval, cfg.federated.rounds,
-                                               sum(self._since_eval) / len(self._since_eval)))
+                log.info(
+                    "%s",
+                    evaluation_line(
+                        self.last_eval, cfg.federated.rounds, sum(self._since_eval) / len(self._since_eval)
+                    ),
+                )
             self._since_eval = []
         # A stop forces a checkpoint of its round whatever checkpoint.every says, so the resumed run
         # repeats no round (and so equals an uninterrupted one).
         if round_index % cfg.checkpoint.every == 0 or last_round or stop:
-            checkpoint.save_atomic({**self.trainer.state_dict(), "rng": checkpoint.rng_state(),
-                                    "config": cfg.to_dict()}, self.paths.checkpoint)
+            checkpoint.save_atomic(
+                {**self.trainer.state_dict(), "rng": checkpoint.rng_state(), "config": cfg.to_dict()},
+                self.paths.checkpoint,
+            )
             self.trainer.checkpoint_saved()
         bar.update(1)
 
@@ -262,26 +322,37 @@ class FederatedStage:
             # The evaluated model (CReFF / CLIP2FL: with the re-trained classifier), so `evaluate` reproduces
             # it. Written before any wait on the client hosts, so a rank lost now cannot cost the result.
             final = self.strategy.evaluation_model(self.trainer.model)
-            checkpoint.save_atomic({k: v.detach().cpu().clone() for k, v in final.state_dict().items()},
-                                   self.paths.final_model)
+            checkpoint.save_atomic(
+                {k: v.detach().cpu().clone() for k, v in final.state_dict().items()}, self.paths.final_model
+            )
         peak_rss_mb = dist.max_over_ranks(runtime, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
         if not runtime.is_server:
             return
         models = strategy_class(cfg.federated.strategy).models(cfg.strategy_sections)
-        summary = {"rounds": cfg.federated.rounds, "final": self.last_eval, "world_size": runtime.world_size,
-                   "backend": runtime.backend, "peak_rss_mb_max_rank": peak_rss_mb,
-                   "class_names": list(data.class_names), "train_class_counts": data.train_class_counts(),
-                   "strategy_models": [dataclasses.asdict(m) for m in models], **self.strategy.setup_summary()}
+        summary = {
+            "rounds": cfg.federated.rounds,
+            "final": self.last_eval,
+            "world_size": runtime.world_size,
+            "backend": runtime.backend,
+            "peak_rss_mb_max_rank": peak_rss_mb,
+            "class_names": list(data.class_names),
+            "train_class_counts": data.train_class_counts(),
+            "strategy_models": [dataclasses.asdict(m) for m in models],
+            **self.strategy.setup_summary(),
+        }
         if self.privacy is not None:
-            summary["dp"] = {"epsilon": self.privacy.epsilon(cfg.federated.rounds), "delta": cfg.dp.delta,
-                             "noise_multiplier": self.privacy.noise_multiplier, "clip_norm": cfg.dp.clip_norm,
-                             "accountant": cfg.dp.accountant}
+            summary["dp"] = {
+                "epsilon": self.privacy.epsilon(cfg.federated.rounds),
+                "delta": cfg.dp.delta,
+                "noise_multiplier": self.privacy.noise_multiplier,
+                "clip_norm": cfg.dp.clip_norm,
+                "accountant": cfg.dp.accountant,
+            }
         if cfg.align.every and self.paths.alignment_set.is_file():
             try:
                 summary["alignment"] = json.loads(self.paths.alignment_set.read_text())
             except (OSError, ValueError) as err:  # a torn file: the summary goes without it
-                log.warning("cannot read %s (%s); the summary omits the alignment set", self.paths.alignment_set,
-                            err)
+                log.warning("cannot read %s (%s); the summary omits the alignment set", self.paths.alignment_set, err)
         if not self.set_up and self.paths.summary.is_file():
             # A complete run ran no setup now: what its setup reported (CLIP2FL's teacher) stays in the summary.
             try:

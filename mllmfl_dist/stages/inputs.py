@@ -25,6 +25,7 @@ def build_data(cfg: Config, runtime: dist.Runtime | None = None) -> ClientData:
     follow one at a time per data.root (a lock file in it): where data.root is local to each node, the
     first rank of another node downloads there while that node's other ranks wait, so several ranks never
     write the same download at once, whether or not the nodes share the folder."""
+
     def build() -> ClientData:
         return build_client_data(cfg.data, cfg.partition, cfg.federated.num_clients, cfg.run.seed)
 
@@ -39,8 +40,9 @@ def build_data(cfg: Config, runtime: dist.Runtime | None = None) -> ClientData:
         return build()
 
 
-def build_fl_model(model_cfg: ModelConfig, data: ClientData, seed: int,
-                   projection_dim: Callable[[int], int] | None = None) -> FLModel:
+def build_fl_model(
+    model_cfg: ModelConfig, data: ClientData, seed: int, projection_dim: Callable[[int], int] | None = None
+) -> FLModel:
     """The FL model for ``data``, initialised from (seed, TAG_MODEL_INIT) on a forked RNG (the global one is
     left as it was), with a projection before the classifier when a strategy needs one: ``projection_dim``
     (a strategy's) maps the backbone's pooled feature width to the projection's width (0: none)."""
@@ -52,8 +54,9 @@ def build_fl_model(model_cfg: ModelConfig, data: ClientData, seed: int,
         )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(seed, TAG_MODEL_INIT))
-        model = build_model(model_cfg.arch, in_channels, data.num_classes, model_cfg.width_scale,
-                            channels_last=model_cfg.channels_last)
+        model = build_model(
+            model_cfg.arch, in_channels, data.num_classes, model_cfg.width_scale, channels_last=model_cfg.channels_last
+        )
         width = projection_dim(model.feature_dim) if projection_dim is not None else 0
         return model.add_projection(width) if width else model
 
@@ -68,8 +71,10 @@ def load_pretrained_backbone(cfg: Config, model: FLModel) -> None:
     """Rank 0 loads the backbone (the classifier stays new); the first broadcast hands it to all."""
     path = pretrained_backbone_path(cfg)
     if not path.is_file():
-        raise ConfigError(f"model.pretrained_backbone: {path} does not exist; run the pretrain stage first "
-                          f"or point the key at a backbone state dict")
+        raise ConfigError(
+            f"model.pretrained_backbone: {path} does not exist; run the pretrain stage first "
+            f"or point the key at a backbone state dict"
+        )
     try:
         model.load_backbone_state_dict(checkpoint.load_or_explain(path, "model.pretrained_backbone"))
     except (ValueError, RuntimeError) as err:

@@ -70,8 +70,7 @@ def _annotate_summary(m: dict) -> dict:
 
 
 def _pretrain_summary(m: dict) -> dict:
-    keys = ("heldout_loss_alpha1_step0", "heldout_loss_alpha1", "heldout_loss_alpha0",
-            "samples_per_second", "steps")
+    keys = ("heldout_loss_alpha1_step0", "heldout_loss_alpha1", "heldout_loss_alpha0", "samples_per_second", "steps")
     out = {k: m.get(k) for k in keys}
     probe = m.get("probe")
     if isinstance(probe, dict) and "dwp" in probe:  # the linear probe's balanced test accuracy (probe.py)
@@ -162,20 +161,36 @@ def teacher_lines(fed: dict) -> list[str]:
     rows = []
     clip2fl = fed.get("clip2fl_teacher")
     if isinstance(clip2fl, dict):
-        rows.append((f"CLIP2FL, clients' {clip2fl.get('samples')} samples, scale {_fmt(clip2fl.get('logit_scale'))}, "
-                     f"T {clip2fl.get('temperature')}", clip2fl.get("accuracy"), clip2fl.get("mean_entropy_nats"),
-                     clip2fl.get("max_entropy_nats"), clip2fl.get("mean_top_probability")))
+        rows.append(
+            (
+                f"CLIP2FL, clients' {clip2fl.get('samples')} samples, scale {_fmt(clip2fl.get('logit_scale'))}, "
+                f"T {clip2fl.get('temperature')}",
+                clip2fl.get("accuracy"),
+                clip2fl.get("mean_entropy_nats"),
+                clip2fl.get("max_entropy_nats"),
+                clip2fl.get("mean_top_probability"),
+            )
+        )
     align = fed.get("alignment")
     if isinstance(align, dict) and align.get("teacher_mean_entropy_nats") is not None:
         scale = align.get("teacher_logit_scale")
-        rows.append((f"alignment ({align.get('teacher')}), its {align.get('images')} images"
-                     + (f", scale {_fmt(scale)}" if scale is not None else ""), align.get("teacher_accuracy"),
-                     align.get("teacher_mean_entropy_nats"), align.get("teacher_max_entropy_nats"),
-                     align.get("teacher_mean_top_probability")))
+        rows.append(
+            (
+                f"alignment ({align.get('teacher')}), its {align.get('images')} images"
+                + (f", scale {_fmt(scale)}" if scale is not None else ""),
+                align.get("teacher_accuracy"),
+                align.get("teacher_mean_entropy_nats"),
+                align.get("teacher_max_entropy_nats"),
+                align.get("teacher_mean_top_probability"),
+            )
+        )
     if not rows:
         return []
-    lines = ["", "| teacher | accuracy | mean entropy (nats) | uniform's entropy | mean top probability |",
-             "|---|---|---|---|---|"]
+    lines = [
+        "",
+        "| teacher | accuracy | mean entropy (nats) | uniform's entropy | mean top probability |",
+        "|---|---|---|---|---|",
+    ]
     return lines + [f"| {name} | " + " | ".join(_fmt(v) for v in values) + " |" for name, *values in rows]
 
 
@@ -186,8 +201,10 @@ def report_markdown(summary: dict) -> str:
     if fed:
         # Validation beside test where the run has a validation split (data.val_per_class).
         val = [k for k in VAL_ACCURACY_KEYS[:2] if k in fed]
-        lines += ["| | balanced acc | top-1 | Many | Medium | Few |" + " val balanced acc | val top-1 |" * bool(val),
-                  "|---|---|---|---|---|---|" + "---|---|" * bool(val)]
+        lines += [
+            "| | balanced acc | top-1 | Many | Medium | Few |" + " val balanced acc | val top-1 |" * bool(val),
+            "|---|---|---|---|---|---|" + "---|---|" * bool(val),
+        ]
         row = lambda name, r: f"| {name} | " + " | ".join(_fmt(r.get(k)) for k in (*ACCURACY_KEYS, *val)) + " |"  # noqa: E731
         aligned = isinstance(fed.get("before_align"), dict)
         lines.append(row(f"method, round {fed.get('round')}" + (" (after alignment)" if aligned else ""), fed))
@@ -197,22 +214,40 @@ def report_markdown(summary: dict) -> str:
             lines.append(row(f"FedAvg from scratch, round {base.get('round')}", base))
         if fed.get("chance"):
             lines.append(f"| chance | {fed['chance']:.3f} | | | | |" + f" {fed['chance']:.3f} | |" * bool(val))
-        lines += ["", "Balanced acc is the mean of the per-class accuracies; Many / Medium / Few the mean accuracy "
-                  "of the classes with > 100, 20-100 and < 20 training samples (—: no such class)."
-                  + (" Val: the same on the validation split carved from the training split (data.val_per_class), "
-                     "on which settings are chosen; the other columns are the test set's." if val else "")]
+        lines += [
+            "",
+            "Balanced acc is the mean of the per-class accuracies; Many / Medium / Few the mean accuracy "
+            "of the classes with > 100, 20-100 and < 20 training samples (—: no such class)."
+            + (
+                " Val: the same on the validation split carved from the training split (data.val_per_class), "
+                "on which settings are chosen; the other columns are the test set's."
+                if val
+                else ""
+            ),
+        ]
         alignment = fed.get("alignment")
         if alignment:
             teacher_acc = alignment.get("teacher_accuracy")
-            lines += ["", f"Alignment set: {alignment.get('images')} images ({alignment.get('source')}), "
-                      f"{alignment.get('server_labeled_images')} with server-held labels; teacher "
-                      f"{alignment.get('teacher')}" + (f", whose accuracy on the set's labels is {teacher_acc:.3f}"
-                                                        if isinstance(teacher_acc, float) else "") + "."]
+            lines += [
+                "",
+                f"Alignment set: {alignment.get('images')} images ({alignment.get('source')}), "
+                f"{alignment.get('server_labeled_images')} with server-held labels; teacher "
+                f"{alignment.get('teacher')}"
+                + (
+                    f", whose accuracy on the set's labels is {teacher_acc:.3f}"
+                    if isinstance(teacher_acc, float)
+                    else ""
+                )
+                + ".",
+            ]
         dp = fed.get("dp")
         if isinstance(dp, dict):
-            lines += ["", f"Central DP (DP-FedAvg): ({dp.get('epsilon', float('nan')):.3g}, {dp.get('delta')})-DP "
-                      f"at the client level after {fed.get('rounds')} rounds ({dp.get('accountant')} accountant; "
-                      f"clip norm {dp.get('clip_norm')}, noise multiplier {dp.get('noise_multiplier', 0):.4g})."]
+            lines += [
+                "",
+                f"Central DP (DP-FedAvg): ({dp.get('epsilon', float('nan')):.3g}, {dp.get('delta')})-DP "
+                f"at the client level after {fed.get('rounds')} rounds ({dp.get('accountant')} accountant; "
+                f"clip norm {dp.get('clip_norm')}, noise multiplier {dp.get('noise_multiplier', 0):.4g}).",
+            ]
         lines += teacher_lines(fed)
     if summary.get("models"):
         lines += ["", "## Models", "", "| role | model | provenance | model card |", "|---|---|---|---|"]
@@ -221,8 +256,11 @@ def report_markdown(summary: dict) -> str:
             lines.append(f"| {m['role']} | `{m['model']}` | {m['kind']} | {numbers or '—'} |")
     for stage in ("annotate", "pretrain"):
         if summary.get(stage):
-            values = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                               for k, v in summary[stage].items() if v is not None)
+            values = ", ".join(
+                f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                for k, v in summary[stage].items()
+                if v is not None
+            )
             lines += ["", f"**{stage}:** {values}"]
     if summary.get("plots"):
         lines += ["", "## Plots", ""] + [f"![{name[:-4]}]({name})" for name in summary["plots"]]
@@ -277,10 +315,12 @@ def write_report(run_dir: Path) -> dict:
     if records:
         class_names = fed_summary.get("class_names") or []
         method = (config.get("federated") or {}).get("strategy", "method")
-        report_plots.accuracy_plot(out_dir / "accuracy.png", records, baseline, summary["federated"].get("chance"),
-                                   method)
-        report_plots.per_class_plot(out_dir / "per_class.png", records[-1], class_names,
-                                    baseline[-1] if baseline else None)
+        report_plots.accuracy_plot(
+            out_dir / "accuracy.png", records, baseline, summary["federated"].get("chance"), method
+        )
+        report_plots.per_class_plot(
+            out_dir / "per_class.png", records[-1], class_names, baseline[-1] if baseline else None
+        )
         report_plots.groups_plot(out_dir / "groups.png", records[-1], baseline[-1] if baseline else None)
         summary["plots"] = ["accuracy.png", "per_class.png", "groups.png"]
         partition = _read_json(paths.partition)

@@ -39,8 +39,9 @@ def _save(fig, path: Path) -> None:
     pyplot().close(fig)
 
 
-def save_accuracy_plot(fig, ax, path: Path, title: str = "Balanced accuracy over rounds",
-                       chance: float | None = None) -> None:
+def save_accuracy_plot(
+    fig, ax, path: Path, title: str = "Balanced accuracy over rounds", chance: float | None = None
+) -> None:
     """Label an accuracy-over-rounds axes (integer round ticks, a chance line when given), write the figure
     atomically and close it."""
     from matplotlib.ticker import MaxNLocator
@@ -57,21 +58,36 @@ def save_accuracy_plot(fig, ax, path: Path, title: str = "Balanced accuracy over
     _save(fig, path)
 
 
-def accuracy_plot(path: Path, records: list[dict], baseline: list[dict], chance: float | None,
-                  method: str) -> None:
+def accuracy_plot(path: Path, records: list[dict], baseline: list[dict], chance: float | None, method: str) -> None:
     """Balanced accuracy over rounds: the method (after alignment, and before it where recorded), the
     FedAvg-from-scratch baseline when there is one, and chance."""
     fig, ax = pyplot().subplots(figsize=(6.5, 4))
     aligned = any(isinstance(r.get("before_align"), dict) for r in records)
     rounds = [r.get("round", i) for i, r in enumerate(records)]
-    ax.plot(rounds, [num(r.get("acc")) for r in records], marker="o", color=COLOURS["method"],
-            label=f"{method}, after alignment" if aligned else method)
+    ax.plot(
+        rounds,
+        [num(r.get("acc")) for r in records],
+        marker="o",
+        color=COLOURS["method"],
+        label=f"{method}, after alignment" if aligned else method,
+    )
     if aligned:
-        ax.plot(rounds, [num((r.get("before_align") or {}).get("acc")) for r in records], marker="s",
-                linestyle="--", color=COLOURS["before"], label=f"{method}, before alignment")
+        ax.plot(
+            rounds,
+            [num((r.get("before_align") or {}).get("acc")) for r in records],
+            marker="s",
+            linestyle="--",
+            color=COLOURS["before"],
+            label=f"{method}, before alignment",
+        )
     if baseline:
-        ax.plot([r.get("round") for r in baseline], [num(r.get("acc")) for r in baseline], marker="^",
-                color=COLOURS["baseline"], label="FedAvg from scratch (same data and seed)")
+        ax.plot(
+            [r.get("round") for r in baseline],
+            [num(r.get("acc")) for r in baseline],
+            marker="^",
+            color=COLOURS["baseline"],
+            label="FedAvg from scratch (same data and seed)",
+        )
     save_accuracy_plot(fig, ax, path, chance=chance)
 
 
@@ -82,9 +98,15 @@ def per_class_plot(path: Path, last: dict, class_names: Sequence[str], baseline_
     before = aligned.get("per_class") or []
     base = (baseline_last or {}).get("per_class") or []
     n = max(len(per_class), len(before), len(base))
-    series = [(label, values, COLOURS[key]) for label, values, key in (
-        ("FedAvg from scratch", base, "baseline"), ("before alignment", before, "before"),
-        ("after alignment" if before else "method", per_class, "method")) if values]
+    series = [
+        (label, values, COLOURS[key])
+        for label, values, key in (
+            ("FedAvg from scratch", base, "baseline"),
+            ("before alignment", before, "before"),
+            ("after alignment" if before else "method", per_class, "method"),
+        )
+        if values
+    ]
     fig, ax = pyplot().subplots(figsize=(max(6.0, 0.45 * n + 2), 4.2))
     if n:
         width = 0.8 / len(series)
@@ -108,9 +130,15 @@ def per_class_plot(path: Path, last: dict, class_names: Sequence[str], baseline_
 def groups_plot(path: Path, last: dict, baseline_last: dict | None) -> None:
     """Final Many / Medium / Few accuracy; a group without classes is marked absent."""
     before = last.get("before_align") if isinstance(last.get("before_align"), dict) else None
-    series = [(label, source, COLOURS[key]) for label, source, key in (
-        ("FedAvg from scratch", baseline_last, "baseline"), ("before alignment", before, "before"),
-        ("after alignment" if before else "method", last, "method")) if source]
+    series = [
+        (label, source, COLOURS[key])
+        for label, source, key in (
+            ("FedAvg from scratch", baseline_last, "baseline"),
+            ("before alignment", before, "before"),
+            ("after alignment" if before else "method", last, "method"),
+        )
+        if source
+    ]
     fig, ax = pyplot().subplots(figsize=(5.5, 4))
     width = 0.8 / len(series)
     for j, (label, source, colour) in enumerate(series):
@@ -118,8 +146,15 @@ def groups_plot(path: Path, last: dict, baseline_last: dict | None) -> None:
         values = [num(source.get(key)) for _, key in GROUPS]
         ax.bar(offsets, values, width=width, color=colour, label=label)
         for x, v in zip(offsets, values):
-            ax.text(x, 0.02 if math.isnan(v) else v + 0.01, "absent" if math.isnan(v) else f"{v:.2f}",
-                    ha="center", va="bottom", fontsize=8, rotation=90 if math.isnan(v) else 0)
+            ax.text(
+                x,
+                0.02 if math.isnan(v) else v + 0.01,
+                "absent" if math.isnan(v) else f"{v:.2f}",
+                ha="center",
+                va="bottom",
+                fontsize=8,
+                rotation=90 if math.isnan(v) else 0,
+            )
     ax.set_xticks(list(range(len(GROUPS))))
     ax.set_xticklabels([g for g, _ in GROUPS])
     ax.set_ylabel("mean test accuracy of the group's classes")

@@ -19,8 +19,14 @@ from pathlib import Path
 from mllmfl_dist.core.checkpoint import file_identity, remove_stale_temps, same_file, write_text_atomic
 from mllmfl_dist.core.locks import exclusive
 from mllmfl_dist.standins.standin_settings import StandinSettings
-from mllmfl_dist.standins.tiny import (CLIP_IMAGE_SIZE, LLAVA_IMAGE_SIZE, LLAVA_PATCH_SIZE, SEED, build_random_clip,
-                                       build_random_llava)
+from mllmfl_dist.standins.tiny import (
+    CLIP_IMAGE_SIZE,
+    LLAVA_IMAGE_SIZE,
+    LLAVA_PATCH_SIZE,
+    SEED,
+    build_random_clip,
+    build_random_llava,
+)
 from mllmfl_dist.standins.trained import build_trained, corpus_identity
 
 MANIFEST = "tiny_models.json"
@@ -51,8 +57,12 @@ def _identity(train: str | None, settings) -> dict:
     version, corpus bytes (sha256) and training settings."""
     if train is None:
         return {"version": TINY_VERSION, "trained": False}
-    return {"version": TRAINED_VERSION, "trained": True, "corpus_sha256": corpus_identity(train)["sha256"],
-            "settings": dataclasses.asdict(settings)}
+    return {
+        "version": TRAINED_VERSION,
+        "trained": True,
+        "corpus_sha256": corpus_identity(train)["sha256"],
+        "settings": dataclasses.asdict(settings),
+    }
 
 
 def _manifest_ok(directory: Path, identity: dict) -> bool:
@@ -64,12 +74,16 @@ def _manifest_ok(directory: Path, identity: dict) -> bool:
     if not isinstance(manifest, dict) or any(manifest.get(key) != value for key, value in identity.items()):
         return False
     files = manifest.get("files")
-    return (isinstance(files, dict) and bool(files)
-            and all(same_file(directory / name, described) for name, described in files.items()))
+    return (
+        isinstance(files, dict)
+        and bool(files)
+        and all(same_file(directory / name, described) for name, described in files.items())
+    )
 
 
-def build_tiny_models(directory: str | os.PathLike, *, train: str | None = None, settings=None,
-                      progress: bool = True) -> dict[str, Path]:
+def build_tiny_models(
+    directory: str | os.PathLike, *, train: str | None = None, settings=None, progress: bool = True
+) -> dict[str, Path]:
     """Write a tiny LLaVA to `<directory>/llava` and a tiny open_clip CLIP to `<directory>/clip`; return
     `{"llava": path, "clip": path}`.
 
@@ -99,8 +113,9 @@ def build_tiny_models(directory: str | os.PathLike, *, train: str | None = None,
     return paths
 
 
-def _build(directory: Path, paths: dict[str, Path], identity: dict, train: str | None, settings,
-           progress: bool) -> None:
+def _build(
+    directory: Path, paths: dict[str, Path], identity: dict, train: str | None, settings, progress: bool
+) -> None:
     (directory / MANIFEST).unlink(missing_ok=True)
     (directory / MODEL_CARD).unlink(missing_ok=True)
     remove_stale_temps(directory, targets=[MANIFEST, MODEL_CARD])

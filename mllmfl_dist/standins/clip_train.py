@@ -41,9 +41,19 @@ def preprocess_images(images: torch.Tensor, transform, batch: int = 512) -> torc
     return torch.cat(parts)
 
 
-def train_clip(images: torch.Tensor, captions: Sequence[str], model_cfg: dict, preprocess_cfg: dict, *,
-               epochs: int, batch_size: int, lr: float, weight_decay: float, seed: int,
-               progress: bool = True):
+def train_clip(
+    images: torch.Tensor,
+    captions: Sequence[str],
+    model_cfg: dict,
+    preprocess_cfg: dict,
+    *,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    weight_decay: float,
+    seed: int,
+    progress: bool = True,
+):
     """An `open_clip.CLIP(**model_cfg)` (seeded init) trained on `images` (uint8 `[N, C, H, W]`) and their
     `captions`. Returns `(model in eval mode, {"steps", "final_loss"})`. `preprocess_cfg` is open_clip's
     preprocess config (size, mean, std, interpolation, resize mode) the images are transformed with.
@@ -57,8 +67,13 @@ def train_clip(images: torch.Tensor, captions: Sequence[str], model_cfg: dict, p
     torch.manual_seed(seed)
     model = open_clip.CLIP(**model_cfg)
     transform = open_clip.image_transform(
-        preprocess_cfg["size"], is_train=False, mean=preprocess_cfg["mean"], std=preprocess_cfg["std"],
-        interpolation=preprocess_cfg["interpolation"], resize_mode=preprocess_cfg["resize_mode"])
+        preprocess_cfg["size"],
+        is_train=False,
+        mean=preprocess_cfg["mean"],
+        std=preprocess_cfg["std"],
+        interpolation=preprocess_cfg["interpolation"],
+        resize_mode=preprocess_cfg["resize_mode"],
+    )
     pixels = preprocess_images(images, transform)
     tokenizer = open_clip.SimpleTokenizer(context_length=model_cfg["text_cfg"]["context_length"])
     tokens = tokenizer(list(captions))
@@ -66,12 +81,12 @@ def train_clip(images: torch.Tensor, captions: Sequence[str], model_cfg: dict, p
     # No weight decay on gains, biases, embeddings and the temperature, as open_clip's training script.
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
     rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                                   {"params": rest, "weight_decay": 0.0}], lr=lr)
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}], lr=lr
+    )
     per_epoch = len(captions) // batch_size
     steps = epochs * per_epoch
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: cosine_with_warmup(s, steps, max(1, steps // 10)))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_with_warmup(s, steps, max(1, steps // 10)))
     generator = torch.Generator().manual_seed(seed)
     max_scale = math.log(100.0)
     model.train()

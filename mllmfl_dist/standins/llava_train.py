@@ -66,8 +66,13 @@ def collate_answers(rows: Sequence[tuple[list[int], int]], pad_id: int):
     return input_ids, attention, labels
 
 
-def answer_loss(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
-                visual_features: torch.Tensor | None = None) -> torch.Tensor:
+def answer_loss(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    labels: torch.Tensor,
+    visual_features: torch.Tensor | None = None,
+) -> torch.Tensor:
     """LLaVA's next-token cross-entropy (mean over the positions whose shifted label is not -100), with the
     LM head applied at those positions only: the same value as `model(..., labels=labels).loss` (tested),
     without the logits of the prompt and image positions, which are most of a sequence and most of the cost
@@ -77,16 +82,31 @@ def answer_loss(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, la
         inputs_embeds = model.get_input_embeddings()(input_ids)
     else:
         inputs_embeds = visual_inputs_embeds(model, visual_features, input_ids)
-    hidden = llava_inner(model).language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                                                use_cache=False).last_hidden_state
+    hidden = (
+        llava_inner(model)
+        .language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=False)
+        .last_hidden_state
+    )
     targets = labels[:, 1:]
     keep = targets != IGNORE_INDEX
     logits = model.lm_head(hidden[:, :-1][keep])
     return torch.nn.functional.cross_entropy(logits.float(), targets[keep])
 
 
-def _run_stage(name: str, model, params, rows, features, *, epochs: int, batch_size: int, lr: float,
-               generator: torch.Generator, pad_id: int, progress: bool) -> dict:
+def _run_stage(
+    name: str,
+    model,
+    params,
+    rows,
+    features,
+    *,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    generator: torch.Generator,
+    pad_id: int,
+    progress: bool,
+) -> dict:
     """AdamW with warm-up + cosine over `epochs` passes of `rows` (`(ids, start, image)`; image -1: text
     only). Returns `{"steps", "final_loss"}` (the last step's loss)."""
     if epochs <= 0:
@@ -131,8 +151,15 @@ def _tower_features(model, processor, images: torch.Tensor, batch: int = 512) ->
     return torch.cat(parts, dim=1)
 
 
-def train_llava(clip, clip_cfg: dict, images: torch.Tensor, captions: Sequence[str], settings: StandinSettings,
-                *, progress: bool = True):
+def train_llava(
+    clip,
+    clip_cfg: dict,
+    images: torch.Tensor,
+    captions: Sequence[str],
+    settings: StandinSettings,
+    *,
+    progress: bool = True,
+):
     """The trained LLaVA stand-in (eval mode, float32) and its tokenizer; see the module docstring.
 
     clip: the trained `open_clip.CLIP` whose `visual` becomes the tower; clip_cfg: its open_clip model config.
@@ -143,10 +170,15 @@ def train_llava(clip, clip_cfg: dict, images: torch.Tensor, captions: Sequence[s
     vcfg = clip_cfg["vision_cfg"]
     tower = convert_visual(clip.visual, image_size=vcfg["image_size"], patch_size=vcfg["patch_size"])
     tokenizer = build_llava_tokenizer(tokenizer_texts(captions))
-    config = llava_config(tokenizer, tower.config, text_hidden=settings.text_hidden,
-                          text_layers=settings.text_layers, text_heads=settings.text_heads,
-                          text_intermediate=settings.text_intermediate,
-                          vision_feature_layer=settings.vision_feature_layer)
+    config = llava_config(
+        tokenizer,
+        tower.config,
+        text_hidden=settings.text_hidden,
+        text_layers=settings.text_layers,
+        text_heads=settings.text_heads,
+        text_intermediate=settings.text_intermediate,
+        vision_feature_layer=settings.vision_feature_layer,
+    )
     torch.manual_seed(settings.seed)
     model = LlavaForConditionalGeneration(config)
     inner = llava_inner(model)
@@ -163,28 +195,50 @@ def train_llava(clip, clip_cfg: dict, images: torch.Tensor, captions: Sequence[s
     rows = []
     for image, prompt, answer in pairs:
         if prompt not in prompt_ids:
-            prompt_ids[prompt] = processor(images=[reference], text=[prompt],
-                                           return_tensors="pt")["input_ids"][0].tolist()
+            prompt_ids[prompt] = processor(images=[reference], text=[prompt], return_tensors="pt")["input_ids"][
+                0
+            ].tolist()
         ids, start = encode_answer(processor, prompt_ids[prompt], answer)
         rows.append((ids, start, image))
     describe = {llava_prompt(r) for r in DESCRIBE_REQUESTS}
     caption_rows = [(tokenizer(c)["input_ids"] + [tokenizer.eos_token_id], 1, -1) for c in captions]
 
     generator = torch.Generator().manual_seed(settings.seed)
-    common = {"batch_size": settings.llava_batch_size, "generator": generator, "pad_id": tokenizer.pad_token_id,
-              "progress": progress}
+    common = {
+        "batch_size": settings.llava_batch_size,
+        "generator": generator,
+        "pad_id": tokenizer.pad_token_id,
+        "progress": progress,
+    }
     lm = list(inner.language_model.parameters()) + list(model.lm_head.parameters())
     projector = list(inner.multi_modal_projector.parameters())
     stats = {"pairs": len(rows), "question_pairs": sum(1 for _, p, _ in pairs if p not in describe)}
-    stats["lm"] = _run_stage("LM on captions", model, lm, caption_rows, None, epochs=settings.lm_epochs,
-                                  lr=settings.lm_lr, **common)
+    stats["lm"] = _run_stage(
+        "LM on captions", model, lm, caption_rows, None, epochs=settings.lm_epochs, lr=settings.lm_lr, **common
+    )
     describe_rows = [r for r, (_, p, _) in zip(rows, pairs) if p in describe]
     for p in lm:
         p.requires_grad_(False)
-    stats["projector"] = _run_stage("stage 1 (projector)", model, projector, describe_rows, features,
-                                         epochs=settings.projector_epochs, lr=settings.projector_lr, **common)
+    stats["projector"] = _run_stage(
+        "stage 1 (projector)",
+        model,
+        projector,
+        describe_rows,
+        features,
+        epochs=settings.projector_epochs,
+        lr=settings.projector_lr,
+        **common,
+    )
     for p in lm:
         p.requires_grad_(True)
-    stats["finetune"] = _run_stage("stage 2 (projector + LM)", model, projector + lm, rows, features,
-                                        epochs=settings.finetune_epochs, lr=settings.finetune_lr, **common)
+    stats["finetune"] = _run_stage(
+        "stage 2 (projector + LM)",
+        model,
+        projector + lm,
+        rows,
+        features,
+        epochs=settings.finetune_epochs,
+        lr=settings.finetune_lr,
+        **common,
+    )
     return model.eval(), tokenizer, stats

@@ -69,8 +69,9 @@ def build_llama_tokenizer():
 
     learner = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
     learner.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=True)
-    trainer = trainers.BpeTrainer(vocab_size=BPE_PIECES, min_frequency=1, special_tokens=["<unk>", "<s>", "</s>"],
-                                  show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=BPE_PIECES, min_frequency=1, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False
+    )
     learner.train_from_iterator(_tokenizer_corpus(), trainer=trainer)
     learned = json.loads(learner.to_str())["model"]
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
@@ -79,8 +80,14 @@ def build_llama_tokenizer():
         vocab.setdefault(piece, len(vocab))
     for filler in range(LLAMA_PIECES - len(vocab)):
         vocab[f"<unused{filler}>"] = len(vocab)
-    tokenizer = LlamaTokenizer(vocab=vocab, merges=[tuple(m) for m in learned["merges"]], legacy=False,
-                               add_bos_token=True, add_eos_token=False, model_max_length=TEXT_MAX_POSITIONS)
+    tokenizer = LlamaTokenizer(
+        vocab=vocab,
+        merges=[tuple(m) for m in learned["merges"]],
+        legacy=False,
+        add_bos_token=True,
+        add_eos_token=False,
+        model_max_length=TEXT_MAX_POSITIONS,
+    )
     tokenizer.add_tokens([IMAGE_TOKEN], special_tokens=True)
     tokenizer.add_special_tokens({"pad_token": "<pad>"})
     tokenizer.padding_side = "left"
@@ -90,25 +97,49 @@ def build_llama_tokenizer():
     return tokenizer
 
 
-def llava15_config(*, image_size: int = LLAVA_IMAGE_SIZE, patch_size: int = LLAVA_PATCH_SIZE,
-                   vision_hidden: int = VISION_HIDDEN):
+def llava15_config(
+    *, image_size: int = LLAVA_IMAGE_SIZE, patch_size: int = LLAVA_PATCH_SIZE, vision_hidden: int = VISION_HIDDEN
+):
     """The miniature's ``LlavaConfig``: llava-1.5-7b-hf's, with the widths and depths above. ``image_size``,
     ``patch_size`` and ``vision_hidden`` are there to build a model of *another* geometry (tests of the
     mismatch checks); leave them for the faithful one."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
-    vision = CLIPVisionConfig(hidden_size=vision_hidden, intermediate_size=4 * vision_hidden,
-                              num_hidden_layers=VISION_LAYERS, num_attention_heads=VISION_HEADS,
-                              image_size=image_size, patch_size=patch_size, projection_dim=vision_hidden,
-                              hidden_act="quick_gelu", layer_norm_eps=1e-5)
-    text = LlamaConfig(vocab_size=LLAVA_TEXT_VOCAB, hidden_size=TEXT_HIDDEN, intermediate_size=4 * TEXT_HIDDEN,
-                       num_hidden_layers=TEXT_LAYERS, num_attention_heads=TEXT_HEADS, num_key_value_heads=TEXT_HEADS,
-                       max_position_embeddings=TEXT_MAX_POSITIONS, rms_norm_eps=1e-5, bos_token_id=1,
-                       eos_token_id=2, pad_token_id=PAD_TOKEN_ID, tie_word_embeddings=False)
+    vision = CLIPVisionConfig(
+        hidden_size=vision_hidden,
+        intermediate_size=4 * vision_hidden,
+        num_hidden_layers=VISION_LAYERS,
+        num_attention_heads=VISION_HEADS,
+        image_size=image_size,
+        patch_size=patch_size,
+        projection_dim=vision_hidden,
+        hidden_act="quick_gelu",
+        layer_norm_eps=1e-5,
+    )
+    text = LlamaConfig(
+        vocab_size=LLAVA_TEXT_VOCAB,
+        hidden_size=TEXT_HIDDEN,
+        intermediate_size=4 * TEXT_HIDDEN,
+        num_hidden_layers=TEXT_LAYERS,
+        num_attention_heads=TEXT_HEADS,
+        num_key_value_heads=TEXT_HEADS,
+        max_position_embeddings=TEXT_MAX_POSITIONS,
+        rms_norm_eps=1e-5,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=PAD_TOKEN_ID,
+        tie_word_embeddings=False,
+    )
     grid = image_size // patch_size
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=IMAGE_TOKEN_ID,
-                         image_seq_length=grid * grid, projector_hidden_act="gelu",
-                         vision_feature_select_strategy="default", vision_feature_layer=-2)
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=IMAGE_TOKEN_ID,
+        image_seq_length=grid * grid,
+        projector_hidden_act="gelu",
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-2,
+    )
     config.pad_token_id = PAD_TOKEN_ID
     return config
 
@@ -140,9 +171,11 @@ def build_vitb32_miniature(out: str | Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(SEED + 1)
     model = open_clip.CLIP(**VITB32_CONFIG)
-    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()},
-              str(out / "open_clip_model.safetensors"))
+    save_file(
+        {k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(out / "open_clip_model.safetensors")
+    )
     preprocess = {**CLIP_PREPROCESS, "size": VITB32_IMAGE_SIZE}
-    write_text_atomic(out / "open_clip_config.json",
-                      json.dumps({"model_cfg": VITB32_CONFIG, "preprocess_cfg": preprocess}, indent=2))
+    write_text_atomic(
+        out / "open_clip_config.json", json.dumps({"model_cfg": VITB32_CONFIG, "preprocess_cfg": preprocess}, indent=2)
+    )
     return out

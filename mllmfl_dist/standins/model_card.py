@@ -46,8 +46,16 @@ def select_per_class(labels: torch.Tensor, per_class: int | None) -> torch.Tenso
 
 
 @torch.no_grad()
-def measure_standins(clip_dir: str | Path, llava_dir: str | Path, test_shards: str, class_names: Sequence[str],
-                     *, per_class: int | None = None, batch_size: int = 64, progress: bool = False) -> dict:
+def measure_standins(
+    clip_dir: str | Path,
+    llava_dir: str | Path,
+    test_shards: str,
+    class_names: Sequence[str],
+    *,
+    per_class: int | None = None,
+    batch_size: int = 64,
+    progress: bool = False,
+) -> dict:
     """The three accuracies (see the module docstring) on the labeled `test_shards` (a pattern; relative ones
     are also looked up from the repository root), classes named by `class_names` (index = label).
     `per_class` measures the first `per_class` images of each class only. Raises DataError for missing or
@@ -61,8 +69,9 @@ def measure_standins(clip_dir: str | Path, llava_dir: str | Path, test_shards: s
     align, annotate = AlignConfig(), AnnotateConfig()
 
     clip, preprocess, tokenizer = load_clip(f"local-dir:{clip_dir}")
-    logits = clip_teacher_logits(clip, preprocess, tokenizer, pil, list(class_names), align.templates,
-                                 batch_size=batch_size)
+    logits = clip_teacher_logits(
+        clip, preprocess, tokenizer, pil, list(class_names), align.templates, batch_size=batch_size
+    )
     clip_acc = float((logits.argmax(1) == labels).float().mean())
     del clip
 
@@ -76,8 +85,9 @@ def measure_standins(clip_dir: str | Path, llava_dir: str | Path, test_shards: s
 
     scores = {}
     for score in ("sum", "mean"):
-        s = llava_answer_loglik(llava, processor, pil, list(class_names), align.prompt, batch_size=batch_size * 4,
-                                score=score)
+        s = llava_answer_loglik(
+            llava, processor, pil, list(class_names), align.prompt, batch_size=batch_size * 4, score=score
+        )
         scores[score] = float((s.argmax(1) == labels).float().mean())
     return {
         "test_shards": test_shards,

@@ -27,8 +27,14 @@ from mllmfl_dist.data.images import CorruptImageError, decode_image, image_to_ar
 from mllmfl_dist.data.shards import iter_samples
 from mllmfl_dist.standins.web_captions import CATEGORY_NAMES, named_category
 
-__all__ = ["DESCRIBE_REQUESTS", "QUESTION_REQUESTS", "llava_prompt", "corpus_shards", "read_caption_corpus",
-           "instruction_pairs"]
+__all__ = [
+    "DESCRIBE_REQUESTS",
+    "QUESTION_REQUESTS",
+    "llava_prompt",
+    "corpus_shards",
+    "read_caption_corpus",
+    "instruction_pairs",
+]
 
 DESCRIBE_REQUESTS: tuple[str, ...] = (
     "Describe the image in one short sentence.",
@@ -54,8 +60,10 @@ def corpus_shards(pattern: str) -> list:
     try:
         return resolve_pattern(str(pattern), "--train")
     except DataError:
-        raise DataError(f"--train {pattern}: no shard matches it (here or under the repository root); name "
-                        f"captioned WebDataset shards such as shards/fmnist_web") from None
+        raise DataError(
+            f"--train {pattern}: no shard matches it (here or under the repository root); name "
+            f"captioned WebDataset shards such as shards/fmnist_web"
+        ) from None
 
 
 def read_caption_corpus(pattern: str, limit: int | None = None) -> tuple[torch.Tensor, list[str]]:
@@ -80,8 +88,10 @@ def read_caption_corpus(pattern: str, limit: int | None = None) -> tuple[torch.T
             except CorruptImageError as err:
                 raise DataError(f"shard {path}, sample {sample['key']!r}: {err}") from None
             if arrays and array.shape != arrays[0].shape:
-                raise DataError(f"shard {path}, sample {sample['key']!r}: image shape {array.shape} differs from "
-                                f"the first one's {arrays[0].shape}")
+                raise DataError(
+                    f"shard {path}, sample {sample['key']!r}: image shape {array.shape} differs from "
+                    f"the first one's {arrays[0].shape}"
+                )
             arrays.append(array)
             captions.append(sample["txt"].strip())
     if not captions:

@@ -44,6 +44,15 @@ class StandinSettings:
     def quick(cls, **overrides) -> StandinSettings:
         """A short training for tests (about 40 s on 2 cores): the first 1,500 corpus samples, fewer CLIP
         steps, more passes of the (cheap) LLaVA stages at higher learning rates, 20 test images per class."""
-        base = cls(limit=1500, clip_epochs=8, clip_batch_size=64, lm_epochs=8, lm_lr=3e-3, projector_epochs=2,
-                   finetune_epochs=12, finetune_lr=2e-3, card_per_class=20)
+        base = cls(
+            limit=1500,
+            clip_epochs=8,
+            clip_batch_size=64,
+            lm_epochs=8,
+            lm_lr=3e-3,
+            projector_epochs=2,
+            finetune_epochs=12,
+            finetune_lr=2e-3,
+            card_per_class=20,
+        )
         return replace(base, **overrides)

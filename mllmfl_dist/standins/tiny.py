@@ -148,9 +148,16 @@ def build_llava_tokenizer(extra_texts: Sequence[str] = ()):
     return hf
 
 
-def llava_config(tokenizer, vision, *, text_hidden: int = TEXT_HIDDEN, text_layers: int = TEXT_LAYERS,
-                 text_heads: int = TEXT_HEADS, text_intermediate: int = TEXT_INTERMEDIATE,
-                 vision_feature_layer: int = -2):
+def llava_config(
+    tokenizer,
+    vision,
+    *,
+    text_hidden: int = TEXT_HIDDEN,
+    text_layers: int = TEXT_LAYERS,
+    text_heads: int = TEXT_HEADS,
+    text_intermediate: int = TEXT_INTERMEDIATE,
+    vision_feature_layer: int = -2,
+):
     """A llava-1.5-shaped `LlavaConfig`: the CLIP `vision` config (a `CLIPVisionConfig`), a Llama language
     model of the given sizes over `tokenizer`'s vocabulary, a two-layer GELU projector, the `default` feature
     selection (CLS dropped) at `vision_feature_layer`, one `<image>` expanding to the tower's patch grid."""

@@ -62,9 +62,17 @@ def build_trained(dirs: dict[str, Path], corpus: str, settings: StandinSettings,
         load_start = os.getloadavg()
         images, captions = read_caption_corpus(corpus, settings.limit)
         clip, clip_stats = train_clip(
-            images, captions, CLIP_CONFIG, CLIP_PREPROCESS, epochs=settings.clip_epochs,
-            batch_size=settings.clip_batch_size, lr=settings.clip_lr, weight_decay=settings.clip_weight_decay,
-            seed=settings.seed, progress=progress)
+            images,
+            captions,
+            CLIP_CONFIG,
+            CLIP_PREPROCESS,
+            epochs=settings.clip_epochs,
+            batch_size=settings.clip_batch_size,
+            lr=settings.clip_lr,
+            weight_decay=settings.clip_weight_decay,
+            seed=settings.seed,
+            progress=progress,
+        )
         save_open_clip(clip, CLIP_CONFIG, CLIP_PREPROCESS, dirs["clip"])
         clip_seconds = time.perf_counter() - started
         llava, tokenizer, llava_stats = train_llava(clip, CLIP_CONFIG, images, captions, settings, progress=progress)
@@ -73,8 +81,14 @@ def build_trained(dirs: dict[str, Path], corpus: str, settings: StandinSettings,
         del clip, llava
         test_paths = resolve_pattern(CARD_TEST_SHARDS, "model card test shards")
         class_names = read_classes(test_paths[0].parent)
-        measured = measure_standins(dirs["clip"], dirs["llava"], CARD_TEST_SHARDS, class_names,
-                                    per_class=settings.card_per_class, progress=progress)
+        measured = measure_standins(
+            dirs["clip"],
+            dirs["llava"],
+            CARD_TEST_SHARDS,
+            class_names,
+            per_class=settings.card_per_class,
+            progress=progress,
+        )
         card_seconds = time.perf_counter() - started - train_seconds
         load_end = os.getloadavg()
     finally:
@@ -89,7 +103,11 @@ def build_trained(dirs: dict[str, Path], corpus: str, settings: StandinSettings,
         "train_seconds": train_seconds,
         "card_seconds": card_seconds,
         # Wall times depend on what else the machine runs: its 1/5/15-minute load averages and CPU count.
-        "machine": {"cpus": os.cpu_count(), "threads": settings.threads, "load_average_start": list(load_start),
-                    "load_average_end": list(load_end)},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "threads": settings.threads,
+            "load_average_start": list(load_start),
+            "load_average_end": list(load_end),
+        },
         "measured": measured,
     }

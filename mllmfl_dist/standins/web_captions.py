@@ -99,8 +99,9 @@ NO_CLASS_CAPTIONS: tuple[str, ...] = (
 CAPTION_KINDS = ("true_class", "wrong_class", "no_class")
 
 
-def make_caption(rng: np.random.Generator, label: int, wrong_fraction: float = 0.1,
-                 no_class_fraction: float = 0.1) -> tuple[str, int | None, str]:
+def make_caption(
+    rng: np.random.Generator, label: int, wrong_fraction: float = 0.1, no_class_fraction: float = 0.1
+) -> tuple[str, int | None, str]:
     """A caption for an image of category `label`.
 
     With probability `no_class_fraction` the caption names no category (kind `no_class`, named None); else
@@ -113,8 +114,9 @@ def make_caption(rng: np.random.Generator, label: int, wrong_fraction: float = 0
     if not 0 <= label < len(CATEGORY_NAMES):
         raise ValueError(f"label {label} is not a category index (0..{len(CATEGORY_NAMES) - 1})")
     if wrong_fraction < 0 or no_class_fraction < 0 or wrong_fraction + no_class_fraction > 1:
-        raise ValueError(f"fractions must be >= 0 and sum to <= 1, got wrong {wrong_fraction}, "
-                         f"no class {no_class_fraction}")
+        raise ValueError(
+            f"fractions must be >= 0 and sum to <= 1, got wrong {wrong_fraction}, no class {no_class_fraction}"
+        )
     # One draw decides the kind, and the other draws happen whatever the kind, so the stream of random
     # numbers (hence every other caption) does not depend on the fractions' rounding.
     u = rng.random()

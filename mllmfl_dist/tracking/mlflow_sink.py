@@ -27,8 +27,9 @@ def default_tracking_uri(run_root: Path) -> str:
 class MlflowSink:
     name = "mlflow"
 
-    def __init__(self, tracking_uri: str, experiment: str, run_name: str, run_id: str | None,
-                 artifact_root: Path, run_dir: Path):
+    def __init__(
+        self, tracking_uri: str, experiment: str, run_name: str, run_id: str | None, artifact_root: Path, run_dir: Path
+    ):
         # MLflow and alembic report database creation and migrations at INFO.
         for noisy in ("mlflow", "alembic"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -37,8 +38,11 @@ class MlflowSink:
 
         self._client = MlflowClient(tracking_uri=tracking_uri)
         found = self._client.get_experiment_by_name(experiment)
-        experiment_id = (found.experiment_id if found is not None else
-                         self._client.create_experiment(experiment, artifact_location=artifact_root.resolve().as_uri()))
+        experiment_id = (
+            found.experiment_id
+            if found is not None
+            else self._client.create_experiment(experiment, artifact_location=artifact_root.resolve().as_uri())
+        )
         self.created = True
         if run_id:
             try:

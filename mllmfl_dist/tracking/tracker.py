@@ -27,8 +27,10 @@ log = logging.getLogger(__name__)
 
 IDS_NAME = "trackers.json"  # <run dir>/trackers.json: the W&B and MLflow run ids of this run directory
 # [log] key -> (module it needs, the install command to name)
-OPTIONAL = {"wandb": ("wandb", "pip install 'mllmfl-dist[wandb]'"),
-            "mlflow": ("mlflow", "pip install 'mllmfl-dist[mlflow]'")}
+OPTIONAL = {
+    "wandb": ("wandb", "pip install 'mllmfl-dist[wandb]'"),
+    "mlflow": ("mlflow", "pip install 'mllmfl-dist[mlflow]'"),
+}
 
 
 def check_trackers(log_cfg: LogConfig) -> None:
@@ -37,8 +39,10 @@ def check_trackers(log_cfg: LogConfig) -> None:
         if getattr(log_cfg, key) and importlib.util.find_spec(module) is None:
             raise ConfigError(f"log.{key} = true needs the {module} package: {install} (or set log.{key} = false)")
     if log_cfg.mlflow and not log_cfg.mlflow_uri and importlib.util.find_spec("sqlalchemy") is None:
-        raise ConfigError(f"log.mlflow = true stores runs in SQLite, which needs sqlalchemy and alembic: "
-                          f"{OPTIONAL['mlflow'][1]} (or set log.mlflow_uri to a tracking server)")
+        raise ConfigError(
+            f"log.mlflow = true stores runs in SQLite, which needs sqlalchemy and alembic: "
+            f"{OPTIONAL['mlflow'][1]} (or set log.mlflow_uri to a tracking server)"
+        )
 
 
 class Tracker:
@@ -57,8 +61,16 @@ class Tracker:
         text = cfg.to_toml()
         self._each("record the config", lambda sink: sink.log_config(flat, text))
 
-    def log(self, record: Mapping[str, Any], *, prefix: str, step: int, step_name: str = "round",
-            class_names: Sequence[str] = (), skip: Sequence[str] = ("round", "step")) -> dict[str, float]:
+    def log(
+        self,
+        record: Mapping[str, Any],
+        *,
+        prefix: str,
+        step: int,
+        step_name: str = "round",
+        class_names: Sequence[str] = (),
+        skip: Sequence[str] = ("round", "step"),
+    ) -> dict[str, float]:
         scalars = flatten_scalars({k: v for k, v in record.items() if k not in skip}, prefix, class_names)
         if scalars:
             self._each("log", lambda sink: sink.log_scalars(scalars, step, step_name))
@@ -73,8 +85,13 @@ class Tracker:
             try:
                 call(sink)
             except Exception as err:  # noqa: BLE001 - a tracker must not end the run; say so and go on
-                log.warning("%s could not %s (%s: %s); it is left out for the rest of this stage", sink.name,
-                            what, type(err).__name__, _first_line(err))
+                log.warning(
+                    "%s could not %s (%s: %s); it is left out for the rest of this stage",
+                    sink.name,
+                    what,
+                    type(err).__name__,
+                    _first_line(err),
+                )
                 self.sinks.remove(sink)
 
 
@@ -90,19 +107,33 @@ def open_tracker(cfg: Config, stage_dir: Path, *, purge_step: int | None = None)
         starters.append(("tensorboard", lambda: TensorBoardSink(stage_dir, purge_step)))
     if cfg.log.wandb:
         ids.setdefault("wandb", secrets.token_hex(4))
-        starters.append(("wandb", lambda: WandbSink(cfg.run_dir, cfg.run.name, ids["wandb"], project,
-                                                    cfg.log.wandb_mode, cfg.to_dict())))
+        starters.append(
+            (
+                "wandb",
+                lambda: WandbSink(cfg.run_dir, cfg.run.name, ids["wandb"], project, cfg.log.wandb_mode, cfg.to_dict()),
+            )
+        )
     if cfg.log.mlflow:
         uri = cfg.log.mlflow_uri or default_tracking_uri(run_root)
-        starters.append(("mlflow", lambda: MlflowSink(uri, project, cfg.run.name, ids.get("mlflow"),
-                                                      run_root / "mlartifacts", cfg.run_dir)))
+        starters.append(
+            (
+                "mlflow",
+                lambda: MlflowSink(
+                    uri, project, cfg.run.name, ids.get("mlflow"), run_root / "mlartifacts", cfg.run_dir
+                ),
+            )
+        )
     sinks = []
     for name, start in starters:
         try:
             sinks.append(start())
         except Exception as err:  # noqa: BLE001 - see the module docstring
-            log.warning("%s could not start (%s: %s); this stage is not logged there", name, type(err).__name__,
-                        _first_line(err))
+            log.warning(
+                "%s could not start (%s: %s); this stage is not logged there",
+                name,
+                type(err).__name__,
+                _first_line(err),
+            )
     for sink in sinks:
         if sink.name == "mlflow":
             ids["mlflow"] = sink.run_id

@@ -21,15 +21,21 @@ _AXES = {"eval/*": "round", "round/*": "round", "pretrain/*": "dwp_step"}
 class WandbSink:
     name = "wandb"
 
-    def __init__(self, run_dir: Path, run_name: str, run_id: str, project: str, mode: str,
-                 config: Mapping[str, Any]):
+    def __init__(self, run_dir: Path, run_name: str, run_id: str, project: str, mode: str, config: Mapping[str, Any]):
         import wandb
 
         # W&B's own logger reports its service start-up at INFO; our log stays about the run.
         logging.getLogger("wandb").setLevel(logging.WARNING)
-        self._run = wandb.init(project=project, name=run_name, id=run_id, resume="allow", dir=str(run_dir),
-                               mode=mode or None, config=dict(config),
-                               settings=wandb.Settings(console="off", silent=True, save_code=False))
+        self._run = wandb.init(
+            project=project,
+            name=run_name,
+            id=run_id,
+            resume="allow",
+            dir=str(run_dir),
+            mode=mode or None,
+            config=dict(config),
+            settings=wandb.Settings(console="off", silent=True, save_code=False),
+        )
         for pattern, axis in _AXES.items():
             self._run.define_metric(axis, hidden=True)
             self._run.define_metric(pattern, step_metric=axis)

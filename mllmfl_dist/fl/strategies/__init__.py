@@ -9,19 +9,46 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from mllmfl_dist.config.plugins import (ENTRY_POINT_GROUP, builtin_strategy_names, register_strategy, strategy_class,
-                                      strategy_names, unregister_strategy)
+from mllmfl_dist.config.plugins import (
+    ENTRY_POINT_GROUP,
+    builtin_strategy_names,
+    register_strategy,
+    strategy_class,
+    strategy_names,
+    unregister_strategy,
+)
 from mllmfl_dist.core.progress import show_bars
-from mllmfl_dist.fl.strategies.base import (ClientContext, ClientUpdate, ModelUse, Strategy, StrategyArgs,
-                                            StrategyContext)
+from mllmfl_dist.fl.strategies.base import (
+    ClientContext,
+    ClientUpdate,
+    ModelUse,
+    Strategy,
+    StrategyArgs,
+    StrategyContext,
+)
 from mllmfl_dist.fl.strategies.fedavg import FedAvg, FedAvgM, FedProx
 
 if TYPE_CHECKING:
     from mllmfl_dist.config import Config
 
-__all__ = ["ENTRY_POINT_GROUP", "ClientContext", "ClientUpdate", "FedAvg", "FedAvgM", "FedProx", "ModelUse",
-           "Strategy", "StrategyArgs", "StrategyContext", "build_strategy", "builtin_strategy_names",
-           "register_strategy", "strategy_class", "strategy_names", "unregister_strategy"]
+__all__ = [
+    "ENTRY_POINT_GROUP",
+    "ClientContext",
+    "ClientUpdate",
+    "FedAvg",
+    "FedAvgM",
+    "FedProx",
+    "ModelUse",
+    "Strategy",
+    "StrategyArgs",
+    "StrategyContext",
+    "build_strategy",
+    "builtin_strategy_names",
+    "register_strategy",
+    "strategy_class",
+    "strategy_names",
+    "unregister_strategy",
+]
 
 
 def build_strategy(cfg: Config) -> Strategy:

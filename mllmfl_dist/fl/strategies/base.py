@@ -143,8 +143,10 @@ def dp_refusal(cls: type) -> str | None:
     for hook in DP_SENSITIVE_HOOKS:
         owner = next((k for k in mro if hook in vars(k)), Strategy)
         if owner is not Strategy and (declared is Strategy or not issubclass(declared, owner)):
-            return (f"{owner.__qualname__} overrides {hook} without declaring dp_compatible (set dp_compatible = "
-                    f"True on it only if that hook adds nothing outside the clipped, noised model mean)")
+            return (
+                f"{owner.__qualname__} overrides {hook} without declaring dp_compatible (set dp_compatible = "
+                f"True on it only if that hook adds nothing outside the clipped, noised model mean)"
+            )
     return None
 
 
@@ -212,8 +214,15 @@ class Strategy:
         ``client.state`` and :meth:`finish_client` returns the new ones."""
         return {}
 
-    def client_upload(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor, local: LocalTraining,
-                      generator: torch.Generator, device: torch.device | str) -> Tensors:
+    def client_upload(
+        self,
+        model: nn.Module,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        local: LocalTraining,
+        generator: torch.Generator,
+        device: torch.device | str,
+    ) -> Tensors:
         """This client's summands of :meth:`upload_shapes` (some or all of them), computed on the round's global
         ``model`` before local training (``local``: the run's normalisation and augmentation; ``generator``:
         seeded by (seed, round, client), the client's only source of randomness here)."""
@@ -223,8 +232,14 @@ class Strategy:
         """Before ``client``'s local training (``model``: the round's global model); a strategy keeps here what
         :meth:`local_loss` needs of this client (its state), since a host trains its clients one at a time."""
 
-    def finish_client(self, model: nn.Module, client: ClientContext, start: torch.Tensor, trained: torch.Tensor,
-                      trainable_mask: torch.Tensor) -> ClientUpdate:
+    def finish_client(
+        self,
+        model: nn.Module,
+        client: ClientContext,
+        start: torch.Tensor,
+        trained: torch.Tensor,
+        trainable_mask: torch.Tensor,
+    ) -> ClientUpdate:
         """After ``client``'s local training: summands for the all_reduce computed from its update and its new
         state. ``start`` / ``trained``: the global model before and the client's after (flat float64, the
         trainer's layout of ``model.state_dict()``); ``trainable_mask`` marks the trainable parameters' entries
@@ -236,22 +251,30 @@ class Strategy:
         :meth:`local_loss` as ``inputs``."""
         return None
 
-    def local_loss(self, model: nn.Module, logits: torch.Tensor, labels: torch.Tensor,
-                   global_params: Sequence[torch.Tensor], inputs: torch.Tensor | None = None) -> torch.Tensor:
+    def local_loss(
+        self,
+        model: nn.Module,
+        logits: torch.Tensor,
+        labels: torch.Tensor,
+        global_params: Sequence[torch.Tensor],
+        inputs: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """The loss of one local batch (``global_params``: the round's trainable parameters, when
         :attr:`reads_global_params`)."""
         return nn.functional.cross_entropy(logits, labels)
 
     # -- on the server ---------------------------------------------------------------------------------
-    def server_update(self, current: torch.Tensor, client_mean: torch.Tensor, trainable_mask: torch.Tensor,
-                      sums: Tensors) -> torch.Tensor:
+    def server_update(
+        self, current: torch.Tensor, client_mean: torch.Tensor, trainable_mask: torch.Tensor, sums: Tensors
+    ) -> torch.Tensor:
         """The next global model (float64, flat) from the current one, the clients' weighted mean and the
         all-reduced uploads ``sums`` (SCAFFOLD, FedDyn, FedNova step with them). The default ignores ``sums``
         and calls :meth:`update_global_model`."""
         return self.update_global_model(current, client_mean, trainable_mask)
 
-    def update_global_model(self, current: torch.Tensor, client_mean: torch.Tensor,
-                            trainable_mask: torch.Tensor) -> torch.Tensor:
+    def update_global_model(
+        self, current: torch.Tensor, client_mean: torch.Tensor, trainable_mask: torch.Tensor
+    ) -> torch.Tensor:
         """The next global model (float64, flat) from the current one and the clients' weighted mean;
         ``trainable_mask`` marks the trainable parameters' entries (the rest are buffers such as BatchNorm
         statistics)."""

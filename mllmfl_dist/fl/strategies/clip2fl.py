@@ -63,11 +63,15 @@ class CLIP2FL(CReFF):
     @classmethod
     def check_config(cls, cfg) -> None:
         if not cfg.section("clip2fl").model.strip():
-            raise ConfigError("federated.strategy = 'clip2fl' needs clip2fl.model (an open_clip architecture with "
-                              "clip2fl.pretrained, hf-hub:org/repo, or local-dir:DIR)")
+            raise ConfigError(
+                "federated.strategy = 'clip2fl' needs clip2fl.model (an open_clip architecture with "
+                "clip2fl.pretrained, hf-hub:org/repo, or local-dir:DIR)"
+            )
         if cfg.data.synthetic_mode != "array":
-            raise ConfigError("federated.strategy = 'clip2fl' caches teacher logits per training sample; it needs "
-                              "data.synthetic_mode = 'array'")
+            raise ConfigError(
+                "federated.strategy = 'clip2fl' caches teacher logits per training sample; it needs "
+                "data.synthetic_mode = 'array'"
+            )
 
     @classmethod
     def models(cls, sections: Mapping[str, Any]) -> list[ModelUse]:
@@ -79,18 +83,29 @@ class CLIP2FL(CReFF):
         return self.clip2fl.projection_dim or 2 * feature_dim
 
     def setup(self, context):
-        self.teacher = teacher_logits(self.clip2fl, context.data, context.runtime, context.cache_dir,
-                                      progress=self.args.progress)
+        self.teacher = teacher_logits(
+            self.clip2fl, context.data, context.runtime, context.cache_dir, progress=self.args.progress
+        )
         if context.runtime.is_server:
             # What the clients distil from: softmax(t / T) at the resolved scale, over every client sample.
             q = torch.softmax(self.teacher.logits / self.clip2fl.temperature, dim=1)
             stats = teacher_diagnostics(q, client_labels(context.data, self.teacher.indices))
-            self._teacher_summary = {"logit_scale": self.teacher.logit_scale,
-                                     "temperature": self.clip2fl.temperature, **stats}
-            log.info("clip2fl teacher on the clients' %d samples at logit scale %.4g, T = %g: accuracy %.3f, mean "
-                     "entropy %.3f nats (uniform: %.3f), mean top probability %.3f", stats["samples"],
-                     self.teacher.logit_scale, self.clip2fl.temperature, stats["accuracy"],
-                     stats["mean_entropy_nats"], stats["max_entropy_nats"], stats["mean_top_probability"])
+            self._teacher_summary = {
+                "logit_scale": self.teacher.logit_scale,
+                "temperature": self.clip2fl.temperature,
+                **stats,
+            }
+            log.info(
+                "clip2fl teacher on the clients' %d samples at logit scale %.4g, T = %g: accuracy %.3f, mean "
+                "entropy %.3f nats (uniform: %.3f), mean top probability %.3f",
+                stats["samples"],
+                self.teacher.logit_scale,
+                self.clip2fl.temperature,
+                stats["accuracy"],
+                stats["mean_entropy_nats"],
+                stats["max_entropy_nats"],
+                stats["mean_top_probability"],
+            )
 
     def setup_summary(self) -> dict[str, Any]:
         return {"clip2fl_teacher": self._teacher_summary} if self._teacher_summary else {}
@@ -109,8 +124,7 @@ class CLIP2FL(CReFF):
         if text is None or self.clip2fl.contrast_alpha == 0:
             return None
         weight, temperature = self.clip2fl.contrast_alpha, self.clip2fl.contrast_temperature
-        return lambda features: weight * ff.text_contrast_loss(features, self._text_at(features.shape[-1]),
-                                                               temperature)
+        return lambda features: weight * ff.text_contrast_loss(features, self._text_at(features.shape[-1]), temperature)
 
     def _text_at(self, width: int) -> torch.Tensor:
         """The class text embeddings ``[C, width]``, L2-normalised: as they are where ``width`` is the CLIP

@@ -61,17 +61,25 @@ class TeacherLogits:
 def client_samples(data: ClientData) -> np.ndarray:
     """Sorted training-array indices of every client's samples."""
     if not isinstance(data, ArrayClientData):
-        raise ConfigError("federated.strategy = 'clip2fl' needs an array data source (teacher logits are cached "
-                          "per training sample)")
+        raise ConfigError(
+            "federated.strategy = 'clip2fl' needs an array data source (teacher logits are cached per training sample)"
+        )
     return np.unique(np.concatenate([data.client_indices(c) for c in range(data.num_clients)]))
 
 
 def cache_key(ccfg: Clip2flConfig, data: ArrayClientData, indices: np.ndarray) -> str:
     import open_clip
 
-    meta = {"version": _CACHE_VERSION, "model": ccfg.model, "pretrained": ccfg.pretrained,
-            "templates": ccfg.templates, "logit_scale": ccfg.logit_scale, "class_names": list(data.class_names),
-            "open_clip": open_clip.__version__, "weights": weights_identity(ccfg.model, ccfg.pretrained)}
+    meta = {
+        "version": _CACHE_VERSION,
+        "model": ccfg.model,
+        "pretrained": ccfg.pretrained,
+        "templates": ccfg.templates,
+        "logit_scale": ccfg.logit_scale,
+        "class_names": list(data.class_names),
+        "open_clip": open_clip.__version__,
+        "weights": weights_identity(ccfg.model, ccfg.pretrained),
+    }
     return content_key(meta, _sample_bytes(data, indices))
 
 
@@ -88,8 +96,9 @@ def cache_path(cache_dir: Path, key: str) -> Path:
     return Path(cache_dir) / f"clip2fl-teacher-{key[:16]}.pt"
 
 
-def teacher_logits(ccfg: Clip2flConfig, data: ClientData, runtime: dist.Runtime, cache_dir: Path,
-                   progress: bool = True) -> TeacherLogits:
+def teacher_logits(
+    ccfg: Clip2flConfig, data: ClientData, runtime: dist.Runtime, cache_dir: Path, progress: bool = True
+) -> TeacherLogits:
     """Every client sample's teacher logits on every rank (and the text embeddings on rank 0)."""
     indices = client_samples(data)
     stored: dict | None = None
@@ -98,13 +107,21 @@ def teacher_logits(ccfg: Clip2flConfig, data: ClientData, runtime: dist.Runtime,
         nonlocal stored
         key = cache_key(ccfg, data, indices)
         path = cache_path(cache_dir, key)
-        stored = read_cache(path, key, lambda s: tuple(s["logits"].shape) == (len(indices), data.num_classes)
-                            and "logit_scale" in s, "clip2fl teacher cache")
+        stored = read_cache(
+            path,
+            key,
+            lambda s: tuple(s["logits"].shape) == (len(indices), data.num_classes) and "logit_scale" in s,
+            "clip2fl teacher cache",
+        )
         return stored is not None, path, key
 
     found, path, key = dist.server_decides(
-        runtime, look_up, "rank 0's look-up of the clip2fl teacher cache", catch=(Exception,),
-        as_error=lambda message: ModelLoadError(f"clip2fl teacher cache ({cache_dir}): {message}"))
+        runtime,
+        look_up,
+        "rank 0's look-up of the clip2fl teacher cache",
+        catch=(Exception,),
+        as_error=lambda message: ModelLoadError(f"clip2fl teacher cache ({cache_dir}): {message}"),
+    )
     if found:
         logits = stored["logits"] if stored is not None else torch.zeros(len(indices), data.num_classes)
         dist.broadcast_control_(runtime, logits)
@@ -121,8 +138,9 @@ def teacher_logits(ccfg: Clip2flConfig, data: ClientData, runtime: dist.Runtime,
     return TeacherLogits(indices, logits, text, scale if runtime.is_server else None)
 
 
-def compute_teacher_logits(ccfg: Clip2flConfig, data: ArrayClientData, indices: np.ndarray, runtime: dist.Runtime,
-                           progress: bool = True) -> tuple[torch.Tensor, torch.Tensor | None, float | None]:
+def compute_teacher_logits(
+    ccfg: Clip2flConfig, data: ArrayClientData, indices: np.ndarray, runtime: dist.Runtime, progress: bool = True
+) -> tuple[torch.Tensor, torch.Tensor | None, float | None]:
     """Run the CLIP teacher: each rank its contiguous share of ``indices``, summed over ranks. Returns the
     logits ``[len(indices), C]`` on every rank, the text embeddings (rank 0; None elsewhere) and the logit scale
     (``clip2fl.logit_scale``, or the model's own learned scale where that is 0)."""
@@ -136,19 +154,35 @@ def compute_teacher_logits(ccfg: Clip2flConfig, data: ArrayClientData, indices: 
         clip, preprocess, tokenizer = clip_teacher.load_clip(ccfg.model, ccfg.pretrained, device=runtime.device)
         scale = clip_teacher.resolve_logit_scale(clip, ccfg.logit_scale)
         if runtime.is_server:
-            log.info("clip2fl: teacher logit scale %.4g (%s)", scale,
-                     "clip2fl.logit_scale" if ccfg.logit_scale > 0 else "the model's own learned scale")
+            log.info(
+                "clip2fl: teacher logit scale %.4g (%s)",
+                scale,
+                "clip2fl.logit_scale" if ccfg.logit_scale > 0 else "the model's own learned scale",
+            )
         text = clip_teacher.zero_shot_classifier(clip, tokenizer, data.class_names, templates).float().cpu()
         step = ccfg.teacher_batch_size
-        bar = tqdm(total=len(mine), desc="clip2fl teacher", unit="img", dynamic_ncols=True,
-                   disable=not (runtime.is_server and progress))
+        bar = tqdm(
+            total=len(mine),
+            desc="clip2fl teacher",
+            unit="img",
+            dynamic_ncols=True,
+            disable=not (runtime.is_server and progress),
+        )
         with torch.no_grad():
             for start in range(0, len(mine), step):
                 images, _ = data.samples(mine[start : start + step])
                 row = bounds[runtime.rank] + start
                 logits[row : row + len(images)] = teachers.clip_teacher_logits(
-                    clip, preprocess, tokenizer, [to_pil(im) for im in images], data.class_names, templates,
-                    batch_size=step, logit_scale=scale, classifier=text)
+                    clip,
+                    preprocess,
+                    tokenizer,
+                    [to_pil(im) for im in images],
+                    data.class_names,
+                    templates,
+                    batch_size=step,
+                    logit_scale=scale,
+                    classifier=text,
+                )
                 bar.update(len(images))
         bar.close()
         del clip
@@ -164,5 +198,4 @@ def compute_teacher_logits(ccfg: Clip2flConfig, data: ArrayClientData, indices: 
 def client_labels(data: ArrayClientData, indices: np.ndarray) -> torch.Tensor:
     """The labels ``[len(indices)]`` (int64) of the training samples at ``indices``, read in chunks."""
     step = 4096
-    return torch.cat([data.samples(indices[start : start + step])[1].long()
-                      for start in range(0, len(indices), step)])
+    return torch.cat([data.samples(indices[start : start + step])[1].long() for start in range(0, len(indices), step)])

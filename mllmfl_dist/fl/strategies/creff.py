@@ -61,7 +61,8 @@ class CReFF(FedAvg):
             num_classes, dim = model.classifier.out_features, model.classifier.in_features
             bound = 1.0 / dim**0.5
             self.head = torch.empty(num_classes, dim + 1).uniform_(
-                -bound, bound, generator=generator(self.args.seed, TAG_CREFF_HEAD_INIT))
+                -bound, bound, generator=generator(self.args.seed, TAG_CREFF_HEAD_INIT)
+            )
         return self.head
 
     # -- on a client host ----------------------------------------------------------------------------------
@@ -73,13 +74,19 @@ class CReFF(FedAvg):
     def client_upload(self, model, images, labels, local, generator, device):
         head = self._ensure_head(model)
         num_classes = head.shape[0]
-        batches = ff.pick_class_batches(labels, num_classes, batch_size=self.creff.batch_size,
-                                        batches=self.creff.batches_per_class, generator=generator)
+        batches = ff.pick_class_batches(
+            labels,
+            num_classes,
+            batch_size=self.creff.batch_size,
+            batches=self.creff.batches_per_class,
+            generator=generator,
+        )
         positions = torch.cat([p for _, p in batches])
         x = normalize(images[positions.to(images.device)].to(device), local.mean, local.std)
         # As released: DSA on each normalised real batch, one operation per batch (its own draw).
-        x = torch.cat([dsa_siamese(part, self.creff.dsa_strategy, generator)
-                       for part in x.split([len(p) for _, p in batches])])
+        x = torch.cat(
+            [dsa_siamese(part, self.creff.dsa_strategy, generator) for part in x.split([len(p) for _, p in batches])]
+        )
         was_training = model.training
         model.eval()  # the frozen backbone: BatchNorm with the federation's statistics
         features = torch.cat([model.features(chunk).float() for chunk in x.split(FEATURE_CHUNK)])
@@ -98,15 +105,30 @@ class CReFF(FedAvg):
         num_classes, width = head.shape
         real, present = ff.mean_class_gradients(sums["class_gradients"].cpu(), sums["class_weights"].cpu())
         if self.features is None:
-            self.features = torch.randn(num_classes, self.creff.features_per_class, width - 1,
-                                        generator=generator(self.args.seed, TAG_CREFF_FEATURES)).requires_grad_(True)
+            self.features = torch.randn(
+                num_classes,
+                self.creff.features_per_class,
+                width - 1,
+                generator=generator(self.args.seed, TAG_CREFF_FEATURES),
+            ).requires_grad_(True)
             self._feature_optimizer = torch.optim.SGD([self.features], lr=self.creff.lr_feature)
-        match_loss = ff.match_federated_features(self.features, self._feature_optimizer, real, present,
-                                                 head[:, :-1], head[:, -1], self.creff.match_epochs,
-                                                 extra_loss=self.feature_extra_loss())
-        retrained = ff.retrain_classifier(self.features, epochs=self.creff.crt_epochs, lr=self.creff.lr_crt,
-                                          batch_size=self.creff.crt_batch_size,
-                                          generator=generator(self.args.seed, TAG_CREFF_RETRAIN, round_index))
+        match_loss = ff.match_federated_features(
+            self.features,
+            self._feature_optimizer,
+            real,
+            present,
+            head[:, :-1],
+            head[:, -1],
+            self.creff.match_epochs,
+            extra_loss=self.feature_extra_loss(),
+        )
+        retrained = ff.retrain_classifier(
+            self.features,
+            epochs=self.creff.crt_epochs,
+            lr=self.creff.lr_crt,
+            batch_size=self.creff.crt_batch_size,
+            generator=generator(self.args.seed, TAG_CREFF_RETRAIN, round_index),
+        )
         self.head = torch.cat([retrained.weight, retrained.bias[:, None]], dim=1).detach().cpu()
         self.rounds_retrained = round_index
         return {"match_loss": match_loss}
@@ -141,8 +163,9 @@ class CReFF(FedAvg):
         return {
             "optimizer": super().state_dict(),
             "features": None if self.features is None else self.features.detach().clone(),
-            "feature_optimizer": (copy.deepcopy(self._feature_optimizer.state_dict())
-                                  if self._feature_optimizer is not None else None),
+            "feature_optimizer": (
+                copy.deepcopy(self._feature_optimizer.state_dict()) if self._feature_optimizer is not None else None
+            ),
             "head": None if self.head is None else self.head.clone(),
             "rounds_retrained": self.rounds_retrained,
         }

@@ -111,8 +111,9 @@ def _randint(low: int, high: int, generator: torch.Generator) -> int:
     return int(torch.randint(low, high, (), generator=generator))
 
 
-def apply_operation(x: torch.Tensor, name: str, generator: torch.Generator,
-                    params: DSAParams = DSAParams()) -> torch.Tensor:
+def apply_operation(
+    x: torch.Tensor, name: str, generator: torch.Generator, params: DSAParams = DSAParams()
+) -> torch.Tensor:
     """One DSA operation on the whole batch ``x`` (float ``[B, C, H, W]``), its parameters drawn once from
     ``generator`` and shared by every image (Siamese). Raises ValueError for an unknown ``name``."""
     height, width = x.shape[-2:]
@@ -143,8 +144,9 @@ def apply_operation(x: torch.Tensor, name: str, generator: torch.Generator,
     raise ValueError(f"unknown DSA operation {name!r}; choose from {', '.join(DSA_OPERATIONS)}")
 
 
-def dsa_siamese(x: torch.Tensor, strategy: str, generator: torch.Generator,
-                params: DSAParams = DSAParams()) -> torch.Tensor:
+def dsa_siamese(
+    x: torch.Tensor, strategy: str, generator: torch.Generator, params: DSAParams = DSAParams()
+) -> torch.Tensor:
     """DSA in the released mode 'S': one operation of ``strategy`` (``'_'``-separated, e.g.
     ``"color_crop_cutout_flip_scale_rotate"``; ``"none"`` returns ``x``) drawn uniformly, applied to the
     whole float batch ``[B, C, H, W]`` with parameters shared by every image."""

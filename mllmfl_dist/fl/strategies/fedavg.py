@@ -74,8 +74,10 @@ class FedAvg(Strategy):
     def divergence_hints(self, where: str) -> list[str]:
         if where != "global_update":
             return []
-        return [f"federated.server_lr = {self.server.lr:g}",
-                f"federated.server_momentum = {self.args.federated.server_momentum:g}"]
+        return [
+            f"federated.server_lr = {self.server.lr:g}",
+            f"federated.server_momentum = {self.args.federated.server_momentum:g}",
+        ]
 
     def state_dict(self) -> dict[str, Any]:
         return self.server.state_dict()

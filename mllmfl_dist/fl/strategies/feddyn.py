@@ -41,8 +41,10 @@ class FedDyn(Strategy):
     @classmethod
     def check_config(cls, cfg) -> None:
         if cfg.federated.server_lr != 1.0:
-            raise ConfigError(f"federated.strategy = 'feddyn' takes the paper's server step; federated.server_lr "
-                              f"= {cfg.federated.server_lr:g} would change it (leave it at 1)")
+            raise ConfigError(
+                f"federated.strategy = 'feddyn' takes the paper's server step; federated.server_lr "
+                f"= {cfg.federated.server_lr:g} would change it (leave it at 1)"
+            )
 
     def upload_shapes(self, model):
         return {"delta_sum": (trainable_numel(model),), "clients": (1,)}
@@ -51,8 +53,9 @@ class FedDyn(Strategy):
         return {"gradient": (trainable_numel(model),)}
 
     def start_client(self, model: nn.Module, client: ClientContext) -> None:
-        self._grad = ([] if client.state is None
-                      else split_like_parameters(client.state["gradient"].double().cpu(), model))
+        self._grad = (
+            [] if client.state is None else split_like_parameters(client.state["gradient"].double().cpu(), model)
+        )
 
     def local_loss(self, model, logits, labels, global_params, inputs=None):
         loss = nn.functional.cross_entropy(logits, labels)
@@ -63,10 +66,12 @@ class FedDyn(Strategy):
 
     def finish_client(self, model, client: ClientContext, start, trained, trainable_mask) -> ClientUpdate:
         delta = (trained - start)[trainable_mask]
-        grad = (client.state["gradient"].double().to(delta.device) if client.state is not None
-                else torch.zeros_like(delta))
-        return ClientUpdate({"delta_sum": delta, "clients": torch.ones(1, dtype=torch.float64)},
-                            {"gradient": grad - self.alpha * delta})
+        grad = (
+            client.state["gradient"].double().to(delta.device) if client.state is not None else torch.zeros_like(delta)
+        )
+        return ClientUpdate(
+            {"delta_sum": delta, "clients": torch.ones(1, dtype=torch.float64)}, {"gradient": grad - self.alpha * delta}
+        )
 
     def server_update(self, current, client_mean, trainable_mask, sums):
         delta_sum, count = sums["delta_sum"].to(current.device), float(sums["clients"][0])

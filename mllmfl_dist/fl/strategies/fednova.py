@@ -33,8 +33,13 @@ class FedNova(Strategy):
         if client.local_steps == 0:
             return ClientUpdate({"weight": weight})
         a = normalizing_weight(client.local_steps, self.args.federated.momentum)
-        return ClientUpdate({"normalized_update": (start - trained)[trainable_mask] * (n / a),
-                             "tau": torch.full((1,), n * a, dtype=torch.float64), "weight": weight})
+        return ClientUpdate(
+            {
+                "normalized_update": (start - trained)[trainable_mask] * (n / a),
+                "tau": torch.full((1,), n * a, dtype=torch.float64),
+                "weight": weight,
+            }
+        )
 
     def server_update(self, current, client_mean, trainable_mask, sums):
         total = float(sums["weight"][0])

@@ -22,14 +22,18 @@ class FedOpt(FedAvg):
     def __init__(self, args: StrategyArgs, fedopt: FedOptConfig):
         super().__init__(args)
         self.fedopt = fedopt
-        self.server = AdaptiveServerOptimizer(self.rule, args.federated.server_lr * fedopt.eta, fedopt.beta1,
-                                              fedopt.beta2, fedopt.tau)
+        self.server = AdaptiveServerOptimizer(
+            self.rule, args.federated.server_lr * fedopt.eta, fedopt.beta1, fedopt.beta2, fedopt.tau
+        )
 
     def divergence_hints(self, where: str) -> list[str]:
         if where != "global_update":
             return []
-        hints = [f"fedopt.eta = {self.fedopt.eta:g}", f"fedopt.tau = {self.fedopt.tau:g}",
-                 f"federated.server_lr = {self.args.federated.server_lr:g}"]
+        hints = [
+            f"fedopt.eta = {self.fedopt.eta:g}",
+            f"fedopt.tau = {self.fedopt.tau:g}",
+            f"federated.server_lr = {self.args.federated.server_lr:g}",
+        ]
         return hints if self.rule == "adagrad" else [*hints, f"fedopt.beta2 = {self.fedopt.beta2:g}"]
 
 

@@ -81,8 +81,7 @@ class Scaffold(FedAvg):
 
     def finish_client(self, model, client: ClientContext, start, trained, trainable_mask) -> ClientUpdate:
         c = self._ensure_control(model).double().to(start.device)
-        c_i = (client.state["control"].double().to(start.device) if client.state is not None
-               else torch.zeros_like(c))
+        c_i = client.state["control"].double().to(start.device) if client.state is not None else torch.zeros_like(c)
         if client.local_steps == 0:
             return ClientUpdate({}, {"control": c_i})
         delta_model = (start - trained)[trainable_mask]
@@ -111,8 +110,7 @@ class Scaffold(FedAvg):
         return super().divergence_hints(where)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"optimizer": super().state_dict(),
-                "control": None if self.control is None else self.control.clone()}
+        return {"optimizer": super().state_dict(), "control": None if self.control is None else self.control.clone()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if not state:

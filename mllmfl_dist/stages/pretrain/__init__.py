@@ -49,14 +49,25 @@ finished run (``backbone.pt`` and ``metrics.json`` present) is skipped.
 from mllmfl_dist.stages.deepspeed_setup import deepspeed_config
 from mllmfl_dist.stages.pretrain.batches import BatchBuilder, DWPBatch, FLInput
 from mllmfl_dist.stages.pretrain.captions import (
-                                                  CaptionedSample,
-                                                  load_captioned,
-                                                  micro_batch_indices,
-                                                  shards_pattern,
-                                                  split_heldout,
-                                                  stage_dir,
+    CaptionedSample,
+    load_captioned,
+    micro_batch_indices,
+    shards_pattern,
+    split_heldout,
+    stage_dir,
 )
 from mllmfl_dist.stages.pretrain.recipe import run_pretrain
 
-__all__ = ["BatchBuilder", "CaptionedSample", "DWPBatch", "FLInput", "deepspeed_config", "load_captioned",
-           "micro_batch_indices", "run_pretrain", "shards_pattern", "split_heldout", "stage_dir"]
+__all__ = [
+    "BatchBuilder",
+    "CaptionedSample",
+    "DWPBatch",
+    "FLInput",
+    "deepspeed_config",
+    "load_captioned",
+    "micro_batch_indices",
+    "run_pretrain",
+    "shards_pattern",
+    "split_heldout",
+    "stage_dir",
+]

@@ -63,8 +63,9 @@ class BatchBuilder:
         self.side = side
         image_token = getattr(processor, "image_token", "<image>")
         if prompt.count(image_token) != 1:
-            raise ConfigError(f"pretrain.prompt must contain the image placeholder {image_token!r} exactly once, "
-                              f"got {prompt!r}")
+            raise ConfigError(
+                f"pretrain.prompt must contain the image placeholder {image_token!r} exactly once, got {prompt!r}"
+            )
         self.eos = self.tokenizer.eos_token_id
         self.pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos
         if self.eos is None:
@@ -78,8 +79,10 @@ class BatchBuilder:
         for caption in captions:
             ids = self.tokenizer(f"{text_prompt} {caption}")["input_ids"]
             if _common_prefix(ids, prompt) < len(prompt) - 1:
-                raise ConfigError(f"pretrain.prompt: tokenising prompt + caption changes the prompt's tokens "
-                                  f"(caption {caption[:40]!r}); end the prompt with a separator such as ':'")
+                raise ConfigError(
+                    f"pretrain.prompt: tokenising prompt + caption changes the prompt's tokens "
+                    f"(caption {caption[:40]!r}); end the prompt with a separator such as ':'"
+                )
 
     def __call__(self, samples: Sequence[CaptionedSample]) -> DWPBatch:
         images = [decode_image(s.image_bytes, side=self.side) for s in samples]
@@ -90,8 +93,9 @@ class BatchBuilder:
         if self._prompt_ids is None:
             ids = self.processor(images=rgb[:1], text=[self.prompt], return_tensors="pt")["input_ids"][0]
             self._prompt_ids = ids.tolist()
-        enc = self.processor(images=rgb, text=[f"{self.prompt} {c}" for c in captions], return_tensors="pt",
-                             padding=True)
+        enc = self.processor(
+            images=rgb, text=[f"{self.prompt} {c}" for c in captions], return_tensors="pt", padding=True
+        )
         rows, label_rows = [], []
         prompt = self._prompt_ids
         for ids, mask in zip(enc["input_ids"], enc["attention_mask"]):
@@ -100,8 +104,10 @@ class BatchBuilder:
                 ids = ids[:-1]  # a tokenizer that appends EOS itself
             n = _common_prefix(ids, prompt)
             if n < len(prompt) - 1:  # the last prompt token may merge with the caption's first
-                raise ConfigError("pretrain.prompt: tokenising prompt + caption changes the prompt's tokens; "
-                                  "end the prompt with a separator such as ':'")
+                raise ConfigError(
+                    "pretrain.prompt: tokenising prompt + caption changes the prompt's tokens; "
+                    "end the prompt with a separator such as ':'"
+                )
             caption = ids[n:][: self.max_caption_tokens] + [self.eos]
             rows.append(ids[:n] + caption)
             label_rows.append([IGNORE_INDEX] * n + caption)

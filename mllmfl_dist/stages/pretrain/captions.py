@@ -42,8 +42,6 @@ def model_name(cfg: Config) -> str:
     return cfg.pretrain.model or cfg.annotate.model
 
 
-
-
 @dataclass(frozen=True)
 class CaptionedSample:
     shard: str
@@ -52,8 +50,10 @@ class CaptionedSample:
     caption: str
 
 
-def load_captioned(pattern: str, bounds: ImageBounds | None = None,
-                   ) -> tuple[list[CaptionedSample], list[dict[str, str]]]:
+def load_captioned(
+    pattern: str,
+    bounds: ImageBounds | None = None,
+) -> tuple[list[CaptionedSample], list[dict[str, str]]]:
     """Captioned samples of the shards of ``pattern`` in sorted (shard, key) order, and the skipped ones
     (``{shard, key, reason}``: no caption, unreadable sample or image, an image over ``bounds``
     (``pretrain.max_image_*``), a member outside any sample, damaged shard).
@@ -66,8 +66,10 @@ def load_captioned(pattern: str, bounds: ImageBounds | None = None,
     except DataError as err:
         raise DataError(f"pretrain: {err}; run the annotate stage first or set pretrain.shards") from None
     if not shards:
-        raise DataError(f"pretrain: no shard file (.tar, .tar.gz) matches {pattern!r}; run the annotate stage "
-                        "first or set pretrain.shards")
+        raise DataError(
+            f"pretrain: no shard file (.tar, .tar.gz) matches {pattern!r}; run the annotate stage "
+            "first or set pretrain.shards"
+        )
     samples: list[CaptionedSample] = []
     skipped: list[dict[str, str]] = []
     for shard in shards:
@@ -83,24 +85,27 @@ def load_captioned(pattern: str, bounds: ImageBounds | None = None,
                 if reason:
                     skipped.append({"shard": shard.name, "key": sample["key"], "reason": reason})
                     continue
-                found.append(CaptionedSample(shard.name, sample["key"], sample["image_bytes"],
-                                             sample["txt"].strip()))
+                found.append(CaptionedSample(shard.name, sample["key"], sample["image_bytes"], sample["txt"].strip()))
         except ShardError as err:
             log.warning("pretrain: %s; its readable samples are used", err)
             skipped.append({"shard": shard.name, "key": "", "reason": str(err)})
         samples.extend(sorted(found, key=lambda s: s.key))
     if not samples:
-        raise DataError(f"pretrain: no captioned samples in {len(shards)} shard(s) of {pattern!r} "
-                        f"({len(skipped)} without a caption or unreadable); point pretrain.shards at annotated "
-                        "shards (samples with .txt)")
+        raise DataError(
+            f"pretrain: no captioned samples in {len(shards)} shard(s) of {pattern!r} "
+            f"({len(skipped)} without a caption or unreadable); point pretrain.shards at annotated "
+            "shards (samples with .txt)"
+        )
     return samples, skipped
 
 
 def split_heldout(samples: Sequence[CaptionedSample], heldout: int) -> tuple[list, list]:
     """The first ``heldout`` samples (held out) and the rest (training)."""
     if heldout >= len(samples):
-        raise DataError(f"pretrain.heldout = {heldout} leaves no training sample out of {len(samples)} "
-                        f"captioned samples; lower pretrain.heldout or add shards")
+        raise DataError(
+            f"pretrain.heldout = {heldout} leaves no training sample out of {len(samples)} "
+            f"captioned samples; lower pretrain.heldout or add shards"
+        )
     return list(samples[:heldout]), list(samples[heldout:])
 
 
@@ -109,8 +114,17 @@ def _epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng(derive_seed(seed, TAG_PRETRAIN_ORDER, epoch)).permutation(n)
 
 
-def micro_batch_indices(n: int, seed: int, step: int, micro_step: int, *, micro_batch_size: int,
-                        grad_accum: int, dp_rank: int, dp_world: int) -> list[int]:
+def micro_batch_indices(
+    n: int,
+    seed: int,
+    step: int,
+    micro_step: int,
+    *,
+    micro_batch_size: int,
+    grad_accum: int,
+    dp_rank: int,
+    dp_world: int,
+) -> list[int]:
     """Training-sample indices of data-parallel rank ``dp_rank``'s micro-batch ``micro_step`` of step ``step``.
 
     The training set is read as one stream, shuffled per epoch by ``(seed, epoch)``; step ``t`` covers the

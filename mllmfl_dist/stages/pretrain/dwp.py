@@ -25,8 +25,9 @@ from mllmfl_dist.mllm.llava import IGNORE_INDEX
 __all__ = ["alpha_at", "TokenAdapter", "DWPStudent", "mix_visual_tokens", "caption_token_count"]
 
 
-def alpha_at(step: int, steps: int, alpha_start: float = 0.0, schedule: str = "linear",
-             ramp_fraction: float = 0.5) -> float:
+def alpha_at(
+    step: int, steps: int, alpha_start: float = 0.0, schedule: str = "linear", ramp_fraction: float = 0.5
+) -> float:
     """The FL features' weight for training step ``step`` (0-based) of ``steps``.
 
     Rises from ``alpha_start`` at step 0 to 1 at step ``ramp_fraction * steps`` (``linear``: a straight line;
@@ -61,8 +62,10 @@ class TokenAdapter(nn.Module):
         super().__init__()
         cells = grid_h * grid_w
         if tokens not in (cells, cells + 1):
-            raise ValueError(f"{tokens} visual tokens do not fit a {grid_h}x{grid_w} grid (expected {cells} "
-                             f"or {cells + 1} with a CLS token)")
+            raise ValueError(
+                f"{tokens} visual tokens do not fit a {grid_h}x{grid_w} grid (expected {cells} "
+                f"or {cells + 1} with a CLS token)"
+            )
         self.tokens, self.grid = tokens, (grid_h, grid_w)
         self.has_cls = tokens == cells + 1
         self.proj = nn.Sequential(nn.Linear(in_channels, width), nn.GELU(), nn.Linear(width, width))
@@ -91,8 +94,7 @@ class DWPStudent(nn.Module):
         return self.adapter(self.backbone.feature_map(x))
 
 
-def mix_visual_tokens(fl_tokens: torch.Tensor | None, clip_tokens: torch.Tensor | None,
-                      alpha: float) -> torch.Tensor:
+def mix_visual_tokens(fl_tokens: torch.Tensor | None, clip_tokens: torch.Tensor | None, alpha: float) -> torch.Tensor:
     """``alpha * fl + (1 - alpha) * clip``. Either side may be None where its weight is 0 (``alpha`` 0 or 1);
     during training pass both so the graph reaches the FL parameters even at ``alpha = 0``."""
     if fl_tokens is None and clip_tokens is None:

@@ -40,8 +40,10 @@ def build_student(cfg: Config, llava, runtime: dist.Runtime | None = None) -> tu
     backbone.to(memory_format=torch.contiguous_format)
     backbone.input_memory_format = torch.contiguous_format
     if data.in_channels not in (1, 3):
-        raise ConfigError(f"pretrain needs an FL model with 1 or 3 input channels to feed it the captioned "
-                          f"images; the data ({cfg.data.source}) has {data.in_channels}")
+        raise ConfigError(
+            f"pretrain needs an FL model with 1 or 3 input channels to feed it the captioned "
+            f"images; the data ({cfg.data.source}) has {data.in_channels}"
+        )
     fl_input = FLInput(data.in_channels, data.image_size, tuple(data.mean), tuple(data.std))
     tokens, grid_h, grid_w, width = vision_grid(llava)
     with torch.random.fork_rng(devices=[]):  # the adapter's init from its own stream; the global RNG is left alone
@@ -50,8 +52,7 @@ def build_student(cfg: Config, llava, runtime: dist.Runtime | None = None) -> tu
     return DWPStudent(backbone, adapter), fl_input
 
 
-def _visual_tokens(engine, llava, batch: DWPBatch, alpha: float, device: torch.device,
-                   training: bool) -> torch.Tensor:
+def _visual_tokens(engine, llava, batch: DWPBatch, alpha: float, device: torch.device, training: bool) -> torch.Tensor:
     fl = None
     if training or alpha > 0.0:
         fl = engine(batch.x_fl.to(device=device, dtype=_module_dtype(engine)))
@@ -79,8 +80,9 @@ def _module_dtype(engine) -> torch.dtype:
 
 def lm_output(engine, llava, batch: DWPBatch, alpha: float, device: torch.device, training: bool):
     v = _visual_tokens(engine, llava, batch, alpha, device, training)
-    return llava_forward_with_visual_features(llava, v, batch.input_ids.to(device),
-                                              batch.attention_mask.to(device), batch.labels.to(device))
+    return llava_forward_with_visual_features(
+        llava, v, batch.input_ids.to(device), batch.attention_mask.to(device), batch.labels.to(device)
+    )
 
 
 @torch.no_grad()
@@ -94,18 +96,26 @@ def stop_if_non_finite(runtime: dist.Runtime, loss: torch.Tensor, step: int, cfg
             f"DWP step {step}: the language-model loss went non-finite; nothing of this step was saved and the "
             f"last DeepSpeed checkpoint is kept. Look at pretrain.deepspeed.lr = {ds.lr:g}, "
             f"pretrain.deepspeed.precision = {ds.precision!r}, pretrain.deepspeed.gradient_clipping = "
-            f"{ds.gradient_clipping:g}")
+            f"{ds.gradient_clipping:g}"
+        )
 
 
-def heldout_loss(engine, llava, builder: BatchBuilder, samples: Sequence[CaptionedSample], alpha: float,
-                 batch_size: int, device: torch.device) -> float:
+def heldout_loss(
+    engine,
+    llava,
+    builder: BatchBuilder,
+    samples: Sequence[CaptionedSample],
+    alpha: float,
+    batch_size: int,
+    device: torch.device,
+) -> float:
     """Held-out next-token loss on the captions (mean over all caption tokens) with visual tokens mixed at
     ``alpha`` (1: FL features alone; 0: CLIP features alone), the FL model in eval mode."""
     engine.eval()
     total, count = 0.0, 0
     try:
         for start in range(0, len(samples), batch_size):
-            batch = builder(samples[start: start + batch_size])
+            batch = builder(samples[start : start + batch_size])
             out = lm_output(engine, llava, batch, alpha, device, training=False)
             n = caption_token_count(batch.labels)
             total += float(out.loss) * n
@@ -113,10 +123,6 @@ def heldout_loss(engine, llava, builder: BatchBuilder, samples: Sequence[Caption
     finally:
         engine.train()
     return total / max(count, 1)
-
-
-
-
 
 
 def module_states(engine, zero_stage: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -128,8 +134,10 @@ def module_states(engine, zero_stage: int) -> tuple[dict[str, torch.Tensor], dic
         context = deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None)
     with context:
         student: DWPStudent = engine.module
-        backbone = {k: v.detach().float().cpu().clone() if v.is_floating_point() else v.detach().cpu().clone()
-                    for k, v in student.backbone.backbone_state_dict().items()}
+        backbone = {
+            k: v.detach().float().cpu().clone() if v.is_floating_point() else v.detach().cpu().clone()
+            for k, v in student.backbone.backbone_state_dict().items()
+        }
         adapter = {k: v.detach().float().cpu().clone() for k, v in student.adapter.state_dict().items()}
     return backbone, adapter
 

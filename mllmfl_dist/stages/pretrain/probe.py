@@ -25,8 +25,9 @@ TEST_PER_CLASS = 100
 _KEYS = ("acc", "acc_top1", "val_acc", "val_acc_top1", "train_acc", "feature_dim", "n_train", "n_test", "converged")
 
 
-def dwp_probe(cfg: Config, backbone_state: dict[str, torch.Tensor],
-              device: torch.device | str = "cpu") -> dict[str, Any]:
+def dwp_probe(
+    cfg: Config, backbone_state: dict[str, torch.Tensor], device: torch.device | str = "cpu"
+) -> dict[str, Any]:
     """``{"train_set", "test_set", "recipe", "dwp": {...}, "random_init": {...}}`` (each: balanced ``acc``,
     ``acc_top1``, ``train_acc``, ``val_acc`` when the data has a validation set, ...), or ``{"skipped": reason}``.
     ``backbone_state``: ``FLModel.backbone_state_dict()`` of the trained backbone; the
@@ -43,17 +44,24 @@ def dwp_probe(cfg: Config, backbone_state: dict[str, torch.Tensor],
     init = build_fl_model(cfg.model, data, cfg.run.seed).to(device)
     trained = build_fl_model(cfg.model, data, cfg.run.seed).to(device)
     trained.load_backbone_state_dict(backbone_state)
-    out: dict[str, Any] = {"train_set": sets.train_name,
-                           "test_set": f"balanced test set, first {TEST_PER_CLASS} per class ({len(sets.test[1])} "
-                                       f"images)", "recipe": RECIPE}
+    out: dict[str, Any] = {
+        "train_set": sets.train_name,
+        "test_set": f"balanced test set, first {TEST_PER_CLASS} per class ({len(sets.test[1])} images)",
+        "recipe": RECIPE,
+    }
     try:
         for name, model in (("dwp", trained), ("random_init", init)):
-            result = linear_probe(lambda images, m=model: pooled_features(m, images, data.mean, data.std,
-                                                                         device=device), sets)
+            result = linear_probe(
+                lambda images, m=model: pooled_features(m, images, data.mean, data.std, device=device), sets
+            )
             out[name] = {k: result[k] for k in _KEYS if k in result}
     except ValueError as err:  # e.g. non-finite features of a diverged backbone: the stage's outputs still stand
         log.warning("pretrain: linear probe failed: %s", err)
         return {"skipped": f"the probe failed: {err}"}
-    log.info("pretrain: linear probe on the %s, balanced test accuracy: DWP backbone %.4f, random init %.4f",
-             sets.train_name, out["dwp"]["acc"], out["random_init"]["acc"])
+    log.info(
+        "pretrain: linear probe on the %s, balanced test accuracy: DWP backbone %.4f, random init %.4f",
+        sets.train_name,
+        out["dwp"]["acc"],
+        out["random_init"]["acc"],
+    )
     return out

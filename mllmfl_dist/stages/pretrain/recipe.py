@@ -60,8 +60,9 @@ from mllmfl_dist.mllm.llava import load_llava, vision_side
 log = logging.getLogger(__name__)
 
 
-def run_pretrain(cfg: Config, runtime: dist.Runtime, *, progress: bool = True,
-                 stop_at: int | None = None) -> dict[str, Any]:
+def run_pretrain(
+    cfg: Config, runtime: dist.Runtime, *, progress: bool = True, stop_at: int | None = None
+) -> dict[str, Any]:
     """Run (or resume, or skip if finished) DWP; returns ``metrics.json``'s content on rank 0, ``{}`` elsewhere.
 
     ``stop_at``: end after this global step, with a DeepSpeed checkpoint there and no final outputs, as if
@@ -103,8 +104,14 @@ class _DWP:
     student: Any
     engine: Any = None
     ds_config: dict[str, Any] = field(default_factory=dict)
-    state: dict[str, Any] = field(default_factory=lambda: {"loss": [], "heldout_loss_alpha1_step0": None,
-                                                           "train_seconds": 0.0, "train_samples": 0})
+    state: dict[str, Any] = field(
+        default_factory=lambda: {
+            "loss": [],
+            "heldout_loss_alpha1_step0": None,
+            "train_seconds": 0.0,
+            "train_samples": 0,
+        }
+    )
 
     @property
     def ds_dir(self) -> Path:
@@ -118,11 +125,14 @@ def _check_settings(cfg: Config, runtime: dist.Runtime) -> None:
             f"pretrain.ranks = 'rank0' with {runtime.world_size} processes is not supported: DeepSpeed "
             "synchronises checkpoints over the whole process group (engine.save_checkpoint barriers on every "
             "rank), so rank 0 cannot train alone inside a multi-process job. Use pretrain.ranks = 'all' (every "
-            "rank a data-parallel rank) or run the pretrain stage as one process")
+            "rank a data-parallel rank) or run the pretrain stage as one process"
+        )
     if not model_name(cfg):
-        raise ConfigError("pretrain.model and annotate.model are empty; set pretrain.model to a hub id (e.g. "
-                          "llava-hf/llava-1.5-7b-hf) or a directory (e.g. one made by "
-                          "`python -m mllmfl_dist tiny-models DIR`)")
+        raise ConfigError(
+            "pretrain.model and annotate.model are empty; set pretrain.model to a hub id (e.g. "
+            "llava-hf/llava-1.5-7b-hf) or a directory (e.g. one made by "
+            "`python -m mllmfl_dist tiny-models DIR`)"
+        )
 
 
 def _finished_metrics(out: Path, runtime: dist.Runtime) -> dict[str, Any] | None:
@@ -154,12 +164,14 @@ def _resume_point(cfg: Config, runtime: dist.Runtime, out: Path) -> tuple[str | 
             check_resume(cfg, point.client_state, ds_dir, runtime.world_size)
         return (point.tag, adapter_shapes(point.client_state)) if point else (None, {})
 
-    return dist.server_decides(runtime, resume_point, "rank 0's choice of the DWP checkpoint to resume",
-                               catch=(ConfigError,))
+    return dist.server_decides(
+        runtime, resume_point, "rank 0's choice of the DWP checkpoint to resume", catch=(ConfigError,)
+    )
 
 
-def _load(cfg: Config, runtime: dist.Runtime, out: Path, resume_tag: str | None,
-          saved_adapter: dict[str, list[int]]) -> _DWP:
+def _load(
+    cfg: Config, runtime: dist.Runtime, out: Path, resume_tag: str | None, saved_adapter: dict[str, list[int]]
+) -> _DWP:
     """The captioned data, the frozen LLaVA, the student (backbone + adapter) and the batch builder."""
     pcfg = cfg.pretrain
     prepare_deepspeed(runtime.device, pcfg.deepspeed.cpu_comm)  # before the import: nothing to JIT-compile
@@ -170,14 +182,16 @@ def _load(cfg: Config, runtime: dist.Runtime, out: Path, resume_tag: str | None,
     heldout, train = split_heldout(samples, pcfg.heldout)
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    llava, processor = load_llava(model_name(cfg), dtype=PRECISION_DTYPES[pcfg.deepspeed.precision],
-                                  device=runtime.device, device_map="")
+    llava, processor = load_llava(
+        model_name(cfg), dtype=PRECISION_DTYPES[pcfg.deepspeed.precision], device=runtime.device, device_map=""
+    )
     llava.eval().requires_grad_(False)
     student, fl_input = build_student(cfg, llava, runtime)
     if resume_tag is not None:  # before DeepSpeed's load, whose size mismatch would be a traceback
         check_adapter_geometry(saved_adapter, student, out / DEEPSPEED_DIR / resume_tag, model_name(cfg))
-    builder = BatchBuilder(processor, pcfg.prompt, pcfg.max_caption_tokens, fl_input,
-                           side=max(vision_side(llava), fl_input.size))
+    builder = BatchBuilder(
+        processor, pcfg.prompt, pcfg.max_caption_tokens, fl_input, side=max(vision_side(llava), fl_input.size)
+    )
     # Every rank checks every caption before training, so a bad prompt ends all ranks together instead of
     # one rank mid-run while the others wait in a gradient all-reduce.
     builder.check_captions([sample.caption for sample in samples])
@@ -193,8 +207,9 @@ def _build_engine(dwp: _DWP) -> None:
     # a JIT-built extension: minutes on a CPU, and it needs the CUDA toolkit on a GPU node).
     dwp.ds_config = deepspeed_config(dwp.cfg.pretrain, dwp.runtime.world_size, torch_optimizer=True)
     dwp.student.to(dwp.runtime.device)
-    dwp.engine, _, _, _ = deepspeed.initialize(model=dwp.student, model_parameters=list(dwp.student.parameters()),
-                                               config=dwp.ds_config)
+    dwp.engine, _, _, _ = deepspeed.initialize(
+        model=dwp.student, model_parameters=list(dwp.student.parameters()), config=dwp.ds_config
+    )
     match_buffer_dtype(dwp.engine.module)
     install_safe_engine(dwp.engine)  # DeepSpeed's loads weights_only, its saves atomic
 
@@ -206,19 +221,23 @@ def _restore(dwp: _DWP, resume_tag: str | None) -> int:
     if resume_tag is not None:
         path, client_state = engine.load_checkpoint(str(ds_dir), tag=resume_tag)
         if path is None:
-            raise ConfigError(f"cannot load the DeepSpeed checkpoint {ds_dir / resume_tag}; move it away to resume "
-                              "from an older one")
+            raise ConfigError(
+                f"cannot load the DeepSpeed checkpoint {ds_dir / resume_tag}; move it away to resume from an older one"
+            )
         state.update({k: client_state[k] for k in state if k in client_state})
         state["loss"] = [r for r in state["loss"] if r["step"] <= engine.global_steps]
     start = engine.global_steps
     if start > pcfg.steps:
-        raise ConfigError(f"{ds_dir} is at step {start}, past pretrain.steps = {pcfg.steps}; raise "
-                          "pretrain.steps or delete the directory to start over")
+        raise ConfigError(
+            f"{ds_dir} is at step {start}, past pretrain.steps = {pcfg.steps}; raise "
+            "pretrain.steps or delete the directory to start over"
+        )
     if start and dwp.runtime.is_server:
         log.info("resuming DWP from %s at step %d", ds_dir, start)
     if state["heldout_loss_alpha1_step0"] is None:
-        state["heldout_loss_alpha1_step0"] = heldout_loss(engine, dwp.llava, dwp.builder, dwp.heldout, 1.0,
-                                                          pcfg.micro_batch_size, dwp.runtime.device)
+        state["heldout_loss_alpha1_step0"] = heldout_loss(
+            engine, dwp.llava, dwp.builder, dwp.heldout, 1.0, pcfg.micro_batch_size, dwp.runtime.device
+        )
     return start
 
 
@@ -228,16 +247,31 @@ def _train(dwp: _DWP, start: int, end: int, progress: bool) -> PretrainReport:
     cfg, runtime, engine, state = dwp.cfg, dwp.runtime, dwp.engine, dwp.state
     pcfg, device, dp_world, dp_rank = cfg.pretrain, runtime.device, runtime.world_size, runtime.rank
     accum, batch_size = pcfg.deepspeed.gradient_accumulation_steps, pcfg.micro_batch_size
-    report = PretrainReport(cfg, runtime, dwp.out, start, state["heldout_loss_alpha1_step0"],
-                            global_batch=batch_size * accum * dp_world, progress=progress)
+    report = PretrainReport(
+        cfg,
+        runtime,
+        dwp.out,
+        start,
+        state["heldout_loss_alpha1_step0"],
+        global_batch=batch_size * accum * dp_world,
+        progress=progress,
+    )
     engine.train()
     for step in range(start, end):
         alpha = alpha_at(step, pcfg.steps, pcfg.alpha_start, pcfg.alpha_schedule, pcfg.ramp_fraction)
         began = time.perf_counter()
         losses = []
         for micro in range(accum):
-            idx = micro_batch_indices(len(dwp.train), cfg.run.seed, step, micro, micro_batch_size=batch_size,
-                                      grad_accum=accum, dp_rank=dp_rank, dp_world=dp_world)
+            idx = micro_batch_indices(
+                len(dwp.train),
+                cfg.run.seed,
+                step,
+                micro,
+                micro_batch_size=batch_size,
+                grad_accum=accum,
+                dp_rank=dp_rank,
+                dp_world=dp_world,
+            )
             batch = dwp.builder([dwp.train[i] for i in idx])
             loss = lm_output(engine, dwp.llava, batch, alpha, device, training=True).loss
             stop_if_non_finite(runtime, loss, engine.global_steps + 1, cfg)
@@ -269,8 +303,9 @@ def _finish(dwp: _DWP, report: PretrainReport) -> dict[str, Any]:
         checkpoint.save_atomic(backbone_state, out / BACKBONE_NAME)
         checkpoint.save_atomic(adapter_state, out / ADAPTER_NAME)
         # What marks the stage finished: the outputs' digests, so a torn or replaced file is not taken as done.
-        metrics["outputs"] = {name: checkpoint.file_identity(out / name, digest=True)
-                              for name in (BACKBONE_NAME, ADAPTER_NAME)}
+        metrics["outputs"] = {
+            name: checkpoint.file_identity(out / name, digest=True) for name in (BACKBONE_NAME, ADAPTER_NAME)
+        }
         metrics = json.loads(json.dumps(metrics))  # what metrics.json holds (lists, not tuples)
         # last: it marks the stage as finished
         checkpoint.write_text_atomic(out / METRICS_NAME, json.dumps(metrics, indent=2))
@@ -307,9 +342,14 @@ def _metrics(dwp: _DWP, final_alpha1: float, final_alpha0: float, backbone_state
         "model": model_name(cfg),
         "shards": shards_pattern(cfg),
         "fl_input": dataclasses.asdict(dwp.fl_input),
-        "deepspeed": {"engine": type(engine).__name__, "optimizer": optimizer_name(engine),
-                      "global_steps": engine.global_steps, "zero_stage": pcfg.deepspeed.zero_stage,
-                      "precision": pcfg.deepspeed.precision, "config": dwp.ds_config},
+        "deepspeed": {
+            "engine": type(engine).__name__,
+            "optimizer": optimizer_name(engine),
+            "global_steps": engine.global_steps,
+            "zero_stage": pcfg.deepspeed.zero_stage,
+            "precision": pcfg.deepspeed.precision,
+            "config": dwp.ds_config,
+        },
     }
 
 

@@ -21,20 +21,37 @@ STEP_AXIS = "dwp_step"
 
 
 class PretrainReport:
-    def __init__(self, cfg: Config, runtime: dist.Runtime, out: Path, start: int, heldout_step0: float, *,
-                 global_batch: int, progress: bool = True):
+    def __init__(
+        self,
+        cfg: Config,
+        runtime: dist.Runtime,
+        out: Path,
+        start: int,
+        heldout_step0: float,
+        *,
+        global_batch: int,
+        progress: bool = True,
+    ):
         self.cfg, self.start, self.global_batch = cfg, start, global_batch
         self.server = runtime.is_server
         self.bars = progress and self.server and show_bars(cfg.log)
         steps = cfg.pretrain.steps
-        self.bar = tqdm(total=steps, initial=start, desc="pretrain (DWP)", unit="step", dynamic_ncols=True,
-                        disable=not self.bars)
+        self.bar = tqdm(
+            total=steps, initial=start, desc="pretrain (DWP)", unit="step", dynamic_ncols=True, disable=not self.bars
+        )
         self.tracker = open_tracker(cfg, out, purge_step=start + 1) if self.server else Tracker()
         self._window: list[dict[str, Any]] = []
         self._seconds = 0.0
         if self.server:
-            log.info("pretrain: steps %d-%d, global batch %d on %d data-parallel rank(s); held-out LM loss with FL "
-                     "features %.3f at step 0", start + 1, steps, global_batch, runtime.world_size, heldout_step0)
+            log.info(
+                "pretrain: steps %d-%d, global batch %d on %d data-parallel rank(s); held-out LM loss with FL "
+                "features %.3f at step 0",
+                start + 1,
+                steps,
+                global_batch,
+                runtime.world_size,
+                heldout_step0,
+            )
             if start == 0:
                 self._log({"heldout_loss_alpha1": heldout_step0}, 0)
 
@@ -47,12 +64,19 @@ class PretrainReport:
         self._log({"loss": record["loss"], "alpha": record["alpha"]}, record["step"])
         self._window.append(record)
         self._seconds += seconds
-        if not self.bars and (record["step"] % self.cfg.pretrain.checkpoint_every == 0
-                              or record["step"] == self.cfg.pretrain.steps):
+        if not self.bars and (
+            record["step"] % self.cfg.pretrain.checkpoint_every == 0 or record["step"] == self.cfg.pretrain.steps
+        ):
             loss = sum(r["loss"] for r in self._window) / len(self._window)
-            log.info("pretrain: step %d/%d, loss %.4f (mean of %d steps), alpha %.3f, %.1f samples/s", record["step"],
-                     self.cfg.pretrain.steps, loss, len(self._window), record["alpha"],
-                     self.global_batch * len(self._window) / max(self._seconds, 1e-9))
+            log.info(
+                "pretrain: step %d/%d, loss %.4f (mean of %d steps), alpha %.3f, %.1f samples/s",
+                record["step"],
+                self.cfg.pretrain.steps,
+                loss,
+                len(self._window),
+                record["alpha"],
+                self.global_batch * len(self._window) / max(self._seconds, 1e-9),
+            )
             self._window, self._seconds = [], 0.0
 
     def close(self, metrics: dict[str, Any] | None = None) -> None:
@@ -61,9 +85,15 @@ class PretrainReport:
         if self.server and metrics:
             keys = ("heldout_loss_alpha1", "heldout_loss_alpha0", "samples_per_second")
             self._log({k: metrics[k] for k in keys}, metrics["steps"])
-            log.info("pretrain: done, %d steps; held-out LM loss with FL features %.3f -> %.3f (CLIP features: %.3f), "
-                     "%.1f samples/s", metrics["steps"], metrics["heldout_loss_alpha1_step0"],
-                     metrics["heldout_loss_alpha1"], metrics["heldout_loss_alpha0"], metrics["samples_per_second"])
+            log.info(
+                "pretrain: done, %d steps; held-out LM loss with FL features %.3f -> %.3f (CLIP features: %.3f), "
+                "%.1f samples/s",
+                metrics["steps"],
+                metrics["heldout_loss_alpha1_step0"],
+                metrics["heldout_loss_alpha1"],
+                metrics["heldout_loss_alpha0"],
+                metrics["samples_per_second"],
+            )
         self.tracker.close()
 
     def _log(self, values: dict[str, Any], step: int) -> None:

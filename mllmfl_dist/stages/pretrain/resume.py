@@ -74,8 +74,10 @@ def tag_dirs(ds_dir: Path) -> dict[int, Path]:
         if match is None:
             continue
         if entry.is_symlink() or not entry.is_dir():
-            raise ConfigError(f"{entry} is not a plain directory (DWP writes its checkpoints as directories, never "
-                              f"links); move it out of {ds_dir}")
+            raise ConfigError(
+                f"{entry} is not a plain directory (DWP writes its checkpoints as directories, never "
+                f"links); move it out of {ds_dir}"
+            )
         tags[int(match[1])] = entry
     return tags
 
@@ -96,8 +98,10 @@ def _read_latest(ds_dir: Path, tags: dict[int, Path]) -> tuple[int | None, str]:
     match = TAG.fullmatch(text)
     if match is None:
         # Not damage: something else wrote it (a path, another trainer's tag). Never follow it.
-        raise ConfigError(f"{path} names {text[:80]!r}, not a checkpoint tag this trainer writes (global_step<N> "
-                          f"in {ds_dir}); move {ds_dir} away to start DWP over")
+        raise ConfigError(
+            f"{path} names {text[:80]!r}, not a checkpoint tag this trainer writes (global_step<N> "
+            f"in {ds_dir}); move {ds_dir} away to start DWP over"
+        )
     if int(match[1]) not in tags:
         return None, f"{path} names {text}, which is missing"
     return int(match[1]), ""
@@ -110,8 +114,10 @@ def _verify(tag_dir: Path, step: int, safe_globals: list[type]) -> tuple[dict[st
     entries = sorted(tag_dir.iterdir())
     for entry in entries:
         if entry.is_symlink():
-            raise ConfigError(f"{entry} is a symbolic link; DWP's checkpoints hold plain files only. Move "
-                              f"{tag_dir} out of {tag_dir.parent} to resume from an older checkpoint")
+            raise ConfigError(
+                f"{entry} is a symbolic link; DWP's checkpoints hold plain files only. Move "
+                f"{tag_dir} out of {tag_dir.parent} to resume from an older checkpoint"
+            )
     files = [e for e in entries if e.is_file() and e.name.endswith(".pt")]
     states = [f for f in files if MODEL_STATES.fullmatch(f.name)]
     if not states:
@@ -123,16 +129,20 @@ def _verify(tag_dir: Path, step: int, safe_globals: list[type]) -> tuple[dict[st
         except Exception as err:  # noqa: BLE001 - pickle, zip and weights_only errors have no common base
             reason = checkpoint.unreadable_reason(path, err)
             if "only a full unpickler" in reason:
-                raise ConfigError(f"{path} {reason}; it was not written by this trainer: move {tag_dir} out of "
-                                  f"{tag_dir.parent} (or delete it) to resume from an older checkpoint") from None
+                raise ConfigError(
+                    f"{path} {reason}; it was not written by this trainer: move {tag_dir} out of "
+                    f"{tag_dir.parent} (or delete it) to resume from an older checkpoint"
+                ) from None
             return None, f"{path.name} {reason}"
         if path not in states:
             del loaded[path]  # verified; DeepSpeed reads it again itself
     state = loaded[states[0]]
     if not isinstance(state, dict) or state.get("global_steps") != step:
         found = state.get("global_steps") if isinstance(state, dict) else type(state).__name__
-        raise ConfigError(f"{states[0]} is at step {found!r}, but its directory says {step}: it was not written "
-                          f"there by this trainer; move {tag_dir} out of {tag_dir.parent}")
+        raise ConfigError(
+            f"{states[0]} is at step {found!r}, but its directory says {step}: it was not written "
+            f"there by this trainer; move {tag_dir} out of {tag_dir.parent}"
+        )
     return state, ""
 
 
@@ -143,8 +153,12 @@ def _set_aside(tag_dir: Path, why: str) -> None:
         n += 1
         target = tag_dir.with_name(f"{tag_dir.name}{DAMAGED_SUFFIX}.{n}")
     tag_dir.rename(target)
-    log.warning("pretrain: %s cannot be resumed (%s); moved to %s (delete it when you no longer need it)",
-                tag_dir.name, why, target.name)
+    log.warning(
+        "pretrain: %s cannot be resumed (%s); moved to %s (delete it when you no longer need it)",
+        tag_dir.name,
+        why,
+        target.name,
+    )
 
 
 def find_resume_point(ds_dir: Path) -> ResumePoint | None:
@@ -156,8 +170,10 @@ def find_resume_point(ds_dir: Path) -> ResumePoint | None:
     latest, problem = _read_latest(ds_dir, tags) if ds_dir.is_dir() else (None, "")
     if not tags:
         if (ds_dir / LATEST).exists():
-            raise ConfigError(f"{ds_dir / LATEST} exists but {ds_dir} holds no checkpoint directory; move {ds_dir} "
-                              "away to start DWP over")
+            raise ConfigError(
+                f"{ds_dir / LATEST} exists but {ds_dir} holds no checkpoint directory; move {ds_dir} "
+                "away to start DWP over"
+            )
         return None
     newer = []
     if latest is None:
@@ -174,8 +190,10 @@ def find_resume_point(ds_dir: Path) -> ResumePoint | None:
             break
         damaged.append((tags[step], damage))
     else:
-        raise ConfigError(f"no intact DeepSpeed checkpoint in {ds_dir} ({'; '.join(d for _, d in damaged)}); "
-                          f"nothing was deleted: move {ds_dir} away to start DWP over")
+        raise ConfigError(
+            f"no intact DeepSpeed checkpoint in {ds_dir} ({'; '.join(d for _, d in damaged)}); "
+            f"nothing was deleted: move {ds_dir} away to start DWP over"
+        )
     for tag_dir, why in newer + damaged:
         _set_aside(tag_dir, why)
     return ResumePoint(tags[step].name, step, state)
@@ -189,8 +207,10 @@ def check_resume(cfg: Config, client_state: dict[str, Any], ds_dir: Path, dp_wor
     saved_world = client_state.get("data_parallel_ranks", dp_world)
     if saved_world != dp_world:
         # The global batch and each rank's slice of the data stream depend on the number of ranks.
-        raise ConfigError(f"{ds_dir} was written by {saved_world} data-parallel ranks; resume it with "
-                          f"{saved_world} processes, or delete {ds_dir.parent} to start over")
+        raise ConfigError(
+            f"{ds_dir} was written by {saved_world} data-parallel ranks; resume it with "
+            f"{saved_world} processes, or delete {ds_dir.parent} to start over"
+        )
     refuse_changed_config(ds_dir, differences(saved, cfg.to_dict(), PRETRAIN), f"delete {ds_dir.parent}")
 
 
@@ -215,14 +235,18 @@ def check_adapter_geometry(saved: dict[str, list[int]], student: Any, tag_dir: P
     if not saved or saved == current:
         return
     if saved.get("adapter.pos") != current.get("adapter.pos"):
-        raise ConfigError(f"{tag_dir}: DWP's adapter was trained against a LLaVA with "
-                          f"{_tokens(saved.get('adapter.pos'))}, but {model} gives "
-                          f"{_tokens(current.get('adapter.pos'))}; resume with the LLaVA it was trained "
-                          f"against, or delete {tag_dir.parent.parent} to start over")
+        raise ConfigError(
+            f"{tag_dir}: DWP's adapter was trained against a LLaVA with "
+            f"{_tokens(saved.get('adapter.pos'))}, but {model} gives "
+            f"{_tokens(current.get('adapter.pos'))}; resume with the LLaVA it was trained "
+            f"against, or delete {tag_dir.parent.parent} to start over"
+        )
     differ = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
-    raise ConfigError(f"{tag_dir}: DWP's adapter {differ[0]} is {saved.get(differ[0])} in the checkpoint, "
-                      f"{current.get(differ[0])} for this FL model and LLaVA; resume with the same model.arch / "
-                      f"model.width_scale, or delete {tag_dir.parent.parent} to start over")
+    raise ConfigError(
+        f"{tag_dir}: DWP's adapter {differ[0]} is {saved.get(differ[0])} in the checkpoint, "
+        f"{current.get(differ[0])} for this FL model and LLaVA; resume with the same model.arch / "
+        f"model.width_scale, or delete {tag_dir.parent.parent} to start over"
+    )
 
 
 class SafeCheckpointEngine:

@@ -27,11 +27,17 @@ def finished(out: Path, *, quiet: bool = False) -> bool:
     outputs = metrics.get("outputs") if isinstance(metrics, dict) else None
     if outputs is None:  # written before the outputs were recorded
         return (out / BACKBONE_NAME).is_file()
-    intact = isinstance(outputs, dict) and all(checkpoint.same_file(out / name, outputs.get(name))
-                                               for name in (BACKBONE_NAME, ADAPTER_NAME))
+    intact = isinstance(outputs, dict) and all(
+        checkpoint.same_file(out / name, outputs.get(name)) for name in (BACKBONE_NAME, ADAPTER_NAME)
+    )
     if not intact and not quiet:
-        log.warning("pretrain: %s or %s is not the file %s recorded (truncated or replaced since); writing them "
-                    "again from the last DeepSpeed checkpoint", BACKBONE_NAME, ADAPTER_NAME, METRICS_NAME)
+        log.warning(
+            "pretrain: %s or %s is not the file %s recorded (truncated or replaced since); writing them "
+            "again from the last DeepSpeed checkpoint",
+            BACKBONE_NAME,
+            ADAPTER_NAME,
+            METRICS_NAME,
+        )
     return intact
 
 
