@@ -79,8 +79,8 @@ def scaled_down(config: str, root: Path, data: dict, llava: Path) -> list[str]:
     ]
 
 
-# cifar10_lt runs in every suite; the other two (about 5 min each on the 2-core VM) are marked slow and left to
-# `launch/test.sh -m slow`, so the default suite stays within its time budget.
+# cifar10_lt runs in every suite; the other two (about 5 min each on the 2-core VM) are marked slow: CI runs
+# them after the suite (.ci/run: `launch/test.sh -m slow`), the README's test command leaves them out.
 @pytest.mark.parametrize(
     "config",
     [
