@@ -1,5 +1,5 @@
 """The package type-checks: ``python -m mypy mllmfl_dist`` with the configuration in pyproject.toml
-(``[tool.mypy]``: a baseline over the package, strict on core/ and config/).
+(``[tool.mypy]``: a baseline over the package, strict on core/, config/ and fl/).
 
 The first run in a checkout parses torch's annotations and takes minutes; later runs reuse .mypy_cache
 (git-ignored) and take seconds."""
@@ -21,10 +21,10 @@ def test_the_package_type_checks() -> None:
     assert "Success: no issues found" in done.stdout
 
 
-def test_strict_applies_to_core_and_config_only(tmp_path: Path) -> None:
+def test_strict_applies_to_core_config_and_fl_only(tmp_path: Path) -> None:
     # mypy reads `strict = true` in an override as the global --strict, so the config spells the flags out
-    # per module; an unannotated function must fail under core/ and config/ and pass under fl/.
-    for package in ("", "core", "config", "fl"):
+    # per module; an unannotated function must fail under core/, config/ and fl/ and pass under stages/.
+    for package in ("", "core", "config", "fl", "stages"):
         folder = tmp_path / "mllmfl_dist" / package
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "__init__.py").write_text("")
@@ -40,6 +40,6 @@ def test_strict_applies_to_core_and_config_only(tmp_path: Path) -> None:
     )
     out = done.stdout
     assert done.returncode == 1, out + done.stderr
-    for package in ("core", "config"):
+    for package in ("core", "config", "fl"):
         assert f"mllmfl_dist/{package}/untyped.py:1: error: Function is missing a type annotation" in out, out
-    assert "mllmfl_dist/fl/" not in out, out
+    assert "mllmfl_dist/stages/" not in out, out

@@ -74,7 +74,7 @@ class ClientStateStore:
         if cached is not None:
             self._cache.move_to_end(client)
             return cached
-        tensor = torch.load(self._path(client, round_index), weights_only=True)
+        tensor: torch.Tensor = torch.load(self._path(client, round_index), weights_only=True)
         self._remember(client, tensor, dirty=False)
         return tensor
 

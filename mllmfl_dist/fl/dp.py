@@ -233,7 +233,7 @@ class PrivacyLedger:
         self.cfg, self.num_clients, self.clients_per_round = cfg, num_clients, clients_per_round
         self.noise_multiplier = noise_multiplier_of(cfg, num_clients, clients_per_round, rounds)
         self._accountant = new_accountant(cfg.accountant)
-        self._one_round_rdp = None
+        self._one_round_rdp: Any = None  # the accountant's RDP curve over RDP_ORDERS, once composed
         self._rounds = 0
 
     def epsilon(self, round_index: int) -> float:

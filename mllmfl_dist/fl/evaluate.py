@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from mllmfl_dist.core.jsonl import ACCURACY_KEYS
-from mllmfl_dist.data import normalize
+from mllmfl_dist.data import ClientData, normalize
 
 # Classes with more than 100 training samples are "many", 20-100 "medium", fewer than 20 "few".
 MANY_ABOVE = 100
@@ -51,7 +51,7 @@ def accuracy_report(
         "per_class": per_class,
     }
     for name, classes in class_groups(train_class_counts).items():
-        values = [per_class[c] for c in classes if per_class[c] is not None]
+        values = [a for a in (per_class[c] for c in classes) if a is not None]
         report[f"acc_{name}"] = sum(values) / len(values) if values else None
     return report
 
@@ -110,7 +110,9 @@ def evaluate_model(
     return accuracy_report(predictions, labels, num_classes, train_class_counts)
 
 
-def evaluate_on_test_set(data, model: nn.Module, batch_size: int, device: torch.device | str) -> dict[str, Any]:
+def evaluate_on_test_set(
+    data: ClientData, model: nn.Module, batch_size: int, device: torch.device | str
+) -> dict[str, Any]:
     """:func:`evaluate_model` on ``data``'s test set (a ClientData), with its class counts and normalisation."""
     images, labels = data.test_set()
     return evaluate_model(
@@ -126,7 +128,9 @@ def evaluate_on_test_set(data, model: nn.Module, batch_size: int, device: torch.
     )
 
 
-def evaluate_on_val_set(data, model: nn.Module, batch_size: int, device: torch.device | str) -> dict[str, Any]:
+def evaluate_on_val_set(
+    data: ClientData, model: nn.Module, batch_size: int, device: torch.device | str
+) -> dict[str, Any]:
     """``val_acc`` (balanced), ``val_acc_top1`` and ``val_acc_many`` / ``_medium`` / ``_few`` of ``model`` on
     ``data``'s validation split (``data.val_per_class``); ``{}`` when the data have none."""
     images, labels = data.val_set()
@@ -146,7 +150,9 @@ def evaluate_on_val_set(data, model: nn.Module, batch_size: int, device: torch.d
     return {f"val_{key}": report[key] for key in ACCURACY_KEYS}  # per_class stays the test set's
 
 
-def evaluate_on_splits(data, model: nn.Module, batch_size: int, device: torch.device | str) -> dict[str, Any]:
+def evaluate_on_splits(
+    data: ClientData, model: nn.Module, batch_size: int, device: torch.device | str
+) -> dict[str, Any]:
     """:func:`evaluate_on_test_set`'s report (``acc``, ``acc_top1``, ``per_class``, groups) with
     :func:`evaluate_on_val_set`'s keys beside it: what every evaluation of a run records."""
     return {

@@ -49,7 +49,8 @@ def linear_ce_gradients(
 
 
 def _one_minus_cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return 1 - (a * b).sum(dim=-1) / (a.norm(dim=-1) * b.norm(dim=-1) + COSINE_EPS)
+    distance: torch.Tensor = 1 - (a * b).sum(dim=-1) / (a.norm(dim=-1) * b.norm(dim=-1) + COSINE_EPS)
+    return distance
 
 
 def gradient_distance(real: torch.Tensor, synthetic: torch.Tensor) -> torch.Tensor:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torchvision
 from torch import nn
@@ -55,7 +57,7 @@ class FLModel(nn.Module):
         return self.pool(self.feature_map(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.features(x))
+        return cast(torch.Tensor, self.classifier(self.features(x)))
 
     def reset_classifier(self, num_classes: int) -> None:
         self.classifier = nn.Linear(self.feature_dim, num_classes)
@@ -80,7 +82,7 @@ class _BasicBlock(nn.Module):
         self.bn1 = nn.BatchNorm2d(planes)
         self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(planes)
-        self.shortcut = nn.Identity()
+        self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or in_planes != planes:
             self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
 
@@ -109,7 +111,7 @@ class ResNet8(FLModel):
 
     def feature_map(self, x: torch.Tensor) -> torch.Tensor:
         x = torch.relu(self.bn1(self.conv1(self._as_input(x))))
-        return self.layer3(self.layer2(self.layer1(x)))
+        return cast(torch.Tensor, self.layer3(self.layer2(self.layer1(x))))
 
 
 class ResNet50(FLModel):
@@ -127,7 +129,7 @@ class ResNet50(FLModel):
         self.classifier = nn.Linear(self.feature_dim, num_classes)
 
     def feature_map(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(self._as_input(x))
+        return cast(torch.Tensor, self.body(self._as_input(x)))
 
 
 def build_model(

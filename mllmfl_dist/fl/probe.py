@@ -22,17 +22,20 @@ The recipe here is fixed and never tuned on the test set:
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from mllmfl_dist.data import normalize
+from mllmfl_dist.data import ClientData, normalize
 from mllmfl_dist.fl.evaluate import accuracy_report
 from mllmfl_dist.data.images import to_pil
+
+if TYPE_CHECKING:
+    from mllmfl_dist.fl.models import FLModel
 
 PROBE_C = 1.0  # inverse L2 strength of the logistic regression (scikit-learn's default), fixed
 PROBE_MAX_ITER = 1000
@@ -62,10 +65,10 @@ class ProbeSets:
 
 @torch.no_grad()
 def pooled_features(
-    model: nn.Module,
+    model: FLModel,
     images: torch.Tensor,
-    mean,
-    std,
+    mean: Sequence[float],
+    std: Sequence[float],
     batch_size: int = FEATURE_BATCH,
     device: torch.device | str = "cpu",
 ) -> torch.Tensor:
@@ -85,7 +88,9 @@ def pooled_features(
 
 
 @torch.no_grad()
-def clip_image_features(clip, preprocess, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+def clip_image_features(
+    clip: Any, preprocess: Callable[[Any], torch.Tensor], images: torch.Tensor, batch_size: int = 64
+) -> torch.Tensor:
     """float32 ``[n, embed_dim]``: open_clip's ``encode_image`` of uint8 ``images`` ``[n, C, H, W]``, each through
     the model's own preprocessing (grayscale repeated to RGB, resized and normalised as CLIP expects)."""
     param = next(clip.visual.parameters())
@@ -97,7 +102,7 @@ def clip_image_features(clip, preprocess, images: torch.Tensor, batch_size: int 
     return torch.cat(out)
 
 
-def fit_probe(features: torch.Tensor, labels: torch.Tensor):
+def fit_probe(features: torch.Tensor, labels: torch.Tensor) -> tuple[Any, bool]:
     """The fitted classifier (a scikit-learn pipeline: scaler + logistic regression) and whether lbfgs
     converged within ``PROBE_MAX_ITER``. ``features`` float ``[n, D]``, ``labels`` int64 ``[n]``; raises
     ValueError when the labels hold fewer than two classes."""
@@ -117,7 +122,7 @@ def fit_probe(features: torch.Tensor, labels: torch.Tensor):
     return pipe, converged
 
 
-def _score(pipe, features: torch.Tensor, labels: torch.Tensor, sets: ProbeSets) -> dict[str, Any]:
+def _score(pipe: Any, features: torch.Tensor, labels: torch.Tensor, sets: ProbeSets) -> dict[str, Any]:
     predictions = torch.from_numpy(pipe.predict(features.double().numpy()).astype(np.int64))
     return accuracy_report(predictions, labels, sets.num_classes, sets.train_class_counts)
 
@@ -157,7 +162,7 @@ def first_per_class(images: torch.Tensor, labels: torch.Tensor, per_class: int) 
     return images[keep], labels[keep]
 
 
-def probe_sets(data, train_set: str = "holdout", test_per_class: int | None = None) -> ProbeSets:
+def probe_sets(data: ClientData, train_set: str = "holdout", test_per_class: int | None = None) -> ProbeSets:
     """The probe's sets from a :class:`~mllmfl_dist.data.ClientData`: train = the server's class-balanced
     holdout (``holdout``, ``data.server_holdout_per_class`` per class) or every client's images
     (``clients``, long-tailed); test = the balanced test set (its first ``test_per_class`` images of each

@@ -239,6 +239,7 @@ class FederatedTrainer:
         fed = self.federated
         if round_index > fed.rounds:
             return
+        assert self.client_states is not None  # the caller's check: called only where states are kept
         for slot, cid in enumerate(sample_clients(self.seed, round_index, fed.num_clients, fed.clients_per_round)):
             entry = self.client_states.get(cid)
             if entry is not None:

@@ -7,7 +7,7 @@ A strategy of your own, in a package of your own, is found through the entry-poi
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from mllmfl_dist.config.plugins import (
     ENTRY_POINT_GROUP,
@@ -54,6 +54,6 @@ __all__ = [
 def build_strategy(cfg: Config) -> Strategy:
     """The run's strategy: ``federated.strategy``'s class, built from the [federated] section, the seed and the
     config sections it declares (each passed under its section's name)."""
-    cls = strategy_class(cfg.federated.strategy)
+    cls = cast(type[Strategy], strategy_class(cfg.federated.strategy))  # the registry holds Strategy subclasses
     args = StrategyArgs(cfg.federated, cfg.run.seed, show_bars(cfg.log))
     return cls(args, **{name: cfg.section(name) for name in cls.sections})

@@ -54,7 +54,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 import torch
 from torch import nn
@@ -137,7 +137,7 @@ def dp_refusal(cls: type) -> str | None:
     ``dp_compatible`` it inherits (a plug-in subclassing FedAvg and replacing ``server_update`` has not said
     whether that step stays inside the guarantee, so it is taken as not)."""
     mro = cls.__mro__
-    declared = next((k for k in mro if "dp_compatible" in vars(k)), Strategy)
+    declared = cast(type[Strategy], next((k for k in mro if "dp_compatible" in vars(k)), Strategy))
     if not declared.dp_compatible:
         return "its uploads go beyond the clipped model update, outside the privacy guarantee"
     for hook in DP_SENSITIVE_HOOKS:

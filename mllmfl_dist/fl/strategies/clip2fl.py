@@ -3,21 +3,26 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
+from torch import nn
 
 from mllmfl_dist.core.errors import ConfigError
 from mllmfl_dist.core.seeds import TAG_CLIP2FL_TEXT_PROJECTION, derive_seed
 from mllmfl_dist.fl import federated_features as ff
 from mllmfl_dist.fl.losses import distillation_loss
-from mllmfl_dist.fl.strategies.base import ModelUse, StrategyArgs
+from mllmfl_dist.data import ArrayClientData, ClientData
+from mllmfl_dist.fl.strategies.base import ModelUse, StrategyArgs, StrategyContext
 from mllmfl_dist.fl.strategies.clip2fl_teacher import TeacherLogits, client_labels, teacher_logits
 from mllmfl_dist.config.strategy_sections import Clip2flConfig, CreffConfig
 from mllmfl_dist.fl.strategies.creff import CReFF
 from mllmfl_dist.mllm.clip_teacher import clip_embed_dim
 from mllmfl_dist.mllm.teacher_diagnostics import teacher_diagnostics
+
+if TYPE_CHECKING:
+    from mllmfl_dist.config import Config
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +38,7 @@ def text_projection(text_dim: int, feature_dim: int, seed: int) -> torch.Tensor:
     gaussian = torch.randn(tall, short, generator=generator, dtype=torch.float64)
     q, r = torch.linalg.qr(gaussian)  # q [tall, short], orthonormal columns
     q = q * torch.sign(torch.diagonal(r))[None, :]  # the unique QR with a positive diagonal of r
-    return (q if text_dim >= feature_dim else q.T).float().contiguous()
+    return cast(torch.Tensor, (q if text_dim >= feature_dim else q.T).float().contiguous())
 
 
 class CLIP2FL(CReFF):
@@ -61,7 +66,7 @@ class CLIP2FL(CReFF):
         self._text: tuple[int, torch.Tensor] | None = None  # (feature width, text embeddings at that width)
 
     @classmethod
-    def check_config(cls, cfg) -> None:
+    def check_config(cls, cfg: Config) -> None:
         if not cfg.section("clip2fl").model.strip():
             raise ConfigError(
                 "federated.strategy = 'clip2fl' needs clip2fl.model (an open_clip architecture with "
@@ -82,14 +87,15 @@ class CLIP2FL(CReFF):
         clip_embed_dim(self.clip2fl.model, self.clip2fl.pretrained)  # refuses a missing model before training
         return self.clip2fl.projection_dim or 2 * feature_dim
 
-    def setup(self, context):
+    def setup(self, context: StrategyContext) -> None:
+        data = cast(ArrayClientData, context.data)  # check_config requires data.synthetic_mode = 'array'
         self.teacher = teacher_logits(
-            self.clip2fl, context.data, context.runtime, context.cache_dir, progress=self.args.progress
+            self.clip2fl, data, context.runtime, context.cache_dir, progress=self.args.progress
         )
         if context.runtime.is_server:
             # What the clients distil from: softmax(t / T) at the resolved scale, over every client sample.
             q = torch.softmax(self.teacher.logits / self.clip2fl.temperature, dim=1)
-            stats = teacher_diagnostics(q, client_labels(context.data, self.teacher.indices))
+            stats = teacher_diagnostics(q, client_labels(data, self.teacher.indices))
             self._teacher_summary = {
                 "logit_scale": self.teacher.logit_scale,
                 "temperature": self.clip2fl.temperature,
@@ -110,16 +116,23 @@ class CLIP2FL(CReFF):
     def setup_summary(self) -> dict[str, Any]:
         return {"clip2fl_teacher": self._teacher_summary} if self._teacher_summary else {}
 
-    def local_loss_inputs(self, data, client_id):
+    def local_loss_inputs(self, data: ClientData, client_id: int) -> torch.Tensor | None:
         if self.teacher is None:
             raise RuntimeError("CLIP2FL.setup() must run before the first round")
-        return self.teacher.rows(data.client_indices(client_id))
+        return self.teacher.rows(cast(ArrayClientData, data).client_indices(client_id))
 
-    def local_loss(self, model, logits, labels, global_params, inputs=None):
+    def local_loss(
+        self,
+        model: nn.Module,
+        logits: torch.Tensor,
+        labels: torch.Tensor,
+        global_params: Sequence[torch.Tensor],
+        inputs: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         teacher = None if inputs is None else torch.softmax(inputs.to(logits.device) / self.clip2fl.temperature, dim=1)
         return distillation_loss(logits, labels, teacher, self.clip2fl.alpha, self.clip2fl.temperature)
 
-    def feature_extra_loss(self):
+    def feature_extra_loss(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
         text = self.teacher.text_embeddings if self.teacher is not None else None
         if text is None or self.clip2fl.contrast_alpha == 0:
             return None
@@ -129,6 +142,8 @@ class CLIP2FL(CReFF):
     def _text_at(self, width: int) -> torch.Tensor:
         """The class text embeddings ``[C, width]``, L2-normalised: as they are where ``width`` is the CLIP
         embedding width, else through :func:`text_projection` (computed once)."""
+        # feature_extra_loss hands out the loss calling this only once the teacher has its text embeddings.
+        assert self.teacher is not None and self.teacher.text_embeddings is not None
         text = self.teacher.text_embeddings
         if text.shape[1] == width:
             return text

@@ -19,7 +19,7 @@ import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -97,11 +97,11 @@ def cache_path(cache_dir: Path, key: str) -> Path:
 
 
 def teacher_logits(
-    ccfg: Clip2flConfig, data: ClientData, runtime: dist.Runtime, cache_dir: Path, progress: bool = True
+    ccfg: Clip2flConfig, data: ArrayClientData, runtime: dist.Runtime, cache_dir: Path, progress: bool = True
 ) -> TeacherLogits:
     """Every client sample's teacher logits on every rank (and the text embeddings on rank 0)."""
     indices = client_samples(data)
-    stored: dict | None = None
+    stored: dict[str, Any] | None = None
 
     def look_up() -> tuple[bool, Path, str]:
         nonlocal stored

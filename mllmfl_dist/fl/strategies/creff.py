@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
@@ -15,10 +15,20 @@ from mllmfl_dist.core.seeds import TAG_CREFF_FEATURES, TAG_CREFF_HEAD_INIT, TAG_
 from mllmfl_dist.data import normalize
 from mllmfl_dist.fl.strategies.dsa import dsa_siamese
 from mllmfl_dist.fl import federated_features as ff
-from mllmfl_dist.fl.strategies.base import StrategyArgs, Tensors
+from mllmfl_dist.fl.strategies.base import Shapes, StrategyArgs, Tensors
 from mllmfl_dist.fl.strategies.fedavg import FedAvg
 
+if TYPE_CHECKING:
+    from mllmfl_dist.fl.client import LocalTraining
+    from mllmfl_dist.fl.models import FLModel
+
 FEATURE_CHUNK = 256  # images per forward when a client computes features for its class gradients
+
+
+def _fl_model(model: nn.Module) -> FLModel:
+    """``model`` as the trainer's :class:`~mllmfl_dist.fl.models.FLModel` (its ``classifier`` and ``features``),
+    the model every strategy hook receives."""
+    return cast("FLModel", model)
 
 
 class CReFF(FedAvg):
@@ -58,7 +68,8 @@ class CReFF(FedAvg):
     def _ensure_head(self, model: nn.Module) -> torch.Tensor:
         if self.head is None:
             # nn.Linear's default init, drawn from (seed, tag): the same on every rank before round 1.
-            num_classes, dim = model.classifier.out_features, model.classifier.in_features
+            classifier = _fl_model(model).classifier
+            num_classes, dim = classifier.out_features, classifier.in_features
             bound = 1.0 / dim**0.5
             self.head = torch.empty(num_classes, dim + 1).uniform_(
                 -bound, bound, generator=generator(self.args.seed, TAG_CREFF_HEAD_INIT)
@@ -66,12 +77,21 @@ class CReFF(FedAvg):
         return self.head
 
     # -- on a client host ----------------------------------------------------------------------------------
-    def upload_shapes(self, model):
-        num_classes, dim = model.classifier.out_features, model.classifier.in_features
+    def upload_shapes(self, model: nn.Module) -> Shapes:
+        classifier = _fl_model(model).classifier
+        num_classes, dim = classifier.out_features, classifier.in_features
         return {"class_gradients": (num_classes, num_classes, dim + 1), "class_weights": (num_classes,)}
 
     @torch.no_grad()
-    def client_upload(self, model, images, labels, local, generator, device):
+    def client_upload(
+        self,
+        model: nn.Module,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        local: LocalTraining,
+        generator: torch.Generator,
+        device: torch.device | str,
+    ) -> Tensors:
         head = self._ensure_head(model)
         num_classes = head.shape[0]
         batches = ff.pick_class_batches(
@@ -89,7 +109,7 @@ class CReFF(FedAvg):
         )
         was_training = model.training
         model.eval()  # the frozen backbone: BatchNorm with the federation's statistics
-        features = torch.cat([model.features(chunk).float() for chunk in x.split(FEATURE_CHUNK)])
+        features = torch.cat([_fl_model(model).features(chunk).float() for chunk in x.split(FEATURE_CHUNK)])
         model.train(was_training)
         held = torch.bincount(labels.cpu(), minlength=num_classes)
         weights = held if self.creff.gradient_mean == "samples" else (held > 0).long()
@@ -100,7 +120,7 @@ class CReFF(FedAvg):
         return {"class_gradients": sums, "class_weights": weights.double()}
 
     # -- on the server -----------------------------------------------------------------------------------------
-    def process_uploads(self, model, sums: Tensors, round_index: int) -> dict[str, float]:
+    def process_uploads(self, model: nn.Module, sums: Tensors, round_index: int) -> dict[str, float]:
         head = self._ensure_head(model)
         num_classes, width = head.shape
         real, present = ff.mean_class_gradients(sums["class_gradients"].cpu(), sums["class_weights"].cpu())
@@ -112,6 +132,7 @@ class CReFF(FedAvg):
                 generator=generator(self.args.seed, TAG_CREFF_FEATURES),
             ).requires_grad_(True)
             self._feature_optimizer = torch.optim.SGD([self.features], lr=self.creff.lr_feature)
+        assert self._feature_optimizer is not None  # made with the features, above or by load_state_dict
         match_loss = ff.match_federated_features(
             self.features,
             self._feature_optimizer,
@@ -138,20 +159,21 @@ class CReFF(FedAvg):
         return None
 
     # -- with the broadcast -------------------------------------------------------------------------------------
-    def broadcast_state(self, model):
+    def broadcast_state(self, model: nn.Module) -> Tensors:
         return {"head": self._ensure_head(model)}
 
-    def receive_state(self, tensors):
+    def receive_state(self, tensors: Tensors) -> None:
         self.head = tensors["head"].detach().cpu().float().clone()
 
     # -- results and checkpoints ----------------------------------------------------------------------------------
-    def evaluation_model(self, model):
+    def evaluation_model(self, model: nn.Module) -> nn.Module:
         if not self.rounds_retrained:  # before the first round: nothing re-trained yet
             return model
+        assert self.head is not None  # a re-training round (or the checkpoint of one) set it
         evaluated = copy.deepcopy(model)
         with torch.no_grad():
-            evaluated.classifier.weight.copy_(self.head[:, :-1])
-            evaluated.classifier.bias.copy_(self.head[:, -1])
+            _fl_model(evaluated).classifier.weight.copy_(self.head[:, :-1])
+            _fl_model(evaluated).classifier.bias.copy_(self.head[:, -1])
         return evaluated
 
     def divergence_hints(self, where: str) -> list[str]:

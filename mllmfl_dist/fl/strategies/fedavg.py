@@ -9,12 +9,26 @@ optimised: they take the clients' weighted mean directly.
 from __future__ import annotations
 
 import copy
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
 from mllmfl_dist.fl.strategies.base import Strategy, StrategyArgs
+
+
+class ServerOptimizer(Protocol):
+    """What FedAvg's server step needs of its optimizer: :class:`ServerSGD` here, FedOpt's adaptive ones
+    (:mod:`mllmfl_dist.fl.server_optimizers`) in its subclasses."""
+
+    lr: float
+
+    def step(self, current: torch.Tensor, client_mean: torch.Tensor, trainable_mask: torch.Tensor) -> torch.Tensor: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 class ServerSGD:
@@ -35,6 +49,7 @@ class ServerSGD:
             if self._pending_state is not None:
                 self._optimizer.load_state_dict(self._pending_state)
                 self._pending_state = None
+        assert self._weights is not None  # set with the optimizer, above or at an earlier step
         # The global model may have moved since the last step (alignment, a resume): follow it.
         self._weights.copy_(weights)
         self._weights.grad = weights - client_mean[trainable_mask]
@@ -66,9 +81,11 @@ class FedAvg(Strategy):
 
     def __init__(self, args: StrategyArgs, server_momentum: float = 0.0):
         super().__init__(args)
-        self.server = ServerSGD(args.federated.server_lr, server_momentum)
+        self.server: ServerOptimizer = ServerSGD(args.federated.server_lr, server_momentum)
 
-    def update_global_model(self, current, client_mean, trainable_mask):
+    def update_global_model(
+        self, current: torch.Tensor, client_mean: torch.Tensor, trainable_mask: torch.Tensor
+    ) -> torch.Tensor:
         return self.server.step(current, client_mean, trainable_mask)
 
     def divergence_hints(self, where: str) -> list[str]:
@@ -106,7 +123,14 @@ class FedProx(FedAvg):
         super().__init__(args)
         self.mu = args.federated.prox_mu
 
-    def local_loss(self, model, logits, labels, global_params, inputs=None):
+    def local_loss(
+        self,
+        model: nn.Module,
+        logits: torch.Tensor,
+        labels: torch.Tensor,
+        global_params: Sequence[torch.Tensor],
+        inputs: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         loss = nn.functional.cross_entropy(logits, labels)
         if self.mu == 0:
             return loss

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from mllmfl_dist.config import ConfigError
 from mllmfl_dist.config.strategy_sections import FedDynConfig
-from mllmfl_dist.fl.strategies.base import ClientContext, ClientUpdate, Strategy, StrategyArgs
+from mllmfl_dist.fl.strategies.base import ClientContext, ClientUpdate, Shapes, Strategy, StrategyArgs, Tensors
 from mllmfl_dist.fl.strategies.scaffold import split_like_parameters, trainable_numel
+
+if TYPE_CHECKING:
+    from mllmfl_dist.config import Config
 
 
 class FedDyn(Strategy):
@@ -39,17 +43,17 @@ class FedDyn(Strategy):
         self._grad: list[torch.Tensor] = []  # grad_k of the client being trained, per parameter
 
     @classmethod
-    def check_config(cls, cfg) -> None:
+    def check_config(cls, cfg: Config) -> None:
         if cfg.federated.server_lr != 1.0:
             raise ConfigError(
                 f"federated.strategy = 'feddyn' takes the paper's server step; federated.server_lr "
                 f"= {cfg.federated.server_lr:g} would change it (leave it at 1)"
             )
 
-    def upload_shapes(self, model):
+    def upload_shapes(self, model: nn.Module) -> Shapes:
         return {"delta_sum": (trainable_numel(model),), "clients": (1,)}
 
-    def client_state_shapes(self, model):
+    def client_state_shapes(self, model: nn.Module) -> Shapes:
         return {"gradient": (trainable_numel(model),)}
 
     def start_client(self, model: nn.Module, client: ClientContext) -> None:
@@ -57,14 +61,28 @@ class FedDyn(Strategy):
             [] if client.state is None else split_like_parameters(client.state["gradient"].double().cpu(), model)
         )
 
-    def local_loss(self, model, logits, labels, global_params, inputs=None):
+    def local_loss(
+        self,
+        model: nn.Module,
+        logits: torch.Tensor,
+        labels: torch.Tensor,
+        global_params: Sequence[torch.Tensor],
+        inputs: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         loss = nn.functional.cross_entropy(logits, labels)
         params = [p for p in model.parameters() if p.requires_grad]
         if self._grad:
             loss = loss - sum((p * g).sum() for p, g in zip(params, self._grad))
         return loss + 0.5 * self.alpha * sum((p - g).pow(2).sum() for p, g in zip(params, global_params))
 
-    def finish_client(self, model, client: ClientContext, start, trained, trainable_mask) -> ClientUpdate:
+    def finish_client(
+        self,
+        model: nn.Module,
+        client: ClientContext,
+        start: torch.Tensor,
+        trained: torch.Tensor,
+        trainable_mask: torch.Tensor,
+    ) -> ClientUpdate:
         delta = (trained - start)[trainable_mask]
         grad = (
             client.state["gradient"].double().to(delta.device) if client.state is not None else torch.zeros_like(delta)
@@ -73,7 +91,9 @@ class FedDyn(Strategy):
             {"delta_sum": delta, "clients": torch.ones(1, dtype=torch.float64)}, {"gradient": grad - self.alpha * delta}
         )
 
-    def server_update(self, current, client_mean, trainable_mask, sums):
+    def server_update(
+        self, current: torch.Tensor, client_mean: torch.Tensor, trainable_mask: torch.Tensor, sums: Tensors
+    ) -> torch.Tensor:
         delta_sum, count = sums["delta_sum"].to(current.device), float(sums["clients"][0])
         if self.h is None:
             self.h = torch.zeros_like(delta_sum)

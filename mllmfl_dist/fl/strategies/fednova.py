@@ -4,9 +4,10 @@ Federated Optimization", NeurIPS 2020)."""
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from mllmfl_dist.fl.client import normalizing_weight
-from mllmfl_dist.fl.strategies.base import ClientContext, ClientUpdate, Strategy
+from mllmfl_dist.fl.strategies.base import ClientContext, ClientUpdate, Shapes, Strategy, Tensors
 from mllmfl_dist.fl.strategies.scaffold import trainable_numel
 
 
@@ -24,10 +25,17 @@ class FedNova(Strategy):
     name = "fednova"
     dp_compatible = False  # the step counts are uploads DP-FedAvg's clipping does not cover
 
-    def upload_shapes(self, model):
+    def upload_shapes(self, model: nn.Module) -> Shapes:
         return {"normalized_update": (trainable_numel(model),), "tau": (1,), "weight": (1,)}
 
-    def finish_client(self, model, client: ClientContext, start, trained, trainable_mask) -> ClientUpdate:
+    def finish_client(
+        self,
+        model: nn.Module,
+        client: ClientContext,
+        start: torch.Tensor,
+        trained: torch.Tensor,
+        trainable_mask: torch.Tensor,
+    ) -> ClientUpdate:
         n = float(client.num_samples)
         weight = torch.full((1,), n, dtype=torch.float64)
         if client.local_steps == 0:
@@ -41,7 +49,9 @@ class FedNova(Strategy):
             }
         )
 
-    def server_update(self, current, client_mean, trainable_mask, sums):
+    def server_update(
+        self, current: torch.Tensor, client_mean: torch.Tensor, trainable_mask: torch.Tensor, sums: Tensors
+    ) -> torch.Tensor:
         total = float(sums["weight"][0])
         tau_eff = float(sums["tau"][0]) / total
         direction = sums["normalized_update"].to(current.device) / total

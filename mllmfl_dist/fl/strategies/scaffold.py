@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
 from mllmfl_dist.fl.client import normalizing_weight
-from mllmfl_dist.fl.strategies.base import ClientContext, ClientUpdate, StrategyArgs, Tensors
+from mllmfl_dist.fl.strategies.base import ClientContext, ClientUpdate, Shapes, StrategyArgs, Tensors
 from mllmfl_dist.fl.strategies.fedavg import FedAvg
 
 
@@ -62,10 +63,10 @@ class Scaffold(FedAvg):
         return self.control
 
     # -- on a client host ------------------------------------------------------------------------------------
-    def upload_shapes(self, model):
+    def upload_shapes(self, model: nn.Module) -> Shapes:
         return {"delta_control": (trainable_numel(model),)}
 
-    def client_state_shapes(self, model):
+    def client_state_shapes(self, model: nn.Module) -> Shapes:
         return {"control": (trainable_numel(model),)}
 
     def start_client(self, model: nn.Module, client: ClientContext) -> None:
@@ -74,12 +75,26 @@ class Scaffold(FedAvg):
             c = c - client.state["control"].double().cpu()
         self._correction = split_like_parameters(c, model)
 
-    def local_loss(self, model, logits, labels, global_params, inputs=None):
+    def local_loss(
+        self,
+        model: nn.Module,
+        logits: torch.Tensor,
+        labels: torch.Tensor,
+        global_params: Sequence[torch.Tensor],
+        inputs: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         loss = nn.functional.cross_entropy(logits, labels)
         params = [p for p in model.parameters() if p.requires_grad]
         return loss + sum((p * d).sum() for p, d in zip(params, self._correction))
 
-    def finish_client(self, model, client: ClientContext, start, trained, trainable_mask) -> ClientUpdate:
+    def finish_client(
+        self,
+        model: nn.Module,
+        client: ClientContext,
+        start: torch.Tensor,
+        trained: torch.Tensor,
+        trainable_mask: torch.Tensor,
+    ) -> ClientUpdate:
         c = self._ensure_control(model).double().to(start.device)
         c_i = client.state["control"].double().to(start.device) if client.state is not None else torch.zeros_like(c)
         if client.local_steps == 0:
@@ -90,17 +105,17 @@ class Scaffold(FedAvg):
         return ClientUpdate({"delta_control": new_c_i - c_i}, {"control": new_c_i})
 
     # -- on the server ---------------------------------------------------------------------------------------
-    def process_uploads(self, model, sums: Tensors, round_index: int) -> dict[str, float]:
+    def process_uploads(self, model: nn.Module, sums: Tensors, round_index: int) -> dict[str, float]:
         c = self._ensure_control(model).double()
         c = c + sums["delta_control"].double().cpu() / self.args.federated.num_clients
         self.control = c.float()
         return {"control_norm": float(c.norm())}
 
     # -- with the broadcast ----------------------------------------------------------------------------------
-    def broadcast_state(self, model):
+    def broadcast_state(self, model: nn.Module) -> Tensors:
         return {"control": self._ensure_control(model)}
 
-    def receive_state(self, tensors):
+    def receive_state(self, tensors: Tensors) -> None:
         self.control = tensors["control"].detach().cpu().float().clone()
 
     # -- checkpoints -----------------------------------------------------------------------------------------
