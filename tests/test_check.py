@@ -234,10 +234,10 @@ def test_client_state_slots_count_against_the_round_buffers_limit(monkeypatch):
     from test_client_state import smoke_trainer
 
     from mllmfl_dist.config import ConfigError
-    from mllmfl_dist.fl import trainer as trainer_module
+    from mllmfl_dist.fl import round_buffers
 
     uploads = smoke_trainer("federated.strategy=scaffold").upload_layout.numel * 8
-    monkeypatch.setattr(trainer_module, "MAX_UPLOAD_BYTES", uploads + 64)
+    monkeypatch.setattr(round_buffers, "MAX_UPLOAD_BYTES", uploads + 64)
     smoke_trainer("federated.strategy=fednova")  # uploads as wide (and two counts), no client state: fits
     with pytest.raises(ConfigError, match=r"'scaffold'.*client state 6 x \d+ float64"):
         smoke_trainer("federated.strategy=scaffold")

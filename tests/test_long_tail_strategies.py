@@ -141,7 +141,7 @@ def test_clip2fl_needs_a_clip_model():
 
 def test_uploads_too_large_for_the_all_reduce_are_refused_naming_their_tensors():
     from mllmfl_dist.fl.aggregation import FlatLayout
-    from mllmfl_dist.fl.trainer import MAX_UPLOAD_BYTES, check_upload_size
+    from mllmfl_dist.fl.round_buffers import MAX_UPLOAD_BYTES, check_upload_size
 
     check_upload_size("creff", FlatLayout.of_shapes({"class_gradients": (MAX_UPLOAD_BYTES // 8,)}))
     # ImageNet-LT classes, ResNet-50 features: CReFF's upload_shapes

@@ -13,7 +13,7 @@ from mllmfl_dist.config import DistConfig, load_config
 from mllmfl_dist.core import checkpoint, dist
 from mllmfl_dist.data.shards import write_shards
 from mllmfl_dist.stages.annotate import AnnotateStage, run_annotate
-from mllmfl_dist.stages.federated import FederateStage
+from mllmfl_dist.stages.federated_status import FederateStage
 from mllmfl_dist.stages.pretrain.recipe import PretrainStage
 from mllmfl_dist.stages.report import ReportStage
 

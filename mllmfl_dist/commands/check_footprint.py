@@ -160,9 +160,9 @@ def client_state_width(cfg, classes: int, channels: int, side: int) -> int:
 
 def client_state_bytes(cfg, width: int) -> int:
     """Per rank, for a client state of ``width`` entries: the round's slots in the all_reduce and the broadcast
-    (:func:`mllmfl_dist.fl.trainer.client_state_slot_bytes`) plus the copy of the broadcast's a rank keeps, and
+    (:func:`mllmfl_dist.fl.round_buffers.client_state_slot_bytes`) plus the copy of the broadcast's a rank keeps, and
     on rank 0 the store's in-memory entries (every client's, up to ``federated.client_state_mb``)."""
-    from mllmfl_dist.fl.trainer import client_state_slot_bytes
+    from mllmfl_dist.fl.round_buffers import client_state_slot_bytes
 
     if not width:
         return 0

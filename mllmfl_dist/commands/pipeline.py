@@ -21,7 +21,7 @@ from mllmfl_dist.core import dist, run_lock
 from mllmfl_dist.config import Config
 from mllmfl_dist.stages.annotate import AnnotateStage
 from mllmfl_dist.stages.pretrain.recipe import PretrainStage
-from mllmfl_dist.stages.federated import FederateStage
+from mllmfl_dist.stages.federated_status import FederateStage
 from mllmfl_dist.stages.protocol import Stage, drive
 from mllmfl_dist.stages.report import ReportStage
 

@@ -30,7 +30,7 @@ from mllmfl_dist.data.shards import expand_shards, iter_samples, write_shards
 from mllmfl_dist.data.images import encode_png
 from mllmfl_dist.standins.web_captions import make_caption, reversed_tail_counts
 from mllmfl_dist.data.sources import load_fashion_mnist
-from mllmfl_dist.commands.shards import parse_indices
+from mllmfl_dist.commands.source_indices import parse_indices
 
 USAGE_ERROR = 2
 

@@ -36,17 +36,17 @@ from mllmfl_dist.fl.dp import CentralDP
 from mllmfl_dist.fl.sampling import assign_clients, sample_clients
 from mllmfl_dist.fl.strategies import ClientContext, Strategy
 from mllmfl_dist.fl.models import FLModel
-
-# A strategy's uploads and per-client state slots above this (per round, per rank) are refused: CReFF's class
-# gradients grow as classes^2 x feature width (ImageNet-LT with ResNet-50: 1000 x 1000 x 2049 entries, 16 GB),
-# SCAFFOLD's slots as clients per round x parameters.
-MAX_UPLOAD_BYTES = 2 * 2**30
-# Where a round went non-finite; the broadcast carries the index, so every rank stops with one message.
-DIVERGED_NOWHERE = "nowhere"
-DIVERGED_IN_GLOBAL_UPDATE = "global_update"
-DIVERGED_IN_UPLOADS = "uploads"
-DIVERGED_IN_SERVER_HOOK = "server_hook"
-DIVERGENCE_CODES = (DIVERGED_NOWHERE, DIVERGED_IN_GLOBAL_UPDATE, DIVERGED_IN_UPLOADS, DIVERGED_IN_SERVER_HOOK)
+from mllmfl_dist.fl.divergence import (
+    DIVERGED_IN_GLOBAL_UPDATE,
+    DIVERGED_IN_SERVER_HOOK,
+    DIVERGED_IN_UPLOADS,
+    DIVERGED_NOWHERE,
+    DIVERGENCE_CODES,
+    divergence_message,
+    model_is_finite,
+    tensors_are_finite,
+)
+from mllmfl_dist.fl.round_buffers import check_upload_size
 
 
 class ServerHook(Protocol):
@@ -56,49 +56,6 @@ class ServerHook(Protocol):
 
     def divergence_hints(self) -> list[str]:
         """``key = value`` settings to look at when the hook made the model non-finite."""
-
-
-def client_state_slot_bytes(width: int, clients_per_round: int) -> tuple[int, int]:
-    """Bytes the per-client state slots add to a round's (all_reduce, broadcast) buffers, for a state of
-    ``width`` entries: K slots of float64 and K presence flags in the all_reduce, K slots of float32 and K flags
-    in the broadcast (see :class:`FederatedTrainer`); nothing when the strategy keeps no client state."""
-    if not width:
-        return 0, 0
-    return clients_per_round * (width + 1) * 8, clients_per_round * (width + 1) * 4
-
-
-def check_upload_size(strategy: str, layout: FlatLayout, state_width: int = 0, clients_per_round: int = 0) -> None:
-    """Refuse uploads (``layout``, float64 per rank) and per-client state slots (``state_width`` entries for each
-    of ``clients_per_round`` clients, in the all_reduce and the broadcast) that would not fit a round's buffers,
-    naming the tensors and their shapes."""
-    state_reduce, state_broadcast = client_state_slot_bytes(state_width, clients_per_round)
-    size = layout.numel * 8 + state_reduce + state_broadcast
-    if size > MAX_UPLOAD_BYTES:
-        tensors = [f"{name} {' x '.join(map(str, shape))} float64" for name, shape in zip(layout.keys, layout.shapes)]
-        if state_width:
-            tensors.append(
-                f"client state {clients_per_round} x {state_width} float64 in the all_reduce and "
-                f"float32 in the broadcast"
-            )
-        raise ConfigError(
-            f"federated.strategy = {strategy!r} would add {size / 2**30:.1f} GiB per round to the all_reduce and "
-            f"broadcast ({', '.join(tensors)}); the limit is {MAX_UPLOAD_BYTES / 2**30:.0f} GiB. Use a task with "
-            f"fewer classes, a smaller model (model.width_scale, model.arch) or fewer federated.clients_per_round"
-        )
-
-
-def divergence_message(round_index: int, what: str, hints: Sequence[str]) -> str:
-    """One line: the round, what went non-finite, and the settings to look at."""
-    look = f" Look at {', '.join(hints)}" if hints else ""
-    return f"round {round_index}: {what}; nothing of this round was saved and the last checkpoint is kept.{look}"
-
-
-def _finite(model: torch.nn.Module) -> bool:
-    return all(bool(torch.isfinite(t).all()) for t in model.state_dict().values() if t.is_floating_point())
-
-
-def _all_finite(tensors: dict[str, torch.Tensor]) -> bool:
-    return all(bool(torch.isfinite(t).all()) for t in tensors.values())
 
 
 @dataclass(frozen=True)
@@ -309,7 +266,9 @@ class FederatedTrainer:
             finite = bool(torch.isfinite(state).all())
             if finite:
                 update = self.strategy.finish_client(self.model, client, start, state, self.trainable_mask)
-                finite = _all_finite(update.uploads) and (update.state is None or _all_finite(update.state))
+                finite = tensors_are_finite(update.uploads) and (
+                    update.state is None or tensors_are_finite(update.state)
+                )
             if finite:
                 weight = labels.shape[0]
                 if self.dp is not None:  # clipped, weight 1: the sensitivity bound of fl/dp.py
@@ -340,16 +299,16 @@ class FederatedTrainer:
             mean = mean_from_sum(model_acc) if self.dp is None else self.dp.noisy_mean(model_acc, round_index)
             new = self.strategy.server_update(start, mean, self.trainable_mask, self.upload_layout.views(uploads))
             self.set_global_flat(new)
-            status = DIVERGED_NOWHERE if _finite(self.model) else DIVERGED_IN_GLOBAL_UPDATE
+            status = DIVERGED_NOWHERE if model_is_finite(self.model) else DIVERGED_IN_GLOBAL_UPDATE
             if status == DIVERGED_NOWHERE:
                 server_record = self.strategy.process_uploads(
                     self.model, self.upload_layout.views(uploads), round_index
                 )
-                if self.state_layout.numel and not _all_finite(self.strategy.broadcast_state(self.model)):
+                if self.state_layout.numel and not tensors_are_finite(self.strategy.broadcast_state(self.model)):
                     status = DIVERGED_IN_UPLOADS
             if self.server_hook is not None and status == DIVERGED_NOWHERE:
                 self.server_hook(self.model, round_index)
-                status = DIVERGED_NOWHERE if _finite(self.model) else DIVERGED_IN_SERVER_HOOK
+                status = DIVERGED_NOWHERE if model_is_finite(self.model) else DIVERGED_IN_SERVER_HOOK
         bytes_broadcast, status = self._broadcast(
             status, f"rank 0's broadcast of round {round_index}'s model", round_index + 1
         )
