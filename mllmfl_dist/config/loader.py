@@ -228,4 +228,6 @@ def validate(config: Config) -> None:
         )
     if config.dp.enabled:
         strategy.check_dp(config)  # the strategy layer's check, reached through the registry (config imports no fl)
+    if config.federated.vectorize > 1:
+        strategy.check_vectorize(config)
     strategy.check_config(config)

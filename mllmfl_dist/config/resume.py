@@ -36,7 +36,8 @@ class ResumePolicy:
 
 
 # Federated finetuning: everything but where the run lives (a moved or renamed run directory resumes), how
-# long it runs, how it reports, timeouts and stage 1 (the checkpoint already holds what stage 1 produced).
+# long it runs, how it reports, timeouts and stage 1 (the checkpoint already holds what stage 1 produced), and
+# how a host trains its clients (federated.vectorize: the same model to float tolerance, as another world size).
 FEDERATED = ResumePolicy(
     None,
     (
@@ -55,6 +56,7 @@ FEDERATED = ResumePolicy(
         "checkpoint.",
         "log.",
         "federated.client_state_mb",
+        "federated.vectorize",
         "clip2fl.teacher_batch_size",
         "annotate.",
         "pretrain.",

@@ -171,6 +171,9 @@ class FederatedConfig:
     prox_mu: float = non_negative(0.01)  # fedprox; the released code's mu
     # Rank 0's memory for per-client state (scaffold, feddyn); beyond it entries go to <run>/federated/client_state
     client_state_mb: float = non_negative(256.0)
+    # Clients a host trains at once as one stacked model (fl/vectorized.py; fedavg, fedavgm, fedprox, fedopt);
+    # 1: one after another. Pays off where steps are small (many clients, small batches), above all on GPUs.
+    vectorize: int = at_least(1, 1)
 
 
 @dataclass(frozen=True)

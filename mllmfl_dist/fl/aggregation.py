@@ -99,3 +99,14 @@ def weighted_mean(flats: Sequence[torch.Tensor], weights: Sequence[float]) -> to
     for flat, weight in zip(flats, weights):
         accumulate_(acc, flat, weight)
     return mean_from_sum(acc)
+
+
+def add_named_(parts: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor]) -> None:
+    """Add each named tensor into the view of the same name (float64, reshaped to it); a name with no view is
+    a strategy's mistake, raised as KeyError naming the views there are."""
+    for name, tensor in tensors.items():
+        if name not in parts:
+            raise KeyError(
+                f"an upload named {name!r} is not among the strategy's upload_shapes ({', '.join(parts) or 'none'})"
+            )
+        parts[name] += tensor.reshape(parts[name].shape).to(parts[name].device, torch.float64)

@@ -64,6 +64,11 @@ def normalizing_weight(steps: int, momentum: float) -> float:
     return (steps - momentum * (1.0 - momentum**steps) / (1.0 - momentum)) / (1.0 - momentum)
 
 
+def local_optimizer(model: nn.Module, spec: LocalTraining) -> torch.optim.SGD:
+    """The clients' SGD over ``model``'s parameters; :func:`train_client` clears its state before each client."""
+    return torch.optim.SGD(model.parameters(), lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay)
+
+
 def train_client(
     model: nn.Module,
     images: torch.Tensor,
@@ -74,6 +79,7 @@ def train_client(
     global_params: Sequence[torch.Tensor] = (),
     device: torch.device | str = "cpu",
     inputs: torch.Tensor | None = None,
+    optimizer: torch.optim.SGD | None = None,
 ) -> float:
     """Train ``model`` in place on one client's uint8 images (``inputs``: optional per-sample rows, such as
     teacher logits, that the strategy's loss reads batch by batch). Returns the training loss (the
@@ -83,9 +89,14 @@ def train_client(
     the result does not depend on which rank runs the client. A batch of a single sample is skipped
     (BatchNorm cannot normalise one value per channel once the feature map is 1x1, as in ResNet-50 on
     small images), so a one-sample client returns the global model, with its weight of 1.
+
+    ``optimizer``: :func:`local_optimizer` of this ``model``, reused across clients (its state, the momentum
+    buffers, is cleared here, so it steps as a new one would); None builds one.
     """
     model.train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay)
+    if optimizer is None:
+        optimizer = local_optimizer(model, spec)
+    optimizer.state.clear()
     images = images.to(device)
     labels = labels.to(device)
     inputs = inputs.to(device) if inputs is not None else None

@@ -22,6 +22,8 @@ of index per client seen (about 10 MB with 100,000 clients).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import os
 import re
 from collections import OrderedDict
@@ -77,6 +79,17 @@ class ClientStateStore:
         tensor: torch.Tensor = torch.load(self._path(client, round_index), weights_only=True)
         self._remember(client, tensor, dirty=False)
         return tensor
+
+    def fill_slots(self, states: torch.Tensor, present: torch.Tensor, clients: Sequence[int]) -> None:
+        """Copy the entries of ``clients`` into rows of ``states`` [K, S] (row i: ``clients[i]``) and flag them
+        in ``present`` [K]; rows of clients without an entry, and rows past ``clients``, are zeros."""
+        states.zero_()
+        present.zero_()
+        for slot, client in enumerate(clients):
+            entry = self.get(client)
+            if entry is not None:
+                states[slot].copy_(entry)
+                present[slot] = 1.0
 
     def put(self, client: int, round_index: int, state: torch.Tensor) -> None:
         """Make ``state`` (flat, any float dtype, stored as float32) ``client``'s entry as written by round

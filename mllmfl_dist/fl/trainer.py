@@ -18,8 +18,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
 from typing import Any, Protocol
 
 import torch
@@ -29,11 +28,12 @@ from mllmfl_dist.core import dist
 from mllmfl_dist.core.errors import TrainingDivergedError
 from mllmfl_dist.core.seeds import TAG_CLIENT_TRAINING, TAG_CLIENT_UPLOAD, generator
 from mllmfl_dist.data import ClientData
-from mllmfl_dist.fl.aggregation import FlatLayout, accumulate_, mean_from_sum
-from mllmfl_dist.fl.client import LocalTraining, local_steps, train_client
+from mllmfl_dist.fl.aggregation import FlatLayout, accumulate_, add_named_, mean_from_sum
+from mllmfl_dist.fl.client import LocalTraining, local_optimizer, local_steps, train_client
 from mllmfl_dist.fl.client_state import ClientStateStore
 from mllmfl_dist.fl.dp import CentralDP
-from mllmfl_dist.fl.sampling import assign_clients, sample_clients
+from mllmfl_dist.fl.vectorized import VectorizedClients
+from mllmfl_dist.fl.sampling import assign_clients, client_groups, sample_clients
 from mllmfl_dist.fl.strategies import ClientContext, Strategy
 from mllmfl_dist.fl.models import FLModel
 from mllmfl_dist.fl.divergence import (
@@ -42,11 +42,12 @@ from mllmfl_dist.fl.divergence import (
     DIVERGED_IN_UPLOADS,
     DIVERGED_NOWHERE,
     DIVERGENCE_CODES,
-    divergence_message,
     model_is_finite,
+    round_divergence,
     tensors_are_finite,
 )
 from mllmfl_dist.fl.round_buffers import check_upload_size
+from mllmfl_dist.fl.round_stats import RoundStats
 
 
 class ServerHook(Protocol):
@@ -56,21 +57,6 @@ class ServerHook(Protocol):
 
     def divergence_hints(self) -> list[str]:
         """``key = value`` settings to look at when the hook made the model non-finite."""
-
-
-@dataclass(frozen=True)
-class RoundStats:
-    round: int
-    seconds: float
-    clients: tuple[int, ...]  # the round's sampled clients
-    local_clients: tuple[int, ...]  # those this rank trained
-    bytes_all_reduced: int
-    bytes_broadcast: int
-    server: dict[str, float]  # the strategy's numbers of the round (rank 0), e.g. CReFF's match_loss
-    # How many ranks were asked to stop (preempt.py); any: every rank stops after this round, and every rank
-    # knows the count, so the line that reports the stop reads the same whichever rank prints it.
-    stop_requests: int = 0
-    train_loss: float = float("nan")  # the clients' mean training loss, weighted like the model (n_k; 1 under DP)
 
 
 def _overrides(strategy: Strategy, hook: str) -> bool:
@@ -135,6 +121,10 @@ class FederatedTrainer:
             {"model": (self.layout.numel,), "state": (self.state_layout.numel,), "status": (1,), **extra_broadcast},
             torch.float32,
         )
+        # Vectorized clients (federated.vectorize > 1; the config loader refused strategies that cannot).
+        self.vectorized = (
+            VectorizedClients(self.model, local, strategy.local_penalty) if federated.vectorize > 1 else None
+        )
         # Rank 0 only, after the server step and before the broadcast (global alignment plugs in here).
         self.server_hook = server_hook
         self.server_hook_hints: list[str] = []  # what to look at when the hook diverged, on the ranks without it
@@ -173,8 +163,12 @@ class FederatedTrainer:
         self.layout.flatten(self.model.state_dict(), out=parts["model"])
         if self.state_layout.numel:
             self.state_layout.flatten(self.strategy.broadcast_state(self.model), out=parts["state"])
-        if self.client_states is not None:
-            self._fill_client_states(parts["client_states"], parts["client_state_present"], next_round)
+        if self.client_states is not None:  # the stored entries of next_round's clients (none past the last round)
+            fed = self.federated
+            sampled = sample_clients(self.seed, next_round, fed.num_clients, fed.clients_per_round)
+            self.client_states.fill_slots(
+                parts["client_states"], parts["client_state_present"], sampled if next_round <= fed.rounds else []
+            )
         parts["status"][0] = DIVERGENCE_CODES.index(status)
         dist.broadcast_from_server_(self.runtime, flat, what)
         status = DIVERGENCE_CODES[int(parts["status"][0])]
@@ -188,21 +182,6 @@ class FederatedTrainer:
                 self._incoming = (next_round, parts["client_states"].clone(), parts["client_state_present"].clone())
         return flat.numel() * flat.element_size(), status
 
-    def _fill_client_states(self, states: torch.Tensor, present: torch.Tensor, round_index: int) -> None:
-        """Rank 0: the stored entries of ``round_index``'s sampled clients into their slots (none past the
-        last round)."""
-        states.zero_()
-        present.zero_()
-        fed = self.federated
-        if round_index > fed.rounds:
-            return
-        assert self.client_states is not None  # the caller's check: called only where states are kept
-        for slot, cid in enumerate(sample_clients(self.seed, round_index, fed.num_clients, fed.clients_per_round)):
-            entry = self.client_states.get(cid)
-            if entry is not None:
-                states[slot].copy_(entry)
-                present[slot] = 1.0
-
     def _client_context(self, round_index: int, slot: int, cid: int, num_samples: int) -> ClientContext:
         state = None
         if self.client_state_layout.numel:
@@ -213,13 +192,85 @@ class FederatedTrainer:
                 state = self.client_state_layout.views(states[slot])
         return ClientContext(cid, round_index, num_samples, local_steps(num_samples, self.local), state)
 
+    # -- a host's clients -------------------------------------------------------------------------
+    def _train_one_by_one(
+        self,
+        mine: Sequence[int],
+        clients: Sequence[int],
+        round_index: int,
+        start: torch.Tensor,
+        upload_parts: dict[str, torch.Tensor],
+    ) -> Iterator[tuple[int, ClientContext, torch.Tensor, float]]:
+        """Train this host's clients one after another from ``start``; yields (slot, context, trained flat
+        state, loss) while the model still holds the client's model (finish_client may read it)."""
+        seed, device = self.seed, self.runtime.device
+        global_params: list[torch.Tensor] = []
+        if mine and self.strategy.reads_global_params:
+            global_params = [p.detach().clone() for p in self.model.parameters() if p.requires_grad]
+        # Per client, only what training needs: the model is reset from a copy of the round's start in its own
+        # dtypes and read back in one foreach copy each (no state_dict rebuilt per client), and the SGD optimizer
+        # is built once per round and reset (its momentum cleared), which is what a new one would hold.
+        state = self.model.state_dict()
+        tensors = [state[key] for key in self.layout.keys]
+        self.set_global_flat(start)
+        start_tensors = [t.detach().clone() for t in tensors]
+        optimizer = local_optimizer(self.model, self.local)
+        for cid in mine:
+            torch._foreach_copy_(tensors, start_tensors)
+            images, labels = self.data.client(cid)
+            slot = clients.index(cid)
+            client = self._client_context(round_index, slot, cid, labels.shape[0])
+            if self.upload_layout.numel:
+                upload_generator = generator(seed, TAG_CLIENT_UPLOAD, round_index, cid)
+                add_named_(
+                    upload_parts,
+                    self.strategy.client_upload(self.model, images, labels, self.local, upload_generator, device),
+                )
+            self.strategy.start_client(self.model, client)
+            loss = train_client(
+                self.model,
+                images,
+                labels,
+                self.local,
+                generator(seed, TAG_CLIENT_TRAINING, round_index, cid),
+                self.strategy,
+                global_params,
+                device,
+                self.strategy.local_loss_inputs(self.data, cid),
+                optimizer,
+            )
+            trained = torch.empty(self.layout.numel, dtype=torch.float64, device=device)
+            torch._foreach_copy_(list(self.layout.views(trained).values()), tensors)
+            yield slot, client, trained, loss
+
+    def _train_stacked(
+        self, groups: Sequence[Sequence[int]], clients: Sequence[int], round_index: int, start: torch.Tensor
+    ) -> Iterator[tuple[int, ClientContext, torch.Tensor, float]]:
+        """Train this host's groups of clients each as one stacked model (fl/vectorized.py), from ``start``;
+        yields what :meth:`_train_one_by_one` does (strategies that vectorize read no model in finish_client)."""
+        assert self.vectorized is not None  # the caller's choice
+        self.set_global_flat(start)
+        trained = self.vectorized.train_groups(groups, self.data, self.seed, round_index, self.model.state_dict())
+        for cid, num_samples, state, loss in trained:
+            slot = clients.index(cid)
+            yield slot, self._client_context(round_index, slot, cid, num_samples), self.layout.flatten(state), loss
+
     # -- one round -------------------------------------------------------------------------------
     def run_round(self, round_index: int) -> RoundStats:
         started = self._last_round_end or time.perf_counter()
         fed, seed = self.federated, self.seed
         clients = sample_clients(seed, round_index, fed.num_clients, fed.clients_per_round)
-        plan = assign_clients(clients, [self.data.client_size(c) for c in clients], self.runtime.client_hosts)
-        mine = plan.get(self.runtime.rank, [])
+        sizes = [self.data.client_size(c) for c in clients]
+        if self.vectorized is None:
+            mine = assign_clients(clients, sizes, self.runtime.client_hosts).get(self.runtime.rank, [])
+            groups: list[tuple[int, ...]] = [(cid,) for cid in mine]
+        else:  # groups of the round's clients, whatever the hosts; each group trained whole on one host
+            all_groups = client_groups(clients, sizes, fed.vectorize)
+            size_of = dict(zip(clients, sizes))
+            group_sizes = [sum(size_of[c] for c in g) for g in all_groups]
+            plan = assign_clients(range(len(all_groups)), group_sizes, self.runtime.client_hosts)
+            groups = [all_groups[i] for i in plan.get(self.runtime.rank, [])]
+            mine = sorted(c for g in groups for c in g)
 
         start = self.global_flat(torch.float64)
         # One buffer for the one all_reduce: the model's weighted sum and total weight, then the strategy's
@@ -231,38 +282,13 @@ class FederatedTrainer:
         parts = layout.views(acc)
         model_acc, uploads, diverged = parts["model"], parts["uploads"], parts["diverged"]
         parts["stop"][0] = 1.0 if self.runtime.stop is not None and self.runtime.stop.reason else 0.0
-        global_params: list[torch.Tensor] = []
-        if mine and self.strategy.reads_global_params:
-            global_params = [p.detach().clone() for p in self.model.parameters() if p.requires_grad]
         upload_parts = self.upload_layout.views(uploads)
-        for cid in mine:
-            self.set_global_flat(start)
-            images, labels = self.data.client(cid)
-            slot = clients.index(cid)
-            client = self._client_context(round_index, slot, cid, labels.shape[0])
-            if self.upload_layout.numel:
-                upload = self.strategy.client_upload(
-                    self.model,
-                    images,
-                    labels,
-                    self.local,
-                    generator(seed, TAG_CLIENT_UPLOAD, round_index, cid),
-                    self.runtime.device,
-                )
-                self._add_uploads(upload_parts, upload)
-            self.strategy.start_client(self.model, client)
-            loss = train_client(
-                self.model,
-                images,
-                labels,
-                self.local,
-                generator(seed, TAG_CLIENT_TRAINING, round_index, cid),
-                self.strategy,
-                global_params,
-                self.runtime.device,
-                self.strategy.local_loss_inputs(self.data, cid),
-            )
-            state = self.global_flat(torch.float64)
+        trained = (
+            self._train_one_by_one(mine, clients, round_index, start, upload_parts)
+            if self.vectorized is None
+            else self._train_stacked(groups, clients, round_index, start)
+        )
+        for slot, client, state, loss in trained:  # one client at a time, its trained state flat (float64)
             finite = bool(torch.isfinite(state).all())
             if finite:
                 update = self.strategy.finish_client(self.model, client, start, state, self.trainable_mask)
@@ -270,13 +296,13 @@ class FederatedTrainer:
                     update.state is None or tensors_are_finite(update.state)
                 )
             if finite:
-                weight = labels.shape[0]
+                weight = client.num_samples
                 if self.dp is not None:  # clipped, weight 1: the sensitivity bound of fl/dp.py
                     state, weight = self.dp.clip(start, state), 1
                 accumulate_(model_acc, state, weight)
                 if math.isfinite(loss):  # a one-sample client takes no step and has no loss
                     parts["loss"] += weight * loss
-                self._add_uploads(upload_parts, update.uploads)
+                add_named_(upload_parts, update.uploads)
                 if self.client_state_layout.numel:
                     new_state = update.state if update.state is not None else client.state
                     if new_state is not None:
@@ -330,37 +356,8 @@ class FederatedTrainer:
         )
 
     def _divergence(self, round_index: int, where: str, clients: Sequence[int] = ()) -> str:
-        fed, name = self.federated, self.strategy.name
-        if where == "clients":
-            what = (
-                f"the local training of client(s) {', '.join(map(str, clients))} went non-finite (NaN or inf weights)"
-            )
-            hints = [
-                f"federated.lr = {fed.lr:g}",
-                f"federated.momentum = {fed.momentum:g}",
-                f"federated.weight_decay = {fed.weight_decay:g}",
-                f"federated.batch_size = {fed.batch_size}",
-                *self.strategy.divergence_hints("clients"),
-            ]
-        elif where == DIVERGED_IN_GLOBAL_UPDATE:
-            what = "the server step made the global model non-finite"
-            hints = self.strategy.divergence_hints("global_update")
-        elif where == DIVERGED_IN_UPLOADS:
-            what = f"{name}'s server-side use of the clients' uploads went non-finite"
-            hints = self.strategy.divergence_hints("uploads")
-        else:
-            what = "global alignment made the model non-finite"
-            hints = self.server_hook.divergence_hints() if self.server_hook is not None else self.server_hook_hints
-        return divergence_message(round_index, what, hints)
-
-    @staticmethod
-    def _add_uploads(parts: dict[str, torch.Tensor], upload: dict[str, torch.Tensor]) -> None:
-        for name, tensor in upload.items():
-            if name not in parts:
-                raise KeyError(
-                    f"an upload named {name!r} is not among the strategy's upload_shapes ({', '.join(parts) or 'none'})"
-                )
-            parts[name] += tensor.reshape(parts[name].shape).to(parts[name].device, torch.float64)
+        hook_hints = self.server_hook.divergence_hints() if self.server_hook is not None else self.server_hook_hints
+        return round_divergence(round_index, where, self.federated, self.strategy, hook_hints, clients)
 
     # -- checkpoints -----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

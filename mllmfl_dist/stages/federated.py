@@ -28,7 +28,8 @@ from mllmfl_dist.fl.client_state import ClientStateStore
 from mllmfl_dist.fl.dp import CentralDP, PrivacyLedger, noise_multiplier_of
 from mllmfl_dist.fl.evaluate import evaluate_on_splits, imbalance_warning
 from mllmfl_dist.fl.strategies import StrategyContext, build_strategy, strategy_class
-from mllmfl_dist.fl.trainer import FederatedTrainer, RoundStats
+from mllmfl_dist.fl.round_stats import RoundStats
+from mllmfl_dist.fl.trainer import FederatedTrainer
 from mllmfl_dist.stages.align_hook import AlignmentHook, alignment_hints
 from mllmfl_dist.stages.inputs import build_data, build_fl_model, load_pretrained_backbone
 from mllmfl_dist.tracking import Tracker, open_tracker

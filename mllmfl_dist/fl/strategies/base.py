@@ -150,6 +150,35 @@ def dp_refusal(cls: type) -> str | None:
     return None
 
 
+# The hooks that shape a client's local training: a strategy that overrides one can run vectorized clients
+# (``federated.vectorize``, :mod:`mllmfl_dist.fl.vectorized`) only if the class that declares ``vectorizable``
+# wrote it (or is below the class that did), since vectorized clients call none of them but ``local_penalty``.
+CLIENT_HOOKS = (
+    "upload_shapes",
+    "client_state_shapes",
+    "client_upload",
+    "start_client",
+    "finish_client",
+    "local_loss_inputs",
+    "local_loss",
+    "local_penalty",
+)
+
+
+def vectorize_refusal(cls: type) -> str | None:
+    """Why vectorized clients cannot train for strategy class ``cls`` (None: they can): it does not declare
+    ``vectorizable = True``, or it overrides one of :data:`CLIENT_HOOKS` below the class that declared it."""
+    mro = cls.__mro__
+    declared = cast(type[Strategy], next((k for k in mro if "vectorizable" in vars(k)), Strategy))
+    for hook in CLIENT_HOOKS:
+        owner = next((k for k in mro if hook in vars(k)), Strategy)
+        if owner is not Strategy and (not declared.vectorizable or not issubclass(declared, owner)):
+            return f"{owner.__qualname__} overrides {hook}, which vectorized clients do not run"
+    if not declared.vectorizable:
+        return f"{declared.__qualname__} does not declare vectorizable = True"
+    return None
+
+
 class Strategy:
     name: ClassVar[str] = "base"
     # Whether the strategy uploads nothing but the model update, so central DP's clipping and noise cover all it
@@ -161,6 +190,10 @@ class Strategy:
     sections: ClassVar[Mapping[str, type]] = {}
     # Whether local_loss reads the round's global parameters (the trainer keeps a copy only when it does).
     reads_global_params: ClassVar[bool] = False
+    # Whether a host may train several of its clients at once as one stacked model (federated.vectorize): true
+    # where local training is cross-entropy plus :meth:`local_penalty` and the client hooks do nothing else.
+    # Only a class's own declaration vouches for the hooks it overrides: see :func:`vectorize_refusal`.
+    vectorizable: ClassVar[bool] = False
 
     def __init__(self, args: StrategyArgs):
         self.args = args
@@ -183,6 +216,17 @@ class Strategy:
             raise ConfigError(f"dp.enabled = true is not allowed with federated.strategy = {cls.name!r}: {refusal}")
         fed = cfg.federated
         check_settings(cfg.dp, fed.num_clients, fed.clients_per_round, fed.rounds)
+
+    @classmethod
+    def check_vectorize(cls, cfg: Config) -> None:
+        """Refuse (ConfigError, one line naming the strategy) ``federated.vectorize > 1`` with a strategy whose
+        local training vectorized clients cannot run (:func:`vectorize_refusal`)."""
+        refusal = vectorize_refusal(cls)
+        if refusal:
+            raise ConfigError(
+                f"federated.vectorize = {cfg.federated.vectorize} is not allowed with federated.strategy = "
+                f"{cls.name!r}: {refusal}; set federated.vectorize = 1 (clients one after another)"
+            )
 
     @classmethod
     def models(cls, sections: Mapping[str, Any]) -> list[ModelUse]:
@@ -262,6 +306,12 @@ class Strategy:
         """The loss of one local batch (``global_params``: the round's trainable parameters, when
         :attr:`reads_global_params`)."""
         return nn.functional.cross_entropy(logits, labels)
+
+    def local_penalty(self, params: Tensors, global_params: Tensors) -> torch.Tensor | None:
+        """For vectorized clients: the term :meth:`local_loss` adds to the cross-entropy, for ``g`` clients at once
+        (``params``: each trainable parameter with a leading client axis [g, ...]; ``global_params``: the round's,
+        without it); returns [g], or None for none."""
+        return None
 
     # -- on the server ---------------------------------------------------------------------------------
     def server_update(

@@ -78,6 +78,7 @@ class FedAvg(Strategy):
 
     name = "fedavg"
     dp_compatible = True  # its server step sees only the clients' (clipped, noised) mean
+    vectorizable = True  # local training is cross-entropy alone
 
     def __init__(self, args: StrategyArgs, server_momentum: float = 0.0):
         super().__init__(args)
@@ -118,6 +119,7 @@ class FedProx(FedAvg):
 
     name = "fedprox"
     reads_global_params = True
+    vectorizable = True  # cross-entropy plus local_penalty, the same proximal term
 
     def __init__(self, args: StrategyArgs):
         super().__init__(args)
@@ -137,6 +139,11 @@ class FedProx(FedAvg):
         params = [p for p in model.parameters() if p.requires_grad]
         proximal = sum((p - g).pow(2).sum() for p, g in zip(params, global_params))
         return loss + 0.5 * self.mu * proximal
+
+    def local_penalty(self, params: dict[str, torch.Tensor], global_params: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``mu / 2 * ||w_k - w_global||^2`` for each of the stacked clients k: [g]."""
+        proximal = sum((p - global_params[n]).pow(2).flatten(1).sum(1) for n, p in params.items())
+        return 0.5 * self.mu * torch.as_tensor(proximal)
 
     def divergence_hints(self, where: str) -> list[str]:
         if where == "clients":
