@@ -35,12 +35,15 @@ def assign_clients(client_ids: Sequence[int], sizes: Sequence[int], hosts: Seque
 
 
 def client_groups(client_ids: Sequence[int], sizes: Sequence[int], group_size: int) -> list[tuple[int, ...]]:
-    """The round's clients in groups of at most ``group_size`` for vectorized training (fl/vectorized.py).
+    """The round's clients in ``ceil(K / group_size)`` groups for vectorized training (fl/vectorized.py).
 
-    Clients of similar size go together (ordered by decreasing sample count, ties by id), so a group's clients
-    finish their local steps at about the same time. A function of the round's clients only, never of the
-    hosts: each group is then trained whole on one host (:func:`assign_clients` over the groups, weighed by
-    their samples), so every world size computes the same groups the same way.
+    Clients are dealt round-robin in order of decreasing sample count (ties by id), so every group holds a like
+    mix of large and small clients and the groups carry about equal work (a stacked step costs by the clients
+    still training, so mixing sizes wastes nothing). A function of the round's clients only, never of the hosts:
+    each group is then trained whole on one host (:func:`assign_clients` over the groups, weighed by their
+    samples), so every world size computes the same groups the same way. With fewer groups than client hosts
+    some hosts wait: choose ``group_size <= clients_per_round / hosts``.
     """
     ordered = [cid for cid, _ in sorted(zip(client_ids, sizes), key=lambda item: (-item[1], item[0]))]
-    return [tuple(ordered[i : i + group_size]) for i in range(0, len(ordered), group_size)]
+    count = -(-len(ordered) // group_size)
+    return [tuple(ordered[g::count]) for g in range(count)]
