@@ -20,6 +20,7 @@ size on the same images (batching must batch the vision tower and the decoder to
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -142,6 +143,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--baseline", help="commit to time the compute-bound shape against (default: the one before vectorized clients)"
     )
     parser.add_argument("--only-cross-device", action="store_true", help="run part 3 alone")
+    parser.add_argument("--nproc", type=int, default=3, help="processes of part 3's trainer runs (1 on a one-GPU node)")
     parser.add_argument(
         "--set",
         dest="overrides",
@@ -159,12 +161,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         root = Path(tmp)
         if not args.only_cross_device:
             bench_workload_and_scale(args, root)
-        print(f"# cross-device shapes on {args.config}, {args.cross_rounds} rounds each", flush=True)
+        run = functools.partial(trainer_run, nproc=args.nproc)
+        print(
+            f"# cross-device shapes on {args.config}, {args.cross_rounds} rounds each, {args.nproc} processes",
+            flush=True,
+        )
         for shape in (Shape(1_000, 100, 8, 25), Shape(10_000, 1_000, 4, 50)):
-            cross_device(Path(args.config), root, shape, args.cross_rounds, trainer_run)
-        vectorized_at(Path(args.config), root, args.rounds, 5, trainer_run)
+            cross_device(Path(args.config), root, shape, args.cross_rounds, run)
+        vectorized_at(Path(args.config), root, args.rounds, 5, run)
         baseline = args.baseline or commit_before_vectorizing(REPO)
-        against_commit(Path(args.config), root, REPO, baseline, args.rounds, trainer_run)
+        against_commit(Path(args.config), root, REPO, baseline, args.rounds, run)
     return 0
 
 
