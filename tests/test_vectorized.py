@@ -171,3 +171,26 @@ def test_vectorized_on_one_and_three_processes_equals_sequential(tmp_path, strat
     assert max_abs_difference(seq, vec1) <= TOLERANCE
     assert max_abs_difference(vec1, vec3) <= 1e-6  # the same groups on every world size; float64 sums differ
     assert max_abs_difference(seq, vec3) <= TOLERANCE
+
+
+@pytest.mark.parametrize("strategy", ["fedavgm", "fedadam"])
+def test_server_side_strategies_vectorized_equal_sequential(tmp_path, strategy):
+    """Their clients train as FedAvg's: vectorized against sequential on one process, within the tolerance."""
+    run = [f"run.root={tmp_path}", *COMMON, f"federated.strategy={strategy}"]
+    assert cli("federate", str(SMOKE), sets=[*run, "run.name=seq"]) == 0
+    assert cli("federate", str(SMOKE), sets=[*run, "run.name=vec", "federated.vectorize=3"]) == 0
+    assert max_abs_difference(final_model(tmp_path, "seq"), final_model(tmp_path, "vec")) <= TOLERANCE
+
+
+def test_a_vectorized_run_resumed_equals_a_straight_one(tmp_path):
+    """Groups depend on the round only, so a resume from round 1's checkpoint trains round 2 as a straight run
+    does; the resume may also switch vectorizing off (the same model to the tolerance)."""
+    run = [f"run.root={tmp_path}", *COMMON, "federated.vectorize=4"]
+    assert cli("federate", str(SMOKE), sets=[*run, "run.name=straight"]) == 0
+    assert cli("federate", str(SMOKE), sets=[*run, "run.name=resumed", "federated.rounds=1"]) == 0
+    assert cli("federate", str(SMOKE), sets=[*run, "run.name=resumed"]) == 0
+    straight, resumed = final_model(tmp_path, "straight"), final_model(tmp_path, "resumed")
+    assert max_abs_difference(straight, resumed) == 0.0
+    assert cli("federate", str(SMOKE), sets=[*run, "run.name=switched", "federated.rounds=1"]) == 0
+    assert cli("federate", str(SMOKE), sets=[*run, "run.name=switched", "federated.vectorize=1"]) == 0
+    assert max_abs_difference(straight, final_model(tmp_path, "switched")) <= TOLERANCE
