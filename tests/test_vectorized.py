@@ -26,7 +26,7 @@ from mllmfl_dist.fl.sampling import client_groups
 from mllmfl_dist.fl.strategies.base import vectorize_refusal
 from mllmfl_dist.fl.strategies.fedavg import FedAvg, FedProx
 from mllmfl_dist.fl.strategies.base import StrategyArgs
-from mllmfl_dist.fl.vectorized import VectorizedClients, client_batches, stacked_model
+from mllmfl_dist.fl.vectorized import ClientStream, VectorizedClients, stacked_model
 
 TOLERANCE = 1e-5
 SPEC = LocalTraining(2, 8, 0.02, 0.9, 5e-4, True, 2, True, (0.3,), (0.3,))
@@ -42,31 +42,40 @@ def clients(seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
     ]
 
 
-def sequential(model: nn.Module, strategy, data, global_params=()) -> tuple[list[dict], list[float]]:
+def sequential(model: nn.Module, strategy, data, global_params=(), spec=SPEC) -> tuple[list[dict], list[float]]:
     start = {k: v.clone() for k, v in model.state_dict().items()}
     states, losses = [], []
     for i, (images, labels) in enumerate(data):
         model.load_state_dict(start)
         losses.append(
-            train_client(model, images, labels, SPEC, torch.Generator().manual_seed(i), strategy, global_params)
+            train_client(model, images, labels, spec, torch.Generator().manual_seed(i), strategy, global_params)
         )
         states.append({k: v.clone() for k, v in model.state_dict().items()})
     model.load_state_dict(start)
     return states, losses
 
 
-@pytest.mark.parametrize("strategy_name", ["fedavg", "fedprox"])
-def test_a_stacked_group_equals_its_clients_one_after_another(strategy_name):
+PLAIN_SGD = LocalTraining(2, 8, 0.02, 0.0, 0.0, True, 2, True, (0.3,), (0.3,))
+
+
+@pytest.mark.parametrize(
+    "strategy_name, spec, frozen",
+    [("fedavg", SPEC, False), ("fedprox", SPEC, False), ("fedavg", PLAIN_SGD, False), ("fedavg", SPEC, True)],
+    ids=["fedavg", "fedprox", "fedavg-no-momentum-no-decay", "fedavg-frozen-stem"],
+)
+def test_a_stacked_group_equals_its_clients_one_after_another(strategy_name, spec, frozen):
     cfg = load_config(SMOKE, ["federated.prox_mu=0.5"])
     strategy = (FedAvg if strategy_name == "fedavg" else FedProx)(StrategyArgs(cfg.federated, 0))
     torch.manual_seed(0)
     model = build_model("resnet8", 1, 10)
-    global_params = [p.detach().clone() for p in model.parameters()]
+    if frozen:  # a parameter that does not train: sequential SGD leaves it, and so must the stack
+        model.conv1.weight.requires_grad_(False)
+    global_params = [p.detach().clone() for p in model.parameters() if p.requires_grad]
     data = clients()
-    expected, expected_losses = sequential(model, strategy, data, global_params)
+    expected, expected_losses = sequential(model, strategy, data, global_params, spec)
     start = {k: v.clone() for k, v in model.state_dict().items()}
-    batches = [client_batches(x, y, SPEC, torch.Generator().manual_seed(i)) for i, (x, y) in enumerate(data)]
-    states, losses = VectorizedClients(model, SPEC, strategy.local_penalty).train(start, batches)
+    batches = [ClientStream(x, y, spec, torch.Generator().manual_seed(i)) for i, (x, y) in enumerate(data)]
+    states, losses = VectorizedClients(model, spec, strategy.local_penalty).train(start, batches)
     for i, n in enumerate(SIZES):
         assert max_abs_difference(states[i], expected[i]) <= TOLERANCE, (i, n)
         if n < 2:  # no step: the start model, and a NaN loss, as sequential
@@ -77,6 +86,8 @@ def test_a_stacked_group_equals_its_clients_one_after_another(strategy_name):
             assert losses[i] == pytest.approx(expected_losses[i], rel=1e-5)
         tracked = [k for k in start if k.endswith("num_batches_tracked")]
         assert all(torch.equal(states[i][k], expected[i][k]) for k in tracked)
+        if frozen:
+            assert torch.equal(states[i]["conv1.weight"], start["conv1.weight"])
 
 
 def test_fedprox_term_reaches_the_stacked_clients():
@@ -88,7 +99,7 @@ def test_fedprox_term_reaches_the_stacked_clients():
     data = clients()[:2]
     out = {}
     for cls in (FedAvg, FedProx):
-        batches = [client_batches(x, y, SPEC, torch.Generator().manual_seed(i)) for i, (x, y) in enumerate(data)]
+        batches = [ClientStream(x, y, SPEC, torch.Generator().manual_seed(i)) for i, (x, y) in enumerate(data)]
         out[cls] = VectorizedClients(model, SPEC, cls(StrategyArgs(cfg.federated, 0)).local_penalty).train(
             start, batches
         )[0]
@@ -104,7 +115,7 @@ def test_a_layer_that_cannot_be_stacked_is_named():
 def test_groups_depend_on_the_round_not_on_the_hosts():
     ids, sizes = [3, 8, 11, 20, 25, 40, 41], [5, 50, 5, 7, 50, 1, 12]
     groups = client_groups(ids, sizes, 3)
-    assert groups == [(8, 20, 40), (25, 3), (41, 11)]  # dealt in order of decreasing size, ties by id
+    assert groups == [(8, 25, 41), (20, 3, 11), (40,)]  # runs in order of decreasing size, ties by id
     assert sorted(c for g in groups for c in g) == ids
 
 

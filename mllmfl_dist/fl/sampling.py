@@ -35,15 +35,15 @@ def assign_clients(client_ids: Sequence[int], sizes: Sequence[int], hosts: Seque
 
 
 def client_groups(client_ids: Sequence[int], sizes: Sequence[int], group_size: int) -> list[tuple[int, ...]]:
-    """The round's clients in ``ceil(K / group_size)`` groups for vectorized training (fl/vectorized.py).
+    """The round's clients in groups of at most ``group_size`` for vectorized training (fl/vectorized.py).
 
-    Clients are dealt round-robin in order of decreasing sample count (ties by id), so every group holds a like
-    mix of large and small clients and the groups carry about equal work (a stacked step costs by the clients
-    still training, so mixing sizes wastes nothing). A function of the round's clients only, never of the hosts:
-    each group is then trained whole on one host (:func:`assign_clients` over the groups, weighed by their
-    samples), so every world size computes the same groups the same way. With fewer groups than client hosts
-    some hosts wait: choose ``group_size <= clients_per_round / hosts``.
+    Consecutive runs of the clients in order of decreasing sample count (ties by id): a group's clients take
+    about as many steps, with batches of the same sizes, so a group needs few stacked steps (one per step and
+    distinct batch size). A function of the round's clients only, never of the hosts: each group is then
+    trained whole on one host (:func:`assign_clients` over the groups, weighed by their samples), so every world
+    size computes the same groups the same way. Groups differ in work (the first holds the largest clients),
+    so hosts balance only when each gets several: choose ``group_size`` at most about
+    ``clients_per_round / (2 x hosts)``.
     """
     ordered = [cid for cid, _ in sorted(zip(client_ids, sizes), key=lambda item: (-item[1], item[0]))]
-    count = -(-len(ordered) // group_size)
-    return [tuple(ordered[g::count]) for g in range(count)]
+    return [tuple(ordered[i : i + group_size]) for i in range(0, len(ordered), group_size)]

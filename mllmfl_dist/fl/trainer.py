@@ -35,6 +35,7 @@ from mllmfl_dist.fl.dp import CentralDP
 from mllmfl_dist.fl.vectorized import VectorizedClients
 from mllmfl_dist.fl.sampling import assign_clients, client_groups, sample_clients
 from mllmfl_dist.fl.strategies import ClientContext, Strategy
+from mllmfl_dist.fl.strategies.base import vectorize_refusal
 from mllmfl_dist.fl.models import FLModel
 from mllmfl_dist.fl.divergence import (
     DIVERGED_IN_GLOBAL_UPDATE,
@@ -121,10 +122,14 @@ class FederatedTrainer:
             {"model": (self.layout.numel,), "state": (self.state_layout.numel,), "status": (1,), **extra_broadcast},
             torch.float32,
         )
-        # Vectorized clients (federated.vectorize > 1; the config loader refused strategies that cannot).
-        self.vectorized = (
-            VectorizedClients(self.model, local, strategy.local_penalty) if federated.vectorize > 1 else None
-        )
+        # Vectorized clients (federated.vectorize > 1); the config loader refuses strategies that cannot, and so
+        # does this, for a trainer built without it.
+        self.vectorized = None
+        if federated.vectorize > 1:
+            refusal = vectorize_refusal(type(strategy))
+            if refusal:
+                raise ConfigError(f"federated.vectorize = {federated.vectorize} with {strategy.name!r}: {refusal}")
+            self.vectorized = VectorizedClients(self.model, local, strategy.local_penalty)
         # Rank 0 only, after the server step and before the broadcast (global alignment plugs in here).
         self.server_hook = server_hook
         self.server_hook_hints: list[str] = []  # what to look at when the hook diverged, on the ranks without it

@@ -1,32 +1,31 @@
-"""Several clients trained at once as one batched model (``federated.vectorize = K``).
+"""Several clients trained at once as one stacked model (``federated.vectorize = K``).
 
-Cross-device rounds train many clients of a handful of samples each at small batch sizes, where a step's
-fixed cost (Python, kernel launches) outweighs its arithmetic. Here a host trains a group of up to K clients
-as one model whose parameters, buffers and SGD momentum are stacked along a leading client axis: one step
-runs ``torch.func.vmap`` over ``torch.func.functional_call`` of the model, so K tiny steps become one step
-of K times the work. What no mainstream PyTorch FL simulator does; FedJAX and DrJAX do it in JAX.
+Cross-device rounds train many clients of a handful of samples each at small batch sizes, where a step's fixed
+cost (Python, the optimizer, kernel launches) weighs against its arithmetic. Here a host trains a group of up to
+K clients as one model whose parameters, BatchNorm statistics and SGD momentum are stacked along a leading
+client axis (:func:`stacked_model`): the clients' channels side by side, each convolution one grouped
+convolution, each BatchNorm one BatchNorm over clients x channels, each linear layer one batched product; one
+backward of the summed losses gives every client its own gradients. FedJAX and DrJAX do the like in JAX.
 
 It equals training the group's clients one after another (:func:`mllmfl_dist.fl.client.train_client`) to
 float tolerance:
 
-- each client's batches come from its own (seed, round, client) generator, drawn in the order
-  :func:`train_client` draws them (:func:`client_batches`), so data order and augmentation are the same;
-- the group is sorted by step count, longest first, so the clients still training at a step are a prefix of
-  the stack: a finished client is left out of every later step, its weights, statistics and momentum frozen
-  (FedJAX masks them the same way);
-- a batch shorter than the group's (an epoch's ragged last batch) is padded, and its padding is stacked out of
-  the loss and out of BatchNorm's batch statistics and running statistics (:class:`StackedBatchNorm`);
-- SGD with momentum and weight decay is ``torch.optim.SGD``'s update, written on the stacked tensors.
+- each client's batches come from its own (seed, round, client) generator, drawn lazily in the order
+  :func:`train_client` draws them (:class:`ClientStream`), so data order and augmentation are the same;
+- a step stacks the clients still training whose batch at that step has the same size (one stacked step per
+  size), so a finished client is left out (its weights, statistics and momentum frozen) and an epoch's ragged
+  last batch is never padded: BatchNorm's statistics see only real samples;
+- SGD with momentum and weight decay is ``torch.optim.SGD``'s update, written on the stacked tensors (a
+  parameter without a gradient is skipped, as there).
 
-What differs is rounding: a batched convolution sums in another order, so parameters agree with the
-sequential result to about 1e-5 relative after a round (tests/test_vectorized.py states and checks the bound).
+What differs is rounding: a grouped convolution sums in another order. tests/test_vectorized.py states the
+tolerance and checks it; docs/explanation/performance.md says when stacking is faster.
 """
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -40,36 +39,35 @@ Tensors = dict[str, torch.Tensor]
 Penalty = Callable[[Tensors, Tensors], torch.Tensor | None]
 
 
-@dataclass(frozen=True)
-class ClientBatches:
-    """One client's local training as data: its batches in the order :func:`train_client` takes them."""
+class ClientStream:
+    """One client's local training data, batch by batch in the order :func:`mllmfl_dist.fl.client.train_client`
+    takes it, drawn lazily from ``generator`` (a permutation at each epoch's first batch, then each batch's
+    augmentation; batches of one sample skipped, as there), so a group holds one batch per client at a time.
 
-    images: list[torch.Tensor]  # per step: normalized float32 [b, C, H, W], 2 <= b <= batch_size
-    labels: list[torch.Tensor]  # per step: int64 [b]
+    ``images``: uint8 [n, C, H, W]; ``labels``: int64 [n]. ``sizes``: the batch size of each step, known before
+    any draw; :meth:`next_batch` returns normalized float32 [b, C, H, W] and labels [b] of the next step.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, spec: LocalTraining, generator: torch.Generator):
+        self.images, self.labels, self.spec, self.generator = images, labels, spec, generator
+        n = labels.shape[0]
+        per_epoch = [min(spec.batch_size, n - s) for s in range(0, n, spec.batch_size)]
+        self.sizes = [b for b in per_epoch if b >= 2] * spec.epochs
+        self._pending: list[torch.Tensor] = []
 
     @property
     def steps(self) -> int:
-        return len(self.images)
+        return len(self.sizes)
 
-
-def client_batches(
-    images: torch.Tensor, labels: torch.Tensor, spec: LocalTraining, generator: torch.Generator
-) -> ClientBatches:
-    """The batches :func:`mllmfl_dist.fl.client.train_client` would train one client on (uint8 ``images``
-    [n, C, H, W], ``labels`` [n]), drawing from ``generator`` in the same order: a permutation per epoch,
-    then each batch's augmentation; batches of one sample are skipped, as there."""
-    out_images, out_labels = [], []
-    n = labels.shape[0]
-    for _ in range(spec.epochs):
-        order = torch.randperm(n, generator=generator)
-        for start in range(0, n, spec.batch_size):
-            batch = order[start : start + spec.batch_size]
-            if batch.numel() < 2:
-                continue
-            x = augment_batch(images[batch], generator, spec.crop_padding, spec.hflip, spec.random_crop)
-            out_images.append(normalize(x, spec.mean, spec.std))
-            out_labels.append(labels[batch])
-    return ClientBatches(out_images, out_labels)
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        spec = self.spec
+        if not self._pending:  # an epoch starts
+            order = torch.randperm(self.labels.shape[0], generator=self.generator)
+            batches = [order[s : s + spec.batch_size] for s in range(0, order.numel(), spec.batch_size)]
+            self._pending = [b for b in batches if b.numel() >= 2]
+        batch = self._pending.pop(0)
+        x = augment_batch(self.images[batch], self.generator, spec.crop_padding, spec.hflip, spec.random_crop)
+        return normalize(x, spec.mean, spec.std), self.labels[batch]
 
 
 class _StackedConv2d(nn.Module):
@@ -190,17 +188,17 @@ class VectorizedClients:
         device = next(iter(start.values())).device
         start = {k: v.detach().clone() for k, v in start.items()}
         for group in groups:
-            batches, counts = [], []
+            streams, counts = [], []
             for cid in group:
                 images, labels = data.client(cid)
-                stream = generator(seed, TAG_CLIENT_TRAINING, round_index, cid)
-                batches.append(client_batches(images.to(device), labels.to(device), self.spec, stream))
+                draws = generator(seed, TAG_CLIENT_TRAINING, round_index, cid)
+                streams.append(ClientStream(images.to(device), labels.to(device), self.spec, draws))
                 counts.append(labels.shape[0])
-            states, losses = self.train(start, batches, device)
+            states, losses = self.train(start, streams, device)
             yield from zip(group, counts, states, losses)
 
     def train(
-        self, start: Tensors, clients: Sequence[ClientBatches], device: torch.device | str = "cpu"
+        self, start: Tensors, clients: Sequence[ClientStream], device: torch.device | str = "cpu"
     ) -> tuple[list[Tensors], list[float]]:
         """Train ``clients`` from the state dict ``start``; returns each client's final state dict (views into
         the stack, in the order given) and its training loss averaged over its samples (NaN for a client that
@@ -212,42 +210,46 @@ class VectorizedClients:
         # Every client's momentum buffer; torch.optim.SGD starts it at the first step's d_p, and every client
         # that trains at all takes its first step at step 0.
         momentum = {n: torch.zeros_like(t) for n, t in params.items()} if self.spec.momentum else {}
-        loss_sum = torch.zeros(k, dtype=torch.float64, device=device)
-        seen = [0] * k
+        # The schedule, known before any step: at each step, the clients still training by the size of their
+        # batch there, one stacked step per size. Its row indices go to the device in one copy, so no step waits
+        # for the host.
+        schedule: list[tuple[int, int, list[int]]] = []
         for step in range(max((c.steps for c in clients), default=0)):
-            # The clients still training, by the size of their batch at this step: one stacked step per size,
-            # so no batch is padded and BatchNorm's statistics see only real samples.
             by_size: dict[int, list[int]] = {}
             for i, client in enumerate(clients):
                 if client.steps > step:
-                    by_size.setdefault(client.labels[step].shape[0], []).append(i)
-            for size, rows in sorted(by_size.items()):
-                index = torch.tensor(rows, device=device)
-                losses = self._step(stacked, momentum, global_params, [clients[i] for i in rows], step, index)
-                loss_sum.index_add_(0, index, losses.double() * size)
-                for i in rows:
-                    seen[i] += size
-        steps = torch.tensor([c.steps for c in clients], device=device)
+                    by_size.setdefault(client.sizes[step], []).append(i)
+            schedule += [(step, size, rows) for size, rows in sorted(by_size.items())]
+        flat_rows = torch.tensor([i for _, _, rows in schedule for i in rows], dtype=torch.int64).to(device)
+        loss_sum = torch.zeros(k, dtype=torch.float64, device=device)
+        offset = 0
+        for step, size, rows in schedule:
+            index = flat_rows[offset : offset + len(rows)]
+            offset += len(rows)
+            losses = self._step(stacked, momentum, global_params, [clients[i] for i in rows], step == 0, index)
+            loss_sum.index_add_(0, index, losses.double() * size)
+        steps = torch.tensor([c.steps for c in clients]).to(device)
         for key in self.tracked_keys:
             stacked[key] += steps.to(stacked[key].dtype)
         states = [{name: stacked[name][i] for name in start} for i in range(k)]
-        return states, [float(loss_sum[i]) / seen[i] if seen[i] else float("nan") for i in range(k)]
+        seen = [sum(c.sizes) for c in clients]
+        return states, [s / n if n else float("nan") for s, n in zip(loss_sum.tolist(), seen)]
 
     def _step(
         self,
         stacked: Tensors,
         momentum: Tensors,
         global_params: Tensors,
-        clients: Sequence[ClientBatches],
-        step: int,
+        clients: Sequence[ClientStream],
+        first: bool,
         index: torch.Tensor,
     ) -> torch.Tensor:
-        """One SGD step of the clients at rows ``index`` of the stack, on their batches of ``step`` (all of one
-        size); returns their losses [g]."""
-        device = index.device
+        """One SGD step of the clients at rows ``index`` of the stack, on their next batches (all of one size;
+        ``first``: the clients' first step); returns their losses [g]."""
         g = len(clients)
-        x = torch.stack([c.images[step] for c in clients]).to(device)  # [g, B, C, H, W]
-        y = torch.stack([c.labels[step] for c in clients]).to(device)  # [g, B]
+        batches = [c.next_batch() for c in clients]
+        x = torch.stack([b[0] for b in batches])  # [g, B, C, H, W]
+        y = torch.stack([b[1] for b in batches])  # [g, B]
         batch = x.shape[1]
         x = x.transpose(0, 1).reshape(batch, g * x.shape[2], *x.shape[3:])  # channels client-major
         params = {n: stacked[n].index_select(0, index).requires_grad_() for n in self.param_names}
@@ -258,19 +260,29 @@ class VectorizedClients:
         penalty = self.penalty(params, global_params) if self.penalty is not None else None
         if penalty is not None:
             losses = losses + penalty
-        grads = torch.autograd.grad(losses.sum(), list(params.values()))
+        grads = torch.autograd.grad(losses.sum(), list(params.values()), allow_unused=True)
         with torch.no_grad():
-            self._sgd(params, dict(zip(params, grads)), momentum, index, step == 0)
+            self._sgd(params, dict(zip(params, grads)), momentum, index, first)
             for name, value in (*params.items(), *((n, rest[n]) for n in self.running_names)):
                 stacked[name].index_copy_(0, index, value)
         return losses.detach()
 
-    def _sgd(self, params: Tensors, grads: Tensors, momentum: Tensors, index: torch.Tensor, first: bool) -> None:
+    def _sgd(
+        self,
+        params: Tensors,
+        grads: dict[str, torch.Tensor | None],
+        momentum: Tensors,
+        index: torch.Tensor,
+        first: bool,
+    ) -> None:
         """``torch.optim.SGD``'s step (no dampening, not Nesterov) on the rows ``index`` of the stack, in place on
-        ``params`` (those rows); ``momentum`` holds every client's buffer."""
+        ``params`` (those rows); ``momentum`` holds every client's buffer. A parameter the loss does not reach has
+        no gradient and is left alone, as SGD leaves a parameter whose ``grad`` is None."""
         spec = self.spec
         for name, p in params.items():
             d_p = grads[name]
+            if d_p is None:
+                continue
             p = p.detach()
             if spec.weight_decay:
                 d_p = d_p.add(p, alpha=spec.weight_decay)
