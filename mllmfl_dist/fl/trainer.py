@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, Protocol
 
 import torch
@@ -26,10 +26,10 @@ import torch
 from mllmfl_dist.config import ConfigError, FederatedConfig
 from mllmfl_dist.core import dist
 from mllmfl_dist.core.errors import TrainingDivergedError
+from mllmfl_dist.core.seeds import TAG_CLIENT_TRAINING, TAG_CLIENT_UPLOAD, generator
 from mllmfl_dist.data import ClientData
 from mllmfl_dist.fl.aggregation import FlatLayout, accumulate_, add_named_, mean_from_sum
-from mllmfl_dist.fl.client import LocalTraining, local_steps
-from mllmfl_dist.fl.host_clients import one_by_one, stacked
+from mllmfl_dist.fl.client import LocalTraining, local_optimizer, local_steps, train_client
 from mllmfl_dist.fl.client_state import ClientStateStore
 from mllmfl_dist.fl.dp import CentralDP
 from mllmfl_dist.fl.vectorized import VectorizedClients
@@ -187,9 +187,7 @@ class FederatedTrainer:
                 self._incoming = (next_round, parts["client_states"].clone(), parts["client_state_present"].clone())
         return flat.numel() * flat.element_size(), status
 
-    def client_context(self, round_index: int, slot: int, cid: int, num_samples: int) -> ClientContext:
-        """What the client hooks know of client ``cid`` (its ``slot`` in the round's sample), its stored state
-        taken from the broadcast that started ``round_index``."""
+    def _client_context(self, round_index: int, slot: int, cid: int, num_samples: int) -> ClientContext:
         state = None
         if self.client_state_layout.numel:
             if self._incoming is None or self._incoming[0] != round_index:
@@ -198,6 +196,69 @@ class FederatedTrainer:
             if present[slot] > 0:
                 state = self.client_state_layout.views(states[slot])
         return ClientContext(cid, round_index, num_samples, local_steps(num_samples, self.local), state)
+
+    # -- a host's clients -------------------------------------------------------------------------
+    def _train_one_by_one(
+        self,
+        mine: Sequence[int],
+        clients: Sequence[int],
+        round_index: int,
+        start: torch.Tensor,
+        upload_parts: dict[str, torch.Tensor],
+    ) -> Iterator[tuple[int, ClientContext, torch.Tensor, float]]:
+        """Train this host's clients one after another from ``start``; yields (slot, context, trained flat
+        state, loss) while the model still holds the client's model (finish_client may read it)."""
+        seed, device = self.seed, self.runtime.device
+        global_params: list[torch.Tensor] = []
+        if mine and self.strategy.reads_global_params:
+            global_params = [p.detach().clone() for p in self.model.parameters() if p.requires_grad]
+        # Per client, only what training needs: the model is reset from a copy of the round's start in its own
+        # dtypes and read back in one foreach copy each (no state_dict rebuilt per client), and the SGD optimizer
+        # is built once per round and reset (its momentum cleared), which is what a new one would hold.
+        state = self.model.state_dict()
+        tensors = [state[key] for key in self.layout.keys]
+        self.set_global_flat(start)
+        start_tensors = [t.detach().clone() for t in tensors]
+        optimizer = local_optimizer(self.model, self.local)
+        for cid in mine:
+            torch._foreach_copy_(tensors, start_tensors)
+            images, labels = self.data.client(cid)
+            slot = clients.index(cid)
+            client = self._client_context(round_index, slot, cid, labels.shape[0])
+            if self.upload_layout.numel:
+                upload_generator = generator(seed, TAG_CLIENT_UPLOAD, round_index, cid)
+                add_named_(
+                    upload_parts,
+                    self.strategy.client_upload(self.model, images, labels, self.local, upload_generator, device),
+                )
+            self.strategy.start_client(self.model, client)
+            loss = train_client(
+                self.model,
+                images,
+                labels,
+                self.local,
+                generator(seed, TAG_CLIENT_TRAINING, round_index, cid),
+                self.strategy,
+                global_params,
+                device,
+                self.strategy.local_loss_inputs(self.data, cid),
+                optimizer,
+            )
+            trained = torch.empty(self.layout.numel, dtype=torch.float64, device=device)
+            torch._foreach_copy_(list(self.layout.views(trained).values()), tensors)
+            yield slot, client, trained, loss
+
+    def _train_stacked(
+        self, groups: Sequence[Sequence[int]], clients: Sequence[int], round_index: int, start: torch.Tensor
+    ) -> Iterator[tuple[int, ClientContext, torch.Tensor, float]]:
+        """Train this host's groups of clients each as one stacked model (fl/vectorized.py), from ``start``;
+        yields what :meth:`_train_one_by_one` does (strategies that vectorize read no model in finish_client)."""
+        assert self.vectorized is not None  # the caller's choice
+        self.set_global_flat(start)
+        trained = self.vectorized.train_groups(groups, self.data, self.seed, round_index, self.model.state_dict())
+        for cid, num_samples, state, loss in trained:
+            slot = clients.index(cid)
+            yield slot, self._client_context(round_index, slot, cid, num_samples), self.layout.flatten(state), loss
 
     # -- one round -------------------------------------------------------------------------------
     def run_round(self, round_index: int) -> RoundStats:
@@ -228,13 +289,12 @@ class FederatedTrainer:
         parts["stop"][0] = 1.0 if self.runtime.stop is not None and self.runtime.stop.reason else 0.0
         upload_parts = self.upload_layout.views(uploads)
         trained = (
-            one_by_one(self, mine, clients, round_index, start, upload_parts)
+            self._train_one_by_one(mine, clients, round_index, start, upload_parts)
             if self.vectorized is None
-            else stacked(self, groups, clients, round_index, start)
+            else self._train_stacked(groups, clients, round_index, start)
         )
-        start_weight = 0.0  # clients that took no step, whose state is the start: added at once after the loop
         for slot, client, state, loss in trained:  # one client at a time, its trained state flat (float64)
-            finite = state is start or bool(torch.isfinite(state).all())
+            finite = bool(torch.isfinite(state).all())
             if finite:
                 update = self.strategy.finish_client(self.model, client, start, state, self.trainable_mask)
                 finite = tensors_are_finite(update.uploads) and (
@@ -244,10 +304,7 @@ class FederatedTrainer:
                 weight = client.num_samples
                 if self.dp is not None:  # clipped, weight 1: the sensitivity bound of fl/dp.py
                     state, weight = self.dp.clip(start, state), 1
-                if state is start:
-                    start_weight += weight
-                else:
-                    accumulate_(model_acc, state, weight)
+                accumulate_(model_acc, state, weight)
                 if math.isfinite(loss):  # a one-sample client takes no step and has no loss
                     parts["loss"] += weight * loss
                 add_named_(upload_parts, update.uploads)
@@ -258,8 +315,6 @@ class FederatedTrainer:
                         parts["client_state_present"][slot] = 1.0
             else:  # kept out of the sum; every rank stops after the all_reduce
                 diverged[slot] = 1
-        if start_weight:
-            accumulate_(model_acc, start, start_weight)
 
         dist.all_reduce_sum_(self.runtime, acc, f"round {round_index}'s all_reduce")
         failed = [c for c, flag in zip(clients, diverged.tolist()) if flag]
