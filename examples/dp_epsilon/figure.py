@@ -85,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"({unfinished} run(s) not finished, left out)")
 
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -106,9 +107,12 @@ def main(argv: list[str] | None = None) -> int:
                 ax.axhspan(a.mean - a.ci95, a.mean + a.ci95, color="gray", alpha=0.2)
     if dp:  # a log axis needs points; without DP rows the figure holds the band alone
         ax.set_xscale("log")
+        ax.set_xticks([e for e, _ in dp])
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%.1f"))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("epsilon after 100 rounds (delta = 1e-5)")
     ax.set_ylabel("balanced test accuracy")
-    ax.set_title("DP-FedAvg, Fashion-MNIST-LT, 1,000 clients, 100 per round")
+    ax.set_title("DP-FedAvg on Fashion-MNIST-LT\n1,000 clients, 100 per round, 100 rounds", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     args.out.parent.mkdir(parents=True, exist_ok=True)
