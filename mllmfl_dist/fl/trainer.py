@@ -215,9 +215,9 @@ class FederatedTrainer:
         # Per client, only what training needs: the model is reset from a copy of the round's start in its own
         # dtypes and read back in one foreach copy each (no state_dict rebuilt per client), and the SGD optimizer
         # is built once per round and reset (its momentum cleared), which is what a new one would hold.
+        # The model holds ``start`` already: run_round read it from the model.
         state = self.model.state_dict()
         tensors = [state[key] for key in self.layout.keys]
-        self.set_global_flat(start)
         start_tensors = [t.detach().clone() for t in tensors]
         optimizer = local_optimizer(self.model, self.local)
         for cid in mine:
@@ -253,8 +253,7 @@ class FederatedTrainer:
     ) -> Iterator[tuple[int, ClientContext, torch.Tensor, float]]:
         """Train this host's groups of clients each as one stacked model (fl/vectorized.py), from ``start``;
         yields what :meth:`_train_one_by_one` does (strategies that vectorize read no model in finish_client)."""
-        assert self.vectorized is not None  # the caller's choice
-        self.set_global_flat(start)
+        assert self.vectorized is not None  # the caller's choice; the model holds ``start`` (read from it)
         trained = self.vectorized.train_groups(groups, self.data, self.seed, round_index, self.model.state_dict())
         for cid, num_samples, state, loss in trained:
             slot = clients.index(cid)

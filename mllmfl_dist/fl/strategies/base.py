@@ -131,17 +131,22 @@ class ClientUpdate:
 DP_SENSITIVE_HOOKS = ("upload_shapes", "client_state_shapes", "server_update", "process_uploads")
 
 
+def _defined_in(cls: type, name: str) -> type[Strategy]:
+    """The class in ``cls``'s MRO whose own body sets ``name`` (:class:`Strategy` when none does): who vouches
+    for a declaration such as ``dp_compatible``, or who wrote a hook."""
+    return cast(type[Strategy], next((k for k in cls.__mro__ if name in vars(k)), Strategy))
+
+
 def dp_refusal(cls: type) -> str | None:
     """Why central DP (:mod:`mllmfl_dist.fl.dp`) cannot run with strategy class ``cls`` (None: it can): it
     declares ``dp_compatible = False``, or it overrides one of :data:`DP_SENSITIVE_HOOKS` below the class whose
     ``dp_compatible`` it inherits (a plug-in subclassing FedAvg and replacing ``server_update`` has not said
     whether that step stays inside the guarantee, so it is taken as not)."""
-    mro = cls.__mro__
-    declared = cast(type[Strategy], next((k for k in mro if "dp_compatible" in vars(k)), Strategy))
+    declared = _defined_in(cls, "dp_compatible")
     if not declared.dp_compatible:
         return "its uploads go beyond the clipped model update, outside the privacy guarantee"
     for hook in DP_SENSITIVE_HOOKS:
-        owner = next((k for k in mro if hook in vars(k)), Strategy)
+        owner = _defined_in(cls, hook)
         if owner is not Strategy and (declared is Strategy or not issubclass(declared, owner)):
             return (
                 f"{owner.__qualname__} overrides {hook} without declaring dp_compatible (set dp_compatible = "
@@ -168,10 +173,9 @@ CLIENT_HOOKS = (
 def vectorize_refusal(cls: type) -> str | None:
     """Why vectorized clients cannot train for strategy class ``cls`` (None: they can): it does not declare
     ``vectorizable = True``, or it overrides one of :data:`CLIENT_HOOKS` below the class that declared it."""
-    mro = cls.__mro__
-    declared = cast(type[Strategy], next((k for k in mro if "vectorizable" in vars(k)), Strategy))
+    declared = _defined_in(cls, "vectorizable")
     for hook in CLIENT_HOOKS:
-        owner = next((k for k in mro if hook in vars(k)), Strategy)
+        owner = _defined_in(cls, hook)
         if owner is not Strategy and (not declared.vectorizable or not issubclass(declared, owner)):
             return f"{owner.__qualname__} overrides {hook}, which vectorized clients do not run"
     if not declared.vectorizable:
