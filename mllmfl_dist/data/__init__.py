@@ -1,6 +1,6 @@
 """Client data: sources, long tail, partitioners, WebDataset shards, batched augmentation (DESIGN.md "Data")."""
 
-from .augment import augment_batch, normalize
+from .augment import apply_augmentation, augment_batch, normalize
 from .base import ArrayClientData, ClientData, DataError
 from .build import build_client_data
 from .longtail import longtail_counts, longtail_indices
@@ -20,6 +20,7 @@ __all__ = [
     "ArrayClientData",
     "DataError",
     "augment_batch",
+    "apply_augmentation",
     "normalize",
     "longtail_counts",
     "longtail_indices",

@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from mllmfl_dist.config import DataConfig, FederatedConfig
-from mllmfl_dist.data import augment_batch, normalize
+from mllmfl_dist.data import apply_augmentation, normalize
+from mllmfl_dist.data.local_batches import draw_local_batches, to_device
 
 if TYPE_CHECKING:
     from mllmfl_dist.fl.strategies import Strategy
@@ -100,24 +101,27 @@ def train_client(
     images = images.to(device)
     labels = labels.to(device)
     inputs = inputs.to(device) if inputs is not None else None
-    n = labels.shape[0]
+    # Every step's rows and augmentation, drawn up front and moved to the device in one copy: no step waits.
+    steps = to_device(
+        draw_local_batches(
+            labels.shape[0], spec.batch_size, spec.epochs, generator, spec.crop_padding, spec.hflip, spec.random_crop
+        ),
+        device,
+    )
     # Summed on the device and read once at the end: no host sync per step.
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     seen = 0
-    for _ in range(spec.epochs):
-        order = torch.randperm(n, generator=generator)
-        for start in range(0, n, spec.batch_size):
-            batch = order[start : start + spec.batch_size]
-            if batch.numel() < 2:
-                continue
-            x = augment_batch(images[batch], generator, spec.crop_padding, spec.hflip, spec.random_crop)
-            x = normalize(x, spec.mean, spec.std)
-            loss = strategy.local_loss(
-                model, model(x), labels[batch], global_params, inputs[batch] if inputs is not None else None
-            )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            loss_sum += loss.detach().double() * batch.numel()
-            seen += batch.numel()
+    for step in steps:
+        x = normalize(
+            apply_augmentation(images[step.rows], step.offsets, step.flips, spec.crop_padding), spec.mean, spec.std
+        )
+        loss = strategy.local_loss(
+            model, model(x), labels[step.rows], global_params, inputs[step.rows] if inputs is not None else None
+        )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        b = step.rows.numel()
+        loss_sum += loss.detach().double() * b
+        seen += b
     return float(loss_sum) / seen if seen else float("nan")

@@ -10,7 +10,7 @@ backward of the summed losses gives every client its own gradients. FedJAX and D
 It equals training the group's clients one after another (:func:`mllmfl_dist.fl.client.train_client`) to
 float tolerance:
 
-- each client's batches come from its own (seed, round, client) generator, drawn lazily in the order
+- each client's batches come from its own (seed, round, client) generator, drawn in the order
   :func:`train_client` draws them (:class:`ClientStream`), so data order and augmentation are the same;
 - a step stacks the clients still training whose batch at that step has the same size (one stacked step per
   size), so a finished client is left out (its weights, statistics and momentum frozen) and an epoch's ragged
@@ -32,7 +32,8 @@ from torch import nn
 from torch.func import functional_call
 
 from mllmfl_dist.core.seeds import TAG_CLIENT_TRAINING, generator
-from mllmfl_dist.data import ClientData, augment_batch, normalize
+from mllmfl_dist.data import ClientData, apply_augmentation, normalize
+from mllmfl_dist.data.local_batches import draw_local_batches, to_device
 from mllmfl_dist.fl.client import LocalTraining
 
 Tensors = dict[str, torch.Tensor]
@@ -41,33 +42,31 @@ Penalty = Callable[[Tensors, Tensors], torch.Tensor | None]
 
 class ClientStream:
     """One client's local training data, batch by batch in the order :func:`mllmfl_dist.fl.client.train_client`
-    takes it, drawn lazily from ``generator`` (a permutation at each epoch's first batch, then each batch's
-    augmentation; batches of one sample skipped, as there), so a group holds one batch per client at a time.
+    takes it: every step's rows and augmentation drawn from ``generator`` before the first
+    (:func:`mllmfl_dist.data.local_batches.draw_local_batches`, batches of one sample skipped, as there) and
+    moved to the images' device in one copy; each step's images are gathered and augmented when it is taken, so
+    a group holds one batch per client at a time.
 
-    ``images``: uint8 [n, C, H, W]; ``labels``: int64 [n]. ``sizes``: the batch size of each step, known before
-    any draw; :meth:`next_batch` returns normalized float32 [b, C, H, W] and labels [b] of the next step.
+    ``images``: uint8 [n, C, H, W]; ``labels``: int64 [n]. ``sizes``: the batch size of each step;
+    :meth:`next_batch` returns normalized float32 [b, C, H, W] and labels [b] of the next step.
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, spec: LocalTraining, generator: torch.Generator):
-        self.images, self.labels, self.spec, self.generator = images, labels, spec, generator
-        n = labels.shape[0]
-        per_epoch = [min(spec.batch_size, n - s) for s in range(0, n, spec.batch_size)]
-        self.sizes = [b for b in per_epoch if b >= 2] * spec.epochs
-        self._pending: list[torch.Tensor] = []
+        self.images, self.labels, self.spec = images, labels, spec
+        drawn = draw_local_batches(
+            labels.shape[0], spec.batch_size, spec.epochs, generator, spec.crop_padding, spec.hflip, spec.random_crop
+        )
+        self.sizes = [step.rows.numel() for step in drawn]
+        self._pending = to_device(drawn, images.device)
 
     @property
     def steps(self) -> int:
         return len(self.sizes)
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        spec = self.spec
-        if not self._pending:  # an epoch starts
-            order = torch.randperm(self.labels.shape[0], generator=self.generator)
-            batches = [order[s : s + spec.batch_size] for s in range(0, order.numel(), spec.batch_size)]
-            self._pending = [b for b in batches if b.numel() >= 2]
-        batch = self._pending.pop(0)
-        x = augment_batch(self.images[batch], self.generator, spec.crop_padding, spec.hflip, spec.random_crop)
-        return normalize(x, spec.mean, spec.std), self.labels[batch]
+        step = self._pending.pop(0)
+        x = apply_augmentation(self.images[step.rows], step.offsets, step.flips, self.spec.crop_padding)
+        return normalize(x, self.spec.mean, self.spec.std), self.labels[step.rows]
 
 
 class _StackedConv2d(nn.Module):
