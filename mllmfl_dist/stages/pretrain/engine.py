@@ -114,12 +114,13 @@ def heldout_loss(
     engine.eval()
     total, count = 0.0, 0
     try:
-        for start in range(0, len(samples), batch_size):
-            batch = builder(samples[start : start + batch_size])
-            out = lm_output(engine, llava, batch, alpha, device, training=False)
-            n = caption_token_count(batch.labels)
-            total += float(out.loss) * n
-            count += n
+        with torch.no_grad():  # an evaluation: no graph to keep (it also warned on every held-out batch)
+            for start in range(0, len(samples), batch_size):
+                batch = builder(samples[start : start + batch_size])
+                out = lm_output(engine, llava, batch, alpha, device, training=False)
+                n = caption_token_count(batch.labels)
+                total += float(out.loss) * n
+                count += n
     finally:
         engine.train()
     return total / max(count, 1)
