@@ -129,18 +129,20 @@ def plot(fractions: dict[str, dict[str, dict[int, list[dict]]]], target: float, 
             stats = [spread(list(per_seed(runs, lambda e, r=r: at_round(e, r)).values())) for r in rounds]
             mean = [s.mean for s in stats]
             half = [s.ci95 or 0.0 for s in stats]
-            line = ax.plot(rounds, mean, label=f"{label} (n={len(runs)})")[0]
+            line = ax.plot(rounds, mean, label=label)[0]
             ax.fill_between(
                 rounds, [m - h for m, h in zip(mean, half)], [m + h for m, h in zip(mean, half)],
                 color=line.get_color(), alpha=0.15,
             )  # fmt: skip
         ax.axhline(target, color="gray", linestyle=":", linewidth=1)
-        ax.set_title(f"clients hold {float(fraction):.0%} of the data", fontsize=9)
+        seeds = sorted({len(runs) for runs in found.values()})
+        ax.set_title(f"clients hold {float(fraction):.0%} of the data ({'-'.join(map(str, seeds))} seeds)", fontsize=9)
         ax.set_xlabel("round")
     axes[0][0].set_ylabel("balanced test accuracy (mean, 95% CI)")
-    axes[0][-1].legend(fontsize=7, loc="upper left")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(ROWS), fontsize=8, frameon=False)
     fig.suptitle("Fashion-MNIST-LT, 100 clients, 10 per round: DWP against scratch", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)
     print(f"\nfigure: {out}")

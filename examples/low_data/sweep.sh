@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The low-data claim (configs/fmnist_lt_lowdata.toml): FedAvg from scratch and from the DWP backbone, each with
 # and without LLaVA alignment, while the clients hold 10%, 25% and 100% of the long-tailed training set; seeds
-# 0-4, one compare of 3 processes per fraction (about 7, 8 and 15 min per seed on a 2-core CPU). compare skips
-# a finished row and resumes a killed one. Build the stand-ins first (launch/run.sh does:
+# 0-4, one compare of 3 processes per fraction (about 7-8 min per seed and fraction on a 2-core CPU). compare
+# skips a finished row and resumes a killed one. The recorded tables ran stage 1 on the 512 pool images for 60
+# steps; the config now uses the web corpus (docs/results.md says why). Build the stand-ins first (launch/run.sh does:
 # python -m mllmfl_dist tiny-models runs/standins --train shards/fmnist_web). Then:
 # python examples/low_data/figure.py
 #   examples/low_data/sweep.sh [SEEDS] [FRACTIONS]    e.g. examples/low_data/sweep.sh 0,1,2 "0.1 0.25"
