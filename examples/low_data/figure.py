@@ -5,8 +5,8 @@
 for the four rows (FedAvg from scratch and from the DWP backbone, each without and with LLaVA alignment) and
 prints, per fraction of the clients' data:
 
-- per row: the balanced test accuracy at round ``--early`` (fixed before the sweep ran: a third of the 30
-  rounds, where a head start shows if it is there), at the final round and as the mean of the last 3
+- per row: the balanced test accuracy at round ``--early`` (a third of the 30 rounds, where a head start
+  shows if it is there; fixed when only seed 0 at 10% had run), at the final round and as the mean of the last 3
   evaluations, each as mean +- standard deviation [95% Student-t interval] over the seeds
   (``mllmfl_dist.commands.seed_statistics``); the validation split's last-3 mean; the first evaluated round
   at or above ``--target`` per seed (``-`` for never);
