@@ -14,7 +14,14 @@ from launchers import FAST, SMOKE, cli
 from mllmfl_dist.commands.compare import method_config, row_root, tune_root
 from mllmfl_dist.commands.compare_methods import Method
 from mllmfl_dist.commands.compare_table import results_csv, results_markdown, summarize
-from mllmfl_dist.commands.seed_statistics import first_round_reaching, last_mean, paired_difference, spread, t_quantile
+from mllmfl_dist.commands.seed_statistics import (
+    first_round_reaching,
+    interval_text,
+    last_mean,
+    paired_difference,
+    spread,
+    t_quantile,
+)
 from mllmfl_dist.commands.tuning import (
     TuneSpec,
     config_id,
@@ -41,6 +48,9 @@ def test_paired_difference_interval_matches_a_hand_computation():
     assert spread(list(method.values())).ci95 == pytest.approx(diff.ci95)
     assert paired_difference({0: 0.6, 9: 0.7}, {0: 0.5}).n == 1  # seed 9 has no fedavg run to pair with
     assert (spread([0.4]).sd, spread([0.4]).ci95, spread([]).mean) == (None, None, None)
+    # The examples' table cell: mean +- sd [mean - half-width, mean + half-width] (0.53 +- 0.0158 [0.5104, 0.5496]).
+    assert interval_text(spread(list(method.values()))) == "0.530 +- 0.016 [0.510, 0.550]"
+    assert (interval_text(spread([0.4])), interval_text(spread([]))) == ("0.400", "-")
 
 
 def test_last_evaluations_and_rounds_to_target():

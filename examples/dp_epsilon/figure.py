@@ -17,7 +17,7 @@ import re
 import sys
 from pathlib import Path
 
-from mllmfl_dist.commands.seed_statistics import Spread, last_mean, spread
+from mllmfl_dist.commands.seed_statistics import interval_text, last_mean, spread
 
 LAST = 3  # evaluations averaged for the "last 3" column (eval.every = 5: rounds 90, 95, 100)
 
@@ -49,14 +49,6 @@ def read_runs(runs: Path, prefix: str) -> tuple[dict[str, list[dict]], int]:
     return found, unfinished
 
 
-def cell(s: Spread) -> str:
-    if s.mean is None:
-        return "-"
-    if s.sd is None or s.ci95 is None:
-        return f"{s.mean:.3f}"
-    return f"{s.mean:.3f} +- {s.sd:.3f} [{s.mean - s.ci95:.3f}, {s.mean + s.ci95:.3f}]"
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=Path, default=Path("runs"))
@@ -79,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         val = spread([r["val_acc"] for r in rows])
         eps_text = "inf (no DP)" if z == "none" else f"{max(eps):.2f}" if eps else "-"
         seeds = ",".join(str(r["seed"]) for r in sorted(rows, key=lambda r: r["seed"]))
-        print(f"| {z} | {eps_text} | {seeds} | {cell(acc)} | {cell(last)} | {cell(val)} |")
+        print(f"| {z} | {eps_text} | {seeds} | {interval_text(acc)} | {interval_text(last)} | {interval_text(val)} |")
         points.append((z, max(eps) if eps else None, acc))
     if unfinished:
         print(f"({unfinished} run(s) not finished, left out)")

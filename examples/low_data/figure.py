@@ -24,7 +24,14 @@ import re
 import sys
 from pathlib import Path
 
-from mllmfl_dist.commands.seed_statistics import Spread, first_round_reaching, last_mean, paired_difference, spread
+from mllmfl_dist.commands.seed_statistics import (
+    Spread,
+    first_round_reaching,
+    interval_text,
+    last_mean,
+    paired_difference,
+    spread,
+)
 
 LAST = 3
 ROWS = {  # compare's row folder -> the label printed and plotted
@@ -63,14 +70,6 @@ def at_round(evaluations: list[dict], rnd: int) -> float | None:
     return next((e["acc"] for e in evaluations if e.get("round") == rnd), None)
 
 
-def cell(s: Spread) -> str:
-    if s.mean is None:
-        return "-"
-    if s.sd is None or s.ci95 is None:
-        return f"{s.mean:.3f}"
-    return f"{s.mean:.3f} +- {s.sd:.3f} [{s.mean - s.ci95:.3f}, {s.mean + s.ci95:.3f}]"
-
-
 def diff_cell(s: Spread) -> str:
     if s.mean is None:
         return "-"
@@ -97,8 +96,8 @@ def report(fraction: str, found: dict[str, dict[int, list[dict]]], target: float
         runs = found.get(row, {})
         if not runs:
             continue
-        cells = [cell(spread(list(per_seed(runs, m).values()))) for m in measures.values()]
-        val = cell(spread(list(per_seed(runs, lambda e: last_mean(e, "val_acc", LAST)).values())))
+        cells = [interval_text(spread(list(per_seed(runs, m).values()))) for m in measures.values()]
+        val = interval_text(spread(list(per_seed(runs, lambda e: last_mean(e, "val_acc", LAST)).values())))
         reached = [first_round_reaching(runs[s], target) for s in sorted(runs)]
         rounds = ", ".join("-" if r is None else str(r) for r in reached)
         print(f"| {label} | {','.join(map(str, sorted(runs)))} | {' | '.join(cells)} | {val} | {rounds} |")

@@ -35,6 +35,16 @@ class Spread:
     ci95: float | None
 
 
+def interval_text(s: Spread) -> str:
+    """``s`` as ``"mean +- sd [low, high]"`` (the 95% interval's bounds; 3 decimals), ``"mean"`` for one value,
+    ``"-"`` for none: the cells of the examples' tables (examples/dp_epsilon, examples/low_data)."""
+    if s.mean is None:
+        return "-"
+    if s.sd is None or s.ci95 is None:
+        return f"{s.mean:.3f}"
+    return f"{s.mean:.3f} +- {s.sd:.3f} [{s.mean - s.ci95:.3f}, {s.mean + s.ci95:.3f}]"
+
+
 def parse_seed_list(text: str, option: str = "--seeds") -> list[int]:
     """``"0,1,2"`` -> ``[0, 1, 2]``; ConfigError unless distinct non-negative integers separated by commas."""
     try:
