@@ -57,6 +57,12 @@ def test_nested_tables_and_their_overrides(tmp_path):
         load_config(path, ["pretrain.deepspeed=1"])
     with pytest.raises(ConfigError, match="pretrain.deepspeed.zero_stage"):
         load_config(path, ["pretrain.deepspeed.zero_stage=5"])
+    # a fixed global batch: a multiple of the micro-batch, and not beside an accumulation of its own
+    assert load_config(path, ["pretrain.global_batch_size=24"]).pretrain.global_batch_size == 24
+    with pytest.raises(ConfigError, match="global_batch_size = 20 is not a multiple of pretrain.micro_batch_size"):
+        load_config(path, ["pretrain.global_batch_size=20"])
+    with pytest.raises(ConfigError, match="global_batch_size and pretrain.deepspeed.gradient_accumulation_steps"):
+        load_config(path, ["pretrain.global_batch_size=24", "pretrain.deepspeed.gradient_accumulation_steps=4"])
     path.write_text("[pretrain]\ndeepspeed = 3\n")
     with pytest.raises(ConfigError, match=r"\[pretrain.deepspeed\] must be a table"):
         load_config(path)

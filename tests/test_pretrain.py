@@ -106,6 +106,7 @@ def write_config(
     lr: float = 3e-3,
     checkpoint_every: int = 20,
     extra: str = "",
+    pretrain_extra: str = "",
 ) -> Path:
     text = (
         textwrap.dedent(f"""\
@@ -134,6 +135,7 @@ def write_config(
         heldout = {HELDOUT}
         checkpoint_every = {checkpoint_every}
         max_caption_tokens = 16
+        {pretrain_extra}
 
         [pretrain.deepspeed]
         optimizer = "AdamW"
@@ -234,6 +236,25 @@ def test_deepspeed_config_maps_the_toml_fields():
     config = deepspeed_config(sgd, 2, torch_optimizer=True)
     assert config["optimizer"] == {"type": "SGD", "params": {"lr": 1e-3, "weight_decay": 0.0}}
     assert "scheduler" not in config and config["train_batch_size"] == 16
+
+
+def test_a_global_batch_size_sets_the_accumulation_per_world_size_and_refuses_one_it_cannot_split():
+    from mllmfl_dist.stages.deepspeed_setup import accumulation_steps
+
+    pcfg = PretrainConfig(micro_batch_size=8, global_batch_size=24)
+    assert [accumulation_steps(pcfg, n) for n in (1, 3)] == [3, 1]
+    assert deepspeed_config_of(pcfg, 1)["train_batch_size"] == deepspeed_config_of(pcfg, 3)["train_batch_size"] == 24
+    with pytest.raises(ConfigError) as refused:
+        accumulation_steps(pcfg, 2)
+    assert str(refused.value).count("\n") == 0 and "run DWP on 1, 3 processes" in str(refused.value)
+    # unset: the batch grows with the world, as DeepSpeed's own default
+    assert accumulation_steps(PretrainConfig(micro_batch_size=8), 2) == 1
+
+
+def deepspeed_config_of(pcfg: PretrainConfig, world: int) -> dict:
+    from mllmfl_dist.stages.pretrain import deepspeed_config
+
+    return deepspeed_config(pcfg, world)
 
 
 def test_micro_batches_are_disjoint_over_ranks_and_a_function_of_seed_and_step():
@@ -528,7 +549,7 @@ def initialize(*args, **kwargs):
     return out
 deepspeed.initialize = initialize
 
-cfg = load_config(sys.argv[1])
+cfg = load_config(sys.argv[1], sys.argv[3:])
 runtime = dist.init_runtime(cfg.dist)
 try:
     metrics = run_pretrain(cfg, runtime, progress=False)
@@ -549,16 +570,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_gloo_processes_train_data_parallel(tiny, tmp_path):
-    config = write_config(tmp_path, tiny, "two", steps=20, checkpoint_every=10)
-    (tmp_path / "worker.py").write_text(WORKER)
+def run_workers(config: Path, out: Path, world: int, *overrides: str) -> list[dict]:
+    """DWP on ``world`` gloo processes of one thread each (WORKER); each rank's record."""
+    out.mkdir()
+    (out / "worker.py").write_text(WORKER)
     port = str(free_port())
     procs = []
-    for rank in range(2):
+    for rank in range(world):
         env = {
             **os.environ,
             "RANK": str(rank),
-            "WORLD_SIZE": "2",
+            "WORLD_SIZE": str(world),
             "LOCAL_RANK": str(rank),
             "MASTER_ADDR": "127.0.0.1",
             "MASTER_PORT": port,
@@ -567,7 +589,7 @@ def test_two_gloo_processes_train_data_parallel(tiny, tmp_path):
         }
         procs.append(
             subprocess.Popen(
-                [sys.executable, str(tmp_path / "worker.py"), str(config), str(tmp_path)],
+                [sys.executable, str(out / "worker.py"), str(config), str(out), *overrides],
                 cwd=REPO,
                 env=env,
                 stdout=subprocess.PIPE,
@@ -578,7 +600,16 @@ def test_two_gloo_processes_train_data_parallel(tiny, tmp_path):
     outputs = [p.communicate(timeout=400)[0] for p in procs]
     for p, output in zip(procs, outputs):
         assert p.returncode == 0, output[-3000:]
-    records = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]
+
+
+def backbone_of(config: Path, *overrides: str) -> dict[str, torch.Tensor]:
+    return torch.load(load_config(config, list(overrides)).run_dir / "pretrain" / "backbone.pt", weights_only=True)
+
+
+def test_two_gloo_processes_train_data_parallel_and_one_process_at_the_same_global_batch_matches(tiny, tmp_path):
+    config = write_config(tmp_path, tiny, "two", steps=20, checkpoint_every=10, pretrain_extra="global_batch_size = 16")
+    records = run_workers(config, tmp_path / "two", 2)
     for rank, record in enumerate(records):
         assert record["rank"] == rank and record["world_size"] == 2 and record["dp_world_size"] == 2
         assert record["global_steps"] == 20 and set(record["optimizer_steps"]) == {20.0}
@@ -591,7 +622,24 @@ def test_two_gloo_processes_train_data_parallel(tiny, tmp_path):
         f"2 processes: {metrics['samples_per_second']:.1f} samples/s; held-out loss "
         f"{metrics['heldout_loss_alpha1_step0']:.3f} -> {metrics['heldout_loss_alpha1']:.3f}"
     )
-    assert (Path(load_config(config).run_dir) / "pretrain" / "backbone.pt").is_file()
+    two = backbone_of(config)
+
+    # One process at the same global batch accumulates the two ranks' micro-batches: the same samples in each
+    # step, so the same weights (bit-identical on this VM; the tolerance allows another order of float sums).
+    # BatchNorm's running estimates are not the same: rank 0's saw half the micro-batches.
+    (one_record,) = run_workers(config, tmp_path / "one", 1, "run.name=one")
+    assert one_record["metrics"]["global_batch_size"] == 16 and one_record["metrics"]["train_samples"] == 20 * 16
+    one = backbone_of(config, "run.name=one")
+    assert one.keys() == two.keys()
+    weights = [name for name in two if "running_" not in name and "num_batches" not in name]
+    for name in weights:
+        torch.testing.assert_close(one[name], two[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert one["bn1.num_batches_tracked"].item() == 40 and two["bn1.num_batches_tracked"].item() == 20
+    # without global_batch_size one process takes half the batch per step: other weights
+    (half_record,) = run_workers(config, tmp_path / "half", 1, "run.name=half", "pretrain.global_batch_size=0")
+    assert half_record["metrics"]["global_batch_size"] == 8
+    half = backbone_of(config, "run.name=half")
+    assert max((half[n].float() - two[n].float()).abs().max().item() for n in weights) > 1e-3
 
 
 def test_the_dwp_loss_curve_and_held_out_losses_reach_tensorboard(tiny, tmp_path):

@@ -226,6 +226,17 @@ def validate(config: Config) -> None:
             "data.synthetic_mode = 'on_demand' supports partition.method dirichlet, creff or iid "
             "without partition.self_balancing or partition.min_partition_size"
         )
+    pre = config.pretrain
+    if pre.global_batch_size and pre.global_batch_size % pre.micro_batch_size:
+        raise ConfigError(
+            f"pretrain.global_batch_size = {pre.global_batch_size} is not a multiple of pretrain.micro_batch_size "
+            f"({pre.micro_batch_size})"
+        )
+    if pre.global_batch_size and pre.deepspeed.gradient_accumulation_steps != 1:
+        raise ConfigError(
+            "pretrain.global_batch_size and pretrain.deepspeed.gradient_accumulation_steps are both set; set one "
+            "(with global_batch_size the accumulation steps follow from it and the number of processes)"
+        )
     if config.dp.enabled:
         strategy.check_dp(config)  # the strategy layer's check, reached through the registry (config imports no fl)
     if config.federated.vectorize > 1:

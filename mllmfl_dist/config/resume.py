@@ -90,6 +90,7 @@ IMPLIED_BEFORE_ADDED = {
     "align.clip_logit_scale": 100.0,
     "clip2fl.projection_dim": -1,
     "dp.enabled": False,
+    "pretrain.global_batch_size": 0,
 }
 # Sections added whole after configs were first saved (a saved config lacks the table, not just the key).
 SECTIONS_ADDED = ("dp",)

@@ -62,6 +62,34 @@ def prepare_deepspeed(device: torch.device, cpu_comm: str = "gloo") -> None:
         ds_logger.addFilter(_SchedulerStartNotice())
 
 
+def accumulation_steps(pcfg: PretrainConfig, world_size: int) -> int:
+    """Micro-batches each of ``world_size`` data-parallel ranks accumulates per optimizer step:
+    ``deepspeed.gradient_accumulation_steps``, or ``global_batch_size / (micro_batch_size * world_size)`` when
+    ``global_batch_size`` is set. ConfigError, naming the sizes that would work, when that is not a whole number.
+
+    The data stream gives step ``t`` the same samples whichever way ``G`` splits into ranks and accumulation
+    (:func:`mllmfl_dist.stages.pretrain.captions.micro_batch_indices`), so a fixed ``G`` trains the same backbone
+    on any world size that divides it, to float reduction order."""
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    if not pcfg.global_batch_size:
+        return pcfg.deepspeed.gradient_accumulation_steps
+    per_step = pcfg.micro_batch_size * world_size
+    if pcfg.global_batch_size % per_step:
+        ranks = [
+            n
+            for n in range(1, pcfg.global_batch_size // pcfg.micro_batch_size + 1)
+            if pcfg.global_batch_size % (pcfg.micro_batch_size * n) == 0
+        ]
+        raise ConfigError(
+            f"pretrain.global_batch_size = {pcfg.global_batch_size} does not split into micro-batches of "
+            f"{pcfg.micro_batch_size} over {world_size} processes; run DWP on {', '.join(map(str, ranks))} "
+            f"processes, or change pretrain.global_batch_size (a multiple of {per_step}) or "
+            "pretrain.micro_batch_size (either changes the backbone DWP trains)"
+        )
+    return pcfg.global_batch_size // per_step
+
+
 def deepspeed_config(pcfg: PretrainConfig, world_size: int, *, torch_optimizer: bool = False) -> dict[str, Any]:
     """The DeepSpeed config dict of ``[pretrain]`` / ``[pretrain.deepspeed]`` for ``world_size`` data-parallel
     ranks.
@@ -73,8 +101,7 @@ def deepspeed_config(pcfg: PretrainConfig, world_size: int, *, torch_optimizer: 
     warm-up then starts at the full learning rate. The cosine schedule runs over ``pretrain.steps``.
     """
     ds = pcfg.deepspeed
-    if world_size < 1:
-        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    accum = accumulation_steps(pcfg, world_size)
     params: dict[str, Any] = {"lr": ds.lr, "weight_decay": ds.weight_decay}
     if ds.optimizer == "Adam":
         params["adam_w_mode"] = False
@@ -82,8 +109,8 @@ def deepspeed_config(pcfg: PretrainConfig, world_size: int, *, torch_optimizer: 
         params["torch_adam"] = True
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": pcfg.micro_batch_size,
-        "gradient_accumulation_steps": ds.gradient_accumulation_steps,
-        "train_batch_size": pcfg.micro_batch_size * ds.gradient_accumulation_steps * world_size,
+        "gradient_accumulation_steps": accum,
+        "train_batch_size": pcfg.micro_batch_size * accum * world_size,
         "zero_optimization": {"stage": ds.zero_stage},
         "bf16": {"enabled": ds.precision == "bf16"},
         "fp16": {"enabled": ds.precision == "fp16"},

@@ -18,7 +18,12 @@ from mllmfl_dist.data.images import ImageBounds
 from mllmfl_dist.stages.pretrain.dwp import (
     alpha_at,
 )
-from mllmfl_dist.stages.deepspeed_setup import check_precision, deepspeed_config, prepare_deepspeed
+from mllmfl_dist.stages.deepspeed_setup import (
+    accumulation_steps,
+    check_precision,
+    deepspeed_config,
+    prepare_deepspeed,
+)
 from mllmfl_dist.stages.pretrain.batches import BatchBuilder
 from mllmfl_dist.stages.pretrain.captions import (
     ADAPTER_NAME,
@@ -119,7 +124,8 @@ class _DWP:
 
 
 def _check_settings(cfg: Config, runtime: dist.Runtime) -> None:
-    """Refuse the ranks DeepSpeed cannot checkpoint and a missing model (ConfigError)."""
+    """Refuse the ranks DeepSpeed cannot checkpoint, a world size the global batch does not split over and a
+    missing model (ConfigError)."""
     if cfg.pretrain.ranks == "rank0" and runtime.world_size > 1:
         raise ConfigError(
             f"pretrain.ranks = 'rank0' with {runtime.world_size} processes is not supported: DeepSpeed "
@@ -127,6 +133,7 @@ def _check_settings(cfg: Config, runtime: dist.Runtime) -> None:
             "rank), so rank 0 cannot train alone inside a multi-process job. Use pretrain.ranks = 'all' (every "
             "rank a data-parallel rank) or run the pretrain stage as one process"
         )
+    accumulation_steps(cfg.pretrain, runtime.world_size)  # before the model loads: a world that does not fit
     if not model_name(cfg):
         raise ConfigError(
             "pretrain.model and annotate.model are empty; set pretrain.model to a hub id (e.g. "
@@ -246,7 +253,7 @@ def _train(dwp: _DWP, start: int, end: int, progress: bool) -> PretrainReport:
     returns the open report (the loss log and progress)."""
     cfg, runtime, engine, state = dwp.cfg, dwp.runtime, dwp.engine, dwp.state
     pcfg, device, dp_world, dp_rank = cfg.pretrain, runtime.device, runtime.world_size, runtime.rank
-    accum, batch_size = pcfg.deepspeed.gradient_accumulation_steps, pcfg.micro_batch_size
+    accum, batch_size = accumulation_steps(pcfg, dp_world), pcfg.micro_batch_size
     report = PretrainReport(
         cfg,
         runtime,
@@ -318,7 +325,7 @@ def _metrics(dwp: _DWP, final_alpha1: float, final_alpha0: float, backbone_state
     """``metrics.json``'s content (without the outputs' digests), rank 0."""
     cfg, runtime, engine, state = dwp.cfg, dwp.runtime, dwp.engine, dwp.state
     pcfg, dp_world = cfg.pretrain, runtime.world_size
-    global_batch = pcfg.micro_batch_size * pcfg.deepspeed.gradient_accumulation_steps * dp_world
+    global_batch = pcfg.micro_batch_size * accumulation_steps(pcfg, dp_world) * dp_world
     seconds = state["train_seconds"]
     return {
         "loss": state["loss"],
