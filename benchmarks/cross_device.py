@@ -111,12 +111,33 @@ def commit_before_vectorizing(repo: Path) -> str:
     return f"{added}^"
 
 
+STAGE1_TABLES = ("annotate", "pretrain")
+
+
+def federate_only_config(config: Path, out: Path) -> Path:
+    """``config`` without its stage-1 tables (``[annotate]``, ``[pretrain]`` and its subtables), written to
+    ``out``: what ``federate`` reads, and nothing an older commit's schema may not know (a key added to
+    ``[pretrain]`` since would be refused there as unknown)."""
+    kept, skipping = [], False
+    for line in config.read_text().splitlines(keepends=True):
+        header = line.strip()
+        if header.startswith("[") and not header.startswith("[["):
+            name = header.strip("[]").split("#")[0].strip().strip("[]")
+            skipping = name.split(".")[0] in STAGE1_TABLES
+        if not skipping:
+            kept.append(line)
+    out.write_text("".join(kept))
+    return out
+
+
 def against_commit(
     config: Path, root: Path, repo: Path, revision: str, rounds: int, trainer_run: TrainerRun, repeats: int = 3
 ) -> float:
-    """The compute-bound shape with this checkout's trainer and with ``revision``'s (a detached worktree),
-    alternating, ``repeats`` runs each; prints and returns the ratio of the medians (this / that)."""
+    """The compute-bound shape with this checkout's trainer and with ``revision``'s (a detached worktree) on
+    one config without stage 1 (:func:`federate_only_config`), alternating, ``repeats`` runs each; prints and
+    returns the ratio of the medians (this / that)."""
     worktree = root / "baseline_checkout"
+    config = federate_only_config(config, root / "compute_bound.toml")  # the same file for both checkouts
     subprocess.run(
         ["git", "worktree", "add", "--detach", str(worktree), revision], cwd=repo, check=True, capture_output=True
     )
