@@ -172,8 +172,9 @@ class FederatedConfig:
     # Rank 0's memory for per-client state (scaffold, feddyn); beyond it entries go to <run>/federated/client_state
     client_state_mb: float = non_negative(256.0)
     # Clients a host trains at once as one stacked model (fl/vectorized.py; fedavg, fedavgm, fedprox, fedopt);
-    # 1: one after another. Pays off where steps are small (many clients, batches of 8 or fewer on the CPU; on
-    # GPUs, where launch overhead dominates, expected more, not measured yet): docs/explanation/performance.md
+    # 1: one after another. Pays off where steps are small (many clients, batches of 4 or fewer on the CPU, not
+    # dependably at 8; on GPUs, where launch overhead dominates, expected more, not measured yet):
+    # docs/explanation/performance.md
     vectorize: int = at_least(1, 1)
 
 
