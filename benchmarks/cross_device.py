@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import statistics
 import subprocess
+import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,17 +117,29 @@ STAGE1_TABLES = ("annotate", "pretrain")
 
 def federate_only_config(config: Path, out: Path) -> Path:
     """``config`` without its stage-1 tables (``[annotate]``, ``[pretrain]`` and its subtables), written to
-    ``out``: what ``federate`` reads, and nothing an older commit's schema may not know (a key added to
-    ``[pretrain]`` since would be refused there as unknown)."""
+    ``out``: everything ``federate`` reads, without stage 1's keys, which an older commit's schema may not know
+    (``pretrain.global_batch_size`` was refused there as unknown). A key added since to a table ``federate``
+    reads still reaches the older commit, and is refused there: the two would not run the same config.
+    ValueError when the line filter would change anything else (multi-line strings or arrays)."""
+    source = config.read_text()
     kept, skipping = [], False
-    for line in config.read_text().splitlines(keepends=True):
-        header = line.strip()
-        if header.startswith("[") and not header.startswith("[["):
-            name = header.strip("[]").split("#")[0].strip().strip("[]")
-            skipping = name.split(".")[0] in STAGE1_TABLES
+    for line in source.splitlines(keepends=True):
+        header = line.split("#")[0].strip()
+        if header.startswith("[") and header.endswith("]") and "=" not in header:
+            first = header.strip("[]").split(".")[0].strip().strip("\"'")
+            skipping = first in STAGE1_TABLES
         if not skipping:
             kept.append(line)
-    out.write_text("".join(kept))
+    text = "".join(kept)
+    # Line filtering misreads multi-line strings and arrays; refuse rather than time a different config.
+    want = {k: v for k, v in tomllib.loads(source).items() if k not in STAGE1_TABLES}
+    try:
+        got = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise ValueError(f"{config}: could not drop its stage-1 tables line by line ({err})") from err
+    if got != want:
+        raise ValueError(f"{config}: dropping its stage-1 tables line by line changed other tables")
+    out.write_text(text)
     return out
 
 

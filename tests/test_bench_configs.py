@@ -23,8 +23,10 @@ def test_federate_only_config_drops_stage_1_and_keeps_what_federate_reads(name, 
     config = REPO / "configs" / name
     full = load_config(config)
     trimmed = load_config(federate_only_config(config, tmp_path / name))
-    for section in ("run", "dist", "data", "partition", "model", "federated", "eval", "checkpoint", "align", "dp"):
-        assert getattr(trimmed, section) == getattr(full, section), section
+    stage1 = ("annotate", "pretrain")
+    assert {k: v for k, v in trimmed.to_dict().items() if k not in stage1} == {
+        k: v for k, v in full.to_dict().items() if k not in stage1
+    }
     assert trimmed.pretrain == type(full.pretrain)() and trimmed.annotate == type(full.annotate)()
 
 
@@ -38,3 +40,13 @@ def test_a_key_an_older_schema_lacks_is_gone_from_the_trimmed_config(tmp_path):
         load_config(config)
     trimmed = load_config(federate_only_config(config, tmp_path / "trimmed.toml"))
     assert trimmed.federated.rounds == 2 and trimmed.eval.every == 1 and trimmed.pretrain.steps != 5
+
+
+def test_a_stage_1_table_line_filtering_would_misread_is_refused_not_timed(tmp_path):
+    config = tmp_path / "prompt.toml"
+    # a prompt line that looks like a table header would end [annotate] mid-string
+    config.write_text(
+        '[federated]\nrounds = 2\n\n[annotate]\nprompt = """\n[INST]\ndescribe\n"""\n\n[eval]\nevery = 1\n'
+    )
+    with pytest.raises(ValueError, match="stage-1 tables"):
+        federate_only_config(config, tmp_path / "out.toml")

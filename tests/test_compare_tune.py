@@ -316,3 +316,20 @@ def test_tuned_values_are_expanded_and_teacher_only_keys_are_not_read_without_th
     assert reads(plain, "align.lr") and not reads(plain, "align.beta") and not reads(plain, "align.temperature")
     assert reads(smoothing, "align.beta") and not reads(smoothing, "align.teacher_temperature")
     assert reads(llava, "align.teacher_score") and not reads(llava, "align.templates")
+
+
+def test_a_world_the_dwp_rows_global_batch_does_not_split_over_is_refused_before_any_row():
+    from mllmfl_dist.commands.compare import check_stage1_world
+
+    overrides = ["pretrain.micro_batch_size=8", "pretrain.global_batch_size=24", "annotate.model=llava-dir"]
+    cfg = load_config(SMOKE, overrides)
+    dwp, plain = Method("fedavg", dwp=True), Method("fedavg")
+    for world in (1, 3):
+        check_stage1_world(cfg, [plain, dwp], None, world)
+    with pytest.raises(ConfigError, match="over 2 processes; run DWP on 1, 3 processes"):
+        check_stage1_world(cfg, [plain, dwp], None, 2)
+    check_stage1_world(cfg, [plain, Method("creff")], None, 2)  # no +dwp row: nothing to refuse
+    # a tuned stage-1 setting is checked too: 24 samples in micro-batches of 12 split over 2 processes
+    spec = TuneSpec(parse_tune(["pretrain.micro_batch_size=8,12"]), budget=2, seeds=(100,), last=3, sample_seed=0)
+    with pytest.raises(ConfigError, match="over 2 processes"):
+        check_stage1_world(cfg, [dwp], spec, 2)

@@ -41,6 +41,7 @@ from mllmfl_dist.commands.compare_methods import Method
 from mllmfl_dist.commands.compare_table import run_row, write_results
 from mllmfl_dist.commands.pipeline import run_pipeline, run_stage1
 from mllmfl_dist.commands.seed_statistics import parse_seed_list
+from mllmfl_dist.stages.deepspeed_setup import accumulation_steps
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,14 @@ def check_methods(cfg: Config, methods: list[Method], tune: tuning.TuneSpec | No
     for method in methods:
         for setting in tuning.method_grid(method, tune) if tune else [{}]:
             build_strategy(method_config(cfg, method, setting=setting)).projection_dim(0)  # only its refusal matters
+
+
+def check_stage1_world(cfg: Config, methods: list[Method], tune: tuning.TuneSpec | None, world_size: int) -> None:
+    """Refuse, before any row runs, a world size that a +dwp row's ``pretrain.global_batch_size`` does not split
+    over (ConfigError): otherwise the rows before it train first and the comparison dies at its stage 1."""
+    for method in methods:
+        for setting in (tuning.method_grid(method, tune) if tune else [{}]) if method.dwp else []:
+            accumulation_steps(method_config(cfg, method, setting=setting).pretrain, world_size)
 
 
 def compare_dir(cfg: Config) -> Path:

@@ -11,14 +11,21 @@ from contextlib import ExitStack
 import torch
 import torchvision  # noqa: F401 - before any process group starts its threads (load_libraries says why)
 
-from mllmfl_dist.commands.compare import check_methods, compare_dir, compare_options, parse_seeds, run_compare
+from mllmfl_dist.commands.compare import (
+    check_methods,
+    check_stage1_world,
+    compare_dir,
+    compare_options,
+    parse_seeds,
+    run_compare,
+)
 from mllmfl_dist.commands.compare_methods import default_methods, parse_methods
 from mllmfl_dist.commands.compare_table import results_markdown
 from mllmfl_dist.commands.pipeline import planned_stages, run_pipeline
 from mllmfl_dist.commands.sweep import mean_std_line, seed_configs, seed_line
 from mllmfl_dist.core import dist, preempt, run_lock
 from mllmfl_dist.stages.annotate import run_annotate
-from mllmfl_dist.stages.deepspeed_setup import cpu_accelerator_env, prepare_deepspeed
+from mllmfl_dist.stages.deepspeed_setup import accumulation_steps, cpu_accelerator_env, prepare_deepspeed
 from mllmfl_dist.stages.federated import run_federated
 from mllmfl_dist.stages.pretrain import run_pretrain
 
@@ -53,6 +60,12 @@ def run_stage(
     runtime = dist.init_runtime(cfg.dist, stop=stop)
     held = ExitStack()
     try:
+        # A world size stage 1's global batch does not split over ends the job here, not after the stages
+        # before DWP (annotation; compare's earlier rows) have run.
+        if command == "compare":
+            check_stage1_world(cfg, list(methods), compare_options[0], runtime.world_size)
+        elif command == "run" and "pretrain" in planned_stages(cfg):
+            accumulation_steps(cfg.pretrain, runtime.world_size)
         # Every run directory of the command is locked before anything is written there (a sweep's all at once).
         for run_cfg in sweep or [cfg]:
             held.enter_context(run_lock.holding(runtime, run_cfg.run_dir, command))

@@ -260,8 +260,8 @@ class PretrainConfig:
     # Samples per optimizer step over all ranks. 0: micro_batch_size x deepspeed.gradient_accumulation_steps x
     # the number of ranks, so the batch (and the backbone) changes with the number of processes. A number
     # fixes it: the accumulation steps become global_batch_size / (micro_batch_size x ranks), so DWP takes the
-    # same steps over the same batches on 1, 3 or 6 processes (the same weights; BatchNorm's running estimates
-    # are rank 0's); a world size that does not divide it is refused.
+    # same steps over the same batches on every number of ranks that divides global_batch_size / micro_batch_size
+    # (the same weights; BatchNorm's running estimates are rank 0's); any other number is refused.
     global_batch_size: int = at_least(0, 0)
     alpha_start: float = checked(0.0, lambda v: 0 <= v <= 1, "a number in [0, 1]")
     # from alpha_start to 1 over ramp_fraction of the steps

@@ -83,7 +83,7 @@ def accumulation_steps(pcfg: PretrainConfig, world_size: int) -> int:
         ]
         raise ConfigError(
             f"pretrain.global_batch_size = {pcfg.global_batch_size} does not split into micro-batches of "
-            f"{pcfg.micro_batch_size} over {world_size} processes; run DWP on {', '.join(map(str, ranks))} "
+            f"{pcfg.micro_batch_size} over {world_size} processes; run DWP on {', '.join(map(str, ranks)) or 'no'} "
             f"processes, or change pretrain.global_batch_size (a multiple of {per_step}) or "
             "pretrain.micro_batch_size (either changes the backbone DWP trains)"
         )
