@@ -253,14 +253,16 @@ def _train(dwp: _DWP, start: int, end: int, progress: bool) -> PretrainReport:
     returns the open report (the loss log and progress)."""
     cfg, runtime, engine, state = dwp.cfg, dwp.runtime, dwp.engine, dwp.state
     pcfg, device, dp_world, dp_rank = cfg.pretrain, runtime.device, runtime.world_size, runtime.rank
-    accum, batch_size = accumulation_steps(pcfg, dp_world), pcfg.micro_batch_size
+    # what the engine was built with (deepspeed_config), not recomputed: one source for the batch per step
+    accum, global_batch = dwp.ds_config["gradient_accumulation_steps"], dwp.ds_config["train_batch_size"]
+    batch_size = pcfg.micro_batch_size
     report = PretrainReport(
         cfg,
         runtime,
         dwp.out,
         start,
         state["heldout_loss_alpha1_step0"],
-        global_batch=batch_size * accum * dp_world,
+        global_batch=global_batch,
         progress=progress,
     )
     engine.train()
@@ -286,7 +288,7 @@ def _train(dwp: _DWP, start: int, end: int, progress: bool) -> PretrainReport:
             engine.step()
             losses.append(float(loss.detach()))
         state["train_seconds"] += time.perf_counter() - began
-        state["train_samples"] += batch_size * accum * dp_world
+        state["train_samples"] += global_batch
         record = {"step": engine.global_steps, "loss": sum(losses) / len(losses), "alpha": alpha}
         state["loss"].append(record)
         report.step(record, time.perf_counter() - began)
@@ -324,8 +326,7 @@ def _finish(dwp: _DWP, report: PretrainReport) -> dict[str, Any]:
 def _metrics(dwp: _DWP, final_alpha1: float, final_alpha0: float, backbone_state: dict[str, Any]) -> dict[str, Any]:
     """``metrics.json``'s content (without the outputs' digests), rank 0."""
     cfg, runtime, engine, state = dwp.cfg, dwp.runtime, dwp.engine, dwp.state
-    pcfg, dp_world = cfg.pretrain, runtime.world_size
-    global_batch = pcfg.micro_batch_size * accumulation_steps(pcfg, dp_world) * dp_world
+    pcfg, dp_world, global_batch = cfg.pretrain, runtime.world_size, dwp.ds_config["train_batch_size"]
     seconds = state["train_seconds"]
     return {
         "loss": state["loss"],
