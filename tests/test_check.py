@@ -162,6 +162,25 @@ def test_world_as_launched_refuses_more_nccl_ranks_than_gpus():
     assert (alone.per_node, alone.backend, alone.how) == (3, "gloo", "the config's launch line")
 
 
+def test_dwp_batch_row_refuses_a_world_the_global_batch_does_not_split_over():
+    # fmnist_lt pins pretrain.global_batch_size = 24 with micro-batches of 8: 1 or 3 ranks, not 2 or 4.
+    cfg = load_config(REPO / "configs" / "fmnist_lt.toml", check_run_dir=False)
+    stages = ["annotate", "pretrain", "federate"]
+    for ranks, steps in ((1, 3), (3, 1)):
+        out = Findings()
+        check.check_dwp_batch(cfg, stages, check.World(1, ranks, 0, None, "gloo", "given"), out)
+        assert not out.missing
+        assert out.rows[0].detail.startswith(f"24 samples = micro-batch 8 x {steps} accumulated x {ranks} rank(s)")
+    for ranks in (2, 4):
+        out = Findings()
+        check.check_dwp_batch(cfg, stages, check.World(1, ranks, 0, None, "gloo", "given"), out)
+        assert len(out.missing) == 1 and "run DWP on 1, 3 processes" in out.missing[0]
+        assert out.rows[0].status == "MISSING"
+    out = Findings()  # federate alone plans no DWP: no row
+    check.check_dwp_batch(cfg, ["federate"], check.World(1, 2, 0, None, "gloo", "given"), out)
+    assert not out.rows
+
+
 @pytest.mark.parametrize("arch,scale,channels", [("resnet8", 4, 3), ("resnet8", 1, 1), ("resnet50", 1, 3)])
 def test_estimated_parameter_counts_are_the_models_own(arch, scale, channels):
     from mllmfl_dist.stages.pretrain.dwp import TokenAdapter

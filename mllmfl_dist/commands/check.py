@@ -2,7 +2,8 @@
 
 Loads no weights and imports neither transformers, DeepSpeed nor open_clip: models are resolved to their files
 (:mod:`mllmfl_dist.mllm.model_files`), data and shards are looked up (:mod:`.check_inputs`), the run
-directory and the world go through the start-up checks of :mod:`mllmfl_dist.core.preflight`, and the memory
+directory and the world go through the start-up checks of :mod:`mllmfl_dist.core.preflight` (and DWP's
+global batch through the split the pretrain stage makes at start), and the memory
 per rank of each stage and the disk the run writes are estimated (:mod:`.check_footprint`). Exit 0 when
 everything is there; otherwise one line per missing thing after the table, and exit 2.
 
@@ -127,6 +128,30 @@ def check_world(world: World, out: Findings) -> None:
         problem,
         f"{world.ranks} rank(s) on {world.nodes} node(s), {world.per_node} per "
         f"node; {world.gpus} GPU(s) per node{gpu}; backend {world.backend}",
+    )
+
+
+def check_dwp_batch(cfg, stages: list[str], world: World, out: Findings) -> None:
+    """DWP's samples per optimizer step on the planned world, or the refusal the job would give at start: a
+    ``pretrain.global_batch_size`` that the world's micro-batches do not split into."""
+    if "pretrain" not in stages:
+        return
+    # Imports torch, which only a check that plans DWP needs.
+    from mllmfl_dist.stages.deepspeed_setup import accumulation_steps
+
+    pcfg = cfg.pretrain
+    try:
+        steps = accumulation_steps(pcfg, world.ranks)
+    except ConfigError as err:
+        out.add("world", "DWP batch per step", str(err), "")
+        return
+    fixed = "pretrain.global_batch_size" if pcfg.global_batch_size else "changes with the ranks: global_batch_size 0"
+    out.add(
+        "world",
+        "DWP batch per step",
+        None,
+        f"{pcfg.micro_batch_size * steps * world.ranks} samples = micro-batch {pcfg.micro_batch_size} x {steps} "
+        f"accumulated x {world.ranks} rank(s) ({fixed})",
     )
 
 
@@ -273,6 +298,7 @@ def gather(cfg, command: str, world: World | None) -> Findings:
         )
     if world is not None:
         check_world(world, out)
+        check_dwp_batch(cfg, stages, world, out)
         sizes = check_memory(cfg, stages, world, out)
         check_run_dir(cfg, stages, sizes, annotated, out)
     return out
