@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -16,6 +17,13 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "configs" / "smoke.toml"
 LOCAL_SLURM = REPO / "launch" / "local_slurm.sh"
+
+
+def free_port() -> int:
+    """A TCP port free on this host now (for a rendezvous address the test passes to its processes)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def clean_env(**extra: str) -> dict[str, str]:

@@ -4,22 +4,15 @@ restarts at 0 on the second "node" while both share one file system, as nodes of
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import textwrap
 import time
 
-from launchers import REPO, SMOKE, clean_env, final_model, max_abs_difference, sets
+from launchers import REPO, SMOKE, clean_env, final_model, free_port, max_abs_difference, sets
 from test_imagenet_lt import SIZE, TEST_PER_CLASS, TRAIN_COUNTS, fake_imagenet  # noqa: F401 (fixture)
 
 ROUNDS4 = "federated.rounds=4"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_torchrun_agents_of_two_ranks_equal_one_node_of_four(smoke_reference, tmp_path):

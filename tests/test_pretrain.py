@@ -16,7 +16,6 @@ import math
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import textwrap
@@ -31,6 +30,7 @@ from mllmfl_dist.config import ConfigError, DeepSpeedConfig, PretrainConfig, loa
 from mllmfl_dist.data import DataError
 from mllmfl_dist.mllm.llava import IGNORE_INDEX, llava_forward_with_visual_features
 from mllmfl_dist.stages.pretrain.dwp import alpha_at, mix_visual_tokens
+from launchers import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPT = PretrainConfig().prompt
@@ -562,12 +562,6 @@ try:
 finally:
     dist.shutdown(runtime)
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_workers(config: Path, out: Path, world: int, *overrides: str) -> list[dict]:
