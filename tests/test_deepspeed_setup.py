@@ -54,6 +54,7 @@ def test_config_file_adds_offload_and_zero3_options_under_our_keys(tmp_path, cap
                 },
                 "gradient_clipping": 5.0,  # ours is 1.0: ours wins, with a warning
                 "gradient_accumulation_steps": 2,  # the same as ours: no warning
+                "train_micro_batch_size_per_gpu": 16,  # pretrain.micro_batch_size (4) wins: a [pretrain] key
             }
         )
     )
@@ -72,6 +73,7 @@ def test_config_file_adds_offload_and_zero3_options_under_our_keys(tmp_path, cap
     }
     warned = " ".join(r.getMessage() for r in caplog.records)
     assert "gradient_clipping" in warned and "zero_optimization.stage" in warned
+    assert "train_micro_batch_size_per_gpu" in warned and "[pretrain] / [pretrain.deepspeed]" in warned
     assert "gradient_accumulation_steps" not in warned
 
 

@@ -206,7 +206,8 @@ def with_user_config(pcfg: PretrainConfig, ours: dict[str, Any]) -> dict[str, An
     merged, replaced = merge_under(load_user_config(path), ours)
     if replaced:
         log.warning(
-            "pretrain.deepspeed.config_file %s: [pretrain.deepspeed] sets %s; the file's values are not used",
+            "pretrain.deepspeed.config_file %s: the config's [pretrain] / [pretrain.deepspeed] settings give %s; "
+            "the file's values are not used",
             path,
             ", ".join(replaced),
         )
