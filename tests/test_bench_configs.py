@@ -13,7 +13,6 @@ from mllmfl_dist.config import ConfigError, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
-sys.path.insert(0, str(REPO / "tests"))
 
 from cross_device import federate_only_config  # noqa: E402
 
